@@ -1,0 +1,35 @@
+"""Adapters: the one place per architecture family that knows transformers' model internals."""
+
+from __future__ import annotations
+
+import torch
+
+from calm.adapters.base import Adapter, EncoderMemory, StepContext
+from calm.adapters.llama import LlamaAdapter
+from calm.errors import UnsupportedModelError
+
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter]
+
+try:
+    from calm.adapters.gpt2 import GPT2Adapter
+    ADAPTERS.append(GPT2Adapter)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from calm.adapters.t5 import T5Adapter
+    ADAPTERS.append(T5Adapter)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The adapter for a loaded transformers model, chosen by its config.model_type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    supported = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise UnsupportedModelError(f"no calm adapter for model_type {model_type!r}; supported: {', '.join(supported)}")
+
+
+__all__ = ["Adapter", "EncoderMemory", "StepContext", "adapter_for"]

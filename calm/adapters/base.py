@@ -1,0 +1,131 @@
+"""The contract between a transformers architecture and calm's decode loop.
+
+An adapter splits one decoder layer into the pieces early exit needs: the input norm, the
+K/V projection (run for every row, which is what fills a skipped layer's cache by state
+propagation) and the rest of the layer (run only for rows that have not exited). Adapters are
+the only modules that touch transformers' model internals.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class EncoderMemory:
+    """What an encoder-decoder's decoder attends to, computed once per generation."""
+
+    cross_k: tuple[torch.Tensor, ...]   # per layer [B, H, T_enc, D_head]
+    cross_v: tuple[torch.Tensor, ...]   # per layer [B, H, T_enc, D_head]
+    mask: torch.Tensor                  # [B, T_enc] bool
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Per-forward tensors shared by all layers: positions, attention mask, rotary tables."""
+
+    positions: torch.Tensor                  # [B, T] long
+    mask: torch.Tensor                       # [B, 1, T, S] bool, True = may attend
+    start: int                               # cache slot of the first of the T new tokens
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin [B, T, D_head]
+    position_bias: torch.Tensor | None = None               # [1, H, T, S] (T5)
+    encoder: EncoderMemory | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows of a batch-first tensor; all of them when rows is None."""
+    return t if rows is None else t.index_select(0, rows)
+
+
+def attention_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Tensor:
+    """[B, 1, T, S] causal mask over slots 0..S-1 for T new tokens at slots start.., padding removed.
+
+    A padding query always sees itself, so no softmax row is empty (an empty row gives NaN,
+    which would leak through zero-weighted values into real rows).
+    """
+    end = start + num_new
+    slots = torch.arange(end, device=key_mask.device)
+    query_slots = torch.arange(start, end, device=key_mask.device)
+    causal = slots[None, :] <= query_slots[:, None]                     # [T, S]
+    allowed = causal[None] & key_mask[:, None, :end]                    # [B, T, S]
+    allowed |= slots[None, None, :] == query_slots[None, :, None]
+    return allowed[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           scale: float | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D]."""
+    if bias is not None:
+        mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+class Adapter(ABC):
+    """One transformers architecture family seen as a stack of exit-able layers."""
+
+    model: torch.nn.Module
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    is_encoder_decoder: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @abstractmethod
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids, positions [B, T] -> h [B, T, D]."""
+
+    @abstractmethod
+    def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int,
+                encoder: EncoderMemory | None = None) -> StepContext:
+        """The shared tensors of one forward over T new tokens at cache slots start..start+T-1."""
+
+    @abstractmethod
+    def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The normalised input of layer's self-attention, [B, T, D]."""
+
+    @abstractmethod
+    def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention K, V [B, H_kv, T, D_head] of attn_input x (positions applied)."""
+
+    @abstractmethod
+    def finish_layer(self, layer: int, h: torch.Tensor, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of the layer for `rows` (all when None): h, x [R, T, D]; k, v the cache
+        [R, H_kv, S, D_head] including the new slots. Returns the layer output [R, T, D]."""
+
+    @abstractmethod
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's final norm (and any scaling before the LM head)."""
+
+    @abstractmethod
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> logits [..., V]."""
+
+    def kv_layers(self, first: int, x_source: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [n, B, H_kv, T, D_head] of layers first..L-1, all fed the same hidden state
+        (state propagation after every row has exited). Adapters may fuse this."""
+        ks, vs = zip(*(self.kv(i, self.attn_input(i, x_source), ctx) for i in range(first, self.num_layers)))
+        return torch.stack(ks), torch.stack(vs)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderMemory:
+        raise NotImplementedError(f"{type(self).__name__} is a decoder-only adapter")
+
+    def decoder_start_ids(self, batch: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is a decoder-only adapter")

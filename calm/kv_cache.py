@@ -1,0 +1,58 @@
+"""A preallocated key/value cache indexed by slot, one tensor for all layers (as in gpt-fast).
+
+Slots are columns of the left-padded batch: slot s of every row is written at the same step.
+`key_mask` says which slots hold real tokens for each row (padding is False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor          # [L, B, H_kv, S_max, D_head]
+    v: torch.Tensor          # [L, B, H_kv, S_max, D_head]
+    key_mask: torch.Tensor   # [B, S_max] bool
+    length: int = 0          # slots written so far (same for every row)
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, kv_heads: int, max_slots: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+        shape = (num_layers, batch, kv_heads, max_slots, head_dim)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            key_mask=torch.zeros(batch, max_slots, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_slots(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, H_kv, T, D_head] of every row at slots start..start+T-1."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+
+    def write_layers(self, first: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [n, B, H_kv, T, D_head] for layers first..first+n-1 in one copy."""
+        last = first + k.shape[0]
+        end = start + k.shape[3]
+        self.k[first:last, :, :, start:end] = k
+        self.v[first:last, :, :, start:end] = v
+
+    def keys_values(self, layer: int, end: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B or len(rows), H_kv, end, D_head] of slots 0..end-1."""
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if rows is None:
+            return k, v
+        return k.index_select(0, rows), v.index_select(0, rows)
+
+    def mask(self, end: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Key mask [B or len(rows), end] of slots 0..end-1."""
+        m = self.key_mask[:, :end]
+        return m if rows is None else m.index_select(0, rows)
