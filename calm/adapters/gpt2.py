@@ -1,0 +1,63 @@
+"""GPT-2 adapter: pre-LayerNorm blocks, learned absolute positions, fused Conv1D q|k|v projection."""
+
+from __future__ import annotations
+
+import torch
+
+from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, pick
+from calm.errors import UnsupportedModelError
+
+
+class GPT2Adapter(Adapter):
+    model_types = ("gpt2",)
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            if getattr(cfg, flag, False):
+                raise UnsupportedModelError(f"calm's GPT-2 adapter does not support GPT-2 models with {flag}=True")
+        self.model = model
+        self.inner = model.transformer
+        self.layers = self.inner.h
+        self.num_layers = len(self.layers)
+        self.num_heads = cfg.n_head
+        self.num_kv_heads = cfg.n_head
+        self.hidden_size = cfg.n_embd
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.vocab_size = cfg.vocab_size
+        self.max_positions = cfg.n_positions
+        self.scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+
+    def embed(self, ids, positions):
+        return self.inner.wte(ids) + self.inner.wpe(positions)
+
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+        return StepContext(positions=positions, mask=attention_mask(key_mask, start, positions.shape[1]), start=start)
+
+    def attn_input(self, layer, h):
+        return self.layers[layer].ln_1(h)
+
+    def _project(self, layer: int, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Columns first..first+count-1 (in units of hidden_size) of c_attn(x), as heads [B, n*H, T, D_head]."""
+        c_attn = self.layers[layer].attn.c_attn                       # Conv1D: x @ weight + bias
+        d = self.hidden_size
+        cols = slice(first * d, (first + count) * d)
+        b, t, _ = x.shape
+        y = torch.addmm(c_attn.bias[cols], x.reshape(b * t, d), c_attn.weight[:, cols])
+        return y.view(b, t, count * self.num_heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, layer, x, ctx):
+        kv = self._project(layer, x, 1, 2)                             # k | v
+        return kv[:, :self.num_heads], kv[:, self.num_heads:]
+
+    def finish_layer(self, layer, h, x, k, v, ctx, rows=None):
+        block = self.layers[layer]
+        q = self._project(layer, x, 0, 1)
+        h = h + block.attn.c_proj(attend(q, k, v, pick(ctx.mask, rows), self.scale))
+        return h + block.mlp(block.ln_2(h))
+
+    def final_norm(self, h):
+        return self.inner.ln_f(h)
+
+    def lm_head(self, h):
+        return self.model.lm_head(h)

@@ -1,0 +1,74 @@
+"""Reading documents: JSONL records (`document`, optional `summary`) and plain text files, with
+clear errors for empty files, missing fields and bad encodings; and the summarisation prompt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from calm.errors import InputError
+
+SUMMARY_PROMPT = "Summarize the following article in one sentence.\n\n{document}"
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    document: str
+    summary: str | None = None
+
+
+def summary_prompt(document: str) -> str:
+    return SUMMARY_PROMPT.format(document=document.strip())
+
+
+def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",
+               require_summary: bool = False, limit: int | None = None) -> list[Record]:
+    """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`."""
+    path = Path(path)
+    records = list(_iter_jsonl(path, document_field, summary_field, require_summary))
+    if not records:
+        raise InputError(f"{path} holds no records")
+    return records[:limit] if limit else records
+
+
+def _iter_jsonl(path: Path, document_field: str, summary_field: str | None, require_summary: bool) -> Iterator[Record]:
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        if document_field not in obj:
+            raise InputError(f"{path}:{number}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
+                             "name the document field with --field-document")
+        document = obj[document_field]
+        if not isinstance(document, str) or not document.strip():
+            raise InputError(f"{path}:{number}: field {document_field!r} is empty or not text")
+        summary = obj.get(summary_field) if summary_field else None
+        if require_summary and (not isinstance(summary, str) or not summary.strip()):
+            raise InputError(f"{path}:{number}: no reference summary in field {summary_field!r}; "
+                             "name it with --field-summary")
+        yield Record(id=str(obj.get("id", number)), document=document, summary=summary)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; an error if it is missing, not UTF-8 or empty."""
+    text = _read_text(Path(path))
+    if not text.strip():
+        raise InputError(f"{path} is empty")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}): convert it to UTF-8") from exc
