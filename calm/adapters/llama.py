@@ -13,8 +13,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """t [B, H, T, D]; cos, sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
+    """t [..., B, H, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]                                   # [B, 1, T, D]
     return t * cos + rotate_half(t) * sin
 
 
@@ -67,6 +67,35 @@ class LlamaAdapter(Adapter):
         q = apply_rope(q, pick(cos, rows), pick(sin, rows))
         h = h + attn.o_proj(attend(q, k, v, pick(ctx.mask, rows), attn.scaling))
         return h + block.mlp(block.post_attention_layernorm(h))
+
+    def kv_layers(self, first, x_source, ctx):
+        """K, V [n, B, H_kv, T, D_head] of layers first..L-1 from one hidden state, as one batched matmul."""
+        if getattr(self.layers[0].self_attn, "k_norm", None) is not None:
+            return super().kv_layers(first, x_source, ctx)
+        norm_w, kv_w, kv_b = self._stacked_kv()
+        b, t, d = x_source.shape
+        eps = self.layers[0].input_layernorm.variance_epsilon
+        h = x_source.float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x_source.dtype)    # [B, T, D]
+        x = h.reshape(1, b * t, d) * norm_w[first:, None, :]                                # [n, B*T, D]
+        kv = torch.bmm(x, kv_w[first:].transpose(1, 2))                                    # [n, B*T, 2*H_kv*D_head]
+        if kv_b is not None:
+            kv = kv + kv_b[first:, None, :]
+        kv = kv.view(-1, b, t, 2, self.num_kv_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)  # [2, n, B, H_kv, T, D]
+        cos, sin = ctx.rope
+        return apply_rope(kv[0], cos, sin), kv[1]
+
+    def _stacked_kv(self):
+        """Every layer's input-norm weight [L, D], fused K|V projection [L, 2*H_kv*D_head, D] and bias, built once."""
+        if getattr(self, "_stacked", None) is None:
+            attn = [blk.self_attn for blk in self.layers]
+            norms = torch.stack([blk.input_layernorm.weight.detach() for blk in self.layers])
+            kv = torch.stack([torch.cat([a.k_proj.weight, a.v_proj.weight]).detach() for a in attn])
+            bias = None
+            if attn[0].k_proj.bias is not None:
+                bias = torch.stack([torch.cat([a.k_proj.bias, a.v_proj.bias]).detach() for a in attn])
+            self._stacked = (norms, kv, bias)
+        return self._stacked
 
     def final_norm(self, h):
         return self.inner.norm(h)

@@ -1,0 +1,139 @@
+"""Engine benchmark (issue 2): on the embedded model, CPU, batch size 1, XSum test documents.
+
+(a) calm at full depth (a policy that never exits) vs transformers `generate`: tokens must be
+    identical; wall-clock ratio per document.
+(b) a forced exit at layer 15 of 30 for every token vs calm at full depth: decode ms/token ratio.
+
+Variants run side by side per document, after a warm-up, repeated; medians are reported.
+Usage: python benchmarks/bench_engine.py [--docs 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from calm import CalmModel, ExitPolicy
+from calm.checkpoint import write_atomic
+from calm.data import read_jsonl, summary_prompt
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"platform": platform.platform(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def time_hf(model: CalmModel, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.model.generate(ids, attention_mask=mask.long(), max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=model.pad_token_id, eos_token_id=list(model.eos_token_ids))
+    return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
+
+
+def run(args) -> dict:
+    model = CalmModel.from_pretrained(args.model)
+    docs = read_jsonl(args.data, limit=args.docs + 1)
+    batches = [model.encode_prompts(summary_prompt(d.document), args.new_tokens) for d in docs]
+    warm, batches = batches[0], batches[1:]
+    policies = {"full": ExitPolicy.never(), "exit15": ExitPolicy.fixed(args.exit_layer)}
+    for policy in policies.values():                                          # warm-up, excluded
+        model.generate(warm.ids, max_new_tokens=4, policy=policy)
+    time_hf(model, warm.ids, warm.mask, 4)
+    rows = []
+    for i, batch in enumerate(batches):
+        rec = {"doc": i, "prompt_tokens": int(batch.ids.shape[1]), "hf_s": [], "full_s": [], "full_decode_ms": [],
+               "exit_decode_ms": [], "exit_s": []}
+        for _ in range(args.repeats):
+            hf_s, hf_tokens = time_hf(model, batch.ids, batch.mask, args.new_tokens)
+            full = model.generate(batch.ids, max_new_tokens=args.new_tokens, policy=policies["full"])
+            early = model.generate(batch.ids, max_new_tokens=args.new_tokens, policy=policies["exit15"])
+            rec["hf_s"].append(hf_s)
+            rec["full_s"].append(full.timings.total_s)
+            rec["exit_s"].append(early.timings.total_s)
+            rec["full_decode_ms"].append(1000 * full.timings.decode_s / max(1, len(full.token_ids[0]) - 1))
+            rec["exit_decode_ms"].append(1000 * early.timings.decode_s / max(1, len(early.token_ids[0]) - 1))
+        rec["identical_tokens"] = list(full.token_ids[0]) == _trim_eos(hf_tokens, model.eos_token_ids)
+        rec["new_tokens"] = len(full.token_ids[0])
+        rec["exit_avg_layers"] = early.avg_layers
+        for key in ("hf_s", "full_s", "exit_s", "full_decode_ms", "exit_decode_ms"):
+            rec[key] = statistics.median(rec[key])
+        rec["full_vs_hf_speedup"] = rec["hf_s"] / rec["full_s"]
+        rec["exit_vs_full_decode_speedup"] = rec["full_decode_ms"] / rec["exit_decode_ms"]
+        rows.append(rec)
+        print(json.dumps(rec), file=sys.stderr)
+    return {"benchmark": "engine", "model": args.model, "machine": machine(), "command": " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "batch_size": 1, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "exit_layer": args.exit_layer, "documents": rows, "summary": summarize(rows)}
+
+
+def _trim_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def summarize(rows: list[dict]) -> dict:
+    med = lambda key: statistics.median(r[key] for r in rows)
+    return {"all_tokens_identical": all(r["identical_tokens"] for r in rows),
+            "full_vs_hf_speedup_median": med("full_vs_hf_speedup"),
+            "exit_vs_full_decode_speedup_median": med("exit_vs_full_decode_speedup"),
+            "hf_s_median": med("hf_s"), "full_s_median": med("full_s"),
+            "full_decode_ms_per_token_median": med("full_decode_ms"),
+            "exit_decode_ms_per_token_median": med("exit_decode_ms")}
+
+
+def markdown(report: dict) -> str:
+    s, m = report["summary"], report["machine"]
+    lines = [f"# Engine benchmark: {report['model']}, batch size 1, {len(report['documents'])} XSum test documents", "",
+             f"Machine: {m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), torch {m['torch']}, "
+             f"transformers {m['transformers']}, Python {m['python']}. Date: {report['date']}.", "",
+             f"Command: `{report['command']}`", "",
+             f"- (a) calm at full depth vs transformers `generate`: tokens identical on every document: "
+             f"**{s['all_tokens_identical']}**; median speed ratio **{s['full_vs_hf_speedup_median']:.2f}x** "
+             f"(whole generation incl. prefill, up to {report['new_tokens']} new tokens).",
+             f"- (b) forced exit at layer {report['exit_layer']} of 30 vs calm at full depth: median decode speedup "
+             f"**{s['exit_vs_full_decode_speedup_median']:.2f}x** per token "
+             f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} ms/token on this machine).", "",
+             "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | exit ms/tok | exit speedup |",
+             "|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["documents"]:
+        lines.append(f"| {r['doc']} | {r['prompt_tokens']} | {r['new_tokens']} | {'yes' if r['identical_tokens'] else 'NO'} | "
+                     f"{r['hf_s']:.2f} | {r['full_s']:.2f} | {r['full_vs_hf_speedup']:.2f}x | {r['full_decode_ms']:.1f} | "
+                     f"{r['exit_decode_ms']:.1f} | {r['exit_vs_full_decode_speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--data", default="../shared/data/xsum/test.jsonl")
+    parser.add_argument("--docs", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exit-layer", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default=None, help="report file stem (default engine_<device>)")
+    args = parser.parse_args()
+    report = run(args)
+    stem = args.name or ("engine_cuda" if torch.cuda.is_available() else "engine_cpu")
+    out = Path(args.out)
+    write_atomic(out / f"{stem}.json", json.dumps(report, indent=2).encode())
+    write_atomic(out / f"{stem}.md", markdown(report).encode())
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

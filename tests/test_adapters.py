@@ -1,0 +1,274 @@
+"""Adapters against transformers: greedy parity, per-row isolation under early exit, state propagation.
+
+Tiny random models (seeded, initialised with large weights so greedy argmaxes are far from ties)
+of each supported family: Llama (RoPE, GQA), GPT-2 (learned positions, Conv1D) and T5
+(encoder-decoder, relative position bias, cross-attention).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MT5Config,
+                          MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration)
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from calm.adapters import adapter_for
+from calm.adapters.gpt2 import GPT2Adapter
+from calm.adapters.llama import LlamaAdapter
+from calm.adapters.t5 import T5Adapter
+from calm.decode import ExitPlan, Network, decode_one_token, prefill
+from calm.errors import UnsupportedModelError
+from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
+from calm.policy import ExitPolicy
+
+VOCAB, PAD, EOS = 128, 0, 1
+MAX_NEW = 10
+PAD_LENGTHS = (0, 3, 5, 1)       # left padding of the 4 rows of the batch
+PROMPT_LEN = 9
+KINDS = ("llama", "gpt2", "t5")
+
+
+def build(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          initializer_range=0.2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, initializer_range=0.2,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        # an encoder shallower than the decoder, so encoder and decoder layer counts cannot be confused
+        cfg = T5Config(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=4,
+                       vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS,
+                       initializer_factor=5.0)
+        model = T5ForConditionalGeneration(cfg)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {kind: build(kind) for kind in KINDS}
+
+
+def prompts(batch: int = 4, seed: int = 1) -> PromptBatch:
+    """Left-padded prompts of distinct real lengths; no EOS or pad inside."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, PROMPT_LEN), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for b in range(batch):
+        mask[b, :PAD_LENGTHS[b % len(PAD_LENGTHS)]] = False
+    return PromptBatch(ids.masked_fill(~mask, PAD), mask)
+
+
+def row(p: PromptBatch, b: int) -> PromptBatch:
+    """Row b alone, without its padding."""
+    keep = p.mask[b]
+    return PromptBatch(p.ids[b:b + 1, keep], p.mask[b:b + 1, keep])
+
+
+def gen_config(max_new: int = MAX_NEW) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new, eos_token_ids=(EOS,), pad_token_id=PAD)
+
+
+def trim(tokens: list[int]) -> tuple[int, ...]:
+    return tuple(tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens)
+
+
+def hf_greedy(model: torch.nn.Module, p: PromptBatch, max_new: int) -> tuple[tuple[int, ...], ...]:
+    kwargs = {}
+    if model.config.is_encoder_decoder:
+        # transformers sizes its default cache by the encoder's num_layers, which breaks when the decoder
+        # is deeper (IndexError in cache.update); a cache that grows on demand avoids it.
+        kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    with torch.no_grad():
+        out = model.generate(p.ids, attention_mask=p.mask.long(), do_sample=False, max_new_tokens=max_new,
+                             pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+    new = out[:, 1:] if model.config.is_encoder_decoder else out[:, p.ids.shape[1]:]
+    return tuple(trim(r) for r in new.tolist())
+
+
+def is_decoder_only(model: torch.nn.Module) -> bool:
+    return not model.config.is_encoder_decoder
+
+
+# ------------------------------------------------------------------------------------------------
+# adapter selection
+# ------------------------------------------------------------------------------------------------
+
+
+def test_adapter_for_picks_the_family(models):
+    assert isinstance(adapter_for(models["llama"]), LlamaAdapter)
+    assert isinstance(adapter_for(models["gpt2"]), GPT2Adapter)
+    t5 = adapter_for(models["t5"])
+    assert isinstance(t5, T5Adapter) and t5.is_encoder_decoder
+    assert t5.num_layers == 4 and t5.num_kv_heads == 4 and t5.head_dim == 16
+    assert t5.decoder_start_ids(3).tolist() == [[0], [0], [0]]
+    g = adapter_for(models["gpt2"])
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.hidden_size) == (4, 4, 16, 64)
+
+
+@pytest.mark.parametrize("flag", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
+def test_gpt2_rejects_unsupported_attention_variants(flag):
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, **{flag: True})
+    with pytest.raises(UnsupportedModelError, match=flag):
+        adapter_for(GPT2LMHeadModel(cfg))
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) parity with transformers' greedy generate
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_parity_with_transformers(models, kind, batch):
+    model = models[kind]
+    p = prompts() if batch == 4 else row(prompts(seed=2), 0)
+    res = generate_tokens(Network(adapter_for(model)), p, ExitPolicy.never(), gen_config())
+    assert res.token_ids == hf_greedy(model, p, MAX_NEW)
+    assert all(k == res.num_layers for r in res.exit_layers for k in r)
+    assert all(len(r) > 1 for r in res.token_ids)             # the comparison covers decode steps
+
+
+def _calm_logits(net: Network, p: PromptBatch, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-depth logits [B, steps, V] along calm's own greedy path, and that path [B, steps]."""
+    plan = ExitPlan.resolve(ExitPolicy.never(), net)
+    with torch.inference_mode():
+        state, first_ids = _start(net, p, steps)
+        logits = [prefill(net, first_ids, state)]
+        tokens = [logits[-1].argmax(-1)]
+        rows = torch.arange(first_ids.shape[0])
+        for _ in range(steps - 1):
+            logits.append(decode_one_token(net, plan, tokens[-1], state, 2.0, rows).logits)
+            tokens.append(logits[-1].argmax(-1))
+    return torch.stack(logits, 1), torch.stack(tokens, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_forward(models, kind):
+    """Every step's full-depth logits equal a plain transformers forward over the same sequence."""
+    model, p, steps = models[kind], prompts(), 6
+    ours, tokens = _calm_logits(Network(adapter_for(model)), p, steps)
+    with torch.no_grad():
+        if is_decoder_only(model):
+            ids = torch.cat([p.ids, tokens[:, :-1]], 1)
+            mask = torch.cat([p.mask, torch.ones_like(tokens[:, :-1], dtype=torch.bool)], 1)
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            ref = model(ids, attention_mask=mask.long(), position_ids=positions).logits[:, PROMPT_LEN - 1:]
+        else:
+            dec = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], 1)
+            ref = model(input_ids=p.ids, attention_mask=p.mask.long(), decoder_input_ids=dec).logits
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_mt5_gated_unscaled_matches_transformers():
+    """mT5 / T5 v1.1: gated-GELU feed-forward and no d_model**-0.5 scaling before the LM head."""
+    torch.manual_seed(0)
+    model = MT5ForConditionalGeneration(MT5Config(
+        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3, vocab_size=VOCAB,
+        decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS, initializer_factor=5.0)).eval()
+    net = Network(adapter_for(model))
+    assert isinstance(net.adapter, T5Adapter) and net.adapter.output_scale is None
+    p = prompts()
+    assert generate_tokens(net, p, ExitPolicy.never(), gen_config()).token_ids == hf_greedy(model, p, MAX_NEW)
+    ours, tokens = _calm_logits(net, p, 6)
+    with torch.no_grad():
+        dec = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], 1)
+        ref = model(input_ids=p.ids, attention_mask=p.mask.long(), decoder_input_ids=dec).logits
+    # unscaled logits reach the hundreds: compare relative to their scale
+    torch.testing.assert_close(ours, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) isolation: a row's tokens and exits do not depend on the rest of the batch
+# ------------------------------------------------------------------------------------------------
+
+ISOLATION_POLICIES = {
+    "llama": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
+    "gpt2": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
+    "t5": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.9)],
+}
+
+
+@pytest.mark.parametrize("kind,policy", [(k, pol) for k in KINDS for pol in ISOLATION_POLICIES[k]],
+                         ids=lambda v: v if isinstance(v, str) else f"{v.measure}{v.threshold}")
+def test_rows_are_isolated_under_mixed_exits(models, kind, policy):
+    net = Network(adapter_for(models[kind]))
+    p = prompts()
+    together = generate_tokens(net, p, policy, gen_config())
+    decode_exits = {k for r in together.exit_layers for k in r[1:]}
+    assert len(decode_exits) >= 2 and min(decode_exits) < net.num_layers, decode_exits
+    for b in range(p.ids.shape[0]):
+        alone = generate_tokens(net, row(p, b), policy, gen_config())
+        assert alone.token_ids[0] == together.token_ids[b], f"row {b}"
+        assert alone.exit_layers[0] == together.exit_layers[b], f"row {b}"
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) state propagation: a skipped layer's cache holds K/V of the exit hidden state
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: torch.Tensor) -> torch.Tensor:
+    """One decode step under `policy` after two full-depth ones; checks the step's cache slot for `rows`
+    layer by layer against K/V computed directly from each row's own hidden states. Returns the exits."""
+    a = net.adapter
+    never = ExitPlan.resolve(ExitPolicy.never(), net)
+    with torch.inference_mode():
+        state, first_ids = _start(net, p, 4)
+        tokens = prefill(net, first_ids, state).argmax(-1)
+        every = torch.arange(tokens.shape[0])
+        for _ in range(2):
+            tokens = decode_one_token(net, never, tokens, state, 2.0, every).logits.argmax(-1)
+        slot, positions = state.cache.length, state.positions.clone()[:, None]
+        out = decode_one_token(net, ExitPlan.resolve(policy, net), tokens, state, policy.threshold, rows)
+        cache = state.cache
+        assert cache.length == slot + 1
+
+        ctx = a.context(positions, cache.key_mask, slot, state.encoder)
+        h = a.embed(tokens[:, None], positions)
+        states = [h]                                           # states[i]: hidden state after i layers
+        for i in range(a.num_layers):
+            x = a.attn_input(i, h)
+            kc, vc = cache.keys_values(i, slot + 1)
+            h = a.finish_layer(i, h, x, kc, vc, ctx)
+            states.append(h)
+        for b in rows.tolist():
+            e = int(out.exit_layers[b])
+            for j in range(a.num_layers):
+                src = states[min(j, e)]                        # below the exit: its own state; above: the exit state
+                k, v = (t[b:b + 1] for t in a.kv(j, a.attn_input(j, src), ctx))
+                for name, got, want in (("K", cache.k, k), ("V", cache.v, v)):
+                    # 1e-5 relative to the tensor's scale: the step ran on other row subsets (other matmul
+                    # shapes), and T5's large-init hidden states reach the hundreds
+                    tol = 1e-5 * max(1.0, want.abs().max().item())
+                    torch.testing.assert_close(got[j, b:b + 1, :, slot:slot + 1], want, atol=tol, rtol=1e-5,
+                                               msg=lambda m: f"{name} of row {b}, layer {j}, exit {e}: {m}")
+    return out.exit_layers
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_state_propagation_fills_skipped_layers(models, kind, k):
+    net = Network(adapter_for(models[kind]))
+    every = torch.arange(4)
+    exits = _check_propagation(net, prompts(), ExitPolicy.fixed(k), every)
+    assert exits.tolist() == [k] * 4
+    # with a finished row left out of the step
+    _check_propagation(net, prompts(), ExitPolicy.fixed(k), torch.tensor([0, 2, 3]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_propagation_with_mixed_exits(models, kind):
+    """Rows exiting at different layers: each one's skipped layers hold its own exit state's K/V."""
+    net = Network(adapter_for(models[kind]))
+    mixed = False
+    for threshold in (0.7, 0.8):
+        exits = _check_propagation(net, prompts(), ExitPolicy(measure="state", threshold=threshold, decay_tau=0),
+                                   torch.arange(4))
+        mixed |= len(set(exits.tolist())) >= 2
+    assert mixed, "no step had rows exiting at different layers"

@@ -1,0 +1,29 @@
+import torch
+
+from calm.confidence import softmax_margin, state_similarity
+from calm.heads import ExitHeads, HeadsConfig
+
+
+def test_softmax_margin_is_top1_minus_top2_in_float32():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]])).to(torch.bfloat16)
+    margin = softmax_margin(logits)
+    assert margin.dtype == torch.float32
+    assert torch.allclose(margin, torch.tensor([0.5, 0.0]), atol=1e-2)
+
+
+def test_state_similarity_is_cosine():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [-1.0, -1.0]])
+    assert torch.allclose(state_similarity(a, b), torch.tensor([1.0, -1.0]))
+
+
+def test_classifier_is_a_probability_and_untrained_transform_is_identity():
+    heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=8, rank=2))
+    h = torch.randn(3, 8)
+    p = heads.classify(h, 2)
+    assert p.shape == (3,) and torch.all((p >= 0) & (p <= 1))
+    assert torch.equal(heads.transform(h, torch.tensor([1, 2, 4])), h)
+    with torch.no_grad():
+        heads.up.normal_()
+    moved = heads.transform(h, torch.tensor([1, 2, 4]))
+    assert not torch.equal(moved[:2], h[:2]) and torch.equal(moved[2], h[2])   # layer L passes through

@@ -1,0 +1,87 @@
+import torch
+
+from calm.adapters import adapter_for
+from calm.decode import ExitPlan, Network
+from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.heads import ExitHeads, HeadsConfig
+from calm.policy import ExitPolicy
+from calm.errors import PolicyError
+
+import pytest
+
+
+def batch(seed=1, b=3, t=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (b, t), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1:, :2] = False
+    return PromptBatch(ids.masked_fill(~mask, 0), mask)
+
+
+CONFIG = GenerationConfig(max_new_tokens=10, eos_token_ids=(1,), pad_token_id=0)
+
+
+def test_never_exit_uses_every_layer(llama):
+    res = generate_tokens(Network(adapter_for(llama)), batch(), ExitPolicy.never(), CONFIG)
+    assert all(k == 4 for row in res.exit_layers for k in row)
+    assert res.avg_layers == 4.0
+    assert res.timings.new_tokens == sum(len(r) for r in res.token_ids)
+
+
+def test_fixed_exit_takes_the_token_from_that_layer(llama):
+    res = generate_tokens(Network(adapter_for(llama)), batch(), ExitPolicy.fixed(2), CONFIG)
+    assert all(row[0] == 4 and set(row[1:]) == {2} for row in res.exit_layers)   # first token comes from prefill
+    # Layers 1-2 never see a propagated state, so from the second token on, the output is what the
+    # model cut to its first 2 layers predicts (teacher-forced on the same tokens).
+    short_cfg = llama.config.__class__(**{**llama.config.to_dict(), "num_hidden_layers": 2})
+    short = type(llama)(short_cfg).eval()
+    short.load_state_dict(llama.state_dict(), strict=False)
+    prompts = batch()
+    for row, tokens in enumerate(res.token_ids):
+        ids = torch.cat([prompts.ids[row][prompts.mask[row]], torch.tensor(tokens)])[None]
+        with torch.no_grad():
+            predicted = short(ids).logits[0].argmax(-1)
+        n = prompts.mask[row].sum()
+        assert predicted[n:n + len(tokens) - 1].tolist() == list(tokens[1:])
+
+
+def test_softmax_exit_token_is_the_argmax_at_its_exit_layer(llama):
+    net = Network(adapter_for(llama))
+    policy = ExitPolicy(measure="softmax", threshold=0.2, decay_tau=0)
+    res = generate_tokens(net, batch(), policy, CONFIG)
+    assert any(k < 4 for row in res.exit_layers for k in row)
+    assert len({k for row in res.exit_layers for k in row}) >= 2
+
+
+def test_classifier_measure_needs_heads(llama):
+    with pytest.raises(PolicyError, match="classifier"):
+        ExitPlan.resolve(ExitPolicy(measure="classifier", threshold=0.5), Network(adapter_for(llama)))
+
+
+def test_classifier_measure_with_heads_exits_where_the_classifier_says(llama):
+    heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4))
+    with torch.no_grad():
+        heads.cls_bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))      # only layer 2 is confident
+    res = generate_tokens(Network(adapter_for(llama), heads), batch(), ExitPolicy(measure="classifier", threshold=0.5), CONFIG)
+    assert {k for row in res.exit_layers for k in row[1:]} == {2}
+
+
+def test_rows_stop_at_eos_and_pad_afterwards(llama):
+    net = Network(adapter_for(llama))
+    free = generate_tokens(net, batch(), ExitPolicy.never(), GenerationConfig(max_new_tokens=6))
+    eos = free.token_ids[0][2]
+    res = generate_tokens(net, batch(), ExitPolicy.never(), GenerationConfig(max_new_tokens=6, eos_token_ids=(eos,)))
+    assert res.token_ids[0] == free.token_ids[0][:3]
+    assert len(res.exit_layers[0]) == 3
+
+
+def test_fused_kv_of_remaining_layers_matches_layer_by_layer(llama):
+    from calm.adapters.base import Adapter
+    adapter = adapter_for(llama)
+    h = torch.randn(2, 1, 64)
+    positions = torch.tensor([[5], [3]])
+    ctx = adapter.context(positions, torch.ones(2, 6, dtype=torch.bool), 5)
+    fused_k, fused_v = adapter.kv_layers(1, h, ctx)
+    loop_k, loop_v = Adapter.kv_layers(adapter, 1, h, ctx)
+    assert fused_k.shape == (3, 2, 2, 1, 16)
+    assert torch.allclose(fused_k, loop_k, atol=1e-5) and torch.allclose(fused_v, loop_v, atol=1e-5)

@@ -1,0 +1,26 @@
+import torch
+
+from calm.kv_cache import KVCache
+
+
+def test_allocate_write_and_read_back():
+    cache = KVCache.allocate(num_layers=3, batch=2, kv_heads=2, max_slots=8, head_dim=4,
+                             dtype=torch.float32, device=torch.device("cpu"))
+    k = torch.randn(2, 2, 3, 4)
+    v = torch.randn(2, 2, 3, 4)
+    cache.write(1, 2, k, v)
+    kc, vc = cache.keys_values(1, 5)
+    assert kc.shape == (2, 2, 5, 4)
+    assert torch.equal(kc[:, :, 2:5], k) and torch.equal(vc[:, :, 2:5], v)
+    assert torch.count_nonzero(cache.k[0]) == 0 and torch.count_nonzero(cache.k[2]) == 0
+
+
+def test_rows_select_a_subset_and_write_layers_fills_many():
+    cache = KVCache.allocate(4, 3, 1, 6, 2, torch.float32, torch.device("cpu"))
+    k = torch.randn(2, 3, 1, 1, 2)                       # layers 2..3, one slot
+    cache.write_layers(2, 4, k, k + 1)
+    assert torch.equal(cache.k[2:4, :, :, 4:5], k) and torch.equal(cache.v[2:4, :, :, 4:5], k + 1)
+    kc, _ = cache.keys_values(3, 5, rows=torch.tensor([2, 0]))
+    assert torch.equal(kc[0], cache.k[3, 2, :, :5]) and torch.equal(kc[1], cache.k[3, 0, :, :5])
+    cache.key_mask[1, 3] = True
+    assert cache.mask(5, rows=torch.tensor([1]))[0].tolist() == [False, False, False, True, False]
