@@ -1,0 +1,257 @@
+"""Throughput of the early-exit engine: tokens/s and ms/token per batch size, at full depth, under
+exit policies, and for transformers' own `generate` on the same prompt ids.
+
+Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs
+compare like with like. Each configuration gets one untimed warm-up run, then `repeats` timed
+runs; the median is reported. Times are wall clock for the whole call, prefill included.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from calm.checkpoint import write_atomic
+from calm.data import summary_prompt
+from calm.decode import ExitPlan
+from calm.errors import InputError
+from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.model import CalmModel
+from calm.policy import ExitPolicy
+
+TRANSFORMERS = "transformers"
+FULL = "full"
+MEASURE_SPECS = ("softmax", "state", "classifier")
+DEFAULT_DOCUMENT = (
+    "The city council has approved a plan to build three new primary schools over the next five years. "
+    "Councillors said the growing number of families moving into the area had left existing schools "
+    "over capacity, with some classes taught in temporary buildings. The first school is due to open in "
+    "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
+    "cost of the project, estimated at 60 million pounds, could mean cuts to other services.")
+POLICY_HELP = "full, fixed:LAYER or MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9)"
+
+
+# ---- shared with calm.eval -------------------------------------------------------------------
+
+def machine_info(device: torch.device | str | None = None, command: str | None = None) -> dict:
+    """Where and how a measurement ran: platform, CPU, accelerator, library versions, command line."""
+    import transformers
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command}
+
+
+def machine_markdown(machine: dict) -> list[str]:
+    """Markdown lines naming the machine and the command of a report."""
+    m = machine
+    lines = [f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), device {m['device']}, "
+             f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}.", ""]
+    return lines + ([f"Command: `{m['command']}`", ""] if m.get("command") else [])
+
+
+def json_safe(d: dict) -> dict:
+    """The dict with non-finite floats (NaN: not measured) as None, so it is valid JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@torch.inference_mode()
+def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: int,
+                          fixed_length: bool = False) -> list[tuple[int, ...]]:
+    """Greedy transformers `generate` on the same left-padded ids calm decodes: new tokens per row, cut
+    after the first EOS as calm does (fixed_length: exactly max_new_tokens each, EOS suppressed)."""
+    eos = list(model.eos_token_ids)
+    out = model.model.generate(input_ids=batch.ids, attention_mask=batch.mask.long(), max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens if fixed_length else None, do_sample=False,
+                               pad_token_id=model.pad_token_id, eos_token_id=eos or None)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    start = 1 if model.adapter.is_encoder_decoder else batch.ids.shape[1]     # decoder start token / prompt
+    rows = []
+    for row in out[:, start:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) if not fixed_length else len(row)
+        rows.append(tuple(row[:end]))
+    return rows
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+def parse_policy_spec(spec: str) -> ExitPolicy:
+    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy."""
+    name, _, value = spec.strip().partition(":")
+    try:
+        if name in (FULL, "never") and not value:
+            return ExitPolicy.never()
+        if name == "fixed":
+            return ExitPolicy.fixed(int(value))
+        if name in MEASURE_SPECS:
+            return ExitPolicy(measure=name, threshold=float(value))
+    except ValueError as exc:
+        raise InputError(f"bad policy {spec!r}: {exc}; expected {POLICY_HELP}") from exc
+    raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}")
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    new_tokens: int = 32
+    repeats: int = 3
+    policies: tuple[str, ...] = ()          # specs for parse_policy_spec; full depth is always run
+    transformers: bool = True
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.new_tokens < 1 or self.repeats < 1:
+            raise InputError("new_tokens and repeats must be >= 1")
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str                  # "full", a policy spec, or "transformers"
+    batch_size: int
+    new_tokens: int
+    times_s: tuple[float, ...]
+    avg_layers: float
+    speedup_vs_full: float = float("nan")
+    speedup_vs_transformers: float = float("nan")
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch_size * self.new_tokens / self.median_s
+
+    @property
+    def ms_per_token(self) -> float:
+        """Wall time per decoding step: what each sequence in the batch waits per token."""
+        return 1000.0 * self.median_s / self.new_tokens
+
+    def to_dict(self) -> dict:
+        return json_safe({**asdict(self), "times_s": list(self.times_s), "median_s": self.median_s,
+                          "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token})
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    config: BenchConfig
+    num_layers: int
+    machine: dict
+    rows: tuple[BenchRow, ...]
+
+    def to_dict(self) -> dict:
+        return {"config": {**asdict(self.config), "batch_sizes": list(self.config.batch_sizes),
+                           "policies": list(self.config.policies)},
+                "num_layers": self.num_layers, "machine": self.machine, "results": [r.to_dict() for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        c = self.config
+        lines = [f"# calm bench: {c.model}", "",
+                 f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
+                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}.", "",
+                 "| batch | config | tokens/s | ms/token | avg layers | speedup vs full | speedup vs transformers |",
+                 "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | {r.avg_layers:.2f} | "
+                  f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
+                  for r in self.rows]
+        lines += ["", "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall "
+                  "time / new tokens, the per-step latency each sequence sees.", ""]
+        return "\n".join(lines + machine_markdown(self.machine))
+
+
+def bench_prompts(documents: Sequence[str] | None = None) -> list[str]:
+    """Summarisation prompts for the benchmark: the documents given, or one built-in paragraph."""
+    return [summary_prompt(d) for d in (documents or [DEFAULT_DOCUMENT])]
+
+
+def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> BenchReport:
+    """Time full depth, each policy and (optionally) transformers generate at every batch size."""
+    policies = [(FULL, ExitPolicy.never())] + [(spec, parse_policy_spec(spec)) for spec in config.policies]
+    for _, policy in policies:
+        ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
+    total = len(config.batch_sizes) * (len(policies) + int(config.transformers))
+    rows: list[BenchRow] = []
+    for batch_size in config.batch_sizes:
+        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens,
+                                     truncate=True)
+        group = [_time_calm(model, batch, name, policy, config) for name, policy in policies]
+        if config.transformers:
+            group.append(_time_transformers(model, batch, config))
+        rows += _with_speedups(group)
+        if progress:
+            progress(len(rows), total)
+    return BenchReport(config=config, num_layers=model.num_layers, machine=machine_info(model.device, command),
+                       rows=tuple(rows))
+
+
+def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
+    """bench.json and bench.md in out_dir, each written atomically."""
+    out = Path(out_dir)
+    files = [out / "bench.json", out / "bench.md"]
+    write_atomic(files[0], json.dumps(report.to_dict(), indent=2).encode())
+    write_atomic(files[1], report.to_markdown().encode())
+    return files
+
+
+def _time_calm(model: CalmModel, batch: PromptBatch, name: str, policy: ExitPolicy, config: BenchConfig) -> BenchRow:
+    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
+    network = model.network
+    times, layers = [], []
+    for run in range(config.repeats + 1):
+        t0 = time.perf_counter()
+        result = generate_tokens(network, batch, policy, gen)
+        if run > 0:                                       # run 0 is the warm-up
+            times.append(time.perf_counter() - t0)
+            layers.append(result.avg_layers)
+    return BenchRow(name, batch.ids.shape[0], config.new_tokens, tuple(times), statistics.fmean(layers))
+
+
+def _time_transformers(model: CalmModel, batch: PromptBatch, config: BenchConfig) -> BenchRow:
+    times = []
+    for run in range(config.repeats + 1):
+        t0 = time.perf_counter()
+        transformers_generate(model, batch, config.new_tokens, fixed_length=True)
+        if run > 0:
+            times.append(time.perf_counter() - t0)
+    return BenchRow(TRANSFORMERS, batch.ids.shape[0], config.new_tokens, tuple(times), float(model.num_layers))
+
+
+def _with_speedups(group: list[BenchRow]) -> list[BenchRow]:
+    full = next(r for r in group if r.name == FULL).median_s
+    hf = next((r.median_s for r in group if r.name == TRANSFORMERS), float("nan"))
+    return [replace(r, speedup_vs_full=full / r.median_s, speedup_vs_transformers=hf / r.median_s) for r in group]
+
+
+def format_speedup(value: float) -> str:
+    """'1.23×', or '–' where not measured."""
+    return "–" if math.isnan(value) else f"{value:.2f}×"

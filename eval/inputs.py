@@ -1,0 +1,73 @@
+"""Documents to summarise: a JSONL file of records, a plain text file (one document), stdin ('-',
+either form) or a string. Errors say which file and line is wrong and what to do."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from calm.data import Record, read_jsonl, read_text
+from calm.errors import InputError
+
+STDIN = "-"
+
+
+def load_documents(source: str | None = None, text: str | None = None, document_field: str = "document",
+                   limit: int | None = None, stdin: TextIO | None = None) -> list[Record]:
+    """Records from exactly one of: `text`, a file path, or '-' (stdin). A file is read as JSONL when it
+    ends in .jsonl or its first line is a JSON object, else as one plain-text document."""
+    if (source is None) == (text is None):
+        raise InputError("give a FILE (or - for stdin) or --text, but not both" if source is not None
+                         else "nothing to summarise: give a FILE, - for stdin, or --text \"...\"")
+    if text is not None:
+        return [_single("text", text, "--text")]
+    if source == STDIN:
+        name, content = "<stdin>", (stdin or sys.stdin).read()
+    elif source.endswith(".jsonl"):
+        return read_jsonl(source, document_field=document_field, summary_field=None, limit=limit)
+    else:
+        name, content = source, read_text(source)
+    if _first_line_is_object(content):
+        records = parse_jsonl(content, name, document_field)
+        return records[:limit] if limit else records
+    return [_single("stdin" if source == STDIN else Path(source).stem, content, name)]
+
+
+def parse_jsonl(content: str, source: str, document_field: str = "document") -> list[Record]:
+    """Records of JSONL text: stdin, or a file without the .jsonl suffix (those go through calm.data.read_jsonl)."""
+    records = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            records.append(_record(line, f"{source}:{number}", number, document_field))
+    if not records:
+        raise InputError(f"{source} holds no records")
+    return records
+
+
+def _record(line: str, where: str, number: int, document_field: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if document_field not in obj:
+        raise InputError(f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
+                         "name the document field with --field-document")
+    document = obj[document_field]
+    if not isinstance(document, str) or not document.strip():
+        raise InputError(f"{where}: field {document_field!r} is empty or not text")
+    return Record(id=str(obj.get("id", number)), document=document)
+
+
+def _first_line_is_object(content: str) -> bool:
+    first = next((line for line in content.splitlines() if line.strip()), "")
+    return first.lstrip().startswith("{")
+
+
+def _single(id_: str, document: str, where: str) -> Record:
+    if not document.strip():
+        raise InputError(f"{where} is empty: give some text to summarise")
+    return Record(id=id_, document=document)

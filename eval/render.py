@@ -1,0 +1,120 @@
+"""Summaries shown token by token with their exit layers, like the CALM paper's figures: each token's
+background coloured on a terminal (green = early exit, red = full depth, with a legend of layer
+ranges; whitespace tokens stay visible), annotated as `token[layer]` in plain text."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from calm.eval.summarize import DocumentSummary
+
+RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))   # early exit -> mid -> full depth
+LEGEND_BUCKETS = 6
+
+
+def layer_buckets(num_layers: int, count: int = LEGEND_BUCKETS) -> list[tuple[int, int]]:
+    """Layer ranges (first, last), 1..num_layers, split into at most `count` near-equal buckets."""
+    count = max(1, min(count, num_layers))
+    edges = [round(i * num_layers / count) for i in range(count + 1)]
+    return [(edges[i] + 1, edges[i + 1]) for i in range(count)]
+
+
+def layer_colour(layer: int, num_layers: int) -> str:
+    """The ramp colour ('#rrggbb') of the bucket holding `layer`."""
+    buckets = layer_buckets(num_layers)
+    index = next((i for i, (_, hi) in enumerate(buckets) if layer <= hi), len(buckets) - 1)
+    return _ramp(index / (len(buckets) - 1) if len(buckets) > 1 else 1.0)
+
+
+def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(text, exit layer) per generated token; the texts join to the decoded summary (up to trailing
+    whitespace). Special tokens (EOS) show as nothing; a token that ends inside a multi-byte character
+    joins the next one."""
+    pieces: list[tuple[str, int]] = []
+    shown = ""
+    for i, layer in enumerate(exit_layers):
+        text = tokenizer.decode(list(token_ids[:i + 1]), skip_special_tokens=True)
+        if text.endswith("\ufffd") and i + 1 < len(exit_layers):
+            continue
+        piece = text[_common_prefix(shown, text):]
+        piece = piece if pieces else piece.lstrip()
+        if piece:
+            pieces.append((piece, layer))
+        shown = text
+    return pieces
+
+
+def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None) -> Group:
+    """The summary coloured by exit layer, a legend of layer ranges and the average depth (rich)."""
+    text = Text()
+    for piece, layer in token_pieces(tokenizer, doc.token_ids, doc.exit_layers):
+        text.append(piece, style=f"#000000 on {layer_colour(layer, doc.num_layers)}")
+    legend = Text("exit layer: ", style="dim")
+    for lo, hi in layer_buckets(doc.num_layers):
+        legend.append("  ", style=f"on {layer_colour(hi, doc.num_layers)}")
+        legend.append(f" {lo}–{hi}  " if lo != hi else f" {lo}  ", style="dim")
+    parts = [Text(title, style="bold")] if title else []
+    return Group(*parts, text, legend, Text(_depth_line(doc), style="dim"))
+
+
+def plain_exits(doc: DocumentSummary, tokenizer, title: str | None = None) -> str:
+    """The same in plain text: the summary, each token annotated `token[layer]`, the average depth."""
+    annotated = "".join(f"{piece}[{layer}]" for piece, layer in token_pieces(tokenizer, doc.token_ids, doc.exit_layers))
+    lines = ([title] if title else []) + [doc.summary, f"exits: {annotated}", _depth_line(doc)]
+    return "\n".join(lines)
+
+
+def _depth_line(doc: DocumentSummary) -> str:
+    return f"avg layers: {doc.avg_layers:.2f} of {doc.num_layers} ({len(doc.exit_layers)} tokens)"
+
+
+def _ramp(t: float) -> str:
+    t = min(max(t, 0.0), 1.0) * (len(RAMP) - 1)
+    i = min(int(t), len(RAMP) - 2)
+    f = t - i
+    rgb = (round(a + (b - a) * f) for a, b in zip(RAMP[i], RAMP[i + 1]))
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SummaryPrinter:
+    """Prints summaries to stdout as they arrive: one JSON object per line (as_json), the summary coloured
+    by exit layer on a terminal or annotated in plain text (show_exits), or just the text. With `titled`,
+    each summary is headed by its document id."""
+
+    def __init__(self, tokenizer, show_exits: bool = False, as_json: bool = False, titled: bool = False,
+                 console: Console | None = None):
+        self.tokenizer, self.show_exits, self.as_json, self.titled = tokenizer, show_exits, as_json, titled
+        self.console = console or Console(highlight=False)
+
+    def print(self, doc: DocumentSummary) -> None:
+        title = f"[{doc.id}]" if self.titled else None
+        if self.as_json:
+            print(json.dumps(doc.to_dict(), ensure_ascii=False), flush=True)
+        elif self.show_exits and self.console.is_terminal:
+            self.console.print(render_exits(doc, self.tokenizer, title))
+        elif self.show_exits:
+            print(plain_exits(doc, self.tokenizer, title), flush=True)
+        else:
+            print(f"{title} {doc.summary}" if title else doc.summary, flush=True)
+
+
+def run_footer(docs: list[DocumentSummary], policy_description: str) -> str:
+    """One line about a run: documents, average depth, throughput and the policy used."""
+    tokens = sum(len(d.exit_layers) for d in docs)
+    layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
+    seconds = sum(d.batch_timings.total_s / d.batch_size for d in docs)
+    rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
+    return (f"{len(docs)} document{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
+            f"{docs[0].num_layers if docs else '?'}{rate}; policy: {policy_description}")

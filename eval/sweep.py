@@ -1,0 +1,205 @@
+"""The threshold sweep behind `calm eval`: every document summarised at full depth, at each threshold
+λ, and by transformers' own `generate`, batch by batch on the same batches, each point's
+per-example outputs cached as they finish (see calm.eval.cache), then scored (calm.eval.report).
+
+With several processes (`accelerate launch`), documents are sharded with accelerate's
+split_between_processes; each process caches its own share, and process 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from calm.bench import machine_info, transformers_generate
+from calm.data import SUMMARY_PROMPT, Record, summary_prompt
+from calm.decode import ExitPlan
+from calm.errors import InputError
+from calm.eval.cache import ResultCache
+from calm.eval.knob import default_measure
+from calm.eval.progress import ProgressCallback
+from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
+from calm.eval.summarize import batched
+from calm.model import CalmModel
+from calm.policy import ExitPolicy
+
+DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One column of the sweep: a name (also its cache file), a label, and how it generates."""
+
+    name: str
+    label: str
+    threshold: float | None = None
+    policy: ExitPolicy | None = None         # None: transformers generate
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: str
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    measure: str | None = None               # None: the model's default (calm.eval.knob.default_measure)
+    min_exit_layer: int = 1
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    document_field: str = "document"
+    summary_field: str = "summary"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.thresholds:
+            raise InputError("give at least one threshold")
+        if any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise InputError(f"thresholds must lie in [0, 1], got {', '.join(f'{t:g}' for t in self.thresholds)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise InputError("batch_size and max_new_tokens must be >= 1")
+
+    def for_model(self, model: CalmModel) -> "EvalConfig":
+        return self if self.measure else replace(self, measure=default_measure(model))
+
+    def points(self) -> tuple[Point, ...]:
+        suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
+        early = tuple(Point(f"{self.measure}@{t:g}{suffix}", f"{self.measure} λ={t:g}", t,
+                            ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer))
+                      for t in dict.fromkeys(self.thresholds))
+        return (Point(FULL, "full model", policy=ExitPolicy.never()), *early,
+                Point(TRANSFORMERS, "transformers generate"))
+
+    def cache_meta(self) -> dict:
+        """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
+        model = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
+        return {"model": model, "data": str(Path(self.data).resolve()), "document_field": self.document_field,
+                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_PROMPT}
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "thresholds": list(self.thresholds)}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among `accelerate launch` processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    state: object = None                     # accelerate.PartialState when world > 1
+
+    @classmethod
+    def current(cls) -> "Shard":
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch
+        from accelerate import PartialState
+        state = PartialState(cpu=not torch.cuda.is_available())      # without cpu=True, CPU ranks would not sync
+        return cls(state.process_index, state.num_processes, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str | None) -> str | None:
+        """The device to load the model on: this process's own under accelerate, unless one is named."""
+        if self.state is not None and requested in (None, "auto"):
+            return str(self.state.device)
+        return requested
+
+    def split(self, records: list[Record]) -> list[Record]:
+        if self.state is None:
+            return records
+        with self.state.split_between_processes(records) as mine:
+            return list(mine)
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def eval_device(requested: str | None) -> str | None:
+    """The device `calm eval` loads the model on: under accelerate, each process's own (unless named)."""
+    return Shard.current().device(requested)
+
+
+def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, out_dir: str | Path,
+             resume: bool = True, command: str | None = None,
+             progress: ProgressCallback | None = None) -> EvalReport | None:
+    """Run (or resume) the sweep and write eval.json, eval.md and the plots into out_dir. Returns the
+    report (None on processes other than the main one)."""
+    records = list(records)
+    _check_ids(records)
+    config = config.for_model(model)
+    points = config.points()
+    for point in points:
+        if point.policy is not None:
+            ExitPlan.resolve(point.policy, model.network)     # bad layers / missing classifier: fail now
+    shard = Shard.current()
+    cache = ResultCache.open(Path(out_dir) / "cache", config.cache_meta(), resume,
+                             rank=shard.rank if shard.world > 1 else None, is_main=shard.is_main)
+    shard.barrier()
+    _compute(model, shard.split(records), points, config, cache, progress)
+    shard.barrier()
+    if not shard.is_main:
+        return None
+    rows = {p.name: cache.done(p.name) for p in points}
+    report = build_report(records, rows, points, config.to_dict(), model.num_layers,
+                          machine_info(model.device, command))
+    write_report(report, out_dir)
+    return report
+
+
+def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], config: EvalConfig,
+             cache: ResultCache, progress: ProgressCallback | None) -> None:
+    ids = {r.id for r in records}
+    pending = {p.name: ids - cache.done(p.name).keys() for p in points}
+    total = len(records) * len(points)
+    completed = total - sum(len(v) for v in pending.values())
+    if progress:
+        progress(completed, total)
+    if completed == total:
+        return
+    _warm_up(model, records[0])
+    for batch in batched(records, config.batch_size):
+        for point in points:
+            todo = [r for r in batch if r.id in pending[point.name]]
+            if todo:
+                cache.append(point.name, _run_point(model, point, todo, config.max_new_tokens))
+                completed += len(todo)
+                if progress:
+                    progress(completed, total)
+
+
+def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_tokens: int) -> list[dict]:
+    """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
+    prompts = [summary_prompt(r.document) for r in records]
+    t0 = time.perf_counter()
+    if point.policy is None:
+        token_ids = transformers_generate(model, model.encode_prompts(prompts, max_new_tokens, truncate=True),
+                                          max_new_tokens)
+        texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+        exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
+    else:
+        result = model.generate(prompts, max_new_tokens=max_new_tokens, policy=point.policy, truncate=True)
+        token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
+    seconds = time.perf_counter() - t0
+    return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),
+             "seconds": seconds / len(records), "batch_seconds": seconds, "batch_size": len(records)}
+            for i, r in enumerate(records)]
+
+
+def _warm_up(model: CalmModel, record: Record) -> None:
+    """One short untimed run of each engine, so the first timed batch pays no start-up costs."""
+    prompt = summary_prompt(record.document)
+    model.generate(prompt, max_new_tokens=2, truncate=True)
+    transformers_generate(model, model.encode_prompts([prompt], 2, truncate=True), 2)
+
+
+def _check_ids(records: list[Record]) -> None:
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise InputError(f"document id {r.id!r} appears twice in the data; ids must be unique")
+        seen.add(r.id)

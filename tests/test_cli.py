@@ -1,0 +1,246 @@
+"""The `calm` command line (summarize, errors, help) on a tiny random Llama with a word-level tokenizer.
+
+The fixtures `tiny_model` and `one_thread` and the helpers below are shared with test_eval.py and
+test_bench.py (imported from here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from calm.calibration import CalibrationRow, CalibrationTable
+from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.cli.main import cli
+
+NUM_LAYERS = 4
+SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>"]
+WORDS = ("Summarize the following article in one sentence . a an cat sat on mat dog ran park council said new plan "
+         "for city school children home police man woman was is were had has two three year years after before "
+         "match game team won lost goal week people government minister report").split()
+DOCS = [
+    {"id": "a", "document": "the cat sat on the mat . a dog ran in the park", "summary": "cat sat on mat"},
+    {"id": "b", "document": "the council said a new plan for the city school", "summary": "council plan for school"},
+    {"id": "c", "document": "police said a man was home after the match", "summary": "man was home after match"},
+    {"id": "d", "document": "the team won the game after two goal in one week", "summary": "team won game"},
+]
+
+
+def build_tiny_model(path: Path) -> Path:
+    """A 4-layer random Llama (hidden 64) and a WordLevel tokenizer, saved as safetensors in `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["[PAD]"])
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: more torch threads only add contention (tenfold slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def assert_clean_error(result, *fragments: str) -> None:
+    """Non-zero exit, a one-line 'Error: ...' naming the problem, and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0], result.output
+
+
+# ---- help and version -------------------------------------------------------------------------
+
+def test_version_and_help():
+    assert "0.1.0" in invoke("--version").output
+    top = invoke("--help")
+    assert top.exit_code == 0 and all(c in top.output for c in ("summarize", "eval", "bench"))
+    for command in ("summarize", "eval", "bench"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0
+        assert "Examples:" in result.output and f"calm {command}" in result.output
+
+
+# ---- summarize ----------------------------------------------------------------------------------
+
+def test_summarize_text(tiny_model):
+    result = invoke("summarize", "--model", tiny_model, "--text", DOCS[0]["document"], "--max-new-tokens", 6)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1
+    assert "1 document, avg layers 4.00 of 4" in result.stderr
+    assert "full model" in result.stderr
+
+
+def test_summarize_plain_text_file_and_jsonl_file(tiny_model, tmp_path):
+    text_file = tmp_path / "article.txt"
+    text_file.write_text(DOCS[1]["document"] + "\n", encoding="utf-8")
+    result = invoke("summarize", "--model", tiny_model, text_file, "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1
+
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    result = invoke("summarize", "--model", tiny_model, data, "--limit", 3, "--batch-size", 2, "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["[a]", "[b]", "[c]"]
+    assert "3 documents" in result.stderr
+
+
+def test_summarize_stdin_text_and_jsonl(tiny_model):
+    result = invoke("summarize", "--model", tiny_model, "-", "--max-new-tokens", 4, input=DOCS[2]["document"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1
+
+    stdin = "".join(json.dumps({"id": d["id"], "text": d["document"]}) + "\n" for d in DOCS[:2])
+    result = invoke("summarize", "--model", tiny_model, "-", "--field-document", "text", "--json",
+                    "--max-new-tokens", 4, input=stdin)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a", "b"]
+
+
+def test_summarize_json(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    result = invoke("summarize", "--model", tiny_model, data, "--json", "--measure", "state", "--threshold", "0",
+                    "--max-new-tokens", 6, "--batch-size", 3)
+    assert result.exit_code == 0, result.output
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["id"] for o in objects] == ["a", "b", "c", "d"]
+    for o in objects:
+        assert set(o) >= {"id", "summary", "avg_layers", "exit_layers", "timings"}
+        assert all(1 <= k <= NUM_LAYERS for k in o["exit_layers"])
+        assert o["avg_layers"] == pytest.approx(sum(o["exit_layers"]) / len(o["exit_layers"]))
+        assert o["exit_layers"][0] == NUM_LAYERS                    # the first token comes from the prefill
+        assert all(k == 1 for k in o["exit_layers"][1:])            # λ = 0: everything else exits at layer 1
+        assert o["timings"]["batch_size"] in (3, 1) and o["timings"]["batch_decode_s"] >= 0
+    assert "state λ=0" in result.stderr
+
+
+def test_summarize_show_exits_plain(tiny_model):
+    result = invoke("summarize", "--model", tiny_model, "--text", DOCS[3]["document"], "--show-exits",
+                    "--threshold", "0", "--max-new-tokens", 6)
+    assert result.exit_code == 0, result.output
+    summary, exits, depth = result.stdout.splitlines()
+    assert "\x1b[" not in result.stdout                              # no colour codes off a terminal
+    assert exits.startswith("exits: ") and "[4]" in exits and "[1]" in exits
+    assert exits.replace("[4]", "").replace("[1]", "")[len("exits: "):] == summary
+    assert depth.startswith("avg layers: ") and "of 4" in depth
+
+
+# ---- calibrated models: --speed, --tolerance and the default -------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated_model(tiny_model, tmp_path_factory) -> str:
+    rows = [CalibrationRow(threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers,
+                           speedup=4 / layers, pvalue=0.0)
+            for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
+    table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb")
+    path = tmp_path_factory.mktemp("calibrated")
+    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table.to_dict()), heads=None)
+    return str(path)
+
+
+@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9 (from --speed 0.5"),
+                                            (("--speed", "1"), "softmax λ=0.5 (from --speed 1"),
+                                            (("--tolerance", "0.2"), "softmax λ=0.5 (from --tolerance 0.2"),
+                                            (("--threshold", "0.7"), "softmax λ=0.7")])
+def test_summarize_with_calibration(calibrated_model, knob, expected):
+    result = invoke("summarize", "--model", calibrated_model, "--text", "the cat sat", "--max-new-tokens", 3, *knob)
+    assert result.exit_code == 0, result.output
+    assert expected in result.stderr
+
+
+def test_tolerance_too_tight_is_an_error(calibrated_model):
+    result = invoke("summarize", "--model", calibrated_model, "--text", "the cat", "--tolerance", "0.001")
+    assert_clean_error(result, "no threshold is certified at tolerance")
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def docs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", DOCS)
+
+
+def test_missing_file(tiny_model, tmp_path):
+    assert_clean_error(invoke("summarize", "--model", tiny_model, tmp_path / "nope.jsonl"), "file not found")
+    assert_clean_error(invoke("summarize", "--model", tiny_model, tmp_path / "nope.txt"), "file not found")
+
+
+def test_missing_model(tmp_path):
+    assert_clean_error(invoke("summarize", "--model", tmp_path / "no-model", "--text", "the cat"), "unknown model")
+
+
+def test_wrong_field_name(tiny_model, docs_file):
+    result = invoke("summarize", "--model", tiny_model, docs_file, "--field-document", "article")
+    assert_clean_error(result, "no field 'article'", "--field-document")
+
+
+def test_empty_document(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "empty.jsonl", [{"id": "x", "document": "   "}])
+    assert_clean_error(invoke("summarize", "--model", tiny_model, data), "empty")
+    text_file = tmp_path / "empty.txt"
+    text_file.write_text("\n", encoding="utf-8")
+    assert_clean_error(invoke("summarize", "--model", tiny_model, text_file), "empty")
+    assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", ""), "empty")
+    assert_clean_error(invoke("summarize", "--model", tiny_model, "-", input=""), "empty")
+
+
+def test_bad_json_line(tiny_model, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"document": "the cat"}\n{"document": \n', encoding="utf-8")
+    assert_clean_error(invoke("summarize", "--model", tiny_model, data), "bad.jsonl:2", "not valid JSON")
+
+
+@pytest.mark.parametrize("value", ["-0.5", "1.5", "abc"])
+def test_bad_threshold(tiny_model, value):
+    assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", "the cat", "--threshold", value),
+                       "--threshold")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--threshold", "0.9", "--speed", "0.5"), "only one of --threshold, --speed"),
+    (("--speed", "0.5"), "no calibration for this model; run calm calibrate or use --threshold"),
+    (("--tolerance", "0.1"), "no calibration for this model"),
+    (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
+    (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),
+])
+def test_bad_policy(tiny_model, args, fragment):
+    assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", "the cat", *args), fragment)
+
+
+def test_file_and_text_together_or_neither(tiny_model, docs_file):
+    assert_clean_error(invoke("summarize", "--model", tiny_model, docs_file, "--text", "the cat"), "not both")
+    assert_clean_error(invoke("summarize", "--model", tiny_model), "nothing to summarise")

@@ -1,0 +1,222 @@
+"""calm eval (the threshold sweep, its report and resuming) and the calm.eval library pieces."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from rich.text import Text
+from test_cli import DOCS, NUM_LAYERS, assert_clean_error, invoke, one_thread, tiny_model, write_jsonl  # noqa: F401
+
+from calm.calibration import CalibrationRow, CalibrationTable
+from calm.data import Record
+from calm.errors import InputError
+from calm.eval import knob, sweep
+from calm.eval.render import layer_buckets, layer_colour, plain_exits, render_exits, token_pieces
+from calm.eval.report import COLUMNS, FILES
+from calm.eval.rouge import rouge_f1, rouge_l_similarity
+from calm.eval.summarize import summarize_documents
+from calm.model import CalmModel
+from calm.policy import ExitPolicy
+
+POINTS = ["full", "state@0.5", "state@0", "transformers"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> CalmModel:
+    return CalmModel.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "test.jsonl", DOCS)
+
+
+def run_eval_cli(tiny_model, data, out, *extra):
+    return invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.5,0", "--measure", "state",
+                  "--max-new-tokens", 5, "--batch-size", 2, "--out", out, *extra)
+
+
+def cache_lines(out: Path, point: str) -> list[str]:
+    return (out / "cache" / f"{point}.jsonl").read_text().splitlines()
+
+
+# ---- the sweep through the CLI -------------------------------------------------------------------
+
+def test_eval_writes_report(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval_cli(tiny_model, data, out)
+    assert result.exit_code == 0, result.output
+    for name in FILES:
+        assert (out / name).is_file()
+    for png in ("rouge_vs_layers.png", "rouge_vs_speedup.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+
+    report = json.loads((out / "eval.json").read_text())
+    assert report["n"] == 4 and report["num_layers"] == NUM_LAYERS
+    assert set(report["machine"]) >= {"platform", "cpu", "torch", "transformers", "command"}
+    assert report["machine"]["command"].startswith("calm eval --model")
+    points = {p["name"]: p for p in report["points"]}
+    assert list(points) == POINTS
+    keys = {"rouge1", "rouge2", "rougeL", "dissimilarity", "delta_rougeL", "avg_layers", "speedup_vs_full",
+            "speedup_vs_transformers"}
+    assert all(keys <= set(p) for p in points.values())
+    full = points["full"]
+    assert full["avg_layers"] == NUM_LAYERS and full["dissimilarity"] == 0 and full["delta_rougeL"] == 0
+    assert full["speedup_vs_full"] == pytest.approx(1.0)
+    assert points["transformers"]["speedup_vs_transformers"] == pytest.approx(1.0)
+    assert points["transformers"]["same_as_full"] == 1.0       # greedy transformers generate == calm at full depth
+    assert points["state@0"]["avg_layers"] < NUM_LAYERS          # λ = 0 exits at layer 1 after the first token
+    assert all(p["speedup_vs_full"] > 0 and p["speedup_vs_transformers"] > 0 for p in points.values())
+
+    # ROUGE against the references, recomputed from the cached outputs
+    rows = [json.loads(line) for line in cache_lines(out, "state@0")]
+    refs = {d["id"]: d["summary"] for d in DOCS}
+    expected = sum(rouge_f1(r["summary"], refs[r["id"]])["rougeL"] for r in rows) / len(rows)
+    assert points["state@0"]["rougeL"] == pytest.approx(expected)
+    assert points["state@0"]["delta_rougeL"] == pytest.approx(expected - full["rougeL"])
+
+    markdown = (out / "eval.md").read_text()
+    assert "| " + " | ".join(COLUMNS) + " |" in markdown
+    assert "| full model |" in markdown and "| state λ=0.5 |" in markdown and "| transformers generate |" in markdown
+    assert "Command: `calm eval" in markdown
+    assert "| full model |" in result.stdout
+
+
+def test_eval_resumes_without_recomputing(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    assert run_eval_cli(tiny_model, data, out, "--limit", 2).exit_code == 0
+    first = {p: cache_lines(out, p) for p in POINTS}
+    assert all(len(lines) == 2 for lines in first.values())
+
+    # an interruption cut the last line of one point short: only that example is redone
+    partial = out / "cache" / "state@0.jsonl"
+    partial.write_text(first["state@0"][0] + "\n" + first["state@0"][1][:25])
+
+    result = run_eval_cli(tiny_model, data, out, "--limit", 3)
+    assert result.exit_code == 0, result.output
+    for point in POINTS:
+        lines = cache_lines(out, point)
+        if point == "state@0":
+            assert lines[0] == first[point][0] and lines[1] == first[point][1][:25]
+            assert sorted(json.loads(line)["id"] for line in lines[2:]) == ["b", "c"]
+        else:
+            assert lines[:2] == first[point]                         # done examples kept, byte for byte
+            assert [json.loads(line)["id"] for line in lines[2:]] == ["c"]
+    assert json.loads((out / "eval.json").read_text())["n"] == 3
+
+    before = {p: cache_lines(out, p) for p in POINTS}
+    assert run_eval_cli(tiny_model, data, out, "--limit", 3).exit_code == 0       # all done: nothing recomputed
+    assert {p: cache_lines(out, p) for p in POINTS} == before
+
+
+def test_eval_refuses_a_cache_of_another_run(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    assert run_eval_cli(tiny_model, data, out, "--limit", 1).exit_code == 0
+    result = run_eval_cli(tiny_model, data, out, "--limit", 1, "--max-new-tokens", 3)
+    assert_clean_error(result, "different run", "max_new_tokens", "--no-resume")
+    result = run_eval_cli(tiny_model, data, out, "--limit", 1, "--max-new-tokens", 3, "--no-resume")
+    assert result.exit_code == 0, result.output
+    assert all(len(json.loads(line)["token_ids"]) <= 3 for line in cache_lines(out, "full"))
+
+
+def test_eval_bad_input(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(run_eval_cli(tiny_model, tmp_path / "missing.jsonl", out), "file not found")
+    assert_clean_error(run_eval_cli(tiny_model, data, out, "--field-summary", "highlights"),
+                       "no reference summary in field 'highlights'", "--field-summary")
+    assert_clean_error(run_eval_cli(tiny_model, data, out, "--field-document", "article"), "no field 'article'")
+    assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.9,x"), "--thresholds")
+    assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.9,1.5"),
+                       "thresholds must lie in [0, 1]")
+    assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--measure", "classifier"), "classifier")
+    duplicate = write_jsonl(tmp_path / "dup.jsonl", [DOCS[0], DOCS[0]])
+    assert_clean_error(run_eval_cli(tiny_model, duplicate, out), "appears twice")
+    assert not (out / "eval.json").exists()
+
+
+# ---- sharding across processes (accelerate), simulated in one process ------------------------------
+
+class FakeState:
+    def __init__(self, rank: int, world: int):
+        self.process_index, self.num_processes = rank, world
+
+    @contextmanager
+    def split_between_processes(self, items):
+        yield items[self.process_index::self.num_processes]
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_eval_shards_and_rank0_merges(model, tmp_path, monkeypatch):
+    records = [Record(d["id"], d["document"], d["summary"]) for d in DOCS]
+    config = sweep.EvalConfig(model="tiny", data=str(tmp_path / "test.jsonl"), thresholds=(0.0,), measure="state",
+                              max_new_tokens=3, batch_size=2)
+    out = tmp_path / "out"
+    for rank in (1, 0):                                  # rank 1 finishes first; rank 0 merges and reports
+        monkeypatch.setattr(sweep.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
+        report = sweep.run_eval(model, records, config, out)
+        assert (report is None) == (rank == 1)
+    assert sorted(p.name for p in (out / "cache").glob("*.jsonl")) == sorted(
+        f"{p}.rank{r}.jsonl" for p in ("full", "state@0", "transformers") for r in (0, 1))
+    assert report.n == 4 and json.loads((out / "eval.json").read_text())["n"] == 4
+
+
+# ---- the policy knobs -------------------------------------------------------------------------------
+
+def test_resolve_policy(model):
+    assert knob.default_measure(model) == "softmax"
+    assert knob.resolve_policy(model).policy == ExitPolicy.never()
+    resolved = knob.resolve_policy(model, threshold=0.8, measure="state", min_exit_layer=2)
+    assert resolved.policy == ExitPolicy(measure="state", threshold=0.8, min_exit_layer=2)
+    with pytest.raises(InputError, match="only one of"):
+        knob.resolve_policy(model, threshold=0.8, tolerance=0.1)
+    with pytest.raises(InputError, match="no calibration for this model; run calm calibrate or use --threshold"):
+        knob.resolve_policy(model, speed=0.5)
+
+
+def test_tolerance_to_threshold():
+    rows = tuple(CalibrationRow(t, loss, loss, loss, loss, layers, 1.0, 0.0)
+                 for t, loss, layers in ((0.9, 0.0, 4.0), (0.7, 0.02, 3.0), (0.5, 0.1, 2.0), (0.3, 0.5, 1.0)))
+    table = CalibrationTable(rows, certified_index=1, delta=0.05, epsilon=0.1, n=500, method="hb")
+    assert knob.tolerance_to_threshold(table, 0.05) == 0.7
+    assert knob.tolerance_to_threshold(table, 0.2) == 0.5
+    with pytest.raises(InputError, match="no threshold is certified"):
+        knob.tolerance_to_threshold(table, 1e-4)
+
+
+# ---- rendering exits -----------------------------------------------------------------------------
+
+def test_layer_buckets_and_colours():
+    assert layer_buckets(30) == [(1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30)]
+    assert layer_buckets(4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    buckets = layer_buckets(13)
+    assert buckets[0][0] == 1 and buckets[-1][1] == 13
+    assert all(a[1] + 1 == b[0] for a, b in zip(buckets, buckets[1:]))
+    assert layer_colour(1, 30) != layer_colour(30, 30)
+    assert layer_colour(1, 30) == layer_colour(5, 30)
+
+
+def test_render_exits(model):
+    records = [Record("a", DOCS[0]["document"])]
+    doc = next(summarize_documents(model, records, ExitPolicy(measure="state", threshold=0.0), max_new_tokens=6))[0]
+    pieces = token_pieces(model.tokenizer, doc.token_ids, doc.exit_layers)
+    assert "".join(p for p, _ in pieces) == doc.summary
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor", width=120)
+    console.print(render_exits(doc, model.tokenizer))
+    coloured = console.file.getvalue()
+    assert "\x1b[" in coloured and "exit layer:" in coloured and "avg layers:" in coloured
+    assert Text.from_ansi(coloured).plain.splitlines()[0] == doc.summary
+    plain = plain_exits(doc, model.tokenizer, title="[a]")
+    assert plain.splitlines()[0] == "[a]" and "avg layers: " in plain
+
+
+def test_rouge():
+    assert rouge_f1("the cats sat", "the cat sat")["rouge1"] == pytest.approx(1.0)     # stemmed
+    assert rouge_l_similarity("", "") == 1.0
+    assert rouge_l_similarity("a dog ran", "the cat sat") == 0.0
