@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from calm.errors import InputError
 
@@ -27,34 +26,38 @@ def summary_prompt(document: str) -> str:
 def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",
                require_summary: bool = False, limit: int | None = None) -> list[Record]:
     """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`."""
-    path = Path(path)
-    records = list(_iter_jsonl(path, document_field, summary_field, require_summary))
+    records = parse_jsonl(_read_text(Path(path)), str(path), document_field, summary_field, require_summary)
+    return records[:limit] if limit is not None else records
+
+
+def parse_jsonl(content: str, source: str, document_field: str = "document", summary_field: str | None = "summary",
+                require_summary: bool = False) -> list[Record]:
+    """Records of JSONL text read from `source` (a file name or <stdin>, for messages)."""
+    records = [_record(line, f"{source}:{number}", number, document_field, summary_field, require_summary)
+               for number, line in enumerate(content.splitlines(), start=1) if line.strip()]
     if not records:
-        raise InputError(f"{path} holds no records")
-    return records[:limit] if limit else records
+        raise InputError(f"{source} holds no records")
+    return records
 
 
-def _iter_jsonl(path: Path, document_field: str, summary_field: str | None, require_summary: bool) -> Iterator[Record]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-        if document_field not in obj:
-            raise InputError(f"{path}:{number}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
-                             "name the document field with --field-document")
-        document = obj[document_field]
-        if not isinstance(document, str) or not document.strip():
-            raise InputError(f"{path}:{number}: field {document_field!r} is empty or not text")
-        summary = obj.get(summary_field) if summary_field else None
-        if require_summary and (not isinstance(summary, str) or not summary.strip()):
-            raise InputError(f"{path}:{number}: no reference summary in field {summary_field!r}; "
-                             "name it with --field-summary")
-        yield Record(id=str(obj.get("id", number)), document=document, summary=summary)
+def _record(line: str, where: str, number: int, document_field: str, summary_field: str | None,
+            require_summary: bool) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if document_field not in obj:
+        raise InputError(f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
+                         "name the document field with --field-document")
+    document = obj[document_field]
+    if not isinstance(document, str) or not document.strip():
+        raise InputError(f"{where}: field {document_field!r} is empty or not text")
+    summary = obj.get(summary_field) if summary_field else None
+    if require_summary and (not isinstance(summary, str) or not summary.strip()):
+        raise InputError(f"{where}: no reference summary in field {summary_field!r}; name it with --field-summary")
+    return Record(id=str(obj.get("id", number)), document=document, summary=summary)
 
 
 def read_text(path: str | Path) -> str:

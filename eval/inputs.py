@@ -3,12 +3,11 @@ either form) or a string. Errors say which file and line is wrong and what to do
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from calm.data import Record, read_jsonl, read_text
+from calm.data import Record, parse_jsonl, read_jsonl, read_text
 from calm.errors import InputError
 
 STDIN = "-"
@@ -30,36 +29,9 @@ def load_documents(source: str | None = None, text: str | None = None, document_
     else:
         name, content = source, read_text(source)
     if _first_line_is_object(content):
-        records = parse_jsonl(content, name, document_field)
+        records = parse_jsonl(content, name, document_field, summary_field=None)
         return records[:limit] if limit else records
     return [_single("stdin" if source == STDIN else Path(source).stem, content, name)]
-
-
-def parse_jsonl(content: str, source: str, document_field: str = "document") -> list[Record]:
-    """Records of JSONL text: stdin, or a file without the .jsonl suffix (those go through calm.data.read_jsonl)."""
-    records = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if line.strip():
-            records.append(_record(line, f"{source}:{number}", number, document_field))
-    if not records:
-        raise InputError(f"{source} holds no records")
-    return records
-
-
-def _record(line: str, where: str, number: int, document_field: str) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if document_field not in obj:
-        raise InputError(f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
-                         "name the document field with --field-document")
-    document = obj[document_field]
-    if not isinstance(document, str) or not document.strip():
-        raise InputError(f"{where}: field {document_field!r} is empty or not text")
-    return Record(id=str(obj.get("id", number)), document=document)
 
 
 def _first_line_is_object(content: str) -> bool:
