@@ -217,10 +217,22 @@ def fixed_sequence_test(
     """Test H0_k: E[loss_k] > delta in order k = 0, 1, ... and stop at the first
     p-value above epsilon. Returns the last rejected index (or None)."""
     losses = _check_losses(risks_per_threshold)
+    return fixed_sequence_test_means(losses.mean(axis=1), losses.shape[1], delta, epsilon, method)
+
+
+def fixed_sequence_test_means(
+    mean_losses: Sequence[float],
+    n: int,
+    delta: float,
+    epsilon: float,
+    method: str = "hb",
+) -> LTTResult:
+    """Fixed-sequence testing from each threshold's mean loss over n examples (the Hoeffding and
+    Hoeffding-Bentkus p-values depend on the losses only through their mean)."""
     delta, epsilon = _check_level("delta", delta), _check_level("epsilon", epsilon)
     pvalue_fn = _PVALUE_FNS[_check_method(method)]
-    n = losses.shape[1]
-    means = np.clip(losses.mean(axis=1), 0.0, 1.0)
+    n = _check_n(n)
+    means = np.clip(np.asarray(mean_losses, dtype=np.float64), 0.0, 1.0)
     pvalues = tuple(pvalue_fn(float(m), n, delta) for m in means)
     certified: int | None = None
     for k, p in enumerate(pvalues):
@@ -348,6 +360,15 @@ class CalibrationTable:
     def certified_threshold(self) -> float | None:
         idx = self.certified_index
         return None if idx is None else self.rows[idx].threshold
+
+    def threshold_for_tolerance(self, delta: float) -> float | None:
+        """The least conservative threshold certified at risk tolerance delta (at the table's epsilon
+        and method), or None when none is."""
+        if self.n is None or self.epsilon is None:
+            raise ValueError("this calibration table records no sample size or epsilon")
+        ltt = fixed_sequence_test_means([r.mean_loss for r in self.rows], self.n, delta, self.epsilon,
+                                        self.method or "hb")
+        return None if ltt.certified_index is None else self.rows[ltt.certified_index].threshold
 
     def speed_to_threshold(self, speed: float) -> float:
         """Map a knob in [0, 1] to a threshold: 0 -> most conservative row,

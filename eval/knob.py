@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calm.calibration import CalibrationTable, hoeffding_bentkus_pvalue, hoeffding_pvalue
+from calm.calibration import CalibrationTable
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.model import CalmModel
@@ -13,7 +13,6 @@ from calm.policy import ExitPolicy
 
 NO_CALIBRATION = "no calibration for this model; run calm calibrate or use --threshold"
 DEFAULT_SPEED = 0.5
-_PVALUES = {"hb": hoeffding_bentkus_pvalue, "hoeffding": hoeffding_pvalue}
 
 
 @dataclass(frozen=True)
@@ -64,15 +63,10 @@ def calibration_table(model: CalmModel) -> CalibrationTable:
 def tolerance_to_threshold(table: CalibrationTable, delta: float) -> float:
     """The least conservative threshold that Learn-then-Test certifies at risk tolerance δ, from the
     table's per-threshold mean losses (fixed-sequence testing at the table's ε, with its method)."""
-    if table.n is None or table.epsilon is None:
-        raise InputError("this model's calibration table records no sample size or ε, so --tolerance cannot be "
-                         "certified; use --speed or --threshold")
-    pvalue = _PVALUES.get(table.method or "hb", hoeffding_bentkus_pvalue)
-    certified = None
-    for row in table.rows:
-        if pvalue(min(max(row.mean_loss, 0.0), 1.0), table.n, delta) > table.epsilon:
-            break
-        certified = row.threshold
+    try:
+        certified = table.threshold_for_tolerance(delta)
+    except ValueError as exc:
+        raise InputError(f"{exc}, so --tolerance cannot be certified; use --speed or --threshold") from exc
     if certified is None:
         raise InputError(f"no threshold is certified at tolerance δ={delta:g} (ε={table.epsilon:g}, "
                          f"n={table.n}); raise --tolerance or run the full model (no knob)")
