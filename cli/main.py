@@ -17,6 +17,7 @@ from calm.eval.knob import check_knobs, resolve_policy
 from calm.eval.progress import progress_bar
 from calm.eval.render import SummaryPrinter, run_footer
 from calm.eval.summarize import summarize_documents
+from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
 from calm.model import CalmModel
 
@@ -218,6 +219,62 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     if report is not None:
         click.echo(report.to_markdown())
         click.echo(f"wrote {out}/eval.json, eval.md, rouge_vs_layers.png, rouge_vs_speedup.png", err=True)
+
+
+# ---- calm calibrate ----------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  calm calibrate --data calib.jsonl --delta 0.1 --epsilon 0.05 --out ./smollm2-calibrated
+  calm calibrate --model ./my-heads --data calib.jsonl --measure classifier --thresholds 0.95,0.9,0.8 --out ./my-heads
+\b
+The checkpoint written to --out holds the exit heads (if any) and the calibration table; load it
+with --model and turn the knob: calm summarize --model DIR --speed 0.7 (or --tolerance 0.1).
+Stop it at any time: the same command resumes from the outputs cached in --work-dir.
+""")
+@_model_options
+@click.option("--data", required=True, metavar="FILE.jsonl", help="Calibration documents (JSONL). Never the test set.")
+@click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="Tolerance δ on the mean inconsistency D = 1 - ROUGE-L(early, full).")
+@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="Allowed probability ε that the certified threshold breaks δ.")
+@click.option("--method", type=click.Choice(["hb", "hoeffding"]), default="hb", show_default=True,
+              help="p-values: Hoeffding-Bentkus or Hoeffding.")
+@click.option("--thresholds", callback=_float_list, default=",".join(map(str, DEFAULT_GRID)), show_default=True,
+              help="Threshold grid, most conservative (highest) first.")
+@_measure_option
+@_min_exit_option
+@_run_options
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="calm checkpoint directory to write (heads + calibration).")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the per-example outputs are cached (default: OUT/calibration-work).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Reuse outputs cached by an earlier (interrupted) run, or start over.")
+def calibrate_command(model_name, device, dtype, data, field_document, delta, epsilon, method, thresholds, measure,
+                      min_exit_layer, limit, max_new_tokens, batch_size, out, work_dir, resume) -> None:
+    """Certify the fastest exit threshold with Learn-then-Test.
+
+    Runs the full model and every threshold of the grid on the calibration documents, measures per
+    example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
+    Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
+    """
+    config = CalibrateConfig(model=model_name, data=data, delta=delta, epsilon=epsilon, method=method,
+                             thresholds=thresholds, measure=measure, min_exit_layer=min_exit_layer or 1,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, document_field=field_document,
+                             limit=limit)
+    records = read_jsonl(data, document_field=field_document, limit=limit)
+    model = _load_model(model_name, eval_device(device), dtype)
+    with progress_bar("calibrating") as update:
+        run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
+    if run is None:
+        return
+    model.calibration = run.to_checkpoint_dict(config)
+    model.save(out, extra={"calibrate_command": _command()})
+    click.echo(run.table_markdown())
+    click.echo(run.summary)
+    click.echo(f"wrote {out}", err=True)
 
 
 # ---- calm bench --------------------------------------------------------------------------------

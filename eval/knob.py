@@ -98,6 +98,7 @@ def _calibrated_policy(model: CalmModel, measure: str | None, min_exit_layer: in
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
+    min_exit_layer = min_exit_layer or model.calibration.get("min_exit_layer")
     return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer),
                           f"{measure} λ={threshold:g} (from {source} and the calibration)")
 

@@ -51,6 +51,7 @@ class EvalConfig:
     document_field: str = "document"
     summary_field: str = "summary"
     limit: int | None = None
+    with_transformers: bool = True           # time transformers generate as a baseline point
 
     def __post_init__(self) -> None:
         if not self.thresholds:
@@ -68,8 +69,8 @@ class EvalConfig:
         early = tuple(Point(f"{self.measure}@{t:g}{suffix}", f"{self.measure} λ={t:g}", t,
                             ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer))
                       for t in dict.fromkeys(self.thresholds))
-        return (Point(FULL, "full model", policy=ExitPolicy.never()), *early,
-                Point(TRANSFORMERS, "transformers generate"))
+        baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
+        return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
 
     def cache_meta(self) -> dict:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
@@ -130,6 +131,21 @@ def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, ou
     """Run (or resume) the sweep and write eval.json, eval.md and the plots into out_dir. Returns the
     report (None on processes other than the main one)."""
     records = list(records)
+    config = config.for_model(model)
+    rows = run_sweep(model, records, config, out_dir, resume, progress)
+    if rows is None:
+        return None
+    report = build_report(records, rows, config.points(), config.to_dict(), model.num_layers,
+                          machine_info(model.device, command))
+    write_report(report, out_dir)
+    return report
+
+
+def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, out_dir: str | Path,
+              resume: bool = True, progress: ProgressCallback | None = None) -> dict[str, dict[str, dict]] | None:
+    """Compute (or resume) every point's per-example outputs under out_dir/cache. Returns them by point
+    name and example id on the main process (None on the others)."""
+    records = list(records)
     _check_ids(records)
     config = config.for_model(model)
     points = config.points()
@@ -144,11 +160,7 @@ def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, ou
     shard.barrier()
     if not shard.is_main:
         return None
-    rows = {p.name: cache.done(p.name) for p in points}
-    report = build_report(records, rows, points, config.to_dict(), model.num_layers,
-                          machine_info(model.device, command))
-    write_report(report, out_dir)
-    return report
+    return {p.name: cache.done(p.name) for p in points}
 
 
 def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], config: EvalConfig,

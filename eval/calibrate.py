@@ -1,0 +1,115 @@
+"""`calm calibrate`: choose the fastest threshold that Learn-then-Test certifies.
+
+Every calibration document is summarised at full depth and at each threshold of a grid (through the
+resumable sweep of calm.eval.sweep). The loss of an example at threshold λ is its textual
+inconsistency D = 1 − ROUGE-L(early output, full output). Fixed-sequence testing runs from the most
+conservative threshold down with Hoeffding–Bentkus p-values (calm.calibration), and the resulting
+table (mean and quantiles of D, average layers, measured speedup, p-values) is stored in the calm
+checkpoint, where the `speed` and `tolerance` knobs read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Sequence
+
+import numpy as np
+
+from calm.calibration import CalibrationTable, build_calibration_table, fixed_sequence_test
+from calm.data import Record
+from calm.errors import InputError
+from calm.eval.progress import ProgressCallback
+from calm.eval.report import FULL
+from calm.eval.rouge import rouge_l_similarity
+from calm.eval.sweep import EvalConfig, run_sweep
+from calm.model import CalmModel
+
+DEFAULT_GRID = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    model: str
+    data: str
+    delta: float = 0.1
+    epsilon: float = 0.05
+    method: str = "hb"
+    thresholds: tuple[float, ...] = DEFAULT_GRID      # most conservative (highest λ) first
+    measure: str | None = None
+    min_exit_layer: int = 1
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    document_field: str = "document"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 < self.delta < 1 and 0 < self.epsilon < 1):
+            raise InputError(f"delta and epsilon must lie in (0, 1), got δ={self.delta:g}, ε={self.epsilon:g}")
+        if list(self.thresholds) != sorted(set(self.thresholds), reverse=True):
+            raise InputError("calibration thresholds must be distinct and listed from the most conservative "
+                             "(highest) down, e.g. 0.99,0.95,0.9,0.8")
+
+    def sweep(self) -> EvalConfig:
+        return EvalConfig(model=self.model, data=self.data, thresholds=self.thresholds, measure=self.measure,
+                          min_exit_layer=self.min_exit_layer, max_new_tokens=self.max_new_tokens,
+                          batch_size=self.batch_size, document_field=self.document_field, summary_field="summary",
+                          limit=self.limit, with_transformers=False)
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    table: CalibrationTable
+    measure: str
+    summary: str
+
+    def table_markdown(self) -> str:
+        t = self.table
+        lines = ["| λ | mean D | D q50 | D q90 | D q95 | avg layers | speedup | p-value | certified |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+        for i, r in enumerate(t.rows):
+            mark = "yes" if t.certified_index is not None and i <= t.certified_index else ""
+            lines.append(f"| {r.threshold:g} | {r.mean_loss:.3f} | {r.q50:.3f} | {r.q90:.3f} | {r.q95:.3f} | "
+                         f"{r.avg_layers:.2f} | {r.speedup:.2f}x | {r.pvalue:.3g} | {mark} |")
+        return "\n".join(lines)
+
+    def to_checkpoint_dict(self, config: CalibrateConfig) -> dict:
+        """The table as stored in a calm checkpoint, with what the knob needs to rebuild the policy."""
+        return {**self.table.to_dict(), "measure": self.measure, "min_exit_layer": config.min_exit_layer,
+                "max_new_tokens": config.max_new_tokens, "data": str(config.data)}
+
+
+def calibrate(model: CalmModel, records: Sequence[Record], config: CalibrateConfig, work_dir: str | Path,
+              resume: bool = True, progress: ProgressCallback | None = None) -> CalibrationRun | None:
+    """Run the sweep on the calibration records and certify a threshold; None on non-main processes."""
+    sweep = config.sweep().for_model(model)
+    rows = run_sweep(model, records, sweep, work_dir, resume, progress)
+    if rows is None:
+        return None
+    ids = [r.id for r in records]
+    full = rows[FULL]
+    early = [p for p in sweep.points() if p.name != FULL]
+    losses = np.array([[1.0 - rouge_l_similarity(rows[p.name][i]["summary"], full[i]["summary"]) for i in ids]
+                       for p in early])                                                          # [K, n]
+    full_seconds = sum(full[i]["seconds"] for i in ids)
+    avg_layers = [_avg_layers([rows[p.name][i] for i in ids]) for p in early]
+    speedup = [full_seconds / sum(rows[p.name][i]["seconds"] for i in ids) for p in early]
+    ltt = fixed_sequence_test(losses, config.delta, config.epsilon, config.method)
+    table = build_calibration_table([p.threshold for p in early], losses, avg_layers, speedup, ltt)
+    return CalibrationRun(table=table, measure=sweep.measure, summary=_summary(table, sweep.measure, len(ids)))
+
+
+def _avg_layers(outputs: list[dict]) -> float:
+    layers = [k for o in outputs for k in o["exit_layers"]]
+    return fmean(layers) if layers else float("nan")
+
+
+def _summary(table: CalibrationTable, measure: str, n: int) -> str:
+    if table.certified_threshold is None:
+        return (f"no {measure} threshold is certified at δ={table.delta:g}, ε={table.epsilon:g} with n={n} "
+                "examples: the knob will run the full model")
+    row = table.rows[table.certified_index]
+    return (f"certified {measure} threshold λ={row.threshold:g}: P(mean D ≤ {table.delta:g}) ≥ 1−{table.epsilon:g} "
+            f"over n={n} calibration examples; calibration-set mean D {row.mean_loss:.3f}, "
+            f"{row.avg_layers:.2f} layers on average, {row.speedup:.2f}x measured speedup")

@@ -1,0 +1,61 @@
+"""`calm calibrate` end to end on a tiny random model: the sweep, Learn-then-Test, the checkpoint, the knob."""
+
+import json
+
+from calm import CalmModel
+from calm.calibration import CalibrationTable
+from tests.test_cli import assert_clean_error, invoke, one_thread, tiny_model, write_jsonl  # noqa: F401
+
+DOCS = [{"id": str(i), "document": f"the cat sat on mat number {i} and the dog ran far away", "summary": "a cat"}
+        for i in range(10)]
+
+
+def calibrate(tiny_model, tmp_path, *extra):
+    data = write_jsonl(tmp_path / "calib.jsonl", DOCS)
+    return invoke("calibrate", "--model", tiny_model, "--data", data, "--measure", "softmax",
+                  "--thresholds", "0.99,0.9,0.5,0.2,0.0", "--max-new-tokens", 6, "--batch-size", 4,
+                  "--out", tmp_path / "ckpt", *extra)
+
+
+def test_calibrate_certifies_and_the_knob_uses_the_table(tiny_model, tmp_path):
+    result = calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "certified softmax threshold" in result.output
+    model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
+    table = CalibrationTable.from_dict(model.calibration)
+    assert model.calibration["measure"] == "softmax"
+    assert table.thresholds == (0.99, 0.9, 0.5, 0.2, 0.0) and table.n == 10 and table.certified_index is not None
+    rows = table.rows
+    assert all(0.0 <= r.mean_loss <= 1.0 and 1.0 <= r.avg_layers <= 4.0 for r in rows)
+    assert rows[0].avg_layers >= rows[-1].avg_layers                     # lower thresholds exit earlier
+    assert rows[-1].avg_layers < 2.0                                      # λ = 0: all but the prefill token exit at layer 1
+    speed = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "1",
+                   "--max-new-tokens", 4)
+    assert speed.exit_code == 0, speed.output
+    assert f"softmax λ={table.certified_threshold:g}" in speed.stderr
+
+
+def test_nothing_certified_is_said_plainly_and_the_knob_falls_back(tiny_model, tmp_path):
+    result = calibrate(tiny_model, tmp_path, "--delta", "0.01", "--epsilon", "0.01")
+    assert result.exit_code == 0, result.output
+    assert "no softmax threshold is certified at δ=0.01" in result.output
+    plain = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--max-new-tokens", 4)
+    assert plain.exit_code == 0 and "full model" in plain.stderr
+
+
+def test_calibration_resumes_from_its_cache(tiny_model, tmp_path):
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.5").exit_code == 0
+    cache = tmp_path / "ckpt" / "calibration-work" / "cache"
+    before = {p.name: p.read_bytes() for p in cache.glob("*.jsonl")}
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.4").exit_code == 0
+    assert {p.name: p.read_bytes() for p in cache.glob("*.jsonl")} == before          # nothing recomputed
+
+
+def test_bad_calibration_input(tiny_model, tmp_path):
+    assert_clean_error(calibrate(tiny_model, tmp_path, "--thresholds", "0.5,0.9"), "most conservative")
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])
+    result = invoke("calibrate", "--model", tiny_model, "--data", data, "--out", tmp_path / "o")
+    assert_clean_error(result, "no field 'document'")
+    result = invoke("calibrate", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", "--delta", "1.5")
+    assert result.exit_code != 0
+    assert not (tmp_path / "o").exists()
