@@ -62,9 +62,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D]."""
     if bias is not None:
         mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    b, h, t, d = out.shape
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    if t == 1 and h != kv_heads:
+        # One decode query per head: a group's query heads become query rows over their shared K/V,
+        # so each K/V head is read once instead of once per query head.
+        out = F.scaled_dot_product_attention(q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, 1, h * d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != kv_heads)
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
