@@ -22,6 +22,7 @@ class HeadsConfig:
     rank: int = 32
     transform: bool = True
     classifier: bool = True
+    min_layer: int = 1     # heads below this layer are untrained: identity map, never confident
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +51,8 @@ class ExitHeads(nn.Module):
 
     def classify(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Exit probability [R] (float32) of hidden states h [R, D] at exit layer `layer`."""
+        if layer < self.config.min_layer:
+            return torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         return torch.sigmoid(self.classifier_logit(h, layer))
 
     def classifier_logit(self, h: torch.Tensor, layer: int) -> torch.Tensor:

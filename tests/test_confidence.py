@@ -27,3 +27,12 @@ def test_classifier_is_a_probability_and_untrained_transform_is_identity():
         heads.up.normal_()
     moved = heads.transform(h, torch.tensor([1, 2, 4]))
     assert not torch.equal(moved[:2], h[:2]) and torch.equal(moved[2], h[2])   # layer L passes through
+
+
+def test_layers_below_the_trained_range_are_never_confident():
+    heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=8, rank=2, min_layer=3))
+    with torch.no_grad():
+        heads.cls_bias.fill_(10.0)
+    h = torch.randn(2, 8)
+    assert torch.equal(heads.classify(h, 2), torch.zeros(2))
+    assert torch.all(heads.classify(h, 3) > 0.99)

@@ -29,7 +29,7 @@ class StepContext:
     """Per-forward tensors shared by all layers: positions, attention mask, rotary tables."""
 
     positions: torch.Tensor                  # [B, T] long
-    mask: torch.Tensor                       # [B, 1, T, S] bool, True = may attend
+    mask: torch.Tensor | None                # [B, 1, T, S] bool, True = may attend; None: causal, no padding
     start: int                               # cache slot of the first of the T new tokens
     rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin [B, T, D_head]
     position_bias: torch.Tensor | None = None               # [1, H, T, S] (T5)
@@ -37,9 +37,9 @@ class StepContext:
     extras: dict = field(default_factory=dict)
 
 
-def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
     """Rows of a batch-first tensor; all of them when rows is None."""
-    return t if rows is None else t.index_select(0, rows)
+    return t if rows is None or t is None else t.index_select(0, rows)
 
 
 def attention_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Tensor:
@@ -57,6 +57,14 @@ def attention_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Te
     return allowed[:, None]
 
 
+def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Tensor | None:
+    """Like attention_mask, but None when no row has padding and the new tokens start at slot 0 (a
+    plain causal prompt) or are a single decode token: attention then needs no mask (one host sync)."""
+    if (start == 0 or num_new == 1) and bool(key_mask[:, :start + num_new].all()):
+        return None
+    return attention_mask(key_mask, start, num_new)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
            scale: float | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D]."""
@@ -64,12 +72,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
+    causal = mask is None and t > 1               # None: no padding (see padding_free_mask)
     if t == 1 and h != kv_heads:
         # One decode query per head: a group's query heads become query rows over their shared K/V,
         # so each K/V head is read once instead of once per query head.
         out = F.scaled_dot_product_attention(q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, 1, h * d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != kv_heads)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                         enable_gqa=h != kv_heads)
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 

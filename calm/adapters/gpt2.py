@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, pick
+from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick
 from calm.errors import UnsupportedModelError
 
 
@@ -32,7 +32,7 @@ class GPT2Adapter(Adapter):
         return self.inner.wte(ids) + self.inner.wpe(positions)
 
     def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
-        return StepContext(positions=positions, mask=attention_mask(key_mask, start, positions.shape[1]), start=start)
+        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]), start=start)
 
     def attn_input(self, layer, h):
         return self.layers[layer].ln_1(h)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, pick
+from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ class LlamaAdapter(Adapter):
     def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
         cos, sin = self.inner.rotary_emb(probe, positions)
-        return StepContext(positions=positions, mask=attention_mask(key_mask, start, positions.shape[1]),
+        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]),
                            start=start, rope=(cos, sin))
 
     def attn_input(self, layer, h):
