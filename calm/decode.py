@@ -18,25 +18,49 @@ from calm.adapters.base import Adapter, EncoderMemory, pick
 from calm.confidence import softmax_margin, state_similarity
 from calm.heads import ExitHeads
 from calm.kv_cache import KVCache
+from calm.lm_head import CertifiedArgmax
 from calm.policy import ExitPolicy
+from calm.sampling import SamplingConfig, next_token
 
 
 @dataclass(frozen=True)
 class Network:
-    """A backbone seen through its adapter, with optional trained exit heads."""
+    """A backbone seen through its adapter, with optional trained exit heads, and the certified
+    greedy argmax of its LM head when that pays off (float32 heads)."""
 
     adapter: Adapter
     heads: ExitHeads | None = None
+    argmax: CertifiedArgmax | None = None
+
+    @classmethod
+    def build(cls, adapter: Adapter, heads: ExitHeads | None = None) -> "Network":
+        return cls(adapter, heads, CertifiedArgmax.for_head(adapter.head_module))
 
     @property
     def num_layers(self) -> int:
         return self.adapter.num_layers
 
-    def token_logits(self, h: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [R, V] of hidden states h [R, D] taken at exit layers [R] (L = full depth)."""
+    def head_input(self, h: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads for hidden states h [R, D] taken at exit layers [R] (L = full depth)."""
         if self.heads is not None:
             h = self.heads.transform(h, layers)
-        return self.adapter.lm_head(self.adapter.final_norm(h))
+        return self.adapter.final_norm(h)
+
+    def token_logits(self, h: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [R, V]."""
+        return self.adapter.lm_head(self.head_input(h, layers))
+
+    def greedy_tokens(self, h: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """argmax of token_logits [R], without the full float32 head where it can be certified."""
+        if self.argmax is None:
+            return self.token_logits(h, layers).argmax(dim=-1)
+        return self.argmax(self.head_input(h, layers))
+
+    def next_tokens(self, h: torch.Tensor, layers: torch.Tensor, sampling: SamplingConfig,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        if not sampling.do_sample:
+            return self.greedy_tokens(h, layers)
+        return next_token(self.token_logits(h, layers), sampling, generator)
 
 
 @dataclass(frozen=True)
@@ -67,12 +91,29 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits: torch.Tensor       # [B, V] (rows not decoded are zero)
-    exit_layers: torch.Tensor  # [B] long, 1..L
+    hidden: torch.Tensor                                     # [B, D] each row's exit hidden state
+    exit_layers: torch.Tensor                                # [B] long, 1..L
+    decided: tuple[tuple[torch.Tensor, torch.Tensor], ...]   # (rows, logits) the exit check computed
+
+    def tokens(self, net: Network, rows: torch.Tensor, sampling: SamplingConfig,
+               generator: torch.Generator | None) -> torch.Tensor:
+        """The next token [B] of `rows` (others 0): from the exit check's logits where it made them,
+        else one batched head call on the exit states."""
+        tokens = torch.zeros(self.hidden.shape[0], dtype=torch.long, device=self.hidden.device)
+        pending = torch.zeros_like(tokens, dtype=torch.bool).index_fill_(0, rows, True)
+        for decided_rows, logits in self.decided:
+            tokens[decided_rows] = next_token(logits, sampling, generator)
+            pending[decided_rows] = False
+        todo = rows if not self.decided else pending.nonzero()[:, 0]
+        if todo.numel():
+            chosen = net.next_tokens(self.hidden.index_select(0, todo), self.exit_layers.index_select(0, todo),
+                                     sampling, generator)
+            tokens = tokens.index_copy(0, todo, chosen)
+        return tokens
 
 
-def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-    """Run all layers over the prompt ids [B, T] (cache slots 0..T-1); returns last-token logits [B, V]."""
+def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
+    """Run all layers over the prompt ids [B, T] (cache slots 0..T-1); the last token's state, at full depth."""
     a, cache = net.adapter, state.cache
     t = ids.shape[1]
     positions = (cache.key_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)            # [B, T]
@@ -86,7 +127,8 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> torch.Tensor
         h = a.finish_layer(i, h, x, kc, vc, ctx)
     cache.length = t
     state.positions = positions[:, -1] + 1
-    return a.lm_head(a.final_norm(h[:, -1]))
+    full = torch.full((ids.shape[0],), a.num_layers, dtype=torch.long, device=ids.device)
+    return StepOutput(hidden=h[:, -1], exit_layers=full, decided=())
 
 
 def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor, h_in: torch.Tensor,
@@ -142,26 +184,5 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
             break
     cache.length = slot + 1
     state.positions = state.positions + 1
-    return StepOutput(logits=_gather_logits(net, h[:, 0], exit_layers, rows, decided), exit_layers=exit_layers)
+    return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
 
-
-def _gather_logits(net: Network, h: torch.Tensor, exit_layers: torch.Tensor, rows: torch.Tensor,
-                   decided: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Logits [B, V] for `rows`: reused where the exit check made them, one batched head call for the rest."""
-    if not decided:
-        if rows.numel() == h.shape[0]:
-            return net.token_logits(h, exit_layers)
-        out = net.token_logits(h.index_select(0, rows), exit_layers.index_select(0, rows))
-        return torch.zeros(h.shape[0], out.shape[-1], dtype=out.dtype, device=out.device).index_copy(0, rows, out)
-    have = torch.cat([r for r, _ in decided])
-    need_mask = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
-    need_mask[rows] = True
-    need_mask[have] = False
-    need = need_mask.nonzero()[:, 0]
-    first = decided[0][1]
-    out = torch.zeros(h.shape[0], first.shape[-1], dtype=first.dtype, device=h.device)
-    for r, logits in decided:
-        out[r] = logits
-    if need.numel():
-        out[need] = net.token_logits(h.index_select(0, need), exit_layers.index_select(0, need)).to(out.dtype)
-    return out

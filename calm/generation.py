@@ -11,7 +11,7 @@ import torch
 from calm.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
 from calm.kv_cache import KVCache
 from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig, next_token
+from calm.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,12 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
     generator = config.sampling.generator(device)
     t0 = time.perf_counter()
     state, first_ids = _start(net, prompts, config.max_new_tokens)
-    logits = prefill(net, first_ids, state)
     batch = first_ids.shape[0]
+    all_rows = torch.arange(batch, device=device)
     tokens_out = torch.full((batch, config.max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
     exits_out = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
     eos = torch.tensor(config.eos_token_ids or (-1,), device=device)
-    tokens = next_token(logits, config.sampling, generator)
+    tokens = prefill(net, first_ids, state).tokens(net, all_rows, config.sampling, generator)
     tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
     finished = torch.isin(tokens, eos)
     _sync(device)
@@ -103,7 +103,7 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
             break
         threshold = policy.threshold_at(steps, config.max_new_tokens)
         out = decode_one_token(net, plan, tokens, state, threshold, rows)
-        tokens = torch.where(finished, config.pad_token_id, next_token(out.logits, config.sampling, generator))
+        tokens = torch.where(finished, config.pad_token_id, out.tokens(net, rows, config.sampling, generator))
         tokens_out[:, steps] = tokens
         exits_out[:, steps] = torch.where(finished, 0, out.exit_layers)
         finished = finished | torch.isin(tokens, eos)

@@ -14,6 +14,7 @@ from calm.decode import Network
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
+from calm.lm_head import CertifiedArgmax
 from calm.loading import load_backbone
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
@@ -37,6 +38,7 @@ class CalmModel:
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
         self.backbone = backbone
         self.calibration = calibration
+        self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -90,7 +92,7 @@ class CalmModel:
 
     @property
     def network(self) -> Network:
-        return Network(self.adapter, self.heads)
+        return Network(self.adapter, self.heads, self._argmax)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,

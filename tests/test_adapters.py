@@ -128,7 +128,7 @@ def test_gpt2_rejects_unsupported_attention_variants(flag):
 def test_greedy_parity_with_transformers(models, kind, batch):
     model = models[kind]
     p = prompts() if batch == 4 else row(prompts(seed=2), 0)
-    res = generate_tokens(Network(adapter_for(model)), p, ExitPolicy.never(), gen_config())
+    res = generate_tokens(Network.build(adapter_for(model)), p, ExitPolicy.never(), gen_config())
     assert res.token_ids == hf_greedy(model, p, MAX_NEW)
     assert all(k == res.num_layers for r in res.exit_layers for k in r)
     assert all(len(r) > 1 for r in res.token_ids)             # the comparison covers decode steps
@@ -139,11 +139,13 @@ def _calm_logits(net: Network, p: PromptBatch, steps: int) -> tuple[torch.Tensor
     plan = ExitPlan.resolve(ExitPolicy.never(), net)
     with torch.inference_mode():
         state, first_ids = _start(net, p, steps)
-        logits = [prefill(net, first_ids, state)]
+        out = prefill(net, first_ids, state)
+        logits = [net.token_logits(out.hidden, out.exit_layers)]
         tokens = [logits[-1].argmax(-1)]
         rows = torch.arange(first_ids.shape[0])
         for _ in range(steps - 1):
-            logits.append(decode_one_token(net, plan, tokens[-1], state, 2.0, rows).logits)
+            out = decode_one_token(net, plan, tokens[-1], state, 2.0, rows)
+            logits.append(net.token_logits(out.hidden, out.exit_layers))
             tokens.append(logits[-1].argmax(-1))
     return torch.stack(logits, 1), torch.stack(tokens, 1)
 
@@ -152,7 +154,7 @@ def _calm_logits(net: Network, p: PromptBatch, steps: int) -> tuple[torch.Tensor
 def test_logits_match_transformers_forward(models, kind):
     """Every step's full-depth logits equal a plain transformers forward over the same sequence."""
     model, p, steps = models[kind], prompts(), 6
-    ours, tokens = _calm_logits(Network(adapter_for(model)), p, steps)
+    ours, tokens = _calm_logits(Network.build(adapter_for(model)), p, steps)
     with torch.no_grad():
         if is_decoder_only(model):
             ids = torch.cat([p.ids, tokens[:, :-1]], 1)
@@ -171,7 +173,7 @@ def test_mt5_gated_unscaled_matches_transformers():
     model = MT5ForConditionalGeneration(MT5Config(
         d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3, vocab_size=VOCAB,
         decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS, initializer_factor=5.0)).eval()
-    net = Network(adapter_for(model))
+    net = Network.build(adapter_for(model))
     assert isinstance(net.adapter, T5Adapter) and net.adapter.output_scale is None
     p = prompts()
     assert generate_tokens(net, p, ExitPolicy.never(), gen_config()).token_ids == hf_greedy(model, p, MAX_NEW)
@@ -197,7 +199,7 @@ ISOLATION_POLICIES = {
 @pytest.mark.parametrize("kind,policy", [(k, pol) for k in KINDS for pol in ISOLATION_POLICIES[k]],
                          ids=lambda v: v if isinstance(v, str) else f"{v.measure}{v.threshold}")
 def test_rows_are_isolated_under_mixed_exits(models, kind, policy):
-    net = Network(adapter_for(models[kind]))
+    net = Network.build(adapter_for(models[kind]))
     p = prompts()
     together = generate_tokens(net, p, policy, gen_config())
     decode_exits = {k for r in together.exit_layers for k in r[1:]}
@@ -220,10 +222,12 @@ def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: t
     never = ExitPlan.resolve(ExitPolicy.never(), net)
     with torch.inference_mode():
         state, first_ids = _start(net, p, 4)
-        tokens = prefill(net, first_ids, state).argmax(-1)
+        out = prefill(net, first_ids, state)
+        tokens = net.greedy_tokens(out.hidden, out.exit_layers)
         every = torch.arange(tokens.shape[0])
         for _ in range(2):
-            tokens = decode_one_token(net, never, tokens, state, 2.0, every).logits.argmax(-1)
+            out = decode_one_token(net, never, tokens, state, 2.0, every)
+            tokens = net.greedy_tokens(out.hidden, out.exit_layers)
         slot, positions = state.cache.length, state.positions.clone()[:, None]
         out = decode_one_token(net, ExitPlan.resolve(policy, net), tokens, state, policy.threshold, rows)
         cache = state.cache
@@ -254,7 +258,7 @@ def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: t
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 2])
 def test_state_propagation_fills_skipped_layers(models, kind, k):
-    net = Network(adapter_for(models[kind]))
+    net = Network.build(adapter_for(models[kind]))
     every = torch.arange(4)
     exits = _check_propagation(net, prompts(), ExitPolicy.fixed(k), every)
     assert exits.tolist() == [k] * 4
@@ -265,7 +269,7 @@ def test_state_propagation_fills_skipped_layers(models, kind, k):
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_propagation_with_mixed_exits(models, kind):
     """Rows exiting at different layers: each one's skipped layers hold its own exit state's K/V."""
-    net = Network(adapter_for(models[kind]))
+    net = Network.build(adapter_for(models[kind]))
     mixed = False
     for threshold in (0.7, 0.8):
         exits = _check_propagation(net, prompts(), ExitPolicy(measure="state", threshold=threshold, decay_tau=0),

@@ -22,14 +22,14 @@ CONFIG = GenerationConfig(max_new_tokens=10, eos_token_ids=(1,), pad_token_id=0)
 
 
 def test_never_exit_uses_every_layer(llama):
-    res = generate_tokens(Network(adapter_for(llama)), batch(), ExitPolicy.never(), CONFIG)
+    res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.never(), CONFIG)
     assert all(k == 4 for row in res.exit_layers for k in row)
     assert res.avg_layers == 4.0
     assert res.timings.new_tokens == sum(len(r) for r in res.token_ids)
 
 
 def test_fixed_exit_takes_the_token_from_that_layer(llama):
-    res = generate_tokens(Network(adapter_for(llama)), batch(), ExitPolicy.fixed(2), CONFIG)
+    res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.fixed(2), CONFIG)
     assert all(row[0] == 4 and set(row[1:]) == {2} for row in res.exit_layers)   # first token comes from prefill
     # Layers 1-2 never see a propagated state, so from the second token on, the output is what the
     # model cut to its first 2 layers predicts (teacher-forced on the same tokens).
@@ -46,7 +46,7 @@ def test_fixed_exit_takes_the_token_from_that_layer(llama):
 
 
 def test_softmax_exit_token_is_the_argmax_at_its_exit_layer(llama):
-    net = Network(adapter_for(llama))
+    net = Network.build(adapter_for(llama))
     policy = ExitPolicy(measure="softmax", threshold=0.2, decay_tau=0)
     res = generate_tokens(net, batch(), policy, CONFIG)
     assert any(k < 4 for row in res.exit_layers for k in row)
@@ -55,19 +55,19 @@ def test_softmax_exit_token_is_the_argmax_at_its_exit_layer(llama):
 
 def test_classifier_measure_needs_heads(llama):
     with pytest.raises(PolicyError, match="classifier"):
-        ExitPlan.resolve(ExitPolicy(measure="classifier", threshold=0.5), Network(adapter_for(llama)))
+        ExitPlan.resolve(ExitPolicy(measure="classifier", threshold=0.5), Network.build(adapter_for(llama)))
 
 
 def test_classifier_measure_with_heads_exits_where_the_classifier_says(llama):
     heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4))
     with torch.no_grad():
         heads.cls_bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))      # only layer 2 is confident
-    res = generate_tokens(Network(adapter_for(llama), heads), batch(), ExitPolicy(measure="classifier", threshold=0.5), CONFIG)
+    res = generate_tokens(Network.build(adapter_for(llama), heads), batch(), ExitPolicy(measure="classifier", threshold=0.5), CONFIG)
     assert {k for row in res.exit_layers for k in row[1:]} == {2}
 
 
 def test_rows_stop_at_eos_and_pad_afterwards(llama):
-    net = Network(adapter_for(llama))
+    net = Network.build(adapter_for(llama))
     free = generate_tokens(net, batch(), ExitPolicy.never(), GenerationConfig(max_new_tokens=6))
     eos = free.token_ids[0][2]
     res = generate_tokens(net, batch(), ExitPolicy.never(), GenerationConfig(max_new_tokens=6, eos_token_ids=(eos,)))

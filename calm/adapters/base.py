@@ -129,9 +129,14 @@ class Adapter(ABC):
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The model's final norm (and any scaling before the LM head)."""
 
-    @abstractmethod
+    @property
+    def head_module(self) -> torch.nn.Module:
+        """The LM head: transformers' output embeddings."""
+        return self.model.get_output_embeddings()
+
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> logits [..., V]."""
+        """[..., D] after final_norm -> logits [..., V]."""
+        return self.head_module(h)
 
     def kv_layers(self, first: int, x_source: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [n, B, H_kv, T, D_head] of layers first..L-1, all fed the same hidden state

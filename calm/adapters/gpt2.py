@@ -58,6 +58,3 @@ class GPT2Adapter(Adapter):
 
     def final_norm(self, h):
         return self.inner.ln_f(h)
-
-    def lm_head(self, h):
-        return self.model.lm_head(h)

@@ -99,6 +99,3 @@ class LlamaAdapter(Adapter):
 
     def final_norm(self, h):
         return self.inner.norm(h)
-
-    def lm_head(self, h):
-        return self.model.lm_head(h)

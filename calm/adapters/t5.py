@@ -110,6 +110,3 @@ class T5Adapter(Adapter):
     def final_norm(self, h):
         h = self.decoder.final_layer_norm(h)
         return h * self.output_scale if self.output_scale is not None else h
-
-    def lm_head(self, h):
-        return self.model.lm_head(h)
