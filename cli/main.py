@@ -17,6 +17,7 @@ from calm.eval.knob import check_knobs, resolve_policy
 from calm.eval.progress import progress_bar
 from calm.eval.render import SummaryPrinter, run_footer
 from calm.eval.summarize import summarize_documents
+from calm.cli.train import train_command
 from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
 from calm.model import CalmModel
@@ -321,6 +322,9 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     files = write_bench(report, out)
     click.echo(report.to_markdown())
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)
+
+
+cli.add_command(train_command)
 
 
 def main() -> None:

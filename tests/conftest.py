@@ -1,16 +1,23 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def tiny_llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+from helpers import build_tiny_model, tiny_llama
 
 
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: more torch threads only add contention (tenfold slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))

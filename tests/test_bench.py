@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import DOCS, NUM_LAYERS, assert_clean_error, invoke, one_thread, tiny_model, write_jsonl  # noqa: F401
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 from calm.bench import BenchConfig, BenchRow, parse_policy_spec, transformers_generate
 from calm.errors import InputError
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("spec, policy", [

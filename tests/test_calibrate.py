@@ -1,10 +1,11 @@
+import pytest
 """`calm calibrate` end to end on a tiny random model: the sweep, Learn-then-Test, the checkpoint, the knob."""
-
-import json
 
 from calm import CalmModel
 from calm.calibration import CalibrationTable
-from tests.test_cli import assert_clean_error, invoke, one_thread, tiny_model, write_jsonl  # noqa: F401
+from helpers import assert_clean_error, invoke, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DOCS = [{"id": str(i), "document": f"the cat sat on mat number {i} and the dog ran far away", "summary": "a cat"}
         for i in range(10)]

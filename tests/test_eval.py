@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from rich.text import Text
-from test_cli import DOCS, NUM_LAYERS, assert_clean_error, invoke, one_thread, tiny_model, write_jsonl  # noqa: F401
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.data import Record
@@ -22,6 +22,8 @@ from calm.eval.rouge import rouge_f1, rouge_l_similarity
 from calm.eval.summarize import summarize_documents
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 POINTS = ["full", "state@0.5", "state@0", "transformers"]
 

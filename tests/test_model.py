@@ -7,7 +7,7 @@ from calm import CalmModel, ExitPolicy
 from calm.checkpoint import CONFIG_FILE, HEADS_FILE
 from calm.errors import CheckpointError, InputError, ModelNotFoundError, PolicyError
 from calm.heads import ExitHeads, HeadsConfig
-from tests.conftest import tiny_llama
+from helpers import tiny_llama
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from calm import training as tr
+from calm.cli.train import train_command
 from calm.checkpoint import HEADS_FILE, read_config
 from calm.errors import InputError
 from calm.model import CalmModel
@@ -286,14 +287,14 @@ def test_cli_and_agreement_report(setup, tmp_path):
     args = ["--model", setup["backbone"], "--data", setup["docs"], "--data", setup["text"], "--out", str(out),
             "--steps", "3", "--batch-size", "8", "--rank", "4", "--seed", "1", "--summary-tokens", "5",
             "--max-doc-tokens", "40", "--chunk-tokens", "32", "--max-chunks", "4", "--device", "cpu", "--quiet"]
-    res = CliRunner().invoke(tr.train_command, args)
+    res = CliRunner().invoke(train_command, args)
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and "s/step" in res.output
     assert read_config(out).extra["training"]["command"].startswith("train --model ")
     assert read_config(out).extra["training"]["command"].endswith("--device cpu --quiet")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"summary": "x"}\n')
-    res = CliRunner().invoke(tr.train_command, ["--data", str(bad), "--out", str(tmp_path / "x")])
+    res = CliRunner().invoke(train_command, ["--data", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "no field 'document'" in res.output
 
     report = tr.agreement_report(str(out), setup["docs"], num_docs=3, summary_tokens=5, max_doc_tokens=40,

@@ -1,0 +1,95 @@
+"""`calm train`: the command line of calm.training (exit heads by self-distillation, or CALM fine-tuning)."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+import torch
+
+from calm.errors import CalmError
+from calm.training import MODES, TrainConfig, train
+
+
+def _command_line(ctx) -> str:
+    """The command as run: its path and every option given explicitly (not defaults), shell-quoted."""
+    from click.core import ParameterSource
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source in (None, ParameterSource.DEFAULT) or not param.opts:
+            continue
+        value = ctx.params[param.name]
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            words += [flag] if value else []
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                words += [flag, str(item)]
+        elif value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--model", default="smollm2", help="Backbone: 'smollm2', a local model dir, .gguf, hub id, or a calm checkpoint.")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Training data: .jsonl (document, optional summary) or .txt files; repeat the option.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output calm checkpoint directory.")
+@click.option("--mode", type=click.Choice(MODES), default="heads",
+              help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone.")
+@click.option("--steps", type=int, default=TrainConfig.steps)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size,
+              help="Positions per step (heads) or sequences per step (finetune).")
+@click.option("--layers-per-step", type=int, default=TrainConfig.layers_per_step,
+              help="Exit layers sampled per position and step (heads).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune].")
+@click.option("--rank", type=int, default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
+@click.option("--min-exit-layer", type=int, default=TrainConfig.min_exit_layer,
+              help="Train heads for exit layers from this one up (lower layers never exit by the classifier).")
+@click.option("--seed", type=int, default=TrainConfig.seed)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work dir.")
+@click.option("--summaries-per-doc", type=int, default=TrainConfig.summaries_per_doc,
+              help="Own summaries per training document (the first greedy, more sampled).")
+@click.option("--max-docs", type=int, default=None, help="Use only the first N documents of the JSONL data.")
+@click.option("--summary-tokens", type=int, default=TrainConfig.summary_tokens)
+@click.option("--max-doc-tokens", type=int, default=TrainConfig.max_doc_tokens)
+@click.option("--gen-batch-size", type=int, default=TrainConfig.gen_batch_size)
+@click.option("--chunk-tokens", type=int, default=TrainConfig.chunk_tokens)
+@click.option("--max-chunks", type=int, default=TrainConfig.max_chunks, help="Text chunks used (spread over the text files).")
+@click.option("--positions-per-chunk", type=int, default=TrainConfig.positions_per_chunk)
+@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+@click.option("--log-every", type=int, default=TrainConfig.log_every)
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Summary cache and training state [default: OUT/training].")
+@click.option("--no-classifier", is_flag=True, help="Train the low-rank maps only.")
+@click.option("--no-transform", is_flag=True, help="Train the exit classifier only.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch [default: torch's choice]; 1 can be faster on a busy machine.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, min_exit_layer, seed, resume,
+                  summaries_per_doc, max_docs, summary_tokens, max_doc_tokens, gen_batch_size, chunk_tokens,
+                  max_chunks, positions_per_chunk, checkpoint_every, log_every, device, work_dir, no_classifier,
+                  no_transform, threads, quiet):
+    """Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        config = TrainConfig(data=tuple(data), out=out, model=model, mode=mode, steps=steps, batch_size=batch_size,
+                             layers_per_step=layers_per_step, lr=lr, rank=rank, seed=seed, resume=resume,
+                             min_exit_layer=min_exit_layer,
+                             max_docs=max_docs, summaries_per_doc=summaries_per_doc, summary_tokens=summary_tokens,
+                             max_doc_tokens=max_doc_tokens, gen_batch_size=gen_batch_size,
+                             chunk_tokens=chunk_tokens, max_chunks=max_chunks,
+                             positions_per_chunk=positions_per_chunk, checkpoint_every=checkpoint_every,
+                             log_every=log_every, device=device, work_dir=work_dir,
+                             classifier=not no_classifier, transform=not no_transform)
+        result = train(config, command=_command_line(click.get_current_context()), progress=not quiet)
+    except CalmError as exc:
+        raise click.ClickException(str(exc)) from exc
+    t = result.timings
+    losses = " ".join(f"{k}={v:.4g}" for k, v in result.final_losses.items() if isinstance(v, float))
+    click.echo(f"wrote {result.out} ({result.steps} steps, {result.num_positions} positions; {losses})")
+    click.echo(f"time: load {t['load']:.1f}s, summaries {t['summaries']:.1f}s ({result.summaries_generated} new, "
+               f"{t['per_summary']:.2f}s each), hidden states {t['features']:.1f}s, training {t['train']:.1f}s "
+               f"({t['per_step']:.3f}s/step), total {t['total']:.1f}s")
