@@ -23,6 +23,16 @@ def summary_prompt(document: str) -> str:
     return SUMMARY_PROMPT.format(document=document.strip())
 
 
+def truncate_document(tokenizer, document: str, max_tokens: int | None) -> str:
+    """The document cut to its first max_tokens tokens (decoded back to text); None keeps it whole."""
+    if max_tokens is None:
+        return document.strip()
+    ids = tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return document.strip()
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
+
+
 def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",
                require_summary: bool = False, limit: int | None = None) -> list[Record]:
     """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`."""

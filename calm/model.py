@@ -11,6 +11,7 @@ import torch
 from calm.adapters import adapter_for
 from calm.checkpoint import CheckpointConfig, is_checkpoint, load_heads, read_config, save_checkpoint
 from calm.decode import Network
+from calm.data import truncate_document
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -186,7 +187,7 @@ class CalmModel:
         use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None)) \
             and not self.adapter.is_encoder_decoder
         if truncate and budget is not None:
-            prompt = self._truncate_text(prompt, budget - len(self._template("", use_chat)))
+            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - len(self._template("", use_chat))))
         return self._template(prompt, use_chat)
 
     def _template(self, text: str, use_chat: bool) -> list[int]:
@@ -195,10 +196,6 @@ class CalmModel:
                                                      tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return list(self.tokenizer(text)["input_ids"])
-
-    def _truncate_text(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max(1, max_tokens)])
 
 
 def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:

@@ -47,7 +47,7 @@ from torch import nn
 from calm.adapters import adapter_for
 from calm.adapters.base import Adapter
 from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint, write_atomic
-from calm.data import Record, read_jsonl, read_text, summary_prompt
+from calm.data import Record, read_jsonl, read_text, summary_prompt, truncate_document
 from calm.errors import CheckpointError, InputError, UnsupportedModelError
 from calm.heads import ExitHeads, HeadsConfig
 
@@ -261,14 +261,6 @@ def _mix(*parts) -> int:
 
 def _generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(_mix(*parts))
-
-
-def truncate_document(tokenizer, document: str, max_tokens: int) -> str:
-    """The document cut to its first max_tokens tokens (decoded back to text)."""
-    ids = tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return document.strip()
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ def _run_options(f):
                         help="Longest summary, in tokens.")(f)
 
 
+def _doc_tokens_option(f):
+    return click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
+                        help="Cut each document to its first N tokens before prompting (default: whole).")(f)
+
+
 def _float_list(ctx, param, value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -197,12 +202,13 @@ as several processes, it shards the documents; process 0 writes the report.
 @_measure_option
 @_min_exit_option
 @_run_options
+@_doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json, eval.md, the plots and the resume cache.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.")
 def eval_command(model_name, device, dtype, data, field_document, field_summary, thresholds, measure,
-                 min_exit_layer, limit, max_new_tokens, batch_size, out, resume) -> None:
+                 min_exit_layer, limit, max_new_tokens, batch_size, max_doc_tokens, out, resume) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
@@ -211,7 +217,8 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     """
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
                         min_exit_layer=min_exit_layer or 1, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        document_field=field_document, summary_field=field_summary, limit=limit)
+                        document_field=field_document, summary_field=field_summary, limit=limit,
+                        max_doc_tokens=max_doc_tokens)
     records = read_jsonl(data, document_field=field_document, summary_field=field_summary, require_summary=True,
                          limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)
@@ -247,6 +254,7 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
 @_measure_option
 @_min_exit_option
 @_run_options
+@_doc_tokens_option
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="calm checkpoint directory to write (heads + calibration).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
@@ -254,7 +262,7 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached by an earlier (interrupted) run, or start over.")
 def calibrate_command(model_name, device, dtype, data, field_document, delta, epsilon, method, thresholds, measure,
-                      min_exit_layer, limit, max_new_tokens, batch_size, out, work_dir, resume) -> None:
+                      min_exit_layer, limit, max_new_tokens, batch_size, max_doc_tokens, out, work_dir, resume) -> None:
     """Certify the fastest exit threshold with Learn-then-Test.
 
     Runs the full model and every threshold of the grid on the calibration documents, measures per
@@ -264,7 +272,7 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
     config = CalibrateConfig(model=model_name, data=data, delta=delta, epsilon=epsilon, method=method,
                              thresholds=thresholds, measure=measure, min_exit_layer=min_exit_layer or 1,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, document_field=field_document,
-                             limit=limit)
+                             limit=limit, max_doc_tokens=max_doc_tokens)
     records = read_jsonl(data, document_field=field_document, limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)
     with progress_bar("calibrating") as update:

@@ -43,6 +43,7 @@ class CalibrateConfig:
     batch_size: int = 8
     document_field: str = "document"
     limit: int | None = None
+    max_doc_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not (0 < self.delta < 1 and 0 < self.epsilon < 1):
@@ -55,7 +56,7 @@ class CalibrateConfig:
         return EvalConfig(model=self.model, data=self.data, thresholds=self.thresholds, measure=self.measure,
                           min_exit_layer=self.min_exit_layer, max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, document_field=self.document_field, summary_field="summary",
-                          limit=self.limit, with_transformers=False)
+                          limit=self.limit, max_doc_tokens=self.max_doc_tokens, with_transformers=False)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class CalibrationRun:
     def to_checkpoint_dict(self, config: CalibrateConfig) -> dict:
         """The table as stored in a calm checkpoint, with what the knob needs to rebuild the policy."""
         return {**self.table.to_dict(), "measure": self.measure, "min_exit_layer": config.min_exit_layer,
-                "max_new_tokens": config.max_new_tokens, "data": str(config.data)}
+                "max_new_tokens": config.max_new_tokens, "max_doc_tokens": config.max_doc_tokens,
+                "data": str(config.data)}
 
 
 def calibrate(model: CalmModel, records: Sequence[Record], config: CalibrateConfig, work_dir: str | Path,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from calm.bench import machine_info, transformers_generate
-from calm.data import SUMMARY_PROMPT, Record, summary_prompt
+from calm.data import SUMMARY_PROMPT, Record, summary_prompt, truncate_document
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
@@ -51,6 +51,7 @@ class EvalConfig:
     document_field: str = "document"
     summary_field: str = "summary"
     limit: int | None = None
+    max_doc_tokens: int | None = None         # documents cut to their first N tokens before prompting
     with_transformers: bool = True           # time transformers generate as a baseline point
 
     def __post_init__(self) -> None:
@@ -76,7 +77,8 @@ class EvalConfig:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
         model = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
         return {"model": model, "data": str(Path(self.data).resolve()), "document_field": self.document_field,
-                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_PROMPT}
+                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_PROMPT,
+                "max_doc_tokens": self.max_doc_tokens}
 
     def to_dict(self) -> dict:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -178,15 +180,16 @@ def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], c
         for point in points:
             todo = [r for r in batch if r.id in pending[point.name]]
             if todo:
-                cache.append(point.name, _run_point(model, point, todo, config.max_new_tokens))
+                cache.append(point.name, _run_point(model, point, todo, config.max_new_tokens, config.max_doc_tokens))
                 completed += len(todo)
                 if progress:
                     progress(completed, total)
 
 
-def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_tokens: int) -> list[dict]:
+def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_tokens: int,
+               max_doc_tokens: int | None = None) -> list[dict]:
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
-    prompts = [summary_prompt(r.document) for r in records]
+    prompts = [summary_prompt(truncate_document(model.tokenizer, r.document, max_doc_tokens)) for r in records]
     t0 = time.perf_counter()
     if point.policy is None:
         token_ids = transformers_generate(model, model.encode_prompts(prompts, max_new_tokens, truncate=True),

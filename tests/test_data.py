@@ -41,3 +41,14 @@ def test_required_summary_and_missing_file(tmp_path):
 
 def test_summary_prompt_wraps_the_document():
     assert summary_prompt("  An article.  ").endswith("\n\nAn article.")
+
+
+def test_truncate_document_keeps_the_first_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    from calm.data import truncate_document
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    doc = "the cat sat on the mat . a dog ran in the park"
+    assert truncate_document(tok, doc, 4) == "the cat sat on"
+    assert truncate_document(tok, doc, 100) == doc
+    assert truncate_document(tok, " " + doc + " ", None) == doc
