@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from calm import CalmModel, ExitPolicy
+from calm.bench import machine_info, machine_markdown
 from calm.checkpoint import write_atomic
 from calm.data import read_jsonl, summary_prompt
-
-
-def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"platform": platform.platform(), "cpu": cpu, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def time_hf(model: CalmModel, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
@@ -73,8 +64,8 @@ def run(args) -> dict:
         rec["exit_vs_full_decode_speedup"] = rec["full_decode_ms"] / rec["exit_decode_ms"]
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr)
-    return {"benchmark": "engine", "model": args.model, "machine": machine(), "command": " ".join(sys.argv),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "batch_size": 1, "new_tokens": args.new_tokens,
+    return {"benchmark": "engine", "model": args.model, "machine": machine_info(model.device, " ".join(sys.argv)),
+            "batch_size": 1, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "exit_layer": args.exit_layer, "documents": rows, "summary": summarize(rows)}
 
 
@@ -98,9 +89,7 @@ def summarize(rows: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     s, m = report["summary"], report["machine"]
     lines = [f"# Engine benchmark: {report['model']}, batch size 1, {len(report['documents'])} XSum test documents", "",
-             f"Machine: {m['cpu']} ({m['device']}, {m['torch_threads']} torch threads), torch {m['torch']}, "
-             f"transformers {m['transformers']}, Python {m['python']}. Date: {report['date']}.", "",
-             f"Command: `{report['command']}`", "",
+             *machine_markdown(m),
              f"- (a) calm at full depth vs transformers `generate`: tokens identical on every document: "
              f"**{s['all_tokens_identical']}**; median speed ratio **{s['full_vs_hf_speedup_median']:.2f}x** "
              f"(whole generation incl. prefill, up to {report['new_tokens']} new tokens).",

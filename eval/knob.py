@@ -84,6 +84,8 @@ def _default_policy(model: CalmModel, measure: str | None, min_exit_layer: int |
 
 def _calibrated_policy(model: CalmModel, measure: str | None, min_exit_layer: int | None,
                        speed: float | None, tolerance: float | None) -> ResolvedPolicy:
+    if speed == 0 and tolerance is None:
+        return ResolvedPolicy(ExitPolicy.never(), "full model (--speed 0)")
     table = calibration_table(model)
     calibrated_measure = model.calibration.get("measure")
     if measure is not None and calibrated_measure is not None and measure != calibrated_measure:

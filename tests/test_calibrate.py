@@ -60,3 +60,11 @@ def test_bad_calibration_input(tiny_model, tmp_path):
     result = invoke("calibrate", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", "--delta", "1.5")
     assert result.exit_code != 0
     assert not (tmp_path / "o").exists()
+
+
+def test_speed_zero_is_the_full_model(tiny_model, tmp_path):
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1").exit_code == 0
+    result = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "0",
+                    "--max-new-tokens", 4, "--show-exits")
+    assert result.exit_code == 0, result.output
+    assert "full model" in result.stderr and "avg layers: 4.00" in result.output

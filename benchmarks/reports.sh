@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Regenerate every committed report in benchmarks/results/ (CPU, the embedded SmolLM2 model).
+# Run from the repository root after `make setup`, on a quiet machine; each step resumes if stopped.
+#
+#   1. engine: calm vs transformers generate at full depth, and a forced exit at layer 15 (issue 2)
+#   2. heads:  benchmarks/train_smollm2_heads.sh (not re-run here: ~40 min), then the agreement report
+#   3. calibrate the shipped checkpoint on the calib split (never test)                  (issue 4)
+#   4. eval sweep on the test split: ROUGE vs layers and speedup, tables and plots        (issues 3, 5)
+#   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
+#   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CALM=${CALM:-.venv/bin/calm}
+DATA=${DATA:-../shared/data/xsum}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+GRID=0.9,0.8,0.7,0.6,0.5,0.4
+
+"$PY" benchmarks/bench_engine.py --docs 8 --repeats 3 --new-tokens 32 --out benchmarks/results
+"$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 50 --out-dir benchmarks/results
+"$CALM" calibrate --model calm/assets/smollm2 --data "$DATA/calib.jsonl" --limit 200 --max-doc-tokens 256 \
+    --max-new-tokens 32 --measure classifier --thresholds "$GRID" --delta 0.1 --epsilon 0.05 \
+    --out calm/assets/smollm2 --work-dir build/calibrate-smollm2
+"$CALM" eval --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 --max-doc-tokens 256 \
+    --max-new-tokens 32 --measure classifier --thresholds "$GRID" --out build/eval-smollm2-test
+mkdir -p benchmarks/results/eval_smollm2_cpu
+cp build/eval-smollm2-test/eval.{json,md} build/eval-smollm2-test/rouge_vs_*.png benchmarks/results/eval_smollm2_cpu/
+"$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
+    --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test --out benchmarks/results
+"$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \
+    --repeats 3 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
