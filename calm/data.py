@@ -34,24 +34,35 @@ def truncate_document(tokenizer, document: str, max_tokens: int | None) -> str:
 
 
 def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",
-               require_summary: bool = False, limit: int | None = None) -> list[Record]:
-    """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`."""
-    records = parse_jsonl(_read_text(Path(path)), str(path), document_field, summary_field, require_summary)
+               require_summary: bool = False, limit: int | None = None,
+               skipped: list[int] | None = None) -> list[Record]:
+    """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`;
+    when a `skipped` list is given, records with a blank document are left out and their line
+    numbers appended to it instead."""
+    records = parse_jsonl(_read_text(Path(path)), str(path), document_field, summary_field, require_summary, skipped)
     return records[:limit] if limit is not None else records
 
 
 def parse_jsonl(content: str, source: str, document_field: str = "document", summary_field: str | None = "summary",
-                require_summary: bool = False) -> list[Record]:
+                require_summary: bool = False, skipped: list[int] | None = None) -> list[Record]:
     """Records of JSONL text read from `source` (a file name or <stdin>, for messages)."""
-    records = [_record(line, f"{source}:{number}", number, document_field, summary_field, require_summary)
-               for number, line in enumerate(content.splitlines(), start=1) if line.strip()]
+    records = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _record(line, f"{source}:{number}", number, document_field, summary_field, require_summary,
+                         skip_blank=skipped is not None)
+        if record is None:
+            skipped.append(number)
+        else:
+            records.append(record)
     if not records:
-        raise InputError(f"{source} holds no records")
+        raise InputError(f"{source} holds no records" + (" with a non-empty document" if skipped else ""))
     return records
 
 
 def _record(line: str, where: str, number: int, document_field: str, summary_field: str | None,
-            require_summary: bool) -> Record:
+            require_summary: bool, skip_blank: bool = False) -> Record | None:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -62,9 +73,12 @@ def _record(line: str, where: str, number: int, document_field: str, summary_fie
         raise InputError(f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
                          "name the document field with --field-document")
     document = obj[document_field]
+    if skip_blank and isinstance(document, str) and not document.strip():
+        return None
     if not isinstance(document, str) or not document.strip():
         raise InputError(f"{where}: field {document_field!r} is empty or not text")
     summary = obj.get(summary_field) if summary_field else None
+    summary = summary if isinstance(summary, str) else None
     if require_summary and (not isinstance(summary, str) or not summary.strip()):
         raise InputError(f"{where}: no reference summary in field {summary_field!r}; name it with --field-summary")
     return Record(id=str(obj.get("id", number)), document=document, summary=summary)

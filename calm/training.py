@@ -207,31 +207,9 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
 def read_training_jsonl(path: Path) -> tuple[list[Record], list[int]]:
     """Records of a JSONL training file, and the line numbers of records skipped because their
     document is empty (XSum has a few: photo galleries). Everything else that is wrong with the
-    file (not UTF-8, not JSON, no 'document' field, a document that is not text, no records) is
-    an InputError, as in calm.data.read_jsonl."""
-    records, skipped = [], []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-        if "document" not in obj:
-            raise InputError(f"{path}:{number}: no field 'document' (fields: {', '.join(sorted(obj))})")
-        document, summary = obj["document"], obj.get("summary")
-        if not isinstance(document, str):
-            raise InputError(f"{path}:{number}: field 'document' is not text")
-        if not document.strip():
-            skipped.append(number)
-            continue
-        records.append(Record(id=str(obj.get("id", number)), document=document,
-                              summary=summary if isinstance(summary, str) else None))
-    if not records:
-        raise InputError(f"{path} holds no records with a non-empty document")
-    return records, skipped
+    file is an InputError, as in calm.data.read_jsonl."""
+    skipped: list[int] = []
+    return read_jsonl(path, skipped=skipped), skipped
 
 
 @dataclass(frozen=True)

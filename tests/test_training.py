@@ -39,13 +39,7 @@ def _tokenizer(corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread (and the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +223,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("empty.jsonl", b"", "is empty"),
+    ("empty.jsonl", b"", "holds no records"),
     ("blank.jsonl", b'{"document": "  "}\n', "no records with a non-empty document"),
     ("number.jsonl", b'{"document": 3}\n', "not text"),
     ("list.jsonl", b'[1, 2]\n', "expected a JSON object"),
