@@ -28,4 +28,4 @@ cp build/eval-smollm2-test/eval.{json,md} build/eval-smollm2-test/rouge_vs_*.png
 "$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
     --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test --out benchmarks/results
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \
-    --repeats 3 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
+    --repeats 2 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu

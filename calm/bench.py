@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from calm.checkpoint import write_atomic
-from calm.data import summary_prompt
+from calm.data import summary_prompt, truncate_document
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
@@ -125,6 +125,7 @@ class BenchConfig:
     policies: tuple[str, ...] = ()          # specs for parse_policy_spec; full depth is always run
     transformers: bool = True
     data: str | None = None
+    max_doc_tokens: int | None = None       # documents cut to their first N tokens
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -140,12 +141,20 @@ class BenchRow:
     new_tokens: int
     times_s: tuple[float, ...]
     avg_layers: float
+    decode_times_s: tuple[float, ...] = ()   # calm only: the decode steps without the prefill
     speedup_vs_full: float = float("nan")
     speedup_vs_transformers: float = float("nan")
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Median wall time of one decode step (prefill excluded); NaN where not measured."""
+        if not self.decode_times_s:
+            return float("nan")
+        return 1000.0 * statistics.median(self.decode_times_s) / max(1, self.new_tokens - 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -158,7 +167,8 @@ class BenchRow:
 
     def to_dict(self) -> dict:
         return json_safe({**asdict(self), "times_s": list(self.times_s), "median_s": self.median_s,
-                          "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token})
+                          "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token,
+                          "decode_ms_per_token": self.decode_ms_per_token, "decode_times_s": list(self.decode_times_s)})
 
 
 @dataclass(frozen=True)
@@ -178,18 +188,24 @@ class BenchReport:
         lines = [f"# calm bench: {c.model}", "",
                  f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
                  f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}.", "",
-                 "| batch | config | tokens/s | ms/token | avg layers | speedup vs full | speedup vs transformers |",
-                 "|---:|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | {r.avg_layers:.2f} | "
+                 "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
+                 "speedup vs transformers |",
+                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
+                  f"{'–' if math.isnan(r.decode_ms_per_token) else f'{r.decode_ms_per_token:.2f}'} | {r.avg_layers:.2f} | "
                   f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
                   for r in self.rows]
         lines += ["", "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall "
-                  "time / new tokens, the per-step latency each sequence sees.", ""]
+                  "time / new tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill "
+                  "excluded (calm's own timer). Speedups compare whole runs (prefill included).", ""]
         return "\n".join(lines + machine_markdown(self.machine))
 
 
-def bench_prompts(documents: Sequence[str] | None = None) -> list[str]:
-    """Summarisation prompts for the benchmark: the documents given, or one built-in paragraph."""
+def bench_prompts(documents: Sequence[str] | None = None, tokenizer=None, max_doc_tokens: int | None = None) -> list[str]:
+    """Summarisation prompts for the benchmark: the documents given (cut to max_doc_tokens), or one
+    built-in paragraph."""
+    if max_doc_tokens is not None:
+        documents = [truncate_document(tokenizer, d, max_doc_tokens) for d in documents or [DEFAULT_DOCUMENT]]
     return [summary_prompt(d) for d in (documents or [DEFAULT_DOCUMENT])]
 
 
@@ -226,14 +242,16 @@ def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
 def _time_calm(model: CalmModel, batch: PromptBatch, name: str, policy: ExitPolicy, config: BenchConfig) -> BenchRow:
     gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
     network = model.network
-    times, layers = [], []
+    times, decode, layers = [], [], []
     for run in range(config.repeats + 1):
         t0 = time.perf_counter()
         result = generate_tokens(network, batch, policy, gen)
         if run > 0:                                       # run 0 is the warm-up
             times.append(time.perf_counter() - t0)
+            decode.append(result.timings.decode_s)
             layers.append(result.avg_layers)
-    return BenchRow(name, batch.ids.shape[0], config.new_tokens, tuple(times), statistics.fmean(layers))
+    return BenchRow(name, batch.ids.shape[0], config.new_tokens, tuple(times), statistics.fmean(layers),
+                    decode_times_s=tuple(decode))
 
 
 def _time_transformers(model: CalmModel, batch: PromptBatch, config: BenchConfig) -> BenchRow:

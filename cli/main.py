@@ -309,10 +309,11 @@ Examples:
                    "softmax:λ, state:λ or classifier:λ.")
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
+@_doc_tokens_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
 def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies,
-          with_transformers, out) -> None:
+          with_transformers, max_doc_tokens, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
@@ -323,10 +324,11 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
         documents = [r.document for r in read_jsonl(data, document_field=field_document, summary_field=None,
                                                     limit=max(batch_sizes))]
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
-                         policies=policies, transformers=with_transformers, data=data)
+                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens)
     model = _load_model(model_name, device, dtype)
     with progress_bar("bench") as update:
-        report = run_bench(model, bench_prompts(documents), config, command=_command(), progress=update)
+        report = run_bench(model, bench_prompts(documents, model.tokenizer, max_doc_tokens), config,
+                           command=_command(), progress=update)
     files = write_bench(report, out)
     click.echo(report.to_markdown())
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)

@@ -68,12 +68,16 @@ def test_bench_cli_writes_report(tiny_model, tmp_path):
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 4 / r["median_s"])
         assert r["ms_per_token"] == pytest.approx(1000 * r["median_s"] / 4)
         assert r["speedup_vs_full"] > 0 and r["speedup_vs_transformers"] > 0
+        if r["name"] == "transformers":
+            assert r["decode_ms_per_token"] is None and r["decode_times_s"] == []
+        else:
+            assert len(r["decode_times_s"]) == 2 and 0 < r["decode_ms_per_token"] < r["ms_per_token"] * 4 / 3
     layers = {r["name"]: r["avg_layers"] for r in rows}
     assert layers["full"] == NUM_LAYERS and layers["transformers"] == NUM_LAYERS
     assert layers["fixed:2"] == pytest.approx((NUM_LAYERS + 3 * 2) / 4)       # first token from the prefill
     assert layers["state:0"] == pytest.approx((NUM_LAYERS + 3 * 1) / 4)
     markdown = (out / "bench.md").read_text()
-    assert "| batch | config | tokens/s | ms/token | avg layers |" in markdown
+    assert "| batch | config | tokens/s | ms/token | decode ms/token | avg layers |" in markdown
     assert "| 2 | fixed:2 |" in markdown and "Command: `calm bench" in markdown
     assert "| 1 | full |" in result.stdout
 
