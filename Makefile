@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.calm-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench reports clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+
+reports: setup    # every committed report in benchmarks/results/ (about an hour on the 2-core CPU)
+	bash benchmarks/reports.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

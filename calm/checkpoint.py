@@ -39,6 +39,12 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes to path so that a reader sees the old file or the new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +54,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,6 +70,7 @@ def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format": FORMAT})
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path / HEADS_FILE)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
