@@ -14,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 CALM=${CALM:-.venv/bin/calm}
 DATA=${DATA:-../shared/data/xsum}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-GRID=0.9,0.8,0.7,0.6,0.5,0.4
+GRID=0.99,0.97,0.95,0.9,0.85,0.8
 
 "$PY" benchmarks/bench_engine.py --docs 8 --repeats 3 --new-tokens 32 --out benchmarks/results
 "$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 50 --out-dir benchmarks/results

@@ -23,6 +23,9 @@ from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, next_token
 
 
+COMPACT_MIN_ROWS = 16   # live rows from which layers run for the still-running rows only
+
+
 @dataclass(frozen=True)
 class Network:
     """A backbone seen through its adapter, with optional trained exit heads, and the certified
@@ -146,7 +149,12 @@ def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor,
 
 def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: DecodeState,
                      threshold: float, rows: torch.Tensor) -> StepOutput:
-    """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B]."""
+    """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B].
+
+    Exited rows keep their exit state in `h`. Below COMPACT_MIN_ROWS live rows the layers run for
+    every live row and exited rows' outputs are dropped: a decode matmul that small costs the same
+    for any number of rows (reading the weights dominates), and gathering a subset's K/V would only
+    add copies. From COMPACT_MIN_ROWS up, the layers run for the still-running rows only."""
     a, cache = net.adapter, state.cache
     slot = cache.length
     batch = tokens.shape[0]
@@ -155,33 +163,41 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     ctx = a.context(positions, cache.key_mask, slot, state.encoder)
     h = a.embed(tokens[:, None], positions)                                              # [B, 1, D]
     exit_layers = torch.full((batch,), a.num_layers, dtype=torch.long, device=tokens.device)
-    running = None if rows.numel() == batch else rows                                    # None: every row
+    running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
+    compute = None if rows.numel() == batch else rows                                    # None: every row
+    compact = rows.numel() >= COMPACT_MIN_ROWS
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []                                # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)
         cache.write(i, slot, k, v)
-        kc, vc = cache.keys_values(i, slot + 1, running)
-        h_in = pick(h, running)
-        h_out = a.finish_layer(i, h_in, pick(x, running), kc, vc, ctx, running)
-        h = h_out if running is None else h.index_copy(0, running, h_out)
+        kc, vc = cache.keys_values(i, slot + 1, compute)
+        h_in = pick(h, compute)
+        h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, ctx, compute)
+        going = pick(running, compute)                                                   # [C]
+        h_new = torch.where(going[:, None, None], h_out, h_in)
+        h = h_new if compute is None else h.index_copy(0, compute, h_new)
         layer = i + 1
         if layer not in plan.allowed:
             continue
-        exits, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], threshold)
-        current = rows if running is None else running
-        exited = current[exits]                                                          # host sync
+        confident, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], threshold)
+        exits = confident & going
+        ids = compute if compute is not None else torch.arange(batch, device=tokens.device)
+        exited = ids[exits]                                                              # host sync
         if exited.numel() == 0:
             continue
         exit_layers[exited] = layer
+        running[exited] = False
         if logits is not None:
             decided.append((exited, logits[exits]))
-        running = current[~exits]
-        if running.numel() == 0:
+        still = running.nonzero()[:, 0]
+        if still.numel() == 0:
             if layer < a.num_layers:
                 k, v = a.kv_layers(layer, h, ctx)
                 cache.write_layers(layer, slot, k, v)
             break
+        if compact:
+            compute = still
     cache.length = slot + 1
     state.positions = state.positions + 1
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
