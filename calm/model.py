@@ -32,13 +32,14 @@ class CalmModel:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: dict | None = None):
+                 backbone: str | None = None, calibration: dict | None = None, extra: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
         self.backbone = backbone
         self.calibration = calibration
+        self.extra = dict(extra or {})              # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
 
     # ---- construction -------------------------------------------------------------------
@@ -60,7 +61,8 @@ class CalmModel:
         if default is not None:
             config = read_config(default)
             heads = _heads_for(default, config, loaded.model)
-            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration)
+            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
+                       extra=config.extra)
         return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
 
     @classmethod
@@ -71,15 +73,16 @@ class CalmModel:
             backbone_ref = str(path / backbone_ref)
         loaded = load_backbone(backbone_ref, dtype=dtype, device=device)
         return cls(loaded.model, loaded.tokenizer, heads=_heads_for(path, config, loaded.model),
-                   backbone=config.backbone, calibration=config.calibration)
+                   backbone=config.backbone, calibration=config.calibration, extra=config.extra)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write a calm checkpoint (exit heads + config naming the backbone)."""
+        """Write a calm checkpoint (exit heads + config naming the backbone); `extra` is merged into the
+        metadata this model was loaded with."""
         if self.backbone is None:
             raise InputError("this model was wrapped with from_model, so calm cannot name its backbone in a "
                              "checkpoint; load it with CalmModel.from_pretrained(name) first")
         config = CheckpointConfig(backbone=self.backbone, heads=self.heads.config if self.heads else None,
-                                  calibration=self.calibration, extra=extra)
+                                  calibration=self.calibration, extra={**self.extra, **(extra or {})})
         save_checkpoint(path, config, self.heads)
 
     # ---- properties ----------------------------------------------------------------------

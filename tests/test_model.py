@@ -40,6 +40,9 @@ def test_save_and_load_checkpoint_round_trip(backbone_dir, tmp_path):
     model.heads = trained_heads()
     model.save(tmp_path / "ckpt", extra={"note": "test"})
     loaded = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert loaded.extra == {"note": "test"}
+    loaded.save(tmp_path / "ckpt", extra={"calibrated": True})              # metadata is merged, not replaced
+    assert CalmModel.from_pretrained(str(tmp_path / "ckpt")).extra == {"note": "test", "calibrated": True}
     for name, tensor in model.heads.state_dict().items():
         assert torch.equal(loaded.heads.state_dict()[name], tensor)
     policy = ExitPolicy(measure="classifier", threshold=0.5)
