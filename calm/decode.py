@@ -4,8 +4,9 @@ A row leaves the stack when its confidence at an allowed exit layer reaches the 
 hidden state then stays frozen in `h`, and every later layer still runs its input norm and K/V
 projection over all rows: for an exited row that is CALM's state propagation (the exit state
 copied upward fills the skipped layers' cache), fused into the batch's one K/V matmul. The rest
-of each layer (queries, attention, MLP) runs only for the rows still going. Once no row is left,
-the remaining layers' K/V are filled in one fused call.
+of each layer (queries, attention, MLP) runs for the live rows, exited rows' outputs dropped, and
+from COMPACT_MIN_ROWS live rows up only for the rows still going. Once no row is left, the
+remaining layers' K/V are filled in one fused call, so a step costs as many layers as its deepest row.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from calm.adapters.base import Adapter, EncoderMemory, pick
 from calm.confidence import softmax_margin, state_similarity
+from calm.errors import PolicyError
 from calm.heads import ExitHeads
 from calm.kv_cache import KVCache
 from calm.lm_head import CertifiedArgmax
@@ -77,7 +79,6 @@ class ExitPlan:
     def resolve(cls, policy: ExitPolicy, net: Network) -> "ExitPlan":
         allowed = frozenset(policy.allowed_layers(net.num_layers))
         if policy.measure == "classifier" and allowed and (net.heads is None or not net.heads.config.classifier):
-            from calm.errors import PolicyError
             raise PolicyError("the 'classifier' measure needs trained exit heads with a classifier "
                               "(load a calm checkpoint, or train one with `calm train`)")
         return cls(measure=policy.measure, allowed=allowed)

@@ -85,3 +85,17 @@ def test_fused_kv_of_remaining_layers_matches_layer_by_layer(llama):
     loop_k, loop_v = Adapter.kv_layers(adapter, 1, h, ctx)
     assert fused_k.shape == (3, 2, 2, 1, 16)
     assert torch.allclose(fused_k, loop_k, atol=1e-5) and torch.allclose(fused_v, loop_v, atol=1e-5)
+
+
+def test_compacted_batches_give_each_row_what_it_gets_alone(llama):
+    from calm.decode import COMPACT_MIN_ROWS
+    net = Network.build(adapter_for(llama))
+    prompts = batch(seed=5, b=COMPACT_MIN_ROWS, t=6)
+    policy = ExitPolicy(measure="softmax", threshold=0.2, decay_tau=0)
+    together = generate_tokens(net, prompts, policy, CONFIG)
+    assert len({k for row in together.exit_layers for k in row[1:]}) >= 2
+    for row in range(COMPACT_MIN_ROWS):
+        alone = generate_tokens(net, PromptBatch(prompts.ids[row:row + 1, prompts.mask[row]],
+                                                 prompts.mask[row:row + 1, prompts.mask[row]]), policy, CONFIG)
+        assert alone.token_ids[0] == together.token_ids[row]
+        assert alone.exit_layers[0] == together.exit_layers[row]
