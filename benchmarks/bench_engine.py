@@ -20,17 +20,15 @@ from pathlib import Path
 import torch
 
 from calm import CalmModel, ExitPolicy
-from calm.bench import machine_info, machine_markdown
+from calm.bench import machine_info, machine_markdown, transformers_generate
 from calm.checkpoint import write_atomic
 from calm.data import read_jsonl, summary_prompt
 
 
-def time_hf(model: CalmModel, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+def time_hf(model: CalmModel, batch, new_tokens: int) -> tuple[float, tuple[int, ...]]:
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.model.generate(ids, attention_mask=mask.long(), max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=model.pad_token_id, eos_token_id=list(model.eos_token_ids))
-    return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
+    tokens = transformers_generate(model, batch, new_tokens)[0]
+    return time.perf_counter() - t0, tokens
 
 
 def run(args) -> dict:
@@ -41,13 +39,13 @@ def run(args) -> dict:
     policies = {"full": ExitPolicy.never(), "exit15": ExitPolicy.fixed(args.exit_layer)}
     for policy in policies.values():                                          # warm-up, excluded
         model.generate(warm.ids, max_new_tokens=4, policy=policy)
-    time_hf(model, warm.ids, warm.mask, 4)
+    time_hf(model, warm, 4)
     rows = []
     for i, batch in enumerate(batches):
         rec = {"doc": i, "prompt_tokens": int(batch.ids.shape[1]), "hf_s": [], "full_s": [], "full_decode_ms": [],
                "exit_decode_ms": [], "exit_s": []}
         for _ in range(args.repeats):
-            hf_s, hf_tokens = time_hf(model, batch.ids, batch.mask, args.new_tokens)
+            hf_s, hf_tokens = time_hf(model, batch, args.new_tokens)
             full = model.generate(batch.ids, max_new_tokens=args.new_tokens, policy=policies["full"])
             early = model.generate(batch.ids, max_new_tokens=args.new_tokens, policy=policies["exit15"])
             rec["hf_s"].append(hf_s)
@@ -55,7 +53,7 @@ def run(args) -> dict:
             rec["exit_s"].append(early.timings.total_s)
             rec["full_decode_ms"].append(1000 * full.timings.decode_s / max(1, len(full.token_ids[0]) - 1))
             rec["exit_decode_ms"].append(1000 * early.timings.decode_s / max(1, len(early.token_ids[0]) - 1))
-        rec["identical_tokens"] = list(full.token_ids[0]) == _trim_eos(hf_tokens, model.eos_token_ids)
+        rec["identical_tokens"] = full.token_ids[0] == hf_tokens
         rec["new_tokens"] = len(full.token_ids[0])
         rec["exit_avg_layers"] = early.avg_layers
         for key in ("hf_s", "full_s", "exit_s", "full_decode_ms", "exit_decode_ms"):
@@ -67,13 +65,6 @@ def run(args) -> dict:
     return {"benchmark": "engine", "model": args.model, "machine": machine_info(model.device, " ".join(sys.argv)),
             "batch_size": 1, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "exit_layer": args.exit_layer, "documents": rows, "summary": summarize(rows)}
-
-
-def _trim_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
 
 
 def summarize(rows: list[dict]) -> dict:
