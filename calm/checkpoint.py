@@ -10,8 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
@@ -61,20 +63,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Tensors as a safetensors file, written atomically."""
+    write_atomic(path, save_tensors(tensors, metadata=metadata))
+
+
 def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads | None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if heads is not None:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=HEADS_FILE + ".", suffix=".tmp", dir=path)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": FORMAT})
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path / HEADS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors(path / HEADS_FILE, tensors, {"format": FORMAT})
     write_atomic(path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
 
 

@@ -41,12 +41,12 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from calm.adapters import adapter_for
 from calm.adapters.base import Adapter
-from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint, write_atomic
+from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint, write_atomic, write_safetensors
 from calm.data import Record, read_jsonl, read_text, summary_prompt, truncate_document
 from calm.errors import CheckpointError, InputError, UnsupportedModelError
 from calm.heads import ExitHeads, HeadsConfig
@@ -549,15 +549,7 @@ def save_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, 
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
     metadata = {"format": "calm-training-state", "step": str(step), "meta": json.dumps(meta),
                 "param_groups": json.dumps(groups)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, metadata)
 
 
 def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
