@@ -6,7 +6,7 @@ final layer's argmax: through the backbone's plain final norm + LM head ("before
 the checkpoint's trained low-rank map ("after"); plus the exit classifier's AUC against the
 "after" label. Writes JSON and Markdown to benchmarks/results/.
 
-    python benchmarks/agreement.py calm/assets/smollm2 --docs 50
+    python benchmarks/agreement.py calm/assets/smollm2 --docs 100
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", default="../shared/data/xsum/test.jsonl", help="JSONL documents (never the training split).")
-@click.option("--docs", "num_docs", type=int, default=50, help="Documents to summarise.")
+@click.option("--docs", "num_docs", type=int, default=100, help="Documents to summarise.")
 @click.option("--summary-tokens", type=int, default=48)
 @click.option("--max-doc-tokens", type=int, default=256)
 @click.option("--gen-batch-size", type=int, default=16)

@@ -17,7 +17,7 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 GRID=0.9999,0.999,0.995,0.99,0.97,0.95
 
 "$PY" benchmarks/bench_engine.py --docs 8 --repeats 3 --new-tokens 32 --out benchmarks/results
-"$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 50 --out-dir benchmarks/results
+"$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 100 --out-dir benchmarks/results
 "$CALM" calibrate --model calm/assets/smollm2 --data "$DATA/calib.jsonl" --limit 120 --max-doc-tokens 256 \
     --max-new-tokens 32 --measure classifier --thresholds "$GRID" --delta 0.1 --epsilon 0.05 \
     --out calm/assets/smollm2 --work-dir build/calibrate-smollm2
