@@ -4,18 +4,19 @@ A row leaves the stack when its confidence at an allowed exit layer reaches the 
 hidden state then stays frozen in `h`, and every later layer still runs its input norm and K/V
 projection over all rows: for an exited row that is CALM's state propagation (the exit state
 copied upward fills the skipped layers' cache), fused into the batch's one K/V matmul. The rest
-of each layer (queries, attention, MLP) runs for the live rows, exited rows' outputs dropped, and
-from COMPACT_MIN_ROWS live rows up only for the rows still going. Once no row is left, the
-remaining layers' K/V are filled in one fused call, so a step costs as many layers as its deepest row.
+of each layer runs for the rows still going: attention per running row over its own view of the
+cache once any row has left, the matmuls for every row (exited rows' outputs dropped) below
+COMPACT_MIN_ROWS live rows and for the running rows only from there up. Once no row is left, the
+remaining layers' K/V are filled in one fused call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, pick
+from calm.adapters.base import Adapter, EncoderMemory, RowAttention, StepContext, pick
 from calm.confidence import softmax_margin, state_similarity
 from calm.errors import PolicyError
 from calm.heads import ExitHeads
@@ -152,10 +153,12 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
                      threshold: float, rows: torch.Tensor) -> StepOutput:
     """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B].
 
-    Exited rows keep their exit state in `h`. Below COMPACT_MIN_ROWS live rows the layers run for
-    every live row and exited rows' outputs are dropped: a decode matmul that small costs the same
-    for any number of rows (reading the weights dominates), and gathering a subset's K/V would only
-    add copies. From COMPACT_MIN_ROWS up, the layers run for the still-running rows only."""
+    Exited rows keep their exit state in `h`. Below COMPACT_MIN_ROWS live rows the matmuls run for
+    every row and exited rows' outputs are dropped: a decode matmul that small costs about the same
+    for any number of rows (reading the weights dominates). From COMPACT_MIN_ROWS up they run for
+    the still-running rows only. Self-attention, whose cost grows with the rows and their context,
+    runs for all rows at once while every row runs, and then for each running row alone over its
+    own view of the cache (calm.adapters.base.RowAttention): no keys or values are copied."""
     a, cache = net.adapter, state.cache
     slot = cache.length
     batch = tokens.shape[0]
@@ -167,14 +170,15 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
     compute = None if rows.numel() == batch else rows                                    # None: every row
     compact = rows.numel() >= COMPACT_MIN_ROWS
+    layer_ctx = ctx if compute is None else _per_row(ctx, cache, compute, rows)
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []                                # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)
         cache.write(i, slot, k, v)
-        kc, vc = cache.keys_values(i, slot + 1, compute)
+        kc, vc = cache.keys_values(i, slot + 1)
         h_in = pick(h, compute)
-        h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, ctx, compute)
+        h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute)
         going = pick(running, compute)                                                   # [C]
         h_new = torch.where(going[:, None, None], h_out, h_in)
         h = h_new if compute is None else h.index_copy(0, compute, h_new)
@@ -199,7 +203,19 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
             break
         if compact:
             compute = still
+        layer_ctx = _per_row(ctx, cache, compute, still)
     cache.length = slot + 1
     state.positions = state.positions + 1
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
 
+
+def _per_row(ctx: StepContext, cache: KVCache, compute: torch.Tensor | None, live: torch.Tensor) -> StepContext:
+    """ctx with self-attention for the `live` rows only, each over its own cache view; queries are
+    the rows of `compute` (every row when None)."""
+    computed = range(cache.k.shape[1]) if compute is None else compute.tolist()
+    query_of = {row: j for j, row in enumerate(computed)}
+    live_rows = live.tolist()
+    starts = cache.first_slots()
+    per_row = RowAttention(queries=tuple(query_of[r] for r in live_rows), rows=tuple(live_rows),
+                           starts=tuple(starts[r] for r in live_rows))
+    return replace(ctx, row_attention=per_row)

@@ -1,7 +1,8 @@
 """A preallocated key/value cache indexed by slot, one tensor for all layers (as in gpt-fast).
 
 Slots are columns of the left-padded batch: slot s of every row is written at the same step.
-`key_mask` says which slots hold real tokens for each row (padding is False).
+`key_mask` says which slots hold real tokens for each row (padding is False). Prompts are
+left-padded, so a row's real slots run contiguously from its first one to the end.
 """
 
 from __future__ import annotations
@@ -45,14 +46,10 @@ class KVCache:
         self.k[first:last, :, :, start:end] = k
         self.v[first:last, :, :, start:end] = v
 
-    def keys_values(self, layer: int, end: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [B or len(rows), H_kv, end, D_head] of slots 0..end-1."""
-        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        if rows is None:
-            return k, v
-        return k.index_select(0, rows), v.index_select(0, rows)
+    def keys_values(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [B, H_kv, end, D_head] of slots 0..end-1: views, no copies."""
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def mask(self, end: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Key mask [B or len(rows), end] of slots 0..end-1."""
-        m = self.key_mask[:, :end]
-        return m if rows is None else m.index_select(0, rows)
+    def first_slots(self) -> list[int]:
+        """Each row's first real slot (host ints; one sync)."""
+        return self.key_mask.int().argmax(dim=1).tolist()

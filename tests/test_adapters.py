@@ -14,6 +14,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm.adapters import adapter_for
+from calm.adapters.base import RowAttention, attend, attention_mask
 from calm.adapters.gpt2 import GPT2Adapter
 from calm.adapters.llama import LlamaAdapter
 from calm.adapters.t5 import T5Adapter
@@ -276,3 +277,27 @@ def test_state_propagation_with_mixed_exits(models, kind):
                                    torch.arange(4))
         mixed |= len(set(exits.tolist())) >= 2
     assert mixed, "no step had rows exiting at different layers"
+
+
+@pytest.mark.parametrize("kv_heads,with_bias", [(2, False), (4, False), (4, True)])
+def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias):
+    """Per-row attention over cache views (left padding sliced away) equals batched attention under
+    the padding mask for the listed rows, and leaves the others zero."""
+    torch.manual_seed(0)
+    batch, heads, slots, dim = 4, 4, 9, 8
+    starts = (0, 3, 5, 1)
+    key_mask = torch.arange(slots)[None, :] >= torch.tensor(starts)[:, None]          # [B, S]
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    bias = torch.randn(1, heads, 1, slots) if with_bias else None
+    mask = attention_mask(key_mask, slots - 1, 1)
+    full = attend(q, k, v, mask, 0.5, bias=bias)                                          # [B, 1, H*D]
+    live = (1, 2)
+    per_row = RowAttention(queries=live, rows=live, starts=tuple(starts[r] for r in live))
+    out = attend(q, k, v, mask, 0.5, bias=bias, per_row=per_row)
+    torch.testing.assert_close(out[list(live)], full[list(live)])
+    assert torch.count_nonzero(out[[0, 3]]) == 0
+    # compacted queries: query j reads cache row rows[j]
+    compact = RowAttention(queries=(0, 1), rows=(2, 3), starts=(starts[2], starts[3]))
+    out = attend(q[[2, 3]], k, v, None, 0.5, bias=bias, per_row=compact)
+    torch.testing.assert_close(out, full[[2, 3]])

@@ -15,12 +15,14 @@ def test_allocate_write_and_read_back():
     assert torch.count_nonzero(cache.k[0]) == 0 and torch.count_nonzero(cache.k[2]) == 0
 
 
-def test_rows_select_a_subset_and_write_layers_fills_many():
+def test_write_layers_fills_many_and_first_slots_skip_left_padding():
     cache = KVCache.allocate(4, 3, 1, 6, 2, torch.float32, torch.device("cpu"))
     k = torch.randn(2, 3, 1, 1, 2)                       # layers 2..3, one slot
     cache.write_layers(2, 4, k, k + 1)
     assert torch.equal(cache.k[2:4, :, :, 4:5], k) and torch.equal(cache.v[2:4, :, :, 4:5], k + 1)
-    kc, _ = cache.keys_values(3, 5, rows=torch.tensor([2, 0]))
-    assert torch.equal(kc[0], cache.k[3, 2, :, :5]) and torch.equal(kc[1], cache.k[3, 0, :, :5])
-    cache.key_mask[1, 3] = True
-    assert cache.mask(5, rows=torch.tensor([1]))[0].tolist() == [False, False, False, True, False]
+    kc, _ = cache.keys_values(3, 5)
+    assert kc.data_ptr() == cache.k[3].data_ptr()        # a view of the cache, not a copy
+    cache.key_mask[0, 0:] = True
+    cache.key_mask[1, 3:] = True
+    cache.key_mask[2, 5:] = True
+    assert cache.first_slots() == [0, 3, 5]

@@ -25,6 +25,20 @@ class EncoderMemory:
 
 
 @dataclass(frozen=True)
+class RowAttention:
+    """Self-attention for some rows of a batch only, each over its own view of the cache.
+
+    Query j attends cache row rows[j] over slots starts[j]..S-1: left padding is sliced away, so
+    no mask is needed and no keys or values are copied. Queries not listed get zeros (rows that
+    exited, whose layer output is dropped). Costs one attention call per listed row.
+    """
+
+    queries: tuple[int, ...]   # indices into the query batch
+    rows: tuple[int, ...]      # the cache row each of them reads
+    starts: tuple[int, ...]    # that row's first real slot
+
+
+@dataclass(frozen=True)
 class StepContext:
     """Per-forward tensors shared by all layers: positions, attention mask, rotary tables."""
 
@@ -35,6 +49,7 @@ class StepContext:
     position_bias: torch.Tensor | None = None               # [1, H, T, S] (T5)
     encoder: EncoderMemory | None = None
     extras: dict = field(default_factory=dict)
+    row_attention: RowAttention | None = None                # None: every query row attends at once
 
 
 def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,11 +80,26 @@ def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch
     return attention_mask(key_mask, start, num_new)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-           scale: float | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D]."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float | None, bias: torch.Tensor | None = None, per_row: RowAttention | None = None) -> torch.Tensor:
+    """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D].
+
+    With per_row, k and v are the whole batch's cache and only the listed queries attend (see
+    RowAttention); mask is then not used (the slices hold real slots only)."""
+    if per_row is None:
+        return _attend_batch(q, k, v, mask, scale, bias)
+    b, h, t, d = q.shape
+    out = q.new_zeros(b, t, h * d)
+    for j, r, s in zip(per_row.queries, per_row.rows, per_row.starts):
+        row_bias = None if bias is None else bias[..., s:]
+        out[j] = _attend_batch(q[j:j + 1], k[r:r + 1, :, s:], v[r:r + 1, :, s:], None, scale, row_bias)[0]
+    return out
+
+
+def _attend_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float | None, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is not None:
-        mask = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+        mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
     causal = mask is None and t > 1               # None: no padding (see padding_free_mask)

@@ -53,7 +53,7 @@ class GPT2Adapter(Adapter):
     def finish_layer(self, layer, h, x, k, v, ctx, rows=None):
         block = self.layers[layer]
         q = self._project(layer, x, 0, 1)
-        h = h + block.attn.c_proj(attend(q, k, v, pick(ctx.mask, rows), self.scale))
+        h = h + block.attn.c_proj(attend(q, k, v, pick(ctx.mask, rows), self.scale, per_row=ctx.row_attention))
         return h + block.mlp(block.ln_2(h))
 
     def final_norm(self, h):

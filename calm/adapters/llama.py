@@ -65,7 +65,7 @@ class LlamaAdapter(Adapter):
         q = self._heads(attn.q_proj, x, self.num_heads, getattr(attn, "q_norm", None))
         cos, sin = ctx.rope
         q = apply_rope(q, pick(cos, rows), pick(sin, rows))
-        h = h + attn.o_proj(attend(q, k, v, pick(ctx.mask, rows), attn.scaling))
+        h = h + attn.o_proj(attend(q, k, v, pick(ctx.mask, rows), attn.scaling, per_row=ctx.row_attention))
         return h + block.mlp(block.post_attention_layernorm(h))
 
     def kv_layers(self, first, x_source, ctx):

@@ -96,7 +96,8 @@ class T5Adapter(Adapter):
         block = self.layers[layer]
         self_attn = block.layer[0].SelfAttention
         q = self._heads(self_attn.q, x)
-        h = _clamp_fp16(h + self_attn.o(attend(q, k, v, pick(ctx.mask, rows), 1.0, bias=ctx.position_bias)))
+        attn = attend(q, k, v, pick(ctx.mask, rows), 1.0, bias=ctx.position_bias, per_row=ctx.row_attention)
+        h = _clamp_fp16(h + self_attn.o(attn))
 
         cross_layer = block.layer[1]
         cross = cross_layer.EncDecAttention
