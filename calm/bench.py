@@ -3,7 +3,8 @@ exit policies, and for transformers' own `generate` on the same prompt ids.
 
 Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs
 compare like with like. Each configuration gets one untimed warm-up run, then `repeats` timed
-runs; the median is reported. Times are wall clock for the whole call, prefill included.
+runs taken round robin across the configurations; the median is reported. Times are wall clock
+for the whole call, prefill included.
 """
 
 from __future__ import annotations
@@ -211,7 +212,11 @@ def bench_prompts(documents: Sequence[str] | None = None, tokenizer=None, max_do
 
 def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
               progress: Callable[[int, int], None] | None = None) -> BenchReport:
-    """Time full depth, each policy and (optionally) transformers generate at every batch size."""
+    """Time full depth, each policy and (optionally) transformers generate at every batch size.
+
+    Per batch size every configuration gets one untimed warm-up, then the timed runs go round
+    robin (full, policy, ..., transformers, full, ...), so a slow spell of the machine hits all of
+    them alike instead of one."""
     policies = [(FULL, ExitPolicy.never())] + [(spec, parse_policy_spec(spec)) for spec in config.policies]
     for _, policy in policies:
         ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
@@ -220,10 +225,15 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
     for batch_size in config.batch_sizes:
         batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens,
                                      truncate=True)
-        group = [_time_calm(model, batch, name, policy, config) for name, policy in policies]
+        runners = [_calm_runner(model, batch, policy, config) for _, policy in policies]
+        names = [name for name, _ in policies]
         if config.transformers:
-            group.append(_time_transformers(model, batch, config))
-        rows += _with_speedups(group)
+            runners.append(lambda: _timed(lambda: transformers_generate(model, batch, config.new_tokens,
+                                                                         fixed_length=True)))
+            names.append(TRANSFORMERS)
+        runs = _round_robin(runners, config.repeats)
+        rows += _with_speedups([_bench_row(name, batch_size, config.new_tokens, timed, model.num_layers)
+                                for name, timed in zip(names, runs)])
         if progress:
             progress(len(rows), total)
     return BenchReport(config=config, num_layers=model.num_layers, machine=machine_info(model.device, command),
@@ -239,29 +249,46 @@ def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
     return files
 
 
-def _time_calm(model: CalmModel, batch: PromptBatch, name: str, policy: ExitPolicy, config: BenchConfig) -> BenchRow:
+@dataclass(frozen=True)
+class _Run:
+    wall_s: float
+    decode_s: float = float("nan")       # calm only
+    avg_layers: float = float("nan")     # calm only
+
+
+def _timed(call: Callable[[], object]) -> _Run:
+    t0 = time.perf_counter()
+    call()
+    return _Run(time.perf_counter() - t0)
+
+
+def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig) -> Callable[[], _Run]:
     gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
     network = model.network
-    times, decode, layers = [], [], []
-    for run in range(config.repeats + 1):
+
+    def run() -> _Run:
         t0 = time.perf_counter()
         result = generate_tokens(network, batch, policy, gen)
-        if run > 0:                                       # run 0 is the warm-up
-            times.append(time.perf_counter() - t0)
-            decode.append(result.timings.decode_s)
-            layers.append(result.avg_layers)
-    return BenchRow(name, batch.ids.shape[0], config.new_tokens, tuple(times), statistics.fmean(layers),
-                    decode_times_s=tuple(decode))
+        return _Run(time.perf_counter() - t0, result.timings.decode_s, result.avg_layers)
+    return run
 
 
-def _time_transformers(model: CalmModel, batch: PromptBatch, config: BenchConfig) -> BenchRow:
-    times = []
-    for run in range(config.repeats + 1):
-        t0 = time.perf_counter()
-        transformers_generate(model, batch, config.new_tokens, fixed_length=True)
-        if run > 0:
-            times.append(time.perf_counter() - t0)
-    return BenchRow(TRANSFORMERS, batch.ids.shape[0], config.new_tokens, tuple(times), float(model.num_layers))
+def _round_robin(runners: list[Callable[[], _Run]], repeats: int) -> list[list[_Run]]:
+    """One untimed warm-up each, then `repeats` timed rounds over all runners in turn."""
+    for run in runners:
+        run()
+    runs: list[list[_Run]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, run in enumerate(runners):
+            runs[i].append(run())
+    return runs
+
+
+def _bench_row(name: str, batch_size: int, new_tokens: int, runs: list[_Run], num_layers: int) -> BenchRow:
+    calm = name != TRANSFORMERS
+    return BenchRow(name, batch_size, new_tokens, tuple(r.wall_s for r in runs),
+                    statistics.fmean(r.avg_layers for r in runs) if calm else float(num_layers),
+                    decode_times_s=tuple(r.decode_s for r in runs) if calm else ())
 
 
 def _with_speedups(group: list[BenchRow]) -> list[BenchRow]:

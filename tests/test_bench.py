@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
-from calm.bench import BenchConfig, BenchRow, parse_policy_spec, transformers_generate
+from calm.bench import BenchConfig, BenchRow, _round_robin, _Run, parse_policy_spec, transformers_generate
 from calm.errors import InputError
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
@@ -104,3 +104,13 @@ def test_bench_bad_input(tiny_model, tmp_path):
     assert_clean_error(invoke("bench", "--model", tiny_model, "--data", tmp_path / "none.jsonl", "--out", out),
                        "file not found")
     assert not out.exists()
+
+
+def test_timed_runs_go_round_robin_after_one_warm_up_each():
+    calls = []
+
+    def runner(name):
+        return lambda: calls.append(name) or _Run(0.0)
+    runs = _round_robin([runner("a"), runner("b")], repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert [len(r) for r in runs] == [2, 2]
