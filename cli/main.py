@@ -201,6 +201,8 @@ as several processes, it shards the documents; process 0 writes the report.
               show_default=True, help="Comma-separated thresholds λ in [0, 1] to sweep.")
 @_measure_option
 @_min_exit_option
+@click.option("--decay-tau", type=click.FloatRange(min=0.0), default=4.0, show_default=True,
+              help="τ of CALM's decaying threshold λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N); 0 keeps λ fixed.")
 @_run_options
 @_doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
@@ -208,7 +210,7 @@ as several processes, it shards the documents; process 0 writes the report.
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.")
 def eval_command(model_name, device, dtype, data, field_document, field_summary, thresholds, measure,
-                 min_exit_layer, limit, max_new_tokens, batch_size, max_doc_tokens, out, resume) -> None:
+                 min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, max_doc_tokens, out, resume) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
@@ -216,9 +218,9 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     """
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
-                        min_exit_layer=min_exit_layer or 1, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        document_field=field_document, summary_field=field_summary, limit=limit,
-                        max_doc_tokens=max_doc_tokens)
+                        min_exit_layer=min_exit_layer or 1, decay_tau=decay_tau, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, document_field=field_document, summary_field=field_summary,
+                        limit=limit, max_doc_tokens=max_doc_tokens)
     records = read_jsonl(data, document_field=field_document, summary_field=field_summary, require_summary=True,
                          limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)

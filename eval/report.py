@@ -63,7 +63,7 @@ class EvalReport:
     def to_markdown(self) -> str:
         c = self.config
         lines = [f"# calm eval: {c['model']} on {c['data']}", "",
-                 f"{self.n} documents, measure {c['measure']}, max {c['max_new_tokens']} new tokens, batch size "
+                 f"{self.n} documents, measure {c['measure']} (threshold decay τ={c.get('decay_tau', 4.0):g}), max {c['max_new_tokens']} new tokens, batch size "
                  f"{c['batch_size']}, {self.num_layers} layers.", "",
                  "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
         lines += [_markdown_row(p) for p in self.points]

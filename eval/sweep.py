@@ -46,6 +46,7 @@ class EvalConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     measure: str | None = None               # None: the model's default (calm.eval.knob.default_measure)
     min_exit_layer: int = 1
+    decay_tau: float = ExitPolicy.decay_tau   # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"
@@ -61,14 +62,19 @@ class EvalConfig:
             raise InputError(f"thresholds must lie in [0, 1], got {', '.join(f'{t:g}' for t in self.thresholds)}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise InputError("batch_size and max_new_tokens must be >= 1")
+        if not self.decay_tau >= 0:
+            raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
 
     def for_model(self, model: CalmModel) -> "EvalConfig":
         return self if self.measure else replace(self, measure=default_measure(model))
 
     def points(self) -> tuple[Point, ...]:
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
+        if self.decay_tau != ExitPolicy.decay_tau:
+            suffix += f"-tau{self.decay_tau:g}"
         early = tuple(Point(f"{self.measure}@{t:g}{suffix}", f"{self.measure} λ={t:g}", t,
-                            ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer))
+                            ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer,
+                                       decay_tau=self.decay_tau))
                       for t in dict.fromkeys(self.thresholds))
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)

@@ -222,3 +222,14 @@ def test_rouge():
     assert rouge_f1("the cats sat", "the cat sat")["rouge1"] == pytest.approx(1.0)     # stemmed
     assert rouge_l_similarity("", "") == 1.0
     assert rouge_l_similarity("a dog ran", "the cat sat") == 0.0
+
+
+def test_eval_points_carry_the_threshold_decay():
+    fixed = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.9,), measure="classifier", decay_tau=0.0)
+    decayed = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.9,), measure="classifier")
+    point, default = fixed.points()[1], decayed.points()[1]
+    assert point.policy.decay_tau == 0.0 and point.policy.threshold_at(31, 32) == 0.9
+    assert default.policy.decay_tau == ExitPolicy.decay_tau
+    assert point.name != default.name                      # separate resume caches
+    with pytest.raises(InputError):
+        sweep.EvalConfig(model="m", data="d.jsonl", decay_tau=-1.0)
