@@ -7,7 +7,9 @@
 #   3. calibrate the shipped checkpoint on the calib split (never test)                  (issue 4)
 #   4. eval sweep on the test split: ROUGE vs layers and speedup, tables and plots        (issues 3, 5)
 #   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
-#   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5)
+#   4b. the same sweep with a fixed threshold (no CALM decay): the layers at ROUGE-L(early, full) >= 0.9 (issue 3)
+#   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5),
+#      on documents cut to 256 tokens and, at batch 1 and 8, to 1024 tokens
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +27,13 @@ GRID=0.9999,0.999,0.995,0.99,0.97,0.95
     --max-new-tokens 32 --measure classifier --thresholds "$GRID" --out build/eval-smollm2-test
 mkdir -p benchmarks/results/eval_smollm2_cpu
 cp build/eval-smollm2-test/eval.{json,md} build/eval-smollm2-test/rouge_vs_*.png benchmarks/results/eval_smollm2_cpu/
+"$CALM" eval --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 --max-doc-tokens 256 \
+    --max-new-tokens 32 --measure classifier --thresholds 0.99,0.97,0.95,0.9 --decay-tau 0 --out build/eval-smollm2-test-tau0
+mkdir -p benchmarks/results/eval_smollm2_cpu_tau0
+cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/rouge_vs_*.png benchmarks/results/eval_smollm2_cpu_tau0/
 "$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
     --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test --out benchmarks/results
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \
-    --repeats 2 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
+    --repeats 3 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
+"$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8 --new-tokens 32 \
+    --repeats 3 --max-doc-tokens 1024 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu_doc1024

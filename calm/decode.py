@@ -27,6 +27,7 @@ from calm.sampling import SamplingConfig, next_token
 
 
 COMPACT_MIN_ROWS = 16   # live rows from which layers run for the still-running rows only
+PER_ROW_MAX_ROWS = 8    # up to this many running rows attend one by one over cache views; more: one batched call
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,9 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     every row and exited rows' outputs are dropped: a decode matmul that small costs about the same
     for any number of rows (reading the weights dominates). From COMPACT_MIN_ROWS up they run for
     the still-running rows only. Self-attention, whose cost grows with the rows and their context,
-    runs for all rows at once while every row runs, and then for each running row alone over its
-    own view of the cache (calm.adapters.base.RowAttention): no keys or values are copied."""
+    runs for all rows at once while every row runs, and then, for up to PER_ROW_MAX_ROWS running
+    rows, for each alone over its own view of the cache (calm.adapters.base.RowAttention): no keys
+    or values are copied. More running rows attend in one call over their gathered K/V."""
     a, cache = net.adapter, state.cache
     slot = cache.length
     batch = tokens.shape[0]
@@ -177,6 +179,8 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
         k, v = a.kv(i, x, ctx)
         cache.write(i, slot, k, v)
         kc, vc = cache.keys_values(i, slot + 1)
+        if layer_ctx.row_attention is None and compute is not None:
+            kc, vc = kc.index_select(0, compute), vc.index_select(0, compute)
         h_in = pick(h, compute)
         h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute)
         going = pick(running, compute)                                                   # [C]
@@ -211,7 +215,10 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
 
 def _per_row(ctx: StepContext, cache: KVCache, compute: torch.Tensor | None, live: torch.Tensor) -> StepContext:
     """ctx with self-attention for the `live` rows only, each over its own cache view; queries are
-    the rows of `compute` (every row when None)."""
+    the rows of `compute` (every row when None). Beyond PER_ROW_MAX_ROWS rows the per-call cost
+    outweighs the saving: then one batched call (over the computed rows, their K/V gathered)."""
+    if live.numel() > PER_ROW_MAX_ROWS:
+        return replace(ctx, row_attention=None)
     computed = range(cache.k.shape[1]) if compute is None else compute.tolist()
     query_of = {row: j for j, row in enumerate(computed)}
     live_rows = live.tolist()
