@@ -92,6 +92,7 @@ class DecodeState:
 
     cache: KVCache
     positions: torch.Tensor              # [B] position id of the next token
+    first_slots: tuple[int, ...]         # each row's first real cache slot (after its left padding)
     encoder: EncoderMemory | None = None
 
 
@@ -172,7 +173,7 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
     compute = None if rows.numel() == batch else rows                                    # None: every row
     compact = rows.numel() >= COMPACT_MIN_ROWS
-    layer_ctx = ctx if compute is None else _per_row(ctx, cache, compute, rows)
+    layer_ctx = ctx if compute is None else _per_row(ctx, state.first_slots, compute, rows)
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []                                # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
@@ -207,22 +208,22 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
             break
         if compact:
             compute = still
-        layer_ctx = _per_row(ctx, cache, compute, still)
+        layer_ctx = _per_row(ctx, state.first_slots, compute, still)
     cache.length = slot + 1
     state.positions = state.positions + 1
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
 
 
-def _per_row(ctx: StepContext, cache: KVCache, compute: torch.Tensor | None, live: torch.Tensor) -> StepContext:
+def _per_row(ctx: StepContext, first_slots: tuple[int, ...], compute: torch.Tensor | None,
+             live: torch.Tensor) -> StepContext:
     """ctx with self-attention for the `live` rows only, each over its own cache view; queries are
     the rows of `compute` (every row when None). Beyond PER_ROW_MAX_ROWS rows the per-call cost
-    outweighs the saving: then one batched call (over the computed rows, their K/V gathered)."""
+    outweighs the saving: then ctx itself, one batched call (over the computed rows' gathered K/V)."""
     if live.numel() > PER_ROW_MAX_ROWS:
-        return replace(ctx, row_attention=None)
-    computed = range(cache.k.shape[1]) if compute is None else compute.tolist()
+        return ctx
+    computed = range(len(first_slots)) if compute is None else compute.tolist()
     query_of = {row: j for j, row in enumerate(computed)}
     live_rows = live.tolist()
-    starts = cache.first_slots()
     per_row = RowAttention(queries=tuple(query_of[r] for r in live_rows), rows=tuple(live_rows),
-                           starts=tuple(starts[r] for r in live_rows))
+                           starts=tuple(first_slots[r] for r in live_rows))
     return replace(ctx, row_attention=per_row)

@@ -129,7 +129,8 @@ def _start(net: Network, prompts: PromptBatch, max_new_tokens: int) -> tuple[Dec
     cache = KVCache.allocate(a.num_layers, batch, a.num_kv_heads, t + max_new_tokens, a.head_dim, a.dtype, a.device)
     cache.key_mask[:, :t] = first_mask
     positions = torch.zeros(batch, dtype=torch.long, device=first_ids.device)
-    return DecodeState(cache=cache, positions=positions, encoder=encoder), first_ids
+    state = DecodeState(cache=cache, positions=positions, first_slots=tuple(cache.first_slots()), encoder=encoder)
+    return state, first_ids
 
 
 def _trim(tokens: list[list[int]], exits: list[list[int]], eos: set[int]) -> tuple[tuple, tuple]:

@@ -21,6 +21,7 @@ from calm.cli.train import train_command
 from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
 from calm.model import CalmModel
+from calm.policy import ExitPolicy
 
 MODEL_HELP = ("Model: 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file, a local transformers "
               "directory, a calm checkpoint directory, or a hub id")
@@ -201,7 +202,7 @@ as several processes, it shards the documents; process 0 writes the report.
               show_default=True, help="Comma-separated thresholds λ in [0, 1] to sweep.")
 @_measure_option
 @_min_exit_option
-@click.option("--decay-tau", type=click.FloatRange(min=0.0), default=4.0, show_default=True,
+@click.option("--decay-tau", type=click.FloatRange(min=0.0), default=ExitPolicy.decay_tau, show_default=True,
               help="τ of CALM's decaying threshold λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N); 0 keeps λ fixed.")
 @_run_options
 @_doc_tokens_option

@@ -16,6 +16,7 @@ from calm.checkpoint import write_atomic
 from calm.data import Record
 from calm.errors import InputError
 from calm.eval.rouge import ROUGE_TYPES, rouge_f1, rouge_l_similarity
+from calm.policy import ExitPolicy
 
 if TYPE_CHECKING:
     from calm.eval.sweep import Point
@@ -63,8 +64,9 @@ class EvalReport:
     def to_markdown(self) -> str:
         c = self.config
         lines = [f"# calm eval: {c['model']} on {c['data']}", "",
-                 f"{self.n} documents, measure {c['measure']} (threshold decay τ={c.get('decay_tau', 4.0):g}), max {c['max_new_tokens']} new tokens, batch size "
-                 f"{c['batch_size']}, {self.num_layers} layers.", "",
+                 f"{self.n} documents, measure {c['measure']} (threshold decay "
+                 f"τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, "
+                 f"batch size {c['batch_size']}, {self.num_layers} layers.", "",
                  "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
         lines += [_markdown_row(p) for p in self.points]
         lines += ["", "ROUGE: F1 × 100 against the reference summaries (rouge-score, stemmed). "
