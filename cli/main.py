@@ -78,6 +78,13 @@ def _min_exit_option(f):
                         help="No token exits below this layer (default: 1).")(f)
 
 
+def _decay_tau_option(f):
+    return click.option("--decay-tau", type=click.FloatRange(min=0.0), default=ExitPolicy.decay_tau,
+                        show_default=True,
+                        help="τ of CALM's decaying threshold λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N); 0 keeps λ "
+                             "fixed.")(f)
+
+
 def _run_options(f):
     f = click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N documents.")(f)
     f = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
@@ -202,8 +209,7 @@ as several processes, it shards the documents; process 0 writes the report.
               show_default=True, help="Comma-separated thresholds λ in [0, 1] to sweep.")
 @_measure_option
 @_min_exit_option
-@click.option("--decay-tau", type=click.FloatRange(min=0.0), default=ExitPolicy.decay_tau, show_default=True,
-              help="τ of CALM's decaying threshold λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N); 0 keeps λ fixed.")
+@_decay_tau_option
 @_run_options
 @_doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
@@ -256,6 +262,7 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
               help="Threshold grid, most conservative (highest) first.")
 @_measure_option
 @_min_exit_option
+@_decay_tau_option
 @_run_options
 @_doc_tokens_option
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -265,7 +272,7 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached by an earlier (interrupted) run, or start over.")
 def calibrate_command(model_name, device, dtype, data, field_document, delta, epsilon, method, thresholds, measure,
-                      min_exit_layer, limit, max_new_tokens, batch_size, max_doc_tokens, out, work_dir, resume) -> None:
+                      min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, max_doc_tokens, out, work_dir, resume) -> None:
     """Certify the fastest exit threshold with Learn-then-Test.
 
     Runs the full model and every threshold of the grid on the calibration documents, measures per
@@ -275,7 +282,7 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
     config = CalibrateConfig(model=model_name, data=data, delta=delta, epsilon=epsilon, method=method,
                              thresholds=thresholds, measure=measure, min_exit_layer=min_exit_layer or 1,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, document_field=field_document,
-                             limit=limit, max_doc_tokens=max_doc_tokens)
+                             limit=limit, max_doc_tokens=max_doc_tokens, decay_tau=decay_tau)
     records = read_jsonl(data, document_field=field_document, limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)
     with progress_bar("calibrating") as update:

@@ -25,6 +25,7 @@ from calm.eval.report import FULL
 from calm.eval.rouge import rouge_l_similarity
 from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel
+from calm.policy import ExitPolicy
 
 DEFAULT_GRID = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
@@ -44,8 +45,11 @@ class CalibrateConfig:
     document_field: str = "document"
     limit: int | None = None
     max_doc_tokens: int | None = None
+    decay_tau: float = ExitPolicy.decay_tau           # τ of CALM's decaying threshold; 0: λ stays fixed
 
     def __post_init__(self) -> None:
+        if not self.decay_tau >= 0:
+            raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
         if not (0 < self.delta < 1 and 0 < self.epsilon < 1):
             raise InputError(f"delta and epsilon must lie in (0, 1), got δ={self.delta:g}, ε={self.epsilon:g}")
         if list(self.thresholds) != sorted(set(self.thresholds), reverse=True):
@@ -56,7 +60,8 @@ class CalibrateConfig:
         return EvalConfig(model=self.model, data=self.data, thresholds=self.thresholds, measure=self.measure,
                           min_exit_layer=self.min_exit_layer, max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, document_field=self.document_field, summary_field="summary",
-                          limit=self.limit, max_doc_tokens=self.max_doc_tokens, with_transformers=False)
+                          limit=self.limit, max_doc_tokens=self.max_doc_tokens, decay_tau=self.decay_tau,
+                          with_transformers=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class CalibrationRun:
     def to_checkpoint_dict(self, config: CalibrateConfig) -> dict:
         """The table as stored in a calm checkpoint, with what the knob needs to rebuild the policy."""
         return {**self.table.to_dict(), "measure": self.measure, "min_exit_layer": config.min_exit_layer,
+                "decay_tau": config.decay_tau,
                 "max_new_tokens": config.max_new_tokens, "max_doc_tokens": config.max_doc_tokens,
                 "data": str(config.data)}
 

@@ -101,10 +101,15 @@ def _calibrated_policy(model: CalmModel, measure: str | None, min_exit_layer: in
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
     min_exit_layer = min_exit_layer or model.calibration.get("min_exit_layer")
-    return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer),
-                          f"{measure} λ={threshold:g} (from {source} and the calibration)")
+    # The threshold is certified for the schedule it was calibrated with; tables before decay_tau was
+    # stored were made with the default decay.
+    decay_tau = model.calibration.get("decay_tau", ExitPolicy.decay_tau)
+    schedule = "" if decay_tau == ExitPolicy.decay_tau else f", τ={decay_tau:g}"
+    return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer, decay_tau),
+                          f"{measure} λ={threshold:g}{schedule} (from {source} and the calibration)")
 
 
-def _policy(model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None) -> ExitPolicy:
+def _policy(model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None,
+            decay_tau: float = ExitPolicy.decay_tau) -> ExitPolicy:
     return ExitPolicy(measure=measure or default_measure(model), threshold=float(threshold),
-                      min_exit_layer=min_exit_layer or 1)
+                      min_exit_layer=min_exit_layer or 1, decay_tau=float(decay_tau))

@@ -68,3 +68,16 @@ def test_speed_zero_is_the_full_model(tiny_model, tmp_path):
                     "--max-new-tokens", 4, "--show-exits")
     assert result.exit_code == 0, result.output
     assert "full model" in result.stderr and "avg layers: 4.00" in result.output
+
+
+def test_the_knob_keeps_the_threshold_schedule_it_was_calibrated_with(tiny_model, tmp_path):
+    from calm.eval.knob import resolve_policy
+    from calm.policy import ExitPolicy
+
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1", "--decay-tau", "0").exit_code == 0
+    model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
+    assert model.calibration["decay_tau"] == 0
+    resolved = resolve_policy(model, speed=1.0)
+    assert resolved.policy.decay_tau == 0 and "τ=0" in resolved.description
+    del model.calibration["decay_tau"]                  # a table from before τ was stored: the default decay
+    assert resolve_policy(model, speed=1.0).policy.decay_tau == ExitPolicy.decay_tau
