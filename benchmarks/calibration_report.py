@@ -23,6 +23,7 @@ from calm.calibration import CalibrationTable
 from calm.checkpoint import write_atomic
 from calm.data import read_jsonl
 from calm.eval.sweep import EvalConfig, run_eval
+from calm.policy import ExitPolicy
 
 
 def run(args) -> dict:
@@ -40,7 +41,7 @@ def run(args) -> dict:
         config = EvalConfig(model=args.model, data=args.data, thresholds=tuple(thresholds), measure=cal["measure"],
                             min_exit_layer=cal.get("min_exit_layer") or 1, max_new_tokens=cal["max_new_tokens"],
                             batch_size=args.batch_size, limit=args.limit, max_doc_tokens=cal.get("max_doc_tokens"),
-                            with_transformers=False)
+                            decay_tau=cal.get("decay_tau", ExitPolicy.decay_tau), with_transformers=False)
         report = run_eval(model, records, config, args.eval_dir, command=" ".join(sys.argv))
         points = {p.threshold: p for p in report.points if p.threshold is not None}
     rows = []
@@ -54,6 +55,7 @@ def run(args) -> dict:
                      "rougeL": p.rougeL if p else None, "same_as_full": p.same_as_full if p else 1.0})
     return {"model": args.model, "calibration": {"data": cal.get("data"), "n": table.n, "epsilon": table.epsilon,
                                                  "method": table.method, "measure": cal["measure"],
+                                                 "decay_tau": cal.get("decay_tau", ExitPolicy.decay_tau),
                                                  "max_new_tokens": cal["max_new_tokens"],
                                                  "max_doc_tokens": cal.get("max_doc_tokens")},
             "test": {"data": args.data, "n": len(records)}, "rows": rows,
@@ -64,7 +66,7 @@ def markdown(report: dict) -> str:
     c, t = report["calibration"], report["test"]
     lines = [f"# Calibrated thresholds on held-out data: {report['model']}", "",
              f"Calibrated with Learn-then-Test ({c['method']}, ε = {c['epsilon']}) on {c['n']} documents of "
-             f"`{c['data']}`, measure `{c['measure']}`, max {c['max_new_tokens']} new tokens, documents cut to "
+             f"`{c['data']}`, measure `{c['measure']}` (threshold decay τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, documents cut to "
              f"{c['max_doc_tokens'] or 'no'} tokens. Checked on {t['n']} documents of `{t['data']}` (never used "
              "to calibrate). D = 1 − ROUGE-L(early-exit output, full-model output), mean over documents.", "",
              "| δ | certified λ | test mean D | D ≤ δ | avg layers (of 30) | speedup vs full | identical to full |",

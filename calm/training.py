@@ -1028,20 +1028,20 @@ def layer_agreement(adapter: Adapter, heads: ExitHeads | None, features: Feature
     return result
 
 
-def agreement_report(checkpoint: str, data: str, num_docs: int = 50, *,
-                     summary_tokens: int = 48, max_doc_tokens: int = 256, gen_batch_size: int = 16,
-                     device: str | None = None, progress: bool = True, cache: str | None = None) -> dict:
-    """Agreement with the final layer on the model's own greedy summaries of the first num_docs
-    documents of `data`: the plain shared head (before training) vs the checkpoint's heads (after).
-    `cache`: a JSONL file keeping the generated summaries between reports (they do not depend on
-    the heads: generation runs the full model)."""
-    from calm.model import CalmModel
+@dataclass(frozen=True)
+class SummaryFeatures:
+    features: Features
+    documents: int
+    examples: tuple[str, ...]      # the first generated summaries, for the report
+    seconds: float                 # generating the summaries (or reading them from the cache)
 
+
+def summary_features(calm, data: str, num_docs: int, *, summary_tokens: int = 48, max_doc_tokens: int = 256,
+                     gen_batch_size: int = 16, progress: bool = True, cache: str | None = None) -> SummaryFeatures:
+    """The backbone's hidden states at every position of its own greedy summaries of the first
+    num_docs documents of `data`. `cache`: a JSONL file keeping the summaries between reports
+    (they depend on the backbone only, not on the heads)."""
     t0 = time.perf_counter()
-    config = read_config(checkpoint)
-    calm = CalmModel.from_pretrained(checkpoint, device=device)
-    if calm.heads is None:
-        raise InputError(f"{checkpoint} has no exit heads to report on")
     records = read_jsonl(data, limit=num_docs)
     cfg = TrainConfig(data=(data,), out=".", summary_tokens=summary_tokens, max_doc_tokens=max_doc_tokens,
                       gen_batch_size=gen_batch_size)
@@ -1049,18 +1049,35 @@ def agreement_report(checkpoint: str, data: str, num_docs: int = 50, *,
     bar = _progress(progress)
     with bar, tempfile.TemporaryDirectory() as tmp:
         ui = _Progress(bar)
-        cache, _ = generate_summaries(calm, jobs, cfg, Path(cache) if cache else Path(tmp) / SUMMARIES_FILE, ui)
-        sequences = [summary_sequence(_prompt_ids(calm, j.prompt, summary_tokens), cache[j.key]["token_ids"],
-                                      "summary", data) for j in jobs if cache[j.key]["token_ids"]]
-        t1 = time.perf_counter()
+        summaries, _ = generate_summaries(calm, jobs, cfg, Path(cache) if cache else Path(tmp) / SUMMARIES_FILE, ui)
+        sequences = [summary_sequence(_prompt_ids(calm, j.prompt, summary_tokens), summaries[j.key]["token_ids"],
+                                      "summary", data) for j in jobs if summaries[j.key]["token_ids"]]
+        seconds = time.perf_counter() - t0
         normed = last_state_is_normed(calm.model, calm.adapter, calm.device)
         features = hidden_features(calm.model, calm.adapter, sequences, calm.device, normed, ui)
-    result = layer_agreement(calm.adapter, calm.heads, features)
+    return SummaryFeatures(features, len(records), tuple(summaries[j.key]["text"] for j in jobs[:3]), seconds)
+
+
+def agreement_report(checkpoint: str, data: str, num_docs: int = 50, *,
+                     summary_tokens: int = 48, max_doc_tokens: int = 256, gen_batch_size: int = 16,
+                     device: str | None = None, progress: bool = True, cache: str | None = None) -> dict:
+    """Agreement with the final layer on the model's own greedy summaries of the first num_docs
+    documents of `data`: the plain shared head (before training) vs the checkpoint's heads (after)."""
+    from calm.model import CalmModel
+
+    t0 = time.perf_counter()
+    config = read_config(checkpoint)
+    calm = CalmModel.from_pretrained(checkpoint, device=device)
+    if calm.heads is None:
+        raise InputError(f"{checkpoint} has no exit heads to report on")
+    found = summary_features(calm, data, num_docs, summary_tokens=summary_tokens, max_doc_tokens=max_doc_tokens,
+                             gen_batch_size=gen_batch_size, progress=progress, cache=cache)
+    result = layer_agreement(calm.adapter, calm.heads, found.features)
     result.update({"checkpoint": str(checkpoint), "backbone": config.backbone, "data": str(data),
-                   "documents": len(records), "summary_tokens": summary_tokens, "max_doc_tokens": max_doc_tokens,
+                   "documents": found.documents, "summary_tokens": summary_tokens, "max_doc_tokens": max_doc_tokens,
                    "training": (config.extra or {}).get("training", {}).get("config"),
-                   "seconds": {"summaries": t1 - t0, "total": time.perf_counter() - t0},
-                   "examples": [cache[j.key]["text"] for j in jobs[:3]]})
+                   "seconds": {"summaries": found.seconds, "total": time.perf_counter() - t0},
+                   "examples": list(found.examples)})
     return result
 
 
