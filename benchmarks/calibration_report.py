@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from calm import CalmModel
-from calm.bench import machine_info, machine_markdown
+from calm.bench import format_speedup, json_safe, machine_info, machine_markdown
 from calm.calibration import CalibrationTable
 from calm.checkpoint import write_atomic
 from calm.data import read_jsonl
@@ -48,11 +49,11 @@ def run(args) -> dict:
     for d in deltas:
         t = certified[d]
         p = points.get(t)
-        rows.append({"delta": d, "epsilon": table.epsilon, "threshold": t,
+        rows.append(json_safe({"delta": d, "epsilon": table.epsilon, "threshold": t,
                      "test_mean_D": p.dissimilarity if p else 0.0, "within_delta": (p.dissimilarity <= d) if p else True,
                      "avg_layers": p.avg_layers if p else float(model.num_layers),
                      "speedup_vs_full": p.speedup_vs_full if p else 1.0,
-                     "rougeL": p.rougeL if p else None, "same_as_full": p.same_as_full if p else 1.0})
+                     "rougeL": p.rougeL if p else None, "same_as_full": p.same_as_full if p else 1.0}))
     return {"model": args.model, "calibration": {"data": cal.get("data"), "n": table.n, "epsilon": table.epsilon,
                                                  "method": table.method, "measure": cal["measure"],
                                                  "decay_tau": cal.get("decay_tau", ExitPolicy.decay_tau),
@@ -74,7 +75,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lam = "none (full model)" if r["threshold"] is None else f"{r['threshold']:g}"
         lines.append(f"| {r['delta']:g} | {lam} | {r['test_mean_D']:.3f} | {'yes' if r['within_delta'] else 'NO'} | "
-                     f"{r['avg_layers']:.2f} | {r['speedup_vs_full']:.2f}x | {100 * r['same_as_full']:.0f}% |")
+                     f"{r['avg_layers']:.2f} | {format_speedup(r['speedup_vs_full'] or math.nan)} | {100 * r['same_as_full']:.0f}% |")
     return "\n".join(lines + [""] + machine_markdown(report["machine"])) + "\n"
 
 

@@ -4,10 +4,11 @@
 #
 #   1. engine: calm vs transformers generate at full depth, and a forced exit at layer 15 (issue 2)
 #   2. heads:  benchmarks/train_smollm2_heads.sh (not re-run here: ~40 min), then the agreement report
-#   3. calibrate the shipped checkpoint on the calib split (never test)                  (issue 4)
+#   3. calibrate the shipped checkpoint on the calib split (never test), fixed threshold (τ = 0) (issue 4)
 #   4. eval sweep on the test split: ROUGE vs layers and speedup, tables and plots        (issues 3, 5)
-#   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
 #   4b. the same sweep with a fixed threshold (no CALM decay): the layers at ROUGE-L(early, full) >= 0.9 (issue 3)
+#   4c. the exit replay: the oracle's layers with these heads, layers vs token errors per measure (issue 3)
+#   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
 #   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5),
 #      on documents cut to 256 tokens and, at batch 1 and 8, to 1024 tokens
 set -euo pipefail
@@ -19,10 +20,11 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 GRID=0.9999,0.999,0.995,0.99,0.97,0.95
 
 "$PY" benchmarks/bench_engine.py --docs 8 --repeats 3 --new-tokens 32 --out benchmarks/results
-"$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 100 --out-dir benchmarks/results
+"$PY" benchmarks/agreement.py calm/assets/smollm2 --docs 100 --out-dir benchmarks/results \
+    --cache build/agreement-summaries.jsonl
 "$CALM" calibrate --model calm/assets/smollm2 --data "$DATA/calib.jsonl" --limit 120 --max-doc-tokens 256 \
-    --max-new-tokens 32 --measure classifier --thresholds "$GRID" --delta 0.1 --epsilon 0.05 \
-    --out calm/assets/smollm2 --work-dir build/calibrate-smollm2
+    --max-new-tokens 32 --measure classifier --thresholds 0.99,0.98,0.97,0.96,0.95 --decay-tau 0 \
+    --delta 0.1 --epsilon 0.05 --out calm/assets/smollm2 --work-dir build/calibrate-smollm2
 "$CALM" eval --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 --max-doc-tokens 256 \
     --max-new-tokens 32 --measure classifier --thresholds "$GRID" --out build/eval-smollm2-test
 mkdir -p benchmarks/results/eval_smollm2_cpu
@@ -31,8 +33,10 @@ cp build/eval-smollm2-test/eval.{json,md} build/eval-smollm2-test/rouge_vs_*.png
     --max-new-tokens 32 --measure classifier --thresholds 0.99,0.97,0.95,0.9 --decay-tau 0 --out build/eval-smollm2-test-tau0
 mkdir -p benchmarks/results/eval_smollm2_cpu_tau0
 cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/rouge_vs_*.png benchmarks/results/eval_smollm2_cpu_tau0/
+"$PY" benchmarks/exit_ceiling.py calm/assets/smollm2 --docs 100 --cache build/agreement-summaries.jsonl \
+    --eval benchmarks/results/eval_smollm2_cpu_tau0/eval.json
 "$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
-    --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test --out benchmarks/results
+    --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test-tau0 --out benchmarks/results
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \
     --repeats 3 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8 --new-tokens 32 \

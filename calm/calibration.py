@@ -306,18 +306,23 @@ class CalibrationRow:
     q90: float
     q95: float
     avg_layers: float
-    speedup: float
+    speedup: float            # wall clock vs full depth; NaN where not timed in one run
     pvalue: float
 
     def __post_init__(self) -> None:
         for name in _ROW_FIELDS:
-            value = float(getattr(self, name))
-            if not math.isfinite(value):
+            raw = getattr(self, name)
+            value = math.nan if raw is None and name == "speedup" else float(raw)
+            if not math.isfinite(value) and not (name == "speedup" and math.isnan(value)):
                 raise ValueError(f"CalibrationRow.{name} must be finite, got {value!r}")
             object.__setattr__(self, name, value)
 
-    def to_dict(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in _ROW_FIELDS}
+    def to_dict(self) -> dict[str, float | None]:
+        """Fields as floats; a speedup that was not measured (NaN) as None."""
+        row = {name: float(getattr(self, name)) for name in _ROW_FIELDS}
+        if math.isnan(row["speedup"]):
+            row["speedup"] = None
+        return row
 
 
 _ROW_FIELDS = (

@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from calm.bench import format_speedup
 from calm.calibration import CalibrationTable, build_calibration_table, fixed_sequence_test
 from calm.data import Record
 from calm.errors import InputError
 from calm.eval.progress import ProgressCallback
-from calm.eval.report import FULL
+from calm.eval.report import FULL, timed_speedup
 from calm.eval.rouge import rouge_l_similarity
 from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel
@@ -77,7 +78,7 @@ class CalibrationRun:
         for i, r in enumerate(t.rows):
             mark = "yes" if t.certified_index is not None and i <= t.certified_index else ""
             lines.append(f"| {r.threshold:g} | {r.mean_loss:.3f} | {r.q50:.3f} | {r.q90:.3f} | {r.q95:.3f} | "
-                         f"{r.avg_layers:.2f} | {r.speedup:.2f}x | {r.pvalue:.3g} | {mark} |")
+                         f"{r.avg_layers:.2f} | {format_speedup(r.speedup)} | {r.pvalue:.3g} | {mark} |")
         return "\n".join(lines)
 
     def to_checkpoint_dict(self, config: CalibrateConfig) -> dict:
@@ -100,9 +101,8 @@ def calibrate(model: CalmModel, records: Sequence[Record], config: CalibrateConf
     early = [p for p in sweep.points() if p.name != FULL]
     losses = np.array([[1.0 - rouge_l_similarity(rows[p.name][i]["summary"], full[i]["summary"]) for i in ids]
                        for p in early])                                                          # [K, n]
-    full_seconds = sum(full[i]["seconds"] for i in ids)
     avg_layers = [_avg_layers([rows[p.name][i] for i in ids]) for p in early]
-    speedup = [full_seconds / sum(rows[p.name][i]["seconds"] for i in ids) for p in early]
+    speedup = [timed_speedup([full[i] for i in ids], [rows[p.name][i] for i in ids]) for p in early]
     ltt = fixed_sequence_test(losses, config.delta, config.epsilon, config.method)
     table = build_calibration_table([p.threshold for p in early], losses, avg_layers, speedup, ltt)
     return CalibrationRun(table=table, measure=sweep.measure, summary=_summary(table, sweep.measure, len(ids)))
@@ -120,4 +120,4 @@ def _summary(table: CalibrationTable, measure: str, n: int) -> str:
     row = table.rows[table.certified_index]
     return (f"certified {measure} threshold λ={row.threshold:g}: P(mean D ≤ {table.delta:g}) ≥ 1−{table.epsilon:g} "
             f"over n={n} calibration examples; calibration-set mean D {row.mean_loss:.3f}, "
-            f"{row.avg_layers:.2f} layers on average, {row.speedup:.2f}x measured speedup")
+            f"{row.avg_layers:.2f} layers on average, {format_speedup(row.speedup)} measured speedup")

@@ -71,7 +71,8 @@ class EvalReport:
         lines += [_markdown_row(p) for p in self.points]
         lines += ["", "ROUGE: F1 × 100 against the reference summaries (rouge-score, stemmed). "
                   "D = 1 − ROUGE-L(output, full model's output), mean over documents. "
-                  "ΔROUGE-L = R_early − R_full. Speedups: wall clock over the same batches, same machine.", ""]
+                  "ΔROUGE-L = R_early − R_full. Speedups: wall clock over the same batches, timed in the same run "
+                  "(– where no batch was).", ""]
         return "\n".join(lines + machine_markdown(self.machine))
 
 
@@ -89,9 +90,10 @@ def build_report(records: Sequence[Record], rows: Mapping[str, Mapping[str, dict
     scored = [_score(p, [rows[p.name][i] for i in ids], [full[i] for i in ids], [references[i] for i in ids])
               for p in points]
     base = next(s for s in scored if s.name == FULL)
-    hf = next((s for s in scored if s.name == TRANSFORMERS), None)
-    scored = [replace(s, speedup_vs_full=base.seconds / s.seconds,
-                      speedup_vs_transformers=hf.seconds / s.seconds if hf else math.nan,
+    hf = rows.get(TRANSFORMERS)
+    scored = [replace(s, speedup_vs_full=timed_speedup([full[i] for i in ids], [rows[s.name][i] for i in ids]),
+                      speedup_vs_transformers=(timed_speedup([hf[i] for i in ids], [rows[s.name][i] for i in ids])
+                                               if hf else math.nan),
                       delta_rougeL=s.rougeL - base.rougeL) for s in scored]
     return EvalReport(config=config, n=len(ids), num_layers=num_layers, machine=machine, points=tuple(scored))
 
@@ -134,6 +136,16 @@ def plot_rouge_vs_speedup(report: EvalReport) -> bytes:
     ax.set_ylabel("ROUGE-L F1 × 100")
     ax.set_title(f"ROUGE-L vs speedup ({report.config['measure']}, n={report.n})")
     return _png(fig, ax)
+
+
+def timed_speedup(base: Sequence[dict], rows: Sequence[dict]) -> float:
+    """Wall clock of `base` over that of `rows` (per-example outputs, paired), counting only the
+    examples both timed in the same run: a resumed sweep must not compare timings taken by another
+    process, engine version or machine load. NaN where no example qualifies."""
+    pairs = [(b, r) for b, r in zip(base, rows) if b.get("run") is not None and b.get("run") == r.get("run")]
+    if not pairs:
+        return math.nan
+    return sum(b["seconds"] for b, _ in pairs) / sum(r["seconds"] for _, r in pairs)
 
 
 def _score(point: "Point", outputs: list[dict], full: list[dict], references: list[str]) -> PointMetrics:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -149,6 +150,10 @@ def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, ou
     return report
 
 
+# Rows timed by this process carry this id; speedups only compare rows of the same run.
+RUN_ID = uuid.uuid4().hex[:16]
+
+
 def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, out_dir: str | Path,
               resume: bool = True, progress: ProgressCallback | None = None) -> dict[str, dict[str, dict]] | None:
     """Compute (or resume) every point's per-example outputs under out_dir/cache. Returns them by point
@@ -207,7 +212,7 @@ def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_to
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
     seconds = time.perf_counter() - t0
     return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),
-             "seconds": seconds / len(records), "batch_seconds": seconds, "batch_size": len(records)}
+             "seconds": seconds / len(records), "batch_seconds": seconds, "batch_size": len(records), "run": RUN_ID}
             for i, r in enumerate(records)]
 
 

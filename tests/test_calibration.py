@@ -378,3 +378,14 @@ def test_build_calibration_table_from_ltt():
     assert CalibrationTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
     with pytest.raises(ValueError, match="K=3"):
         build_calibration_table(thresholds, losses, [24, 18], [1.0, 1.3, 2.4], out.ltt)
+
+
+def test_a_speedup_not_timed_is_stored_as_none_and_read_back_as_nan():
+    import math
+
+    row = CalibrationRow(threshold=0.9, mean_loss=0.1, q50=0.0, q90=0.2, q95=0.3, avg_layers=20.0,
+                         speedup=math.nan, pvalue=0.01)
+    assert row.to_dict()["speedup"] is None
+    assert math.isnan(CalibrationRow(**row.to_dict()).speedup)
+    with pytest.raises(ValueError):
+        CalibrationRow(**{**row.to_dict(), "avg_layers": math.nan})

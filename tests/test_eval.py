@@ -233,3 +233,14 @@ def test_eval_points_carry_the_threshold_decay():
     assert point.name != default.name                      # separate resume caches
     with pytest.raises(InputError):
         sweep.EvalConfig(model="m", data="d.jsonl", decay_tau=-1.0)
+
+
+def test_speedups_compare_only_rows_timed_in_the_same_run():
+    import math
+
+    from calm.eval.report import timed_speedup
+
+    base = [{"seconds": 2.0, "run": "a"}, {"seconds": 9.0, "run": "old"}, {"seconds": 4.0}]
+    rows = [{"seconds": 1.0, "run": "a"}, {"seconds": 1.0, "run": "a"}, {"seconds": 1.0}]
+    assert timed_speedup(base, rows) == 2.0                      # only the first pair shares a run
+    assert math.isnan(timed_speedup(base[1:], rows[1:]))         # other runs, or no run recorded
