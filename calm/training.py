@@ -1042,7 +1042,7 @@ def summary_features(calm, data: str, num_docs: int, *, summary_tokens: int = 48
     num_docs documents of `data`. `cache`: a JSONL file keeping the summaries between reports
     (they depend on the backbone only, not on the heads)."""
     t0 = time.perf_counter()
-    records = read_jsonl(data, limit=num_docs)
+    records = read_training_jsonl(Path(data))[0][:num_docs]        # documents without text are skipped
     cfg = TrainConfig(data=(data,), out=".", summary_tokens=summary_tokens, max_doc_tokens=max_doc_tokens,
                       gen_batch_size=gen_batch_size)
     jobs = _summary_jobs(calm, [(data, r) for r in records], cfg, 1)
