@@ -11,12 +11,12 @@ the checkpoint's trained low-rank map ("after"); plus the exit classifier's AUC 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from calm.bench import write_json_markdown
 from calm.errors import CalmError
 from calm.training import agreement_markdown, agreement_report
 
@@ -43,13 +43,10 @@ def main(checkpoint, data, num_docs, summary_tokens, max_doc_tokens, gen_batch_s
     except CalmError as exc:
         raise click.ClickException(str(exc)) from exc
     report["command"] = " ".join(["python", *sys.argv])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = name or f"agreement_{Path(checkpoint).resolve().name}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(agreement_markdown(report))
+    files = write_json_markdown(out_dir, stem, report, agreement_markdown(report))
     click.echo(agreement_markdown(report))
-    click.echo(f"wrote {out / stem}.json and .md")
+    click.echo(f"wrote {files[0]} and {files[1]}")
 
 
 if __name__ == "__main__":

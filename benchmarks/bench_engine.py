@@ -15,13 +15,11 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from calm import CalmModel, ExitPolicy
-from calm.bench import machine_info, machine_markdown, transformers_generate
-from calm.checkpoint import write_atomic
+from calm.bench import machine_info, machine_markdown, transformers_generate, write_json_markdown
 from calm.data import read_jsonl, summary_prompt
 
 
@@ -109,9 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     report = run(args)
     stem = args.name or ("engine_cuda" if torch.cuda.is_available() else "engine_cpu")
-    out = Path(args.out)
-    write_atomic(out / f"{stem}.json", json.dumps(report, indent=2).encode())
-    write_atomic(out / f"{stem}.md", markdown(report).encode())
+    write_json_markdown(args.out, stem, report, markdown(report))
     print(markdown(report))
 
 

@@ -13,15 +13,12 @@ Usage: python benchmarks/calibration_report.py --model calm/assets/smollm2 \
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
 
 from calm import CalmModel
-from calm.bench import format_speedup, json_safe, machine_info, machine_markdown
+from calm.bench import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.calibration import CalibrationTable
-from calm.checkpoint import write_atomic
 from calm.data import read_jsonl
 from calm.eval.sweep import EvalConfig, run_eval
 from calm.policy import ExitPolicy
@@ -90,9 +87,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     report = run(args)
-    out = Path(args.out)
-    write_atomic(out / "calibration_test.json", json.dumps(report, indent=2, default=str).encode())
-    write_atomic(out / "calibration_test.md", markdown(report).encode())
+    write_json_markdown(args.out, "calibration_test", report, markdown(report))
     print(markdown(report))
 
 

@@ -21,7 +21,7 @@ import click
 
 from calm.errors import CalmError, InputError
 from calm.eval.ceiling import MEASURES, fewest_layers, oracle_layers, replay_exits, sweep
-from calm.bench import machine_info
+from calm.bench import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 
@@ -117,13 +117,10 @@ def main(checkpoint, data, num_docs, cache, eval_json, name, out_dir):
         report = run(checkpoint, data, num_docs, cache, eval_json)
     except CalmError as exc:
         raise click.ClickException(str(exc)) from exc
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = name or f"exit_ceiling_{Path(checkpoint).resolve().name}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    files = write_json_markdown(out_dir, stem, report, markdown(report))
     click.echo(markdown(report))
-    click.echo(f"wrote {out / stem}.json and .md")
+    click.echo(f"wrote {files[0]} and {files[1]}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ is in the backbone's states, not in the head. Writes JSON and Markdown to benchm
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm.bench import machine_info
+from calm.bench import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 
@@ -155,10 +154,7 @@ def main(model, train_data, train_docs, train_cache, test_data, test_docs, test_
               "train": {"data": train_data, "documents": train.documents, "positions": train.features.exits.shape[0]},
               "test": {"data": test_data, "documents": test.documents, "positions": test.features.exits.shape[0]},
               "machine": machine_info(calm.device, " ".join(["python", *sys.argv]))}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "head_capacity_smollm2.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "head_capacity_smollm2.md").write_text(markdown(report))
+    write_json_markdown(out_dir, "head_capacity_smollm2", report, markdown(report))
     click.echo(markdown(report))
 
 

@@ -240,13 +240,18 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
                        rows=tuple(rows))
 
 
+def write_json_markdown(out_dir: str | Path, stem: str, report: dict, markdown: str) -> list[Path]:
+    """stem.json and stem.md in out_dir, each written atomically."""
+    out = Path(out_dir)
+    files = [out / f"{stem}.json", out / f"{stem}.md"]
+    write_atomic(files[0], (json.dumps(report, indent=2, default=str) + "\n").encode())
+    write_atomic(files[1], markdown.encode())
+    return files
+
+
 def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
     """bench.json and bench.md in out_dir, each written atomically."""
-    out = Path(out_dir)
-    files = [out / "bench.json", out / "bench.md"]
-    write_atomic(files[0], json.dumps(report.to_dict(), indent=2).encode())
-    write_atomic(files[1], report.to_markdown().encode())
-    return files
+    return write_json_markdown(out_dir, "bench", report.to_dict(), report.to_markdown())
 
 
 @dataclass(frozen=True)

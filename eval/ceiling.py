@@ -18,13 +18,16 @@ errors using these heads.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from calm.adapters.base import Adapter
 from calm.confidence import softmax_margin
 from calm.heads import ExitHeads
+
+if TYPE_CHECKING:
+    from calm.training import Features
 
 MEASURES = ("classifier", "softmax")
 
@@ -54,8 +57,8 @@ class ReplayPoint:
 
 
 @torch.no_grad()
-def replay_exits(adapter: Adapter, heads: ExitHeads, features, chunk: int = 256) -> ExitReplay:
-    """Agreement and confidences at every position and exit layer of `features` (calm.training.Features)."""
+def replay_exits(adapter: Adapter, heads: ExitHeads, features: "Features", chunk: int = 256) -> ExitReplay:
+    """Agreement and confidences at every position and exit layer of `features`."""
     P, L1, _ = features.exits.shape
     agree = torch.zeros(P, L1, dtype=torch.bool)
     scores = {m: torch.zeros(P, L1) for m in MEASURES}
