@@ -8,7 +8,7 @@
 #   4. eval sweep on the test split: ROUGE vs layers and speedup, tables and plots        (issues 3, 5)
 #   4b. the same sweep with a fixed threshold (no CALM decay): the layers at ROUGE-L(early, full) >= 0.9 (issue 3)
 #   4c. the exit replay: the oracle's layers with these heads, layers vs token errors per measure, and
-#       whether richer head shapes (full-rank, MLP) would help (issue 3)
+#       whether richer head shapes (full-rank, MLP) would help, and what CALM fine-tuning costs here (issue 3)
 #   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
 #   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5),
 #      on documents cut to 256 tokens and, at batch 1 and 8, to 1024 tokens
@@ -37,6 +37,7 @@ cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/roug
 "$PY" benchmarks/exit_ceiling.py calm/assets/smollm2 --docs 100 --cache build/agreement-summaries.jsonl \
     --eval benchmarks/results/eval_smollm2_cpu_tau0/eval.json
 "$PY" benchmarks/head_capacity.py --layers 15,20
+"$PY" benchmarks/finetune_cost.py --steps 4
 "$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
     --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test-tau0 --out benchmarks/results
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \
