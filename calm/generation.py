@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from calm.decode import DecodeState, ExitPlan, Network, decode_one_token, prefil
 from calm.kv_cache import KVCache
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from calm.speculative import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class GenerationResult:
     num_layers: int
     timings: Timings
     texts: tuple[str, ...] = ()
+    speculative: SpeculativeStats | None = None   # mode="speculative": acceptance, draft and verify time
 
     @property
     def avg_layers(self) -> float:
@@ -64,12 +69,14 @@ class GenerationResult:
         return tuple(sum(r) / len(r) if r else float("nan") for r in self.exit_layers)
 
     def to_dict(self) -> dict:
+        spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "texts": list(self.texts), "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers], "num_layers": self.num_layers,
             "avg_layers": self.avg_layers,
             "timings": {"prefill_s": self.timings.prefill_s, "decode_s": self.timings.decode_s,
                         "new_tokens": self.timings.new_tokens, "tokens_per_s": self.timings.tokens_per_s},
+            **spec,
         }
 
 

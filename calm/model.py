@@ -19,6 +19,7 @@ from calm.lm_head import CertifiedArgmax
 from calm.loading import load_backbone
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
+from calm.speculative import default_draft_policy, generate_speculative, speculative_config
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -101,18 +102,27 @@ class CalmModel:
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, chat: bool | None = None, truncate: bool = False) -> GenerationResult:
+                 seed: int | None = None, chat: bool | None = None, truncate: bool = False, mode: str = "calm",
+                 draft_layer: int | None = None, max_draft: int = 4) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
-        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor."""
+        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor.
+
+        mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
+        while the policy's measure is confident at its λ (default: classifier λ=0.5 with trained
+        heads, else always), and the full model verifies them (see calm.speculative)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        policy = policy or ExitPolicy.never()
+        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
+        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
         policy.allowed_layers(self.num_layers)                                  # range check up front
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
                                   sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed))
-        result = generate_tokens(self.network, batch, policy, config)
+        if spec is None:
+            result = generate_tokens(self.network, batch, policy, config)
+        else:
+            result = generate_speculative(self.network, batch, policy, config, spec)
         if self.tokenizer is None:
             return result
         texts = tuple(self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids)

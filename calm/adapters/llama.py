@@ -36,7 +36,7 @@ class LlamaAdapter(Adapter):
     def embed(self, ids, positions):
         return self.inner.embed_tokens(ids)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
         cos, sin = self.inner.rotary_emb(probe, positions)
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]),
