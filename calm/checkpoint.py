@@ -77,6 +77,14 @@ def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads
     write_atomic(path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
 
 
+def store_extra(path: str | Path, key: str, value: dict) -> None:
+    """Set extra[key] in a checkpoint's config, leaving everything else (and the heads file) as it is."""
+    config = read_config(path)
+    extra = {**(config.extra or {}), key: value}
+    data = CheckpointConfig(config.backbone, config.heads, config.calibration, extra).to_dict()
+    write_atomic(Path(path) / CONFIG_FILE, json.dumps(data, indent=2).encode())
+
+
 def read_config(path: str | Path) -> CheckpointConfig:
     path = Path(path)
     if not path.exists():

@@ -35,7 +35,7 @@ from calm.sampling import SamplingConfig, filter_logits
 @dataclass(frozen=True)
 class SpeculativeConfig:
     draft_layer: int          # E: layers 1..E and the exit head of layer E draft (1..L-1)
-    max_draft: int = 4        # k: most tokens drafted per cycle
+    max_draft: int = 4        # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
 
     def check(self, num_layers: int) -> None:
         if not 1 <= self.draft_layer < num_layers:
@@ -47,6 +47,7 @@ class SpeculativeConfig:
 
 MODES = ("calm", "speculative")
 DEFAULT_DRAFT_THRESHOLD = 0.5
+DEFAULT_MAX_DRAFT = 4
 
 
 def speculative_config(mode: str, draft_layer: int | None, max_draft: int, num_layers: int) -> SpeculativeConfig | None:

@@ -9,11 +9,11 @@ import click
 from transformers.utils import logging as hf_logging
 
 from calm import __version__
-from calm.bench import BenchConfig, bench_prompts, parse_policy_spec, run_bench, write_bench
+from calm.bench import BenchConfig, bench_prompts, parse_run_spec, run_bench, speculative_specs, write_bench
 from calm.data import read_jsonl
 from calm.errors import CalmError
 from calm.eval.inputs import load_documents
-from calm.eval.knob import check_knobs, resolve_policy
+from calm.eval.knob import check_knobs, resolve_run
 from calm.eval.progress import progress_bar
 from calm.eval.render import SummaryPrinter, run_footer
 from calm.eval.summarize import summarize_documents
@@ -93,6 +93,19 @@ def _run_options(f):
                         help="Longest summary, in tokens.")(f)
 
 
+def _speculative_options(f):
+    f = click.option("--max-draft", type=click.IntRange(min=1), default=None,
+                     help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).")(f)
+    f = click.option("--draft-layer", type=click.IntRange(min=1), default=None,
+                     help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).")(f)
+    f = click.option("--lossless", is_flag=True,
+                     help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
+                          "faster, else the full model (with a note).")(f)
+    return click.option("--mode", type=click.Choice(["calm", "speculative"]), default="calm", show_default=True,
+                        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
+                             "(lossless; --threshold and --measure control the draft length).")(f)
+
+
 def _doc_tokens_option(f):
     return click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
                         help="Cut each document to its first N tokens before prompting (default: whole).")(f)
@@ -121,7 +134,7 @@ def _policy_specs(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
     specs = tuple(s.strip() for v in value for s in v.split(",") if s.strip())
     for spec in specs:
         try:
-            parse_policy_spec(spec)
+            parse_run_spec(spec)
         except CalmError as exc:
             raise click.BadParameter(str(exc)) from None
     return specs
@@ -145,6 +158,8 @@ Examples:
   calm summarize --text "The council approved a plan ..." --threshold 0.9 --show-exits
   calm summarize xsum.jsonl --limit 20 --json > summaries.jsonl
   cat article.txt | calm summarize - --speed 0.7
+  calm summarize article.txt --lossless                      # exactly the full model's summary
+  calm summarize article.txt --mode speculative --draft-layer 15 --max-draft 4 --threshold 0.7
 """)
 @click.argument("file", required=False, metavar="[FILE | -]")
 @click.option("--text", default=None, help="Summarise this text instead of a file.")
@@ -158,6 +173,7 @@ Examples:
 @click.option("--tolerance", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="Risk tolerance δ: the fastest threshold the calibration certifies for it.")
 @_run_options
+@_speculative_options
 @click.option("--show-exits", is_flag=True, help="Colour every token by its exit layer (plain [layer] marks "
                                                   "when not on a terminal) and show the average depth.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per document: id, summary, avg_layers, "
@@ -165,7 +181,8 @@ Examples:
 @click.option("--field-document", default="document", show_default=True,
               help="JSONL field holding the document text.")
 def summarize(file, text, model_name, device, dtype, threshold, measure, min_exit_layer, speed, tolerance,
-              max_new_tokens, batch_size, limit, show_exits, as_json, field_document) -> None:
+              max_new_tokens, batch_size, limit, mode, lossless, draft_layer, max_draft, show_exits, as_json,
+              field_document) -> None:
     """Summarise documents with early exit.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
@@ -175,11 +192,13 @@ def summarize(file, text, model_name, device, dtype, threshold, measure, min_exi
     records = load_documents(file, text, document_field=field_document, limit=limit)
     check_knobs(threshold, speed, tolerance)
     model = _load_model(model_name, device, dtype)
-    resolved = resolve_policy(model, threshold, measure, min_exit_layer, speed, tolerance)
+    resolved = resolve_run(model, threshold, measure, min_exit_layer, speed, tolerance, mode, lossless, draft_layer,
+                           max_draft)
     printer = SummaryPrinter(model.tokenizer, show_exits=show_exits, as_json=as_json, titled=len(records) > 1)
     docs = []
     with progress_bar("summarizing", total=len(records)) as update:
-        for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size):
+        for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size,
+                                         resolved.generate_kwargs):
             for doc in batch:
                 printer.print(doc)
             docs += batch
@@ -211,23 +230,27 @@ as several processes, it shards the documents; process 0 writes the report.
 @_min_exit_option
 @_decay_tau_option
 @_run_options
+@_speculative_options
 @_doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json, eval.md, the plots and the resume cache.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.")
 def eval_command(model_name, device, dtype, data, field_document, field_summary, thresholds, measure,
-                 min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, max_doc_tokens, out, resume) -> None:
+                 min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, mode, lossless, draft_layer, max_draft,
+                 max_doc_tokens, out, resume) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
     against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
+    With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
     """
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
                         min_exit_layer=min_exit_layer or 1, decay_tau=decay_tau, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, document_field=field_document, summary_field=field_summary,
-                        limit=limit, max_doc_tokens=max_doc_tokens)
+                        limit=limit, max_doc_tokens=max_doc_tokens, mode="speculative" if lossless else mode,
+                        draft_layer=draft_layer, max_draft=max_draft)
     records = read_jsonl(data, document_field=field_document, summary_field=field_summary, require_summary=True,
                          limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)
@@ -303,6 +326,8 @@ Examples:
   calm bench
   calm bench --batch-sizes 1,8,32 --new-tokens 32 --policy fixed:15 --policy softmax:0.9
   calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out benchmarks/results
+  calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
+  calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
 """)
 @_model_options
 @click.option("--data", default=None, metavar="FILE.jsonl", help="Take prompts from these documents "
@@ -316,26 +341,29 @@ Examples:
               help="Timed runs per configuration (median reported; one warm-up run before them).")
 @click.option("--policy", "policies", multiple=True, callback=_policy_specs, metavar="SPEC",
               help="Exit policy to time besides full depth, repeatable or comma-separated: fixed:LAYER, "
-                   "softmax:λ, state:λ or classifier:λ.")
+                   "softmax:λ, state:λ or classifier:λ; spec:E:K[:MEASURE:λ] for speculative decoding.")
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
+@_speculative_options
 @_doc_tokens_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
 def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies,
-          with_transformers, max_doc_tokens, out) -> None:
+          with_transformers, mode, lossless, draft_layer, max_draft, max_doc_tokens, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
-    median of --repeats runs after a warm-up, average layers per policy, and the machine.
+    median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
+    speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
     documents = None
     if data is not None:
         documents = [r.document for r in read_jsonl(data, document_field=field_document, summary_field=None,
                                                     limit=max(batch_sizes))]
+    model = _load_model(model_name, device, dtype)
+    policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft)
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
                          policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens)
-    model = _load_model(model_name, device, dtype)
     with progress_bar("bench") as update:
         report = run_bench(model, bench_prompts(documents, model.tokenizer, max_doc_tokens), config,
                            command=_command(), progress=update)

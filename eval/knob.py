@@ -3,11 +3,12 @@ tolerance δ read off the model's calibration table, or (nothing given) the mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from calm.calibration import CalibrationTable
 from calm.decode import ExitPlan
 from calm.errors import InputError
+from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
@@ -19,6 +20,7 @@ DEFAULT_SPEED = 0.5
 class ResolvedPolicy:
     policy: ExitPolicy
     description: str          # e.g. "softmax λ=0.9 (from --speed 0.5)", for the user and reports
+    generate_kwargs: dict = field(default_factory=dict)   # CalmModel.generate's mode arguments (speculative)
 
 
 def default_measure(model: CalmModel) -> str:
@@ -41,6 +43,22 @@ def resolve_policy(model: CalmModel, threshold: float | None = None, measure: st
         resolved = _calibrated_policy(model, measure, min_exit_layer, speed, tolerance)
     ExitPlan.resolve(resolved.policy, model.network)          # layer range and classifier checks, up front
     return resolved
+
+
+def resolve_run(model: CalmModel, threshold: float | None = None, measure: str | None = None,
+                min_exit_layer: int | None = None, speed: float | None = None, tolerance: float | None = None,
+                mode: str = "calm", lossless: bool = False, draft_layer: int | None = None,
+                max_draft: int | None = None) -> ResolvedPolicy:
+    """resolve_policy, or the lossless run that --mode speculative / --lossless ask for (calm.lossless),
+    where --measure and --threshold set the draft controller."""
+    run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold)
+    if run is None:
+        return resolve_policy(model, threshold, measure, min_exit_layer, speed, tolerance)
+    if speed is not None or tolerance is not None:
+        raise InputError("--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
+                         "early (use --threshold for its draft controller)")
+    ExitPlan.resolve(run.policy, model.network)
+    return ResolvedPolicy(run.policy, run.description, run.generate_kwargs())
 
 
 def check_knobs(threshold: float | None = None, speed: float | None = None, tolerance: float | None = None) -> None:

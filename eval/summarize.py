@@ -42,12 +42,12 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
-                        batch_size: int = 8) -> Iterator[list[DocumentSummary]]:
+                        batch_size: int = 8, generate_kwargs: dict | None = None) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
-    Documents too long for the model's context are truncated."""
+    Documents too long for the model's context are truncated. generate_kwargs: e.g. mode="speculative"."""
     for batch in batched(records, batch_size):
         result = model.generate([summary_prompt(r.document) for r in batch], max_new_tokens=max_new_tokens,
-                                policy=policy, truncate=True)
+                                policy=policy, truncate=True, **(generate_kwargs or {}))
         yield [DocumentSummary(id=r.id, summary=result.texts[i] if result.texts else "",
                                token_ids=result.token_ids[i], exit_layers=result.exit_layers[i],
                                num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings)
