@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from calm import CalmModel
-from calm.bench import machine_info, machine_markdown, parse_run_spec, transformers_generate, write_json_markdown
+from calm.bench import machine_info, machine_markdown, parse_run_spec, write_json_markdown
 from calm.checkpoint import store_extra
 from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--draft-layers", type=_ints, default=[8, 12, 15, 20])
     parser.add_argument("--max-drafts", type=_ints, default=[2, 4, 6])
-    parser.add_argument("--controllers", type=lambda v: v.split(","), default=["classifier:0.5"],
+    parser.add_argument("--controllers", type=lambda v: v.split(","), default=["classifier:0.7"],
                         help="draft controllers, comma-separated: MEASURE:λ or 'always'")
     parser.add_argument("--assistant-docs", type=int, default=2)
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")

@@ -108,7 +108,7 @@ class CalmModel:
         for instruct models unless chat=False), lists of token ids, or a [B, T] tensor.
 
         mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
-        while the policy's measure is confident at its λ (default: classifier λ=0.5 with trained
+        while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
         heads, else always), and the full model verifies them (see calm.speculative)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

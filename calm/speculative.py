@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
@@ -46,7 +47,7 @@ class SpeculativeConfig:
 
 
 MODES = ("calm", "speculative")
-DEFAULT_DRAFT_THRESHOLD = 0.5
+DEFAULT_DRAFT_THRESHOLD = 0.7
 DEFAULT_MAX_DRAFT = 4
 
 
@@ -62,7 +63,7 @@ def speculative_config(mode: str, draft_layer: int | None, max_draft: int, num_l
 
 
 def default_draft_policy(net: Network) -> ExitPolicy:
-    """The draft controller when none is given: the exit classifier at λ=0.5 with trained heads, else
+    """The draft controller when none is given: the exit classifier at λ=0.7 with trained heads, else
     always draft (a fixed draft length, as LayerSkip)."""
     if net.heads is not None and net.heads.config.classifier:
         return ExitPolicy(measure="classifier", threshold=DEFAULT_DRAFT_THRESHOLD, decay_tau=0.0)
@@ -117,7 +118,7 @@ def draft_plan(policy: ExitPolicy, net: Network, spec: SpeculativeConfig) -> Exi
     return ExitPlan.resolve(replace(policy, exit_layers=(spec.draft_layer,), min_exit_layer=1), net)
 
 
-def slot_context(net: Network, state: DecodeState, positions: torch.Tensor, start: int):
+def slot_context(net: Network, state: DecodeState, positions: torch.Tensor, start: int) -> StepContext:
     """The adapter's context for new tokens at positions [B, T] in cache columns start..; each slot's
     position is the count of real slots before it (holes of rejected drafts are not counted)."""
     mask = state.cache.key_mask

@@ -49,9 +49,10 @@ def test_lossless_without_a_stored_measurement_runs_the_full_model(tiny_model):
 
 
 def test_lossless_follows_the_stored_measurement(checkpoint):
-    store_extra(checkpoint, STORE_KEY, measured(0.9).to_dict())
-    slower = resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
-    assert slower.spec is None and "no gain" in slower.description and "0.90×" in slower.description
+    for speedup in (0.9, 1.03):                                        # slower, or within the noise
+        store_extra(checkpoint, STORE_KEY, measured(speedup).to_dict())
+        slower = resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
+        assert slower.spec is None and "no gain" in slower.description and f"{speedup:.2f}×" in slower.description
 
     store_extra(checkpoint, STORE_KEY, measured(1.2).to_dict())
     assert read_config(checkpoint).heads is not None                     # the rest of the checkpoint is kept

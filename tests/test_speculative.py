@@ -8,6 +8,7 @@ cycles reject some drafts and accept others (checked), which is what the tests m
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
 
 from calm import CalmModel
 from calm.adapters import adapter_for
+from calm.bench import transformers_generate
+from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network, prefill
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
@@ -253,3 +256,27 @@ def test_generate_speculative_mode_and_its_errors(models):
         model.generate(ids, max_new_tokens=8, mode="lossy")
     with pytest.raises(PolicyError, match="classifier"):
         model.generate(ids, max_new_tokens=8, mode="speculative", policy=ExitPolicy(measure="classifier", threshold=0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# the real embedded model
+# ------------------------------------------------------------------------------------------------
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")
+def test_real_model_speculative_output_is_the_full_models_on_8_documents():
+    """SmolLM2 with its shipped heads: 8 smoke documents as one batch (rows of different lengths accept
+    different numbers of drafts), two draft settings, against full depth and transformers generate."""
+    model = CalmModel.from_pretrained("smollm2")
+    docs = read_jsonl(SMOKE, limit=8)
+    prompts = [summary_prompt(truncate_document(model.tokenizer, d.document, 256)) for d in docs]
+    full = model.generate(prompts, max_new_tokens=32)
+    assert list(full.token_ids) == transformers_generate(model, model.encode_prompts(prompts, 32), 32)
+    for e, k, policy in ((15, 4, None), (20, 2, ExitPolicy(measure="fixed", threshold=0.0))):
+        out = model.generate(prompts, max_new_tokens=32, policy=policy, mode="speculative", draft_layer=e, max_draft=k)
+        assert out.token_ids == full.token_ids, f"E={e} k={k}"
+        stats = out.speculative
+        assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted
