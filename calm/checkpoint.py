@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from calm.calibration import CalibrationTable
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 
@@ -28,13 +29,13 @@ VERSION = 1
 class CheckpointConfig:
     backbone: str                       # what load_backbone resolves: an alias, path or hub id
     heads: HeadsConfig | None = None
-    calibration: dict | None = None     # a calm.calibration.CalibrationTable as a dict
+    calibration: CalibrationTable | None = None
     extra: dict | None = None           # training metadata (command, data, steps)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "backbone": self.backbone,
                 "heads": self.heads.to_dict() if self.heads else None,
-                "calibration": self.calibration, "extra": self.extra or {}}
+                "calibration": self.calibration.to_dict() if self.calibration else None, "extra": self.extra or {}}
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -98,8 +99,19 @@ def read_config(path: str | Path) -> CheckpointConfig:
         heads = HeadsConfig(**data["heads"]) if data.get("heads") else None
     except TypeError as exc:
         raise CheckpointError(f"{file}: bad heads config: {exc}") from exc
-    return CheckpointConfig(backbone=data["backbone"], heads=heads, calibration=data.get("calibration"),
+    return CheckpointConfig(backbone=data["backbone"], heads=heads, calibration=_calibration(file, data.get("calibration")),
                             extra=data.get("extra") or {})
+
+
+def _calibration(file: Path, table: dict | None) -> CalibrationTable | None:
+    if table is None:
+        return None
+    try:
+        if not isinstance(table, dict):
+            raise ValueError(f"expected an object, got {type(table).__name__}")
+        return CalibrationTable.from_dict(table)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: unreadable calibration table ({exc}); run calm calibrate again") from exc
 
 
 def load_heads(path: str | Path, config: HeadsConfig, num_layers: int, hidden_size: int) -> ExitHeads:

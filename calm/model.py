@@ -9,12 +9,14 @@ from typing import Sequence
 import torch
 
 from calm.adapters import adapter_for
+from calm.calibration import CalibrationTable
 from calm.checkpoint import CheckpointConfig, is_checkpoint, load_heads, read_config, save_checkpoint
 from calm.decode import Network
 from calm.data import truncate_document
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
+from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import load_backbone
 from calm.policy import ExitPolicy
@@ -32,7 +34,7 @@ class CalmModel:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: dict | None = None, extra: dict | None = None):
+                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
@@ -85,6 +87,19 @@ class CalmModel:
                                   calibration=self.calibration, extra={**self.extra, **(extra or {})})
         save_checkpoint(path, config, self.heads)
 
+    # ---- exit policies -------------------------------------------------------------------
+    def policy(self, *, speed: float | None = None, tolerance: float | None = None, threshold: float | None = None,
+               measure: str | None = None, min_exit_layer: int | None = None,
+               decay_tau: float | None = None) -> ExitPolicy:
+        """The exit policy for a knob: a speed in [0, 1] (0 = full model, 1 = fastest certified) or a
+        risk tolerance δ, both read off the calibration, or an explicit threshold λ (any model). With
+        none of them, the model's default: speed 0.5 when it is calibrated, else the full model.
+        A knob runs the decay schedule the calibration was certified with; a threshold runs
+        `decay_tau` (default ExitPolicy.decay_tau), so threshold=λ with the table's τ is the same
+        policy as the knob that lands on λ."""
+        return resolve_policy(self, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
+                              speed=speed, tolerance=tolerance, decay_tau=decay_tau).policy
+
     # ---- properties ----------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -100,12 +115,18 @@ class CalmModel:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
+                 speed: float | None = None, tolerance: float | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool | None = None, truncate: bool = False) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
-        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor."""
+        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor. Exits follow
+        `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`); none: the full model."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if speed is not None or tolerance is not None:
+            if policy is not None:
+                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
+            policy = self.policy(speed=speed, tolerance=tolerance)
         policy = policy or ExitPolicy.never()
         policy.allowed_layers(self.num_layers)                                  # range check up front
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate)

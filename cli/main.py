@@ -13,13 +13,13 @@ from calm.bench import BenchConfig, bench_prompts, parse_policy_spec, run_bench,
 from calm.data import read_jsonl
 from calm.errors import CalmError
 from calm.eval.inputs import load_documents
-from calm.eval.knob import check_knobs, resolve_policy
 from calm.eval.progress import progress_bar
 from calm.eval.render import SummaryPrinter, run_footer
 from calm.eval.summarize import summarize_documents
 from calm.cli.train import train_command
 from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
+from calm.knob import check_knobs, resolve_policy
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
@@ -289,7 +289,7 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
         run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
     if run is None:
         return
-    model.calibration = run.to_checkpoint_dict(config)
+    model.calibration = run.checkpoint_table(config)
     model.save(out, extra={"calibrate_command": _command()})
     click.echo(run.table_markdown())
     click.echo(run.summary)

@@ -1,9 +1,12 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
+import calm
+from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CONFIG_FILE, CheckpointConfig, read_config, save_checkpoint, write_atomic
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
@@ -20,13 +23,50 @@ def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
 
 
+def table(**settings) -> CalibrationTable:
+    rows = tuple(CalibrationRow(t, loss, 0.0, loss, loss, layers, 1.0, 0.01)
+                 for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.2, 2.0)))
+    return CalibrationTable(rows, certified_index=0, delta=0.1, epsilon=0.05, n=50, method="hb", **settings)
+
+
 def test_config_round_trip(tmp_path):
     heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=8, rank=2, min_layer=2))
-    save_checkpoint(tmp_path, CheckpointConfig(backbone="smollm2", heads=heads.config, calibration={"rows": []},
+    calibration = table(measure="state", decay_tau=0.0, min_exit_layer=2)
+    save_checkpoint(tmp_path, CheckpointConfig(backbone="smollm2", heads=heads.config, calibration=calibration,
                                                extra={"steps": 3}), heads)
     config = read_config(tmp_path)
     assert config.backbone == "smollm2" and config.heads == heads.config
-    assert config.calibration == {"rows": []} and config.extra == {"steps": 3}
+    assert config.calibration == calibration and config.extra == {"steps": 3}
+    stored = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert stored["calibration"] == calibration.to_dict() and stored["calibration"]["measure"] == "state"
+
+
+def test_the_shipped_config_reads_as_a_typed_table_and_writes_back_the_same_dict(tmp_path):
+    shipped = Path(calm.__file__).parent / "assets" / "smollm2"
+    config = read_config(shipped)
+    table = config.calibration
+    assert isinstance(table, CalibrationTable) and config.heads.rank == 32
+    assert (table.measure, table.decay_tau, table.certified_threshold, table.n) == ("classifier", 0.0, 0.97, 120)
+    original = json.loads((shipped / CONFIG_FILE).read_text())
+    assert config.to_dict()["calibration"] == original["calibration"]
+    save_checkpoint(tmp_path, config, None)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text()) == original
+
+
+def test_a_table_without_settings_keeps_its_old_dict_form():
+    assert set(table().to_dict()) == {"format", "version", "certified_index", "delta", "epsilon", "n", "method", "rows"}
+    assert table().decay_tau is None and table().measure is None
+
+
+@pytest.mark.parametrize("calibration, message", [
+    ({"rows": []}, "at least one row"), ([1, 2], "expected an object"),
+    ({**table().to_dict(), "decay_tau": -1}, "decay_tau"), ({**table().to_dict(), "min_exit_layer": 0}, "min_exit_layer"),
+])
+def test_an_unreadable_calibration_table_is_a_checkpoint_error(tmp_path, calibration, message):
+    data = {"format": "calm-checkpoint", "version": 1, "backbone": "smollm2", "calibration": calibration}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"calibration table.*{message}|{message}.*calm calibrate"):
+        read_config(tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [

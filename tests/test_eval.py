@@ -12,10 +12,9 @@ from rich.console import Console
 from rich.text import Text
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
-from calm.calibration import CalibrationRow, CalibrationTable
 from calm.data import Record
 from calm.errors import InputError
-from calm.eval import knob, sweep
+from calm.eval import sweep
 from calm.eval.render import layer_buckets, layer_colour, plain_exits, render_exits, token_pieces
 from calm.eval.report import COLUMNS, FILES
 from calm.eval.rouge import rouge_f1, rouge_l_similarity
@@ -167,29 +166,6 @@ def test_eval_shards_and_rank0_merges(model, tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "cache").glob("*.jsonl")) == sorted(
         f"{p}.rank{r}.jsonl" for p in ("full", "state@0", "transformers") for r in (0, 1))
     assert report.n == 4 and json.loads((out / "eval.json").read_text())["n"] == 4
-
-
-# ---- the policy knobs -------------------------------------------------------------------------------
-
-def test_resolve_policy(model):
-    assert knob.default_measure(model) == "softmax"
-    assert knob.resolve_policy(model).policy == ExitPolicy.never()
-    resolved = knob.resolve_policy(model, threshold=0.8, measure="state", min_exit_layer=2)
-    assert resolved.policy == ExitPolicy(measure="state", threshold=0.8, min_exit_layer=2)
-    with pytest.raises(InputError, match="only one of"):
-        knob.resolve_policy(model, threshold=0.8, tolerance=0.1)
-    with pytest.raises(InputError, match="no calibration for this model; run calm calibrate or use --threshold"):
-        knob.resolve_policy(model, speed=0.5)
-
-
-def test_tolerance_to_threshold():
-    rows = tuple(CalibrationRow(t, loss, loss, loss, loss, layers, 1.0, 0.0)
-                 for t, loss, layers in ((0.9, 0.0, 4.0), (0.7, 0.02, 3.0), (0.5, 0.1, 2.0), (0.3, 0.5, 1.0)))
-    table = CalibrationTable(rows, certified_index=1, delta=0.05, epsilon=0.1, n=500, method="hb")
-    assert knob.tolerance_to_threshold(table, 0.05) == 0.7
-    assert knob.tolerance_to_threshold(table, 0.2) == 0.5
-    with pytest.raises(InputError, match="no threshold is certified"):
-        knob.tolerance_to_threshold(table, 1e-4)
 
 
 # ---- rendering exits -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from calm import CalmModel, ExitPolicy
+from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CONFIG_FILE, HEADS_FILE
 from calm.errors import CheckpointError, InputError, ModelNotFoundError, PolicyError
 from calm.heads import ExitHeads, HeadsConfig
@@ -110,3 +111,12 @@ def test_saving_a_wrapped_model_without_a_name_is_an_error(llama, tmp_path):
     with pytest.raises(InputError, match="from_pretrained"):
         CalmModel.from_model(llama).save(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_calibration_is_typed_and_saved_as_its_dict(backbone_dir, tmp_path):
+    model = CalmModel.from_pretrained(str(backbone_dir))
+    rows = (CalibrationRow(0.9, 0.0, 0.0, 0.0, 0.0, 4.0, 1.0, 0.0), CalibrationRow(0.5, 0.1, 0.0, 0.2, 0.3, 2.0, 1.5, 0.2))
+    model.calibration = CalibrationTable(rows, 0, 0.1, 0.05, 100, "hb", measure="state", decay_tau=0.0)
+    model.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["calibration"] == model.calibration.to_dict()
+    assert CalmModel.from_pretrained(tmp_path / "ckpt").calibration == model.calibration
