@@ -49,6 +49,14 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def is_loadable(name_or_path: str) -> bool:
+    """Whether load_backbone can resolve this name: an alias, a .gguf file, a directory with a
+    config.json, or a hub id that is not a local path."""
+    path = Path(name_or_path).expanduser()
+    return (name_or_path in ALIASES or (path.suffix == ".gguf" and path.is_file())
+            or (path / "config.json").is_file() or (bool(HUB_ID.match(name_or_path)) and not path.exists()))
+
+
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedBackbone:
     """Load a transformers model and tokenizer from an alias, a .gguf file, a directory or a hub id."""
     path = Path(name_or_path).expanduser()

@@ -10,7 +10,9 @@ import torch
 
 from calm.adapters import adapter_for
 from calm.calibration import CalibrationTable
-from calm.checkpoint import CheckpointConfig, is_checkpoint, load_heads, read_config, save_checkpoint
+from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Components, is_checkpoint, load_checkpoint,
+                             load_parts, name_backbone, read_config, save_checkpoint)
+from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
 from calm.data import truncate_document
 from calm.errors import InputError
@@ -18,7 +20,7 @@ from calm.generation import GenerationConfig, GenerationResult, PromptBatch, gen
 from calm.heads import ExitHeads
 from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
-from calm.loading import load_backbone
+from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 
@@ -34,12 +36,15 @@ class CalmModel:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None):
+                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
+                 backbone_kind: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
-        self.backbone = backbone
+        self.backbone = backbone                    # where the backbone was loaded from; None: wrapped in memory
+        self.backbone_kind = backbone_kind if backbone_kind is not None or backbone is None \
+            else backbone_kind_of(backbone)
         self.calibration = calibration
         self.extra = dict(extra or {})              # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
@@ -51,41 +56,54 @@ class CalmModel:
         return cls(model, tokenizer, heads=heads)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> "CalmModel":
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
+        name_or_path = str(name_or_path)
         dtype = _parse_dtype(dtype)
         device = _parse_device(device)
         if is_checkpoint(name_or_path):
-            return cls._from_checkpoint(Path(name_or_path), device, dtype)
+            config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
+            return cls(parts.model, parts.tokenizer, heads=parts.heads, backbone=location,
+                       calibration=config.calibration, extra=config.extra, backbone_kind=config.backbone_kind)
         loaded = load_backbone(name_or_path, dtype=dtype, device=device)
-        default = _default_checkpoint(name_or_path)
-        if default is not None:
-            config = read_config(default)
-            heads = _heads_for(default, config, loaded.model)
-            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
-                       extra=config.extra)
-        return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
+        parts = Components(loaded.model, loaded.tokenizer)
+        default = default_checkpoint(name_or_path)
+        if default is None:
+            return cls(parts.model, parts.tokenizer, backbone=name_or_path)
+        config = read_config(default)
+        parts = load_parts(default, config, parts)
+        return cls(parts.model, parts.tokenizer, heads=parts.heads, backbone=name_or_path,
+                   calibration=config.calibration, extra=config.extra)
 
-    @classmethod
-    def _from_checkpoint(cls, path: Path, device, dtype) -> "CalmModel":
-        config = read_config(path)
-        backbone_ref = config.backbone
-        if not Path(backbone_ref).is_absolute() and (path / backbone_ref).exists():
-            backbone_ref = str(path / backbone_ref)
-        loaded = load_backbone(backbone_ref, dtype=dtype, device=device)
-        return cls(loaded.model, loaded.tokenizer, heads=_heads_for(path, config, loaded.model),
-                   backbone=config.backbone, calibration=config.calibration, extra=config.extra)
+    def save_pretrained(self, save_directory: str | Path, *, include_backbone: bool = False,
+                        extra: dict | None = None) -> None:
+        """Write a calm checkpoint: the exit heads and calibration, and a config that names the backbone.
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write a calm checkpoint (exit heads + config naming the backbone); `extra` is merged into the
-        metadata this model was loaded with."""
-        if self.backbone is None:
-            raise InputError("this model was wrapped with from_model, so calm cannot name its backbone in a "
-                             "checkpoint; load it with CalmModel.from_pretrained(name) first")
-        config = CheckpointConfig(backbone=self.backbone, heads=self.heads.config if self.heads else None,
-                                  calibration=self.calibration, extra={**self.extra, **(extra or {})})
-        save_checkpoint(path, config, self.heads)
+        include_backbone=True also writes the backbone (safetensors, its config and tokenizer) into
+        the checkpoint, which then loads anywhere. Otherwise the config names the backbone this model
+        was loaded from (an alias, hub id or path; for a model wrapped with from_model, its
+        config._name_or_path), and its weights are not saved: after changing them, include it.
+        `extra` is merged into the metadata this model was loaded with."""
+        path = Path(save_directory)
+        ref, kind = (BACKBONE_DIR, INCLUDED) if include_backbone else self._backbone_reference(path)
+        config = CheckpointConfig(backbone=ref, heads=self.heads.config if self.heads else None,
+                                  calibration=self.calibration, extra={**self.extra, **(extra or {})},
+                                  backbone_kind=kind)
+        save_checkpoint(path, config, self.heads, backbone=(self.model, self.tokenizer) if include_backbone else None)
+
+    save = save_pretrained
+
+    def _backbone_reference(self, checkpoint: Path) -> tuple[str, str]:
+        ref = self.backbone
+        if ref is None:
+            ref = getattr(self.model.config, "_name_or_path", None) or ""
+            if not is_loadable(ref):
+                raise InputError(f"this model was wrapped with from_model and its config names no hub id or local "
+                                 f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
+                                 "pass include_backbone=True to save the backbone into the checkpoint")
+        ref = name_backbone(ref, checkpoint)
+        return ref, backbone_kind_of(ref, checkpoint)
 
     # ---- exit policies -------------------------------------------------------------------
     def policy(self, *, speed: float | None = None, tolerance: float | None = None, threshold: float | None = None,
@@ -222,16 +240,11 @@ class CalmModel:
         return list(self.tokenizer(text)["input_ids"])
 
 
-def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
-    if config.heads is None:
-        return None
-    adapter = adapter_for(model)
-    return load_heads(path, config.heads, adapter.num_layers, adapter.hidden_size)
-
-
-def _default_checkpoint(name: str) -> Path | None:
+def default_checkpoint(name: str) -> Path | None:
     """The shipped heads and calibration for a built-in alias, if any are packaged."""
     from importlib.resources import files
+    if name not in ALIASES:
+        return None
     path = Path(str(files("calm") / "assets" / name))
     return path if is_checkpoint(path) else None
 

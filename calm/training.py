@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from torch import nn
 from calm.adapters import adapter_for
 from calm.adapters.base import Adapter
 from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint, write_atomic, write_safetensors
+from calm.checkpoint import save_backbone as _save_backbone
 from calm.data import Record, read_jsonl, read_text, summary_prompt, truncate_document
 from calm.errors import CheckpointError, InputError, UnsupportedModelError
 from calm.heads import ExitHeads, HeadsConfig
@@ -609,25 +608,6 @@ def stored_backbone_ref(load_ref: str, out: Path) -> str:
         return str(path.relative_to(out.resolve()))
     except ValueError:
         return str(path)
-
-
-def _save_backbone(model, tokenizer, target: Path) -> None:
-    """Replace target with the model (and tokenizer) saved by transformers in safetensors."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    old = target.with_name(target.name + ".old")
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------

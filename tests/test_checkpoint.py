@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 import calm
+from calm import training
 from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import CONFIG_FILE, CheckpointConfig, read_config, save_checkpoint, write_atomic
+from calm.checkpoint import (CONFIG_FILE, CheckpointConfig, Components, backbone_kind, backbone_location, load_parts,
+                             name_backbone, read_config, save_backbone, save_checkpoint, write_atomic)
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 
@@ -35,8 +37,8 @@ def test_config_round_trip(tmp_path):
     save_checkpoint(tmp_path, CheckpointConfig(backbone="smollm2", heads=heads.config, calibration=calibration,
                                                extra={"steps": 3}), heads)
     config = read_config(tmp_path)
-    assert config.backbone == "smollm2" and config.heads == heads.config
-    assert config.calibration == calibration and config.extra == {"steps": 3}
+    assert config.backbone == "smollm2" and config.heads == heads.config and config.backbone_kind == "alias"
+    assert config.calibration == calibration and config.extra == {"steps": 3} and config.adapter is None
     stored = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert stored["calibration"] == calibration.to_dict() and stored["calibration"]["measure"] == "state"
 
@@ -45,12 +47,13 @@ def test_the_shipped_config_reads_as_a_typed_table_and_writes_back_the_same_dict
     shipped = Path(calm.__file__).parent / "assets" / "smollm2"
     config = read_config(shipped)
     table = config.calibration
-    assert isinstance(table, CalibrationTable) and config.heads.rank == 32
+    assert isinstance(table, CalibrationTable) and config.backbone_kind == "alias"
     assert (table.measure, table.decay_tau, table.certified_threshold, table.n) == ("classifier", 0.0, 0.97, 120)
     original = json.loads((shipped / CONFIG_FILE).read_text())
     assert config.to_dict()["calibration"] == original["calibration"]
     save_checkpoint(tmp_path, config, None)
-    assert json.loads((tmp_path / CONFIG_FILE).read_text()) == original
+    assert {k: v for k, v in json.loads((tmp_path / CONFIG_FILE).read_text()).items() if k != "backbone_kind"} \
+        == {k: v for k, v in original.items()}
 
 
 def test_a_table_without_settings_keeps_its_old_dict_form():
@@ -69,9 +72,52 @@ def test_an_unreadable_calibration_table_is_a_checkpoint_error(tmp_path, calibra
         read_config(tmp_path)
 
 
+def test_backbone_kinds(tmp_path):
+    (tmp_path / "ckpt" / "backbone").mkdir(parents=True)
+    (tmp_path / "local").mkdir()
+    ckpt = tmp_path / "ckpt"
+    assert backbone_kind("smollm2", ckpt) == "alias"
+    assert backbone_kind("HuggingFaceTB/SmolLM2-135M", ckpt) == "hub"
+    assert backbone_kind("backbone", ckpt) == "included"
+    assert backbone_kind(str(tmp_path / "local"), ckpt) == "path"
+    assert backbone_kind("/no/such/dir", ckpt) == "path"
+    assert name_backbone(str(ckpt / "backbone"), ckpt) == "backbone"
+    assert name_backbone(str(tmp_path / "local"), ckpt) == str((tmp_path / "local").resolve())
+    assert name_backbone("HuggingFaceTB/SmolLM2-135M", ckpt) == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_an_included_backbone_must_be_there(tmp_path):
+    with pytest.raises(CheckpointError, match="included in backbone/"):
+        save_checkpoint(tmp_path, CheckpointConfig(backbone="backbone", backbone_kind="included"))
+    assert not (tmp_path / CONFIG_FILE).exists()                          # the config is written last, or not at all
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "backbone",
+                                                    "backbone_kind": "included"}))
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        backbone_location(tmp_path, read_config(tmp_path))
+
+
+def test_save_backbone_replaces_the_directory_atomically(tmp_path, llama):
+    target = tmp_path / "backbone"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    save_backbone(llama, None, target)
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    assert not (target / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]
+    assert training._save_backbone is save_backbone                       # training saves its backbone the same way
+
+
+def test_a_lora_adapter_is_refused_rather_than_ignored(tmp_path, llama):
+    config = CheckpointConfig(backbone="smollm2", adapter={"r": 8, "target_modules": ["q_proj"]})
+    save_checkpoint(tmp_path, config)
+    assert read_config(tmp_path).adapter == {"r": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(CheckpointError, match="LoRA adapter"):
+        load_parts(tmp_path, read_config(tmp_path), Components(llama))
+
+
 @pytest.mark.parametrize("content, message", [
     ("[]", "not a calm checkpoint config"), (json.dumps({"format": "calm-checkpoint", "version": 1}), "no backbone"),
     (json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "heads": {"bogus": 1}}), "bad heads"),
+    (json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "backbone_kind": "ftp"}), "backbone_kind"),
 ])
 def test_bad_configs(tmp_path, content, message):
     (tmp_path / CONFIG_FILE).write_text(content)

@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from calm import CalmModel, ExitPolicy
 from calm.calibration import CalibrationRow, CalibrationTable
@@ -107,16 +109,94 @@ def test_heads_for_another_backbone_are_refused(backbone_dir, tmp_path):
         CalmModel.from_pretrained(str(tmp_path / "ckpt"))
 
 
+# ---- save_pretrained / from_pretrained -------------------------------------------------------------
+
+POLICY = ExitPolicy(measure="classifier", threshold=0.5)
+
+
+def random_model_with_tokenizer(tiny_model):
+    """A random Llama made in memory (config._name_or_path is empty) with the tiny word-level tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def same_outputs(a: CalmModel, b: CalmModel, prompts) -> None:
+    for policy in (None, POLICY):
+        out_a, out_b = a.generate(prompts, 6, policy), b.generate(prompts, 6, policy)
+        assert out_a.token_ids == out_b.token_ids and out_a.exit_layers == out_b.exit_layers
+        assert out_a.texts == out_b.texts
+
+
+def test_a_wrapped_model_saved_with_its_backbone_round_trips(tiny_model, tmp_path):
+    model, tokenizer = random_model_with_tokenizer(tiny_model)
+    wrapped = CalmModel.from_model(model, tokenizer, heads=trained_heads())
+    wrapped.save_pretrained(tmp_path / "ckpt", include_backbone=True)
+    config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert (config["backbone"], config["backbone_kind"]) == ("backbone", "included")
+    files = {p.name for p in (tmp_path / "ckpt" / "backbone").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any(f.endswith(".bin") for f in files)
+    loaded = CalmModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.backbone_kind == "included" and loaded.tokenizer is not None
+    same_outputs(wrapped, loaded, ["the cat sat on the mat", "a dog ran in the park after the game"])
+
+
+def test_a_wrapped_model_saved_by_name_round_trips(tiny_model, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    monkeypatch.chdir(Path(tiny_model).parent)
+    model = AutoModelForCausalLM.from_pretrained(Path(tiny_model).name)          # config._name_or_path: a relative dir
+    wrapped = CalmModel.from_model(model, AutoTokenizer.from_pretrained(tiny_model), heads=trained_heads())
+    wrapped.save(tmp_path / "ckpt")                                              # save is save_pretrained
+    config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert (config["backbone"], config["backbone_kind"]) == (str(Path(tiny_model).resolve()), "path")
+    assert not (tmp_path / "ckpt" / "backbone").exists()
+    monkeypatch.chdir(tmp_path)
+    loaded = CalmModel.from_pretrained(tmp_path / "ckpt")
+    same_outputs(wrapped, loaded, ["the cat sat on the mat"])
+
+
+def test_a_wrapped_hub_model_is_saved_naming_its_hub_id(llama, tmp_path):
+    llama.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    CalmModel.from_model(llama, heads=trained_heads()).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert (config["backbone"], config["backbone_kind"]) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "hub")
+    assert (tmp_path / "ckpt" / HEADS_FILE).is_file()
+
+
 def test_saving_a_wrapped_model_without_a_name_is_an_error(llama, tmp_path):
-    with pytest.raises(InputError, match="from_pretrained"):
-        CalmModel.from_model(llama).save(tmp_path / "x")
+    with pytest.raises(InputError, match="include_backbone=True"):
+        CalmModel.from_model(llama).save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_included_backbone_stays_included_or_is_named_by_path(tiny_model, tmp_path):
+    model, tokenizer = random_model_with_tokenizer(tiny_model)
+    CalmModel.from_model(model, tokenizer, heads=trained_heads()).save_pretrained(tmp_path / "a", include_backbone=True)
+    loaded = CalmModel.from_pretrained(tmp_path / "a")
+    loaded.save_pretrained(tmp_path / "a", extra={"calibrated": True})          # e.g. calm calibrate --out the same dir
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["backbone_kind"] == "included"
+    loaded.save_pretrained(tmp_path / "b")
+    config = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert (config["backbone"], config["backbone_kind"]) == (str((tmp_path / "a" / "backbone").resolve()), "path")
+    same_outputs(loaded, CalmModel.from_pretrained(tmp_path / "b"), ["the cat sat on the mat"])
+
+
+def test_a_relative_backbone_path_is_saved_absolute(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(tiny_model).parent)
+    model = CalmModel.from_pretrained(Path(tiny_model).name)
+    assert model.backbone_kind == "path"
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["backbone"] == str(Path(tiny_model).resolve())
 
 
 def test_the_calibration_is_typed_and_saved_as_its_dict(backbone_dir, tmp_path):
     model = CalmModel.from_pretrained(str(backbone_dir))
     rows = (CalibrationRow(0.9, 0.0, 0.0, 0.0, 0.0, 4.0, 1.0, 0.0), CalibrationRow(0.5, 0.1, 0.0, 0.2, 0.3, 2.0, 1.5, 0.2))
     model.calibration = CalibrationTable(rows, 0, 0.1, 0.05, 100, "hb", measure="state", decay_tau=0.0)
-    model.save(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["calibration"] == model.calibration.to_dict()
     assert CalmModel.from_pretrained(tmp_path / "ckpt").calibration == model.calibration
