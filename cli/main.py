@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 
 import click
+from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from calm import __version__
@@ -19,6 +20,7 @@ from calm.eval.summarize import summarize_documents
 from calm.cli.train import train_command
 from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
+from calm.info import describe, info_tables, info_text
 from calm.knob import check_knobs, resolve_policy
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
@@ -290,7 +292,7 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
     if run is None:
         return
     model.calibration = run.checkpoint_table(config)
-    model.save(out, extra={"calibrate_command": _command()})
+    model.save_pretrained(out, extra={"calibrate_command": _command()})
     click.echo(run.table_markdown())
     click.echo(run.summary)
     click.echo(f"wrote {out}", err=True)
@@ -342,6 +344,33 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     files = write_bench(report, out)
     click.echo(report.to_markdown())
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)
+
+
+# ---- calm info ---------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  calm info
+  calm info ./my-heads
+  calm info HuggingFaceTB/SmolLM2-135M-Instruct
+""")
+@click.argument("model_name", default="smollm2", metavar="[MODEL]")
+def info(model_name) -> None:
+    """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter
+    and the calibration table (threshold, mean D, p-value, certified at δ).
+
+    MODEL is 'smollm2' (default), a .gguf file, a local transformers directory, a calm checkpoint
+    directory, or a hub id. The backbone is loaded on the CPU.
+    """
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    described = describe(model_name)
+    console = Console()
+    if console.is_terminal:
+        for table in info_tables(described):
+            console.print(table)
+    else:
+        click.echo(info_text(described))
 
 
 cli.add_command(train_command)
