@@ -68,6 +68,12 @@ class Components:
     tokenizer: object = None
     heads: ExitHeads | None = None
 
+    def backbone(self) -> torch.nn.Module:
+        """The backbone model; loading always has one."""
+        if self.model is None:
+            raise CheckpointError("no backbone model was loaded")
+        return self.model
+
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
@@ -267,7 +273,7 @@ def _refuse_adapter(path: Path, config: CheckpointConfig, parts: Components) -> 
 def _load_heads(path: Path, config: CheckpointConfig, parts: Components) -> Components:
     if config.heads is None:
         return parts
-    adapter = adapter_for(parts.model)
+    adapter = adapter_for(parts.backbone())
     return replace(parts, heads=load_heads(path, config.heads, adapter.num_layers, adapter.hidden_size))
 
 

@@ -40,14 +40,15 @@ class ModelInfo:
 def describe(name_or_path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
     """Load the backbone that `name_or_path` names and read its calm checkpoint, if it has one."""
     name = str(name_or_path)
-    checkpoint = Path(name) if is_checkpoint(name) else default_checkpoint(name)
-    config = read_config(checkpoint) if checkpoint is not None else None
     if is_checkpoint(name):
-        location, ref, kind = backbone_location(name, config), config.backbone, config.backbone_kind
-    else:
-        location, ref, kind = name, name, backbone_kind(name)
-    model = load_backbone(location, device=device).model
-    return _info(name, model, ref, kind, checkpoint, config)
+        config = read_config(name)
+        model = load_backbone(backbone_location(name, config), device=device).model
+        kind = config.backbone_kind or backbone_kind(config.backbone, name)
+        return _info(name, model, config.backbone, kind, Path(name), config)
+    checkpoint = default_checkpoint(name)
+    model = load_backbone(name, device=device).model
+    return _info(name, model, name, backbone_kind(name), checkpoint,
+                 read_config(checkpoint) if checkpoint is not None else None)
 
 
 def _info(name: str, model: torch.nn.Module, ref: str, kind: str, checkpoint: Path | None,

@@ -81,7 +81,7 @@ def resolve_policy(model: CalmModel, threshold: float | None = None, measure: st
     """The exit policy the knobs ask for, checked against the model before any generation."""
     knobs = Knobs(threshold, speed, tolerance, measure, min_exit_layer, decay_tau)
     if knobs.threshold is not None:
-        resolved = _explicit_policy(model, knobs)
+        resolved = _explicit_policy(model, knobs.threshold, knobs)
     elif knobs.speed is None and knobs.tolerance is None:
         resolved = _default_policy(model, knobs)
     else:
@@ -115,10 +115,10 @@ def calibrated_decay_tau(table: CalibrationTable) -> float:
     return ExitPolicy.decay_tau if table.decay_tau is None else table.decay_tau
 
 
-def _explicit_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+def _explicit_policy(model: CalmModel, threshold: float, knobs: Knobs) -> ResolvedPolicy:
     tau = ExitPolicy.decay_tau if knobs.decay_tau is None else knobs.decay_tau
-    policy = _policy(model, knobs.measure, knobs.threshold, knobs.min_exit_layer, tau)
-    return ResolvedPolicy(policy, f"{policy.measure} λ={knobs.threshold:g}{_schedule(tau)}")
+    policy = _policy(model, knobs.measure, threshold, knobs.min_exit_layer, tau)
+    return ResolvedPolicy(policy, f"{policy.measure} λ={threshold:g}{_schedule(tau)}")
 
 
 def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
@@ -126,11 +126,11 @@ def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
         return ResolvedPolicy(ExitPolicy.never(), "full model (no calibration; pass --threshold to exit early)")
     if model.calibration.certified_index is None:
         return ResolvedPolicy(ExitPolicy.never(), "full model (the calibration certifies no threshold)")
-    return _calibrated_policy(model, Knobs(speed=DEFAULT_SPEED, measure=knobs.measure,
-                                           min_exit_layer=knobs.min_exit_layer, decay_tau=knobs.decay_tau))
+    return _calibrated_policy(model, knobs)                   # no speed given: DEFAULT_SPEED
 
 
 def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+    speed = DEFAULT_SPEED if knobs.speed is None else knobs.speed
     if knobs.speed == 0:
         return ResolvedPolicy(ExitPolicy.never(), "full model (--speed 0)")
     table = calibration_table(model)
@@ -143,10 +143,10 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
         threshold, source = tolerance_to_threshold(table, knobs.tolerance), f"--tolerance {knobs.tolerance:g}"
     else:
         try:
-            threshold = table.speed_to_threshold(knobs.speed)
+            threshold = table.speed_to_threshold(speed)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        source = f"--speed {knobs.speed:g}"
+        source = f"--speed {speed:g}"
     min_exit_layer = knobs.min_exit_layer or table.min_exit_layer
     return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer, tau),
                           f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)")

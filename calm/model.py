@@ -64,16 +64,15 @@ class CalmModel:
         device = _parse_device(device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
-            return cls(parts.model, parts.tokenizer, heads=parts.heads, backbone=location,
+            return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=location,
                        calibration=config.calibration, extra=config.extra, backbone_kind=config.backbone_kind)
         loaded = load_backbone(name_or_path, dtype=dtype, device=device)
-        parts = Components(loaded.model, loaded.tokenizer)
         default = default_checkpoint(name_or_path)
         if default is None:
-            return cls(parts.model, parts.tokenizer, backbone=name_or_path)
+            return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
         config = read_config(default)
-        parts = load_parts(default, config, parts)
-        return cls(parts.model, parts.tokenizer, heads=parts.heads, backbone=name_or_path,
+        parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
+        return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=name_or_path,
                    calibration=config.calibration, extra=config.extra)
 
     def save_pretrained(self, save_directory: str | Path, *, include_backbone: bool = False,
