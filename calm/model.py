@@ -20,7 +20,7 @@ from calm.loading import load_backbone
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 
-Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 class CalmModel:
@@ -100,15 +100,17 @@ class CalmModel:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, chat: bool | None = None, truncate: bool = False) -> GenerationResult:
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+                 truncate: bool = False) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
-        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor."""
+        for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
+        tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         policy = policy or ExitPolicy.never()
         policy.allowed_layers(self.num_layers)                                  # range check up front
-        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate)
+        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
                                   sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed))
@@ -146,9 +148,9 @@ class CalmModel:
         return None
 
     def encode_prompts(self, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
-                       truncate: bool = False) -> PromptBatch:
+                       truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
         """Token ids of the prompts, left-padded into one batch."""
-        rows = self._token_rows(prompts, max_new_tokens, chat, truncate)
+        rows = self._token_rows(_prompt_list(prompts, attention_mask, self.pad_token_id), max_new_tokens, chat, truncate)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -157,13 +159,7 @@ class CalmModel:
             mask[i, width - len(row):] = True
         return PromptBatch(ids=ids.to(self.device), mask=mask.to(self.device))
 
-    def _token_rows(self, prompts: Prompts, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
-        if isinstance(prompts, torch.Tensor):
-            if prompts.dim() != 2:
-                raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(prompts.shape)}")
-            prompts = prompts.tolist()
-        if isinstance(prompts, str):
-            prompts = [prompts]
+    def _token_rows(self, prompts: list, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
         if len(prompts) == 0:
             raise InputError("no prompts given")
         budget = None if self.max_context is None or self.adapter.is_encoder_decoder else self.max_context - max_new_tokens
@@ -199,6 +195,46 @@ class CalmModel:
                                                      tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return list(self.tokenizer(text)["input_ids"])
+
+
+def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
+    """One entry per prompt: a string or a list of token ids (a flat list of ints is one prompt)."""
+    if isinstance(prompts, torch.Tensor):
+        return _tensor_rows(prompts, attention_mask, pad_token_id)
+    if attention_mask is not None:
+        raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts
+
+
+def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[list[int]]:
+    """The real tokens of each row of a [B, T] tensor: those attention_mask keeps (left or right padding).
+    Without a mask every token is real, so a row that starts or ends with the pad id is refused."""
+    if ids.dim() != 2:
+        raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id                  # [B, 2]
+        if ids.numel() and bool(edges.any()):
+            row = int(edges.any(1).nonzero()[0, 0])
+            raise InputError(f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
+                             "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
+                             "read as input")
+        return ids.tolist()
+    if tuple(attention_mask.shape) != tuple(ids.shape):
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts {tuple(ids.shape)}")
+    mask = attention_mask.to(device=ids.device)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.bool()
+    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)                  # runs of tokens per row
+    if bool((blocks > 1).any()):
+        row = int((blocks > 1).nonzero()[0, 0])
+        raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
+    return [r[m].tolist() for r, m in zip(ids, mask)]
 
 
 def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
