@@ -73,7 +73,8 @@ VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
         num_layers=4, num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
         relative_attention_num_buckets=8, relative_attention_max_distance=16), _untie),
     "mt5-shallower-decoder-tied": (tf.MT5ForConditionalGeneration, tf.MT5Config, dict(num_layers=3, num_decoder_layers=2), None),
-    "mt5-untied": (tf.MT5ForConditionalGeneration, tf.MT5Config, dict(num_layers=2, num_decoder_layers=3), _untie),
+    "mt5-untied-narrow-heads": (tf.MT5ForConditionalGeneration, tf.MT5Config, dict(      # heads * d_kv < d_model
+        num_layers=2, num_decoder_layers=3, d_kv=8), _untie),
 }
 
 
