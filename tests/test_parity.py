@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
         tie_word_embeddings=True), None),
     "qwen2-window-off-untied": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(      # sliding_window set, not used
         num_key_value_heads=4, use_sliding_window=False, sliding_window=WINDOW, tie_word_embeddings=False), None),
+    "qwen2-yarn-rope-untied": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(
+        num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}), None),
     "qwen3-gqa-window-untied": (tf.Qwen3ForCausalLM, tf.Qwen3Config, dict(
         num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
         tie_word_embeddings=False, head_dim=24), None),
