@@ -205,10 +205,10 @@ def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_toke
         raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    return prompts
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]
+    return items
 
 
 def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[list[int]]:
