@@ -60,8 +60,9 @@ class CalmModel:
         default = _default_checkpoint(name_or_path)
         if default is not None:
             config = read_config(default)
-            heads = _heads_for(default, config, loaded.model)
-            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
+            model = _with_adapter(default, loaded.model)
+            heads = _heads_for(default, config, model)
+            return cls(model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
                        extra=config.extra)
         return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
 
@@ -72,7 +73,8 @@ class CalmModel:
         if not Path(backbone_ref).is_absolute() and (path / backbone_ref).exists():
             backbone_ref = str(path / backbone_ref)
         loaded = load_backbone(backbone_ref, dtype=dtype, device=device)
-        return cls(loaded.model, loaded.tokenizer, heads=_heads_for(path, config, loaded.model),
+        model = _with_adapter(path, loaded.model)
+        return cls(model, loaded.tokenizer, heads=_heads_for(path, config, model),
                    backbone=config.backbone, calibration=config.calibration, extra=config.extra)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
@@ -199,6 +201,12 @@ class CalmModel:
                                                      tokenize=True, return_dict=False)
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return list(self.tokenizer(text)["input_ids"])
+
+
+def _with_adapter(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone with the checkpoint's LoRA adapter merged in, when it holds one."""
+    from calm import lora
+    return lora.merge_adapter(model, path) if lora.has_adapter(path) else model
 
 
 def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
