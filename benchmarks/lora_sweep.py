@@ -10,6 +10,7 @@ original model's token (drift), and the KLs.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -25,6 +26,7 @@ SETTINGS = {
     "lr3e-4 anchor4": {"lr": 3e-4, "anchor": 4.0},
     "lr3e-4 anchor4 layers0-19": {"lr": 3e-4, "anchor": 4.0, "lora_layers": "0-19"},
     "lr1e-3 anchor4": {"lr": 1e-3, "anchor": 4.0},
+    "lr6e-4 anchor8 layers0-19": {"lr": 6e-4, "anchor": 8.0, "lora_layers": "0-19"},
 }
 
 
@@ -65,13 +67,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--last", type=int, default=2)
-    p.add_argument("--only", default=None, help="Comma-separated setting names (default: all).")
+    p.add_argument("--only", default=None, help="Comma-separated setting names to run (default: all); the "
+                   "report keeps the earlier runs of the other settings.")
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--work", default="build/lora-sweep")
     p.add_argument("--out", default="benchmarks/results/lora_sweep_smollm2")
     args = p.parse_args()
     names = args.only.split(",") if args.only else list(SETTINGS)
-    runs = [run(n, SETTINGS[n], args) for n in names]
+    json_file = Path(args.out).with_suffix(".json")
+    done = {r["name"]: r for r in json.loads(json_file.read_text())["runs"]} if json_file.is_file() else {}
+    runs = [done[n] if n in done and n not in names else None for n in SETTINGS]
+    runs = [r if r is not None else run(n, SETTINGS[n], args) for n, r in zip(SETTINGS, runs)
+            if r is not None or n in names]
     report = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads", "torch": torch.__version__, "steps": args.steps,
               "window": args.window, "last": args.last, "runs": runs}
