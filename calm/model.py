@@ -60,8 +60,9 @@ class CalmModel:
         default = _default_checkpoint(name_or_path)
         if default is not None:
             config = read_config(default)
-            heads = _heads_for(default, config, loaded.model)
-            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
+            model = _with_adapter(default, loaded.model)
+            heads = _heads_for(default, config, model)
+            return cls(model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
                        extra=config.extra)
         return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
 
@@ -72,7 +73,8 @@ class CalmModel:
         if not Path(backbone_ref).is_absolute() and (path / backbone_ref).exists():
             backbone_ref = str(path / backbone_ref)
         loaded = load_backbone(backbone_ref, dtype=dtype, device=device)
-        return cls(loaded.model, loaded.tokenizer, heads=_heads_for(path, config, loaded.model),
+        model = _with_adapter(path, loaded.model)
+        return cls(model, loaded.tokenizer, heads=_heads_for(path, config, model),
                    backbone=config.backbone, calibration=config.calibration, extra=config.extra)
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
@@ -235,6 +237,12 @@ def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_tok
         row = int((blocks > 1).nonzero()[0, 0])
         raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
     return [r[m].tolist() for r, m in zip(ids, mask)]
+
+
+def _with_adapter(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone with the checkpoint's LoRA adapter merged in, when it holds one."""
+    from calm import lora
+    return lora.merge_adapter(model, path) if lora.has_adapter(path) else model
 
 
 def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
