@@ -4,7 +4,9 @@ directory in safetensors, under the subdirectory the config names). Safetensors 
 unpickled and no code from a checkpoint is ever run. Files are written atomically, the config last.
 
 The backbone is named one of four ways (`backbone_kind` in the config): a calm alias ("smollm2"),
-a hub id, a local path, or "included" (a directory inside the checkpoint, relative to it).
+a hub id, a local path, or "included" (a directory inside the checkpoint, relative to it). A
+checkpoint that names its backbone may hold a LoRA adapter for it (peft's `adapter_config.json` and
+`adapter_model.safetensors`, calm.lora), merged into the backbone at load.
 
 Saving and loading run a list of steps over the parts a checkpoint holds (`SAVE_STEPS`, `LOAD_STEPS`),
 so a new part is one writer and one loader."""
@@ -24,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from calm import lora
 from calm.adapters import adapter_for
 from calm.calibration import CalibrationTable
 from calm.errors import CheckpointError
@@ -46,7 +49,6 @@ class CheckpointConfig:
     calibration: CalibrationTable | None = None
     extra: dict | None = None           # training metadata (command, data, steps)
     backbone_kind: str | None = None    # one of BACKBONE_KINDS; None: inferred when saved or read
-    adapter: dict | None = None         # a LoRA adapter's description (not loadable by this version)
 
     def to_dict(self) -> dict:
         data = {"format": FORMAT, "version": VERSION, "backbone": self.backbone,
@@ -54,19 +56,19 @@ class CheckpointConfig:
                 "calibration": self.calibration.to_dict() if self.calibration else None, "extra": self.extra or {}}
         if self.backbone_kind is not None:
             data["backbone_kind"] = self.backbone_kind
-        if self.adapter is not None:
-            data["adapter"] = self.adapter
         return data
 
 
 @dataclass(frozen=True)
 class Components:
     """What a checkpoint holds besides its config. The backbone (model, tokenizer) is written only
-    when the config says it is included."""
+    when the config says it is included; `adapter` is the checkpoint directory whose LoRA adapter is
+    merged into the model (its files go with a checkpoint that names the backbone)."""
 
     model: torch.nn.Module | None = None
     tokenizer: object = None
     heads: ExitHeads | None = None
+    adapter: Path | None = None
 
     def backbone(self) -> torch.nn.Module:
         """The backbone model; loading always has one."""
@@ -171,6 +173,27 @@ def _write_backbone(path: Path, config: CheckpointConfig, parts: Components) -> 
         save_backbone(parts.model, parts.tokenizer, path / config.backbone)
 
 
+def check_adapter_target(path: str | Path, adapter: Path | None, include_backbone: bool) -> None:
+    """Refuse a save that would leave a LoRA adapter in `path` that is not this model's, or one that
+    the included (already merged) backbone would get a second time."""
+    path = Path(path)
+    if not lora.has_adapter(path):
+        return
+    if include_backbone:
+        raise CheckpointError(f"{path} holds a LoRA adapter, which loading would merge into the included backbone a "
+                              "second time; save into a directory without one")
+    if adapter is None or adapter.resolve() != path.resolve():
+        raise CheckpointError(f"{path} holds a LoRA adapter that this model does not have; save into another "
+                              f"directory, or delete {lora.ADAPTER_CONFIG} and {lora.ADAPTER_WEIGHTS} there first")
+
+
+def _write_adapter(path: Path, config: CheckpointConfig, parts: Components) -> None:
+    if config.backbone_kind == INCLUDED or parts.adapter is None or parts.adapter.resolve() == path.resolve():
+        return
+    for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):            # weights first: the config marks it complete
+        write_atomic(path / name, (parts.adapter / name).read_bytes())
+
+
 def _write_heads(path: Path, config: CheckpointConfig, parts: Components) -> None:
     if parts.heads is not None:
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in parts.heads.state_dict().items()}
@@ -178,17 +201,18 @@ def _write_heads(path: Path, config: CheckpointConfig, parts: Components) -> Non
 
 
 SaveStep = Callable[[Path, CheckpointConfig, Components], None]
-SAVE_STEPS: tuple[SaveStep, ...] = (_write_backbone, _write_heads)
+SAVE_STEPS: tuple[SaveStep, ...] = (_write_backbone, _write_adapter, _write_heads)
 
 
 def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads | None = None,
-                    backbone: tuple[torch.nn.Module, object] | None = None) -> None:
+                    backbone: tuple[torch.nn.Module, object] | None = None, adapter: Path | None = None) -> None:
     """Write the parts, then the config. `backbone` (model, tokenizer) is saved when the config's
-    backbone_kind is 'included'; a config without a backbone_kind gets the one its reference has."""
+    backbone_kind is 'included'; otherwise the LoRA adapter files in the directory `adapter` are copied
+    along. A config without a backbone_kind gets the one its reference has."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model, tokenizer = backbone if backbone is not None else (None, None)
-    parts = Components(model=model, tokenizer=tokenizer, heads=heads)
+    parts = Components(model=model, tokenizer=tokenizer, heads=heads, adapter=adapter)
     for step in SAVE_STEPS:
         step(path, config, parts)
     if config.backbone_kind is None:
@@ -221,7 +245,7 @@ def read_config(path: str | Path) -> CheckpointConfig:
         raise CheckpointError(f"{file}: unknown backbone_kind {kind!r}; expected one of {', '.join(BACKBONE_KINDS)}")
     return CheckpointConfig(backbone=data["backbone"], heads=_heads_config(file, data.get("heads")),
                             calibration=_calibration(file, data.get("calibration")), extra=data.get("extra") or {},
-                            backbone_kind=kind, adapter=data.get("adapter"))
+                            backbone_kind=kind)
 
 
 def _heads_config(file: Path, heads: dict | None) -> HeadsConfig | None:
@@ -263,11 +287,15 @@ def load_heads(path: str | Path, config: HeadsConfig, num_layers: int, hidden_si
     return heads.eval()
 
 
-def _refuse_adapter(path: Path, config: CheckpointConfig, parts: Components) -> Components:
-    if config.adapter is not None:
-        raise CheckpointError(f"checkpoint {path} holds a LoRA adapter, which this version of calm cannot merge; "
-                              "upgrade calm to load it")
-    return parts
+def with_adapter(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone with the LoRA adapter of the checkpoint in `path` merged in, when it holds one."""
+    return lora.merge_adapter(model, path) if lora.has_adapter(path) else model
+
+
+def _merge_adapter(path: Path, config: CheckpointConfig, parts: Components) -> Components:
+    if not lora.has_adapter(path):
+        return parts
+    return replace(parts, model=with_adapter(path, parts.backbone()), adapter=path)
 
 
 def _load_heads(path: Path, config: CheckpointConfig, parts: Components) -> Components:
@@ -278,7 +306,7 @@ def _load_heads(path: Path, config: CheckpointConfig, parts: Components) -> Comp
 
 
 LoadStep = Callable[[Path, CheckpointConfig, Components], Components]
-LOAD_STEPS: tuple[LoadStep, ...] = (_refuse_adapter, _load_heads)        # in order, after the backbone
+LOAD_STEPS: tuple[LoadStep, ...] = (_merge_adapter, _load_heads)        # in order, after the backbone
 
 
 def load_parts(path: str | Path, config: CheckpointConfig, backbone: Components) -> Components:

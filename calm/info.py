@@ -1,22 +1,26 @@
 """`calm info`: what a model name resolves to. The backbone's architecture, where it comes from, the
-exit heads, the LoRA adapter and the calibration table, read from the checkpoint's config (the heads
-and adapter weights are not loaded, so this works for any checkpoint this calm can read)."""
+exit heads, the LoRA adapter and the calibration table, read from the checkpoint's config and the
+adapter's config (the heads and adapter weights are not loaded)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from calm import lora
 from calm.adapters import adapter_for
 from calm.bench import format_speedup
 from calm.calibration import CalibrationTable
 from calm.checkpoint import INCLUDED, CheckpointConfig, backbone_kind, backbone_location, is_checkpoint, read_config
+from calm.errors import CheckpointError
 from calm.heads import HeadsConfig
 from calm.loading import load_backbone
 from calm.model import default_checkpoint
 
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "base_model_name_or_path")
 KIND_NAMES = {"alias": "calm alias", "hub": "hub id", "path": "local path", "included": "included in the checkpoint"}
 
 
@@ -53,14 +57,28 @@ def describe(name_or_path: str | Path, device: str | torch.device | None = None)
 
 def _info(name: str, model: torch.nn.Module, ref: str, kind: str, checkpoint: Path | None,
           config: CheckpointConfig | None) -> ModelInfo:
-    adapter = adapter_for(model)
+    arch = adapter_for(model)
     return ModelInfo(name=name, model_type=str(getattr(model.config, "model_type", "?")),
-                     model_class=type(model).__name__, num_layers=adapter.num_layers,
-                     hidden_size=adapter.hidden_size, vocab_size=adapter.vocab_size,
+                     model_class=type(model).__name__, num_layers=arch.num_layers,
+                     hidden_size=arch.hidden_size, vocab_size=arch.vocab_size,
                      parameters=sum(p.numel() for p in model.parameters()),
                      backbone=ref, backbone_kind=kind, checkpoint=None if checkpoint is None else str(checkpoint),
                      heads=config.heads if config else None, calibration=config.calibration if config else None,
-                     adapter=config.adapter if config else None)
+                     adapter=adapter_settings(checkpoint) if checkpoint is not None else None)
+
+
+def adapter_settings(checkpoint: Path) -> dict | None:
+    """The main settings of the checkpoint's LoRA adapter (peft's adapter_config.json), if it has one."""
+    if not lora.has_adapter(checkpoint):
+        return None
+    file = checkpoint / lora.ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt LoRA adapter config {file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"corrupt LoRA adapter config {file}: not an object")
+    return {key: config[key] for key in ADAPTER_KEYS if config.get(key) is not None}
 
 
 # ---- text ----------------------------------------------------------------------------------------
@@ -87,7 +105,7 @@ def _heads_text(heads: HeadsConfig | None) -> str:
 
 
 def _mapping_text(values: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items()) if isinstance(values, dict) else str(values)
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]:

