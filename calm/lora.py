@@ -10,6 +10,7 @@ partial load. Nothing is unpickled: peft reads the safetensors file only.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def attach(model: torch.nn.Module, spec: LoraSpec, num_layers: int) -> torch.nn.
     """The model wrapped by peft with fresh adapters (B = 0: output unchanged); only they train."""
     from peft import get_peft_model
     model.requires_grad_(False)
-    return get_peft_model(model, spec.peft_config(num_layers))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, spec.peft_config(num_layers))
 
 
 def has_adapter(path: str | Path) -> bool:
@@ -84,8 +87,10 @@ def merge_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     path = Path(path)
     config = _read_adapter_config(path)
     _check_shapes(model, path, config)
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    return peft_model.merge_and_unload()
+    with warnings.catch_warnings():            # peft calls a transformers property deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        return peft_model.merge_and_unload()
 
 
 def _read_adapter_config(path: Path) -> dict:
