@@ -45,11 +45,10 @@ def hf_decode(model: CalmModel, batch, new_tokens: int) -> tuple[float, float]:
 
 
 def configurations(base: CalmModel, tuned: CalmModel, tolerances: list[float]) -> dict:
-    from calm.knob import tolerance_policy
     configs = {"transformers generate (original)": ("hf", base, None),
                "calm full depth (fine-tuned)": ("calm", tuned, ExitPolicy.never())}
     for delta in tolerances:
-        policy = tolerance_policy(tuned, delta)
+        policy = tuned.policy(tolerance=delta)
         configs[f"calm knob δ={delta:g} ({policy.measure} λ={policy.threshold:g})"] = ("calm", tuned, policy)
     return configs
 
