@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from calm.decode import ExitPlan
 from calm.errors import InputError
+from calm.knob import resolve_policy
 from calm.policy import ExitPolicy
 from calm.speculative import DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, SpeculativeConfig, default_draft_policy
 
@@ -58,8 +60,8 @@ class MeasuredSetting:
 
 @dataclass(frozen=True)
 class ModeRun:
-    spec: SpeculativeConfig | None       # None: the full model
-    policy: ExitPolicy                   # the draft controller (full model: never exits)
+    spec: SpeculativeConfig | None       # None: calm's own decoding under policy (the full model: never exits)
+    policy: ExitPolicy                   # speculative: the draft controller
     description: str
 
     def generate_kwargs(self) -> dict:
@@ -97,6 +99,23 @@ def resolve_mode(model, mode: str = "calm", lossless: bool = False, draft_layer:
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     return ModeRun(spec, policy, f"speculative (lossless): drafts from layer {spec.draft_layer}, up to "
                                  f"{spec.max_draft} per step, controller {name}")
+
+
+def resolve_run(model, threshold: float | None = None, measure: str | None = None, min_exit_layer: int | None = None,
+                speed: float | None = None, tolerance: float | None = None, mode: str = "calm", lossless: bool = False,
+                draft_layer: int | None = None, max_draft: int | None = None) -> ModeRun:
+    """What the command line's switches ask for: calm's knob (calm.knob.resolve_policy), or the lossless
+    run of resolve_mode, where --measure and --threshold set the draft controller."""
+    run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold)
+    if run is None:
+        resolved = resolve_policy(model, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
+                                  speed=speed, tolerance=tolerance)
+        return ModeRun(None, resolved.policy, resolved.description)
+    if speed is not None or tolerance is not None:
+        raise InputError("--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
+                         "early (use --threshold for its draft controller)")
+    ExitPlan.resolve(run.policy, model.network)
+    return run
 
 
 def _controller(model, stored: MeasuredSetting | None, measure: str | None, threshold: float | None) -> ExitPolicy:

@@ -283,7 +283,8 @@ def generate_speculative(net: Network, prompts: PromptBatch, policy: ExitPolicy,
     _sync(device)
     t2 = time.perf_counter()
     token_ids = tuple(tuple(r) for r in out)
-    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids))
+    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids),
+                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
     return GenerationResult(token_ids=token_ids, exit_layers=tuple((net.num_layers,) * len(r) for r in token_ids),
                             num_layers=net.num_layers, timings=timings, speculative=tally.stats(spec))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 
 import click
+from rich.console import Console
 from transformers.utils import logging as hf_logging
 
 from calm import __version__
@@ -13,13 +14,15 @@ from calm.bench import BenchConfig, bench_prompts, parse_run_spec, run_bench, sp
 from calm.data import read_jsonl
 from calm.errors import CalmError
 from calm.eval.inputs import load_documents
-from calm.eval.knob import check_knobs, resolve_run
 from calm.eval.progress import progress_bar
 from calm.eval.render import SummaryPrinter, run_footer
 from calm.eval.summarize import summarize_documents
 from calm.cli.train import train_command
 from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
 from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
+from calm.info import describe, info_tables, info_text
+from calm.knob import check_knobs
+from calm.lossless import resolve_run
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
@@ -198,7 +201,7 @@ def summarize(file, text, model_name, device, dtype, threshold, measure, min_exi
     docs = []
     with progress_bar("summarizing", total=len(records)) as update:
         for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size,
-                                         resolved.generate_kwargs):
+                                         resolved.generate_kwargs()):
             for doc in batch:
                 printer.print(doc)
             docs += batch
@@ -312,8 +315,8 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
         run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
     if run is None:
         return
-    model.calibration = run.to_checkpoint_dict(config)
-    model.save(out, extra={"calibrate_command": _command()})
+    model.calibration = run.checkpoint_table(config)
+    model.save_pretrained(out, extra={"calibrate_command": _command()})
     click.echo(run.table_markdown())
     click.echo(run.summary)
     click.echo(f"wrote {out}", err=True)
@@ -370,6 +373,33 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     files = write_bench(report, out)
     click.echo(report.to_markdown())
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)
+
+
+# ---- calm info ---------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  calm info
+  calm info ./my-heads
+  calm info HuggingFaceTB/SmolLM2-135M-Instruct
+""")
+@click.argument("model_name", default="smollm2", metavar="[MODEL]")
+def info(model_name) -> None:
+    """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter
+    and the calibration table (threshold, mean D, p-value, certified at δ).
+
+    MODEL is 'smollm2' (default), a .gguf file, a local transformers directory, a calm checkpoint
+    directory, or a hub id. The backbone is loaded on the CPU.
+    """
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    described = describe(model_name)
+    console = Console()
+    if console.is_terminal:
+        for table in info_tables(described):
+            console.print(table)
+    else:
+        click.echo(info_text(described))
 
 
 cli.add_command(train_command)

@@ -36,7 +36,8 @@ def _command_line(ctx) -> str:
               help="Training data: .jsonl (document, optional summary) or .txt files; repeat the option.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output calm checkpoint directory.")
 @click.option("--mode", type=click.Choice(MODES), default="heads",
-              help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone.")
+              help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone; "
+                   "lora: CALM fine-tuning with LoRA adapters and the exit heads, distilled from the original model.")
 @click.option("--steps", type=int, default=TrainConfig.steps)
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size,
               help="Positions per step (heads) or sequences per step (finetune).")
@@ -44,6 +45,12 @@ def _command_line(ctx) -> str:
               help="Exit layers sampled per position and step (heads).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune].")
 @click.option("--rank", type=int, default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
+@click.option("--lora-rank", type=int, default=TrainConfig.lora_rank, help="lora: rank of the backbone's adapters.")
+@click.option("--lora-layers", default=None, help="lora: decoder layers to adapt, 'first-last' (0-based) [default: all].")
+@click.option("--anchor", type=float, default=TrainConfig.anchor,
+              help="lora: weight of the final layer's KL to the original model (keeps full depth in place).")
+@click.option("--doc-positions", type=int, default=TrainConfig.doc_positions,
+              help="lora: random document positions per sequence that train besides the summary.")
 @click.option("--min-exit-layer", type=int, default=TrainConfig.min_exit_layer,
               help="Train heads for exit layers from this one up (lower layers never exit by the classifier).")
 @click.option("--seed", type=int, default=TrainConfig.seed)
@@ -67,7 +74,8 @@ def _command_line(ctx) -> str:
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch [default: torch's choice]; 1 can be faster on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, min_exit_layer, seed, resume,
+def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, lora_rank, lora_layers, anchor,
+                  doc_positions, min_exit_layer, seed, resume,
                   summaries_per_doc, max_docs, summary_tokens, max_doc_tokens, gen_batch_size, chunk_tokens,
                   max_chunks, positions_per_chunk, checkpoint_every, log_every, device, work_dir, no_classifier,
                   no_transform, threads, quiet):
@@ -77,6 +85,7 @@ def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr
     try:
         config = TrainConfig(data=tuple(data), out=out, model=model, mode=mode, steps=steps, batch_size=batch_size,
                              layers_per_step=layers_per_step, lr=lr, rank=rank, seed=seed, resume=resume,
+                             lora_rank=lora_rank, lora_layers=lora_layers, anchor=anchor, doc_positions=doc_positions,
                              min_exit_layer=min_exit_layer,
                              max_docs=max_docs, summaries_per_doc=summaries_per_doc, summary_tokens=summary_tokens,
                              max_doc_tokens=max_doc_tokens, gen_batch_size=gen_batch_size,

@@ -1,6 +1,5 @@
 """calm.eval: what the `calm` commands run, as library code.
 
-- knob: an ExitPolicy from the user's knobs (threshold, speed, tolerance, measure).
 - inputs: documents from a JSONL file, a text file, stdin or a string.
 - summarize: summaries of documents in batches, with exit layers per token.
 - render: summaries coloured by exit layer (rich) or annotated in plain text.
@@ -10,9 +9,7 @@
 """
 
 from calm.eval.inputs import load_documents
-from calm.eval.knob import ResolvedPolicy, default_measure, resolve_policy
 from calm.eval.summarize import DocumentSummary, summarize_documents
 from calm.eval.sweep import EvalConfig, run_eval
 
-__all__ = ["DocumentSummary", "EvalConfig", "ResolvedPolicy", "default_measure", "load_documents", "resolve_policy",
-           "run_eval", "summarize_documents"]
+__all__ = ["DocumentSummary", "EvalConfig", "load_documents", "run_eval", "summarize_documents"]

@@ -33,7 +33,8 @@ class DocumentSummary:
                 "exit_layers": list(self.exit_layers), "num_layers": self.num_layers,
                 "timings": {"batch_size": self.batch_size, "batch_prefill_s": t.prefill_s,
                             "batch_decode_s": t.decode_s, "batch_new_tokens": t.new_tokens,
-                            "batch_tokens_per_s": t.tokens_per_s}}
+                            "batch_decode_tokens": t.decode_tokens, "batch_tokens_per_s": t.tokens_per_s,
+                            "batch_decode_tokens_per_s": t.decode_tokens_per_s}}
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
+from test_parity import VARIANTS as PARITY_VARIANTS
+from test_parity import build as build_variant
+from test_parity import prompts as parity_prompts
 
 from calm import CalmModel
 from calm.adapters import adapter_for
@@ -280,3 +283,15 @@ def test_real_model_speculative_output_is_the_full_models_on_8_documents():
         assert out.token_ids == full.token_ids, f"E={e} k={k}"
         stats = out.speculative
         assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_VARIANTS))
+def test_every_accepted_architecture_variant_decodes_losslessly(name):
+    """test_parity's models (sliding windows, no-RoPE layers, T5 decoders deeper and shallower than their
+    encoders, ...): speculative decoding of a batch of 3 rows of different lengths gives full depth's tokens."""
+    model = build_variant(name)
+    net = Network.build(adapter_for(model))
+    p = CalmModel.from_model(model).encode_prompts(parity_prompts(), 8)
+    full = generate_tokens(net, p, ExitPolicy.never(), gen_config(8))
+    for e, k in ((1, 3), (net.num_layers - 1, 2)):
+        assert speculative(net, p, e, k, max_new=8).token_ids == full.token_ids, f"E={e} k={k}"
