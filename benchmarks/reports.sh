@@ -44,3 +44,6 @@ cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/roug
     --repeats 3 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8 --new-tokens 32 \
     --repeats 3 --max-doc-tokens 1024 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu_doc1024
+# 7. lossless speculative decoding: full depth, transformers generate and assistant_early_exit, calm speculative at
+#    E in {8, 12, 15, 20} x k in {2, 4, 6}; the best batch-1 setting is stored with the shipped checkpoint (issue 13)
+"$PY" benchmarks/bench_speculative.py --out benchmarks/results --store calm/assets/smollm2
