@@ -11,13 +11,14 @@ import torch
 from calm.adapters import adapter_for
 from calm.checkpoint import CheckpointConfig, is_checkpoint, load_heads, read_config, save_checkpoint
 from calm.decode import Network
-from calm.data import truncate_document
+from calm.devices import resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
 from calm.lm_head import CertifiedArgmax
 from calm.loading import load_backbone
 from calm.policy import ExitPolicy
+from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
 
 Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
@@ -187,18 +188,11 @@ class CalmModel:
             raise InputError("empty prompt: give some text to generate from")
         if self.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None)) \
-            and not self.adapter.is_encoder_decoder
+        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
         if truncate and budget is not None:
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - len(self._template("", use_chat))))
-        return self._template(prompt, use_chat)
-
-    def _template(self, text: str, use_chat: bool) -> list[int]:
-        if use_chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
+            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
+        return prompt_ids(self.tokenizer, prompt, use_chat)
 
 
 def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
@@ -226,6 +220,4 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 
 
 def _parse_device(device) -> torch.device | None:
-    if device in (None, "auto"):
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return resolve_device(device)
