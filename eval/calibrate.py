@@ -56,6 +56,7 @@ class CalibrateConfig:
         if list(self.thresholds) != sorted(set(self.thresholds), reverse=True):
             raise InputError("calibration thresholds must be distinct and listed from the most conservative "
                              "(highest) down, e.g. 0.99,0.95,0.9,0.8")
+        self.sweep()                                  # the sweep's own checks (thresholds in [0, 1], ...) up front
 
     def sweep(self) -> EvalConfig:
         return EvalConfig(model=self.model, data=self.data, thresholds=self.thresholds, measure=self.measure,
