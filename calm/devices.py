@@ -37,7 +37,7 @@ def check_device(name: str) -> str:
     return name
 
 
-def resolve_device(device: "str | torch.device | None") -> "torch.device | None":
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """The torch device to load on: 'auto' (or None) is the GPU if there is one, else None (torch's default)."""
     import torch
 

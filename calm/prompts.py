@@ -11,8 +11,9 @@ caller loses text without a word.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from calm.errors import InputError
 
@@ -43,6 +44,9 @@ class PromptTemplate:
         return self.text.replace(PLACEHOLDER, document.strip())
 
 
+DEFAULT_TEMPLATE = PromptTemplate()
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A rendered prompt and how much of its document it holds (in the tokenizer's tokens)."""
@@ -68,7 +72,7 @@ class PromptFormat:
     max_new_tokens: int = 0
 
     @classmethod
-    def for_model(cls, model: "CalmModel", max_new_tokens: int, chat: bool | None = None) -> "PromptFormat":
+    def for_model(cls, model: CalmModel, max_new_tokens: int, chat: bool | None = None) -> PromptFormat:
         if model.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
         encoder_decoder = model.adapter.is_encoder_decoder
@@ -111,10 +115,10 @@ def truncate_document(tokenizer: Any, document: str, max_tokens: int | None) -> 
 
 def summary_prompt(document: str) -> str:
     """The default summarisation prompt around a whole document."""
-    return PromptTemplate().render(document)
+    return DEFAULT_TEMPLATE.render(document)
 
 
-def fit_prompt(fmt: PromptFormat, document: str, template: PromptTemplate = PromptTemplate(),
+def fit_prompt(fmt: PromptFormat, document: str, template: PromptTemplate = DEFAULT_TEMPLATE,
                max_doc_tokens: int | None = None, truncate: bool = True, name: str = "document") -> Prompt:
     """The template around as much of the document as fits: at most max_doc_tokens, and what the
     context leaves after the instruction and the new tokens. A document that does not fit the context
@@ -138,7 +142,7 @@ def fit_prompt(fmt: PromptFormat, document: str, template: PromptTemplate = Prom
             raise InputError(_too_long(fmt, name, len(ids), 0))
 
 
-def fit_prompts(fmt: PromptFormat, documents: Sequence[tuple[str, str]], template: PromptTemplate = PromptTemplate(),
+def fit_prompts(fmt: PromptFormat, documents: Sequence[tuple[str, str]], template: PromptTemplate = DEFAULT_TEMPLATE,
                 max_doc_tokens: int | None = None, truncate: bool = True) -> list[Prompt]:
     """fit_prompt for each (name, document); every cut the context forced is logged as a warning."""
     prompts = [fit_prompt(fmt, doc, template, max_doc_tokens, truncate, name) for name, doc in documents]

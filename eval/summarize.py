@@ -3,17 +3,25 @@ generated token and how much of each document the prompt held."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from calm.data import Record
 from calm.generation import Timings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
-from calm.prompts import Prompt, PromptFormat, PromptTemplate, fit_prompts
+from calm.prompts import (
+    DEFAULT_TEMPLATE,
+    Prompt,
+    PromptFormat,
+    PromptTemplate,
+    fit_prompts,
+)
 from calm.sampling import SamplingConfig
 
 T = TypeVar("T")
+GREEDY = SamplingConfig()
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 def document_prompts(model: CalmModel, records: Sequence[Record], max_new_tokens: int = 64,
-                     template: PromptTemplate = PromptTemplate(), max_doc_tokens: int | None = None,
+                     template: PromptTemplate = DEFAULT_TEMPLATE, max_doc_tokens: int | None = None,
                      truncate: bool = True, chat: bool | None = None) -> list[Prompt]:
     """Each record's prompt, its document cut to fit (truncate) or refused with an InputError."""
     fmt = PromptFormat.for_model(model, max_new_tokens, chat)
@@ -62,7 +70,7 @@ def document_prompts(model: CalmModel, records: Sequence[Record], max_new_tokens
 
 def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
                         batch_size: int = 8, prompts: Sequence[Prompt] | None = None,
-                        sampling: SamplingConfig = SamplingConfig(),
+                        sampling: SamplingConfig = GREEDY,
                         chat: bool | None = None) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit."""

@@ -11,10 +11,21 @@ from transformers import AutoTokenizer
 from calm.data import summary_prompt as data_summary_prompt
 from calm.data import truncate_document as data_truncate_document
 from calm.errors import InputError
-from calm.prompts import (CONTEXT, MAX_DOC_TOKENS, SUMMARY_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompt,
-                          fit_prompts, summary_prompt, truncate_document, truncation_note)
+from calm.prompts import (
+    CONTEXT,
+    MAX_DOC_TOKENS,
+    SUMMARY_TEMPLATE,
+    Prompt,
+    PromptFormat,
+    PromptTemplate,
+    fit_prompt,
+    fit_prompts,
+    summary_prompt,
+    truncate_document,
+    truncation_note,
+)
 
-WORDS = "the cat sat on the mat . a dog ran in the park".split()
+WORDS = ["the", "cat", "sat", "on", "the", "mat", ".", "a", "dog", "ran", "in", "the", "park"]
 
 
 @pytest.fixture(scope="module")
