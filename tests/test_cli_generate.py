@@ -221,3 +221,23 @@ def _drain(fd: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---- the shipped model ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_shipped_model_threshold_0_97_with_tau_0_is_speed_1():
+    """The shipped calibration certifies classifier λ=0.97 with a fixed λ: --speed 1 runs exactly that."""
+    model = CalmModel.from_pretrained("smollm2")
+    assert model.calibration["decay_tau"] == 0.0
+    by_speed, _ = Knobs(speed=1.0).resolve(model)
+    by_threshold, _ = Knobs(threshold=0.97, decay_tau=0.0).resolve(model)
+    assert by_speed == by_threshold == ExitPolicy(measure="classifier", threshold=0.97, decay_tau=0.0)
+    text = ("--text", "The council approved a plan to build three new schools over five years.", "--max-new-tokens", 8)
+    speed = invoke("summarize", *text, "--speed", "1", "--json")
+    threshold = invoke("summarize", *text, "--threshold", "0.97", "--decay-tau", "0", "--json")
+    assert speed.exit_code == threshold.exit_code == 0, speed.output + threshold.output
+    (a,), (b,) = json_rows(speed.stdout), json_rows(threshold.stdout)
+    assert (a["summary"], a["exit_layers"]) == (b["summary"], b["exit_layers"])
+    assert "policy: classifier λ=0.97, λ fixed (τ=0); from --speed 1 and the calibration" in speed.stderr
+    assert "policy: classifier λ=0.97, λ fixed (τ=0); from --threshold" in threshold.stderr
