@@ -32,9 +32,13 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Timings:
+    """Wall-clock seconds of one generate call. Prefill runs the prompt (and the encoder) and picks every
+    row's first token; decode makes the rest, where early exit saves its layers."""
+
     prefill_s: float
     decode_s: float
     new_tokens: int          # tokens generated over all rows
+    decode_tokens: int       # of those, the ones after each row's first (made by decode steps)
 
     @property
     def total_s(self) -> float:
@@ -42,7 +46,18 @@ class Timings:
 
     @property
     def tokens_per_s(self) -> float:
+        """All generated tokens over prefill + decode time."""
         return self.new_tokens / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over decode time: the rate early exit changes."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": self.new_tokens,
+                "decode_tokens": self.decode_tokens, "tokens_per_s": self.tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
 @dataclass(frozen=True)
@@ -67,9 +82,7 @@ class GenerationResult:
         return {
             "texts": list(self.texts), "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers], "num_layers": self.num_layers,
-            "avg_layers": self.avg_layers,
-            "timings": {"prefill_s": self.timings.prefill_s, "decode_s": self.timings.decode_s,
-                        "new_tokens": self.timings.new_tokens, "tokens_per_s": self.timings.tokens_per_s},
+            "avg_layers": self.avg_layers, "timings": self.timings.to_dict(),
         }
 
 
@@ -111,7 +124,8 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
     _sync(device)
     t2 = time.perf_counter()
     token_ids, exit_layers = _trim(tokens_out[:, :steps].tolist(), exits_out[:, :steps].tolist(), set(config.eos_token_ids))
-    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids))
+    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids),
+                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
     return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=a.num_layers, timings=timings)
 
 

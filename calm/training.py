@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -47,11 +45,12 @@ from torch import nn
 from calm.adapters import adapter_for
 from calm.adapters.base import Adapter
 from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint, write_atomic, write_safetensors
+from calm.checkpoint import save_backbone as _save_backbone
 from calm.data import Record, read_jsonl, read_text, summary_prompt, truncate_document
 from calm.errors import CheckpointError, InputError, UnsupportedModelError
 from calm.heads import ExitHeads, HeadsConfig
 
-MODES = ("heads", "finetune")
+MODES = ("heads", "finetune", "lora")
 SUMMARIES_FILE = "summaries.jsonl"
 STATE_FILE = "state.safetensors"
 BACKBONE_DIR = "backbone"
@@ -74,16 +73,20 @@ class TrainConfig:
     data: tuple[str, ...]                   # .jsonl (`document`, optional `summary`) and .txt files
     out: str                                # the calm checkpoint directory written
     model: str = "smollm2"                  # alias, local dir, .gguf, hub id, or a calm checkpoint
-    mode: str = "heads"                     # "heads" (frozen backbone) or "finetune"
+    mode: str = "heads"                     # "heads" (frozen backbone), "finetune" or "lora" (calm.lora_training)
     steps: int = 600
-    batch_size: int = 64                    # heads: positions per step; finetune: sequences per step
+    batch_size: int = 64                    # heads: positions per step; finetune, lora: sequences per step
     layers_per_step: int = 4                # heads: exit layers sampled per position
     min_exit_layer: int = 1                 # heads: train exit layers min_exit_layer..L-1 only
-    lr: float | None = None                 # None: 3e-3 (heads), 2e-5 (finetune)
+    lr: float | None = None                 # None: 3e-3 (heads), 2e-5 (finetune), 3e-4 (lora)
     warmup: float = 0.05                    # fraction of steps of linear warm-up; cosine decay to 10 % after
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    rank: int = 32
+    rank: int = 32                          # of the exit heads' low-rank maps
+    lora_rank: int = 16                     # lora: rank of the backbone's adapters
+    lora_layers: str | None = None          # lora: decoder layers adapted, "first-last" (0-based); None: all
+    anchor: float = 1.0                     # lora: weight of the final layer's KL to the original model
+    doc_positions: int = 16                 # lora: random document positions per sequence besides the summary
     classifier: bool = True
     transform: bool = True
     seed: int = 0
@@ -109,7 +112,8 @@ class TrainConfig:
             raise InputError("no training data: give at least one .jsonl or .txt file")
         if self.mode not in MODES:
             raise InputError(f"unknown training mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        positive = ("steps", "batch_size", "layers_per_step", "min_exit_layer", "rank", "summaries_per_doc", "summary_tokens",
+        positive = ("steps", "batch_size", "layers_per_step", "min_exit_layer", "rank", "lora_rank", "doc_positions",
+                    "summaries_per_doc", "summary_tokens",
                     "max_doc_tokens", "gen_batch_size", "chunk_tokens", "positions_per_chunk", "checkpoint_every",
                     "log_every")
         for name in positive:
@@ -128,12 +132,16 @@ class TrainConfig:
             raise InputError("weight_decay and grad_clip must be >= 0")
         if self.mode == "heads" and not (self.classifier or self.transform):
             raise InputError("nothing to train: the heads have neither a transform nor a classifier")
+        if not (self.anchor >= 0 and math.isfinite(self.anchor)):
+            raise InputError(f"anchor must be a finite number >= 0, got {self.anchor}")
+        if self.lora_layers is not None and not _is_layer_range(self.lora_layers):
+            raise InputError(f"lora_layers must look like '0-19' (first-last, 0-based), got {self.lora_layers!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (3e-3 if self.mode == "heads" else 2e-5)
+        return self.lr if self.lr is not None else {"heads": 3e-3, "finetune": 2e-5, "lora": 3e-4}[self.mode]
 
     @property
     def work_path(self) -> Path:
@@ -143,6 +151,11 @@ class TrainConfig:
         d = asdict(self)
         d["data"] = list(self.data)
         return d
+
+
+def _is_layer_range(text: str) -> bool:
+    first, _, last = text.partition("-")
+    return first.isdigit() and (last == "" or (last.isdigit() and int(last) >= int(first)))
 
 
 @dataclass(frozen=True)
@@ -532,6 +545,16 @@ def _fingerprint(config: TrainConfig) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE}
 
 
+def check_fingerprint(stored: dict, config: TrainConfig) -> None:
+    """A resume must run with the saved run's settings (those in RESUME_FREE aside)."""
+    now = json.loads(json.dumps(_fingerprint(config)))
+    diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    if diff:
+        raise InputError("cannot resume: the training settings differ from the saved run in "
+                         + ", ".join(f"{k} (saved {stored.get(k)!r}, now {now.get(k)!r})" for k in diff)
+                         + "; use the same settings, or start again without --resume")
+
+
 def save_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, meta: dict,
                extra_tensors: dict[str, torch.Tensor]) -> None:
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
@@ -598,6 +621,15 @@ def _backbone_refs(model_ref: str) -> str:
     return model_ref
 
 
+def adapted_backbone(model_ref: str, model: nn.Module) -> nn.Module:
+    """The backbone with the LoRA adapter of the model reference (a checkpoint, or an alias's
+    shipped assets) merged in, as CalmModel.from_pretrained would load it."""
+    from calm.checkpoint import with_adapter
+    from calm.model import default_checkpoint
+    source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
+    return with_adapter(source, model) if source is not None else model
+
+
 def stored_backbone_ref(load_ref: str, out: Path) -> str:
     """The backbone as the checkpoint names it: aliases and hub ids as given, paths absolute,
     or relative to the checkpoint when they lie inside it."""
@@ -609,25 +641,6 @@ def stored_backbone_ref(load_ref: str, out: Path) -> str:
         return str(path.relative_to(out.resolve()))
     except ValueError:
         return str(path)
-
-
-def _save_backbone(model, tokenizer, target: Path) -> None:
-    """Replace target with the model (and tokenizer) saved by transformers in safetensors."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    old = target.with_name(target.name + ".old")
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,6 +691,9 @@ def train(config: TrainConfig, *, command: str | None = None, progress: bool = T
     callback(step, losses) runs after every step once its checkpoint (if any) is written; raising
     from it interrupts training like a crash would (the tests use that to check resuming).
     """
+    if config.mode == "lora":
+        from calm.lora_training import train_lora
+        return train_lora(config, command=command, progress=progress, callback=callback)
     t_start = time.perf_counter()
     data = read_training_data(config.data, config.max_docs)
     out, work = Path(config.out), config.work_path
@@ -694,7 +710,7 @@ def train(config: TrainConfig, *, command: str | None = None, progress: bool = T
     rank, world = accelerator.process_index, accelerator.num_processes
     load_ref = _backbone_refs(config.model)
     loaded = load_backbone(load_ref, dtype=torch.float32, device=accelerator.device)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer = adapted_backbone(config.model, loaded.model), loaded.tokenizer
     adapter = adapter_for(model)
     if adapter.is_encoder_decoder:
         raise UnsupportedModelError("calm training supports decoder-only models; this one is an encoder-decoder")
@@ -807,13 +823,7 @@ def train(config: TrainConfig, *, command: str | None = None, progress: bool = T
         if config.resume and state_path.is_file():
             tensors, metadata = load_state(state_path)
             meta = json.loads(metadata["meta"])
-            stored = meta.get("fingerprint", {})
-            now = json.loads(json.dumps(_fingerprint(config)))
-            diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-            if diff:
-                raise InputError("cannot resume: the training settings differ from the saved run in "
-                                 + ", ".join(f"{k} (saved {stored.get(k)!r}, now {now.get(k)!r})" for k in diff)
-                                 + "; use the same settings, or start again without --resume")
+            check_fingerprint(meta.get("fingerprint", {}), config)
             if meta.get("num_processes", 1) != world:
                 ui.console.print(f"[yellow]resuming with {world} processes; the run was saved with "
                                  f"{meta.get('num_processes')}, so its data order changes")

@@ -1,9 +1,9 @@
 """The exit-policy and sampling options of `calm summarize` and `calm generate`, checked before a model
-is loaded, and turned into an ExitPolicy (by calm.eval.knob) and a SamplingConfig after."""
+is loaded, and turned into an ExitPolicy (by calm.knob) and a SamplingConfig after."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError
@@ -27,35 +27,26 @@ class Knobs:
 
     def check(self) -> None:
         """What can be checked without the model: at most one of threshold, speed and tolerance."""
-        from calm.eval.knob import check_knobs
+        from calm.knob import check_knobs
 
         check_knobs(self.threshold, self.speed, self.tolerance)
 
     def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
-        """The policy these knobs ask for on this model, and where it came from, for the footer."""
-        from calm.eval.knob import resolve_policy
+        """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
+        threshold runs --decay-tau (CALM's τ=4 if not given); a calibrated one the schedule it was certified
+        with, and another --decay-tau there is refused rather than run untested."""
+        from calm.knob import resolve_policy
 
-        resolved = resolve_policy(model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance)
-        return self._with_decay(resolved.policy), self._source(model, resolved.policy)
-
-    def _with_decay(self, policy: ExitPolicy) -> ExitPolicy:
-        """--decay-tau sets the schedule of an explicit threshold; a calibrated threshold keeps the schedule
-        it was certified with, so another τ there is refused rather than run untested."""
-        if self.decay_tau is None:
-            return policy
-        if self.threshold is not None:
-            return replace(policy, decay_tau=self.decay_tau)
-        if policy.never_exits:
+        if self.decay_tau is not None and self.threshold is None and self.speed is None and self.tolerance is None \
+                and model.calibration is None:
             raise InputError("--decay-tau sets the schedule of an exit threshold, and this run has none (full "
                              "model); give --threshold too")
-        if self.decay_tau != policy.decay_tau:
-            raise InputError(f"the calibration certified its thresholds with τ={policy.decay_tau:g}, so --decay-tau "
-                             f"{self.decay_tau:g} would run a policy it never tested; drop --decay-tau, or give "
-                             "--threshold instead of the calibrated knob")
-        return policy
+        resolved = resolve_policy(model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance,
+                                  self.decay_tau)
+        return resolved.policy, self._source(model, resolved.policy)
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
-        from calm.eval.knob import DEFAULT_SPEED
+        from calm.knob import DEFAULT_SPEED
 
         if self.threshold is not None:
             return "from --threshold"

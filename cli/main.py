@@ -229,8 +229,8 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
         run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
     if run is None:
         return
-    model.calibration = run.to_checkpoint_dict(config)
-    model.save(out, extra={"calibrate_command": _command()})
+    model.calibration = run.checkpoint_table(config)
+    model.save_pretrained(out, extra={"calibrate_command": _command()})
     click.echo(run.table_markdown())
     click.echo(run.summary)
     click.echo(f"wrote {out}", err=True)
@@ -289,6 +289,38 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     files = write_bench(report, out)
     click.echo(report.to_markdown())
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)
+
+
+# ---- calm info ---------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  calm info
+  calm info ./my-heads
+  calm info HuggingFaceTB/SmolLM2-135M-Instruct
+""")
+@click.argument("model_name", default="smollm2", metavar="[MODEL]")
+def info(model_name) -> None:
+    """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter
+    and the calibration table (threshold, mean D, p-value, certified at δ).
+
+    MODEL is 'smollm2' (default), a .gguf file, a local transformers directory, a calm checkpoint
+    directory, or a hub id. The backbone is loaded on the CPU.
+    """
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from calm.info import describe, info_tables, info_text
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    described = describe(model_name)
+    console = Console()
+    if console.is_terminal:
+        for table in info_tables(described):
+            console.print(table)
+    else:
+        click.echo(info_text(described))
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ Examples:
   calm train --data train.jsonl --data wiki.txt --steps 1200 --max-docs 2000 --out my-heads --threads 1
   calm train --data train.jsonl --out my-heads --resume              # continue an interrupted run
   calm train --mode finetune --data train.jsonl --out my-calm-model  # CALM fine-tuning (a GPU helps)
+  calm train --mode lora --data train.jsonl --lora-layers 10-29 --out my-lora   # LoRA + exit heads
 \b
 Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
 """)
@@ -47,15 +48,24 @@ Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
               help="Training data: .jsonl (document, optional summary) or .txt files; repeat the option.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output calm checkpoint directory.")
 @click.option("--mode", type=click.Choice(MODES), default="heads",
-              help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone.")
+              help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone; "
+                   "lora: CALM fine-tuning with LoRA adapters and the exit heads, distilled from the original model.")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps in all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size,
               help="Positions per step (heads) or sequences per step (finetune).")
 @click.option("--layers-per-step", type=click.IntRange(min=1), default=TrainConfig.layers_per_step,
               help="Exit layers sampled per position and step (heads).")
 @click.option("--lr", type=FiniteFloat(min=0.0, min_open=True), default=None,
-              help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune].")
+              help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune, 3e-4 lora].")
 @click.option("--rank", type=click.IntRange(min=1), default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=TrainConfig.lora_rank,
+              help="lora: rank of the backbone's adapters.")
+@click.option("--lora-layers", default=None, metavar="FIRST-LAST",
+              help="lora: decoder layers to adapt, 'first-last' (0-based) [default: all].")
+@click.option("--anchor", type=FiniteFloat(min=0.0), default=TrainConfig.anchor,
+              help="lora: weight of the final layer's KL to the original model (keeps full depth in place).")
+@click.option("--doc-positions", type=click.IntRange(min=1), default=TrainConfig.doc_positions,
+              help="lora: random document positions per sequence that train besides the summary.")
 @click.option("--min-exit-layer", type=click.IntRange(min=1), default=TrainConfig.min_exit_layer,
               help="Train heads for exit layers from this one up (lower layers never exit by the classifier).")
 @click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed,
@@ -89,7 +99,8 @@ Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's choice]; 1 can be faster on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, min_exit_layer, seed, resume,
+def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, lora_rank, lora_layers, anchor,
+                  doc_positions, min_exit_layer, seed, resume,
                   summaries_per_doc, max_docs, summary_tokens, max_doc_tokens, gen_batch_size, chunk_tokens,
                   max_chunks, positions_per_chunk, checkpoint_every, log_every, device, work_dir, no_classifier,
                   no_transform, threads, quiet):
@@ -99,6 +110,7 @@ def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr
     try:
         config = TrainConfig(data=tuple(data), out=out, model=model, mode=mode, steps=steps, batch_size=batch_size,
                              layers_per_step=layers_per_step, lr=lr, rank=rank, seed=seed, resume=resume,
+                             lora_rank=lora_rank, lora_layers=lora_layers, anchor=anchor, doc_positions=doc_positions,
                              min_exit_layer=min_exit_layer,
                              max_docs=max_docs, summaries_per_doc=summaries_per_doc, summary_tokens=summary_tokens,
                              max_doc_tokens=max_doc_tokens, gen_batch_size=gen_batch_size,

@@ -1,6 +1,5 @@
 """calm.eval: what the `calm` commands run, as library code.
 
-- knob: an ExitPolicy from the user's knobs (threshold, speed, tolerance, measure).
 - inputs: documents from a JSONL file, a text file, stdin or a string.
 - summarize: summaries of documents in batches, with exit layers per token.
 - render: summaries coloured by exit layer (rich) or annotated in plain text.
@@ -19,12 +18,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from calm.eval.inputs import load_documents
-    from calm.eval.knob import ResolvedPolicy, default_measure, resolve_policy
     from calm.eval.summarize import DocumentSummary, summarize_documents
     from calm.eval.sweep import EvalConfig, run_eval
 
-_LAZY = {"load_documents": "calm.eval.inputs", "ResolvedPolicy": "calm.eval.knob", "default_measure": "calm.eval.knob",
-         "resolve_policy": "calm.eval.knob", "DocumentSummary": "calm.eval.summarize",
+_LAZY = {"load_documents": "calm.eval.inputs", "DocumentSummary": "calm.eval.summarize",
          "summarize_documents": "calm.eval.summarize", "EvalConfig": "calm.eval.sweep", "run_eval": "calm.eval.sweep"}
 
 __all__ = sorted(_LAZY)

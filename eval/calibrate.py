@@ -10,7 +10,7 @@ checkpoint, where the `speed` and `tolerance` knobs read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 from typing import Sequence
@@ -82,12 +82,11 @@ class CalibrationRun:
                          f"{r.avg_layers:.2f} | {format_speedup(r.speedup)} | {r.pvalue:.3g} | {mark} |")
         return "\n".join(lines)
 
-    def to_checkpoint_dict(self, config: CalibrateConfig) -> dict:
-        """The table as stored in a calm checkpoint, with what the knob needs to rebuild the policy."""
-        return {**self.table.to_dict(), "measure": self.measure, "min_exit_layer": config.min_exit_layer,
-                "decay_tau": config.decay_tau,
-                "max_new_tokens": config.max_new_tokens, "max_doc_tokens": config.max_doc_tokens,
-                "data": str(config.data)}
+    def checkpoint_table(self, config: CalibrateConfig) -> CalibrationTable:
+        """The table as a calm checkpoint keeps it: with the settings the knob needs to rebuild the policy."""
+        return replace(self.table, measure=self.measure, min_exit_layer=config.min_exit_layer,
+                       decay_tau=config.decay_tau, max_new_tokens=config.max_new_tokens,
+                       max_doc_tokens=config.max_doc_tokens, data=str(config.data))
 
 
 def calibrate(model: CalmModel, records: Sequence[Record], config: CalibrateConfig, work_dir: str | Path,

@@ -154,11 +154,15 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
 
 def run_footer(docs: list[DocumentSummary], policy: ExitPolicy, source: str, max_new_tokens: int,
                noun: str = "document") -> str:
-    """One line about a run: documents, average depth, throughput, the policy with its schedule, and
-    where the policy came from (an option, or the default)."""
+    """One line about a run: documents, average depth, decode throughput (the tokens after each summary's
+    first, where early exit saves layers) and prefill time apart, the policy with its threshold schedule,
+    and where the policy came from (an option, or the default)."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
-    seconds = sum(d.batch_timings.total_s / d.batch_size for d in docs)
-    rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
+    decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
+    decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)      # each batch's time, once
+    prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
+    rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
     return (f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
-            f"{docs[0].num_layers if docs else '?'}{rate}; policy: {policy_text(policy, max_new_tokens)}; {source}")
+            f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
+            f"policy: {policy_text(policy, max_new_tokens)}; {source}")

@@ -52,7 +52,8 @@ class DocumentSummary:
                 "kept_tokens": self.kept_tokens,
                 "timings": {"batch_size": self.batch_size, "batch_prefill_s": t.prefill_s,
                             "batch_decode_s": t.decode_s, "batch_new_tokens": t.new_tokens,
-                            "batch_tokens_per_s": t.tokens_per_s}}
+                            "batch_decode_tokens": t.decode_tokens, "batch_tokens_per_s": t.tokens_per_s,
+                            "batch_decode_tokens_per_s": t.decode_tokens_per_s}}
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:

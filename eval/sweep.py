@@ -21,7 +21,7 @@ from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
-from calm.eval.knob import default_measure
+from calm.knob import default_measure
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
 from calm.eval.summarize import batched, document_prompts
@@ -46,7 +46,7 @@ class EvalConfig:
     model: str
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    measure: str | None = None               # None: the model's default (calm.eval.knob.default_measure)
+    measure: str | None = None               # None: the model's default (calm.knob.default_measure)
     min_exit_layer: int = 1
     decay_tau: float = ExitPolicy.decay_tau   # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64

@@ -101,7 +101,7 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
             for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
     table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb")
     path = tmp_path_factory.mktemp("calibrated")
-    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table.to_dict()), heads=None)
+    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
     return str(path)
 
 
@@ -171,8 +171,8 @@ def test_bad_threshold(tiny_model, value):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--threshold", "0.9", "--speed", "0.5"), "only one of --threshold, --speed"),
-    (("--speed", "0.5"), "no calibration for this model; run calm calibrate or use --threshold"),
+    (("--threshold", "0.9", "--speed", "0.5"), "give only one of threshold and speed"),
+    (("--speed", "0.5"), "no calibration for this model; run calm calibrate on it, or give a threshold"),
     (("--tolerance", "0.1"), "no calibration for this model"),
     (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
     (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),

@@ -36,6 +36,7 @@ BASE: dict[str, Callable[[Files], list[str]]] = {
     "calibrate": lambda f: ["--model", f.model, "--data", f.docs, "--out", f.out],
     "bench": lambda f: ["--model", f.model, "--data", f.docs, "--out", f.out],
     "train": lambda f: ["--model", f.model, "--data", f.docs, "--out", f.out],
+    "info": lambda f: [],
 }
 
 # Bad values of free-text options, by parameter name (types and callbacks cover the rest).
@@ -48,6 +49,7 @@ TEXT: dict[str, Callable[[Files], list[str]]] = {
     "text": lambda f: ["", "   "],
     "file": lambda f: [f.missing, f.dir],
     "prompts": lambda f: ["", " \n "],
+    "lora_layers": lambda f: ["x", "a-b", "-3", "5-2"],
 }
 
 CALLBACKS: dict[str, list[str]] = {

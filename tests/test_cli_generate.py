@@ -136,9 +136,8 @@ def calibrated(tiny_model: str, path: Path, decay_tau: float | None) -> str:
     rows = [CalibrationRow(threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers,
                            speedup=4 / layers, pvalue=0.0)
             for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
-    table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb").to_dict()
-    if decay_tau is not None:
-        table["decay_tau"] = decay_tau
+    table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb",
+                             decay_tau=decay_tau)
     save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
     return str(path)
 
@@ -151,7 +150,7 @@ def test_threshold_with_decay_tau_0_is_the_calibrated_speed_1(tiny_model, tmp_pa
     assert source == "from --threshold"
     assert Knobs(threshold=0.5).resolve(model)[0].decay_tau == ExitPolicy.decay_tau     # CALM's τ unless given
     assert Knobs(speed=1.0, decay_tau=0.0).resolve(model)[0] == by_speed                # the certified τ: allowed
-    with pytest.raises(InputError, match="certified its thresholds with τ=0"):
+    with pytest.raises(InputError, match="certifies its thresholds under the decay τ=0"):
         Knobs(speed=1.0, decay_tau=4.0).resolve(model)
 
 
@@ -164,7 +163,7 @@ def test_decay_tau_on_the_command_line(tiny_model, tmp_path):
     assert speed.stdout == threshold.stdout
     assert "policy: softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4)" in speed.stderr
     assert_clean_error(invoke("summarize", "--model", model, *text, "--speed", "1", "--decay-tau", "0"),
-                       "certified its thresholds with τ=4")
+                       "certifies its thresholds under the decay τ=4")
     assert_clean_error(invoke("summarize", "--model", tiny_model, *text, "--decay-tau", "0"), "give --threshold")
 
 
@@ -229,7 +228,7 @@ def _drain(fd: int) -> None:
 def test_shipped_model_threshold_0_97_with_tau_0_is_speed_1():
     """The shipped calibration certifies classifier λ=0.97 with a fixed λ: --speed 1 runs exactly that."""
     model = CalmModel.from_pretrained("smollm2")
-    assert model.calibration["decay_tau"] == 0.0
+    assert model.calibration.decay_tau == 0.0
     by_speed, _ = Knobs(speed=1.0).resolve(model)
     by_threshold, _ = Knobs(threshold=0.97, decay_tau=0.0).resolve(model)
     assert by_speed == by_threshold == ExitPolicy(measure="classifier", threshold=0.97, decay_tau=0.0)
