@@ -171,7 +171,7 @@ def _document_room(fmt: PromptFormat, template: PromptTemplate) -> int | None:
 
 
 def _too_long(fmt: PromptFormat, name: str, tokens: int, room: int) -> str:
-    context = fmt.max_prompt_tokens + fmt.max_new_tokens
+    context = (fmt.max_prompt_tokens or 0) + fmt.max_new_tokens
     return (f"{name} has {tokens:,} tokens, but a context of {context:,} holds only {room:,} of them with "
             f"max_new_tokens={fmt.max_new_tokens}; shorten it or lower max_new_tokens")
 

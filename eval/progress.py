@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -29,7 +30,7 @@ def output_console() -> Console:
     return Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
-def same_terminal(a: object, b: object) -> bool:
+def same_terminal(a: Any, b: Any) -> bool:
     """Whether two streams are the same terminal (both TTYs on one device)."""
     try:
         return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
