@@ -180,7 +180,7 @@ def doc_tokens_option(f: F) -> F:
 def output_options(f: F) -> F:
     f = click.option("--output", "output", callback=output_file, metavar="FILE.jsonl", default=None,
                      help="Also write one JSON object per line (as --json) to FILE, atomically: it appears "
-                          "complete when the run ends, or not at all.")(f)
+                          "whole when the run ends; an interrupted run leaves its rows in FILE.partial.")(f)
     f = click.option("--json", "as_json", is_flag=True,
                      help="Print one JSON object per line: id, summary, exit_layers, avg_layers, truncated, "
                           "timings.")(f)
