@@ -1,4 +1,4 @@
-"""CALM fine-tuning with LoRA (calm.lora, calm.lora_training) on a tiny random Llama."""
+"""CALM fine-tuning with LoRA (calm.lora, calm.training.lora) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ def _batch(calm: CalmModel) -> torch.Tensor:
 
 def _training_ids(calm: CalmModel, config: TrainConfig) -> torch.Tensor:
     """The first training sequence (summary prompt + reference summary) [1, T]."""
-    from calm.lora_training import lora_sequences
-    from calm.training import read_training_data
+    from calm.training.data import lora_sequences, read_training_data
     return torch.tensor([lora_sequences(calm, read_training_data(config.data), config)[0].ids])
 
 
