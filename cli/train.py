@@ -1,4 +1,5 @@
-"""`calm train`: the command line of calm.training (exit heads by self-distillation, or CALM fine-tuning)."""
+"""`calm train`: the command line of calm.training (exit heads by self-distillation, or CALM fine-tuning of the
+backbone, whole or through LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ def _command_line(ctx) -> str:
                    "lora: CALM fine-tuning with LoRA adapters and the exit heads, distilled from the original model.")
 @click.option("--steps", type=int, default=TrainConfig.steps)
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size,
-              help="Positions per step (heads) or sequences per step (finetune).")
+              help="Positions per step (heads) or sequences per step (finetune, lora).")
 @click.option("--layers-per-step", type=int, default=TrainConfig.layers_per_step,
-              help="Exit layers sampled per position and step (heads).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune].")
+              help="Exit layers sampled per position and step (heads), or per step (lora).")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune, 3e-4 lora].")
 @click.option("--rank", type=int, default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
 @click.option("--lora-rank", type=int, default=TrainConfig.lora_rank, help="lora: rank of the backbone's adapters.")
 @click.option("--lora-layers", default=None, help="lora: decoder layers to adapt, 'first-last' (0-based) [default: all].")
