@@ -23,12 +23,12 @@ from typing import Callable, Sequence
 import torch
 
 from calm.checkpoint import write_atomic
-from calm.data import summary_prompt, truncate_document
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from calm.prompts import PromptFormat, fit_prompts
 
 TRANSFORMERS = "transformers"
 FULL = "full"
@@ -100,8 +100,9 @@ def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: 
 
 # ---- policies ---------------------------------------------------------------------------------
 
-def parse_policy_spec(spec: str) -> ExitPolicy:
-    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy."""
+def parse_policy_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> ExitPolicy:
+    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy (a threshold on the
+    schedule of decay_tau)."""
     name, _, value = spec.strip().partition(":")
     try:
         if name in (FULL, "never") and not value:
@@ -109,7 +110,7 @@ def parse_policy_spec(spec: str) -> ExitPolicy:
         if name == "fixed":
             return ExitPolicy.fixed(int(value))
         if name in MEASURE_SPECS:
-            return ExitPolicy(measure=name, threshold=float(value))
+            return ExitPolicy(measure=name, threshold=float(value), decay_tau=decay_tau)
     except ValueError as exc:
         raise InputError(f"bad policy {spec!r}: {exc}; expected {POLICY_HELP}") from exc
     raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}")
@@ -127,6 +128,7 @@ class BenchConfig:
     transformers: bool = True
     data: str | None = None
     max_doc_tokens: int | None = None       # documents cut to their first N tokens
+    decay_tau: float = ExitPolicy.decay_tau  # schedule of the thresholds in `policies`; 0: λ stays fixed
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -202,12 +204,13 @@ class BenchReport:
         return "\n".join(lines + machine_markdown(self.machine))
 
 
-def bench_prompts(documents: Sequence[str] | None = None, tokenizer=None, max_doc_tokens: int | None = None) -> list[str]:
-    """Summarisation prompts for the benchmark: the documents given (cut to max_doc_tokens), or one
-    built-in paragraph."""
-    if max_doc_tokens is not None:
-        documents = [truncate_document(tokenizer, d, max_doc_tokens) for d in documents or [DEFAULT_DOCUMENT]]
-    return [summary_prompt(d) for d in (documents or [DEFAULT_DOCUMENT])]
+def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None,
+                  new_tokens: int = 32) -> list[str]:
+    """Summarisation prompts for the benchmark: the documents given (or one built-in paragraph), each cut
+    to max_doc_tokens and to what the context leaves next to new_tokens."""
+    fmt = PromptFormat.for_model(model, new_tokens)
+    named = [(f"document {i + 1}", d) for i, d in enumerate(documents or [DEFAULT_DOCUMENT])]
+    return [p.text for p in fit_prompts(fmt, named, max_doc_tokens=max_doc_tokens)]
 
 
 def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
@@ -217,14 +220,14 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
     Per batch size every configuration gets one untimed warm-up, then the timed runs go round
     robin (full, policy, ..., transformers, full, ...), so a slow spell of the machine hits all of
     them alike instead of one."""
-    policies = [(FULL, ExitPolicy.never())] + [(spec, parse_policy_spec(spec)) for spec in config.policies]
+    policies = [(FULL, ExitPolicy.never())] + [(spec, parse_policy_spec(spec, config.decay_tau))
+                                               for spec in config.policies]
     for _, policy in policies:
         ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
     total = len(config.batch_sizes) * (len(policies) + int(config.transformers))
     rows: list[BenchRow] = []
     for batch_size in config.batch_sizes:
-        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens,
-                                     truncate=True)
+        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens)
         runners = [_calm_runner(model, batch, policy, config) for _, policy in policies]
         names = [name for name, _ in policies]
         if config.transformers:

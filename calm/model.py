@@ -14,7 +14,7 @@ from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Component
                              load_checkpoint, load_parts, name_backbone, read_config, save_checkpoint)
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
-from calm.data import truncate_document
+from calm.devices import resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -22,6 +22,7 @@ from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
+from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
@@ -227,18 +228,11 @@ class CalmModel:
             raise InputError("empty prompt: give some text to generate from")
         if self.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None)) \
-            and not self.adapter.is_encoder_decoder
+        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
         if truncate and budget is not None:
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - len(self._template("", use_chat))))
-        return self._template(prompt, use_chat)
-
-    def _template(self, text: str, use_chat: bool) -> list[int]:
-        if use_chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
+            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
+        return prompt_ids(self.tokenizer, prompt, use_chat)
 
 
 def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
@@ -301,6 +295,4 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 
 
 def _parse_device(device) -> torch.device | None:
-    if device in (None, "auto"):
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return resolve_device(device)
