@@ -18,8 +18,8 @@ from calm.heads import ExitHeads
 from calm.training.config import TrainConfig
 from calm.training.data import (
     SUMMARIES_FILE,
+    encode_prompt,
     generate_summaries,
-    prompt_ids,
     read_training_jsonl,
     summary_jobs,
     summary_sequence,
@@ -112,7 +112,7 @@ def summary_features(calm: CalmModel, data: str, num_docs: int, *, summary_token
     with progress_bar(progress) as bar, tempfile.TemporaryDirectory() as tmp:
         ui = ProgressUi(bar)
         summaries, _ = generate_summaries(calm, jobs, cfg, Path(cache) if cache else Path(tmp) / SUMMARIES_FILE, ui)
-        sequences = [summary_sequence(prompt_ids(calm, j.prompt, summary_tokens), summaries[j.key]["token_ids"],
+        sequences = [summary_sequence(encode_prompt(calm, j.prompt, summary_tokens), summaries[j.key]["token_ids"],
                                       "summary", data) for j in jobs if summaries[j.key]["token_ids"]]
         seconds = time.perf_counter() - t0
         normed = last_state_is_normed(calm.model, calm.adapter, calm.device)

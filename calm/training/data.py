@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from calm.checkpoint import write_atomic
-from calm.data import Record, read_jsonl, read_text, summary_prompt, truncate_document
+from calm.data import Record, read_jsonl, read_text
 from calm.errors import InputError
+from calm.prompts import summary_prompt, truncate_document
 from calm.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -119,7 +120,8 @@ def document_prompt(tokenizer: Any, document: str, config: TrainConfig) -> str:
     return summary_prompt(truncate_document(tokenizer, document, config.max_doc_tokens))
 
 
-def prompt_ids(calm: CalmModel, prompt: str, max_new_tokens: int) -> list[int]:
+def encode_prompt(calm: CalmModel, prompt: str, max_new_tokens: int) -> list[int]:
+    """The prompt's token ids as calm.generate reads them (in the chat template where the model has one)."""
     return calm.encode_prompts([prompt], max_new_tokens).ids[0].tolist()
 
 
@@ -138,7 +140,7 @@ def has_summary(record: Record) -> bool:
 def reference_sequence(calm: CalmModel, record: Record, source: str, config: TrainConfig) -> TrainSequence:
     """Summary prompt + the record's reference summary and an end of sequence (a record with a summary)."""
     assert record.summary is not None
-    prompt = prompt_ids(calm, document_prompt(calm.tokenizer, record.document, config), config.summary_tokens)
+    prompt = encode_prompt(calm, document_prompt(calm.tokenizer, record.document, config), config.summary_tokens)
     eos = list(calm.eos_token_ids[:1])
     target = calm.tokenizer(record.summary.strip(), add_special_tokens=False)["input_ids"] + eos
     return summary_sequence(prompt, target, "reference", source)
@@ -293,7 +295,7 @@ def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConf
         accelerator.wait_for_everyone()
     cache = read_summary_cache(cache_path)
     seconds = time.perf_counter() - t0
-    sequences = [summary_sequence(prompt_ids(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"],
+    sequences = [summary_sequence(encode_prompt(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"],
                                   "summary", job.source) for job in jobs if cache[job.key]["token_ids"]]
     return sequences, generated, seconds
 
