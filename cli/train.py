@@ -52,9 +52,9 @@ Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
                    "lora: CALM fine-tuning with LoRA adapters and the exit heads, distilled from the original model.")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps in all.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size,
-              help="Positions per step (heads) or sequences per step (finetune).")
+              help="Positions per step (heads) or sequences per step (finetune, lora).")
 @click.option("--layers-per-step", type=click.IntRange(min=1), default=TrainConfig.layers_per_step,
-              help="Exit layers sampled per position and step (heads).")
+              help="Exit layers sampled per position and step (heads), or per step (lora).")
 @click.option("--lr", type=FiniteFloat(min=0.0, min_open=True), default=None,
               help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune, 3e-4 lora].")
 @click.option("--rank", type=click.IntRange(min=1), default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
