@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick,
+                                 slot_mask)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +38,16 @@ class LlamaAdapter(Adapter):
         return self.inner.embed_tokens(ids)
 
     def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
-        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
-        cos, sin = self.inner.rotary_emb(probe, positions)
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]),
-                           start=start, rope=(cos, sin))
+                           start=start, rope=self._rope(positions))
+
+    def static_context(self, positions, key_mask, slot, encoder: EncoderMemory | None = None):
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, rope=self._rope(positions))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, D_head] of positions [B, T]."""
+        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
+        return self.inner.rotary_emb(probe, positions)
 
     def attn_input(self, layer, h):
         return self.layers[layer].input_layernorm(h)
