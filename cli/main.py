@@ -12,6 +12,7 @@ from calm import __version__
 from calm.bench import BenchConfig, bench_prompts, parse_policy_spec, run_bench, write_bench
 from calm.data import read_jsonl
 from calm.errors import CalmError
+from calm.generation import ENGINE_SPECS
 from calm.eval.inputs import load_documents
 from calm.eval.knob import check_knobs, resolve_policy
 from calm.eval.progress import progress_bar
@@ -93,6 +94,12 @@ def _run_options(f):
                         help="Longest summary, in tokens.")(f)
 
 
+def _engine_option(f):
+    return click.option("--engine", type=click.Choice(ENGINE_SPECS), default="auto", show_default=True,
+                        help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
+                             "inside a step; auto on GPU), static+compile (the static step through torch.compile).")(f)
+
+
 def _doc_tokens_option(f):
     return click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
                         help="Cut each document to its first N tokens before prompting (default: whole).")(f)
@@ -164,8 +171,9 @@ Examples:
                                                       "exit_layers, timings.")
 @click.option("--field-document", default="document", show_default=True,
               help="JSONL field holding the document text.")
+@_engine_option
 def summarize(file, text, model_name, device, dtype, threshold, measure, min_exit_layer, speed, tolerance,
-              max_new_tokens, batch_size, limit, show_exits, as_json, field_document) -> None:
+              max_new_tokens, batch_size, limit, show_exits, as_json, field_document, engine) -> None:
     """Summarise documents with early exit.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
@@ -179,7 +187,7 @@ def summarize(file, text, model_name, device, dtype, threshold, measure, min_exi
     printer = SummaryPrinter(model.tokenizer, show_exits=show_exits, as_json=as_json, titled=len(records) > 1)
     docs = []
     with progress_bar("summarizing", total=len(records)) as update:
-        for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size):
+        for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size, engine):
             for doc in batch:
                 printer.print(doc)
             docs += batch
@@ -320,10 +328,11 @@ Examples:
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
 @_doc_tokens_option
+@_engine_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
 def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies,
-          with_transformers, max_doc_tokens, out) -> None:
+          with_transformers, max_doc_tokens, engine, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
@@ -334,7 +343,8 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
         documents = [r.document for r in read_jsonl(data, document_field=field_document, summary_field=None,
                                                     limit=max(batch_sizes))]
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
-                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens)
+                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens,
+                         engine=engine)
     model = _load_model(model_name, device, dtype)
     with progress_bar("bench") as update:
         report = run_bench(model, bench_prompts(documents, model.tokenizer, max_doc_tokens), config,

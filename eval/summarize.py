@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence, TypeVar
 
 from calm.data import Record, summary_prompt
-from calm.generation import Timings
+from calm.generation import Timings, engine_settings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
@@ -42,12 +42,12 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
-                        batch_size: int = 8) -> Iterator[list[DocumentSummary]]:
+                        batch_size: int = 8, engine: str = "auto") -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
-    Documents too long for the model's context are truncated."""
+    Documents too long for the model's context are truncated. engine: an engine spec (calm.generation)."""
     for batch in batched(records, batch_size):
         result = model.generate([summary_prompt(r.document) for r in batch], max_new_tokens=max_new_tokens,
-                                policy=policy, truncate=True)
+                                policy=policy, truncate=True, **engine_settings(engine))
         yield [DocumentSummary(id=r.id, summary=result.texts[i] if result.texts else "",
                                token_ids=result.token_ids[i], exit_layers=result.exit_layers[i],
                                num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings)
