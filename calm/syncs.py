@@ -21,8 +21,9 @@ aten = torch.ops.aten
 
 # operators that always make the host wait for the device
 ALWAYS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
-          aten.nonzero.default, aten.masked_select.default, aten.where.default,        # where(cond): nonzero
-          aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
+          aten.nonzero.default, aten.nonzero_numpy.default, aten.masked_select.default,
+          aten.where.default,                                                          # where(cond): nonzero
+          aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
 # operators that wait only when indexed with a boolean mask (converted to indices with nonzero)
 MASK_INDEXED = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 

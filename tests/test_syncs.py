@@ -8,6 +8,7 @@ HOST_READS = {
     "bool": lambda t, m: bool(m.any()),
     "int": lambda t, m: int(t[0]),
     "nonzero": lambda t, m: m.nonzero(),
+    "nonzero as tuple": lambda t, m: m.nonzero(as_tuple=True),
     "where(cond)": lambda t, m: torch.where(m),
     "mask index": lambda t, m: t[m],
     "mask assign": lambda t, m: t.clone().__setitem__(m, 0.0),
