@@ -36,8 +36,8 @@ StepFunction = Callable[[Network, ExitPlan, torch.Tensor, "StaticState", torch.T
 class StaticState:
     """What a static step reads and writes: tensors only (a Python int here would recompile per token)."""
 
-    k: torch.Tensor              # [L, B, H_kv, S, D_head]
-    v: torch.Tensor              # [L, B, H_kv, S, D_head]
+    k: tuple[torch.Tensor, ...]  # per layer [B, H_kv, S, D_head], each its own storage: a write into a
+    v: tuple[torch.Tensor, ...]  # view of one [L, ...] input would make inductor copy the whole tensor
     key_mask: torch.Tensor       # [B, S] bool, True where a slot holds a real token
     positions: torch.Tensor      # [B] long, position id of the next token
     slot: torch.Tensor           # [1] long, the cache slot of the next token (same for every row)
@@ -47,7 +47,8 @@ class StaticState:
     def after_prefill(cls, state: DecodeState) -> StaticState:
         cache = state.cache
         slot = torch.tensor([cache.length], dtype=torch.long, device=cache.k.device)
-        return cls(cache.k, cache.v, cache.key_mask, state.positions.clone(), slot, state.encoder)
+        k, v = (tuple(t.clone() for t in kv.unbind(0)) for kv in (cache.k, cache.v))
+        return cls(k, v, cache.key_mask, state.positions.clone(), slot, state.encoder)
 
     def advance(self) -> None:
         """Move to the next slot and position, in place on the device (no host sync)."""
@@ -61,7 +62,8 @@ class StaticState:
             encoder = EncoderMemory(cross_k=tuple(t.index_select(0, rows) for t in encoder.cross_k),
                                     cross_v=tuple(t.index_select(0, rows) for t in encoder.cross_v),
                                     mask=encoder.mask.index_select(0, rows))
-        return replace(self, k=self.k.index_select(1, rows), v=self.v.index_select(1, rows),
+        return replace(self, k=tuple(t.index_select(0, rows) for t in self.k),
+                       v=tuple(t.index_select(0, rows) for t in self.v),
                        key_mask=self.key_mask.index_select(0, rows), positions=self.positions.index_select(0, rows),
                        encoder=encoder)
 
@@ -80,7 +82,7 @@ def static_step(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: Stati
     layers [B] (1..L). Writes the token's K/V at state.slot of every layer; threshold is a 0-d tensor."""
     a = net.adapter
     batch = tokens.shape[0]
-    state.key_mask.index_fill_(1, state.slot, True)
+    state.key_mask[:, state.slot] = True
     positions = state.positions[:, None]                                                   # [B, 1]
     ctx = a.static_context(positions, state.key_mask, state.slot, state.encoder)
     h = a.embed(tokens[:, None], positions)                                                # [B, 1, D]
@@ -90,8 +92,8 @@ def static_step(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: Stati
     for i in range(depth):
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)                                                             # every row
-        state.k[i].index_copy_(2, state.slot, k)
-        state.v[i].index_copy_(2, state.slot, v)
+        state.k[i][:, :, state.slot] = k                                                  # in place (index_put_)
+        state.v[i][:, :, state.slot] = v
         h_out = a.finish_layer(i, h, x, state.k[i], state.v[i], ctx)                       # [B, 1, D]
         h_in, h = h, torch.where(running[:, None, None], h_out, h)                         # exited rows: frozen
         layer = i + 1
@@ -102,8 +104,9 @@ def static_step(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: Stati
             running = running & ~exits
     if depth < a.num_layers:                        # every row left at `depth`: propagate its state upward
         k, v = a.kv_layers(depth, h, ctx)                                                  # [n, B, H_kv, 1, D]
-        state.k[depth:].index_copy_(3, state.slot, k)
-        state.v[depth:].index_copy_(3, state.slot, v)
+        for j in range(k.shape[0]):
+            state.k[depth + j][:, :, state.slot] = k[j]
+            state.v[depth + j][:, :, state.slot] = v[j]
     return net.token_logits(h[:, 0], exit_layers), exit_layers
 
 
