@@ -25,7 +25,7 @@ import torch
 from calm.checkpoint import write_atomic
 from calm.decode import ExitPlan
 from calm.errors import InputError
-from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import PromptFormat, fit_prompts
@@ -129,8 +129,10 @@ class BenchConfig:
     data: str | None = None
     max_doc_tokens: int | None = None       # documents cut to their first N tokens
     decay_tau: float = ExitPolicy.decay_tau  # schedule of the thresholds in `policies`; 0: λ stays fixed
+    engine: str = "auto"                    # calm's engine: auto, dynamic, static or static+compile
 
     def __post_init__(self) -> None:
+        engine_settings(self.engine)                                      # a clear error for a bad spec
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.new_tokens < 1 or self.repeats < 1:
@@ -190,7 +192,7 @@ class BenchReport:
         c = self.config
         lines = [f"# calm bench: {c.model}", "",
                  f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
-                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}.", "",
+                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.", "",
                  "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
                  "speedup vs transformers |",
                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -271,7 +273,8 @@ def _timed(call: Callable[[], object]) -> _Run:
 
 
 def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig) -> Callable[[], _Run]:
-    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
+    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id,
+                           **engine_settings(config.engine))
     network = model.network
 
     def run() -> _Run:

@@ -141,12 +141,18 @@ class CalmModel:
                  speed: float | None = None, tolerance: float | None = None,
                  attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-                 truncate: bool = False) -> GenerationResult:
+                 truncate: bool = False, engine: str = "auto", compile: bool | str = False,
+                 sync_every: int = 8) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
         Exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`); none: the
-        full model."""
+        full model.
+
+        engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
+        inside a decode step; the GPU default) or "auto". compile: run the static step through
+        torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
+        checks for finished rows every this many tokens (its one host sync)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if speed is not None or tolerance is not None:
@@ -158,7 +164,8 @@ class CalmModel:
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
-                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed))
+                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
+                                  engine=engine, compile=compile, sync_every=sync_every)
         result = generate_tokens(self.network, batch, policy, config)
         if self.tokenizer is None:
             return result

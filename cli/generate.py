@@ -13,6 +13,7 @@ import click
 from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
+    engine_option,
     knob_options,
     model_options,
     output_options,
@@ -90,9 +91,10 @@ Examples:
 @click.option("--no-truncate", is_flag=True,
               help="Refuse a document that does not fit the context instead of keeping its first tokens "
                    "(by default a cut is reported on stderr and in the JSON field 'truncated').")
+@engine_option
 @_shared_options
 def summarize(file: str | None, text: str | None, field_document: str, limit: int | None, template: PromptTemplate,
-              max_doc_tokens: int | None, no_truncate: bool, **options: Any) -> None:
+              max_doc_tokens: int | None, no_truncate: bool, engine: str, **options: Any) -> None:
     """Summarise documents with early exit.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
@@ -113,7 +115,7 @@ def summarize(file: str | None, text: str | None, field_document: str, limit: in
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
         raise InputError(f"{exc}, or drop --no-truncate to keep its first tokens" if no_truncate else str(exc)) from None
-    _generate(model, run, records, prompts, noun="document")
+    _generate(model, run, records, prompts, noun="document", engine=engine)
 
 
 @click.command(epilog="""\b
@@ -166,7 +168,7 @@ def load_model(run: Run) -> Any:
 
 
 def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str,
-              chat: bool | None = None) -> None:
+              chat: bool | None = None, engine: str = "auto") -> None:
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
     from calm.eval.progress import output_console, progress_bar
@@ -180,7 +182,7 @@ def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence
     docs: list = []
     with jsonl_output(run.output) as out, progress_bar(f"{noun}s", len(records), output=console) as update:
         for batch in summarize_documents(model, records, policy, run.max_new_tokens, run.batch_size, prompts,
-                                         run.sampling, chat=chat):
+                                         run.sampling, chat=chat, engine=engine):
             for doc in batch:
                 printer.print(doc)
                 if out is not None:

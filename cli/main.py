@@ -17,6 +17,7 @@ from calm.cli.options import (
     FiniteFloat,
     decay_tau_option,
     doc_tokens_option,
+    engine_option,
     float_list,
     int_list,
     measure_option,
@@ -261,10 +262,11 @@ Examples:
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
 @doc_tokens_option
+@engine_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
 def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies, decay_tau,
-          with_transformers, max_doc_tokens, out) -> None:
+          with_transformers, max_doc_tokens, engine, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
@@ -281,7 +283,7 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
                                                     limit=max(batch_sizes))]
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
                          policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens,
-                         decay_tau=decay_tau)
+                         decay_tau=decay_tau, engine=engine)
     model = _load_model(model_name, device, dtype)
     with progress_bar("bench") as update:
         report = run_bench(model, bench_prompts(model, documents, max_doc_tokens, new_tokens), config,

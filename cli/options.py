@@ -187,3 +187,12 @@ def output_options(f: F) -> F:
     return click.option("--show-exits", is_flag=True,
                         help="Colour every token by its exit layer (plain [layer] marks when not on a colour "
                              "terminal) and show the average depth.")(f)
+
+
+ENGINES = ("auto", "dynamic", "static", "static+compile")      # calm.generation.ENGINE_SPECS, without importing torch
+
+
+def engine_option(f: F) -> F:
+    return click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+                        help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
+                             "inside a step; auto on GPU), static+compile (the static step through torch.compile).")(f)

@@ -11,6 +11,7 @@ import pytest
 
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.static_decode import compiled_step
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +80,18 @@ def test_summarize_json(tiny_model, tmp_path):
         assert all(k == 1 for k in o["exit_layers"][1:])            # λ = 0: everything else exits at layer 1
         assert o["timings"]["batch_size"] in (3, 1) and o["timings"]["batch_decode_s"] >= 0
     assert "state λ=0" in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["static", "static+compile"])
+def test_summarize_engine_gives_the_dynamic_summary(tiny_model, tmp_path, engine, monkeypatch):
+    monkeypatch.setattr("calm.generation.compiled_step", lambda backend: compiled_step("eager"))  # no C++ compile
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    args = ("summarize", "--model", tiny_model, data, "--json", "--measure", "state", "--threshold", "0.9",
+            "--max-new-tokens", 6, "--batch-size", 3)
+    dynamic, other = invoke(*args, "--engine", "dynamic"), invoke(*args, "--engine", engine)
+    assert dynamic.exit_code == 0 and other.exit_code == 0, other.output
+    strip = lambda out: [{k: v for k, v in json.loads(line).items() if k != "timings"} for line in out.splitlines()]
+    assert strip(dynamic.stdout) == strip(other.stdout)
 
 
 def test_summarize_show_exits_plain(tiny_model):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, pick
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, pick,
+                                 slot_mask)
 from calm.errors import UnsupportedModelError
 
 
@@ -83,6 +84,14 @@ class T5Adapter(Adapter):
         t = positions.shape[1]
         bias = self.relative_bias.compute_bias(t, start + t, device=positions.device, past_seen_tokens=start)
         return StepContext(positions=positions, mask=attention_mask(key_mask, start, t), start=start,
+                           position_bias=bias.to(self.dtype), encoder=encoder)
+
+    def static_context(self, positions, key_mask, slot, encoder: EncoderMemory | None = None):
+        if encoder is None:
+            raise ValueError("the T5 decoder needs the encoder's memory (call encode() first)")
+        # query slot `slot` against every key slot; past_seen_tokens may be a tensor (no host sync)
+        bias = self.relative_bias.compute_bias(1, key_mask.shape[1], device=key_mask.device, past_seen_tokens=slot)
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
                            position_bias=bias.to(self.dtype), encoder=encoder)
 
     def attn_input(self, layer, h):
