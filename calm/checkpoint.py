@@ -221,6 +221,15 @@ def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads
     write_atomic(path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
 
 
+def store_extra(path: str | Path, key: str, value: dict) -> None:
+    """Set extra[key] in a checkpoint's config file, leaving every other field (and file) as it is."""
+    read_config(path)                                                      # a readable checkpoint first
+    file = Path(path) / CONFIG_FILE
+    data = json.loads(file.read_text(encoding="utf-8"))
+    data["extra"] = {**(data.get("extra") or {}), key: value}
+    write_atomic(file, json.dumps(data, indent=2).encode())
+
+
 # ---- reading and loading --------------------------------------------------------------------------
 
 def read_config(path: str | Path) -> CheckpointConfig:

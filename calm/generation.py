@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from calm.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static
 
 ENGINES = ("auto", "dynamic", "static")
 ENGINE_SPECS = (*ENGINES, "static+compile")     # what the command line takes
+
+if TYPE_CHECKING:
+    from calm.speculative import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class GenerationResult:
     num_layers: int
     timings: Timings
     texts: tuple[str, ...] = ()
+    speculative: SpeculativeStats | None = None   # mode="speculative": acceptance, draft and verify time
 
     @property
     def avg_layers(self) -> float:
@@ -97,10 +102,12 @@ class GenerationResult:
         return tuple(sum(r) / len(r) if r else float("nan") for r in self.exit_layers)
 
     def to_dict(self) -> dict:
+        spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "texts": list(self.texts), "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers], "num_layers": self.num_layers,
             "avg_layers": self.avg_layers, "timings": self.timings.to_dict(),
+            **spec,
         }
 
 

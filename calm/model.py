@@ -24,6 +24,7 @@ from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
 from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
+from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -142,7 +143,8 @@ class CalmModel:
                  attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
                  truncate: bool = False, engine: str = "auto", compile: bool | str = False,
-                 sync_every: int = 8) -> GenerationResult:
+                 sync_every: int = 8, mode: str = "calm", draft_layer: int | None = None,
+                 max_draft: int = DEFAULT_MAX_DRAFT) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
@@ -152,21 +154,31 @@ class CalmModel:
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
         torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
-        checks for finished rows every this many tokens (its one host sync)."""
+        checks for finished rows every this many tokens (its one host sync).
+        mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
+        while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
+        heads, else always), and the full model verifies them (see calm.speculative)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
         if speed is not None or tolerance is not None:
             if policy is not None:
                 raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
+            if spec is not None:
+                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
+                                 "(its policy= is the draft controller)")
             policy = self.policy(speed=speed, tolerance=tolerance)
-        policy = policy or ExitPolicy.never()
+        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
         policy.allowed_layers(self.num_layers)                                  # range check up front
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
                                   sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
                                   engine=engine, compile=compile, sync_every=sync_every)
-        result = generate_tokens(self.network, batch, policy, config)
+        if spec is None:
+            result = generate_tokens(self.network, batch, policy, config)
+        else:
+            result = generate_speculative(self.network, batch, policy, config, spec)
         if self.tokenizer is None:
             return result
         texts = tuple(self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids)

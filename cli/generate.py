@@ -14,6 +14,7 @@ from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
     engine_option,
+    speculative_options,
     knob_options,
     model_options,
     output_options,
@@ -92,9 +93,11 @@ Examples:
               help="Refuse a document that does not fit the context instead of keeping its first tokens "
                    "(by default a cut is reported on stderr and in the JSON field 'truncated').")
 @engine_option
+@speculative_options
 @_shared_options
 def summarize(file: str | None, text: str | None, field_document: str, limit: int | None, template: PromptTemplate,
-              max_doc_tokens: int | None, no_truncate: bool, engine: str, **options: Any) -> None:
+              max_doc_tokens: int | None, no_truncate: bool, engine: str, mode: str, lossless: bool,
+              draft_layer: int | None, max_draft: int | None, **options: Any) -> None:
     """Summarise documents with early exit.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
@@ -115,7 +118,8 @@ def summarize(file: str | None, text: str | None, field_document: str, limit: in
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
         raise InputError(f"{exc}, or drop --no-truncate to keep its first tokens" if no_truncate else str(exc)) from None
-    _generate(model, run, records, prompts, noun="document", engine=engine)
+    _generate(model, run, records, prompts, noun="document", engine=engine,
+              speculative=(mode, lossless, draft_layer, max_draft))
 
 
 @click.command(epilog="""\b
@@ -168,21 +172,22 @@ def load_model(run: Run) -> Any:
 
 
 def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str,
-              chat: bool | None = None, engine: str = "auto") -> None:
+              chat: bool | None = None, engine: str = "auto",
+              speculative: tuple[str, bool, int | None, int | None] = ("calm", False, None, None)) -> None:
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
     from calm.eval.progress import output_console, progress_bar
     from calm.eval.render import SummaryPrinter, run_footer
     from calm.eval.summarize import summarize_documents
 
-    policy, source = run.knobs.resolve(model)
+    policy, source, generate_kwargs = _resolve(model, run, speculative)
     console = output_console()
     printer = SummaryPrinter(model.tokenizer, show_exits=run.show_exits, as_json=run.as_json,
                              titled=len(records) > 1, console=console)
     docs: list = []
     with jsonl_output(run.output) as out, progress_bar(f"{noun}s", len(records), output=console) as update:
         for batch in summarize_documents(model, records, policy, run.max_new_tokens, run.batch_size, prompts,
-                                         run.sampling, chat=chat, engine=engine):
+                                         run.sampling, chat=chat, engine=engine, generate_kwargs=generate_kwargs):
             for doc in batch:
                 printer.print(doc)
                 if out is not None:
@@ -192,3 +197,22 @@ def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence
     click.echo(run_footer(docs, policy, source, run.max_new_tokens, noun), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
+
+
+def _resolve(model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None]) -> tuple[Any, str, dict]:
+    """The policy, its source for the footer, and generate()'s extra arguments: calm's knob, or the lossless
+    run of calm.lossless where --mode speculative or --lossless asks for it (--measure and --threshold then
+    set the draft controller)."""
+    from calm.errors import InputError
+    from calm.lossless import resolve_mode
+
+    mode, lossless, draft_layer, max_draft = speculative
+    knobs = run.knobs
+    lossless_run = resolve_mode(model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold)
+    if lossless_run is None:
+        policy, source = knobs.resolve(model)
+        return policy, source, {}
+    if knobs.speed is not None or knobs.tolerance is not None:
+        raise InputError("--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
+                         "early (use --threshold for its draft controller)")
+    return lossless_run.policy, lossless_run.description, lossless_run.generate_kwargs()

@@ -18,6 +18,7 @@ from calm.cli.options import (
     decay_tau_option,
     doc_tokens_option,
     engine_option,
+    speculative_options,
     float_list,
     int_list,
     measure_option,
@@ -141,18 +142,21 @@ as several processes, it shards the documents; process 0 writes the report.
 @min_exit_option
 @decay_tau_option
 @run_options
+@speculative_options
 @doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json, eval.md, the plots and the resume cache.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.")
 def eval_command(model_name, device, dtype, data, field_document, field_summary, thresholds, measure,
-                 min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, max_doc_tokens, out, resume) -> None:
+                 min_exit_layer, decay_tau, limit, max_new_tokens, batch_size, mode, lossless, draft_layer, max_draft,
+                 max_doc_tokens, out, resume) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
     against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
+    With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
     """
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import EvalConfig, eval_device, run_eval
@@ -162,7 +166,8 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
                         min_exit_layer=min_exit_layer or 1, decay_tau=decay_tau, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, document_field=field_document, summary_field=field_summary,
-                        limit=limit, max_doc_tokens=max_doc_tokens)
+                        limit=limit, max_doc_tokens=max_doc_tokens, mode="speculative" if lossless else mode,
+                        draft_layer=draft_layer, max_draft=max_draft)
     records = read_jsonl(data, document_field=field_document, summary_field=field_summary, require_summary=True,
                          limit=limit)
     model = _load_model(model_name, eval_device(device), dtype)
@@ -244,6 +249,8 @@ Examples:
   calm bench
   calm bench --batch-sizes 1,8,32 --new-tokens 32 --policy fixed:15 --policy softmax:0.9
   calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out benchmarks/results
+  calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
+  calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
 """)
 @model_options
 @click.option("--data", default=None, metavar="FILE.jsonl", help="Take prompts from these documents "
@@ -257,34 +264,38 @@ Examples:
               help="Timed runs per configuration (median reported; one warm-up run before them).")
 @click.option("--policy", "policies", multiple=True, callback=policy_specs, metavar="SPEC",
               help="Exit policy to time besides full depth, repeatable or comma-separated: fixed:LAYER, "
-                   "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau).")
+                   "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau); spec:E:K[:MEASURE:λ] "
+                   "for speculative decoding.")
 @decay_tau_option
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
+@speculative_options
 @doc_tokens_option
 @engine_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
 def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies, decay_tau,
-          with_transformers, max_doc_tokens, engine, out) -> None:
+          with_transformers, mode, lossless, draft_layer, max_draft, max_doc_tokens, engine, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
-    median of --repeats runs after a warm-up, average layers per policy, and the machine.
+    median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
+    speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
     from calm.eval.progress import progress_bar
 
-    from calm.bench import BenchConfig, bench_prompts, run_bench, write_bench
+    from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs, write_bench
     from calm.data import read_jsonl
 
     documents = None
     if data is not None:
         documents = [r.document for r in read_jsonl(data, document_field=field_document, summary_field=None,
                                                     limit=max(batch_sizes))]
+    model = _load_model(model_name, device, dtype)
+    policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft)
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
                          policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens,
                          decay_tau=decay_tau, engine=engine)
-    model = _load_model(model_name, device, dtype)
     with progress_bar("bench") as update:
         report = run_bench(model, bench_prompts(model, documents, max_doc_tokens, new_tokens), config,
                            command=_command(), progress=update)

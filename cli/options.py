@@ -74,14 +74,14 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
 
 
 def policy_specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    from calm.bench import parse_policy_spec
+    from calm.bench import parse_run_spec
 
     specs = tuple(s.strip() for v in value for s in v.split(",") if s.strip())
     for spec in specs:
-        if not _finite_or_not_a_number(spec.partition(":")[2]):
+        if not all(_finite_or_not_a_number(part) for part in spec.split(":")[1:]):
             raise click.BadParameter(f"bad policy {spec!r}: the threshold must be a finite number")
         try:
-            parse_policy_spec(spec)
+            parse_run_spec(spec)
         except CalmError as exc:
             raise click.BadParameter(str(exc)) from None
     return specs
@@ -196,3 +196,17 @@ def engine_option(f: F) -> F:
     return click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
                         help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
                              "inside a step; auto on GPU), static+compile (the static step through torch.compile).")(f)
+
+
+def speculative_options(f: F) -> F:
+    """--mode, --lossless, --draft-layer, --max-draft (calm.speculative, calm.lossless)."""
+    f = click.option("--max-draft", type=click.IntRange(min=1), default=None,
+                     help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).")(f)
+    f = click.option("--draft-layer", type=click.IntRange(min=1), default=None,
+                     help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).")(f)
+    f = click.option("--lossless", is_flag=True,
+                     help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
+                          "faster, else the full model (with a note).")(f)
+    return click.option("--mode", type=click.Choice(["calm", "speculative"]), default="calm", show_default=True,
+                        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
+                             "(lossless; --threshold and --measure control the draft length).")(f)

@@ -72,17 +72,18 @@ def document_prompts(model: CalmModel, records: Sequence[Record], max_new_tokens
 def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
                         batch_size: int = 8, prompts: Sequence[Prompt] | None = None,
                         sampling: SamplingConfig = GREEDY, chat: bool | None = None,
-                        engine: str = "auto") -> Iterator[list[DocumentSummary]]:
+                        engine: str = "auto", generate_kwargs: dict | None = None) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
-    engine: an engine spec (calm.generation)."""
+    engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative"."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
     for start in range(0, len(records), batch_size):
         batch, batch_prompts = records[start:start + batch_size], prompts[start:start + batch_size]
         result = model.generate([p.text for p in batch_prompts], max_new_tokens=max_new_tokens, policy=policy,
                                 do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, seed=sampling.seed, chat=chat, **engine_settings(engine))
+                                top_p=sampling.top_p, seed=sampling.seed, chat=chat, **engine_settings(engine),
+                                **(generate_kwargs or {}))
         yield [DocumentSummary(id=r.id, summary=result.texts[i] if result.texts else "",
                                token_ids=result.token_ids[i], exit_layers=result.exit_layers[i],
                                num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings,

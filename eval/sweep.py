@@ -26,8 +26,10 @@ from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
 from calm.eval.summarize import batched, document_prompts
 from calm.model import CalmModel
+from calm.lossless import MeasuredSetting
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
+from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
 
 
 
@@ -39,6 +41,12 @@ class Point:
     label: str
     threshold: float | None = None
     policy: ExitPolicy | None = None         # None: transformers generate
+    speculative: SpeculativeConfig | None = None   # the policy is then the draft controller (lossless)
+
+    def generate_kwargs(self) -> dict:
+        spec = self.speculative
+        return {} if spec is None else {"mode": "speculative", "draft_layer": spec.draft_layer,
+                                        "max_draft": spec.max_draft}
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class EvalConfig:
     limit: int | None = None
     max_doc_tokens: int | None = None         # documents cut to their first N tokens before prompting
     with_transformers: bool = True           # time transformers generate as a baseline point
+    mode: str = "calm"                       # "speculative": each λ controls the drafts of a lossless point
+    draft_layer: int | None = None           # speculative: E (None: the checkpoint's measured E, else L/2)
+    max_draft: int | None = None             # speculative: k (None: the checkpoint's measured k, else 4)
 
     def __post_init__(self) -> None:
         if not self.thresholds:
@@ -66,9 +77,19 @@ class EvalConfig:
             raise InputError("batch_size and max_new_tokens must be >= 1")
         if not self.decay_tau >= 0:
             raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None):
+            raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
 
     def for_model(self, model: CalmModel) -> "EvalConfig":
-        return self if self.measure else replace(self, measure=default_measure(model))
+        config = self if self.measure else replace(self, measure=default_measure(model))
+        if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
+            stored = MeasuredSetting.from_extra(model.extra)
+            config = replace(config, draft_layer=config.draft_layer or (stored.draft_layer if stored else
+                                                                          model.num_layers // 2),
+                             max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT))
+        return config
 
     def points(self) -> tuple[Point, ...]:
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
@@ -78,8 +99,16 @@ class EvalConfig:
                             ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer,
                                        decay_tau=self.decay_tau))
                       for t in dict.fromkeys(self.thresholds))
+        if self.mode == "speculative":
+            early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
+
+    def _speculative_point(self, threshold: float) -> Point:
+        spec = SpeculativeConfig(self.draft_layer, self.max_draft)
+        return Point(f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}",
+                     f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}", threshold,
+                     ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0), spec)
 
     def cache_meta(self) -> dict:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
@@ -166,6 +195,8 @@ def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, o
     for point in points:
         if point.policy is not None:
             ExitPlan.resolve(point.policy, model.network)     # bad layers / missing classifier: fail now
+        if point.speculative is not None:
+            point.speculative.check(model.num_layers)
     shard = Shard.current()
     cache = ResultCache.open(Path(out_dir) / "cache", config.cache_meta(), resume,
                              rank=shard.rank if shard.world > 1 else None, is_main=shard.is_main)
@@ -212,7 +243,8 @@ def _run_point(model: CalmModel, point: Point, records: list[Record], prompts: l
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
-        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy)
+        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy,
+                                **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
     seconds = time.perf_counter() - t0
     return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),

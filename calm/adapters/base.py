@@ -159,8 +159,13 @@ class Adapter(ABC):
 
     @abstractmethod
     def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int,
-                encoder: EncoderMemory | None = None) -> StepContext:
-        """The shared tensors of one forward over T new tokens at cache slots start..start+T-1."""
+                encoder: EncoderMemory | None = None, slot_positions: torch.Tensor | None = None) -> StepContext:
+        """The shared tensors of one forward over T new tokens at cache slots start..start+T-1.
+
+        slot_positions [B, S]: the position of the token in each cache slot, for caches whose real
+        slots have masked holes (rejected speculative drafts); None: a row's real slots hold
+        consecutive positions. Only attention that depends on key positions at attention time (T5's
+        relative bias) reads it: RoPE and absolute positions are already in the cached keys."""
 
     def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
                        encoder: EncoderMemory | None = None) -> StepContext:

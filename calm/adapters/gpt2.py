@@ -41,7 +41,7 @@ class GPT2Adapter(Adapter):
     def embed(self, ids, positions):
         return self.inner.wte(ids) + self.inner.wpe(positions)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]), start=start)
 
     def attn_input(self, layer, h):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick,
-                                 slot_mask)
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, padding_free_mask,
+                                 pick, slot_mask)
 from calm.errors import UnsupportedModelError
 
 
@@ -68,10 +68,15 @@ class LlamaAdapter(Adapter):
     def embed(self, ids, positions):
         return self.inner.embed_tokens(ids)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
         cos, sin = self._rope_tables(positions)
         t = positions.shape[1]
         window_mask = padding_free_mask(key_mask, start, t, self.window) if self.window is not None else None
+        if self.window is not None and slot_positions is not None:         # holes: window by position, not slot
+            reach = slot_positions[:, None, None, :start + t] > positions[:, None, :, None] - self.window
+            own = torch.arange(start + t, device=positions.device) == torch.arange(start, start + t,
+                                                                                  device=positions.device)[:, None]
+            window_mask = attention_mask(key_mask, start, t) & (reach | own)                # [B, 1, T, S]
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, t), start=start,
                            rope=(cos, sin), window=self.window, window_mask=window_mask)
 
