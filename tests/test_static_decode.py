@@ -3,7 +3,7 @@ isolated, parity with transformers at full depth, at most one host sync per toke
 torch.compile captures as one graph (fullgraph=True: any host sync or graph break is an error).
 
 The compile tests use backend="eager": graph capture by dynamo is what shows there is no sync and
-no graph break, and inductor's C++ compile of each variant takes 30-90 s on the 2-core test machine.
+no graph break, and inductor's C++ compile of each variant took 26-85 s on the 2-core test machine.
 One slow test runs the inductor backend end to end.
 """
 
