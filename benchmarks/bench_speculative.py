@@ -29,10 +29,11 @@ from calm import CalmModel
 from calm.bench import machine_info, machine_markdown, parse_run_spec, write_json_markdown
 from calm.checkpoint import store_extra
 from calm.data import read_jsonl, summary_prompt, truncate_document
-from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.decode import forward_layers, prefill
+from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
 from calm.lossless import STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
-from calm.speculative import generate_speculative
+from calm.speculative import generate_speculative, slot_context
 
 FULL, HF = "calm full", "transformers generate"
 
@@ -86,11 +87,35 @@ def timed(config: Config, key: str, batch: PromptBatch, new_tokens: int, referen
     if stats is not None:
         config.stats.setdefault(key, []).append(stats)
     if reference is not None:
-        config.identical &= all(_until(a, prefix_only) == _until(b, prefix_only) for a, b in zip(tokens, reference[key]))
+        config.identical &= all(_agrees(a, b, prefix_only) for a, b in zip(tokens, reference[key]))
 
 
-def _until(tokens: tuple[int, ...], eos: tuple[int, ...]) -> tuple[int, ...]:
-    return tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+def _agrees(tokens: tuple[int, ...], reference: tuple[int, ...], eos: tuple[int, ...]) -> bool:
+    """Equal, up to the reference's first EOS when eos is given."""
+    n = next((i for i, t in enumerate(reference) if t in eos), len(reference))
+    return tokens[:n] == reference[:n]
+
+
+@torch.inference_mode()
+def forward_cost(model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] = (1, 2, 3, 5, 7),
+                 reps: int = 12) -> dict:
+    """CPU seconds of one forward over all layers for T new positions after the prompt (batch 1), median
+    of `reps` interleaved runs, relative to T = 1: what verifying T slots costs against one decode step."""
+    net = model.network
+    state, ids = _start(net, batch, max(widths))
+    prefill(net, ids, state)
+    start, cost = state.cache.length, {}
+    for _ in range(reps):
+        for t in widths:
+            state.cache.key_mask[:, start:start + t] = True
+            positions = state.positions[:, None] + torch.arange(t)
+            ctx = slot_context(net, state, positions, start)
+            h = torch.randn(batch.ids.shape[0], t, net.adapter.hidden_size)
+            c0 = time.process_time()
+            forward_layers(net, h, range(net.num_layers), ctx, state.cache)
+            cost.setdefault(t, []).append(time.process_time() - c0)
+    one = statistics.median(cost[widths[0]])
+    return {str(t): statistics.median(v) / one for t, v in cost.items()}
 
 
 def round_robin(configs: list[Config], batches: dict[str, PromptBatch], new_tokens: int, repeats: int,
@@ -157,11 +182,13 @@ def run(args) -> dict:
         round_robin(configs, eight, args.new_tokens, args.repeats, eos)
         batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
     assistant = assistant_rows(model, args, single, configs)
+    forward = forward_cost(model, next(iter(single.values())))
     return {"benchmark": "speculative", "model": args.model, "new_tokens": args.new_tokens, "docs": args.docs,
             "max_doc_tokens": args.max_doc_tokens, "repeats": args.repeats, "controllers": args.controllers,
             "machine": machine_info(model.device, " ".join(sys.argv)), "wall_s": time.perf_counter() - t0,
             "prompt_tokens": [int(b.mask.sum()) for b in single.values()],
-            "batch1": batch1, "batch8": batch8, "assistant": assistant, "best": best(batch1)}
+            "batch1": batch1, "batch8": batch8, "assistant": assistant, "best": best(batch1),
+            "forward_cost_vs_one_position": forward}
 
 
 def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) -> list[dict]:
@@ -234,6 +261,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['draft_layer']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_transformers']:.2f}× | "
               f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
               f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |" for r in report["assistant"]]
+    cost = report["forward_cost_vs_one_position"]
+    lines += ["", "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
+              "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items()) + "."]
     lines += ["", "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
               "pass. draft s / verify s: wall seconds summed over the timed batches' last run (layers 1..E with the "
               "exit head; layers E+1..L with the LM head, accept and rollback).", ""]

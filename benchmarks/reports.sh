@@ -48,3 +48,6 @@ cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/roug
     --repeats 3 --max-doc-tokens 1024 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu_doc1024
 "$PY" benchmarks/sync_count.py --batch-sizes 1,8 --policies full,fixed:15,classifier:0.5,softmax:0.9
 "$PY" benchmarks/static_engine.py --batch-sizes 1,8 --policies full,fixed:15 --repeats 5
+# 7. lossless speculative decoding: full depth, transformers generate and assistant_early_exit, calm speculative at
+#    E in {8, 12, 15, 20} x k in {2, 4, 6}; the best batch-1 setting is stored with the shipped checkpoint (issue 13)
+"$PY" benchmarks/bench_speculative.py --out benchmarks/results --store calm/assets/smollm2
