@@ -18,28 +18,28 @@ import sys
 
 from calm import CalmModel
 from calm.bench import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
-from calm.calibration import CalibrationTable
 from calm.data import read_jsonl
 from calm.eval.sweep import EvalConfig, run_eval
+from calm.knob import calibrated_decay_tau
 from calm.policy import ExitPolicy
 
 
 def run(args) -> dict:
     model = CalmModel.from_pretrained(args.model)
-    cal = model.calibration
-    if cal is None:
+    table = model.calibration
+    if table is None:
         sys.exit(f"{args.model} has no calibration table: run calm calibrate first")
-    table = CalibrationTable.from_dict(cal)
+    decay_tau = calibrated_decay_tau(table)
     deltas = [float(d) for d in args.deltas.split(",")]
     certified = {d: table.threshold_for_tolerance(d) for d in deltas}
     thresholds = sorted({t for t in certified.values() if t is not None}, reverse=True)
     records = read_jsonl(args.data, require_summary=True, limit=args.limit)
     points = {}
     if thresholds:
-        config = EvalConfig(model=args.model, data=args.data, thresholds=tuple(thresholds), measure=cal["measure"],
-                            min_exit_layer=cal.get("min_exit_layer") or 1, max_new_tokens=cal["max_new_tokens"],
-                            batch_size=args.batch_size, limit=args.limit, max_doc_tokens=cal.get("max_doc_tokens"),
-                            decay_tau=cal.get("decay_tau", ExitPolicy.decay_tau), with_transformers=False)
+        config = EvalConfig(model=args.model, data=args.data, thresholds=tuple(thresholds), measure=table.measure,
+                            min_exit_layer=table.min_exit_layer or 1, max_new_tokens=table.max_new_tokens,
+                            batch_size=args.batch_size, limit=args.limit, max_doc_tokens=table.max_doc_tokens,
+                            decay_tau=decay_tau, with_transformers=False)
         report = run_eval(model, records, config, args.eval_dir, command=" ".join(sys.argv))
         points = {p.threshold: p for p in report.points if p.threshold is not None}
     rows = []
@@ -51,11 +51,10 @@ def run(args) -> dict:
                      "avg_layers": p.avg_layers if p else float(model.num_layers),
                      "speedup_vs_full": p.speedup_vs_full if p else 1.0,
                      "rougeL": p.rougeL if p else None, "same_as_full": p.same_as_full if p else 1.0}))
-    return {"model": args.model, "calibration": {"data": cal.get("data"), "n": table.n, "epsilon": table.epsilon,
-                                                 "method": table.method, "measure": cal["measure"],
-                                                 "decay_tau": cal.get("decay_tau", ExitPolicy.decay_tau),
-                                                 "max_new_tokens": cal["max_new_tokens"],
-                                                 "max_doc_tokens": cal.get("max_doc_tokens")},
+    return {"model": args.model, "calibration": {"data": table.data, "n": table.n, "epsilon": table.epsilon,
+                                                 "method": table.method, "measure": table.measure,
+                                                 "decay_tau": decay_tau, "max_new_tokens": table.max_new_tokens,
+                                                 "max_doc_tokens": table.max_doc_tokens},
             "test": {"data": args.data, "n": len(records)}, "rows": rows,
             "machine": machine_info(model.device, " ".join(sys.argv))}
 

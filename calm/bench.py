@@ -23,12 +23,14 @@ from typing import Callable, Sequence
 import torch
 
 from calm.checkpoint import write_atomic
-from calm.data import summary_prompt, truncate_document
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
+from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from calm.prompts import PromptFormat, fit_prompts
+from calm.speculative import SpeculativeConfig, SpeculativeStats, generate_speculative
 
 TRANSFORMERS = "transformers"
 FULL = "full"
@@ -39,7 +41,11 @@ DEFAULT_DOCUMENT = (
     "over capacity, with some classes taught in temporary buildings. The first school is due to open in "
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services.")
-POLICY_HELP = "full, fixed:LAYER or MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9)"
+POLICY_HELP = ("full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
+               "or spec:E:K[:MEASURE:THRESHOLD] (lossless speculative decoding, drafts from layer E, up to K per "
+               "step, while the measure is confident; without one, always K)")
+SPEC = "spec"
+ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)
 
 
 # ---- shared with calm.eval -------------------------------------------------------------------
@@ -100,8 +106,9 @@ def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: 
 
 # ---- policies ---------------------------------------------------------------------------------
 
-def parse_policy_spec(spec: str) -> ExitPolicy:
-    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy."""
+def parse_policy_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> ExitPolicy:
+    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy (a threshold on the
+    schedule of decay_tau)."""
     name, _, value = spec.strip().partition(":")
     try:
         if name in (FULL, "never") and not value:
@@ -109,10 +116,44 @@ def parse_policy_spec(spec: str) -> ExitPolicy:
         if name == "fixed":
             return ExitPolicy.fixed(int(value))
         if name in MEASURE_SPECS:
-            return ExitPolicy(measure=name, threshold=float(value))
+            return ExitPolicy(measure=name, threshold=float(value), decay_tau=decay_tau)
     except ValueError as exc:
         raise InputError(f"bad policy {spec!r}: {exc}; expected {POLICY_HELP}") from exc
     raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}")
+
+
+def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[ExitPolicy, SpeculativeConfig | None]:
+    """A policy spec (parse_policy_spec), or 'spec:E:K[:MEASURE:THRESHOLD]' -> (draft controller, E and K)."""
+    name, _, rest = spec.strip().partition(":")
+    if name != SPEC:
+        return parse_policy_spec(spec, decay_tau), None
+    parts = rest.split(":")
+    try:
+        config = SpeculativeConfig(int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError) as exc:
+        raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc
+    controller = ":".join(parts[2:])
+    if not controller:
+        return ALWAYS_DRAFT, config
+    policy = parse_policy_spec(controller)
+    if policy.measure == "fixed":
+        raise InputError(f"bad policy {spec!r}: a draft controller is MEASURE:THRESHOLD")
+    return replace(policy, decay_tau=0.0), config
+
+
+def speculative_specs(model: CalmModel, policies: Sequence[str], mode: str = "calm", lossless: bool = False,
+                      draft_layer: int | None = None, max_draft: int | None = None) -> tuple[str, ...]:
+    """The policies as given in calm mode. `--mode speculative` (or --lossless, here the same): each one as
+    the draft controller at E and K (the checkpoint's measured setting, else L/2 and 4, unless given);
+    without any, the model's default controller."""
+    run = resolve_mode(model, "speculative" if lossless else mode, False, draft_layer, max_draft)
+    if run is None:
+        return tuple(policies)
+    e, k = run.spec.draft_layer, run.spec.max_draft
+    if not policies:
+        p = run.policy
+        return (f"{SPEC}:{e}:{k}" if p.measure == "fixed" else f"{SPEC}:{e}:{k}:{p.measure}:{p.threshold:g}",)
+    return tuple(f"{SPEC}:{e}:{k}:{p}" for p in policies)
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
@@ -127,6 +168,7 @@ class BenchConfig:
     transformers: bool = True
     data: str | None = None
     max_doc_tokens: int | None = None       # documents cut to their first N tokens
+    decay_tau: float = ExitPolicy.decay_tau  # schedule of the thresholds in `policies`; 0: λ stays fixed
     engine: str = "auto"                    # calm's engine: auto, dynamic, static or static+compile
 
     def __post_init__(self) -> None:
@@ -147,6 +189,8 @@ class BenchRow:
     decode_times_s: tuple[float, ...] = ()   # calm only: the decode steps without the prefill
     speedup_vs_full: float = float("nan")
     speedup_vs_transformers: float = float("nan")
+    acceptance_rate: float = float("nan")       # speculative only: drafted tokens the full model kept
+    mean_accepted_length: float = float("nan")  # speculative only: drafts kept per row per verification
 
     @property
     def median_s(self) -> float:
@@ -194,9 +238,13 @@ class BenchReport:
                  "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
                  "speedup vs transformers |",
                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        speculative = any(not math.isnan(r.acceptance_rate) for r in self.rows)
+        if speculative:
+            lines[-2:] = [lines[-2] + " acceptance | accepted per step |", lines[-1] + "---:|---:|"]
         lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
                   f"{'–' if math.isnan(r.decode_ms_per_token) else f'{r.decode_ms_per_token:.2f}'} | {r.avg_layers:.2f} | "
                   f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
+                  + (f" {_fmt(r.acceptance_rate)} | {_fmt(r.mean_accepted_length)} |" if speculative else "")
                   for r in self.rows]
         lines += ["", "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall "
                   "time / new tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill "
@@ -204,12 +252,13 @@ class BenchReport:
         return "\n".join(lines + machine_markdown(self.machine))
 
 
-def bench_prompts(documents: Sequence[str] | None = None, tokenizer=None, max_doc_tokens: int | None = None) -> list[str]:
-    """Summarisation prompts for the benchmark: the documents given (cut to max_doc_tokens), or one
-    built-in paragraph."""
-    if max_doc_tokens is not None:
-        documents = [truncate_document(tokenizer, d, max_doc_tokens) for d in documents or [DEFAULT_DOCUMENT]]
-    return [summary_prompt(d) for d in (documents or [DEFAULT_DOCUMENT])]
+def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None,
+                  new_tokens: int = 32) -> list[str]:
+    """Summarisation prompts for the benchmark: the documents given (or one built-in paragraph), each cut
+    to max_doc_tokens and to what the context leaves next to new_tokens."""
+    fmt = PromptFormat.for_model(model, new_tokens)
+    named = [(f"document {i + 1}", d) for i, d in enumerate(documents or [DEFAULT_DOCUMENT])]
+    return [p.text for p in fit_prompts(fmt, named, max_doc_tokens=max_doc_tokens)]
 
 
 def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
@@ -219,15 +268,17 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
     Per batch size every configuration gets one untimed warm-up, then the timed runs go round
     robin (full, policy, ..., transformers, full, ...), so a slow spell of the machine hits all of
     them alike instead of one."""
-    policies = [(FULL, ExitPolicy.never())] + [(spec, parse_policy_spec(spec)) for spec in config.policies]
-    for _, policy in policies:
+    policies = [(FULL, (ExitPolicy.never(), None))] + [(spec, parse_run_spec(spec, config.decay_tau))
+                                                       for spec in config.policies]
+    for _, (policy, speculative) in policies:
         ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
+        if speculative is not None:
+            speculative.check(model.num_layers)
     total = len(config.batch_sizes) * (len(policies) + int(config.transformers))
     rows: list[BenchRow] = []
     for batch_size in config.batch_sizes:
-        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens,
-                                     truncate=True)
-        runners = [_calm_runner(model, batch, policy, config) for _, policy in policies]
+        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens)
+        runners = [_calm_runner(model, batch, policy, config, speculative) for _, (policy, speculative) in policies]
         names = [name for name, _ in policies]
         if config.transformers:
             runners.append(lambda: _timed(lambda: transformers_generate(model, batch, config.new_tokens,
@@ -261,6 +312,7 @@ class _Run:
     wall_s: float
     decode_s: float = float("nan")       # calm only
     avg_layers: float = float("nan")     # calm only
+    stats: SpeculativeStats | None = None
 
 
 def _timed(call: Callable[[], object]) -> _Run:
@@ -269,15 +321,19 @@ def _timed(call: Callable[[], object]) -> _Run:
     return _Run(time.perf_counter() - t0)
 
 
-def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig) -> Callable[[], _Run]:
+def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig,
+                 speculative: SpeculativeConfig | None = None) -> Callable[[], _Run]:
     gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id,
                            **engine_settings(config.engine))
     network = model.network
 
     def run() -> _Run:
         t0 = time.perf_counter()
-        result = generate_tokens(network, batch, policy, gen)
-        return _Run(time.perf_counter() - t0, result.timings.decode_s, result.avg_layers)
+        if speculative is None:
+            result = generate_tokens(network, batch, policy, gen)
+        else:
+            result = generate_speculative(network, batch, policy, gen, speculative)
+        return _Run(time.perf_counter() - t0, result.timings.decode_s, result.avg_layers, result.speculative)
     return run
 
 
@@ -294,15 +350,22 @@ def _round_robin(runners: list[Callable[[], _Run]], repeats: int) -> list[list[_
 
 def _bench_row(name: str, batch_size: int, new_tokens: int, runs: list[_Run], num_layers: int) -> BenchRow:
     calm = name != TRANSFORMERS
+    stats = runs[-1].stats               # the same tokens in every run (greedy), so the same counts
     return BenchRow(name, batch_size, new_tokens, tuple(r.wall_s for r in runs),
                     statistics.fmean(r.avg_layers for r in runs) if calm else float(num_layers),
-                    decode_times_s=tuple(r.decode_s for r in runs) if calm else ())
+                    decode_times_s=tuple(r.decode_s for r in runs) if calm else (),
+                    acceptance_rate=stats.acceptance_rate if stats else float("nan"),
+                    mean_accepted_length=stats.mean_accepted_length if stats else float("nan"))
 
 
 def _with_speedups(group: list[BenchRow]) -> list[BenchRow]:
     full = next(r for r in group if r.name == FULL).median_s
     hf = next((r.median_s for r in group if r.name == TRANSFORMERS), float("nan"))
     return [replace(r, speedup_vs_full=full / r.median_s, speedup_vs_transformers=hf / r.median_s) for r in group]
+
+
+def _fmt(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f}"
 
 
 def format_speedup(value: float) -> str:

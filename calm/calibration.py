@@ -330,13 +330,18 @@ _ROW_FIELDS = (
 )
 
 
+_SETTING_FIELDS = ("measure", "min_exit_layer", "decay_tau", "max_new_tokens", "max_doc_tokens", "data")
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
 class CalibrationTable:
-    """Rows ordered from the most conservative threshold to the least."""
+    """Rows ordered from the most conservative threshold to the least, and how the thresholds ran
+    when they were calibrated (the knob runs them the same way). A setting that was not recorded is
+    None; a table without ``decay_tau`` was made with the default decay of calm.policy.ExitPolicy."""
 
     rows: tuple[CalibrationRow, ...]
     certified_index: int | None
@@ -344,6 +349,12 @@ class CalibrationTable:
     epsilon: float | None = None
     n: int | None = None
     method: str | None = None
+    measure: str | None = None            # the confidence measure the thresholds apply to
+    min_exit_layer: int | None = None
+    decay_tau: float | None = None        # τ of the threshold schedule; 0: λ fixed
+    max_new_tokens: int | None = None
+    max_doc_tokens: int | None = None
+    data: str | None = None               # the calibration documents
 
     def __post_init__(self) -> None:
         rows = tuple(self.rows)
@@ -356,6 +367,27 @@ class CalibrationTable:
             raise ValueError(
                 f"certified_index must be None or in [0, {len(rows) - 1}], got {idx!r}"
             )
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        for name in ("min_exit_layer", "max_new_tokens", "max_doc_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, None if value is None else int(value))
+        tau = self.decay_tau
+        if tau is not None and not (math.isfinite(float(tau)) and float(tau) >= 0):
+            raise ValueError(f"decay_tau must be None or a finite number >= 0, got {tau!r}")
+        object.__setattr__(self, "decay_tau", _optional_float(tau))
+        for name in ("measure", "data", "method"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be None or a string, got {value!r}")
+
+    @property
+    def certified_row(self) -> CalibrationRow | None:
+        idx = self.certified_index
+        return None if idx is None else self.rows[idx]
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -400,6 +432,8 @@ class CalibrationTable:
         return self.rows[int(np.argmin(gaps))].threshold  # ties -> most conservative
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in calm checkpoints; settings that were not recorded are left out."""
+        settings = {name: getattr(self, name) for name in _SETTING_FIELDS if getattr(self, name) is not None}
         return {
             "format": _TABLE_FORMAT,
             "version": _TABLE_VERSION,
@@ -409,6 +443,7 @@ class CalibrationTable:
             "n": self.n,
             "method": self.method,
             "rows": [r.to_dict() for r in self.rows],
+            **settings,
         }
 
     @classmethod
@@ -432,6 +467,7 @@ class CalibrationTable:
             epsilon=_optional_float(data.get("epsilon")),
             n=None if n is None else int(n),
             method=data.get("method"),
+            **{name: data.get(name) for name in _SETTING_FIELDS},
         )
 
 

@@ -125,17 +125,24 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
     t = ids.shape[1]
     positions = (cache.key_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)            # [B, T]
     ctx = a.context(positions, cache.key_mask, 0, state.encoder)
-    h = a.embed(ids, positions)                                                          # [B, T, D]
-    for i in range(a.num_layers):
-        x = a.attn_input(i, h)
-        k, v = a.kv(i, x, ctx)
-        cache.write(i, 0, k, v)
-        kc, vc = cache.keys_values(i, t)
-        h = a.finish_layer(i, h, x, kc, vc, ctx)
+    h = forward_layers(net, a.embed(ids, positions), range(a.num_layers), ctx, cache)   # [B, T, D]
     cache.length = t
     state.positions = positions[:, -1] + 1
     full = torch.full((ids.shape[0],), a.num_layers, dtype=torch.long, device=ids.device)
     return StepOutput(hidden=h[:, -1], exit_layers=full, decided=())
+
+
+def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+    """Layers `layers` (0-based) over T new tokens h [B, T, D] at cache slots ctx.start..ctx.start+T-1: each
+    layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. -> [B, T, D]."""
+    a, end = net.adapter, ctx.start + h.shape[1]
+    for i in layers:
+        x = a.attn_input(i, h)
+        k, v = a.kv(i, x, ctx)
+        cache.write(i, ctx.start, k, v)
+        kc, vc = cache.keys_values(i, end)
+        h = a.finish_layer(i, h, x, kc, vc, ctx)
+    return h
 
 
 def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor, h_in: torch.Tensor,

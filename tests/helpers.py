@@ -34,8 +34,9 @@ DOCS = [
 ]
 
 
-def build_tiny_model(path: Path) -> Path:
-    """A 4-layer random Llama (hidden 64) and a WordLevel tokenizer, saved as safetensors in `path`."""
+def build_tiny_model(path: Path, initializer_range: float = 0.02) -> Path:
+    """A 4-layer random Llama (hidden 64) and a WordLevel tokenizer, saved as safetensors in `path`.
+    A larger initializer_range gives peaked (non-uniform) next-token distributions."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -47,7 +48,8 @@ def build_tiny_model(path: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["[PAD]"])
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["[PAD]"],
+                         initializer_range=initializer_range)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     fast.save_pretrained(path)
     return path

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MT5Config,
-                          MT5ForConditionalGeneration, T5Config, T5ForConditionalGeneration)
+from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel,
+                          MistralConfig, MistralForCausalLM, MT5Config, MT5ForConditionalGeneration, Qwen2Config,
+                          Qwen2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5EncoderModel,
+                          T5ForConditionalGeneration)
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm.adapters import adapter_for
-from calm.adapters.base import RowAttention, attend, attention_mask
+from calm.adapters.base import RowAttention, attend, attention_mask, padding_free_mask
 from calm.adapters.gpt2 import GPT2Adapter
 from calm.adapters.llama import LlamaAdapter
 from calm.adapters.t5 import T5Adapter
@@ -27,16 +29,23 @@ VOCAB, PAD, EOS = 128, 0, 1
 MAX_NEW = 10
 PAD_LENGTHS = (0, 3, 5, 1)       # left padding of the 4 rows of the batch
 PROMPT_LEN = 9
-KINDS = ("llama", "gpt2", "t5")
+WINDOW = 4                       # sliding window, shorter than the prompts
+KINDS = ("llama", "mistral-window", "smollm3-window", "gpt2", "t5")
 
 
 def build(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    decoder = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                   initializer_range=0.2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          initializer_range=0.2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(**decoder))
+    elif kind == "mistral-window":
+        model = MistralForCausalLM(MistralConfig(sliding_window=WINDOW, **decoder))
+    elif kind == "smollm3-window":
+        # layers 1 and 3 without RoPE and with a sliding window (SmolLM3 puts the window on its no-RoPE layers)
+        model = SmolLM3ForCausalLM(SmolLM3Config(no_rope_layer_interval=2, use_sliding_window=True,
+                                                 sliding_window=WINDOW, **decoder))
     elif kind == "gpt2":
         cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, initializer_range=0.2,
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
@@ -112,11 +121,21 @@ def test_adapter_for_picks_the_family(models):
     assert (g.num_layers, g.num_kv_heads, g.head_dim, g.hidden_size) == (4, 4, 16, 64)
 
 
-@pytest.mark.parametrize("flag", ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
-def test_gpt2_rejects_unsupported_attention_variants(flag):
-    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, **{flag: True})
-    with pytest.raises(UnsupportedModelError, match=flag):
+def test_gpt2_rejects_cross_attention():
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, add_cross_attention=True)
+    with pytest.raises(UnsupportedModelError, match="add_cross_attention"):
         adapter_for(GPT2LMHeadModel(cfg))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)),
+    lambda: LlamaModel(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2)),
+    lambda: T5EncoderModel(T5Config(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, vocab_size=32)),
+], ids=["GPT2Model", "LlamaModel", "T5EncoderModel"])
+def test_models_without_an_lm_head_are_refused(make):
+    with pytest.raises(UnsupportedModelError, match="LM head"):
+        adapter_for(make())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +211,8 @@ def test_mt5_gated_unscaled_matches_transformers():
 
 ISOLATION_POLICIES = {
     "llama": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
+    "mistral-window": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
+    "smollm3-window": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
     "gpt2": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.3)],
     "t5": [ExitPolicy(measure="state", threshold=0.9), ExitPolicy(measure="softmax", threshold=0.9)],
 }
@@ -279,10 +300,12 @@ def test_state_propagation_with_mixed_exits(models, kind):
     assert mixed, "no step had rows exiting at different layers"
 
 
-@pytest.mark.parametrize("kv_heads,with_bias", [(2, False), (4, False), (4, True)])
-def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias):
-    """Per-row attention over cache views (left padding sliced away) equals batched attention under
-    the padding mask for the listed rows, and leaves the others zero."""
+@pytest.mark.parametrize("kv_heads,with_bias,window", [(2, False, None), (4, False, None), (4, True, None),
+                                                     (2, False, 3), (4, False, 6)])
+def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias, window):
+    """Per-row attention over cache views (left padding sliced away; with a sliding window, only its
+    last `window` slots) equals batched attention under the padding (and window) mask for the listed
+    rows, and leaves the others zero."""
     torch.manual_seed(0)
     batch, heads, slots, dim = 4, 4, 9, 8
     starts = (0, 3, 5, 1)
@@ -290,14 +313,41 @@ def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias)
     q = torch.randn(batch, heads, 1, dim)
     k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
     bias = torch.randn(1, heads, 1, slots) if with_bias else None
-    mask = attention_mask(key_mask, slots - 1, 1)
+    mask = attention_mask(key_mask, slots - 1, 1, window)
     full = attend(q, k, v, mask, 0.5, bias=bias)                                          # [B, 1, H*D]
     live = (1, 2)
     per_row = RowAttention(queries=live, rows=live, starts=tuple(starts[r] for r in live))
-    out = attend(q, k, v, mask, 0.5, bias=bias, per_row=per_row)
+    out = attend(q, k, v, mask, 0.5, bias=bias, per_row=per_row, window=window)
     torch.testing.assert_close(out[list(live)], full[list(live)])
     assert torch.count_nonzero(out[[0, 3]]) == 0
     # compacted queries: query j reads cache row rows[j]
     compact = RowAttention(queries=(0, 1), rows=(2, 3), starts=(starts[2], starts[3]))
-    out = attend(q[[2, 3]], k, v, None, 0.5, bias=bias, per_row=compact)
+    out = attend(q[[2, 3]], k, v, None, 0.5, bias=bias, per_row=compact, window=window)
     torch.testing.assert_close(out, full[[2, 3]])
+    if window is not None:                                 # the window matters here
+        assert not torch.allclose(full, attend(q, k, v, attention_mask(key_mask, slots - 1, 1), 0.5, bias=bias))
+
+
+def test_sliding_window_mask_matches_transformers():
+    """attention_mask's window: a query sees the keys less than `window` slots before it, as
+    transformers' sliding_window_overlay (kv_idx > q_idx - window) on top of the causal mask."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+    window, slots = 3, 7
+    ours = attention_mask(torch.ones(1, slots, dtype=torch.bool), 0, slots, window)[0, 0]
+    theirs = and_masks(causal_mask_function, sliding_window_overlay(window))
+    expected = torch.tensor([[bool(theirs(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(slots)]
+                             for q in range(slots)])
+    assert torch.equal(ours, expected)
+    assert padding_free_mask(torch.ones(1, slots, dtype=torch.bool), 0, window, window) is None
+    assert padding_free_mask(torch.ones(1, slots, dtype=torch.bool), 0, window + 1, window) is not None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(layer_types=["full_attention", "chunked_attention"]), "chunked_attention"),
+    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=None), "sliding_window"),
+])
+def test_llama_family_refuses_attention_layouts_it_does_not_implement(kwargs, message):
+    cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, **kwargs)
+    with pytest.raises(UnsupportedModelError, match=message):
+        adapter_for(Qwen2ForCausalLM(cfg))

@@ -1,8 +1,12 @@
-import pytest
 """`calm calibrate` end to end on a tiny random model: the sweep, Learn-then-Test, the checkpoint, the knob."""
 
-from calm import CalmModel
+from dataclasses import replace
+
+import pytest
+
+from calm import CalmModel, ExitPolicy
 from calm.calibration import CalibrationTable
+from calm.knob import resolve_policy
 from helpers import assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,8 +27,9 @@ def test_calibrate_certifies_and_the_knob_uses_the_table(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "certified softmax threshold" in result.output
     model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
-    table = CalibrationTable.from_dict(model.calibration)
-    assert model.calibration["measure"] == "softmax"
+    table = model.calibration
+    assert isinstance(table, CalibrationTable) and table.measure == "softmax"
+    assert (table.max_new_tokens, table.min_exit_layer, table.data) == (6, 1, str(tmp_path / "calib.jsonl"))
     assert table.thresholds == (0.99, 0.9, 0.5, 0.2, 0.0) and table.n == 10 and table.certified_index is not None
     rows = table.rows
     assert all(0.0 <= r.mean_loss <= 1.0 and 1.0 <= r.avg_layers <= 4.0 for r in rows)
@@ -71,13 +76,10 @@ def test_speed_zero_is_the_full_model(tiny_model, tmp_path):
 
 
 def test_the_knob_keeps_the_threshold_schedule_it_was_calibrated_with(tiny_model, tmp_path):
-    from calm.eval.knob import resolve_policy
-    from calm.policy import ExitPolicy
-
     assert calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1", "--decay-tau", "0").exit_code == 0
     model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
-    assert model.calibration["decay_tau"] == 0
+    assert model.calibration.decay_tau == 0
     resolved = resolve_policy(model, speed=1.0)
     assert resolved.policy.decay_tau == 0 and "τ=0" in resolved.description
-    del model.calibration["decay_tau"]                  # a table from before τ was stored: the default decay
+    model.calibration = replace(model.calibration, decay_tau=None)   # a table from before τ was stored: the default decay
     assert resolve_policy(model, speed=1.0).policy.decay_tau == ExitPolicy.decay_tau

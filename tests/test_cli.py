@@ -114,18 +114,25 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
             for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
     table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb")
     path = tmp_path_factory.mktemp("calibrated")
-    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table.to_dict()), heads=None)
+    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
     return str(path)
 
 
-@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9 (from --speed 0.5"),
-                                            (("--speed", "1"), "softmax λ=0.5 (from --speed 1"),
-                                            (("--tolerance", "0.2"), "softmax λ=0.5 (from --tolerance 0.2"),
-                                            (("--threshold", "0.7"), "softmax λ=0.7")])
+@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); "
+                                                "default (speed 0.5 on the calibration)"),
+                                            (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); "
+                                                               "from --speed 1 and the calibration"),
+                                            (("--tolerance", "0.2"), "softmax λ=0.5, λ decays to 0.453 by token 3 "
+                                                                     "(τ=4); from --tolerance 0.2 and the calibration"),
+                                            (("--threshold", "0.7"), "softmax λ=0.7, λ decays to 0.635 by token 3 "
+                                                                     "(τ=4); from --threshold"),
+                                            (("--threshold", "0.7", "--decay-tau", "0"),
+                                             "softmax λ=0.7, λ fixed (τ=0); from --threshold")])
 def test_summarize_with_calibration(calibrated_model, knob, expected):
     result = invoke("summarize", "--model", calibrated_model, "--text", "the cat sat", "--max-new-tokens", 3, *knob)
     assert result.exit_code == 0, result.output
-    assert expected in result.stderr
+    assert "policy: " + expected in result.stderr
+    assert "--speed 0.5" not in result.stderr
 
 
 def test_tolerance_too_tight_is_an_error(calibrated_model):
@@ -177,8 +184,8 @@ def test_bad_threshold(tiny_model, value):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--threshold", "0.9", "--speed", "0.5"), "only one of --threshold, --speed"),
-    (("--speed", "0.5"), "no calibration for this model; run calm calibrate or use --threshold"),
+    (("--threshold", "0.9", "--speed", "0.5"), "give only one of threshold and speed"),
+    (("--speed", "0.5"), "no calibration for this model; run calm calibrate on it, or give a threshold"),
     (("--tolerance", "0.1"), "no calibration for this model"),
     (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
     (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),

@@ -28,6 +28,17 @@ def test_never_exit_uses_every_layer(llama):
     assert res.timings.new_tokens == sum(len(r) for r in res.token_ids)
 
 
+def test_timings_separate_prefill_from_decode(llama):
+    res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.never(), CONFIG)
+    t = res.timings
+    assert t.decode_tokens == sum(len(r) - 1 for r in res.token_ids) > 0     # each row's first token is prefill's
+    assert t.prefill_s > 0 and t.decode_s > 0
+    assert t.decode_tokens_per_s == pytest.approx(t.decode_tokens / t.decode_s)
+    assert t.tokens_per_s == pytest.approx(t.new_tokens / (t.prefill_s + t.decode_s))
+    timings = res.to_dict()["timings"]
+    assert {"prefill_s", "decode_s", "new_tokens", "tokens_per_s", "decode_tokens", "decode_tokens_per_s"} <= set(timings)
+
+
 def test_fixed_exit_takes_the_token_from_that_layer(llama):
     res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.fixed(2), CONFIG)
     assert all(row[0] == 4 and set(row[1:]) == {2} for row in res.exit_layers)   # first token comes from prefill

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from calm import CalmModel
 from calm.errors import InputError
 from calm.sampling import SamplingConfig, filter_logits, next_token
 
@@ -29,3 +30,21 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_bad_sampling_settings(kwargs):
     with pytest.raises(InputError):
         SamplingConfig(do_sample=True, **kwargs)
+
+
+def test_sampling_without_a_seed_leaves_the_global_generator_alone():
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    cfg = SamplingConfig(do_sample=True)
+    first, second = cfg.generator(torch.device("cpu")), cfg.generator(torch.device("cpu"))
+    assert torch.equal(torch.rand(4), expected)
+    assert first.initial_seed() != second.initial_seed()          # still unseeded: a fresh seed each time
+
+
+def test_unseeded_generate_leaves_the_global_generator_alone(llama):
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    CalmModel.from_model(llama).generate([[5, 6, 7]], max_new_tokens=4, do_sample=True)
+    assert torch.equal(torch.rand(4), expected)

@@ -6,7 +6,8 @@ import pytest
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import transformers_generate
-from calm.data import read_jsonl, summary_prompt
+from calm.data import read_jsonl
+from calm.prompts import summary_prompt
 
 SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")]
@@ -66,3 +67,20 @@ def test_batched_mixed_exits_equal_each_row_alone(smollm2, prompts):
 def test_text_prompts_use_the_chat_template(smollm2):
     out = smollm2.generate("What is the capital of France? Answer in one word.", max_new_tokens=8)
     assert "Paris" in out.texts[0]
+
+
+def test_the_knob_in_python_on_the_shipped_calibration(smollm2):
+    table = smollm2.calibration
+    assert table.certified_threshold == 0.97 and table.decay_tau == 0
+    assert smollm2.policy(tolerance=0.1) == smollm2.policy(threshold=0.97, decay_tau=0) == smollm2.policy(speed=1)
+    out = smollm2.generate("What is the capital of France? Answer in one word.", max_new_tokens=8, tolerance=0.1)
+    assert 1 <= out.avg_layers <= 30 and out.texts[0]
+
+
+def test_calm_info_on_the_shipped_model():
+    from helpers import invoke
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    assert "backbone: smollm2 (calm alias)" in result.output and "30 layers" in result.output
+    assert "exit heads: layers 10–29 of 30, rank 32" in result.output
+    assert "certified: λ=0.97 at δ=0.1 (ε=0.05)" in result.output

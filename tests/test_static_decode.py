@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch._dynamo
-from test_adapters import EOS, KINDS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
+from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
+from test_adapters import KINDS as ALL_KINDS
 from torch._dynamo.utils import counters
 
 from calm import CalmModel
@@ -26,6 +27,8 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
 from calm.static_decode import StaticState, full_depth, static_step
 from calm.syncs import SyncCounter
+
+KINDS = tuple(k for k in ALL_KINDS if "window" not in k)   # sliding windows: the static engine refuses them
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -240,3 +243,12 @@ def test_inductor_compiles_the_step(models, fresh_dynamo, kind):
     assert_same(dynamic, compiled)
     assert mixed_exits(compiled), compiled.exit_layers
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+@pytest.mark.parametrize("kind", [k for k in ALL_KINDS if "window" in k])
+def test_static_engine_refuses_sliding_windows(kind):
+    from calm.errors import UnsupportedModelError
+    calm = CalmModel.from_model(build(kind))
+    batch = prompts()
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        calm.generate(batch.ids, max_new_tokens=3, attention_mask=batch.mask, engine="static")

@@ -50,6 +50,8 @@ class StepContext:
     encoder: EncoderMemory | None = None
     extras: dict = field(default_factory=dict)
     row_attention: RowAttention | None = None                # None: every query row attends at once
+    window: int | None = None                                # sliding-window layers: keys within `window` slots
+    window_mask: torch.Tensor | None = None                  # their [B, 1, T, S] mask; None: every key is in reach
 
 
 def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -57,8 +59,11 @@ def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | No
     return t if rows is None or t is None else t.index_select(0, rows)
 
 
-def attention_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Tensor:
-    """[B, 1, T, S] causal mask over slots 0..S-1 for T new tokens at slots start.., padding removed.
+def attention_mask(key_mask: torch.Tensor, start: int, num_new: int, window: int | None = None) -> torch.Tensor:
+    """[B, 1, T, S] causal mask over slots 0..S-1 for T new tokens at slots start.., padding removed;
+    with a sliding `window`, a query sees only the keys less than `window` slots before it (as
+    transformers' sliding-window mask: a row's real tokens fill consecutive slots, so slot distance
+    is position distance).
 
     A padding query always sees itself, so no softmax row is empty (an empty row gives NaN,
     which would leak through zero-weighted values into real rows).
@@ -67,17 +72,21 @@ def attention_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Te
     slots = torch.arange(end, device=key_mask.device)
     query_slots = torch.arange(start, end, device=key_mask.device)
     causal = slots[None, :] <= query_slots[:, None]                     # [T, S]
+    if window is not None:
+        causal &= slots[None, :] > query_slots[:, None] - window
     allowed = causal[None] & key_mask[:, None, :end]                    # [B, T, S]
     allowed |= slots[None, None, :] == query_slots[None, :, None]
     return allowed[:, None]
 
 
-def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int) -> torch.Tensor | None:
+def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int, window: int | None = None) -> torch.Tensor | None:
     """Like attention_mask, but None when no row has padding and the new tokens start at slot 0 (a
-    plain causal prompt) or are a single decode token: attention then needs no mask (one host sync)."""
-    if (start == 0 or num_new == 1) and bool(key_mask[:, :start + num_new].all()):
+    plain causal prompt) or are a single decode token, and every key is within the window: attention
+    then needs no mask (one host sync)."""
+    in_reach = window is None or start + num_new <= window
+    if in_reach and (start == 0 or num_new == 1) and bool(key_mask[:, :start + num_new].all()):
         return None
-    return attention_mask(key_mask, start, num_new)
+    return attention_mask(key_mask, start, num_new, window)
 
 
 def slot_mask(key_mask: torch.Tensor) -> torch.Tensor:
@@ -87,16 +96,22 @@ def slot_mask(key_mask: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float | None, bias: torch.Tensor | None = None, per_row: RowAttention | None = None) -> torch.Tensor:
+           scale: float | None, bias: torch.Tensor | None = None, per_row: RowAttention | None = None,
+           window: int | None = None) -> torch.Tensor:
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D].
 
     With per_row, k and v are the whole batch's cache and only the listed queries attend (see
-    RowAttention); mask is then not used (the slices hold real slots only)."""
+    RowAttention); mask is then not used (the slices hold real slots only, and for a sliding
+    `window` only the last `window` of them: per-row attention is for one decode query, T = 1)."""
     if per_row is None:
         return _attend_batch(q, k, v, mask, scale, bias)
     b, h, t, d = q.shape
+    if window is not None and t != 1:
+        raise ValueError(f"per-row attention with a sliding window takes one query per row, got {t}")
+    first_in_reach = 0 if window is None else k.shape[2] - window
     out = q.new_zeros(b, t, h * d)
     for j, r, s in zip(per_row.queries, per_row.rows, per_row.starts):
+        s = max(s, first_in_reach)
         row_bias = None if bias is None else bias[..., s:]
         out[j] = _attend_batch(q[j:j + 1], k[r:r + 1, :, s:], v[r:r + 1, :, s:], None, scale, row_bias)[0]
     return out
@@ -144,8 +159,13 @@ class Adapter(ABC):
 
     @abstractmethod
     def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int,
-                encoder: EncoderMemory | None = None) -> StepContext:
-        """The shared tensors of one forward over T new tokens at cache slots start..start+T-1."""
+                encoder: EncoderMemory | None = None, slot_positions: torch.Tensor | None = None) -> StepContext:
+        """The shared tensors of one forward over T new tokens at cache slots start..start+T-1.
+
+        slot_positions [B, S]: the position of the token in each cache slot, for caches whose real
+        slots have masked holes (rejected speculative drafts); None: a row's real slots hold
+        consecutive positions. Only attention that depends on key positions at attention time (T5's
+        relative bias) reads it: RoPE and absolute positions are already in the cached keys."""
 
     def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
                        encoder: EncoderMemory | None = None) -> StepContext:

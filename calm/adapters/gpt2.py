@@ -1,4 +1,9 @@
-"""GPT-2 adapter: pre-LayerNorm blocks, learned absolute positions, fused Conv1D q|k|v projection."""
+"""GPT-2 adapter: pre-LayerNorm blocks, learned absolute positions, fused Conv1D q|k|v projection.
+
+`scale_attn_by_inverse_layer_idx` divides layer i's attention scale by i + 1. `reorder_and_upcast_attn`
+computes attention in float32 for half-precision models (the point of transformers' eager
+implementation of it; its SDPA path ignores the flag); in float32 it changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ class GPT2Adapter(Adapter):
 
     def __init__(self, model: torch.nn.Module):
         cfg = model.config
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
-            if getattr(cfg, flag, False):
-                raise UnsupportedModelError(f"calm's GPT-2 adapter does not support GPT-2 models with {flag}=True")
+        if getattr(cfg, "add_cross_attention", False):
+            raise UnsupportedModelError("calm's GPT-2 adapter does not support GPT-2 models with add_cross_attention=True "
+                                        "(a decoder of an encoder-decoder model)")
+        if not hasattr(model, "transformer") or model.get_output_embeddings() is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no LM head; load it as a GPT2LMHeadModel")
         self.model = model
         self.inner = model.transformer
         self.layers = self.inner.h
@@ -26,12 +33,15 @@ class GPT2Adapter(Adapter):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.n_positions
-        self.scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+        self.scales = tuple(scale / (i + 1) if by_layer else scale for i in range(self.num_layers))
+        self.upcast = bool(getattr(cfg, "reorder_and_upcast_attn", False))
 
     def embed(self, ids, positions):
         return self.inner.wte(ids) + self.inner.wpe(positions)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]), start=start)
 
     def attn_input(self, layer, h):
@@ -53,7 +63,10 @@ class GPT2Adapter(Adapter):
     def finish_layer(self, layer, h, x, k, v, ctx, rows=None):
         block = self.layers[layer]
         q = self._project(layer, x, 0, 1)
-        h = h + block.attn.c_proj(attend(q, k, v, pick(ctx.mask, rows), self.scale, per_row=ctx.row_attention))
+        if self.upcast and q.dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        out = attend(q, k, v, pick(ctx.mask, rows), self.scales[layer], per_row=ctx.row_attention).to(h.dtype)
+        h = h + block.attn.c_proj(out)
         return h + block.mlp(block.ln_2(h))
 
     def final_norm(self, h):

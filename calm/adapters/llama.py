@@ -1,11 +1,13 @@
-"""Llama-family adapter: Llama, Mistral, Qwen2/Qwen3, SmolLM2 (pre-norm, RoPE, grouped-query attention)."""
+"""Llama-family adapter: Llama, Mistral, Qwen2/Qwen3, SmolLM2/SmolLM3 (pre-norm, RoPE, grouped-query
+attention; Mistral's and Qwen's sliding-window layers, SmolLM3's layers without RoPE)."""
 
 from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, padding_free_mask, pick,
-                                 slot_mask)
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, padding_free_mask,
+                                 pick, slot_mask)
+from calm.errors import UnsupportedModelError
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -19,11 +21,37 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return t * cos + rotate_half(t) * sin
 
 
+def layer_windows(cfg, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding attention window (None: full causal attention), as transformers masks it.
+
+    MistralModel masks every layer with config.sliding_window. Qwen2/Qwen3/SmolLM3 mask the layers
+    that config.layer_types marks "sliding_attention" (their configs derive it from use_sliding_window
+    and max_window_layers, or SmolLM3's no-RoPE layers); Llama has no sliding window."""
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "mistral":
+        return (window,) * num_layers
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModelError(f"calm's Llama-family adapter does not support layer_types {unknown}")
+    if "sliding_attention" in types and not window:
+        raise UnsupportedModelError("layer_types has sliding_attention layers but sliding_window is not set")
+    return tuple(window if kind == "sliding_attention" else None for kind in types)
+
+
+def rope_layers(cfg, num_layers: int) -> tuple[bool, ...]:
+    """Whether each layer applies RoPE: SmolLM3's no_rope_layers (1 = RoPE, 0 = none); others always."""
+    flags = getattr(cfg, "no_rope_layers", None)
+    return tuple(bool(f) for f in flags) if flags is not None else (True,) * num_layers
+
+
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
     def __init__(self, model: torch.nn.Module):
         cfg = model.config
+        if not hasattr(model, "model") or model.get_output_embeddings() is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no LM head; load it as a ...ForCausalLM model")
         self.model = model
         self.inner = model.model
         self.layers = self.inner.layers
@@ -33,21 +61,39 @@ class LlamaAdapter(Adapter):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
+        self.windows = layer_windows(cfg, self.num_layers)
+        self.window = next((w for w in self.windows if w is not None), None)
+        self.rope_layers = rope_layers(cfg, self.num_layers)
 
     def embed(self, ids, positions):
         return self.inner.embed_tokens(ids)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
-        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]),
-                           start=start, rope=self._rope(positions))
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
+        cos, sin = self._rope_tables(positions)
+        t = positions.shape[1]
+        window_mask = padding_free_mask(key_mask, start, t, self.window) if self.window is not None else None
+        if self.window is not None and slot_positions is not None:         # holes: window by position, not slot
+            reach = slot_positions[:, None, None, :start + t] > positions[:, None, :, None] - self.window
+            own = torch.arange(start + t, device=positions.device) == torch.arange(start, start + t,
+                                                                                  device=positions.device)[:, None]
+            window_mask = attention_mask(key_mask, start, t) & (reach | own)                # [B, 1, T, S]
+        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, t), start=start,
+                           rope=(cos, sin), window=self.window, window_mask=window_mask)
 
     def static_context(self, positions, key_mask, slot, encoder: EncoderMemory | None = None):
-        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, rope=self._rope(positions))
+        if self.window is not None:
+            raise UnsupportedModelError("the static engine does not implement sliding-window attention yet; "
+                                        "use engine='dynamic' for this model")
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
+                           rope=self._rope_tables(positions))
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, D_head] of positions [B, T]."""
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
         return self.inner.rotary_emb(probe, positions)
+
+    def _rope(self, layer: int, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(t, cos, sin) if self.rope_layers[layer] else t
 
     def attn_input(self, layer, h):
         return self.layers[layer].input_layernorm(h)
@@ -64,15 +110,18 @@ class LlamaAdapter(Adapter):
         k = self._heads(attn.k_proj, x, self.num_kv_heads, getattr(attn, "k_norm", None))
         v = self._heads(attn.v_proj, x, self.num_kv_heads, None)
         cos, sin = ctx.rope
-        return apply_rope(k, cos, sin), v
+        return self._rope(layer, k, cos, sin), v
 
     def finish_layer(self, layer, h, x, k, v, ctx, rows=None):
         block = self.layers[layer]
         attn = block.self_attn
         q = self._heads(attn.q_proj, x, self.num_heads, getattr(attn, "q_norm", None))
         cos, sin = ctx.rope
-        q = apply_rope(q, pick(cos, rows), pick(sin, rows))
-        h = h + attn.o_proj(attend(q, k, v, pick(ctx.mask, rows), attn.scaling, per_row=ctx.row_attention))
+        q = self._rope(layer, q, pick(cos, rows), pick(sin, rows))
+        window = self.windows[layer]
+        mask = ctx.mask if window is None else ctx.window_mask
+        out = attend(q, k, v, pick(mask, rows), attn.scaling, per_row=ctx.row_attention, window=window)
+        h = h + attn.o_proj(out)
         return h + block.mlp(block.post_attention_layernorm(h))
 
     def kv_layers(self, first, x_source, ctx):
@@ -90,7 +139,11 @@ class LlamaAdapter(Adapter):
             kv = kv + kv_b[first:, None, :]
         kv = kv.view(-1, b, t, 2, self.num_kv_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)  # [2, n, B, H_kv, T, D]
         cos, sin = ctx.rope
-        return apply_rope(kv[0], cos, sin), kv[1]
+        k = apply_rope(kv[0], cos, sin)
+        if not all(self.rope_layers[first:]):
+            no_rope = torch.tensor([not r for r in self.rope_layers[first:]], device=k.device)
+            k = torch.where(no_rope[:, None, None, None, None], kv[0], k)
+        return k, kv[1]
 
     def _stacked_kv(self):
         """Every layer's input-norm weight [L, D], fused K|V projection [L, 2*H_kv*D_head, D] and bias, built once."""

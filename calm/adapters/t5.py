@@ -3,7 +3,8 @@
 The encoder runs once per generation (`encode`), which also precomputes every decoder layer's
 cross-attention K/V. Decoder self-attention is unscaled and carries T5's relative position bias
 (computed by block 0's self-attention from query slots against key slots; decoder inputs have no
-padding, so a token's slot is its position).
+padding, so a token's slot is its position, unless the caller passes each slot's position: a
+speculative cache has masked holes where drafts were rejected).
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ class T5Adapter(Adapter):
     def embed(self, ids, positions):
         return self.decoder.embed_tokens(ids)
 
-    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None):
+    def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
         if encoder is None:
             raise ValueError("the T5 decoder needs the encoder's memory (call encode() first)")
         t = positions.shape[1]
-        bias = self.relative_bias.compute_bias(t, start + t, device=positions.device, past_seen_tokens=start)
+        if slot_positions is None:
+            bias = self.relative_bias.compute_bias(t, start + t, device=positions.device, past_seen_tokens=start)
+        else:
+            bias = self._row_bias(positions, slot_positions[:, :start + t])
         return StepContext(positions=positions, mask=attention_mask(key_mask, start, t), start=start,
                            position_bias=bias.to(self.dtype), encoder=encoder)
 
@@ -93,6 +97,14 @@ class T5Adapter(Adapter):
         bias = self.relative_bias.compute_bias(1, key_mask.shape[1], device=key_mask.device, past_seen_tokens=slot)
         return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
                            position_bias=bias.to(self.dtype), encoder=encoder)
+
+    def _row_bias(self, positions: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
+        """Relative position bias [B, H, T, S] from each row's query positions [B, T] and key slots' positions [B, S]."""
+        attn = self.relative_bias
+        relative = slot_positions[:, None, :] - positions[:, :, None]                  # [B, T, S]
+        buckets = attn._relative_position_bucket(relative, bidirectional=False, num_buckets=attn.relative_attention_num_buckets,
+                                                 max_distance=attn.relative_attention_max_distance)
+        return attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)              # [B, H, T, S]
 
     def attn_input(self, layer, h):
         return self.layers[layer].layer[0].layer_norm(h)

@@ -1,0 +1,292 @@
+"""Lossless speculative decoding (issue 13) on the embedded model with its shipped heads, CPU.
+
+Batch 1 (each of --docs XSum test documents alone) and batch 8 (the first 8 as one batch), --new-tokens
+per row (EOS ignored, as calm bench), documents cut to --max-doc-tokens. Compared, round robin per
+document after one short warm-up each, median of --repeats:
+  - never-exit calm (full depth) and transformers `generate`;
+  - calm speculative at every draft layer E x max draft k x draft controller;
+  - transformers `assistant_early_exit=E` (always drafts; one timed run on the first --assistant-docs
+    documents, at batch 1 only: transformers refuses assisted generation for batch > 1, recorded).
+Every speculative run's tokens are checked against full depth's. tokens/s include the prefill.
+
+With --store CHECKPOINT the best setting at batch 1 and its measured speedup over full depth go into
+the checkpoint's config, where `calm summarize --lossless` reads them (calm.lossless).
+
+Usage: python benchmarks/bench_speculative.py [--model smollm2] [--out benchmarks/results] [--store calm/assets/smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from calm import CalmModel
+from calm.bench import machine_info, machine_markdown, parse_run_spec, write_json_markdown
+from calm.checkpoint import store_extra
+from calm.data import read_jsonl, summary_prompt, truncate_document
+from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.lossless import STORE_KEY, MeasuredSetting
+from calm.policy import ExitPolicy
+from calm.speculative import generate_speculative
+
+FULL, HF = "calm full", "transformers generate"
+
+
+@dataclass
+class Config:
+    """One engine setting, and what its timed runs gave."""
+
+    name: str
+    run: object                                   # (PromptBatch, new tokens) -> (tokens per row, SpeculativeStats | None)
+    spec: str | None = None                       # the calm.bench run spec of a speculative setting
+    times: dict = field(default_factory=dict)     # batch key -> [wall seconds]
+    cpu: dict = field(default_factory=dict)       # batch key -> [CPU seconds of this process]
+    stats: dict = field(default_factory=dict)     # batch key -> [SpeculativeStats]
+    tokens: dict = field(default_factory=dict)    # batch key -> tokens per row of the last run
+    identical: bool = True                        # tokens equal the reference's in every run
+
+
+def calm_runner(model: CalmModel, spec: str | None):
+    policy, speculative = parse_run_spec(spec) if spec else (ExitPolicy.never(), None)
+
+    def run(batch: PromptBatch, new_tokens: int):
+        config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
+        if speculative is None:
+            result = generate_tokens(model.network, batch, policy, config)
+        else:
+            result = generate_speculative(model.network, batch, policy, config, speculative)
+        return result.token_ids, result.speculative
+    return run
+
+
+def hf_runner(model: CalmModel, early_exit: int | None = None):
+    def run(batch: PromptBatch, new_tokens: int):
+        kwargs = {} if early_exit is None else {"assistant_early_exit": early_exit}
+        out = model.model.generate(input_ids=batch.ids, attention_mask=batch.mask.long(), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.pad_token_id,
+                                   eos_token_id=list(model.eos_token_ids) or None, **kwargs)
+        return tuple(tuple(r) for r in out[:, batch.ids.shape[1]:].tolist()), None
+    return run
+
+
+def timed(config: Config, key: str, batch: PromptBatch, new_tokens: int, reference: dict | None,
+          prefix_only: tuple[int, ...] = ()) -> None:
+    """One timed run; its tokens are checked against reference[key] (with prefix_only = EOS ids: only
+    up to the reference's first EOS, for transformers, which suppresses EOS to reach the length)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens, stats = config.run(batch, new_tokens)
+    config.times.setdefault(key, []).append(time.perf_counter() - t0)
+    config.cpu.setdefault(key, []).append(time.process_time() - c0)
+    config.tokens[key] = tokens
+    if stats is not None:
+        config.stats.setdefault(key, []).append(stats)
+    if reference is not None:
+        config.identical &= all(_until(a, prefix_only) == _until(b, prefix_only) for a, b in zip(tokens, reference[key]))
+
+
+def _until(tokens: tuple[int, ...], eos: tuple[int, ...]) -> tuple[int, ...]:
+    return tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+def round_robin(configs: list[Config], batches: dict[str, PromptBatch], new_tokens: int, repeats: int,
+                eos: tuple[int, ...]) -> None:
+    """A 4-token warm-up of each config, then per batch `repeats` rounds over all of them in turn. The
+    first config (full depth) gives each batch's reference tokens."""
+    for c in configs:
+        c.run(next(iter(batches.values())), 4)
+    for key, batch in batches.items():
+        for _ in range(repeats):
+            for c in configs:
+                reference = configs[0].tokens if c is not configs[0] else None
+                timed(c, key, batch, new_tokens, reference, eos if c.name == HF else ())
+        print(f"{key}: " + ", ".join(f"{c.name} {statistics.median(c.cpu[key]):.2f}s" for c in configs),
+              file=sys.stderr, flush=True)
+
+
+def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_tokens: int) -> list[dict]:
+    """Per config: tokens per CPU second and per wall second over the given batches (sums of per-batch
+    medians), speedups (on CPU time), acceptance."""
+    rows = []
+    for c in configs:
+        if not all(k in c.times for k in keys):
+            continue
+        seconds = sum(statistics.median(c.times[k]) for k in keys)
+        cpu_seconds = sum(statistics.median(c.cpu[k]) for k in keys)
+        stats = [c.stats[k][-1] for k in keys if k in c.stats]
+        drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
+        row_cycles = sum(s.row_cycles for s in stats)
+        tokens = batch_size * new_tokens * len(keys)
+        rows.append({"name": c.name, "spec": c.spec, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                     "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds, "identical": c.identical,
+                     "acceptance_rate": accepted / drafted if drafted else None,
+                     "mean_accepted_length": accepted / row_cycles if stats else None,
+                     "mean_draft_length": drafted / row_cycles if stats else None,
+                     "draft_s": sum(s.draft_s for s in stats) if stats else None,
+                     "verify_s": sum(s.verify_s for s in stats) if stats else None})
+    full = next(r for r in rows if r["name"] == FULL)
+    hf = next((r for r in rows if r["name"] == HF), None)
+    for r in rows:
+        r["vs_full"] = r["tokens_per_cpu_s"] / full["tokens_per_cpu_s"]
+        r["vs_full_wall"] = r["tokens_per_s"] / full["tokens_per_s"]
+        r["vs_transformers"] = r["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"] if hf else None
+    return rows
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model = CalmModel.from_pretrained(args.model)
+    docs = read_jsonl(args.data, limit=max(args.docs, 8))
+    prompts = [summary_prompt(truncate_document(model.tokenizer, d.document, args.max_doc_tokens)) for d in docs]
+    single = {f"doc{i}": model.encode_prompts(prompts[i], args.new_tokens) for i in range(args.docs)}
+    specs = [f"spec:{e}:{k}" + (f":{c}" if c != "always" else "") for e in args.draft_layers for k in args.max_drafts
+             for c in args.controllers]
+    configs = [Config(FULL, calm_runner(model, None)), Config(HF, hf_runner(model))]
+    configs += [Config(f"speculative {s[5:]}", calm_runner(model, s), spec=s) for s in specs]
+    eos = model.eos_token_ids
+    t0 = time.perf_counter()
+    round_robin(configs, single, args.new_tokens, args.repeats, eos)
+    batch1 = summary_rows(configs, list(single), 1, args.new_tokens)
+    batch8 = []
+    if args.batch8:
+        eight = {"batch8": model.encode_prompts(prompts[:8], args.new_tokens)}
+        round_robin(configs, eight, args.new_tokens, args.repeats, eos)
+        batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
+    assistant = assistant_rows(model, args, single, configs)
+    return {"benchmark": "speculative", "model": args.model, "new_tokens": args.new_tokens, "docs": args.docs,
+            "max_doc_tokens": args.max_doc_tokens, "repeats": args.repeats, "controllers": args.controllers,
+            "machine": machine_info(model.device, " ".join(sys.argv)), "wall_s": time.perf_counter() - t0,
+            "prompt_tokens": [int(b.mask.sum()) for b in single.values()],
+            "batch1": batch1, "batch8": batch8, "assistant": assistant, "best": best(batch1)}
+
+
+def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) -> list[dict]:
+    """transformers assistant_early_exit at each E, batch 1, on the first --assistant-docs documents, one
+    timed run after a short warm-up; against transformers generate and calm's best k at that E on the same
+    documents. Batch 8 is tried once and its refusal recorded."""
+    keys = list(single)[:args.assistant_docs]
+    hf = next(c for c in configs if c.name == HF)
+    rows = []
+    for e in args.draft_layers:
+        c = Config(f"assistant_early_exit={e}", hf_runner(model, early_exit=e))
+        c.run(single[keys[0]], 4)
+        for k in keys:
+            timed(c, k, single[k], args.new_tokens, hf.tokens)
+        seconds = sum(c.cpu[k][0] for k in keys)
+        hf_s = sum(statistics.median(hf.cpu[k]) for k in keys)
+        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e]
+        best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
+        ours_s = sum(statistics.median(best_ours.cpu[k]) for k in keys)
+        rows.append({"draft_layer": e, "cpu_seconds": seconds, "tokens_per_cpu_s": args.new_tokens * len(keys) / seconds,
+                     "vs_transformers": hf_s / seconds, "identical_to_transformers": c.identical,
+                     "calm_best_at_E": best_ours.name, "calm_vs_assistant": seconds / ours_s, "docs": len(keys),
+                     "batch8": batch8_refusal(model, args, single, e)})
+        print(f"assistant E={e}: {seconds:.2f}s, calm {best_ours.name} {ours_s:.2f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def batch8_refusal(model: CalmModel, args, single: dict, e: int) -> str:
+    first = next(iter(single.values()))
+    ids = [first.ids[0].tolist()] * 2
+    try:
+        hf_runner(model, early_exit=e)(model.encode_prompts(ids, 2), 2)
+    except ValueError as exc:
+        return f"refused: {exc}"
+    return "ran"
+
+
+def best(rows: list[dict]) -> dict | None:
+    speculative = [r for r in rows if r["spec"]]
+    return max(speculative, key=lambda r: r["tokens_per_cpu_s"]) if speculative else None
+
+
+def markdown(report: dict) -> str:
+    b = report["best"]
+    lines = [f"# Lossless speculative decoding: {report['model']}, CPU", "", *machine_markdown(report["machine"]),
+             f"{report['new_tokens']} new tokens per row (EOS ignored), XSum test documents cut to "
+             f"{report['max_doc_tokens']} tokens (prompts of {min(report['prompt_tokens'])}–"
+             f"{max(report['prompt_tokens'])} tokens), batch 1 over {report['docs']} documents and one batch of 8; "
+             f"median of {report['repeats']} round-robin runs after a warm-up, prefill included. The CPU was shared "
+             "with other jobs, so speeds are tokens per CPU second of this single-threaded process (time.process_time), "
+             "which time-slicing by other processes does not inflate; wall-clock ratios are listed beside them. "
+             f"Benchmark wall time {report['wall_s'] / 60:.1f} min.", ""]
+    if b is not None:
+        lines += [f"**Best at batch 1: {b['name']}**, **{b['vs_full']:.2f}×** never-exit calm "
+                  f"({b['tokens_per_cpu_s']:.2f} tokens per CPU second; acceptance {_f(b['acceptance_rate'])}, "
+                  f"{_f(b['mean_accepted_length'])} drafts kept per step). Outputs identical to full depth in every run: "
+                  f"**{all(r['identical'] for r in report['batch1'] + report['batch8'])}**.", ""]
+    for title, rows in (("Batch 1", report["batch1"]), ("Batch 8", report["batch8"])):
+        if rows:
+            lines += [f"## {title}", "", "| config | tokens/CPU s | vs full | vs transformers | wall vs full | identical | "
+                      "acceptance | drafted per step | kept per step | draft s | verify s |", "|---|" + "---:|" * 10]
+            lines += [f"| {r['name']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_full']:.2f}× | {_f(r['vs_transformers'])}× | "
+                      f"{r['vs_full_wall']:.2f}× | {'yes' if r['identical'] else 'NO'} | {_f(r['acceptance_rate'])} | "
+                      f"{_f(r['mean_draft_length'])} | {_f(r['mean_accepted_length'])} | {_f(r['draft_s'])} | "
+                      f"{_f(r['verify_s'])} |" for r in rows]
+            lines.append("")
+    lines += ["## transformers assistant_early_exit (batch 1)", "",
+              "| E | docs | tokens/CPU s | vs transformers generate | same tokens as generate | calm best at E | "
+              "calm speedup over it | batch 8 |", "|---:|---:|---:|---:|:---:|---|---:|---|"]
+    lines += [f"| {r['draft_layer']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_transformers']:.2f}× | "
+              f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
+              f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |" for r in report["assistant"]]
+    lines += ["", "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
+              "pass. draft s / verify s: wall seconds summed over the timed batches' last run (layers 1..E with the "
+              "exit head; layers E+1..L with the LM head, accept and rollback).", ""]
+    return "\n".join(lines)
+
+
+def _f(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
+    b = report["best"]
+    if b is None:
+        return None
+    policy, spec = parse_run_spec(b["spec"])
+    setting = MeasuredSetting(draft_layer=spec.draft_layer, max_draft=spec.max_draft, measure=policy.measure,
+                              threshold=policy.threshold, speedup_vs_full=b["vs_full"],
+                              acceptance_rate=b["acceptance_rate"] or 0.0, report=report_file)
+    store_extra(checkpoint, STORE_KEY, setting.to_dict())
+    return setting.to_dict()
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="alias, checkpoint directory or path")
+    parser.add_argument("--data", default="../shared/data/xsum/test.jsonl")
+    parser.add_argument("--docs", type=int, default=4, help="documents timed at batch 1")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--max-doc-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--draft-layers", type=_ints, default=[8, 12, 15, 20])
+    parser.add_argument("--max-drafts", type=_ints, default=[2, 4, 6])
+    parser.add_argument("--controllers", type=lambda v: v.split(","), default=["classifier:0.7"],
+                        help="draft controllers, comma-separated: MEASURE:λ or 'always'")
+    parser.add_argument("--assistant-docs", type=int, default=2)
+    parser.add_argument("--no-batch8", dest="batch8", action="store_false")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default=None, help="report file stem (default speculative_<model>)")
+    parser.add_argument("--store", default=None, metavar="CHECKPOINT",
+                        help="write the best batch-1 setting and its speedup into this calm checkpoint")
+    args = parser.parse_args()
+    report = run(args)
+    stem = args.name or f"speculative_{args.model.rstrip('/').split('/')[-1]}"
+    if args.store:
+        report["stored"] = store(report, args.store, f"{args.out}/{stem}.md")
+    write_json_markdown(args.out, stem, report, markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""An ExitPolicy from the user's knobs: an explicit threshold λ, or a speed in [0, 1] or a risk
+tolerance δ read off the model's calibration table, or (nothing given) the model's default.
+
+One λ means one policy: an explicit threshold and the calibrated knob that lands on the same λ build
+the same ExitPolicy when they run the same decay schedule τ. The knob runs the schedule the table
+was calibrated with (a threshold is certified only for that one); an explicit threshold runs the
+`decay_tau` given, else ExitPolicy's default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from calm.calibration import CalibrationTable
+from calm.decode import ExitPlan
+from calm.errors import InputError
+from calm.policy import ExitPolicy
+
+if TYPE_CHECKING:
+    from calm.model import CalmModel
+
+NO_CALIBRATION = "no calibration for this model; run calm calibrate on it, or give a threshold"
+DEFAULT_SPEED = 0.5
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    policy: ExitPolicy
+    description: str          # e.g. "softmax λ=0.9 (from --speed 0.5 and the calibration)", for the user
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the user asked for; None everywhere is the model's default."""
+
+    threshold: float | None = None
+    speed: float | None = None
+    tolerance: float | None = None
+    measure: str | None = None
+    min_exit_layer: int | None = None
+    decay_tau: float | None = None
+
+    def __post_init__(self) -> None:
+        check_knobs(self.threshold, self.speed, self.tolerance)
+        _check_number("speed", self.speed, 0.0, 1.0, "in [0, 1]")
+        _check_number("tolerance", self.tolerance, 0.0, 1.0, "in (0, 1)", open_interval=True)
+        _check_number("threshold", self.threshold, 0.0, math.inf, ">= 0 (values above 1 never exit)")
+        _check_number("decay_tau", self.decay_tau, 0.0, math.inf, ">= 0")
+
+
+def check_knobs(threshold: float | None = None, speed: float | None = None, tolerance: float | None = None) -> None:
+    """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model)."""
+    given = [name for name, v in (("threshold", threshold), ("speed", speed), ("tolerance", tolerance))
+             if v is not None]
+    if len(given) > 1:
+        raise InputError(f"give only one of {' and '.join(given)}")
+
+
+def _check_number(name: str, value: float | None, lo: float, hi: float, expected: str,
+                  open_interval: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise InputError(f"{name} must be a number {expected}, got {value!r}")
+    inside = lo < value < hi if open_interval else lo <= value <= hi
+    if not inside:
+        raise InputError(f"{name} must be a number {expected}, got {value!r}")
+
+
+def default_measure(model: CalmModel) -> str:
+    """'classifier' when the model has trained exit heads with a classifier, else 'softmax'."""
+    heads = model.heads
+    return "classifier" if heads is not None and heads.config.classifier else "softmax"
+
+
+def resolve_policy(model: CalmModel, threshold: float | None = None, measure: str | None = None,
+                   min_exit_layer: int | None = None, speed: float | None = None,
+                   tolerance: float | None = None, decay_tau: float | None = None) -> ResolvedPolicy:
+    """The exit policy the knobs ask for, checked against the model before any generation."""
+    knobs = Knobs(threshold, speed, tolerance, measure, min_exit_layer, decay_tau)
+    if knobs.threshold is not None:
+        resolved = _explicit_policy(model, knobs.threshold, knobs)
+    elif knobs.speed is None and knobs.tolerance is None:
+        resolved = _default_policy(model, knobs)
+    else:
+        resolved = _calibrated_policy(model, knobs)
+    ExitPlan.resolve(resolved.policy, model.network)          # layer range and classifier checks, up front
+    return resolved
+
+
+def calibration_table(model: CalmModel) -> CalibrationTable:
+    if model.calibration is None:
+        raise InputError(NO_CALIBRATION)
+    return model.calibration
+
+
+def tolerance_to_threshold(table: CalibrationTable, delta: float) -> float:
+    """The least conservative threshold that Learn-then-Test certifies at risk tolerance δ, from the
+    table's per-threshold mean losses (fixed-sequence testing at the table's ε, with its method)."""
+    try:
+        certified = table.threshold_for_tolerance(delta)
+    except ValueError as exc:
+        raise InputError(f"{exc}, so a tolerance cannot be certified; give a speed or a threshold") from exc
+    if certified is None:
+        raise InputError(f"no threshold is certified at tolerance δ={delta:g} (ε={table.epsilon:g}, "
+                         f"n={table.n}); raise the tolerance or run the full model (no knob)")
+    return certified
+
+
+def calibrated_decay_tau(table: CalibrationTable) -> float:
+    """The schedule the table's thresholds were certified under (tables from before τ was stored were
+    made with the default decay)."""
+    return ExitPolicy.decay_tau if table.decay_tau is None else table.decay_tau
+
+
+def _explicit_policy(model: CalmModel, threshold: float, knobs: Knobs) -> ResolvedPolicy:
+    tau = ExitPolicy.decay_tau if knobs.decay_tau is None else knobs.decay_tau
+    policy = _policy(model, knobs.measure, threshold, knobs.min_exit_layer, tau)
+    return ResolvedPolicy(policy, f"{policy.measure} λ={threshold:g}{_schedule(tau)}")
+
+
+def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+    if model.calibration is None:
+        return ResolvedPolicy(ExitPolicy.never(), "full model (no calibration; pass --threshold to exit early)")
+    if model.calibration.certified_index is None:
+        return ResolvedPolicy(ExitPolicy.never(), "full model (the calibration certifies no threshold)")
+    return _calibrated_policy(model, knobs)                   # no speed given: DEFAULT_SPEED
+
+
+def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+    speed = DEFAULT_SPEED if knobs.speed is None else knobs.speed
+    if knobs.speed == 0:
+        return ResolvedPolicy(ExitPolicy.never(), "full model (--speed 0)")
+    table = calibration_table(model)
+    measure = _calibrated_measure(model, table, knobs.measure)
+    tau = calibrated_decay_tau(table)
+    if knobs.decay_tau is not None and knobs.decay_tau != tau:
+        raise InputError(f"the calibration certifies its thresholds under the decay τ={tau:g}, not "
+                         f"decay_tau={knobs.decay_tau:g}; drop decay_tau or give a threshold")
+    if knobs.tolerance is not None:
+        threshold, source = tolerance_to_threshold(table, knobs.tolerance), f"--tolerance {knobs.tolerance:g}"
+    else:
+        try:
+            threshold = table.speed_to_threshold(speed)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        source = f"--speed {speed:g}"
+    min_exit_layer = knobs.min_exit_layer or table.min_exit_layer
+    return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer, tau),
+                          f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)")
+
+
+def _calibrated_measure(model: CalmModel, table: CalibrationTable, measure: str | None) -> str:
+    if measure is not None and table.measure is not None and measure != table.measure:
+        raise InputError(f"the calibration is for the {table.measure!r} measure, not {measure!r}; "
+                         "drop the measure or give a threshold")
+    return measure or table.measure or default_measure(model)
+
+
+def _schedule(decay_tau: float) -> str:
+    return "" if decay_tau == ExitPolicy.decay_tau else f", τ={decay_tau:g}"
+
+
+def _policy(model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None,
+            decay_tau: float) -> ExitPolicy:
+    return ExitPolicy(measure=measure or default_measure(model), threshold=float(threshold),
+                      min_exit_layer=min_exit_layer or 1, decay_tau=float(decay_tau))

@@ -1,0 +1,161 @@
+"""--lossless and --mode speculative: which run the switches choose (calm.lossless), the measurement
+stored with a checkpoint, and the switches in calm summarize, calm eval and calm bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from helpers import DOCS, assert_clean_error, invoke, write_jsonl
+
+from calm import CalmModel
+from calm.bench import parse_run_spec, speculative_specs
+from calm.checkpoint import read_config, store_extra
+from calm.errors import InputError, PolicyError
+from calm.heads import ExitHeads, HeadsConfig
+from calm.lossless import STORE_KEY, MeasuredSetting, resolve_mode
+from calm.policy import ExitPolicy
+from calm.speculative import SpeculativeConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def measured(speedup: float, e: int = 2, k: int = 3) -> MeasuredSetting:
+    return MeasuredSetting(draft_layer=e, max_draft=k, measure="softmax", threshold=0.4, speedup_vs_full=speedup,
+                           acceptance_rate=0.5, report="benchmarks/results/x.md")
+
+
+@pytest.fixture
+def checkpoint(tiny_model, tmp_path):
+    """The tiny model as a calm checkpoint (heads with a classifier), to store measurements in."""
+    model = CalmModel.from_pretrained(tiny_model)
+    model.heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4))
+    model.save(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_plain_calm_is_not_a_lossless_run(tiny_model):
+    model = CalmModel.from_pretrained(tiny_model)
+    assert resolve_mode(model) is None
+    with pytest.raises(InputError, match="--draft-layer"):
+        resolve_mode(model, draft_layer=2)
+
+
+def test_lossless_without_a_stored_measurement_runs_the_full_model(tiny_model):
+    run = resolve_mode(CalmModel.from_pretrained(tiny_model), lossless=True)
+    assert run.spec is None and run.policy.never_exits and run.generate_kwargs() == {}
+    assert "no speculative measurement" in run.description
+
+
+def test_lossless_follows_the_stored_measurement(checkpoint):
+    for speedup in (0.9, 1.03):                                        # slower, or within the noise
+        store_extra(checkpoint, STORE_KEY, measured(speedup).to_dict())
+        slower = resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
+        assert slower.spec is None and "no gain" in slower.description and f"{speedup:.2f}×" in slower.description
+
+    store_extra(checkpoint, STORE_KEY, measured(1.2).to_dict())
+    assert read_config(checkpoint).heads is not None                     # the rest of the checkpoint is kept
+    model = CalmModel.from_pretrained(str(checkpoint))
+    assert MeasuredSetting.from_extra(model.extra) == measured(1.2)
+    faster = resolve_mode(model, lossless=True)
+    assert faster.spec == SpeculativeConfig(2, 3)
+    assert faster.policy == ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0)
+    assert faster.generate_kwargs() == {"mode": "speculative", "draft_layer": 2, "max_draft": 3}
+    # explicit switches win over the stored setting
+    run = resolve_mode(model, lossless=True, max_draft=1, measure="classifier", threshold=0.9)
+    assert run.spec == SpeculativeConfig(2, 1) and run.policy.measure == "classifier" and run.policy.threshold == 0.9
+
+
+def test_speculative_mode_defaults_and_errors(tiny_model):
+    model = CalmModel.from_pretrained(tiny_model)
+    run = resolve_mode(model, mode="speculative")
+    assert run.spec == SpeculativeConfig(2, 4) and run.policy.measure == "fixed"      # no heads: always draft
+    assert resolve_mode(model, mode="speculative", threshold=0.3).policy.measure == "fixed"
+    with pytest.raises(PolicyError, match="draft layer 4"):
+        resolve_mode(model, mode="speculative", draft_layer=4)
+
+
+def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
+    store_extra(checkpoint, STORE_KEY, {"draft_layer": 2})
+    with pytest.raises(InputError, match="bench_speculative.py --store"):
+        resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("spec:2:3", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(2, 3))),
+    ("spec:3:1:softmax:0.4", (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1))),
+    ("state:0.9", (ExitPolicy(measure="state", threshold=0.9), None)),
+])
+def test_parse_run_spec(spec, expected):
+    assert parse_run_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["spec", "spec:2", "spec:x:2", "spec:2:2:fixed:3", "spec:2:2:entropy:1"])
+def test_parse_run_spec_rejects(spec):
+    with pytest.raises(InputError, match="bad policy"):
+        parse_run_spec(spec)
+
+
+def test_speculative_specs_for_calm_bench(tiny_model):
+    model = CalmModel.from_pretrained(tiny_model)
+    assert speculative_specs(model, ("fixed:2",)) == ("fixed:2",)
+    assert speculative_specs(model, (), "speculative") == ("spec:2:4",)
+    assert speculative_specs(model, ("softmax:0.5",), lossless=True, draft_layer=3, max_draft=2) == (
+        "spec:3:2:softmax:0.5",)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_summarize_lossless_and_speculative_give_the_full_models_summaries(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    args = ("summarize", "--model", tiny_model, data, "--batch-size", 2, "--max-new-tokens", 8)
+    full = invoke(*args)
+    assert full.exit_code == 0, full.output
+    speculative = invoke(*args, "--mode", "speculative", "--draft-layer", 2, "--max-draft", 3)
+    assert speculative.exit_code == 0, speculative.output
+    assert speculative.stdout == full.stdout
+    assert "speculative (lossless): drafts from layer 2, up to 3 per step" in speculative.stderr
+    lossless = invoke(*args, "--lossless")
+    assert lossless.exit_code == 0 and lossless.stdout == full.stdout
+    assert "full model (lossless; no speculative measurement" in lossless.stderr
+
+
+def test_summarize_lossless_bad_switches(tiny_model):
+    base = ("summarize", "--model", tiny_model, "--text", DOCS[0]["document"])
+    assert_clean_error(invoke(*base, "--lossless", "--speed", 0.5), "--speed")
+    assert_clean_error(invoke(*base, "--mode", "speculative", "--draft-layer", 9), "draft layer 9")
+    assert_clean_error(invoke(*base, "--draft-layer", 2), "--mode speculative")
+
+
+def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS[:2])
+    out = tmp_path / "eval"
+    result = invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.3,0", "--max-new-tokens", 6,
+                    "--mode", "speculative", "--draft-layer", 3, "--max-draft", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    points = {p["name"]: p for p in report["points"]}
+    assert set(points) == {"full", "spec-E3-k2-softmax@0.3", "spec-E3-k2-softmax@0", "transformers"}
+    for p in points.values():
+        assert p["same_as_full"] == 1.0 and p["dissimilarity"] == 0.0
+
+
+def test_bench_speculative_rows(tiny_model, tmp_path):
+    out = tmp_path / "bench"
+    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "1,2", "--new-tokens", 5, "--repeats", 1,
+                    "--no-transformers", "--policy", "spec:2:3", "--policy", "spec:3:2:softmax:0.2", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    assert [r["name"] for r in rows] == ["full", "spec:2:3", "spec:3:2:softmax:0.2"] * 2
+    for r in rows:
+        assert (r["mean_accepted_length"] is None) == (r["name"] == "full")
+        assert r["avg_layers"] == 4
+    assert "acceptance | accepted per step |" in (out / "bench.md").read_text()
+    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "1", "--new-tokens", 3, "--repeats", 1,
+                    "--no-transformers", "--mode", "speculative", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads((out / "bench.json").read_text())["results"]] == ["full", "spec:2:4"]
+    assert_clean_error(invoke("bench", "--model", tiny_model, "--policy", "spec:9:2", "--out", tmp_path / "x"),
+                       "draft layer 9")
+    shutil.rmtree(out)
