@@ -235,12 +235,14 @@ def test_compiled_step_does_not_recompile_per_token_or_threshold(models, fresh_d
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_step(models, fresh_dynamo):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_inductor_compiles_the_step(models, fresh_dynamo, kind):
     """The real compiler (C++ codegen on CPU): same tokens and exits as the dynamic path."""
-    net, policy = network(models, "llama"), POLICIES["classifier"]
+    net, policy = network(models, kind), POLICIES["classifier"]
     dynamic, compiled = (generate_tokens(net, prompts(), policy, c) for c in engines(gen_config(), compile=True))
     assert_same(dynamic, compiled)
-    assert not counters["graph_break"]
+    assert mixed_exits(compiled), compiled.exit_layers
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("kind", [k for k in ALL_KINDS if "window" in k])
