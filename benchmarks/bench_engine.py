@@ -20,7 +20,8 @@ import torch
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import machine_info, machine_markdown, transformers_generate, write_json_markdown
-from calm.data import read_jsonl, summary_prompt
+from calm.data import read_jsonl
+from calm.prompts import PromptFormat, fit_prompts
 
 
 def time_hf(model: CalmModel, batch, new_tokens: int) -> tuple[float, tuple[int, ...]]:
@@ -32,7 +33,8 @@ def time_hf(model: CalmModel, batch, new_tokens: int) -> tuple[float, tuple[int,
 def run(args) -> dict:
     model = CalmModel.from_pretrained(args.model)
     docs = read_jsonl(args.data, limit=args.docs + 1)
-    batches = [model.encode_prompts(summary_prompt(d.document), args.new_tokens) for d in docs]
+    prompts = fit_prompts(PromptFormat.for_model(model, args.new_tokens), [(f"document {d.id}", d.document) for d in docs])
+    batches = [model.encode_prompts(p.text, args.new_tokens) for p in prompts]
     warm, batches = batches[0], batches[1:]
     policies = {"full": ExitPolicy.never(), "exit15": ExitPolicy.fixed(args.exit_layer)}
     for policy in policies.values():                                          # warm-up, excluded

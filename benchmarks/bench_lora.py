@@ -57,7 +57,7 @@ def run(args) -> dict:
     base = CalmModel.from_pretrained("smollm2-base")
     tuned = CalmModel.from_pretrained(args.model)
     records = read_jsonl(args.data, limit=args.docs)
-    prompts = bench_prompts([r.document for r in records], tuned.tokenizer, args.max_doc_tokens)
+    prompts = bench_prompts(tuned, [r.document for r in records], args.max_doc_tokens, args.new_tokens)
     configs = configurations(base, tuned, [float(d) for d in args.tolerances.split(",")])
     per_token = {name: [] for name in configs}
     layers = {name: [] for name in configs}

@@ -16,15 +16,21 @@ GRID=${GRID:-0.99,0.98,0.97,0.96,0.95,0.93,0.9,0.85}
 COMMON=(--max-doc-tokens 256 --max-new-tokens 32 --batch-size 8)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-calibrate() {
-    for TAU in 0 4; do
-        OUT=build/smollm2-lora-tau$TAU
-        rm -rf "$OUT" && mkdir -p "$OUT"
-        cp "$CK"/calm_config.json "$CK"/exit_heads.safetensors "$CK"/adapter_config.json "$CK"/adapter_model.safetensors "$OUT"/
-        "$CALM" calibrate --model "$OUT" --data "$DATA/calib.jsonl" --limit 120 "${COMMON[@]}" --measure classifier \
-            --thresholds "$GRID" --decay-tau "$TAU" --delta 0.1 --epsilon 0.05 --out "$OUT" \
-            --work-dir build/calibrate-lora-tau$TAU
-    done
+calibrate_one() {
+    TAU=$1
+    OUT=build/smollm2-lora-tau$TAU
+    rm -rf "$OUT" && mkdir -p "$OUT"
+    cp "$CK"/calm_config.json "$CK"/exit_heads.safetensors "$CK"/adapter_config.json "$CK"/adapter_model.safetensors "$OUT"/
+    OMP_NUM_THREADS=1 "$CALM" calibrate --model "$OUT" --data "$DATA/calib.jsonl" --limit 120 "${COMMON[@]}" \
+        --measure classifier --thresholds "$GRID" --decay-tau "$TAU" --delta 0.1 --epsilon 0.05 --out "$OUT" \
+        --work-dir build/calibrate-lora-tau$TAU
+}
+
+calibrate() {      # both schedules side by side, one core each
+    calibrate_one 0 > build/calibrate-lora-tau0.log 2>&1 &
+    calibrate_one 4 > build/calibrate-lora-tau4.log 2>&1 &
+    wait
+    tail -n 14 build/calibrate-lora-tau0.log build/calibrate-lora-tau4.log
 }
 
 reports() {

@@ -12,6 +12,8 @@
 #   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
 #   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5),
 #      on documents cut to 256 tokens and, at batch 1 and 8, to 1024 tokens
+#   7. the static decode path: host syncs per token, dynamic vs static, and dynamic vs static vs
+#      static+compile at batch 1 and 8, full depth and fixed:15 (issue 12; the compiles take long)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -44,6 +46,8 @@ cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/roug
     --repeats 3 --max-doc-tokens 256 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8 --new-tokens 32 \
     --repeats 3 --max-doc-tokens 1024 --policy fixed:15,classifier:0.5 --out benchmarks/results/bench_smollm2_cpu_doc1024
+"$PY" benchmarks/sync_count.py --batch-sizes 1,8 --policies full,fixed:15,classifier:0.5,softmax:0.9
+"$PY" benchmarks/static_engine.py --batch-sizes 1,8 --policies full,fixed:15 --repeats 5
 # 7. lossless speculative decoding: full depth, transformers generate and assistant_early_exit, calm speculative at
 #    E in {8, 12, 15, 20} x k in {2, 4, 6}; the best batch-1 setting is stored with the shipped checkpoint (issue 13)
 "$PY" benchmarks/bench_speculative.py --out benchmarks/results --store calm/assets/smollm2

@@ -1,11 +1,28 @@
-"""calm: confident adaptive early-exit decoding for Hugging Face language models."""
+"""calm: confident adaptive early-exit decoding for Hugging Face language models.
+
+The classes that need torch are imported on first use, so that `calm --help` answers at once."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from calm.errors import CalmError, CheckpointError, InputError, ModelNotFoundError, PolicyError, UnsupportedModelError
-from calm.generation import GenerationResult
-from calm.model import CalmModel
-from calm.policy import ExitPolicy
+
+if TYPE_CHECKING:
+    from calm.generation import GenerationResult
+    from calm.model import CalmModel
+    from calm.policy import ExitPolicy
 
 __version__ = "0.1.0"
 
+_LAZY = {"CalmModel": "calm.model", "ExitPolicy": "calm.policy", "GenerationResult": "calm.generation"}
+
 __all__ = ["CalmModel", "ExitPolicy", "GenerationResult", "CalmError", "CheckpointError", "InputError",
            "ModelNotFoundError", "PolicyError", "UnsupportedModelError"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'calm' has no attribute {name!r}")

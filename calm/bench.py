@@ -23,13 +23,13 @@ from typing import Callable, Sequence
 import torch
 
 from calm.checkpoint import write_atomic
-from calm.data import summary_prompt, truncate_document
 from calm.decode import ExitPlan
 from calm.errors import InputError
-from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
 from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from calm.prompts import PromptFormat, fit_prompts
 from calm.speculative import SpeculativeConfig, SpeculativeStats, generate_speculative
 
 TRANSFORMERS = "transformers"
@@ -106,8 +106,9 @@ def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: 
 
 # ---- policies ---------------------------------------------------------------------------------
 
-def parse_policy_spec(spec: str) -> ExitPolicy:
-    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy."""
+def parse_policy_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> ExitPolicy:
+    """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy (a threshold on the
+    schedule of decay_tau)."""
     name, _, value = spec.strip().partition(":")
     try:
         if name in (FULL, "never") and not value:
@@ -115,17 +116,17 @@ def parse_policy_spec(spec: str) -> ExitPolicy:
         if name == "fixed":
             return ExitPolicy.fixed(int(value))
         if name in MEASURE_SPECS:
-            return ExitPolicy(measure=name, threshold=float(value))
+            return ExitPolicy(measure=name, threshold=float(value), decay_tau=decay_tau)
     except ValueError as exc:
         raise InputError(f"bad policy {spec!r}: {exc}; expected {POLICY_HELP}") from exc
     raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}")
 
 
-def parse_run_spec(spec: str) -> tuple[ExitPolicy, SpeculativeConfig | None]:
+def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[ExitPolicy, SpeculativeConfig | None]:
     """A policy spec (parse_policy_spec), or 'spec:E:K[:MEASURE:THRESHOLD]' -> (draft controller, E and K)."""
     name, _, rest = spec.strip().partition(":")
     if name != SPEC:
-        return parse_policy_spec(spec), None
+        return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
     try:
         config = SpeculativeConfig(int(parts[0]), int(parts[1]))
@@ -167,8 +168,11 @@ class BenchConfig:
     transformers: bool = True
     data: str | None = None
     max_doc_tokens: int | None = None       # documents cut to their first N tokens
+    decay_tau: float = ExitPolicy.decay_tau  # schedule of the thresholds in `policies`; 0: λ stays fixed
+    engine: str = "auto"                    # calm's engine: auto, dynamic, static or static+compile
 
     def __post_init__(self) -> None:
+        engine_settings(self.engine)                                      # a clear error for a bad spec
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.new_tokens < 1 or self.repeats < 1:
@@ -230,7 +234,7 @@ class BenchReport:
         c = self.config
         lines = [f"# calm bench: {c.model}", "",
                  f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
-                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}.", "",
+                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.", "",
                  "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
                  "speedup vs transformers |",
                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -248,12 +252,13 @@ class BenchReport:
         return "\n".join(lines + machine_markdown(self.machine))
 
 
-def bench_prompts(documents: Sequence[str] | None = None, tokenizer=None, max_doc_tokens: int | None = None) -> list[str]:
-    """Summarisation prompts for the benchmark: the documents given (cut to max_doc_tokens), or one
-    built-in paragraph."""
-    if max_doc_tokens is not None:
-        documents = [truncate_document(tokenizer, d, max_doc_tokens) for d in documents or [DEFAULT_DOCUMENT]]
-    return [summary_prompt(d) for d in (documents or [DEFAULT_DOCUMENT])]
+def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None,
+                  new_tokens: int = 32) -> list[str]:
+    """Summarisation prompts for the benchmark: the documents given (or one built-in paragraph), each cut
+    to max_doc_tokens and to what the context leaves next to new_tokens."""
+    fmt = PromptFormat.for_model(model, new_tokens)
+    named = [(f"document {i + 1}", d) for i, d in enumerate(documents or [DEFAULT_DOCUMENT])]
+    return [p.text for p in fit_prompts(fmt, named, max_doc_tokens=max_doc_tokens)]
 
 
 def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
@@ -263,7 +268,8 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
     Per batch size every configuration gets one untimed warm-up, then the timed runs go round
     robin (full, policy, ..., transformers, full, ...), so a slow spell of the machine hits all of
     them alike instead of one."""
-    policies = [(FULL, (ExitPolicy.never(), None))] + [(spec, parse_run_spec(spec)) for spec in config.policies]
+    policies = [(FULL, (ExitPolicy.never(), None))] + [(spec, parse_run_spec(spec, config.decay_tau))
+                                                       for spec in config.policies]
     for _, (policy, speculative) in policies:
         ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
         if speculative is not None:
@@ -271,8 +277,7 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
     total = len(config.batch_sizes) * (len(policies) + int(config.transformers))
     rows: list[BenchRow] = []
     for batch_size in config.batch_sizes:
-        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens,
-                                     truncate=True)
+        batch = model.encode_prompts([prompts[i % len(prompts)] for i in range(batch_size)], config.new_tokens)
         runners = [_calm_runner(model, batch, policy, config, speculative) for _, (policy, speculative) in policies]
         names = [name for name, _ in policies]
         if config.transformers:
@@ -318,7 +323,8 @@ def _timed(call: Callable[[], object]) -> _Run:
 
 def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig,
                  speculative: SpeculativeConfig | None = None) -> Callable[[], _Run]:
-    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
+    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id,
+                           **engine_settings(config.engine))
     network = model.network
 
     def run() -> _Run:

@@ -1,5 +1,5 @@
 """Reading documents: JSONL records (`document`, optional `summary`) and plain text files, with
-clear errors for empty files, missing fields and bad encodings; and the summarisation prompt."""
+clear errors for empty files, missing fields and bad encodings (prompts: calm.prompts)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm.errors import InputError
+from calm.prompts import SUMMARY_TEMPLATE as SUMMARY_PROMPT
+from calm.prompts import summary_prompt, truncate_document
 
-SUMMARY_PROMPT = "Summarize the following article in one sentence.\n\n{document}"
+# summary_prompt and truncate_document live in calm.prompts; they are importable from here too.
+__all__ = ["SUMMARY_PROMPT", "Record", "parse_jsonl", "read_jsonl", "read_text", "summary_prompt", "truncate_document"]
 
 
 @dataclass(frozen=True)
@@ -17,20 +20,6 @@ class Record:
     id: str
     document: str
     summary: str | None = None
-
-
-def summary_prompt(document: str) -> str:
-    return SUMMARY_PROMPT.format(document=document.strip())
-
-
-def truncate_document(tokenizer, document: str, max_tokens: int | None) -> str:
-    """The document cut to its first max_tokens tokens (decoded back to text); None keeps it whole."""
-    if max_tokens is None:
-        return document.strip()
-    ids = tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return document.strip()
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).strip()
 
 
 def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",

@@ -146,7 +146,7 @@ def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContex
 
 
 def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor, h_in: torch.Tensor,
-                  threshold: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which of R running rows exit at `layer`: bool [R], and their logits [R, V] when the measure made them."""
     if plan.measure == "fixed":
         return torch.ones(h_out.shape[0], dtype=torch.bool, device=h_out.device), None

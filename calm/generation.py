@@ -10,9 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
+from calm.errors import InputError
 from calm.kv_cache import KVCache
 from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig
+from calm.sampling import SamplingConfig, next_token
+from calm.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step
+
+ENGINES = ("auto", "dynamic", "static")
+ENGINE_SPECS = (*ENGINES, "static+compile")     # what the command line takes
 
 if TYPE_CHECKING:
     from calm.speculative import SpeculativeStats
@@ -32,6 +37,19 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     sampling: SamplingConfig = SamplingConfig()
+    engine: str = "auto"      # "dynamic", "static", or auto: dynamic on a CPU, static on a GPU (resolve_engine)
+    compile: bool | str = False   # static engine: the step through torch.compile(fullgraph=True); a string
+                                  # names the backend (True: inductor; "eager" checks capture without a compiler)
+    sync_every: int = 8       # static engine: ask "have all rows finished?" every this many tokens
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.compile and self.engine == "dynamic":
+            raise InputError("compile needs the static engine (engine='static' or 'auto'): the dynamic step "
+                             "branches on which rows exited, which no graph can capture")
+        if self.sync_every < 1:
+            raise InputError(f"sync_every must be >= 1, got {self.sync_every}")
 
 
 @dataclass(frozen=True)
@@ -98,19 +116,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def engine_settings(spec: str) -> dict:
+    """GenerationConfig's engine and compile for an engine spec: auto, dynamic, static or static+compile."""
+    if spec not in ENGINE_SPECS:
+        raise InputError(f"unknown engine {spec!r}; choose one of {', '.join(ENGINE_SPECS)}")
+    engine, _, compiled = spec.partition("+")
+    return {"engine": engine, "compile": bool(compiled)}
+
+
+def resolve_engine(config: GenerationConfig, device: torch.device) -> str:
+    """"dynamic" or "static": auto is the dynamic step on a CPU (skipping the work of exited rows is
+    the saving there) and the static one on a GPU (no host sync inside a step) or when compiling."""
+    if config.engine == "auto":
+        return "static" if device.type == "cuda" or config.compile else "dynamic"
+    return config.engine
+
+
 @torch.inference_mode()
 def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig) -> GenerationResult:
-    a = net.adapter
     plan = ExitPlan.resolve(policy, net)
     device = prompts.ids.device
-    generator = config.sampling.generator(device)
+    decode = _decode_static if resolve_engine(config, device) == "static" else _decode_dynamic
     t0 = time.perf_counter()
+    out = decode(net, plan, policy, prompts, config)
+    _sync(device)
+    t2 = time.perf_counter()
+    token_ids, exit_layers = _trim(out.tokens[:, :out.steps].tolist(), out.exits[:, :out.steps].tolist(),
+                                   set(config.eos_token_ids))
+    timings = Timings(prefill_s=out.prefill_end - t0, decode_s=t2 - out.prefill_end,
+                      new_tokens=sum(len(r) for r in token_ids),
+                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
+    return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=net.num_layers, timings=timings)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    tokens: torch.Tensor     # [B, max_new_tokens] long, pad after a row finished
+    exits: torch.Tensor      # [B, max_new_tokens] long, 0 after a row finished
+    steps: int               # columns filled
+    prefill_end: float       # perf_counter() once the first token was chosen
+
+
+def _decode_dynamic(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch,
+                    config: GenerationConfig) -> _Decoded:
+    """The dynamic step: the host learns which rows exit at every allowed layer and skips their work."""
+    a = net.adapter
+    device = prompts.ids.device
+    generator = config.sampling.generator(device)
     state, first_ids = _start(net, prompts, config.max_new_tokens)
     batch = first_ids.shape[0]
     all_rows = torch.arange(batch, device=device)
-    tokens_out = torch.full((batch, config.max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
-    exits_out = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
-    eos = torch.tensor(config.eos_token_ids or (-1,), device=device)
+    tokens_out, exits_out, eos = _outputs(batch, config, device)
     tokens = prefill(net, first_ids, state).tokens(net, all_rows, config.sampling, generator)
     tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
     finished = torch.isin(tokens, eos)
@@ -128,16 +184,62 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
         exits_out[:, steps] = torch.where(finished, 0, out.exit_layers)
         finished = finished | torch.isin(tokens, eos)
         steps += 1
+    return _Decoded(tokens_out, exits_out, steps, t1)
+
+
+def _decode_static(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch,
+                   config: GenerationConfig) -> _Decoded:
+    """The static step (calm.static_decode): no host sync inside a step; between steps one, every
+    `sync_every` steps, asks whether all rows have finished, and drops the finished ones from the batch."""
+    a = net.adapter
+    device = prompts.ids.device
+    generator = config.sampling.generator(device)
+    state, first_ids = _start(net, prompts, config.max_new_tokens, slot_multiple=SLOT_MULTIPLE)
+    batch = first_ids.shape[0]
+    tokens_out, exits_out, eos = _outputs(batch, config, device)
+    first = prefill(net, first_ids, state)
+    tokens = next_token(net.token_logits(first.hidden, first.exit_layers), config.sampling, generator)
+    tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
+    finished = torch.isin(tokens, eos)
+    static = StaticState.after_prefill(state)
+    thresholds = torch.tensor([policy.threshold_at(t, config.max_new_tokens) for t in range(config.max_new_tokens)],
+                              dtype=torch.float32, device=device)                      # λ(t), one copy
+    threshold = thresholds[0].clone()
+    step = static_step if not config.compile else compiled_step("inductor" if config.compile is True else config.compile)
+    rows = torch.arange(batch, device=device)                                           # output row of each row
     _sync(device)
-    t2 = time.perf_counter()
-    token_ids, exit_layers = _trim(tokens_out[:, :steps].tolist(), exits_out[:, :steps].tolist(), set(config.eos_token_ids))
-    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids),
-                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
-    return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=a.num_layers, timings=timings)
+    t1 = time.perf_counter()
+    steps = 1
+    while steps < config.max_new_tokens:
+        threshold.copy_(thresholds[steps])
+        logits, exit_layers = step(net, plan, tokens, static, threshold)
+        tokens = torch.where(finished, config.pad_token_id, next_token(logits, config.sampling, generator))
+        tokens_out[rows, steps] = tokens
+        exits_out[rows, steps] = torch.where(finished, 0, exit_layers)
+        finished = finished | torch.isin(tokens, eos)
+        static.advance()
+        steps += 1
+        if steps % config.sync_every == 0 and steps < config.max_new_tokens:
+            live = len(finished) - sum(finished.tolist())                               # the one host sync
+            if live == 0:
+                break
+            if live < len(finished):                                                    # compaction
+                keep = torch.argsort(finished.to(torch.uint8), stable=True)[:live]      # unfinished, in order
+                static, tokens, finished, rows = static.select(keep), tokens[keep], finished[keep], rows[keep]
+    return _Decoded(tokens_out, exits_out, steps, t1)
 
 
-def _start(net: Network, prompts: PromptBatch, max_new_tokens: int) -> tuple[DecodeState, torch.Tensor]:
-    """The empty decode state and the ids the decoder's prefill reads."""
+def _outputs(batch: int, config: GenerationConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token and exit-layer buffers [B, max_new_tokens], and the EOS ids as a tensor."""
+    tokens_out = torch.full((batch, config.max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
+    exits_out = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
+    return tokens_out, exits_out, torch.tensor(config.eos_token_ids or (-1,), device=device)
+
+
+def _start(net: Network, prompts: PromptBatch, max_new_tokens: int,
+           slot_multiple: int = 1) -> tuple[DecodeState, torch.Tensor]:
+    """The empty decode state and the ids the decoder's prefill reads; cache slots are rounded up to
+    a multiple of slot_multiple."""
     a = net.adapter
     encoder = None
     if a.is_encoder_decoder:
@@ -147,7 +249,8 @@ def _start(net: Network, prompts: PromptBatch, max_new_tokens: int) -> tuple[Dec
     else:
         first_ids, first_mask = prompts.ids, prompts.mask
     batch, t = first_ids.shape
-    cache = KVCache.allocate(a.num_layers, batch, a.num_kv_heads, t + max_new_tokens, a.head_dim, a.dtype, a.device)
+    slots = -(-(t + max_new_tokens) // slot_multiple) * slot_multiple
+    cache = KVCache.allocate(a.num_layers, batch, a.num_kv_heads, slots, a.head_dim, a.dtype, a.device)
     cache.key_mask[:, :t] = first_mask
     positions = torch.zeros(batch, dtype=torch.long, device=first_ids.device)
     state = DecodeState(cache=cache, positions=positions, first_slots=tuple(cache.first_slots()), encoder=encoder)

@@ -76,6 +76,7 @@ def save_adapter(peft_model: torch.nn.Module, path: str | Path, base_ref: str | 
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):               # weights first: the config marks it complete
+            os.chmod(tmp / name, 0o644)
             os.replace(tmp / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Component
                              load_checkpoint, load_parts, name_backbone, read_config, save_checkpoint)
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
-from calm.data import truncate_document
+from calm.devices import resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -22,6 +22,7 @@ from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
+from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
 from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
 
@@ -141,7 +142,8 @@ class CalmModel:
                  speed: float | None = None, tolerance: float | None = None,
                  attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-                 truncate: bool = False, mode: str = "calm", draft_layer: int | None = None,
+                 truncate: bool = False, engine: str = "auto", compile: bool | str = False,
+                 sync_every: int = 8, mode: str = "calm", draft_layer: int | None = None,
                  max_draft: int = DEFAULT_MAX_DRAFT) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
@@ -149,6 +151,10 @@ class CalmModel:
         Exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`); none: the
         full model.
 
+        engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
+        inside a decode step; the GPU default) or "auto". compile: run the static step through
+        torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
+        checks for finished rows every this many tokens (its one host sync).
         mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
         while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
         heads, else always), and the full model verifies them (see calm.speculative)."""
@@ -167,7 +173,8 @@ class CalmModel:
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
-                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed))
+                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
+                                  engine=engine, compile=compile, sync_every=sync_every)
         if spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
@@ -240,18 +247,11 @@ class CalmModel:
             raise InputError("empty prompt: give some text to generate from")
         if self.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = chat if chat is not None else bool(getattr(self.tokenizer, "chat_template", None)) \
-            and not self.adapter.is_encoder_decoder
+        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
         if truncate and budget is not None:
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - len(self._template("", use_chat))))
-        return self._template(prompt, use_chat)
-
-    def _template(self, text: str, use_chat: bool) -> list[int]:
-        if use_chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer(text)["input_ids"])
+            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
+            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
+        return prompt_ids(self.tokenizer, prompt, use_chat)
 
 
 def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
@@ -314,6 +314,4 @@ def _parse_dtype(dtype) -> torch.dtype | None:
 
 
 def _parse_device(device) -> torch.device | None:
-    if device in (None, "auto"):
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return resolve_device(device)

@@ -1,49 +1,89 @@
 """The `calm` command line. It only parses arguments and calls library code (calm.eval, calm.bench);
-calm's own errors become a one-line message and a non-zero exit status."""
+calm's own errors become a one-line message and a non-zero exit status.
+
+torch and transformers are imported inside the commands, never at the top of a cli module, so that
+`calm --help` and `calm --version` answer at once; `calm train` is loaded only when it is run."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import shlex
+from typing import Any
 
 import click
-from rich.console import Console
-from transformers.utils import logging as hf_logging
+from calm.cli.generate import generate, summarize
+from calm.cli.options import (
+    FiniteFloat,
+    decay_tau_option,
+    doc_tokens_option,
+    engine_option,
+    speculative_options,
+    float_list,
+    int_list,
+    measure_option,
+    min_exit_option,
+    model_options,
+    policy_specs,
+    run_options,
+)
+from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
 
 from calm import __version__
-from calm.bench import BenchConfig, bench_prompts, parse_run_spec, run_bench, speculative_specs, write_bench
-from calm.data import read_jsonl
 from calm.errors import CalmError
-from calm.eval.inputs import load_documents
-from calm.eval.progress import progress_bar
-from calm.eval.render import SummaryPrinter, run_footer
-from calm.eval.summarize import summarize_documents
-from calm.cli.train import train_command
-from calm.eval.calibrate import DEFAULT_GRID, CalibrateConfig, calibrate
-from calm.eval.sweep import DEFAULT_THRESHOLDS, EvalConfig, eval_device, run_eval
-from calm.info import describe, info_tables, info_text
-from calm.knob import check_knobs
-from calm.lossless import resolve_run
-from calm.model import CalmModel
-from calm.policy import ExitPolicy
 
-MODEL_HELP = ("Model: 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file, a local transformers "
-              "directory, a calm checkpoint directory, or a hub id")
+# Commands whose module is imported only when they run. Their one-line help is repeated here for
+# `calm --help`; tests/test_cli_errors.py checks that it matches the command's own.
+LAZY_COMMANDS = {
+    "train": ("calm.cli.train", "train_command",
+              "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint."),
+}
+
+
+class StderrHandler(logging.Handler):
+    """calm's log warnings (a cut document, a partial output file) as lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"warning: {record.getMessage()}", err=True)
 
 
 class CalmGroup(click.Group):
-    """Keeps the command line for reports, and turns calm's errors into one-line messages."""
+    """Keeps the command line for reports, loads lazy commands on demand, shows calm's warnings on stderr,
+    and turns calm's errors into one-line messages."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["calm.command"] = shlex.join(["calm", *args])
         return super().parse_args(ctx, args)
 
-    def invoke(self, ctx: click.Context):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attribute, _ = LAZY_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list without importing the lazy commands' modules."""
+        limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
+        rows = [(name, self.commands[name].get_short_help_str(limit) if name in self.commands
+                 else LAZY_COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        logger = logging.getLogger("calm")
+        handler = StderrHandler(logging.WARNING)
+        logger.addHandler(handler)
         try:
             return super().invoke(ctx)
         except CalmError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+        finally:
+            logger.removeHandler(handler)
 
 
 @click.group(cls=CalmGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,96 +94,21 @@ def cli() -> None:
     \b
     Examples:
       calm summarize article.txt --show-exits
+      calm generate "Write a haiku about autumn." --threshold 0.9
       calm eval --data test.jsonl --thresholds 1.0,0.9,0.8 --out results/eval
       calm bench --batch-sizes 1,8 --policy softmax:0.9
     """
 
 
-# ---- shared options ----------------------------------------------------------------------------
-
-def _model_options(f):
-    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-                     help="Weight dtype (default: float32).")(f)
-    f = click.option("--device", default="auto", show_default=True,
-                     help="Torch device: auto (GPU if any), cpu, cuda, cuda:1, ...")(f)
-    return click.option("--model", "model_name", default="smollm2", show_default=True, metavar="MODEL",
-                        help=MODEL_HELP + ".")(f)
+cli.add_command(summarize)
+cli.add_command(generate)
 
 
-def _measure_option(f):
-    return click.option("--measure", type=click.Choice(["softmax", "state", "classifier"]), default=None,
-                        help="Confidence measure (default: classifier if the model has trained exit heads, "
-                             "else softmax).")(f)
+def _load_model(name: str, device: str | None, dtype: str | None) -> Any:
+    from transformers.utils import logging as hf_logging
 
+    from calm.model import CalmModel
 
-def _min_exit_option(f):
-    return click.option("--min-exit-layer", type=click.IntRange(min=1), default=None,
-                        help="No token exits below this layer (default: 1).")(f)
-
-
-def _decay_tau_option(f):
-    return click.option("--decay-tau", type=click.FloatRange(min=0.0), default=ExitPolicy.decay_tau,
-                        show_default=True,
-                        help="τ of CALM's decaying threshold λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N); 0 keeps λ "
-                             "fixed.")(f)
-
-
-def _run_options(f):
-    f = click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N documents.")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Documents generated together.")(f)
-    return click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-                        help="Longest summary, in tokens.")(f)
-
-
-def _speculative_options(f):
-    f = click.option("--max-draft", type=click.IntRange(min=1), default=None,
-                     help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).")(f)
-    f = click.option("--draft-layer", type=click.IntRange(min=1), default=None,
-                     help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).")(f)
-    f = click.option("--lossless", is_flag=True,
-                     help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
-                          "faster, else the full model (with a note).")(f)
-    return click.option("--mode", type=click.Choice(["calm", "speculative"]), default="calm", show_default=True,
-                        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
-                             "(lossless; --threshold and --measure control the draft length).")(f)
-
-
-def _doc_tokens_option(f):
-    return click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
-                        help="Cut each document to its first N tokens before prompting (default: whole).")(f)
-
-
-def _float_list(ctx, param, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 1.0,0.9,0.8, got {value!r}") from None
-
-
-def _int_list(ctx, param, value: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,8,32, got {value!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected integers >= 1, got {value!r}")
-    return values
-
-
-def _policy_specs(ctx, param, value: tuple[str, ...]) -> tuple[str, ...]:
-    specs = tuple(s.strip() for v in value for s in v.split(",") if s.strip())
-    for spec in specs:
-        try:
-            parse_run_spec(spec)
-        except CalmError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return specs
-
-
-def _load_model(name: str, device: str | None, dtype: str | None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     return CalmModel.from_pretrained(name, device=device, dtype=dtype)
@@ -151,62 +116,6 @@ def _load_model(name: str, device: str | None, dtype: str | None):
 
 def _command() -> str:
     return click.get_current_context().meta.get("calm.command", "calm")
-
-
-# ---- calm summarize ----------------------------------------------------------------------------
-
-@cli.command(epilog="""\b
-Examples:
-  calm summarize article.txt
-  calm summarize --text "The council approved a plan ..." --threshold 0.9 --show-exits
-  calm summarize xsum.jsonl --limit 20 --json > summaries.jsonl
-  cat article.txt | calm summarize - --speed 0.7
-  calm summarize article.txt --lossless                      # exactly the full model's summary
-  calm summarize article.txt --mode speculative --draft-layer 15 --max-draft 4 --threshold 0.7
-""")
-@click.argument("file", required=False, metavar="[FILE | -]")
-@click.option("--text", default=None, help="Summarise this text instead of a file.")
-@_model_options
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier).")
-@_measure_option
-@_min_exit_option
-@click.option("--speed", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Speed knob from the model's calibration: 0 = most careful, 1 = fastest certified.")
-@click.option("--tolerance", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
-              help="Risk tolerance δ: the fastest threshold the calibration certifies for it.")
-@_run_options
-@_speculative_options
-@click.option("--show-exits", is_flag=True, help="Colour every token by its exit layer (plain [layer] marks "
-                                                  "when not on a terminal) and show the average depth.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per document: id, summary, avg_layers, "
-                                                      "exit_layers, timings.")
-@click.option("--field-document", default="document", show_default=True,
-              help="JSONL field holding the document text.")
-def summarize(file, text, model_name, device, dtype, threshold, measure, min_exit_layer, speed, tolerance,
-              max_new_tokens, batch_size, limit, mode, lossless, draft_layer, max_draft, show_exits, as_json,
-              field_document) -> None:
-    """Summarise documents with early exit.
-
-    FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
-    document); - reads either from stdin. Without --threshold, --speed or --tolerance the model runs
-    at full depth, unless it carries a calibration (then --speed 0.5).
-    """
-    records = load_documents(file, text, document_field=field_document, limit=limit)
-    check_knobs(threshold, speed, tolerance)
-    model = _load_model(model_name, device, dtype)
-    resolved = resolve_run(model, threshold, measure, min_exit_layer, speed, tolerance, mode, lossless, draft_layer,
-                           max_draft)
-    printer = SummaryPrinter(model.tokenizer, show_exits=show_exits, as_json=as_json, titled=len(records) > 1)
-    docs = []
-    with progress_bar("summarizing", total=len(records)) as update:
-        for batch in summarize_documents(model, records, resolved.policy, max_new_tokens, batch_size,
-                                         resolved.generate_kwargs()):
-            for doc in batch:
-                printer.print(doc)
-            docs += batch
-            update(len(docs), len(records))
-    click.echo(run_footer(docs, resolved.description), err=True)
 
 
 # ---- calm eval ---------------------------------------------------------------------------------
@@ -221,20 +130,20 @@ Examples:
 Stop it at any time: run the same command again and it resumes where it stopped. Launched
 as several processes, it shards the documents; process 0 writes the report.
 """)
-@_model_options
+@model_options
 @click.option("--data", required=True, metavar="FILE.jsonl",
               help="JSONL with a document and a reference summary per line.")
 @click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
 @click.option("--field-summary", default="summary", show_default=True,
               help="JSONL field holding the reference summary.")
-@click.option("--thresholds", callback=_float_list, default=",".join(map(str, DEFAULT_THRESHOLDS)),
+@click.option("--thresholds", callback=float_list, default=",".join(map(str, DEFAULT_THRESHOLDS)),
               show_default=True, help="Comma-separated thresholds λ in [0, 1] to sweep.")
-@_measure_option
-@_min_exit_option
-@_decay_tau_option
-@_run_options
-@_speculative_options
-@_doc_tokens_option
+@measure_option
+@min_exit_option
+@decay_tau_option
+@run_options
+@speculative_options
+@doc_tokens_option
 @click.option("--out", default="results/eval", show_default=True, type=click.Path(file_okay=False),
               help="Directory for eval.json, eval.md, the plots and the resume cache.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -249,6 +158,11 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
     """
+    from calm.eval.progress import progress_bar
+    from calm.eval.sweep import EvalConfig, eval_device, run_eval
+
+    from calm.data import read_jsonl
+
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
                         min_exit_layer=min_exit_layer or 1, decay_tau=decay_tau, max_new_tokens=max_new_tokens,
                         batch_size=batch_size, document_field=field_document, summary_field=field_summary,
@@ -275,22 +189,22 @@ The checkpoint written to --out holds the exit heads (if any) and the calibratio
 with --model and turn the knob: calm summarize --model DIR --speed 0.7 (or --tolerance 0.1).
 Stop it at any time: the same command resumes from the outputs cached in --work-dir.
 """)
-@_model_options
+@model_options
 @click.option("--data", required=True, metavar="FILE.jsonl", help="Calibration documents (JSONL). Never the test set.")
 @click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
-@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+@click.option("--delta", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
               help="Tolerance δ on the mean inconsistency D = 1 - ROUGE-L(early, full).")
-@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+@click.option("--epsilon", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.05,
               show_default=True, help="Allowed probability ε that the certified threshold breaks δ.")
 @click.option("--method", type=click.Choice(["hb", "hoeffding"]), default="hb", show_default=True,
               help="p-values: Hoeffding-Bentkus or Hoeffding.")
-@click.option("--thresholds", callback=_float_list, default=",".join(map(str, DEFAULT_GRID)), show_default=True,
+@click.option("--thresholds", callback=float_list, default=",".join(map(str, DEFAULT_GRID)), show_default=True,
               help="Threshold grid, most conservative (highest) first.")
-@_measure_option
-@_min_exit_option
-@_decay_tau_option
-@_run_options
-@_doc_tokens_option
+@measure_option
+@min_exit_option
+@decay_tau_option
+@run_options
+@doc_tokens_option
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="calm checkpoint directory to write (heads + calibration).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
@@ -305,6 +219,12 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
     example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
     Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
     """
+    from calm.eval.calibrate import CalibrateConfig, calibrate
+    from calm.eval.progress import progress_bar
+    from calm.eval.sweep import eval_device
+
+    from calm.data import read_jsonl
+
     config = CalibrateConfig(model=model_name, data=data, delta=delta, epsilon=epsilon, method=method,
                              thresholds=thresholds, measure=measure, min_exit_layer=min_exit_layer or 1,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, document_field=field_document,
@@ -332,33 +252,41 @@ Examples:
   calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
   calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
 """)
-@_model_options
+@model_options
 @click.option("--data", default=None, metavar="FILE.jsonl", help="Take prompts from these documents "
                                                                  "(default: a built-in news paragraph).")
 @click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
-@click.option("--batch-sizes", callback=_int_list, default="1,8,32", show_default=True,
+@click.option("--batch-sizes", callback=int_list, default="1,8,32", show_default=True,
               help="Comma-separated batch sizes.")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated per row (EOS ignored).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed runs per configuration (median reported; one warm-up run before them).")
-@click.option("--policy", "policies", multiple=True, callback=_policy_specs, metavar="SPEC",
+@click.option("--policy", "policies", multiple=True, callback=policy_specs, metavar="SPEC",
               help="Exit policy to time besides full depth, repeatable or comma-separated: fixed:LAYER, "
-                   "softmax:λ, state:λ or classifier:λ; spec:E:K[:MEASURE:λ] for speculative decoding.")
+                   "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau); spec:E:K[:MEASURE:λ] "
+                   "for speculative decoding.")
+@decay_tau_option
 @click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
               help="Also time transformers' own generate on the same prompts.")
-@_speculative_options
-@_doc_tokens_option
+@speculative_options
+@doc_tokens_option
+@engine_option
 @click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
               help="Directory for bench.json and bench.md.")
-def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies,
-          with_transformers, mode, lossless, draft_layer, max_draft, max_doc_tokens, out) -> None:
+def bench(model_name, device, dtype, data, field_document, batch_sizes, new_tokens, repeats, policies, decay_tau,
+          with_transformers, mode, lossless, draft_layer, max_draft, max_doc_tokens, engine, out) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
     median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
     speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
+    from calm.eval.progress import progress_bar
+
+    from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs, write_bench
+    from calm.data import read_jsonl
+
     documents = None
     if data is not None:
         documents = [r.document for r in read_jsonl(data, document_field=field_document, summary_field=None,
@@ -366,9 +294,10 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     model = _load_model(model_name, device, dtype)
     policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft)
     config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
-                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens)
+                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens,
+                         decay_tau=decay_tau, engine=engine)
     with progress_bar("bench") as update:
-        report = run_bench(model, bench_prompts(documents, model.tokenizer, max_doc_tokens), config,
+        report = run_bench(model, bench_prompts(model, documents, max_doc_tokens, new_tokens), config,
                            command=_command(), progress=update)
     files = write_bench(report, out)
     click.echo(report.to_markdown())
@@ -391,6 +320,11 @@ def info(model_name) -> None:
     MODEL is 'smollm2' (default), a .gguf file, a local transformers directory, a calm checkpoint
     directory, or a hub id. The backbone is loaded on the CPU.
     """
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from calm.info import describe, info_tables, info_text
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     described = describe(model_name)
@@ -400,9 +334,6 @@ def info(model_name) -> None:
             console.print(table)
     else:
         click.echo(info_text(described))
-
-
-cli.add_command(train_command)
 
 
 def main() -> None:

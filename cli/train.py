@@ -7,6 +7,7 @@ import shlex
 import click
 import torch
 
+from calm.cli.options import Device, FiniteFloat
 from calm.errors import CalmError
 from calm.training import MODES, TrainConfig, train
 
@@ -30,48 +31,72 @@ def _command_line(ctx) -> str:
             words += [flag, str(value)]
     return shlex.join(words)
 
-@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--model", default="smollm2", help="Backbone: 'smollm2', a local model dir, .gguf, hub id, or a calm checkpoint.")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(dir_okay=False),
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+               epilog="""\b
+Examples:
+  calm train --data ../shared/data/xsum/train.jsonl --out my-heads
+  calm train --data train.jsonl --data wiki.txt --steps 1200 --max-docs 2000 --out my-heads --threads 1
+  calm train --data train.jsonl --out my-heads --resume              # continue an interrupted run
+  calm train --mode finetune --data train.jsonl --out my-calm-model  # CALM fine-tuning (a GPU helps)
+  calm train --mode lora --data train.jsonl --lora-layers 10-29 --out my-lora   # LoRA + exit heads
+\b
+Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
+""")
+@click.option("--model", default="smollm2", metavar="MODEL",
+              help="Backbone: 'smollm2', a local model dir, .gguf, hub id, or a calm checkpoint.")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training data: .jsonl (document, optional summary) or .txt files; repeat the option.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output calm checkpoint directory.")
 @click.option("--mode", type=click.Choice(MODES), default="heads",
               help="heads: train exit heads on a frozen backbone; finetune: CALM fine-tuning of the backbone; "
                    "lora: CALM fine-tuning with LoRA adapters and the exit heads, distilled from the original model.")
-@click.option("--steps", type=int, default=TrainConfig.steps)
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size,
-              help="Positions per step (heads) or sequences per step (finetune).")
-@click.option("--layers-per-step", type=int, default=TrainConfig.layers_per_step,
-              help="Exit layers sampled per position and step (heads).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune].")
-@click.option("--rank", type=int, default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
-@click.option("--lora-rank", type=int, default=TrainConfig.lora_rank, help="lora: rank of the backbone's adapters.")
-@click.option("--lora-layers", default=None, help="lora: decoder layers to adapt, 'first-last' (0-based) [default: all].")
-@click.option("--anchor", type=float, default=TrainConfig.anchor,
+@click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps in all.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size,
+              help="Positions per step (heads) or sequences per step (finetune, lora).")
+@click.option("--layers-per-step", type=click.IntRange(min=1), default=TrainConfig.layers_per_step,
+              help="Exit layers sampled per position and step (heads), or per step (lora).")
+@click.option("--lr", type=FiniteFloat(min=0.0, min_open=True), default=None,
+              help="Peak learning rate [default: 3e-3 heads, 2e-5 finetune, 3e-4 lora].")
+@click.option("--rank", type=click.IntRange(min=1), default=TrainConfig.rank, help="Rank of the low-rank exit maps.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=TrainConfig.lora_rank,
+              help="lora: rank of the backbone's adapters.")
+@click.option("--lora-layers", default=None, metavar="FIRST-LAST",
+              help="lora: decoder layers to adapt, 'first-last' (0-based) [default: all].")
+@click.option("--anchor", type=FiniteFloat(min=0.0), default=TrainConfig.anchor,
               help="lora: weight of the final layer's KL to the original model (keeps full depth in place).")
-@click.option("--doc-positions", type=int, default=TrainConfig.doc_positions,
+@click.option("--doc-positions", type=click.IntRange(min=1), default=TrainConfig.doc_positions,
               help="lora: random document positions per sequence that train besides the summary.")
-@click.option("--min-exit-layer", type=int, default=TrainConfig.min_exit_layer,
+@click.option("--min-exit-layer", type=click.IntRange(min=1), default=TrainConfig.min_exit_layer,
               help="Train heads for exit layers from this one up (lower layers never exit by the classifier).")
-@click.option("--seed", type=int, default=TrainConfig.seed)
+@click.option("--seed", type=click.IntRange(min=0), default=TrainConfig.seed,
+              help="Seed of the data order, the sampled summaries and the initial heads.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work dir.")
-@click.option("--summaries-per-doc", type=int, default=TrainConfig.summaries_per_doc,
+@click.option("--summaries-per-doc", type=click.IntRange(min=1), default=TrainConfig.summaries_per_doc,
               help="Own summaries per training document (the first greedy, more sampled).")
-@click.option("--max-docs", type=int, default=None, help="Use only the first N documents of the JSONL data.")
-@click.option("--summary-tokens", type=int, default=TrainConfig.summary_tokens)
-@click.option("--max-doc-tokens", type=int, default=TrainConfig.max_doc_tokens)
-@click.option("--gen-batch-size", type=int, default=TrainConfig.gen_batch_size)
-@click.option("--chunk-tokens", type=int, default=TrainConfig.chunk_tokens)
-@click.option("--max-chunks", type=int, default=TrainConfig.max_chunks, help="Text chunks used (spread over the text files).")
-@click.option("--positions-per-chunk", type=int, default=TrainConfig.positions_per_chunk)
-@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
-@click.option("--log-every", type=int, default=TrainConfig.log_every)
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--max-docs", type=click.IntRange(min=0), default=None,
+              help="Use only the first N documents of the JSONL data [default: all].")
+@click.option("--summary-tokens", type=click.IntRange(min=1), default=TrainConfig.summary_tokens,
+              help="Longest summary the model writes of a training document, in tokens.")
+@click.option("--max-doc-tokens", type=click.IntRange(min=1), default=TrainConfig.max_doc_tokens,
+              help="Documents are cut to their first N tokens before prompting.")
+@click.option("--gen-batch-size", type=click.IntRange(min=1), default=TrainConfig.gen_batch_size,
+              help="Documents summarised together while writing the training summaries.")
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=TrainConfig.chunk_tokens,
+              help="Length of the chunks the .txt files are split into, in tokens.")
+@click.option("--max-chunks", type=click.IntRange(min=0), default=TrainConfig.max_chunks,
+              help="Text chunks used (spread over the text files).")
+@click.option("--positions-per-chunk", type=click.IntRange(min=1), default=TrainConfig.positions_per_chunk,
+              help="Random positions taken from each text chunk as training positions.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=TrainConfig.checkpoint_every,
+              help="Write the training state (atomically) every N steps, for --resume.")
+@click.option("--log-every", type=click.IntRange(min=1), default=TrainConfig.log_every,
+              help="Average and report the losses every N steps.")
+@click.option("--device", type=Device(), default="auto", help="auto (a GPU if there is one), cpu or cuda.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Summary cache and training state [default: OUT/training].")
 @click.option("--no-classifier", is_flag=True, help="Train the low-rank maps only.")
 @click.option("--no-transform", is_flag=True, help="Train the exit classifier only.")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's choice]; 1 can be faster on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, lora_rank, lora_layers, anchor,

@@ -3,13 +3,31 @@
 - inputs: documents from a JSONL file, a text file, stdin or a string.
 - summarize: summaries of documents in batches, with exit layers per token.
 - render: summaries coloured by exit layer (rich) or annotated in plain text.
+- output: JSONL rows written atomically.
 - rouge: ROUGE-1/2/L F1 with rouge-score.
 - sweep: the threshold sweep of `calm eval` (resumable, shardable with accelerate).
 - report: eval.json, eval.md and the two plots.
+
+The names below are imported on first use (they need torch), so the CLI starts at once.
 """
 
-from calm.eval.inputs import load_documents
-from calm.eval.summarize import DocumentSummary, summarize_documents
-from calm.eval.sweep import EvalConfig, run_eval
+from __future__ import annotations
 
-__all__ = ["DocumentSummary", "EvalConfig", "load_documents", "run_eval", "summarize_documents"]
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from calm.eval.inputs import load_documents
+    from calm.eval.summarize import DocumentSummary, summarize_documents
+    from calm.eval.sweep import EvalConfig, run_eval
+
+_LAZY = {"load_documents": "calm.eval.inputs", "DocumentSummary": "calm.eval.summarize",
+         "summarize_documents": "calm.eval.summarize", "EvalConfig": "calm.eval.sweep", "run_eval": "calm.eval.sweep"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'calm.eval' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from calm.bench import format_speedup
 from calm.calibration import CalibrationTable, build_calibration_table, fixed_sequence_test
 from calm.data import Record
 from calm.errors import InputError
+from calm.eval.grids import DEFAULT_GRID
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, timed_speedup
 from calm.eval.rouge import rouge_l_similarity
@@ -28,7 +29,6 @@ from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
-DEFAULT_GRID = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class CalibrateConfig:
         if list(self.thresholds) != sorted(set(self.thresholds), reverse=True):
             raise InputError("calibration thresholds must be distinct and listed from the most conservative "
                              "(highest) down, e.g. 0.99,0.95,0.9,0.8")
+        self.sweep()                                  # the sweep's own checks (thresholds in [0, 1], ...) up front
 
     def sweep(self) -> EvalConfig:
         return EvalConfig(model=self.model, data=self.data, thresholds=self.thresholds, measure=self.measure,

@@ -1,23 +1,60 @@
-"""A rich progress bar on stderr, silent when stderr is not a terminal (pipes, logs, tests)."""
+"""A rich progress bar, silent when it would not go to a terminal (pipes, logs, tests).
+
+The bar is drawn on stderr, unless stdout and stderr are the same terminal: then it is drawn on the
+console that the output is printed through (output_console()), so that rich prints each output line
+above the bar instead of letting the bar's redraws overwrite it."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 ProgressCallback = Callable[[int, int], None]      # (completed, total)
 
 
+def output_console() -> Console:
+    """The console for a command's output: stdout, no markup or highlighting of the text printed."""
+    return Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+
+def same_terminal(a: Any, b: Any) -> bool:
+    """Whether two streams are the same terminal (both TTYs on one device)."""
+    try:
+        return a.isatty() and b.isatty() and os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def bar_console(output: Console | None = None) -> Console:
+    """Where the bar goes: `output` when stdout and stderr share a terminal, else stderr."""
+    if output is not None and same_terminal(sys.stdout, sys.stderr):
+        return output
+    return Console(stderr=True)
+
+
 @contextmanager
-def progress_bar(description: str, total: int | None = None) -> Iterator[ProgressCallback]:
-    """Yields update(completed, total) for a bar on stderr (total may be unknown until the first update)."""
-    console = Console(stderr=True)
+def progress_bar(description: str, total: int | None = None,
+                 output: Console | None = None) -> Iterator[ProgressCallback]:
+    """Yields update(completed, total) for a bar (total may be unknown until the first update). Output
+    printed meanwhile must go through `output` (when given) to appear above the bar."""
+    console = bar_console(output)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+    with Progress(*columns, console=console, disable=not console.is_terminal, redirect_stdout=False,
+                  transient=True) as progress:
         task = progress.add_task(description, total=total)
 
         def update(completed: int, total: int) -> None:

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 
+from calm.eval.summarize import DocumentSummary
 from rich.console import Console, Group
 from rich.text import Text
 
-from calm.eval.summarize import DocumentSummary
+from calm.policy import ExitPolicy
 
 RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))   # early exit -> mid -> full depth
 LEGEND_BUCKETS = 6
+# With 8 or 16 colours, a 6-step ramp collapses onto a few of them out of order; three named colours
+# read early -> late as they are, and the legend names their layer ranges.
+STANDARD_PALETTE = ("green", "yellow", "red")
 
 
 def layer_buckets(num_layers: int, count: int = LEGEND_BUCKETS) -> list[tuple[int, int]]:
@@ -22,11 +26,21 @@ def layer_buckets(num_layers: int, count: int = LEGEND_BUCKETS) -> list[tuple[in
     return [(edges[i] + 1, edges[i + 1]) for i in range(count)]
 
 
-def layer_colour(layer: int, num_layers: int) -> str:
-    """The ramp colour ('#rrggbb') of the bucket holding `layer`."""
-    buckets = layer_buckets(num_layers)
+def palette(color_system: str | None) -> tuple[str, ...]:
+    """The bucket colours, early to late, for a console's colour system (None: no colour at all)."""
+    if color_system is None:
+        return ()
+    if color_system in ("standard", "windows"):
+        return STANDARD_PALETTE
+    return tuple(_ramp(i / (LEGEND_BUCKETS - 1)) for i in range(LEGEND_BUCKETS))
+
+
+def layer_colour(layer: int, num_layers: int, colours: tuple[str, ...] | None = None) -> str:
+    """The colour of the bucket holding `layer` (default: the full ramp, '#rrggbb')."""
+    colours = colours or palette("truecolor")
+    buckets = layer_buckets(num_layers, len(colours))
     index = next((i for i, (_, hi) in enumerate(buckets) if layer <= hi), len(buckets) - 1)
-    return _ramp(index / (len(buckets) - 1) if len(buckets) > 1 else 1.0)
+    return colours[round(index * (len(colours) - 1) / (len(buckets) - 1))] if len(buckets) > 1 else colours[-1]
 
 
 def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]) -> list[tuple[str, int]]:
@@ -47,14 +61,16 @@ def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, 
     return pieces
 
 
-def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None) -> Group:
+def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None,
+                 colours: tuple[str, ...] | None = None) -> Group:
     """The summary coloured by exit layer, a legend of layer ranges and the average depth (rich)."""
+    colours = colours or palette("truecolor")
     text = Text()
     for piece, layer in token_pieces(tokenizer, doc.token_ids, doc.exit_layers):
-        text.append(piece, style=f"#000000 on {layer_colour(layer, doc.num_layers)}")
+        text.append(piece, style=f"#000000 on {layer_colour(layer, doc.num_layers, colours)}")
     legend = Text("exit layer: ", style="dim")
-    for lo, hi in layer_buckets(doc.num_layers):
-        legend.append("  ", style=f"on {layer_colour(hi, doc.num_layers)}")
+    for lo, hi in layer_buckets(doc.num_layers, len(colours)):
+        legend.append("  ", style=f"on {layer_colour(hi, doc.num_layers, colours)}")
         legend.append(f" {lo}–{hi}  " if lo != hi else f" {lo}  ", style="dim")
     parts = [Text(title, style="bold")] if title else []
     return Group(*parts, text, legend, Text(_depth_line(doc), style="dim"))
@@ -90,34 +106,63 @@ def _common_prefix(a: str, b: str) -> int:
 
 class SummaryPrinter:
     """Prints summaries to stdout as they arrive: one JSON object per line (as_json), the summary coloured
-    by exit layer on a terminal or annotated in plain text (show_exits), or just the text. With `titled`,
-    each summary is headed by its document id."""
+    by exit layer on a colour terminal or annotated in plain text (show_exits), or just the text. With
+    `titled`, each summary is headed by its document id. On a terminal everything goes through `console`
+    (rich), so that a progress bar drawn on the same console stays below it."""
 
     def __init__(self, tokenizer, show_exits: bool = False, as_json: bool = False, titled: bool = False,
                  console: Console | None = None):
         self.tokenizer, self.show_exits, self.as_json, self.titled = tokenizer, show_exits, as_json, titled
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
 
     def print(self, doc: DocumentSummary) -> None:
         title = f"[{doc.id}]" if self.titled else None
+        colours = palette(self.console.color_system) if self.console.is_terminal else ()
         if self.as_json:
-            print(json.dumps(doc.to_dict(), ensure_ascii=False), flush=True)
-        elif self.show_exits and self.console.is_terminal:
-            self.console.print(render_exits(doc, self.tokenizer, title))
+            self._emit(json.dumps(doc.to_dict(), ensure_ascii=False))
+        elif self.show_exits and colours:
+            self.console.print(render_exits(doc, self.tokenizer, title, colours))
         elif self.show_exits:
-            print(plain_exits(doc, self.tokenizer, title), flush=True)
+            self._emit(plain_exits(doc, self.tokenizer, title))
         else:
-            print(f"{title} {doc.summary}" if title else doc.summary, flush=True)
+            self._emit(f"{title} {doc.summary}" if title else doc.summary)
+
+    def _emit(self, text: str) -> None:
+        if self.console.is_terminal:
+            self.console.print(Text(text), soft_wrap=True)
+        else:
+            print(text, flush=True)
 
 
-def run_footer(docs: list[DocumentSummary], policy_description: str) -> str:
+def schedule_text(policy: ExitPolicy, max_new_tokens: int) -> str:
+    """The threshold schedule in words: fixed, or how far λ decays over the new tokens."""
+    if policy.decay_tau == 0:
+        return "λ fixed (τ=0)"
+    last = policy.threshold_at(max_new_tokens - 1, max_new_tokens)
+    return f"λ decays to {last:.3g} by token {max_new_tokens} (τ={policy.decay_tau:g})"
+
+
+def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
+    """e.g. 'classifier λ=0.97, λ fixed (τ=0)' or 'full model'."""
+    if policy.never_exits:
+        return "full model"
+    if policy.measure == "fixed":
+        return f"every token exits at layer {min(policy.exit_layers or (policy.min_exit_layer,))}"
+    floor = f" from layer {policy.min_exit_layer}" if policy.min_exit_layer > 1 else ""
+    return f"{policy.measure} λ={policy.threshold:g}{floor}, {schedule_text(policy, max_new_tokens)}"
+
+
+def run_footer(docs: list[DocumentSummary], policy: ExitPolicy, source: str, max_new_tokens: int,
+               noun: str = "document") -> str:
     """One line about a run: documents, average depth, decode throughput (the tokens after each summary's
-    first, where early exit saves layers) and prefill time apart, and the policy used."""
+    first, where early exit saves layers) and prefill time apart, the policy with its threshold schedule,
+    and where the policy came from (an option, or the default)."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
     decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
     decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)      # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
-    return (f"{len(docs)} document{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
-            f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; policy: {policy_description}")
+    return (f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
+            f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
+            f"policy: {policy_text(policy, max_new_tokens)}; {source}")

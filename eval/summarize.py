@@ -1,16 +1,27 @@
-"""Summaries of documents, batch by batch, with the exit layer of every generated token."""
+"""Summaries of documents (or outputs of plain prompts), batch by batch, with the exit layer of every
+generated token and how much of each document the prompt held."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import TypeVar
 
-from calm.data import Record, summary_prompt
-from calm.generation import Timings
+from calm.data import Record
+from calm.generation import Timings, engine_settings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from calm.prompts import (
+    DEFAULT_TEMPLATE,
+    Prompt,
+    PromptFormat,
+    PromptTemplate,
+    fit_prompts,
+)
+from calm.sampling import SamplingConfig
 
 T = TypeVar("T")
+GREEDY = SamplingConfig()
 
 
 @dataclass(frozen=True)
@@ -22,15 +33,23 @@ class DocumentSummary:
     num_layers: int
     batch_size: int                  # the timings are for the whole batch this document was in
     batch_timings: Timings
+    document_tokens: int = 0         # the document's length in tokens, and how many the prompt held
+    kept_tokens: int = 0
 
     @property
     def avg_layers(self) -> float:
         return sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else float("nan")
 
+    @property
+    def truncated(self) -> bool:
+        return self.kept_tokens < self.document_tokens
+
     def to_dict(self) -> dict:
         t = self.batch_timings
         return {"id": self.id, "summary": self.summary, "avg_layers": self.avg_layers,
                 "exit_layers": list(self.exit_layers), "num_layers": self.num_layers,
+                "truncated": self.truncated, "document_tokens": self.document_tokens,
+                "kept_tokens": self.kept_tokens,
                 "timings": {"batch_size": self.batch_size, "batch_prefill_s": t.prefill_s,
                             "batch_decode_s": t.decode_s, "batch_new_tokens": t.new_tokens,
                             "batch_decode_tokens": t.decode_tokens, "batch_tokens_per_s": t.tokens_per_s,
@@ -42,14 +61,31 @@ def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
         yield list(items[start:start + size])
 
 
+def document_prompts(model: CalmModel, records: Sequence[Record], max_new_tokens: int = 64,
+                     template: PromptTemplate = DEFAULT_TEMPLATE, max_doc_tokens: int | None = None,
+                     truncate: bool = True, chat: bool | None = None) -> list[Prompt]:
+    """Each record's prompt, its document cut to fit (truncate) or refused with an InputError."""
+    fmt = PromptFormat.for_model(model, max_new_tokens, chat)
+    return fit_prompts(fmt, [(f"document {r.id}", r.document) for r in records], template, max_doc_tokens, truncate)
+
+
 def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
-                        batch_size: int = 8, generate_kwargs: dict | None = None) -> Iterator[list[DocumentSummary]]:
+                        batch_size: int = 8, prompts: Sequence[Prompt] | None = None,
+                        sampling: SamplingConfig = GREEDY, chat: bool | None = None,
+                        engine: str = "auto", generate_kwargs: dict | None = None) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
-    Documents too long for the model's context are truncated. generate_kwargs: e.g. mode="speculative"."""
-    for batch in batched(records, batch_size):
-        result = model.generate([summary_prompt(r.document) for r in batch], max_new_tokens=max_new_tokens,
-                                policy=policy, truncate=True, **(generate_kwargs or {}))
+    `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
+    engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative"."""
+    if prompts is None:
+        prompts = document_prompts(model, records, max_new_tokens, chat=chat)
+    for start in range(0, len(records), batch_size):
+        batch, batch_prompts = records[start:start + batch_size], prompts[start:start + batch_size]
+        result = model.generate([p.text for p in batch_prompts], max_new_tokens=max_new_tokens, policy=policy,
+                                do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, seed=sampling.seed, chat=chat, **engine_settings(engine),
+                                **(generate_kwargs or {}))
         yield [DocumentSummary(id=r.id, summary=result.texts[i] if result.texts else "",
                                token_ids=result.token_ids[i], exit_layers=result.exit_layers[i],
-                               num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings)
-               for i, r in enumerate(batch)]
+                               num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings,
+                               document_tokens=p.document_tokens, kept_tokens=p.kept_tokens)
+               for i, (r, p) in enumerate(zip(batch, batch_prompts))]

@@ -16,20 +16,21 @@ from pathlib import Path
 from typing import Sequence
 
 from calm.bench import machine_info, transformers_generate
-from calm.data import SUMMARY_PROMPT, Record, summary_prompt, truncate_document
+from calm.data import Record
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
+from calm.eval.grids import DEFAULT_THRESHOLDS
 from calm.knob import default_measure
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
-from calm.eval.summarize import batched
+from calm.eval.summarize import batched, document_prompts
 from calm.model import CalmModel
 from calm.lossless import MeasuredSetting
 from calm.policy import ExitPolicy
+from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
 from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
 
-DEFAULT_THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class EvalConfig:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
         model = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
         return {"model": model, "data": str(Path(self.data).resolve()), "document_field": self.document_field,
-                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_PROMPT,
+                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_TEMPLATE,
                 "max_doc_tokens": self.max_doc_tokens}
 
     def to_dict(self) -> dict:
@@ -219,40 +220,44 @@ def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], c
         return
     _warm_up(model, records[0])
     for batch in batched(records, config.batch_size):
+        unfinished = [r for r in batch if any(r.id in left for left in pending.values())]
+        prompts = dict(zip((r.id for r in unfinished), document_prompts(model, unfinished, config.max_new_tokens,
+                                                                        max_doc_tokens=config.max_doc_tokens)))
         for point in points:
             todo = [r for r in batch if r.id in pending[point.name]]
             if todo:
-                cache.append(point.name, _run_point(model, point, todo, config.max_new_tokens, config.max_doc_tokens))
+                cache.append(point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo],
+                                                    config.max_new_tokens))
                 completed += len(todo)
                 if progress:
                     progress(completed, total)
 
 
-def _run_point(model: CalmModel, point: Point, records: list[Record], max_new_tokens: int,
-               max_doc_tokens: int | None = None) -> list[dict]:
+def _run_point(model: CalmModel, point: Point, records: list[Record], prompts: list[Prompt],
+               max_new_tokens: int) -> list[dict]:
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
-    prompts = [summary_prompt(truncate_document(model.tokenizer, r.document, max_doc_tokens)) for r in records]
+    texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
     if point.policy is None:
-        token_ids = transformers_generate(model, model.encode_prompts(prompts, max_new_tokens, truncate=True),
-                                          max_new_tokens)
+        token_ids = transformers_generate(model, model.encode_prompts(texts_in, max_new_tokens), max_new_tokens)
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
-        result = model.generate(prompts, max_new_tokens=max_new_tokens, policy=point.policy, truncate=True,
+        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy,
                                 **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
     seconds = time.perf_counter() - t0
     return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),
-             "seconds": seconds / len(records), "batch_seconds": seconds, "batch_size": len(records), "run": RUN_ID}
+             "truncated": prompts[i].truncated, "seconds": seconds / len(records), "batch_seconds": seconds,
+             "batch_size": len(records), "run": RUN_ID}
             for i, r in enumerate(records)]
 
 
 def _warm_up(model: CalmModel, record: Record) -> None:
     """One short untimed run of each engine, so the first timed batch pays no start-up costs."""
-    prompt = summary_prompt(record.document)
-    model.generate(prompt, max_new_tokens=2, truncate=True)
-    transformers_generate(model, model.encode_prompts([prompt], 2, truncate=True), 2)
+    prompt = fit_prompt(PromptFormat.for_model(model, 2), record.document).text
+    model.generate(prompt, max_new_tokens=2)
+    transformers_generate(model, model.encode_prompts([prompt], 2), 2)
 
 
 def _check_ids(records: list[Record]) -> None:

@@ -21,3 +21,10 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def training_setup(tmp_path_factory) -> dict[str, str]:
+    """The calm.training tests' tiny BPE backbone and data files (training_helpers.build_training_setup)."""
+    from training_helpers import build_training_setup
+    return build_training_setup(tmp_path_factory.mktemp("training"))

@@ -39,6 +39,8 @@ def test_bench_row_arithmetic():
     assert row.ms_per_token == pytest.approx(200.0)
     with pytest.raises(InputError):
         BenchConfig(model="m", batch_sizes=(0,))
+    with pytest.raises(InputError, match="unknown engine"):
+        BenchConfig(model="m", engine="warp")
 
 
 def test_transformers_generate_fixed_length(tiny_model):
@@ -125,3 +127,14 @@ def test_report_files_are_written_together_as_json_and_markdown(tmp_path):
     assert [f.name for f in files] == ["r.json", "r.md"]
     assert json.loads(files[0].read_text()) == {"x": 1.5} and files[1].read_text() == "# r\n"
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json", "r.md"]     # no temporary left
+
+
+def test_bench_cli_runs_the_static_engine(tiny_model, tmp_path):
+    out = tmp_path / "results"
+    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "2", "--new-tokens", 4, "--repeats", 1,
+                    "--policy", "fixed:2", "--no-transformers", "--engine", "static", "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["engine"] == "static"
+    assert [r["avg_layers"] for r in report["results"]] == [4.0, pytest.approx((4 + 3 * 2) / 4)]
+    assert "engine static" in (out / "bench.md").read_text()

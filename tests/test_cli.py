@@ -11,6 +11,7 @@ import pytest
 
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.static_decode import compiled_step
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +82,18 @@ def test_summarize_json(tiny_model, tmp_path):
     assert "state λ=0" in result.stderr
 
 
+@pytest.mark.parametrize("engine", ["static", "static+compile"])
+def test_summarize_engine_gives_the_dynamic_summary(tiny_model, tmp_path, engine, monkeypatch):
+    monkeypatch.setattr("calm.generation.compiled_step", lambda backend: compiled_step("eager"))  # no C++ compile
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    args = ("summarize", "--model", tiny_model, data, "--json", "--measure", "state", "--threshold", "0.9",
+            "--max-new-tokens", 6, "--batch-size", 3)
+    dynamic, other = invoke(*args, "--engine", "dynamic"), invoke(*args, "--engine", engine)
+    assert dynamic.exit_code == 0 and other.exit_code == 0, other.output
+    strip = lambda out: [{k: v for k, v in json.loads(line).items() if k != "timings"} for line in out.splitlines()]
+    assert strip(dynamic.stdout) == strip(other.stdout)
+
+
 def test_summarize_show_exits_plain(tiny_model):
     result = invoke("summarize", "--model", tiny_model, "--text", DOCS[3]["document"], "--show-exits",
                     "--threshold", "0", "--max-new-tokens", 6)
@@ -105,14 +118,21 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9 (from --speed 0.5"),
-                                            (("--speed", "1"), "softmax λ=0.5 (from --speed 1"),
-                                            (("--tolerance", "0.2"), "softmax λ=0.5 (from --tolerance 0.2"),
-                                            (("--threshold", "0.7"), "softmax λ=0.7")])
+@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); "
+                                                "default (speed 0.5 on the calibration)"),
+                                            (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); "
+                                                               "from --speed 1 and the calibration"),
+                                            (("--tolerance", "0.2"), "softmax λ=0.5, λ decays to 0.453 by token 3 "
+                                                                     "(τ=4); from --tolerance 0.2 and the calibration"),
+                                            (("--threshold", "0.7"), "softmax λ=0.7, λ decays to 0.635 by token 3 "
+                                                                     "(τ=4); from --threshold"),
+                                            (("--threshold", "0.7", "--decay-tau", "0"),
+                                             "softmax λ=0.7, λ fixed (τ=0); from --threshold")])
 def test_summarize_with_calibration(calibrated_model, knob, expected):
     result = invoke("summarize", "--model", calibrated_model, "--text", "the cat sat", "--max-new-tokens", 3, *knob)
     assert result.exit_code == 0, result.output
-    assert expected in result.stderr
+    assert "policy: " + expected in result.stderr
+    assert "--speed 0.5" not in result.stderr
 
 
 def test_tolerance_too_tight_is_an_error(calibrated_model):

@@ -8,18 +8,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from calm.eval import sweep
+from calm.eval.render import (
+    STANDARD_PALETTE,
+    SummaryPrinter,
+    layer_buckets,
+    layer_colour,
+    palette,
+    plain_exits,
+    render_exits,
+    run_footer,
+    token_pieces,
+)
+from calm.eval.report import COLUMNS, FILES
+from calm.eval.rouge import rouge_f1, rouge_l_similarity
+from calm.eval.summarize import DocumentSummary, summarize_documents
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 from rich.console import Console
 from rich.text import Text
-from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 from calm.data import Record
 from calm.errors import InputError
 from calm.generation import Timings
-from calm.eval import sweep
-from calm.eval.render import layer_buckets, layer_colour, plain_exits, render_exits, run_footer, token_pieces
-from calm.eval.report import COLUMNS, FILES
-from calm.eval.rouge import rouge_f1, rouge_l_similarity
-from calm.eval.summarize import DocumentSummary, summarize_documents
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 
@@ -195,6 +205,46 @@ def test_render_exits(model):
     assert plain.splitlines()[0] == "[a]" and "avg layers: " in plain
 
 
+def test_few_colours_get_a_ramp_that_reads_early_to_late(model):
+    assert palette(None) == () and palette("standard") == palette("windows") == STANDARD_PALETTE
+    assert len(palette("256")) == len(palette("truecolor")) == 6
+    assert [layer_colour(k, 30, STANDARD_PALETTE) for k in (1, 10, 11, 20, 21, 30)] == \
+        ["green", "green", "yellow", "yellow", "red", "red"]
+    assert [layer_colour(k, 2, STANDARD_PALETTE) for k in (1, 2)] == ["green", "red"]
+    records = [Record("a", DOCS[0]["document"])]
+    doc = next(summarize_documents(model, records, ExitPolicy(measure="state", threshold=0.0), max_new_tokens=6))[0]
+    console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
+    SummaryPrinter(model.tokenizer, show_exits=True, console=console).print(doc)
+    out = console.file.getvalue()
+    assert "\x1b[30;41m" in out and "\x1b[30;42m" in out          # black on red (layer 4), on green (layer 1)
+    assert "1–1" not in out and " 1  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
+    no_colour = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    SummaryPrinter(model.tokenizer, show_exits=True, console=no_colour).print(doc)
+    assert "exits: " in no_colour.file.getvalue() and "[4]" in no_colour.file.getvalue()     # marks instead
+
+
+def test_the_bar_shares_the_output_console_on_one_terminal(monkeypatch):
+    from calm.eval import progress
+
+    output = progress.output_console()
+    monkeypatch.setattr(progress, "same_terminal", lambda a, b: True)
+    assert progress.bar_console(output) is output
+    monkeypatch.setattr(progress, "same_terminal", lambda a, b: False)
+    assert progress.bar_console(output) is not output and progress.bar_console(output).stderr
+    assert not progress.same_terminal(io.StringIO(), io.StringIO())
+
+
+def test_printing_on_a_terminal_goes_through_the_console(model):
+    """So that a progress bar live on the same console is redrawn below each summary, never over it."""
+    records = [Record("a", DOCS[0]["document"])]
+    doc = next(summarize_documents(model, records, ExitPolicy.never(), max_new_tokens=3))[0]
+    console = Console(file=io.StringIO(), force_terminal=True, width=40)
+    printed = []
+    console.print = lambda *a, **k: printed.append(a)
+    SummaryPrinter(model.tokenizer, titled=True, console=console).print(doc)
+    assert len(printed) == 1 and printed[0][0].plain == f"[a] {doc.summary}"
+
+
 def test_run_footer_reports_decode_rate_and_prefill_apart():
     """Two batches (2 documents, then 1): decode tokens/s counts the tokens after each summary's first
     over the batches' decode time; prefill is the batches' prefill time."""
@@ -204,8 +254,9 @@ def test_run_footer_reports_decode_rate_and_prefill_apart():
     first = Timings(prefill_s=0.5, decode_s=2.0, new_tokens=10, decode_tokens=8)
     second = Timings(prefill_s=0.25, decode_s=1.0, new_tokens=5, decode_tokens=4)
     docs = [doc(0, 6, 2, first), doc(1, 4, 2, first), doc(2, 5, 1, second)]
-    footer = run_footer(docs, "state λ=0.9")
-    assert footer == "3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; policy: state λ=0.9"
+    footer = run_footer(docs, ExitPolicy(measure="state", threshold=0.9), "from --threshold", 4)
+    assert footer == ("3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; "
+                      "policy: state λ=0.9, λ decays to 0.814 by token 4 (τ=4); from --threshold")
     assert first.decode_tokens_per_s == pytest.approx(4.0) and first.tokens_per_s == pytest.approx(4.0)
     assert docs[0].to_dict()["timings"]["batch_decode_tokens_per_s"] == pytest.approx(4.0)
 

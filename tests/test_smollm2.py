@@ -6,7 +6,8 @@ import pytest
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import transformers_generate
-from calm.data import read_jsonl, summary_prompt
+from calm.data import read_jsonl
+from calm.prompts import summary_prompt
 
 SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")]
@@ -33,6 +34,23 @@ def test_full_depth_is_token_identical_to_transformers_generate(smollm2, prompts
         ours = smollm2.generate(batch.ids, max_new_tokens=24)
         assert ours.token_ids[0] == transformers_generate(smollm2, batch, 24)[0]
         assert ours.avg_layers == 30
+
+
+def test_static_engine_full_depth_is_token_identical_to_transformers_generate(smollm2, prompts):
+    rows = [b.ids[0].tolist() for b in prompts]                   # one left-padded batch
+    batch = smollm2.encode_prompts(rows, 24)
+    ours = smollm2.generate(rows, max_new_tokens=24, engine="static")
+    assert list(ours.token_ids) == transformers_generate(smollm2, batch, 24)
+
+
+def test_static_engine_gives_the_dynamic_tokens_and_exits(smollm2, prompts):
+    rows = [b.ids[0].tolist() for b in prompts]
+    policy = ExitPolicy(measure="classifier", threshold=0.5, decay_tau=0)
+    dynamic = smollm2.generate(rows, max_new_tokens=16, policy=policy, engine="dynamic")
+    static = smollm2.generate(rows, max_new_tokens=16, policy=policy, engine="static", sync_every=4)
+    assert len({k for r in static.exit_layers for k in r}) >= 3, "the policy should give mixed exit depths"
+    assert static.token_ids == dynamic.token_ids
+    assert static.exit_layers == dynamic.exit_layers
 
 
 def test_batched_mixed_exits_equal_each_row_alone(smollm2, prompts):

@@ -44,7 +44,7 @@ class StepContext:
 
     positions: torch.Tensor                  # [B, T] long
     mask: torch.Tensor | None                # [B, 1, T, S] bool, True = may attend; None: causal, no padding
-    start: int                               # cache slot of the first of the T new tokens
+    start: int | torch.Tensor                # cache slot of the first of the T new tokens (static path: long [1])
     rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin [B, T, D_head]
     position_bias: torch.Tensor | None = None               # [1, H, T, S] (T5)
     encoder: EncoderMemory | None = None
@@ -87,6 +87,12 @@ def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int, window: 
     if in_reach and (start == 0 or num_new == 1) and bool(key_mask[:, :start + num_new].all()):
         return None
     return attention_mask(key_mask, start, num_new, window)
+
+
+def slot_mask(key_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, S] mask of one decode query over every slot of the cache: the static path's fixed
+    shape. Slots not written yet are False in key_mask, so no causal part is needed."""
+    return key_mask[:, None, None, :]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -160,6 +166,12 @@ class Adapter(ABC):
         slots have masked holes (rejected speculative drafts); None: a row's real slots hold
         consecutive positions. Only attention that depends on key positions at attention time (T5's
         relative bias) reads it: RoPE and absolute positions are already in the cached keys."""
+
+    def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
+                       encoder: EncoderMemory | None = None) -> StepContext:
+        """context() for one decode token at cache slot `slot` (long [1]) attending over every slot of
+        the cache: fixed shapes and no host sync, for the static path (calm.static_decode)."""
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, encoder=encoder)
 
     @abstractmethod
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, padding_free_mask, pick
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, padding_free_mask,
+                                 pick, slot_mask)
 from calm.errors import UnsupportedModelError
 
 
@@ -68,8 +69,7 @@ class LlamaAdapter(Adapter):
         return self.inner.embed_tokens(ids)
 
     def context(self, positions, key_mask, start, encoder: EncoderMemory | None = None, slot_positions=None):
-        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
-        cos, sin = self.inner.rotary_emb(probe, positions)
+        cos, sin = self._rope_tables(positions)
         t = positions.shape[1]
         window_mask = padding_free_mask(key_mask, start, t, self.window) if self.window is not None else None
         if self.window is not None and slot_positions is not None:         # holes: window by position, not slot
@@ -79,6 +79,18 @@ class LlamaAdapter(Adapter):
             window_mask = attention_mask(key_mask, start, t) & (reach | own)                # [B, 1, T, S]
         return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, t), start=start,
                            rope=(cos, sin), window=self.window, window_mask=window_mask)
+
+    def static_context(self, positions, key_mask, slot, encoder: EncoderMemory | None = None):
+        if self.window is not None:
+            raise UnsupportedModelError("the static engine does not implement sliding-window attention yet; "
+                                        "use engine='dynamic' for this model")
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
+                           rope=self._rope_tables(positions))
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, D_head] of positions [B, T]."""
+        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
+        return self.inner.rotary_emb(probe, positions)
 
     def _rope(self, layer: int, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rope(t, cos, sin) if self.rope_layers[layer] else t

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import Adapter, EncoderMemory, StepContext, attend, attention_mask, pick
+from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, pick,
+                                 slot_mask)
 from calm.errors import UnsupportedModelError
 
 
@@ -87,6 +88,14 @@ class T5Adapter(Adapter):
         else:
             bias = self._row_bias(positions, slot_positions[:, :start + t])
         return StepContext(positions=positions, mask=attention_mask(key_mask, start, t), start=start,
+                           position_bias=bias.to(self.dtype), encoder=encoder)
+
+    def static_context(self, positions, key_mask, slot, encoder: EncoderMemory | None = None):
+        if encoder is None:
+            raise ValueError("the T5 decoder needs the encoder's memory (call encode() first)")
+        # query slot `slot` against every key slot; past_seen_tokens may be a tensor (no host sync)
+        bias = self.relative_bias.compute_bias(1, key_mask.shape[1], device=key_mask.device, past_seen_tokens=slot)
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
                            position_bias=bias.to(self.dtype), encoder=encoder)
 
     def _row_bias(self, positions: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:

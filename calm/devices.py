@@ -1,0 +1,46 @@
+"""Device names as users write them ('auto', 'cpu', 'cuda', 'cuda:1', 'mps'), checked against this
+machine before anything is loaded. torch is imported only for an accelerator name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from calm.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("cuda", "mps")
+HELP = "auto (a GPU if there is one), cpu, cuda, cuda:N or mps"
+
+
+def check_device(name: str) -> str:
+    """The device name, normalised; an InputError if it is unknown or not on this machine."""
+    name = str(name).strip().lower()
+    if name in ("auto", "cpu"):
+        return name
+    kind, colon, index = name.partition(":")
+    if kind not in KINDS or (colon and not index.isdigit()) or (kind == "mps" and colon):
+        raise InputError(f"unknown device {name!r}; use {HELP}")
+    import torch
+
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' is not available on this machine; use cpu or auto")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {name!r} is not available: torch finds no CUDA GPU on this machine "
+                             f"(torch {torch.__version__}); use cpu or auto")
+        if colon and int(index) >= count:
+            raise InputError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0..cuda:{count - 1}")
+    return name
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """The torch device to load on: 'auto' (or None) is the GPU if there is one, else None (torch's default)."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(check_device(str(device)))

@@ -1,0 +1,76 @@
+"""The exit-policy and sampling options of `calm summarize` and `calm generate`, checked before a model
+is loaded, and turned into an ExitPolicy (by calm.knob) and a SamplingConfig after."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from calm.errors import InputError
+from calm.policy import ExitPolicy
+
+if TYPE_CHECKING:
+    from calm.model import CalmModel
+    from calm.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """--threshold, --measure, --min-exit-layer, --speed, --tolerance, --decay-tau as given (None: not given)."""
+
+    threshold: float | None = None
+    measure: str | None = None
+    min_exit_layer: int | None = None
+    speed: float | None = None
+    tolerance: float | None = None
+    decay_tau: float | None = None
+
+    def check(self) -> None:
+        """What can be checked without the model: at most one of threshold, speed and tolerance."""
+        from calm.knob import check_knobs
+
+        check_knobs(self.threshold, self.speed, self.tolerance)
+
+    def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
+        """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
+        threshold runs --decay-tau (CALM's τ=4 if not given); a calibrated one the schedule it was certified
+        with, and another --decay-tau there is refused rather than run untested."""
+        from calm.knob import resolve_policy
+
+        if self.decay_tau is not None and self.threshold is None and self.speed is None and self.tolerance is None \
+                and model.calibration is None:
+            raise InputError("--decay-tau sets the schedule of an exit threshold, and this run has none (full "
+                             "model); give --threshold too")
+        resolved = resolve_policy(model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance,
+                                  self.decay_tau)
+        return resolved.policy, self._source(model, resolved.policy)
+
+    def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
+        from calm.knob import DEFAULT_SPEED
+
+        if self.threshold is not None:
+            return "from --threshold"
+        if self.speed is not None:
+            return f"from --speed {self.speed:g} and the calibration"
+        if self.tolerance is not None:
+            return f"from --tolerance {self.tolerance:g} and the calibration"
+        if model.calibration is None:
+            return "default (no calibration; pass --threshold to exit early)"
+        if policy.never_exits:
+            return "default (the calibration certifies no threshold)"
+        return f"default (speed {DEFAULT_SPEED:g} on the calibration)"
+
+
+def sampling_config(do_sample: bool, temperature: float | None, top_p: float | None, top_k: int | None,
+                    seed: int | None) -> SamplingConfig:
+    """The sampling settings; an error for a sampling option given without --do-sample, which would
+    otherwise be ignored without a word."""
+    from calm.sampling import SamplingConfig
+
+    given = [name for name, value in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
+                                      ("--seed", seed)) if value is not None]
+    if given and not do_sample:
+        raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling; "
+                         "add --do-sample (decoding is greedy without it)")
+    return SamplingConfig(do_sample=do_sample, temperature=1.0 if temperature is None else temperature,
+                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed)
