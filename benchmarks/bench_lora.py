@@ -21,8 +21,14 @@ import time
 from pathlib import Path
 
 from calm import CalmModel
-from calm.bench import bench_prompts, format_speedup, machine_info, machine_markdown, transformers_generate, \
-    write_json_markdown
+from calm.bench import (
+    bench_prompts,
+    format_speedup,
+    machine_info,
+    machine_markdown,
+    transformers_generate,
+    write_json_markdown,
+)
 from calm.data import read_jsonl
 from calm.generation import GenerationConfig, generate_tokens
 from calm.policy import ExitPolicy

@@ -19,13 +19,7 @@ import time
 import torch
 
 from calm import CalmModel
-from calm.bench import (
-    bench_prompts,
-    machine_info,
-    machine_markdown,
-    parse_policy_spec,
-    write_json_markdown,
-)
+from calm.bench import bench_prompts, machine_info, machine_markdown, parse_policy_spec, write_json_markdown
 from calm.data import read_jsonl
 from calm.generation import GenerationConfig, generate_tokens
 

@@ -25,7 +25,6 @@ from calm.lm_head import CertifiedArgmax
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, next_token
 
-
 COMPACT_MIN_ROWS = 16   # live rows from which layers run for the still-running rows only
 PER_ROW_MAX_ROWS = 8    # up to this many running rows attend one by one over cache views; more: one batched call
 
@@ -40,7 +39,7 @@ class Network:
     argmax: CertifiedArgmax | None = None
 
     @classmethod
-    def build(cls, adapter: Adapter, heads: ExitHeads | None = None) -> "Network":
+    def build(cls, adapter: Adapter, heads: ExitHeads | None = None) -> Network:
         return cls(adapter, heads, CertifiedArgmax.for_head(adapter.head_module))
 
     @property
@@ -78,7 +77,7 @@ class ExitPlan:
     allowed: frozenset[int]
 
     @classmethod
-    def resolve(cls, policy: ExitPolicy, net: Network) -> "ExitPlan":
+    def resolve(cls, policy: ExitPolicy, net: Network) -> ExitPlan:
         allowed = frozenset(policy.allowed_layers(net.num_layers))
         if policy.measure == "classifier" and allowed and (net.heads is None or not net.heads.config.classifier):
             raise PolicyError("the 'classifier' measure needs trained exit heads with a classifier "

@@ -21,7 +21,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, num_layers: int, batch: int, kv_heads: int, max_slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+                 dtype: torch.dtype, device: torch.device) -> KVCache:
         shape = (num_layers, batch, kv_heads, max_slots, head_dim)
         return cls(
             k=torch.zeros(shape, dtype=dtype, device=device),

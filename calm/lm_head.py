@@ -26,7 +26,7 @@ class CertifiedArgmax:
         self.row_norms = weight.detach().float().norm(dim=1)                            # [V]
 
     @classmethod
-    def for_head(cls, head: torch.nn.Module) -> "CertifiedArgmax | None":
+    def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:
         """One for a float32 nn.Linear head without bias; None where it would not pay off."""
         if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
             return None

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from calm.adapters import adapter_for
 from calm.calibration import CalibrationTable
-from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Components, check_adapter_target, is_checkpoint,
-                             load_checkpoint, load_parts, name_backbone, read_config, save_checkpoint)
+from calm.checkpoint import (
+    BACKBONE_DIR,
+    INCLUDED,
+    CheckpointConfig,
+    Components,
+    check_adapter_target,
+    is_checkpoint,
+    load_checkpoint,
+    load_parts,
+    name_backbone,
+    read_config,
+    save_checkpoint,
+)
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
 from calm.devices import resolve_device
@@ -54,13 +65,13 @@ class CalmModel:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None) -> "CalmModel":
+    def from_model(cls, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None) -> CalmModel:
         """Wrap an already loaded transformers model (and its tokenizer, for text prompts)."""
         return cls(model, tokenizer, heads=heads)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> "CalmModel":
+                        dtype: torch.dtype | str | None = None) -> CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
         name_or_path = str(name_or_path)
         dtype = _parse_dtype(dtype)

@@ -46,12 +46,12 @@ class ExitPolicy:
             object.__setattr__(self, "exit_layers", tuple(sorted(set(int(k) for k in self.exit_layers))))
 
     @classmethod
-    def never(cls) -> "ExitPolicy":
+    def never(cls) -> ExitPolicy:
         """The full model: no token exits early."""
         return cls(measure="softmax", threshold=2.0, exit_layers=())
 
     @classmethod
-    def fixed(cls, layer: int) -> "ExitPolicy":
+    def fixed(cls, layer: int) -> ExitPolicy:
         """Every token exits at `layer` (an oracle-free static exit, for ablations and benchmarks)."""
         return cls(measure="fixed", threshold=0.0, exit_layers=(layer,))
 

@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
+
 from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
     engine_option,
-    speculative_options,
     knob_options,
     model_options,
     output_options,
     sampling_options,
+    speculative_options,
 )
-
 from calm.prompts import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
@@ -104,10 +104,9 @@ def summarize(file: str | None, text: str | None, field_document: str, limit: in
     document); - reads either from stdin. Without --threshold, --speed or --tolerance the model runs
     at full depth, unless it carries a calibration (then at speed 0.5 of it).
     """
+    from calm.errors import InputError
     from calm.eval.inputs import load_documents
     from calm.eval.summarize import document_prompts
-
-    from calm.errors import InputError
 
     if no_truncate and max_doc_tokens is not None:
         raise InputError("--no-truncate refuses cut documents and --max-doc-tokens asks for cuts: give one of them")

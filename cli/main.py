@@ -12,13 +12,14 @@ import shlex
 from typing import Any
 
 import click
+
+from calm import __version__
 from calm.cli.generate import generate, summarize
 from calm.cli.options import (
     FiniteFloat,
     decay_tau_option,
     doc_tokens_option,
     engine_option,
-    speculative_options,
     float_list,
     int_list,
     measure_option,
@@ -26,11 +27,10 @@ from calm.cli.options import (
     model_options,
     policy_specs,
     run_options,
+    speculative_options,
 )
-from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
-
-from calm import __version__
 from calm.errors import CalmError
+from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
 
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
 # `calm --help`; tests/test_cli_errors.py checks that it matches the command's own.
@@ -158,10 +158,9 @@ def eval_command(model_name, device, dtype, data, field_document, field_summary,
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
     """
+    from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import EvalConfig, eval_device, run_eval
-
-    from calm.data import read_jsonl
 
     config = EvalConfig(model=model_name, data=data, thresholds=thresholds, measure=measure,
                         min_exit_layer=min_exit_layer or 1, decay_tau=decay_tau, max_new_tokens=max_new_tokens,
@@ -219,11 +218,10 @@ def calibrate_command(model_name, device, dtype, data, field_document, delta, ep
     example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
     Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
     """
+    from calm.data import read_jsonl
     from calm.eval.calibrate import CalibrateConfig, calibrate
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import eval_device
-
-    from calm.data import read_jsonl
 
     config = CalibrateConfig(model=model_name, data=data, delta=delta, epsilon=epsilon, method=method,
                              thresholds=thresholds, measure=measure, min_exit_layer=min_exit_layer or 1,
@@ -282,10 +280,9 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
     speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
-    from calm.eval.progress import progress_bar
-
     from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs, write_bench
     from calm.data import read_jsonl
+    from calm.eval.progress import progress_bar
 
     documents = None
     if data is not None:

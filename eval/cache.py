@@ -25,7 +25,7 @@ class ResultCache:
 
     @classmethod
     def open(cls, directory: Path, meta: dict, resume: bool, rank: int | None = None,
-             is_main: bool = True) -> "ResultCache":
+             is_main: bool = True) -> ResultCache:
         """The cache in `directory` for a run with `meta`. Every process refuses a cache of another run
         (so none waits on a main process that failed); the main one clears it (no resume) and writes meta."""
         cache = cls(directory, rank)

@@ -10,10 +10,10 @@ checkpoint, where the `speed` and `tolerance` knobs read it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
-from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from calm.eval.rouge import rouge_l_similarity
 from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
-
 
 
 @dataclass(frozen=True)

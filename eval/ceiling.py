@@ -17,8 +17,9 @@ errors using these heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -57,7 +58,7 @@ class ReplayPoint:
 
 
 @torch.no_grad()
-def replay_exits(adapter: Adapter, heads: ExitHeads, features: "Features", chunk: int = 256) -> ExitReplay:
+def replay_exits(adapter: Adapter, heads: ExitHeads, features: Features, chunk: int = 256) -> ExitReplay:
     """Agreement and confidences at every position and exit layer of `features`."""
     P, L1, _ = features.exits.shape
     agree = torch.zeros(P, L1, dtype=torch.bool)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 
-from calm.eval.summarize import DocumentSummary
 from rich.console import Console, Group
 from rich.text import Text
 
+from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
 
 RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))   # early exit -> mid -> full depth

@@ -6,10 +6,11 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import fmean
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from calm.bench import format_speedup, json_safe, machine_markdown
 from calm.checkpoint import write_atomic
@@ -76,7 +77,7 @@ class EvalReport:
         return "\n".join(lines + machine_markdown(self.machine))
 
 
-def build_report(records: Sequence[Record], rows: Mapping[str, Mapping[str, dict]], points: Sequence["Point"],
+def build_report(records: Sequence[Record], rows: Mapping[str, Mapping[str, dict]], points: Sequence[Point],
                  config: dict, num_layers: int, machine: dict) -> EvalReport:
     """Score every point's cached outputs against the references and the full model's outputs."""
     ids = [r.id for r in records]
@@ -148,7 +149,7 @@ def timed_speedup(base: Sequence[dict], rows: Sequence[dict]) -> float:
     return sum(b["seconds"] for b, _ in pairs) / sum(r["seconds"] for _, r in pairs)
 
 
-def _score(point: "Point", outputs: list[dict], full: list[dict], references: list[str]) -> PointMetrics:
+def _score(point: Point, outputs: list[dict], full: list[dict], references: list[str]) -> PointMetrics:
     rouge = [rouge_f1(o["summary"], ref) for o, ref in zip(outputs, references)]
     tokens = sum(len(o["exit_layers"]) for o in outputs)
     return PointMetrics(
@@ -173,7 +174,7 @@ def _markdown_row(p: PointMetrics) -> str:
 
 
 def _figure():
-    from matplotlib.figure import Figure       # the object API renders with Agg; no pyplot, no global state
+    from matplotlib.figure import Figure  # the object API renders with Agg; no pyplot, no global state
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     return fig, fig.add_subplot()
 

@@ -11,13 +11,7 @@ from calm.data import Record
 from calm.generation import Timings, engine_settings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
-from calm.prompts import (
-    DEFAULT_TEMPLATE,
-    Prompt,
-    PromptFormat,
-    PromptTemplate,
-    fit_prompts,
-)
+from calm.prompts import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
 from calm.sampling import SamplingConfig
 
 T = TypeVar("T")

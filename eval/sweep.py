@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from calm.bench import machine_info, transformers_generate
 from calm.data import Record
@@ -21,16 +21,15 @@ from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
-from calm.knob import default_measure
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
 from calm.eval.summarize import batched, document_prompts
-from calm.model import CalmModel
+from calm.knob import default_measure
 from calm.lossless import MeasuredSetting
+from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
 from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
-
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class EvalConfig:
         if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None):
             raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
 
-    def for_model(self, model: CalmModel) -> "EvalConfig":
+    def for_model(self, model: CalmModel) -> EvalConfig:
         config = self if self.measure else replace(self, measure=default_measure(model))
         if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
             stored = MeasuredSetting.from_extra(model.extra)
@@ -130,7 +129,7 @@ class Shard:
     state: object = None                     # accelerate.PartialState when world > 1
 
     @classmethod
-    def current(cls) -> "Shard":
+    def current(cls) -> Shard:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         import torch

@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel,
-                          MistralConfig, MistralForCausalLM, MT5Config, MT5ForConditionalGeneration, Qwen2Config,
-                          Qwen2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5EncoderModel,
-                          T5ForConditionalGeneration)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm.adapters import adapter_for

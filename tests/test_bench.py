@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 from calm.bench import BenchConfig, BenchRow, _round_robin, _Run, parse_policy_spec, transformers_generate
 from calm.errors import InputError
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

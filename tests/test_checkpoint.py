@@ -8,8 +8,17 @@ import pytest
 import calm
 from calm import training
 from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import (CONFIG_FILE, CheckpointConfig, backbone_kind, backbone_location, name_backbone,
-                             read_config, save_backbone, save_checkpoint, write_atomic)
+from calm.checkpoint import (
+    CONFIG_FILE,
+    CheckpointConfig,
+    backbone_kind,
+    backbone_location,
+    name_backbone,
+    read_config,
+    save_backbone,
+    save_checkpoint,
+    write_atomic,
+)
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 

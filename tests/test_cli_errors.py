@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+
 from calm.cli.main import LAZY_COMMANDS, cli
 from calm.cli.options import Device
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl

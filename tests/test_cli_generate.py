@@ -10,15 +10,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from calm.cli.knobs import Knobs, sampling_config
-from calm.eval.output import jsonl_output
-from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.cli.knobs import Knobs, sampling_config
 from calm.errors import InputError
+from calm.eval.output import jsonl_output
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

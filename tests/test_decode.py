@@ -1,13 +1,12 @@
+import pytest
 import torch
 
 from calm.adapters import adapter_for
 from calm.decode import ExitPlan, Network
+from calm.errors import PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
-from calm.errors import PolicyError
-
-import pytest
 
 
 def batch(seed=1, b=3, t=7):

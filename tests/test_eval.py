@@ -8,6 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.text import Text
+
+from calm.data import Record
+from calm.errors import InputError
 from calm.eval import sweep
 from calm.eval.render import (
     STANDARD_PALETTE,
@@ -23,15 +28,10 @@ from calm.eval.render import (
 from calm.eval.report import COLUMNS, FILES
 from calm.eval.rouge import rouge_f1, rouge_l_similarity
 from calm.eval.summarize import DocumentSummary, summarize_documents
-from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
-from rich.console import Console
-from rich.text import Text
-
-from calm.data import Record
-from calm.errors import InputError
 from calm.generation import Timings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 from calm import CalmModel
 from calm.bench import parse_run_spec, speculative_specs
@@ -17,6 +16,7 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.lossless import STORE_KEY, MeasuredSetting, resolve_mode
 from calm.policy import ExitPolicy
 from calm.speculative import SpeculativeConfig
+from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

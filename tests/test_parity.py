@@ -8,7 +8,7 @@ calm's never-exit generation against transformers' greedy `generate`: identical 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

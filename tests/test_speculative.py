@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
-from test_parity import VARIANTS as PARITY_VARIANTS
-from test_parity import build as build_variant
-from test_parity import prompts as parity_prompts
 
 from calm import CalmModel
 from calm.adapters import adapter_for
@@ -27,8 +23,19 @@ from calm.generation import GenerationConfig, PromptBatch, _start, generate_toke
 from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
-from calm.speculative import (SpeculativeConfig, SpeculativeStats, default_draft_policy, draft, draft_plan,
-                              generate_speculative, rollback)
+from calm.speculative import (
+    SpeculativeConfig,
+    SpeculativeStats,
+    default_draft_policy,
+    draft,
+    draft_plan,
+    generate_speculative,
+    rollback,
+)
+from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
+from test_parity import VARIANTS as PARITY_VARIANTS
+from test_parity import build as build_variant
+from test_parity import prompts as parity_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,8 +14,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch._dynamo
-from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
-from test_adapters import KINDS as ALL_KINDS
 from torch._dynamo.utils import counters
 
 from calm import CalmModel
@@ -27,6 +25,8 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
 from calm.static_decode import StaticState, full_depth, static_step
 from calm.syncs import SyncCounter
+from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
+from test_adapters import KINDS as ALL_KINDS
 
 KINDS = tuple(k for k in ALL_KINDS if "window" not in k)   # sliding windows: the static engine refuses them
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from calm.adapters.base import (Adapter, EncoderMemory, StepContext, attend, attention_mask, padding_free_mask,
-                                 pick, slot_mask)
+from calm.adapters.base import (
+    Adapter,
+    EncoderMemory,
+    StepContext,
+    attend,
+    attention_mask,
+    padding_free_mask,
+    pick,
+    slot_mask,
+)
 from calm.errors import UnsupportedModelError
 
 
