@@ -86,8 +86,10 @@ def markdown(report: dict) -> str:
              f"(whole generation incl. prefill, up to {report['new_tokens']} new tokens).",
              f"- (b) forced exit at layer {report['exit_layer']} of 30 vs calm at full depth: median decode speedup "
              f"**{s['exit_vs_full_decode_speedup_median']:.2f}x** per token "
-             f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} ms/token on this machine).", "",
-             "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | exit ms/tok | exit speedup |",
+             f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} "
+             "ms/token on this machine).", "",
+             "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | "
+             "exit ms/tok | exit speedup |",
              "|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["documents"]:
         lines.append(f"| {r['doc']} | {r['prompt_tokens']} | {r['new_tokens']} | {'yes' if r['identical_tokens'] else 'NO'} | "

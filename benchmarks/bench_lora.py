@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from calm import CalmModel
@@ -70,8 +71,8 @@ def run(args) -> dict:
     for i, prompt in enumerate(prompts):
         batch = tuned.encode_prompts([prompt], args.new_tokens)
         for name, (kind, model, policy) in configs.items():
-            call = (lambda: hf_decode(model, batch, args.new_tokens)) if kind == "hf" else \
-                (lambda: calm_decode(model, batch, policy, args.new_tokens))
+            call = partial(hf_decode, model, batch, args.new_tokens) if kind == "hf" else \
+                partial(calm_decode, model, batch, policy, args.new_tokens)
             if i == 0:
                 call()                                                   # warm-up
             seconds, avg = call()

@@ -63,7 +63,8 @@ def markdown(report: dict) -> str:
     c, t = report["calibration"], report["test"]
     lines = [f"# Calibrated thresholds on held-out data: {report['model']}", "",
              f"Calibrated with Learn-then-Test ({c['method']}, ε = {c['epsilon']}) on {c['n']} documents of "
-             f"`{c['data']}`, measure `{c['measure']}` (threshold decay τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, documents cut to "
+             f"`{c['data']}`, measure `{c['measure']}` (threshold decay "
+             f"τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, documents cut to "
              f"{c['max_doc_tokens'] or 'no'} tokens. Checked on {t['n']} documents of `{t['data']}` (never used "
              "to calibrate). D = 1 − ROUGE-L(early-exit output, full-model output), mean over documents.", "",
              "| δ | certified λ | test mean D | D ≤ δ | avg layers (of 30) | speedup vs full | identical to full |",
@@ -71,7 +72,8 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lam = "none (full model)" if r["threshold"] is None else f"{r['threshold']:g}"
         lines.append(f"| {r['delta']:g} | {lam} | {r['test_mean_D']:.3f} | {'yes' if r['within_delta'] else 'NO'} | "
-                     f"{r['avg_layers']:.2f} | {format_speedup(r['speedup_vs_full'] or math.nan)} | {100 * r['same_as_full']:.0f}% |")
+                     f"{r['avg_layers']:.2f} | {format_speedup(r['speedup_vs_full'] or math.nan)} | "
+                     f"{100 * r['same_as_full']:.0f}% |")
     return "\n".join(lines + [""] + machine_markdown(report["machine"])) + "\n"
 
 

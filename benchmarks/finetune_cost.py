@@ -31,10 +31,11 @@ def directory_bytes(path: Path) -> int:
 def markdown(r: dict) -> str:
     return "\n".join([
         f"# CALM fine-tuning cost: {r['model']}", "",
-        f"`--mode finetune`, {r['steps']} steps of {r['batch_size']} sequence (an XSum train document, documents "
-        f"cut to {r['max_doc_tokens']} tokens, with its reference summary), device {r['device']}.", "",
+        f"`--mode finetune`, {r['steps']} steps of {r['batch_size']} sequence (an XSum train document, "
+        f"documents cut to {r['max_doc_tokens']} tokens, with its reference summary), device {r['device']}.", "",
         "| seconds per step | sequences in 60 minutes | checkpoint written |", "|---:|---:|---:|",
-        f"| {r['seconds_per_step']:.1f} | {r['sequences_per_hour']:.0f} | {r['checkpoint_bytes'] / 1e6:.0f} MB |",
+        f"| {r['seconds_per_step']:.1f} | {r['sequences_per_hour']:.0f} | "
+        f"{r['checkpoint_bytes'] / 1e6:.0f} MB |",
         "", *machine_markdown(r["machine"])]) + "\n"
 
 

@@ -53,7 +53,8 @@ def markdown(report: dict) -> str:
              "sees the same batches. Metrics: mean of the last "
              f"{report['last']} log windows of {report['window']} steps, measured on the training batches before "
              "each update.", "",
-             "| setting | exit agreement with own final token | final agreement with original | exit KL | anchor KL | s/step |",
+             "| setting | exit agreement with own final token | final agreement with original | exit KL | anchor KL "
+             "| s/step |",
              "|---|---|---|---|---|---|"]
     for r in report["runs"]:
         m = r["last_windows"]

@@ -46,7 +46,8 @@ def markdown(report: dict) -> str:
              (f"Counted with calm.syncs.SyncCounter over generations of {c['short']} and {c['long']} tokens per row "
               "(EOS ignored); per token = the difference / the extra tokens. A sync is an operation that makes the "
               "host wait for the device: .item()/bool() reads, nonzero and boolean-mask indexing, .tolist()."), "",
-             "| batch | policy | engine | syncs per token | by operation (per token) | avg layers | whole runs (short / long) |",
+             "| batch | policy | engine | syncs per token | by operation (per token) | avg layers "
+             "| whole runs (short / long) |",
              "|---:|---|---|---:|---|---:|---:|"]
     for r in report["rows"]:
         ops = ", ".join(f"{op} {n:g}" for op, n in r["by_op_per_token"].items()) or "–"

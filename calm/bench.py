@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -281,8 +282,8 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
         runners = [_calm_runner(model, batch, policy, config, speculative) for _, (policy, speculative) in policies]
         names = [name for name, _ in policies]
         if config.transformers:
-            runners.append(lambda: _timed(lambda: transformers_generate(model, batch, config.new_tokens,
-                                                                         fixed_length=True)))
+            runners.append(partial(_timed, partial(transformers_generate, model, batch, config.new_tokens,
+                                                   fixed_length=True)))
             names.append(TRANSFORMERS)
         runs = _round_robin(runners, config.repeats)
         rows += _with_speedups([_bench_row(name, batch_size, config.new_tokens, timed, model.num_layers)

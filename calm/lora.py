@@ -132,7 +132,8 @@ def _check_shapes(model: torch.nn.Module, path: Path, config: dict) -> None:
 
 
 def _target_of(key: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'lora_A')."""
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    -> ('model.layers.0.self_attn.q_proj', 'lora_A')."""
     parts = key.split(".")
     for kind in ("lora_A", "lora_B"):
         if kind in parts:

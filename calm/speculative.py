@@ -183,7 +183,8 @@ def draft(net: Network, spec: SpeculativeConfig, plan: ExitPlan, state: DecodeSt
 
 
 def verify(net: Network, spec: SpeculativeConfig, state: DecodeState, d: Draft) -> torch.Tensor:
-    """Layers E+1..L over every row's m+1 drafted slots, from their layer-E states. -> [B*(m+1), D] full-depth states."""
+    """Layers E+1..L over every row's m+1 drafted slots, from their layer-E states.
+    -> [B*(m+1), D] full-depth states."""
     width = d.hidden.shape[1]
     steps = torch.arange(width, device=d.counts.device)
     positions = state.positions[:, None] + torch.minimum(steps[None], d.counts[:, None])   # [B, m+1]

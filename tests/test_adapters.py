@@ -287,8 +287,9 @@ def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: t
                     # 1e-5 relative to the tensor's scale: the step ran on other row subsets (other matmul
                     # shapes), and T5's large-init hidden states reach the hundreds
                     tol = 1e-5 * max(1.0, want.abs().max().item())
+                    where = f"{name} of row {b}, layer {j}, exit {e}"
                     torch.testing.assert_close(got[j, b:b + 1, :, slot:slot + 1], want, atol=tol, rtol=1e-5,
-                                               msg=lambda m: f"{name} of row {b}, layer {j}, exit {e}: {m}")
+                                               msg=lambda m, where=where: f"{where}: {m}")
     return out.exit_layers
 
 

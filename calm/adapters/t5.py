@@ -98,7 +98,8 @@ class T5Adapter(Adapter):
                            position_bias=bias.to(self.dtype), encoder=encoder)
 
     def _row_bias(self, positions: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
-        """Relative position bias [B, H, T, S] from each row's query positions [B, T] and key slots' positions [B, S]."""
+        """Relative position bias [B, H, T, S] from each row's query positions [B, T] and its key slots'
+        positions [B, S]."""
         attn = self.relative_bias
         relative = slot_positions[:, None, :] - positions[:, :, None]                  # [B, T, S]
         buckets = attn._relative_position_bucket(relative, bidirectional=False, num_buckets=attn.relative_attention_num_buckets,
