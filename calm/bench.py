@@ -148,7 +148,7 @@ def speculative_specs(model: CalmModel, policies: Sequence[str], mode: str = "ca
     the draft controller at E and K (the checkpoint's measured setting, else L/2 and 4, unless given);
     without any, the model's default controller."""
     run = resolve_mode(model, "speculative" if lossless else mode, False, draft_layer, max_draft)
-    if run is None:
+    if run is None or run.spec is None:
         return tuple(policies)
     e, k = run.spec.draft_layer, run.spec.max_draft
     if not policies:

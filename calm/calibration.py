@@ -320,8 +320,8 @@ class CalibrationRow:
 
     def to_dict(self) -> dict[str, float | None]:
         """Fields as floats; a speedup that was not measured (NaN) as None."""
-        row = {name: float(getattr(self, name)) for name in _ROW_FIELDS}
-        if math.isnan(row["speedup"]):
+        row: dict[str, float | None] = {name: float(getattr(self, name)) for name in _ROW_FIELDS}
+        if math.isnan(self.speedup):
             row["speedup"] = None
         return row
 

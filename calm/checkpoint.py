@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +33,9 @@ from calm.calibration import CalibrationTable
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 from calm.loading import ALIASES, HUB_ID, load_backbone
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "calm_config.json"
 HEADS_FILE = "exit_heads.safetensors"
@@ -65,12 +69,12 @@ class Components:
     when the config says it is included; `adapter` is the checkpoint directory whose LoRA adapter is
     merged into the model (its files go with a checkpoint that names the backbone)."""
 
-    model: torch.nn.Module | None = None
+    model: PreTrainedModel | None = None
     tokenizer: object = None
     heads: ExitHeads | None = None
     adapter: Path | None = None
 
-    def backbone(self) -> torch.nn.Module:
+    def backbone(self) -> PreTrainedModel:
         """The backbone model; loading always has one."""
         if self.model is None:
             raise CheckpointError("no backbone model was loaded")
@@ -205,7 +209,7 @@ SAVE_STEPS: tuple[SaveStep, ...] = (_write_backbone, _write_adapter, _write_head
 
 
 def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads | None = None,
-                    backbone: tuple[torch.nn.Module, object] | None = None, adapter: Path | None = None) -> None:
+                    backbone: tuple[PreTrainedModel, Any] | None = None, adapter: Path | None = None) -> None:
     """Write the parts, then the config. `backbone` (model, tokenizer) is saved when the config's
     backbone_kind is 'included'; otherwise the LoRA adapter files in the directory `adapter` are copied
     along. A config without a backbone_kind gets the one its reference has."""
@@ -296,7 +300,7 @@ def load_heads(path: str | Path, config: HeadsConfig, num_layers: int, hidden_si
     return heads.eval()
 
 
-def with_adapter(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+def with_adapter(path: str | Path, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the checkpoint in `path` merged in, when it holds one."""
     return lora.merge_adapter(model, path) if lora.has_adapter(path) else model
 

@@ -41,10 +41,10 @@ def parse_jsonl(content: str, source: str, document_field: str = "document", sum
             continue
         record = _record(line, f"{source}:{number}", number, document_field, summary_field, require_summary,
                          skip_blank=skipped is not None)
-        if record is None:
-            skipped.append(number)
-        else:
+        if record is not None:
             records.append(record)
+        elif skipped is not None:                    # only a blank document is skipped, and only on request
+            skipped.append(number)
     if not records:
         raise InputError(f"{source} holds no records" + (" with a non-empty document" if skipped else ""))
     return records

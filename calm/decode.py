@@ -134,11 +134,14 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
 def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache) -> torch.Tensor:
     """Layers `layers` (0-based) over T new tokens h [B, T, D] at cache slots ctx.start..ctx.start+T-1: each
     layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. -> [B, T, D]."""
-    a, end = net.adapter, ctx.start + h.shape[1]
+    if not isinstance(ctx.start, int):
+        raise TypeError("forward_layers writes at a slot the host knows: ctx.start must be an int (dynamic path)")
+    a, start = net.adapter, ctx.start
+    end = start + h.shape[1]
     for i in layers:
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)
-        cache.write(i, ctx.start, k, v)
+        cache.write(i, start, k, v)
         kc, vc = cache.keys_values(i, end)
         h = a.finish_layer(i, h, x, kc, vc, ctx)
     return h
@@ -154,6 +157,8 @@ def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor,
         return softmax_margin(logits) >= threshold, logits
     if plan.measure == "state":
         return state_similarity(h_out, h_in) >= threshold, None
+    if net.heads is None:
+        raise PolicyError("the 'classifier' measure needs trained exit heads (ExitPlan.resolve checks this)")
     return net.heads.classify(h_out, layer) >= threshold, None
 
 

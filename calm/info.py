@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from calm.errors import CheckpointError
 from calm.heads import HeadsConfig
 from calm.loading import load_backbone
 from calm.model import default_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "base_model_name_or_path")
 KIND_NAMES = {"alias": "calm alias", "hub": "hub id", "path": "local path", "included": "included in the checkpoint"}
@@ -55,7 +59,7 @@ def describe(name_or_path: str | Path, device: str | torch.device | None = None)
                  read_config(checkpoint) if checkpoint is not None else None)
 
 
-def _info(name: str, model: torch.nn.Module, ref: str, kind: str, checkpoint: Path | None,
+def _info(name: str, model: PreTrainedModel, ref: str, kind: str, checkpoint: Path | None,
           config: CheckpointConfig | None) -> ModelInfo:
     arch = adapter_for(model)
     return ModelInfo(name=name, model_type=str(getattr(model.config, "model_type", "?")),

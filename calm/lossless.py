@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.knob import resolve_policy
 from calm.policy import ExitPolicy
 from calm.speculative import DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, SpeculativeConfig, default_draft_policy
+
+if TYPE_CHECKING:
+    from calm.model import CalmModel
 
 STORE_KEY = "speculative"          # where a checkpoint's calm_config.json "extra" keeps the measurement
 MIN_GAIN = 1.05                    # a measured speedup below this is within benchmark noise: no gain
@@ -71,7 +75,7 @@ class ModeRun:
         return {"mode": "speculative", "draft_layer": self.spec.draft_layer, "max_draft": self.spec.max_draft}
 
 
-def resolve_mode(model, mode: str = "calm", lossless: bool = False, draft_layer: int | None = None,
+def resolve_mode(model: CalmModel, mode: str = "calm", lossless: bool = False, draft_layer: int | None = None,
                  max_draft: int | None = None, measure: str | None = None,
                  threshold: float | None = None) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
@@ -80,7 +84,7 @@ def resolve_mode(model, mode: str = "calm", lossless: bool = False, draft_layer:
         if draft_layer is not None or max_draft is not None:
             raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
         return None
-    stored = MeasuredSetting.from_extra(getattr(model, "extra", None))
+    stored = MeasuredSetting.from_extra(model.extra)
     explicit = mode == "speculative" or draft_layer is not None or max_draft is not None
     if not explicit:
         if stored is None:
@@ -101,7 +105,7 @@ def resolve_mode(model, mode: str = "calm", lossless: bool = False, draft_layer:
                                  f"{spec.max_draft} per step, controller {name}")
 
 
-def resolve_run(model, threshold: float | None = None, measure: str | None = None, min_exit_layer: int | None = None,
+def resolve_run(model: CalmModel, threshold: float | None = None, measure: str | None = None, min_exit_layer: int | None = None,
                 speed: float | None = None, tolerance: float | None = None, mode: str = "calm", lossless: bool = False,
                 draft_layer: int | None = None, max_draft: int | None = None) -> ModeRun:
     """What the command line's switches ask for: calm's knob (calm.knob.resolve_policy), or the lossless
@@ -118,7 +122,7 @@ def resolve_run(model, threshold: float | None = None, measure: str | None = Non
     return run
 
 
-def _controller(model, stored: MeasuredSetting | None, measure: str | None, threshold: float | None) -> ExitPolicy:
+def _controller(model: CalmModel, stored: MeasuredSetting | None, measure: str | None, threshold: float | None) -> ExitPolicy:
     if measure is None and threshold is None:
         if stored is not None:
             return ExitPolicy(measure=stored.measure, threshold=stored.threshold, decay_tau=0.0)

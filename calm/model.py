@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +38,9 @@ from calm.prompts import prompt_ids, truncate_document, uses_chat
 from calm.sampling import SamplingConfig
 from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
@@ -48,7 +52,7 @@ class CalmModel:
     >>> out.texts[0], out.avg_layers
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, heads: ExitHeads | None = None,
                  backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
                  backbone_kind: str | None = None, merged_adapter: Path | None = None):
         self.model = model.eval()
@@ -65,7 +69,7 @@ class CalmModel:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None) -> CalmModel:
+    def from_model(cls, model: PreTrainedModel, tokenizer: Any = None, heads: ExitHeads | None = None) -> CalmModel:
         """Wrap an already loaded transformers model (and its tokenizer, for text prompts)."""
         return cls(model, tokenizer, heads=heads)
 

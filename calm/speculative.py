@@ -214,6 +214,8 @@ def accept_sampled(net: Network, d: Draft, h: torch.Tensor, sampling: SamplingCo
     rejected = torch.zeros(b, dtype=torch.bool, device=h.device)
     residual = p[:, 0]
     if m:
+        if d.probs is None:
+            raise ValueError("sampled drafts carry the distributions they were drawn from (Draft.probs)")
         tok = d.tokens[..., None]
         p_d, q_d = p[:, :m].gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]     # [B, m]
         u = torch.rand(b, m, generator=generator, device=h.device)

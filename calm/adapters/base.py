@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, overload
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class StepContext:
     window_mask: torch.Tensor | None = None                  # their [B, 1, T, S] mask; None: every key is in reach
 
 
+@overload
+def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor: ...
+@overload
+def pick(t: None, rows: torch.Tensor | None) -> None: ...
+@overload
+def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None: ...
 def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
     """Rows of a batch-first tensor; all of them when rows is None."""
     return t if rows is None or t is None else t.index_select(0, rows)
@@ -135,15 +145,22 @@ def _attend_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 class Adapter(ABC):
-    """One transformers architecture family seen as a stack of exit-able layers."""
+    """One transformers architecture family seen as a stack of exit-able layers.
 
-    model: torch.nn.Module
+    Subclasses hold the model's inner modules (layers, norms, embeddings) as Any: they are reached by
+    attribute, which torch types as Tensor | Module, and their classes differ by architecture."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()     # the transformers config.model_type values it takes
+    model: PreTrainedModel
     num_layers: int
     num_kv_heads: int
     head_dim: int
     hidden_size: int
     vocab_size: int
     is_encoder_decoder: bool = False
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
 
     @property
     def device(self) -> torch.device:

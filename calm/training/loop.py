@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from calm.adapters import adapter_for
 from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint
@@ -32,6 +31,7 @@ from calm.training.state import STATE_FILE, Resumed, resume, save_state, state_m
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from rich.progress import Progress, TaskID
+    from transformers import PreTrainedModel
 
 
 # ---- set-up: accelerate, progress, the backbone ---------------------------------------------------
@@ -89,7 +89,7 @@ def backbone_ref(model_ref: str) -> str:
     return model_ref
 
 
-def adapted_backbone(model_ref: str, model: nn.Module) -> nn.Module:
+def adapted_backbone(model_ref: str, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the model reference (a checkpoint, or an alias's
     shipped assets) merged in, as CalmModel.from_pretrained would load it."""
     from calm.checkpoint import with_adapter
