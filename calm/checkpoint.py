@@ -35,7 +35,7 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.loading import ALIASES, HUB_ID, load_backbone
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CONFIG_FILE = "calm_config.json"
 HEADS_FILE = "exit_heads.safetensors"
@@ -70,7 +70,7 @@ class Components:
     merged into the model (its files go with a checkpoint that names the backbone)."""
 
     model: PreTrainedModel | None = None
-    tokenizer: object = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     heads: ExitHeads | None = None
     adapter: Path | None = None
 
@@ -114,7 +114,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     write_atomic(path, save_tensors(tensors, metadata=metadata))
 
 
-def save_backbone(model, tokenizer, target: Path) -> None:
+def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, target: Path) -> None:
     """Replace target with the model (and tokenizer) saved by transformers in safetensors."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))

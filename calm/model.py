@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,7 +39,7 @@ from calm.sampling import SamplingConfig
 from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -52,7 +52,7 @@ class CalmModel:
     >>> out.texts[0], out.avg_layers
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, heads: ExitHeads | None = None,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None,
                  backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
                  backbone_kind: str | None = None, merged_adapter: Path | None = None):
         self.model = model.eval()
@@ -69,7 +69,7 @@ class CalmModel:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: PreTrainedModel, tokenizer: Any = None, heads: ExitHeads | None = None) -> CalmModel:
+    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None) -> CalmModel:
         """Wrap an already loaded transformers model (and its tokenizer, for text prompts)."""
         return cls(model, tokenizer, heads=heads)
 
@@ -196,7 +196,8 @@ class CalmModel:
             result = generate_speculative(self.network, batch, policy, config, spec)
         if self.tokenizer is None:
             return result
-        texts = tuple(self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids)
+        decoded = self.tokenizer.batch_decode([list(ids) for ids in result.token_ids], skip_special_tokens=True)
+        texts = tuple(text.strip() for text in decoded)
         return replace(result, texts=texts)
 
     @property

@@ -12,6 +12,7 @@ the dispatcher, and `fullgraph=True` is what shows it has no sync (one would bre
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,8 +80,8 @@ class SyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, original)
         self._patched.clear()
 
-    def _counting(self, name: str, original):
-        def call(tensor, *args, **kwargs):
+    def _counting(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.by_op[name] += 1
             return original(tensor, *args, **kwargs)
         return call

@@ -5,12 +5,16 @@ ranges; whitespace tokens stay visible), annotated as `token[layer]` in plain te
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.text import Text
 
 from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))   # early exit -> mid -> full depth
 LEGEND_BUCKETS = 6
@@ -43,7 +47,7 @@ def layer_colour(layer: int, num_layers: int, colours: tuple[str, ...] | None = 
     return colours[round(index * (len(colours) - 1) / (len(buckets) - 1))] if len(buckets) > 1 else colours[-1]
 
 
-def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]) -> list[tuple[str, int]]:
+def token_pieces(tokenizer: PreTrainedTokenizerBase, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]) -> list[tuple[str, int]]:
     """(text, exit layer) per generated token; the texts join to the decoded summary (up to trailing
     whitespace). Special tokens (EOS) show as nothing; a token that ends inside a multi-byte character
     joins the next one."""
@@ -61,7 +65,7 @@ def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, 
     return pieces
 
 
-def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None,
+def render_exits(doc: DocumentSummary, tokenizer: PreTrainedTokenizerBase, title: str | None = None,
                  colours: tuple[str, ...] | None = None) -> Group:
     """The summary coloured by exit layer, a legend of layer ranges and the average depth (rich)."""
     colours = colours or palette("truecolor")
@@ -76,7 +80,7 @@ def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None,
     return Group(*parts, text, legend, Text(_depth_line(doc), style="dim"))
 
 
-def plain_exits(doc: DocumentSummary, tokenizer, title: str | None = None) -> str:
+def plain_exits(doc: DocumentSummary, tokenizer: PreTrainedTokenizerBase, title: str | None = None) -> str:
     """The same in plain text: the summary, each token annotated `token[layer]`, the average depth."""
     annotated = "".join(f"{piece}[{layer}]" for piece, layer in token_pieces(tokenizer, doc.token_ids, doc.exit_layers))
     lines = ([title] if title else []) + [doc.summary, f"exits: {annotated}", _depth_line(doc)]

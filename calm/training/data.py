@@ -139,7 +139,8 @@ def has_summary(record: Record) -> bool:
 
 def reference_sequence(calm: CalmModel, record: Record, source: str, config: TrainConfig) -> TrainSequence:
     """Summary prompt + the record's reference summary and an end of sequence (a record with a summary)."""
-    assert record.summary is not None
+    if calm.tokenizer is None or record.summary is None:
+        raise InputError(f"{source}: a reference sequence needs the model's tokenizer and the record's summary")
     prompt = encode_prompt(calm, document_prompt(calm.tokenizer, record.document, config), config.summary_tokens)
     eos = list(calm.eos_token_ids[:1])
     target = calm.tokenizer(record.summary.strip(), add_special_tokens=False)["input_ids"] + eos
