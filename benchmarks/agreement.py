@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from calm.bench import write_json_markdown
 from calm.errors import CalmError
+from calm.eval.reporting import write_json_markdown
 from calm.training import agreement_markdown, agreement_report
 
 RESULTS = Path(__file__).resolve().parent / "results"

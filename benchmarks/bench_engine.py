@@ -19,8 +19,9 @@ import time
 import torch
 
 from calm import CalmModel, ExitPolicy
-from calm.bench import machine_info, machine_markdown, transformers_generate, write_json_markdown
+from calm.bench import transformers_generate
 from calm.data import read_jsonl
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.prompts import PromptFormat, fit_prompts
 
 

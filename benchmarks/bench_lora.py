@@ -22,15 +22,9 @@ from functools import partial
 from pathlib import Path
 
 from calm import CalmModel
-from calm.bench import (
-    bench_prompts,
-    format_speedup,
-    machine_info,
-    machine_markdown,
-    transformers_generate,
-    write_json_markdown,
-)
+from calm.bench import bench_prompts, transformers_generate
 from calm.data import read_jsonl
+from calm.eval.reporting import format_speedup, machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, generate_tokens
 from calm.policy import ExitPolicy
 

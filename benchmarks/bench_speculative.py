@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from calm import CalmModel
-from calm.bench import machine_info, machine_markdown, parse_run_spec, write_json_markdown
+from calm.bench import parse_run_spec
 from calm.checkpoint import store_extra
 from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import forward_layers, prefill
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
 from calm.lossless import STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy

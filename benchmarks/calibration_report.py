@@ -17,8 +17,8 @@ import math
 import sys
 
 from calm import CalmModel
-from calm.bench import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.data import read_jsonl
+from calm.eval.reporting import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.eval.sweep import EvalConfig, run_eval
 from calm.knob import calibrated_decay_tau
 from calm.policy import ExitPolicy

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
-from calm.bench import machine_info, write_json_markdown
 from calm.errors import CalmError, InputError
 from calm.eval.ceiling import MEASURES, fewest_layers, oracle_layers, replay_exits, sweep
+from calm.eval.reporting import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 

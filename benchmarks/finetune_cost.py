@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from calm.bench import machine_info, machine_markdown, write_json_markdown
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.training import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"

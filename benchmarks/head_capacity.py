@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm.bench import machine_info, write_json_markdown
+from calm.eval.reporting import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from calm.bench import write_json_markdown
 from calm.calibration import CalibrationTable
 from calm.checkpoint import read_config
+from calm.eval.reporting import write_json_markdown
 
 DELTAS = (0.05, 0.1, 0.2)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from calm.bench import write_json_markdown
+from calm.eval.reporting import write_json_markdown
 from calm.training import TrainConfig, train
 
 SETTINGS = {

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from calm.bench import format_speedup, write_json_markdown
+from calm.eval.reporting import format_speedup, write_json_markdown
 
 METRICS = ("rouge1", "rouge2", "rougeL")
 

@@ -19,8 +19,9 @@ import time
 import torch
 
 from calm import CalmModel
-from calm.bench import bench_prompts, machine_info, machine_markdown, parse_policy_spec, write_json_markdown
+from calm.bench import bench_prompts, parse_policy_spec
 from calm.data import read_jsonl
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, generate_tokens
 
 ENGINES = {"dynamic": {"engine": "dynamic"}, "static": {"engine": "static"},

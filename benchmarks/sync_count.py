@@ -17,8 +17,9 @@ import sys
 from collections import Counter
 
 from calm import CalmModel
-from calm.bench import bench_prompts, machine_info, machine_markdown, parse_policy_spec, write_json_markdown
+from calm.bench import bench_prompts, parse_policy_spec
 from calm.data import read_jsonl
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, generate_tokens
 from calm.syncs import SyncCounter
 

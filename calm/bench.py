@@ -4,26 +4,20 @@ exit policies, and for transformers' own `generate` on the same prompt ids.
 Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs
 compare like with like. Each configuration gets one untimed warm-up run, then `repeats` timed
 runs taken round robin across the configurations; the median is reported. Times are wall clock
-for the whole call, prefill included.
+for the whole call, prefill included. calm.eval.bench_report writes the report.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from calm.checkpoint import write_atomic
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
@@ -49,42 +43,7 @@ SPEC = "spec"
 ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)
 
 
-# ---- shared with calm.eval -------------------------------------------------------------------
-
-def machine_info(device: torch.device | str | None = None, command: str | None = None) -> dict:
-    """Where and how a measurement ran: platform, CPU, accelerator, library versions, command line."""
-    import transformers
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command}
-
-
-def machine_markdown(machine: dict) -> list[str]:
-    """Markdown lines naming the machine and the command of a report."""
-    m = machine
-    lines = [f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), device {m['device']}, "
-             f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}.", ""]
-    return lines + ([f"Command: `{m['command']}`", ""] if m.get("command") else [])
-
-
-def json_safe(d: dict) -> dict:
-    """The dict with non-finite floats (NaN: not measured) as None, so it is valid JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+# ---- the transformers baseline ------------------------------------------------------------------
 
 @torch.inference_mode()
 def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: int,
@@ -213,44 +172,26 @@ class BenchRow:
         """Wall time per decoding step: what each sequence in the batch waits per token."""
         return 1000.0 * self.median_s / self.new_tokens
 
-    def to_dict(self) -> dict:
-        return json_safe({**asdict(self), "times_s": list(self.times_s), "median_s": self.median_s,
-                          "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token,
-                          "decode_ms_per_token": self.decode_ms_per_token, "decode_times_s": list(self.decode_times_s)})
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the derived rates; NaN where not measured (calm.eval.reporting.json_safe makes it null)."""
+        return {**asdict(self), "times_s": list(self.times_s), "median_s": self.median_s,
+                "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token,
+                "decode_ms_per_token": self.decode_ms_per_token, "decode_times_s": list(self.decode_times_s)}
 
 
 @dataclass(frozen=True)
 class BenchReport:
+    """One calm bench run; calm.eval.bench_report writes it as bench.json and bench.md."""
+
     config: BenchConfig
     num_layers: int
-    machine: dict
+    machine: dict[str, Any]     # where it ran (calm.eval.reporting.machine_info)
     rows: tuple[BenchRow, ...]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"config": {**asdict(self.config), "batch_sizes": list(self.config.batch_sizes),
                            "policies": list(self.config.policies)},
                 "num_layers": self.num_layers, "machine": self.machine, "results": [r.to_dict() for r in self.rows]}
-
-    def to_markdown(self) -> str:
-        c = self.config
-        lines = [f"# calm bench: {c.model}", "",
-                 f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
-                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.", "",
-                 "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
-                 "speedup vs transformers |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
-        speculative = any(not math.isnan(r.acceptance_rate) for r in self.rows)
-        if speculative:
-            lines[-2:] = [lines[-2] + " acceptance | accepted per step |", lines[-1] + "---:|---:|"]
-        lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
-                  f"{'–' if math.isnan(r.decode_ms_per_token) else f'{r.decode_ms_per_token:.2f}'} | {r.avg_layers:.2f} | "
-                  f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
-                  + (f" {_fmt(r.acceptance_rate)} | {_fmt(r.mean_accepted_length)} |" if speculative else "")
-                  for r in self.rows]
-        lines += ["", "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall "
-                  "time / new tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill "
-                  "excluded (calm's own timer). Speedups compare whole runs (prefill included).", ""]
-        return "\n".join(lines + machine_markdown(self.machine))
 
 
 def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None,
@@ -262,7 +203,7 @@ def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_
     return [p.text for p in fit_prompts(fmt, named, max_doc_tokens=max_doc_tokens)]
 
 
-def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
+def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, machine: dict[str, Any],
               progress: Callable[[int, int], None] | None = None) -> BenchReport:
     """Time full depth, each policy and (optionally) transformers generate at every batch size.
 
@@ -290,22 +231,7 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
                                 for name, timed in zip(names, runs)])
         if progress:
             progress(len(rows), total)
-    return BenchReport(config=config, num_layers=model.num_layers, machine=machine_info(model.device, command),
-                       rows=tuple(rows))
-
-
-def write_json_markdown(out_dir: str | Path, stem: str, report: dict, markdown: str) -> list[Path]:
-    """stem.json and stem.md in out_dir, each written atomically."""
-    out = Path(out_dir)
-    files = [out / f"{stem}.json", out / f"{stem}.md"]
-    write_atomic(files[0], (json.dumps(report, indent=2, default=str) + "\n").encode())
-    write_atomic(files[1], markdown.encode())
-    return files
-
-
-def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
-    """bench.json and bench.md in out_dir, each written atomically."""
-    return write_json_markdown(out_dir, "bench", report.to_dict(), report.to_markdown())
+    return BenchReport(config=config, num_layers=model.num_layers, machine=machine, rows=tuple(rows))
 
 
 @dataclass(frozen=True)
@@ -363,12 +289,3 @@ def _with_speedups(group: list[BenchRow]) -> list[BenchRow]:
     full = next(r for r in group if r.name == FULL).median_s
     hf = next((r.median_s for r in group if r.name == TRANSFORMERS), float("nan"))
     return [replace(r, speedup_vs_full=full / r.median_s, speedup_vs_transformers=hf / r.median_s) for r in group]
-
-
-def _fmt(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.2f}"
-
-
-def format_speedup(value: float) -> str:
-    """'1.23×', or '–' where not measured."""
-    return "–" if math.isnan(value) else f"{value:.2f}×"

@@ -13,10 +13,10 @@ import torch
 
 from calm import lora
 from calm.adapters import adapter_for
-from calm.bench import format_speedup
 from calm.calibration import CalibrationTable
 from calm.checkpoint import INCLUDED, CheckpointConfig, backbone_kind, backbone_location, is_checkpoint, read_config
 from calm.errors import CheckpointError
+from calm.eval.reporting import format_speedup
 from calm.heads import HeadsConfig
 from calm.loading import load_backbone
 from calm.model import default_checkpoint

@@ -280,9 +280,11 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
     median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
     speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
-    from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs, write_bench
+    from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs
     from calm.data import read_jsonl
+    from calm.eval.bench_report import bench_markdown, write_bench
     from calm.eval.progress import progress_bar
+    from calm.eval.reporting import machine_info
 
     documents = None
     if data is not None:
@@ -295,9 +297,9 @@ def bench(model_name, device, dtype, data, field_document, batch_sizes, new_toke
                          decay_tau=decay_tau, engine=engine)
     with progress_bar("bench") as update:
         report = run_bench(model, bench_prompts(model, documents, max_doc_tokens, new_tokens), config,
-                           command=_command(), progress=update)
+                           machine_info(model.device, _command()), progress=update)
     files = write_bench(report, out)
-    click.echo(report.to_markdown())
+    click.echo(bench_markdown(report))
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)
 
 

@@ -7,6 +7,8 @@
 - rouge: ROUGE-1/2/L F1 with rouge-score.
 - sweep: the threshold sweep of `calm eval` (resumable, shardable with accelerate).
 - report: eval.json, eval.md and the two plots.
+- bench_report: calm bench's bench.json and bench.md.
+- reporting: what every report shares (machine info, number formats, the atomic JSON + Markdown writer).
 
 The names below are imported on first use (they need torch), so the CLI starts at once.
 """

@@ -17,13 +17,13 @@ from statistics import fmean
 
 import numpy as np
 
-from calm.bench import format_speedup
 from calm.calibration import CalibrationTable, build_calibration_table, fixed_sequence_test
 from calm.data import Record
 from calm.errors import InputError
 from calm.eval.grids import DEFAULT_GRID
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, timed_speedup
+from calm.eval.reporting import format_speedup
 from calm.eval.rouge import rouge_l_similarity
 from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel

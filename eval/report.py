@@ -12,10 +12,10 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING
 
-from calm.bench import format_speedup, json_safe, machine_markdown
 from calm.checkpoint import write_atomic
 from calm.data import Record
 from calm.errors import InputError
+from calm.eval.reporting import format_speedup, json_safe, machine_markdown
 from calm.eval.rouge import ROUGE_TYPES, rouge_f1, rouge_l_similarity
 from calm.policy import ExitPolicy
 

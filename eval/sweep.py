@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from calm.bench import machine_info, transformers_generate
+from calm.bench import transformers_generate
 from calm.data import Record
 from calm.decode import ExitPlan
 from calm.errors import InputError
@@ -23,6 +23,7 @@ from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
+from calm.eval.reporting import machine_info
 from calm.eval.summarize import batched, document_prompts
 from calm.knob import default_measure
 from calm.lossless import MeasuredSetting

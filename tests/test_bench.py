@@ -118,17 +118,6 @@ def test_timed_runs_go_round_robin_after_one_warm_up_each():
     assert [len(r) for r in runs] == [2, 2]
 
 
-def test_report_files_are_written_together_as_json_and_markdown(tmp_path):
-    import json
-
-    from calm.bench import write_json_markdown
-
-    files = write_json_markdown(tmp_path / "new", "r", {"x": 1.5}, "# r\n")
-    assert [f.name for f in files] == ["r.json", "r.md"]
-    assert json.loads(files[0].read_text()) == {"x": 1.5} and files[1].read_text() == "# r\n"
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json", "r.md"]     # no temporary left
-
-
 def test_bench_cli_runs_the_static_engine(tiny_model, tmp_path):
     out = tmp_path / "results"
     result = invoke("bench", "--model", tiny_model, "--batch-sizes", "2", "--new-tokens", 4, "--repeats", 1,
