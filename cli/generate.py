@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from calm.cli.common import load_model
 from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
@@ -112,7 +113,7 @@ def summarize(file: str | None, text: str | None, field_document: str, limit: in
         raise InputError("--no-truncate refuses cut documents and --max-doc-tokens asks for cuts: give one of them")
     run = Run.from_options(options)
     records = load_documents(file, text, document_field=field_document, limit=limit)
-    model = load_model(run)
+    model = load_model(run.model_name, run.device, run.dtype)
     try:
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
@@ -143,7 +144,7 @@ def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> Non
 
     run = Run.from_options(options)
     records = [Record(id=str(i + 1), document=_prompt_text(p)) for i, p in enumerate(prompts)]
-    model = load_model(run)
+    model = load_model(run.model_name, run.device, run.dtype)
     fmt = PromptFormat.for_model(model, run.max_new_tokens, chat=chat)
     named = [(f"prompt {r.id}" if len(records) > 1 else "the prompt", r.document) for r in records]
     fitted = fit_prompts(fmt, named, PromptTemplate(PLACEHOLDER), truncate=False)
@@ -157,17 +158,6 @@ def _prompt_text(prompt: str) -> str:
     if not text.strip():
         raise InputError("empty prompt: give some text to generate from" + (" on stdin" if prompt == "-" else ""))
     return text
-
-
-def load_model(run: Run) -> Any:
-    """The model, with transformers' own logging and progress bars kept quiet."""
-    from transformers.utils import logging as hf_logging
-
-    from calm.model import CalmModel
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    return CalmModel.from_pretrained(run.model_name, device=run.device, dtype=run.dtype)
 
 
 def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str,
