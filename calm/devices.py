@@ -44,3 +44,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None or str(device) == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else None
     return torch.device(check_device(str(device)))
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype as users write it ('float32', 'bf16', ...) or as torch names it; None: torch's default."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +25,7 @@ from calm.checkpoint import (
 )
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
-from calm.devices import resolve_device
+from calm.devices import parse_dtype, resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -34,15 +33,18 @@ from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
-from calm.prompts import prompt_ids, truncate_document, uses_chat
+from calm.prompt_input import Prompts, encode_prompts
 from calm.sampling import SamplingConfig
-from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
+from calm.speculative import (
+    DEFAULT_MAX_DRAFT,
+    SpeculativeConfig,
+    default_draft_policy,
+    generate_speculative,
+    speculative_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
-
 
 class CalmModel:
     """A transformers model wrapped for confident early exit.
@@ -78,8 +80,8 @@ class CalmModel:
                         dtype: torch.dtype | str | None = None) -> CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
         name_or_path = str(name_or_path)
-        dtype = _parse_dtype(dtype)
-        device = _parse_device(device)
+        dtype = parse_dtype(dtype)
+        device = resolve_device(device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
             return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=location,
@@ -176,15 +178,7 @@ class CalmModel:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
-        if speed is not None or tolerance is not None:
-            if policy is not None:
-                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
-            if spec is not None:
-                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
-                                 "(its policy= is the draft controller)")
-            policy = self.policy(speed=speed, tolerance=tolerance)
-        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
-        policy.allowed_layers(self.num_layers)                                  # range check up front
+        policy = self._generation_policy(policy, speed, tolerance, spec)
         batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
                                   pad_token_id=self.pad_token_id,
@@ -194,11 +188,29 @@ class CalmModel:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, spec)
+        return self._with_texts(result)
+
+    def _generation_policy(self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None,
+                           spec: SpeculativeConfig | None) -> ExitPolicy:
+        """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
+        full model (speculative: the default draft controller)."""
+        if speed is not None or tolerance is not None:
+            if policy is not None:
+                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
+            if spec is not None:
+                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
+                                 "(its policy= is the draft controller)")
+            policy = self.policy(speed=speed, tolerance=tolerance)
+        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
+        policy.allowed_layers(self.num_layers)
+        return policy
+
+    def _with_texts(self, result: GenerationResult) -> GenerationResult:
+        """The result with each row's text, decoded without special tokens (when there is a tokenizer)."""
         if self.tokenizer is None:
             return result
         decoded = self.tokenizer.batch_decode([list(ids) for ids in result.token_ids], skip_special_tokens=True)
-        texts = tuple(text.strip() for text in decoded)
-        return replace(result, texts=texts)
+        return replace(result, texts=tuple(text.strip() for text in decoded))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -229,85 +241,8 @@ class CalmModel:
 
     def encode_prompts(self, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
                        truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
-        """Token ids of the prompts, left-padded into one batch."""
-        rows = self._token_rows(_prompt_list(prompts, attention_mask, self.pad_token_id), max_new_tokens, chat, truncate)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = True
-        return PromptBatch(ids=ids.to(self.device), mask=mask.to(self.device))
-
-    def _token_rows(self, prompts: list, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
-        if len(prompts) == 0:
-            raise InputError("no prompts given")
-        budget = None if self.max_context is None or self.adapter.is_encoder_decoder else self.max_context - max_new_tokens
-        if budget is not None and budget < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {self.max_context}")
-        rows = [self._tokenize(p, chat, truncate, budget) for p in prompts]
-        for i, row in enumerate(rows):
-            if len(row) == 0:
-                raise InputError(f"prompt {i} is empty")
-            if any((not isinstance(t, int)) or t < 0 or t >= self.adapter.vocab_size for t in row):
-                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {self.adapter.vocab_size})")
-            if budget is not None and len(row) > budget:
-                raise InputError(f"prompt {i} has {len(row)} tokens but only {budget} fit in the context of "
-                                 f"{self.max_context} with max_new_tokens={max_new_tokens}; shorten it or pass truncate=True")
-        return rows
-
-    def _tokenize(self, prompt, chat: bool | None, truncate: bool, budget: int | None) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if not prompt.strip():
-            raise InputError("empty prompt: give some text to generate from")
-        if self.tokenizer is None:
-            raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
-        if truncate and budget is not None:
-            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
-        return prompt_ids(self.tokenizer, prompt, use_chat)
-
-
-def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
-    """One entry per prompt: a string or a list of token ids (a flat list of ints is one prompt)."""
-    if isinstance(prompts, torch.Tensor):
-        return _tensor_rows(prompts, attention_mask, pad_token_id)
-    if attention_mask is not None:
-        raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
-    if isinstance(prompts, str):
-        return [prompts]
-    items = list(prompts)
-    if items and all(isinstance(t, int) for t in items):
-        return [items]
-    return items
-
-
-def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[list[int]]:
-    """The real tokens of each row of a [B, T] tensor: those attention_mask keeps (left or right padding).
-    Without a mask every token is real, so a row that starts or ends with the pad id is refused."""
-    if ids.dim() != 2:
-        raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(ids.shape)}")
-    if attention_mask is None:
-        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id                  # [B, 2]
-        if ids.numel() and bool(edges.any()):
-            row = int(edges.any(1).nonzero()[0, 0])
-            raise InputError(f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
-                             "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
-                             "read as input")
-        return ids.tolist()
-    if tuple(attention_mask.shape) != tuple(ids.shape):
-        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts {tuple(ids.shape)}")
-    mask = attention_mask.to(device=ids.device)
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
-    mask = mask.bool()
-    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)                  # runs of tokens per row
-    if bool((blocks > 1).any()):
-        row = int((blocks > 1).nonzero()[0, 0])
-        raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
-    return [r[m].tolist() for r, m in zip(ids, mask)]
+        """Token ids of the prompts, left-padded into one batch (calm.prompt_input)."""
+        return encode_prompts(self, prompts, max_new_tokens, chat, truncate, attention_mask)
 
 
 def default_checkpoint(name: str) -> Path | None:
@@ -317,17 +252,3 @@ def default_checkpoint(name: str) -> Path | None:
         return None
     path = Path(str(files("calm") / "assets" / name))
     return path if is_checkpoint(path) else None
-
-
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-    return names[dtype]
-
-
-def _parse_device(device) -> torch.device | None:
-    return resolve_device(device)
