@@ -1,16 +1,15 @@
-"""calm.training.data: reading the files, the sequences that train, and their order."""
+"""calm.training.data: reading the files, and the sequences that train."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from calm.checkpoint import read_config
 from calm.errors import InputError
 from calm.model import CalmModel
-from calm.training import EpochSampler, TrainConfig, read_training_data, summary_sequence, text_chunks, train
+from calm.training import TrainConfig, read_training_data, summary_sequence, text_chunks, train
 from calm.training.data import lora_sequences
 from training_helpers import training_config
 
@@ -86,14 +85,3 @@ def test_lora_sequences_train_on_the_summary_and_document_positions(training_set
     summary_positions = tuple(range(len(first.ids) - len(summary) - 2, len(first.ids) - 1))
     assert first.positions[3:] == summary_positions and max(first.positions[:3]) < summary_positions[0]
     assert all(first.ids[p + 1] == t for p, t in zip(first.positions, first.targets))
-
-
-def test_sampler_is_a_function_of_seed_and_step():
-    s = EpochSampler(10, seed=1)
-    first = torch.cat([s.indices(step, 4) for step in range(5)])
-    assert sorted(first[:10].tolist()) == list(range(10))        # one epoch is a permutation
-    again = EpochSampler(10, seed=1)
-    assert torch.equal(again.indices(3, 4), s.indices(3, 4))     # a function of (seed, step) alone
-    assert not torch.equal(EpochSampler(10, seed=2).indices(0, 10), s.indices(0, 10))
-    with pytest.raises(InputError, match="no training positions"):
-        EpochSampler(0, seed=1)

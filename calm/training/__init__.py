@@ -27,9 +27,10 @@ bf16 autocast on GPU). Data order is a pure function of (seed, step), and period
 hold the trained weights, the optimizer moments, the step and the RNG state in safetensors (nothing
 is pickled), so ``resume`` continues to the same result as an uninterrupted run.
 
-The modules: config (TrainConfig, TrainResult), data (files, sequences, the model's own summaries,
-data order), features (hidden states), objectives (the modes' objectives and losses), modes (what
-heads and finetune train, and their steps), lora (mode lora's peft wiring), state (the training
+The modules: config (TrainConfig, TrainResult), data (files, the sequences that train), summaries
+(the model's own summaries and their cache), order (seeded randomness, the data order), features
+(hidden states), objectives (the modes' objectives and losses), modes (what heads and finetune
+train, and their steps), lora (mode lora's peft wiring), state (the training
 state and resuming), loop (`train`: load, build, resume, the step loop, checkpoints) and agreement
 (the per-layer agreement report).
 """
@@ -45,16 +46,13 @@ from calm.training.agreement import (
 )
 from calm.training.config import MODES, TrainConfig, TrainResult
 from calm.training.data import (
-                                     SUMMARIES_FILE,
-                                     EpochSampler,
-                                     TrainingData,
-                                     TrainSequence,
-                                     generate_summaries,
-                                     lora_sequences,
-                                     read_training_data,
-                                     read_training_jsonl,
-                                     summary_sequence,
-                                     text_chunks,
+    TrainingData,
+    TrainSequence,
+    lora_sequences,
+    read_training_data,
+    read_training_jsonl,
+    summary_sequence,
+    text_chunks,
 )
 from calm.training.features import Features, hidden_features, last_state_is_normed
 from calm.training.loop import adapted_backbone, learning_rate, train
@@ -66,7 +64,9 @@ from calm.training.objectives import (
                                      classifier_logits,
                                      layer_weights,
 )
+from calm.training.order import EpochSampler
 from calm.training.state import RESUME_FREE, STATE_FILE, check_fingerprint, load_state, save_state
+from calm.training.summaries import SUMMARIES_FILE, generate_summaries
 
 __all__ = [
     "BACKBONE_DIR", "COUNT_DECAY", "MODES", "RESUME_FREE", "STATE_FILE", "SUMMARIES_FILE",

@@ -16,16 +16,10 @@ from calm.checkpoint import read_config
 from calm.errors import InputError
 from calm.heads import ExitHeads
 from calm.training.config import TrainConfig
-from calm.training.data import (
-    SUMMARIES_FILE,
-    encode_prompt,
-    generate_summaries,
-    read_training_jsonl,
-    summary_jobs,
-    summary_sequence,
-)
+from calm.training.data import encode_prompt, read_training_jsonl, summary_sequence
 from calm.training.features import Features, hidden_features, last_state_is_normed
 from calm.training.loop import ProgressUi, progress_bar
+from calm.training.summaries import SUMMARIES_FILE, generate_summaries, summary_jobs
 
 if TYPE_CHECKING:
     from calm.model import CalmModel

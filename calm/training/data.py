@@ -1,4 +1,4 @@
-"""Training data: the files, the token sequences that train, and their order.
+"""Training data: the files, and the token sequences that train (their order: calm.training.order).
 
 A `TrainSequence` is a token sequence and the positions of it whose next token is a target. They
 come from the model's own summaries of the documents (generated once and cached in the work dir),
@@ -8,20 +8,26 @@ from the reference summaries, and from chunks of plain text. Every random choice
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from calm.checkpoint import write_atomic
 from calm.data import Record, read_jsonl, read_text
 from calm.errors import InputError
-from calm.prompts import summary_prompt, truncate_document
 from calm.training.config import TrainConfig
+from calm.training.order import generator
+from calm.training.summaries import (
+    SUMMARIES_FILE,
+    document_prompt,
+    generate_summaries,
+    read_summary_cache,
+    summary_jobs,
+    write_summary_cache,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,7 +35,6 @@ if TYPE_CHECKING:
     from calm.model import CalmModel
     from calm.training.loop import ProgressUi
 
-SUMMARIES_FILE = "summaries.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens")
 MIN_CONTEXT = 8             # text-chunk positions start after this many tokens of context
@@ -93,16 +98,6 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def mix(*parts: object) -> int:
-    """A 63-bit seed from any tuple of ints and strings (stable across processes and runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(mix(*parts))
-
-
 # ---- sequences ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -114,10 +109,6 @@ class TrainSequence:
     targets: tuple[int, ...]
     kind: str                 # "summary" | "reference" | "text"
     source: str
-
-
-def document_prompt(tokenizer: Any, document: str, config: TrainConfig) -> str:
-    return summary_prompt(truncate_document(tokenizer, document, config.max_doc_tokens))
 
 
 def encode_prompt(calm: CalmModel, prompt: str, max_new_tokens: int) -> list[int]:
@@ -192,81 +183,7 @@ def text_chunks(tokenizer: Any, texts: Sequence[tuple[str, str]], config: TrainC
     return out
 
 
-# ---- the model's own summaries ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SummaryJob:
-    key: str
-    source: str
-    record_id: str
-    sample: int
-    prompt: str
-
-
-def summary_jobs(calm: CalmModel, documents: Iterable[tuple[str, Record]], config: TrainConfig,
-                 samples: int) -> list[SummaryJob]:
-    jobs = []
-    for source, record in documents:
-        prompt = document_prompt(calm.tokenizer, record.document, config)
-        for sample in range(samples):
-            settings = (prompt, config.summary_tokens, sample, config.seed if sample else None)
-            jobs.append(SummaryJob(hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24], source,
-                                   record.id, sample, prompt))
-    return jobs
-
-
-def read_summary_cache(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    cache = {}
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                cache[row["key"]] = row
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"summary cache {path} is corrupt ({exc}); delete it to regenerate the summaries") from exc
-    return cache
-
-
-def write_summary_cache(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-
-
-def generate_summaries(calm: CalmModel, jobs: Sequence[SummaryJob], config: TrainConfig, cache_path: Path,
-                       progress: ProgressUi | None = None) -> tuple[dict[str, dict], int]:
-    """The model's own summaries for `jobs`, from the cache where it has them; the cache is
-    rewritten (atomically) after every batch, so an interrupted run loses at most one batch."""
-    from calm.policy import ExitPolicy
-
-    cache = read_summary_cache(cache_path)
-    missing = [j for j in jobs if j.key not in cache]
-    # Similar lengths together: less left padding per batch.
-    missing.sort(key=lambda j: (j.sample, len(j.prompt)))
-    task = progress.add_task("summaries", total=len(missing)) if progress is not None and missing else None
-    generated = 0
-    for start in range(0, len(missing), config.gen_batch_size):
-        batch = missing[start:start + config.gen_batch_size]
-        same = [j for j in batch if j.sample == batch[0].sample]      # greedy and sampled rows never share a batch
-        rest = [j for j in batch if j.sample != batch[0].sample]
-        for group in (same, rest):
-            if not group:
-                continue
-            sampled = group[0].sample > 0
-            out = calm.generate([j.prompt for j in group], max_new_tokens=config.summary_tokens,
-                                policy=ExitPolicy.never(), do_sample=sampled, top_p=0.9 if sampled else 1.0,
-                                seed=mix(config.seed, "summaries", group[0].key) if sampled else None)
-            for job, ids, text in zip(group, out.token_ids, out.texts):
-                cache[job.key] = {"key": job.key, "source": job.source, "id": job.record_id, "sample": job.sample,
-                                  "text": text, "token_ids": list(ids)}
-            generated += len(group)
-        write_summary_cache(cache_path, cache.values())
-        if progress is not None and task is not None:
-            progress.advance(task, len(batch))
-    if progress is not None and task is not None:
-        progress.remove_task(task)
-    return cache, generated
-
+# ---- the model's own summaries (calm.training.summaries) ------------------------------------------
 
 def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator,
                           progress: ProgressUi | None) -> tuple[list[TrainSequence], int, float]:
@@ -331,35 +248,3 @@ def training_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig,
         raise InputError("the training data produced no usable positions (no summaries, too little text)")
     rank, world = accelerator.process_index, accelerator.num_processes
     return Sequences(tuple(sequences), tuple(sequences[rank::world]), generated, seconds)
-
-
-# ---- order ----------------------------------------------------------------------------------------
-
-class EpochSampler:
-    """Indices of step `step`: consecutive slices of per-epoch permutations seeded by (seed, rank, epoch)."""
-
-    def __init__(self, size: int, seed: int, rank: int = 0):
-        if size < 1:
-            raise InputError("no training positions: the data produced no usable sequences")
-        self.size, self.seed, self.rank = size, seed, rank
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.size, generator=generator(self.seed, "epoch", self.rank, epoch))}
-        return self._perms[epoch]
-
-    def indices(self, step: int, count: int) -> torch.Tensor:
-        out, i = [], step * count
-        while count > 0:
-            epoch, offset = divmod(i, self.size)
-            take = min(count, self.size - offset)
-            out.append(self._perm(epoch)[offset:offset + take])
-            i += take
-            count -= take
-        return torch.cat(out)
-
-
-def local_count(total: int, rank: int, world: int) -> int:
-    """This process's share of `total` rows."""
-    return total // world + (1 if rank < total % world else 0)

@@ -33,9 +33,10 @@ from calm import lora
 from calm.checkpoint import is_checkpoint, load_heads, name_backbone, read_config
 from calm.heads import ExitHeads, HeadsConfig
 from calm.training.config import TrainConfig
-from calm.training.data import EpochSampler, Sequences, TrainSequence, generator
+from calm.training.data import Sequences, TrainSequence
 from calm.training.modes import Loaded, Run, adamw
 from calm.training.objectives import LoraObjective, lora_loss, make_batch
+from calm.training.order import EpochSampler, generator
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -15,7 +15,7 @@ from torch import nn
 from calm.checkpoint import BACKBONE_DIR, name_backbone, save_backbone
 from calm.heads import ExitHeads, HeadsConfig
 from calm.training.config import TrainConfig
-from calm.training.data import EpochSampler, Sequences, TrainSequence, generator, local_count
+from calm.training.data import Sequences, TrainSequence
 from calm.training.features import Features, hidden_features
 from calm.training.objectives import (
     COUNT_DECAY,
@@ -27,6 +27,7 @@ from calm.training.objectives import (
     layer_weights,
     make_batch,
 )
+from calm.training.order import EpochSampler, generator, local_count
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
