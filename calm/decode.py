@@ -162,6 +162,7 @@ def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor,
     return net.heads.classify(h_out, layer) >= threshold, None
 
 
+# long: one pass down the layer stack; h, running, compute and layer_ctx change together at each exit layer
 def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: DecodeState,
                      threshold: float, rows: torch.Tensor) -> StepOutput:
     """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B].

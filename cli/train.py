@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Any
 
 import click
 import torch
@@ -12,7 +13,7 @@ from calm.errors import CalmError
 from calm.training import MODES, TrainConfig, train
 
 
-def _command_line(ctx) -> str:
+def _command_line(ctx: click.Context) -> str:
     """The command as run: its path and every option given explicitly (not defaults), shell-quoted."""
     from click.core import ParameterSource
     words = ctx.command_path.split()
@@ -99,25 +100,14 @@ Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch [default: torch's choice]; 1 can be faster on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(model, data, out, mode, steps, batch_size, layers_per_step, lr, rank, lora_rank, lora_layers, anchor,
-                  doc_positions, min_exit_layer, seed, resume,
-                  summaries_per_doc, max_docs, summary_tokens, max_doc_tokens, gen_batch_size, chunk_tokens,
-                  max_chunks, positions_per_chunk, checkpoint_every, log_every, device, work_dir, no_classifier,
-                  no_transform, threads, quiet):
+def train_command(data: tuple[str, ...], no_classifier: bool, no_transform: bool, threads: int | None, quiet: bool,
+                  **options: Any) -> None:
     """Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint."""
     if threads:
         torch.set_num_threads(threads)
     try:
-        config = TrainConfig(data=tuple(data), out=out, model=model, mode=mode, steps=steps, batch_size=batch_size,
-                             layers_per_step=layers_per_step, lr=lr, rank=rank, seed=seed, resume=resume,
-                             lora_rank=lora_rank, lora_layers=lora_layers, anchor=anchor, doc_positions=doc_positions,
-                             min_exit_layer=min_exit_layer,
-                             max_docs=max_docs, summaries_per_doc=summaries_per_doc, summary_tokens=summary_tokens,
-                             max_doc_tokens=max_doc_tokens, gen_batch_size=gen_batch_size,
-                             chunk_tokens=chunk_tokens, max_chunks=max_chunks,
-                             positions_per_chunk=positions_per_chunk, checkpoint_every=checkpoint_every,
-                             log_every=log_every, device=device, work_dir=work_dir,
-                             classifier=not no_classifier, transform=not no_transform)
+        # every other option is the TrainConfig field of its name, checked there
+        config = TrainConfig(data=tuple(data), classifier=not no_classifier, transform=not no_transform, **options)
         result = train(config, command=_command_line(click.get_current_context()), progress=not quiet)
     except CalmError as exc:
         raise click.ClickException(str(exc)) from exc
