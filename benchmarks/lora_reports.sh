@@ -3,7 +3,7 @@
 # fixed threshold (tau 0) and with CALM's decay (tau 4), then (once the chosen one is shipped in
 # calm/assets/smollm2) every report of the fine-tuned default on the test split.
 #
-#   benchmarks/lora_reports.sh calibrate        # -> build/smollm2-lora-tau{0,4}, prints both tables
+#   benchmarks/lora_reports.sh calibrate        # -> $CK-tau{0,4} (build/smollm2-lora-tau{0,4}), prints both tables
 #   benchmarks/lora_reports.sh reports TAU      # after copying the better one into calm/assets/smollm2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,19 +18,19 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 calibrate_one() {
     TAU=$1
-    OUT=build/smollm2-lora-tau$TAU
+    OUT=$CK-tau$TAU
     rm -rf "$OUT" && mkdir -p "$OUT"
     cp "$CK"/calm_config.json "$CK"/exit_heads.safetensors "$CK"/adapter_config.json "$CK"/adapter_model.safetensors "$OUT"/
     OMP_NUM_THREADS=1 "$CALM" calibrate --model "$OUT" --data "$DATA/calib.jsonl" --limit 120 "${COMMON[@]}" \
         --measure classifier --thresholds "$GRID" --decay-tau "$TAU" --delta 0.1 --epsilon 0.05 --out "$OUT" \
-        --work-dir build/calibrate-lora-tau$TAU
+        --work-dir "build/calibrate-$(basename "$CK")-tau$TAU"
 }
 
 calibrate() {      # both schedules side by side, one core each
-    calibrate_one 0 > build/calibrate-lora-tau0.log 2>&1 &
-    calibrate_one 4 > build/calibrate-lora-tau4.log 2>&1 &
+    calibrate_one 0 > "$CK-calibrate-tau0.log" 2>&1 &
+    calibrate_one 4 > "$CK-calibrate-tau4.log" 2>&1 &
     wait
-    tail -n 14 build/calibrate-lora-tau0.log build/calibrate-lora-tau4.log
+    tail -n 14 "$CK-calibrate-tau0.log" "$CK-calibrate-tau4.log"
 }
 
 reports() {

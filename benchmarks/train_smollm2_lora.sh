@@ -3,6 +3,8 @@
 # calm/assets/smollm2 (the default checkpoint of the `smollm2` alias).
 #
 #   benchmarks/train_smollm2_lora.sh             # from the repository root; add --resume to continue
+#   STEPS=640 LORA_RANK=32 LORA_LAYERS=all ANCHOR=4 WORK=build/train-smollm2-lora-r32 OUT=build/smollm2-lora-r32 \
+#       benchmarks/train_smollm2_lora.sh             # the second run: every layer, a larger rank, a lighter anchor
 #
 # Data: XSum *train* reference summaries (prompt = the summary prompt of the document cut to 256
 # tokens) and WikiText-2 valid.txt chunks. Never the calib or test splits. The teacher is the
@@ -21,6 +23,10 @@ OUT=${OUT:-build/smollm2-lora}
 STEPS=${STEPS:-800}
 LR=${LR:-6e-4}
 ANCHOR=${ANCHOR:-8}
+LORA_RANK=${LORA_RANK:-16}
+LORA_LAYERS=${LORA_LAYERS:-0-19}          # "all": every decoder layer
+LAYER_ARGS=()
+[ "$LORA_LAYERS" = all ] || LAYER_ARGS=(--lora-layers "$LORA_LAYERS")
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 exec "$PY" -m calm.training \
@@ -35,8 +41,8 @@ exec "$PY" -m calm.training \
     --layers-per-step 4 \
     --lr "$LR" \
     --anchor "$ANCHOR" \
-    --lora-rank 16 \
-    --lora-layers 0-19 \
+    --lora-rank "$LORA_RANK" \
+    "${LAYER_ARGS[@]}" \
     --rank 32 \
     --min-exit-layer 8 \
     --doc-positions 16 \
