@@ -57,7 +57,7 @@ class CalibrationRow:
     q90: float
     q95: float
     avg_layers: float
-    speedup: float            # wall clock vs full depth; NaN where not timed in one run
+    speedup: float  # wall clock vs full depth; NaN where not timed in one run
     pvalue: float
 
     def __post_init__(self) -> None:
@@ -76,9 +76,7 @@ class CalibrationRow:
         return row
 
 
-_ROW_FIELDS = (
-    "threshold", "mean_loss", "q50", "q90", "q95", "avg_layers", "speedup", "pvalue",
-)
+_ROW_FIELDS = ("threshold", "mean_loss", "q50", "q90", "q95", "avg_layers", "speedup", "pvalue")
 
 
 _SETTING_FIELDS = ("measure", "min_exit_layer", "decay_tau", "max_new_tokens", "max_doc_tokens", "data")
@@ -100,12 +98,12 @@ class CalibrationTable:
     epsilon: float | None = None
     n: int | None = None
     method: str | None = None
-    measure: str | None = None            # the confidence measure the thresholds apply to
+    measure: str | None = None  # the confidence measure the thresholds apply to
     min_exit_layer: int | None = None
-    decay_tau: float | None = None        # τ of the threshold schedule; 0: λ fixed
+    decay_tau: float | None = None  # τ of the threshold schedule; 0: λ fixed
     max_new_tokens: int | None = None
     max_doc_tokens: int | None = None
-    data: str | None = None               # the calibration documents
+    data: str | None = None  # the calibration documents
 
     def __post_init__(self) -> None:
         rows = tuple(self.rows)
@@ -115,9 +113,7 @@ class CalibrationTable:
         check_thresholds([r.threshold for r in rows], len(rows))
         idx = self.certified_index
         if idx is not None and (isinstance(idx, bool) or not 0 <= idx < len(rows)):
-            raise ValueError(
-                f"certified_index must be None or in [0, {len(rows) - 1}], got {idx!r}"
-            )
+            raise ValueError(f"certified_index must be None or in [0, {len(rows) - 1}], got {idx!r}")
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -154,8 +150,9 @@ class CalibrationTable:
         and method), or None when none is."""
         if self.n is None or self.epsilon is None:
             raise ValueError("this calibration table records no sample size or epsilon")
-        ltt = fixed_sequence_test_means([r.mean_loss for r in self.rows], self.n, delta, self.epsilon,
-                                        self.method or "hb")
+        ltt = fixed_sequence_test_means(
+            [r.mean_loss for r in self.rows], self.n, delta, self.epsilon, self.method or "hb"
+        )
         return None if ltt.certified_index is None else self.rows[ltt.certified_index].threshold
 
     def speed_to_threshold(self, speed: float) -> float:
@@ -169,8 +166,7 @@ class CalibrationTable:
         c = self.certified_index
         if c is None:
             raise ValueError(
-                "no threshold is certified in this calibration table; "
-                "run the full model instead of early exiting"
+                "no threshold is certified in this calibration table; run the full model instead of early exiting"
             )
         if speed == 0.0:
             return self.rows[0].threshold
@@ -243,10 +239,7 @@ def build_calibration_table(
     q50, q90, q95 = np.quantile(arr, [0.5, 0.9, 0.95], axis=1)
     means = arr.mean(axis=1)
     rows = tuple(
-        CalibrationRow(
-            values[i], means[i], q50[i], q90[i], q95[i],
-            avg_layers[i], speedup[i], ltt.pvalues[i],
-        )
+        CalibrationRow(values[i], means[i], q50[i], q90[i], q95[i], avg_layers[i], speedup[i], ltt.pvalues[i])
         for i in range(k)
     )
     return CalibrationTable(rows, ltt.certified_index, ltt.delta, ltt.epsilon, ltt.n, ltt.method)

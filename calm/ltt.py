@@ -81,9 +81,7 @@ def _check_method(method: str) -> str:
 def check_losses(losses: Any) -> np.ndarray:
     arr = np.asarray(losses, dtype=np.float64)
     if arr.ndim != 2:
-        raise ValueError(
-            f"losses must be a 2-D array [K thresholds, n examples], got shape {arr.shape}"
-        )
+        raise ValueError(f"losses must be a 2-D array [K thresholds, n examples], got shape {arr.shape}")
     k, n = arr.shape
     if k == 0:
         raise ValueError("losses has no thresholds (K == 0)")
@@ -92,18 +90,14 @@ def check_losses(losses: Any) -> np.ndarray:
     if np.isnan(arr).any():
         raise ValueError("losses contain NaN")
     if arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(
-            f"losses must lie in [0, 1], got values in [{arr.min():g}, {arr.max():g}]"
-        )
+        raise ValueError(f"losses must lie in [0, 1], got values in [{arr.min():g}, {arr.max():g}]")
     return arr
 
 
 def check_thresholds(thresholds: Sequence[float], k: int) -> tuple[float, ...]:
     values = tuple(float(t) for t in thresholds)
     if len(values) != k:
-        raise ValueError(
-            f"got {len(values)} thresholds but losses has {k} rows; shapes must agree"
-        )
+        raise ValueError(f"got {len(values)} thresholds but losses has {k} rows; shapes must agree")
     if not all(math.isfinite(t) for t in values):
         raise ValueError(f"thresholds must be finite, got {values}")
     diffs = np.diff(np.asarray(values))
@@ -208,12 +202,7 @@ class LTTResult:
         return self.certified_index is not None
 
 
-def fixed_sequence_test(
-    risks_per_threshold: np.ndarray,
-    delta: float,
-    epsilon: float,
-    method: str = "hb",
-) -> LTTResult:
+def fixed_sequence_test(risks_per_threshold: np.ndarray, delta: float, epsilon: float, method: str = "hb") -> LTTResult:
     """Test H0_k: E[loss_k] > delta in order k = 0, 1, ... and stop at the first
     p-value above epsilon. Returns the last rejected index (or None)."""
     losses = check_losses(risks_per_threshold)
@@ -221,11 +210,7 @@ def fixed_sequence_test(
 
 
 def fixed_sequence_test_means(
-    mean_losses: Sequence[float],
-    n: int,
-    delta: float,
-    epsilon: float,
-    method: str = "hb",
+    mean_losses: Sequence[float], n: int, delta: float, epsilon: float, method: str = "hb"
 ) -> LTTResult:
     """Fixed-sequence testing from each threshold's mean loss over n examples (the Hoeffding and
     Hoeffding-Bentkus p-values depend on the losses only through their mean)."""
@@ -272,11 +257,7 @@ class CalibrationOutcome:
 
 
 def ltt_calibrate(
-    thresholds: Sequence[float],
-    losses: np.ndarray,
-    delta: float,
-    epsilon: float,
-    method: str = "hb",
+    thresholds: Sequence[float], losses: np.ndarray, delta: float, epsilon: float, method: str = "hb"
 ) -> CalibrationOutcome:
     """Pick the least conservative threshold certified by Learn-then-Test.
 

@@ -46,6 +46,7 @@ from calm.speculative import (
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+
 class CalmModel:
     """A transformers model wrapped for confident early exit.
 
@@ -54,50 +55,77 @@ class CalmModel:
     >>> out.texts[0], out.avg_layers
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
-                 backbone_kind: str | None = None, merged_adapter: Path | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        heads: ExitHeads | None = None,
+        backbone: str | None = None,
+        calibration: CalibrationTable | None = None,
+        extra: dict | None = None,
+        backbone_kind: str | None = None,
+        merged_adapter: Path | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
-        self.backbone = backbone                    # where the backbone was loaded from; None: wrapped in memory
-        self.backbone_kind = backbone_kind if backbone_kind is not None or backbone is None \
-            else backbone_kind_of(backbone)
-        self.merged_adapter = merged_adapter        # the checkpoint whose LoRA adapter is merged into model
+        self.backbone = backbone  # where the backbone was loaded from; None: wrapped in memory
+        self.backbone_kind = (
+            backbone_kind if backbone_kind is not None or backbone is None else backbone_kind_of(backbone)
+        )
+        self.merged_adapter = merged_adapter  # the checkpoint whose LoRA adapter is merged into model
         self.calibration = calibration
-        self.extra = dict(extra or {})              # checkpoint metadata (training, calibration commands)
+        self.extra = dict(extra or {})  # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None) -> CalmModel:
+    def from_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None
+    ) -> CalmModel:
         """Wrap an already loaded transformers model (and its tokenizer, for text prompts)."""
         return cls(model, tokenizer, heads=heads)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> CalmModel:
+    def from_pretrained(
+        cls, name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+    ) -> CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
-            return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=location,
-                       calibration=config.calibration, extra=config.extra, backbone_kind=config.backbone_kind,
-                       merged_adapter=parts.adapter)
+            return cls(
+                parts.backbone(),
+                parts.tokenizer,
+                heads=parts.heads,
+                backbone=location,
+                calibration=config.calibration,
+                extra=config.extra,
+                backbone_kind=config.backbone_kind,
+                merged_adapter=parts.adapter,
+            )
         loaded = load_backbone(name_or_path, dtype=dtype, device=device)
         default = default_checkpoint(name_or_path)
         if default is None:
             return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
         config = read_config(default)
         parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
-        return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=name_or_path,
-                   calibration=config.calibration, extra=config.extra, merged_adapter=parts.adapter)
+        return cls(
+            parts.backbone(),
+            parts.tokenizer,
+            heads=parts.heads,
+            backbone=name_or_path,
+            calibration=config.calibration,
+            extra=config.extra,
+            merged_adapter=parts.adapter,
+        )
 
-    def save_pretrained(self, save_directory: str | Path, *, include_backbone: bool = False,
-                        extra: dict | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, *, include_backbone: bool = False, extra: dict | None = None
+    ) -> None:
         """Write a calm checkpoint: the exit heads and calibration, and a config that names the backbone.
 
         include_backbone=True also writes the backbone (safetensors, its config and tokenizer) into
@@ -109,11 +137,20 @@ class CalmModel:
         path = Path(save_directory)
         ref, kind = (BACKBONE_DIR, INCLUDED) if include_backbone else self._backbone_reference(path)
         check_adapter_target(path, self.merged_adapter, include_backbone)
-        config = CheckpointConfig(backbone=ref, heads=self.heads.config if self.heads else None,
-                                  calibration=self.calibration, extra={**self.extra, **(extra or {})},
-                                  backbone_kind=kind)
-        save_checkpoint(path, config, self.heads, backbone=(self.model, self.tokenizer) if include_backbone else None,
-                        adapter=self.merged_adapter)
+        config = CheckpointConfig(
+            backbone=ref,
+            heads=self.heads.config if self.heads else None,
+            calibration=self.calibration,
+            extra={**self.extra, **(extra or {})},
+            backbone_kind=kind,
+        )
+        save_checkpoint(
+            path,
+            config,
+            self.heads,
+            backbone=(self.model, self.tokenizer) if include_backbone else None,
+            adapter=self.merged_adapter,
+        )
 
     save = save_pretrained
 
@@ -122,24 +159,40 @@ class CalmModel:
         if ref is None:
             ref = getattr(self.model.config, "_name_or_path", None) or ""
             if not is_loadable(ref):
-                raise InputError(f"this model was wrapped with from_model and its config names no hub id or local "
-                                 f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
-                                 "pass include_backbone=True to save the backbone into the checkpoint")
+                raise InputError(
+                    f"this model was wrapped with from_model and its config names no hub id or local "
+                    f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
+                    "pass include_backbone=True to save the backbone into the checkpoint"
+                )
         ref = name_backbone(ref, checkpoint)
         return ref, backbone_kind_of(ref, checkpoint)
 
     # ---- exit policies -------------------------------------------------------------------
-    def policy(self, *, speed: float | None = None, tolerance: float | None = None, threshold: float | None = None,
-               measure: str | None = None, min_exit_layer: int | None = None,
-               decay_tau: float | None = None) -> ExitPolicy:
+    def policy(
+        self,
+        *,
+        speed: float | None = None,
+        tolerance: float | None = None,
+        threshold: float | None = None,
+        measure: str | None = None,
+        min_exit_layer: int | None = None,
+        decay_tau: float | None = None,
+    ) -> ExitPolicy:
         """The exit policy for a knob: a speed in [0, 1] (0 = full model, 1 = fastest certified) or a
         risk tolerance δ, both read off the calibration, or an explicit threshold λ (any model). With
         none of them, the model's default: speed 0.5 when it is calibrated, else the full model.
         A knob runs the decay schedule the calibration was certified with; a threshold runs
         `decay_tau` (default ExitPolicy.decay_tau), so threshold=λ with the table's τ is the same
         policy as the knob that lands on λ."""
-        return resolve_policy(self, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
-                              speed=speed, tolerance=tolerance, decay_tau=decay_tau).policy
+        return resolve_policy(
+            self,
+            threshold=threshold,
+            measure=measure,
+            min_exit_layer=min_exit_layer,
+            speed=speed,
+            tolerance=tolerance,
+            decay_tau=decay_tau,
+        ).policy
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -155,13 +208,29 @@ class CalmModel:
         return Network(self.adapter, self.heads, self._argmax)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
-                 speed: float | None = None, tolerance: float | None = None,
-                 attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-                 truncate: bool = False, engine: str = "auto", compile: bool | str = False,
-                 sync_every: int = 8, mode: str = "calm", draft_layer: int | None = None,
-                 max_draft: int = DEFAULT_MAX_DRAFT) -> GenerationResult:
+    def generate(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int = 64,
+        policy: ExitPolicy | None = None,
+        *,
+        speed: float | None = None,
+        tolerance: float | None = None,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        truncate: bool = False,
+        engine: str = "auto",
+        compile: bool | str = False,
+        sync_every: int = 8,
+        mode: str = "calm",
+        draft_layer: int | None = None,
+        max_draft: int = DEFAULT_MAX_DRAFT,
+    ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
@@ -179,27 +248,37 @@ class CalmModel:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
         policy = self._generation_policy(policy, speed, tolerance, spec)
-        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
-                                  pad_token_id=self.pad_token_id,
-                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
-                                  engine=engine, compile=compile, sync_every=sync_every)
+        batch = self.encode_prompts(
+            prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
+        )
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
+            engine=engine,
+            compile=compile,
+            sync_every=sync_every,
+        )
         if spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, spec)
         return self._with_texts(result)
 
-    def _generation_policy(self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None,
-                           spec: SpeculativeConfig | None) -> ExitPolicy:
+    def _generation_policy(
+        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, spec: SpeculativeConfig | None
+    ) -> ExitPolicy:
         """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
         full model (speculative: the default draft controller)."""
         if speed is not None or tolerance is not None:
             if policy is not None:
                 raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
             if spec is not None:
-                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
-                                 "(its policy= is the draft controller)")
+                raise InputError(
+                    "speed= and tolerance= set calm's early exit; speculative decoding never exits early "
+                    "(its policy= is the draft controller)"
+                )
             policy = self.policy(speed=speed, tolerance=tolerance)
         policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
         policy.allowed_layers(self.num_layers)
@@ -239,8 +318,14 @@ class CalmModel:
                 return int(getattr(cfg, name))
         return None
 
-    def encode_prompts(self, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
-                       truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
+    def encode_prompts(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int,
+        chat: bool | None = None,
+        truncate: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> PromptBatch:
         """Token ids of the prompts, left-padded into one batch (calm.prompt_input)."""
         return encode_prompts(self, prompts, max_new_tokens, chat, truncate, attention_mask)
 
@@ -248,6 +333,7 @@ class CalmModel:
 def default_checkpoint(name: str) -> Path | None:
     """The shipped heads and calibration for a built-in alias, if any are packaged."""
     from importlib.resources import files
+
     if name not in ALIASES:
         return None
     path = Path(str(files("calm") / "assets" / name))

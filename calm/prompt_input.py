@@ -18,21 +18,28 @@ if TYPE_CHECKING:
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
-def encode_prompts(model: CalmModel, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
-                   truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
+def encode_prompts(
+    model: CalmModel,
+    prompts: Prompts,
+    max_new_tokens: int,
+    chat: bool | None = None,
+    truncate: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> PromptBatch:
     """Token ids of the prompts, left-padded into one batch on the model's device."""
     rows = token_rows(model, prompt_list(prompts, attention_mask, model.pad_token_id), max_new_tokens, chat, truncate)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = True
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = True
     return PromptBatch(ids=ids.to(model.device), mask=mask.to(model.device))
 
 
-def token_rows(model: CalmModel, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, chat: bool | None,
-               truncate: bool) -> list[list[int]]:
+def token_rows(
+    model: CalmModel, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, chat: bool | None, truncate: bool
+) -> list[list[int]]:
     """Each prompt's token ids, checked: not empty, in the vocabulary, and within the context next to
     max_new_tokens (text prompts are cut to fit when truncate is set)."""
     if len(prompts) == 0:
@@ -49,13 +56,16 @@ def token_rows(model: CalmModel, prompts: Sequence[str | Sequence[int]], max_new
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in row):
             raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
         if budget is not None and len(row) > budget:
-            raise InputError(f"prompt {i} has {len(row)} tokens but only {budget} fit in the context of "
-                             f"{context} with max_new_tokens={max_new_tokens}; shorten it or pass truncate=True")
+            raise InputError(
+                f"prompt {i} has {len(row)} tokens but only {budget} fit in the context of "
+                f"{context} with max_new_tokens={max_new_tokens}; shorten it or pass truncate=True"
+            )
     return rows
 
 
-def _tokenize(model: CalmModel, prompt: str | Sequence[int], chat: bool | None, truncate: bool,
-              budget: int | None) -> list[int]:
+def _tokenize(
+    model: CalmModel, prompt: str | Sequence[int], chat: bool | None, truncate: bool, budget: int | None
+) -> list[int]:
     if not isinstance(prompt, str):
         return [int(t) for t in prompt]
     if not prompt.strip():
@@ -69,8 +79,7 @@ def _tokenize(model: CalmModel, prompt: str | Sequence[int], chat: bool | None, 
     return prompt_ids(model.tokenizer, prompt, use_chat)
 
 
-def prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None,
-                pad_token_id: int) -> list[str | Sequence[int]]:
+def prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[str | Sequence[int]]:
     """One entry per prompt: a string or a list of token ids (a flat list of ints is one prompt)."""
     if isinstance(prompts, torch.Tensor):
         return list(tensor_rows(prompts, attention_mask, pad_token_id))
@@ -78,7 +87,7 @@ def prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None,
         raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
     if isinstance(prompts, str):
         return [prompts]
-    items: list[Any] = list(prompts)                  # user input: token_rows checks every entry
+    items: list[Any] = list(prompts)  # user input: token_rows checks every entry
     if items and all(isinstance(t, int) for t in items):
         return [items]
     return items
@@ -90,12 +99,14 @@ def tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_toke
     if ids.dim() != 2:
         raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(ids.shape)}")
     if attention_mask is None:
-        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id                  # [B, 2]
+        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id  # [B, 2]
         if ids.numel() and bool(edges.any()):
             row = int(edges.any(1).nonzero()[0, 0])
-            raise InputError(f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
-                             "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
-                             "read as input")
+            raise InputError(
+                f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
+                "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
+                "read as input"
+            )
         return ids.tolist()
     if tuple(attention_mask.shape) != tuple(ids.shape):
         raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts {tuple(ids.shape)}")
@@ -103,8 +114,10 @@ def tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_toke
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
     mask = mask.bool()
-    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)                  # runs of tokens per row
+    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)  # runs of tokens per row
     if bool((blocks > 1).any()):
         row = int((blocks > 1).nonzero()[0, 0])
-        raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
+        raise InputError(
+            f"attention_mask row {row} has padding between tokens; only left or right padding is supported"
+        )
     return [r[m].tolist() for r, m in zip(ids, mask)]

@@ -17,40 +17,91 @@ from calm.cli.options import (
 
 # ---- calm bench --------------------------------------------------------------------------------
 
-@click.command("bench", epilog="""\b
+
+@click.command(
+    "bench",
+    epilog="""\b
 Examples:
   calm bench
   calm bench --batch-sizes 1,8,32 --new-tokens 32 --policy fixed:15 --policy softmax:0.9
   calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out benchmarks/results
   calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
   calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
-""")
+""",
+)
 @model_options
-@click.option("--data", default=None, metavar="FILE.jsonl", help="Take prompts from these documents "
-                                                                 "(default: a built-in news paragraph).")
+@click.option(
+    "--data",
+    default=None,
+    metavar="FILE.jsonl",
+    help="Take prompts from these documents (default: a built-in news paragraph).",
+)
 @click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
-@click.option("--batch-sizes", callback=int_list, default="1,8,32", show_default=True,
-              help="Comma-separated batch sizes.")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Tokens generated per row (EOS ignored).")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Timed runs per configuration (median reported; one warm-up run before them).")
-@click.option("--policy", "policies", multiple=True, callback=policy_specs, metavar="SPEC",
-              help="Exit policy to time besides full depth, repeatable or comma-separated: fixed:LAYER, "
-                   "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau); spec:E:K[:MEASURE:λ] "
-                   "for speculative decoding.")
+@click.option(
+    "--batch-sizes", callback=int_list, default="1,8,32", show_default=True, help="Comma-separated batch sizes."
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Tokens generated per row (EOS ignored).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Timed runs per configuration (median reported; one warm-up run before them).",
+)
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    callback=policy_specs,
+    metavar="SPEC",
+    help="Exit policy to time besides full depth, repeatable or comma-separated: fixed:LAYER, "
+    "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau); spec:E:K[:MEASURE:λ] "
+    "for speculative decoding.",
+)
 @decay_tau_option
-@click.option("--transformers/--no-transformers", "with_transformers", default=True, show_default=True,
-              help="Also time transformers' own generate on the same prompts.")
+@click.option(
+    "--transformers/--no-transformers",
+    "with_transformers",
+    default=True,
+    show_default=True,
+    help="Also time transformers' own generate on the same prompts.",
+)
 @speculative_options
 @doc_tokens_option
 @engine_option
-@click.option("--out", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for bench.json and bench.md.")
-def bench_command(model_name: str, device: str, dtype: str | None, data: str | None, field_document: str,
-                  batch_sizes: tuple[int, ...], new_tokens: int, repeats: int, policies: tuple[str, ...],
-                  decay_tau: float, with_transformers: bool, mode: str, lossless: bool, draft_layer: int | None,
-                  max_draft: int | None, max_doc_tokens: int | None, engine: str, out: str) -> None:
+@click.option(
+    "--out",
+    default="benchmarks/results",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for bench.json and bench.md.",
+)
+def bench_command(
+    model_name: str,
+    device: str,
+    dtype: str | None,
+    data: str | None,
+    field_document: str,
+    batch_sizes: tuple[int, ...],
+    new_tokens: int,
+    repeats: int,
+    policies: tuple[str, ...],
+    decay_tau: float,
+    with_transformers: bool,
+    mode: str,
+    lossless: bool,
+    draft_layer: int | None,
+    max_draft: int | None,
+    max_doc_tokens: int | None,
+    engine: str,
+    out: str,
+) -> None:
     """Measure tokens/s and ms/token per batch size.
 
     Times full depth, each --policy and transformers' generate on the same prompt ids; reports the
@@ -65,12 +116,26 @@ def bench_command(model_name: str, device: str, dtype: str | None, data: str | N
     documents = _documents(data, field_document, max(batch_sizes))
     model = load_model(model_name, device, dtype)
     policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft)
-    config = BenchConfig(model=model_name, batch_sizes=batch_sizes, new_tokens=new_tokens, repeats=repeats,
-                         policies=policies, transformers=with_transformers, data=data, max_doc_tokens=max_doc_tokens,
-                         decay_tau=decay_tau, engine=engine)
+    config = BenchConfig(
+        model=model_name,
+        batch_sizes=batch_sizes,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        policies=policies,
+        transformers=with_transformers,
+        data=data,
+        max_doc_tokens=max_doc_tokens,
+        decay_tau=decay_tau,
+        engine=engine,
+    )
     with progress_bar("bench") as update:
-        report = run_bench(model, bench_prompts(model, documents, max_doc_tokens, new_tokens), config,
-                           machine_info(model.device, command_line()), progress=update)
+        report = run_bench(
+            model,
+            bench_prompts(model, documents, max_doc_tokens, new_tokens),
+            config,
+            machine_info(model.device, command_line()),
+            progress=update,
+        )
     files = write_bench(report, out)
     click.echo(bench_markdown(report))
     click.echo("wrote " + ", ".join(str(f) for f in files), err=True)

@@ -23,8 +23,11 @@ from calm.errors import CalmError
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
 # `calm --help`; tests/test_cli_errors.py checks that it matches the command's own.
 LAZY_COMMANDS = {
-    "train": ("calm.cli.train", "train_command",
-              "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint."),
+    "train": (
+        "calm.cli.train",
+        "train_command",
+        "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint.",
+    )
 }
 
 
@@ -55,8 +58,10 @@ class CalmGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list without importing the lazy commands' modules."""
         limit = formatter.width - 6 - max(len(name) for name in self.list_commands(ctx))
-        rows = [(name, self.commands[name].get_short_help_str(limit) if name in self.commands
-                 else LAZY_COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        rows = [
+            (name, self.commands[name].get_short_help_str(limit) if name in self.commands else LAZY_COMMANDS[name][2])
+            for name in self.list_commands(ctx)
+        ]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -94,12 +99,15 @@ for command in (summarize, generate, eval_command, calibrate_command, bench_comm
 
 # ---- calm info ---------------------------------------------------------------------------------
 
-@cli.command(epilog="""\b
+
+@cli.command(
+    epilog="""\b
 Examples:
   calm info
   calm info ./my-heads
   calm info HuggingFaceTB/SmolLM2-135M-Instruct
-""")
+"""
+)
 @click.argument("model_name", default="smollm2", metavar="[MODEL]")
 def info(model_name: str) -> None:
     """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter

@@ -23,8 +23,13 @@ if TYPE_CHECKING:
     from calm.eval.summarize import DocumentSummary, summarize_documents
     from calm.eval.sweep import EvalConfig, run_eval
 
-_LAZY = {"load_documents": "calm.eval.inputs", "DocumentSummary": "calm.eval.summarize",
-         "summarize_documents": "calm.eval.summarize", "EvalConfig": "calm.eval.sweep", "run_eval": "calm.eval.sweep"}
+_LAZY = {
+    "load_documents": "calm.eval.inputs",
+    "DocumentSummary": "calm.eval.summarize",
+    "summarize_documents": "calm.eval.summarize",
+    "EvalConfig": "calm.eval.sweep",
+    "run_eval": "calm.eval.sweep",
+}
 
 __all__ = ["DocumentSummary", "EvalConfig", "load_documents", "run_eval", "summarize_documents"]  # the names of _LAZY
 

@@ -8,11 +8,15 @@ from pathlib import Path
 from calm.bench import BenchReport, BenchRow
 from calm.eval.reporting import format_number, format_speedup, json_safe, machine_markdown, write_json_markdown
 
-HEADER = ("| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
-          "speedup vs transformers |")
-NOTE = ("tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall time / new "
-        "tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill excluded "
-        "(calm's own timer). Speedups compare whole runs (prefill included).")
+HEADER = (
+    "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
+    "speedup vs transformers |"
+)
+NOTE = (
+    "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall time / new "
+    "tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill excluded "
+    "(calm's own timer). Speedups compare whole runs (prefill included)."
+)
 
 
 def bench_markdown(report: BenchReport) -> str:
@@ -22,19 +26,26 @@ def bench_markdown(report: BenchReport) -> str:
     header, rule = HEADER, "|---:|---|---:|---:|---:|---:|---:|---:|"
     if speculative:
         header, rule = header + " acceptance | accepted per step |", rule + "---:|---:|"
-    lines = [f"# calm bench: {c.model}", "",
-             f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
-             f"{report.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.",
-             "", header, rule]
+    lines = [
+        f"# calm bench: {c.model}",
+        "",
+        f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
+        f"{report.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.",
+        "",
+        header,
+        rule,
+    ]
     lines += [_row_markdown(r, speculative) for r in report.rows]
     lines += ["", NOTE, ""]
     return "\n".join(lines + machine_markdown(report.machine))
 
 
 def _row_markdown(r: BenchRow, speculative: bool) -> str:
-    line = (f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
-            f"{format_number(r.decode_ms_per_token)} | {r.avg_layers:.2f} | "
-            f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |")
+    line = (
+        f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
+        f"{format_number(r.decode_ms_per_token)} | {r.avg_layers:.2f} | "
+        f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
+    )
     if speculative:
         line += f" {format_number(r.acceptance_rate)} | {format_number(r.mean_accepted_length)} |"
     return line

@@ -21,12 +21,18 @@ def machine_info(device: torch.device | str | None = None, command: str | None =
     import transformers
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
 
 
 def cpu_model() -> str:
@@ -42,8 +48,11 @@ def cpu_model() -> str:
 def machine_markdown(machine: dict[str, Any]) -> list[str]:
     """Markdown lines naming the machine and the command of a report."""
     m = machine
-    lines = [f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), device {m['device']}, "
-             f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}.", ""]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), device {m['device']}, "
+        f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}.",
+        "",
+    ]
     return lines + ([f"Command: `{m['command']}`", ""] if m.get("command") else [])
 
 

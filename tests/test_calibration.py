@@ -118,8 +118,9 @@ def test_build_calibration_table_from_ltt():
 def test_a_speedup_not_timed_is_stored_as_none_and_read_back_as_nan():
     import math
 
-    row = CalibrationRow(threshold=0.9, mean_loss=0.1, q50=0.0, q90=0.2, q95=0.3, avg_layers=20.0,
-                         speedup=math.nan, pvalue=0.01)
+    row = CalibrationRow(
+        threshold=0.9, mean_loss=0.1, q50=0.0, q90=0.2, q95=0.3, avg_layers=20.0, speedup=math.nan, pvalue=0.01
+    )
     assert row.to_dict()["speedup"] is None
     assert math.isnan(CalibrationRow(**row.to_dict()).speedup)
     with pytest.raises(ValueError):

@@ -7,9 +7,19 @@ from calm.devices import check_device, parse_dtype, resolve_device
 from calm.errors import InputError
 
 
-@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                         ("bfloat16", torch.bfloat16), ("float16", torch.float16),
-                                         ("fp16", torch.float16), (torch.float16, torch.float16), (None, None)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        (torch.float16, torch.float16),
+        (None, None),
+    ],
+)
 def test_dtype_names(name, dtype):
     assert parse_dtype(name) == dtype
 

@@ -38,8 +38,11 @@ def justified(lines: list[str], def_line: int) -> bool:
 def long_functions(path: Path, root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     source = path.read_text()
     lines = source.splitlines()
-    functions = [node for node in ast.walk(ast.parse(source, filename=str(path)))
-                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    functions = [
+        node
+        for node in ast.walk(ast.parse(source, filename=str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     found = []
     for node in sorted(functions, key=lambda node: node.lineno):
         length = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -90,7 +93,10 @@ def test_the_checker_finds_long_code_and_honours_a_reason(tmp_path: Path) -> Non
         f"class Holder:\n    def method(self):\n    {body.replace(chr(10), chr(10) + '    ')}\n"
     )
     assert python_files(tmp_path) == [probe]
-    assert long_functions(probe, tmp_path) == ["calm/probe.py:6 long_one: 62 lines", "calm/probe.py:200 method: 62 lines"]
+    assert long_functions(probe, tmp_path) == [
+        "calm/probe.py:6 long_one: 62 lines",
+        "calm/probe.py:200 method: 62 lines",
+    ]
     lines = len(probe.read_text().splitlines())
     assert long_modules([probe], tmp_path, limit=lines - 1) == [f"calm/probe.py: {lines} lines"]
     assert long_modules([probe], tmp_path, limit=lines) == []
@@ -107,4 +113,7 @@ def test_the_checker_finds_missing_hints(tmp_path: Path) -> None:
         "class C:\n    def method(self, x) -> None: ...\n    @classmethod\n    def build(cls) -> 'C': ...\n"
     )
     assert untyped_functions(probe, tmp_path) == [
-        "cli/probe.py:3 no_return: return", "cli/probe.py:4 loose: a, rest, more", "cli/probe.py:6 method: x"]
+        "cli/probe.py:3 no_return: return",
+        "cli/probe.py:4 loose: a, rest, more",
+        "cli/probe.py:6 method: x",
+    ]

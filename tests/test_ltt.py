@@ -71,12 +71,8 @@ def test_hb_never_exceeds_hoeffding_or_bentkus():
 def test_bentkus_matches_exact_binomial():
     n, delta = 40, Fraction(1, 4)
     for k in (0, 3, 7):
-        exact = sum(
-            math.comb(n, i) * delta**i * (1 - delta) ** (n - i) for i in range(k + 1)
-        )
-        assert bentkus_pvalue(k / n, n, 0.25) == pytest.approx(
-            min(1.0, math.e * float(exact)), rel=1e-10
-        )
+        exact = sum(math.comb(n, i) * delta**i * (1 - delta) ** (n - i) for i in range(k + 1))
+        assert bentkus_pvalue(k / n, n, 0.25) == pytest.approx(min(1.0, math.e * float(exact)), rel=1e-10)
 
 
 def test_logspace_binomial_cdf_matches_exact():
@@ -89,9 +85,7 @@ def test_logspace_binomial_cdf_matches_exact():
 def test_logspace_binomial_cdf_matches_scipy_if_available():
     stats = pytest.importorskip("scipy.stats")
     for n, k, p in [(50, 5, 0.2), (500, 30, 0.1), (3000, 100, 0.05)]:
-        assert ltt._binom_cdf_logspace(k, n, p) == pytest.approx(
-            float(stats.binom.cdf(k, n, p)), rel=1e-8
-        )
+        assert ltt._binom_cdf_logspace(k, n, p) == pytest.approx(float(stats.binom.cdf(k, n, p)), rel=1e-8)
 
 
 @pytest.mark.parametrize("fn", PVALUE_FNS)

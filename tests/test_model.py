@@ -44,7 +44,7 @@ def test_save_and_load_checkpoint_round_trip(backbone_dir, tmp_path):
     model.save(tmp_path / "ckpt", extra={"note": "test"})
     loaded = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
     assert loaded.extra == {"note": "test"}
-    loaded.save(tmp_path / "ckpt", extra={"calibrated": True})              # metadata is merged, not replaced
+    loaded.save(tmp_path / "ckpt", extra={"calibrated": True})  # metadata is merged, not replaced
     assert CalmModel.from_pretrained(str(tmp_path / "ckpt")).extra == {"note": "test", "calibrated": True}
     for name, tensor in model.heads.state_dict().items():
         assert torch.equal(loaded.heads.state_dict()[name], tensor)
@@ -106,10 +106,19 @@ def random_model_with_tokenizer(tiny_model):
     """A random Llama made in memory (config._name_or_path is empty) with the tiny word-level tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
@@ -127,7 +136,9 @@ def test_a_wrapped_model_saved_with_its_backbone_round_trips(tiny_model, tmp_pat
     config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert (config["backbone"], config["backbone_kind"]) == ("backbone", "included")
     files = {p.name for p in (tmp_path / "ckpt" / "backbone").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any(f.endswith(".bin") for f in files)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any(
+        f.endswith(".bin") for f in files
+    )
     loaded = CalmModel.from_pretrained(tmp_path / "ckpt")
     assert loaded.backbone_kind == "included" and loaded.tokenizer is not None
     same_outputs(wrapped, loaded, ["the cat sat on the mat", "a dog ran in the park after the game"])
@@ -135,10 +146,11 @@ def test_a_wrapped_model_saved_with_its_backbone_round_trips(tiny_model, tmp_pat
 
 def test_a_wrapped_model_saved_by_name_round_trips(tiny_model, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
     monkeypatch.chdir(Path(tiny_model).parent)
-    model = AutoModelForCausalLM.from_pretrained(Path(tiny_model).name)          # config._name_or_path: a relative dir
+    model = AutoModelForCausalLM.from_pretrained(Path(tiny_model).name)  # config._name_or_path: a relative dir
     wrapped = CalmModel.from_model(model, AutoTokenizer.from_pretrained(tiny_model), heads=trained_heads())
-    wrapped.save(tmp_path / "ckpt")                                              # save is save_pretrained
+    wrapped.save(tmp_path / "ckpt")  # save is save_pretrained
     config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert (config["backbone"], config["backbone_kind"]) == (str(Path(tiny_model).resolve()), "path")
     assert not (tmp_path / "ckpt" / "backbone").exists()
@@ -165,7 +177,7 @@ def test_an_included_backbone_stays_included_or_is_named_by_path(tiny_model, tmp
     model, tokenizer = random_model_with_tokenizer(tiny_model)
     CalmModel.from_model(model, tokenizer, heads=trained_heads()).save_pretrained(tmp_path / "a", include_backbone=True)
     loaded = CalmModel.from_pretrained(tmp_path / "a")
-    loaded.save_pretrained(tmp_path / "a", extra={"calibrated": True})          # e.g. calm calibrate --out the same dir
+    loaded.save_pretrained(tmp_path / "a", extra={"calibrated": True})  # e.g. calm calibrate --out the same dir
     assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["backbone_kind"] == "included"
     loaded.save_pretrained(tmp_path / "b")
     config = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
@@ -183,7 +195,10 @@ def test_a_relative_backbone_path_is_saved_absolute(tiny_model, tmp_path, monkey
 
 def test_the_calibration_is_typed_and_saved_as_its_dict(backbone_dir, tmp_path):
     model = CalmModel.from_pretrained(str(backbone_dir))
-    rows = (CalibrationRow(0.9, 0.0, 0.0, 0.0, 0.0, 4.0, 1.0, 0.0), CalibrationRow(0.5, 0.1, 0.0, 0.2, 0.3, 2.0, 1.5, 0.2))
+    rows = (
+        CalibrationRow(0.9, 0.0, 0.0, 0.0, 0.0, 4.0, 1.0, 0.0),
+        CalibrationRow(0.5, 0.1, 0.0, 0.2, 0.3, 2.0, 1.5, 0.2),
+    )
     model.calibration = CalibrationTable(rows, 0, 0.1, 0.05, 100, "hb", measure="state", decay_tau=0.0)
     model.save_pretrained(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["calibration"] == model.calibration.to_dict()
@@ -195,6 +210,7 @@ def lora_checkpoint(tiny_model: str, path: Path) -> Path:
     from calm import lora
     from calm.checkpoint import CheckpointConfig, save_checkpoint
     from calm.loading import load_backbone
+
     torch.manual_seed(5)
     peft_model = lora.attach(load_backbone(tiny_model).model, lora.LoraSpec(rank=2), 4)
     with torch.no_grad():
@@ -209,18 +225,19 @@ def lora_checkpoint(tiny_model: str, path: Path) -> Path:
 
 def test_a_merged_lora_adapter_goes_along_when_saved(tiny_model, tmp_path):
     from calm import lora
+
     adapted = CalmModel.from_pretrained(lora_checkpoint(tiny_model, tmp_path / "lora"))
     assert adapted.merged_adapter == tmp_path / "lora"
     plain = CalmModel.from_pretrained(tiny_model)
     prompts = ["the cat sat on the mat", "the council said a new plan for the city school"]
-    assert plain.generate(prompts, 6).token_ids != adapted.generate(prompts, 6).token_ids      # the adapter matters
-    adapted.save_pretrained(tmp_path / "named")                                 # e.g. calm calibrate --out elsewhere
+    assert plain.generate(prompts, 6).token_ids != adapted.generate(prompts, 6).token_ids  # the adapter matters
+    adapted.save_pretrained(tmp_path / "named")  # e.g. calm calibrate --out elsewhere
     assert lora.has_adapter(tmp_path / "named")
-    adapted.save_pretrained(tmp_path / "full", include_backbone=True)           # merged into the included backbone
+    adapted.save_pretrained(tmp_path / "full", include_backbone=True)  # merged into the included backbone
     assert not lora.has_adapter(tmp_path / "full")
     for copy in ("named", "full"):
         same_outputs(adapted, CalmModel.from_pretrained(tmp_path / copy), prompts)
-    adapted.save_pretrained(tmp_path / "lora", extra={"calibrated": True})      # into its own directory: kept as is
+    adapted.save_pretrained(tmp_path / "lora", extra={"calibrated": True})  # into its own directory: kept as is
     same_outputs(adapted, CalmModel.from_pretrained(tmp_path / "lora"), prompts)
 
 

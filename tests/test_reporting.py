@@ -19,7 +19,7 @@ def test_report_files_are_written_together_as_json_and_markdown(tmp_path):
     files = write_json_markdown(tmp_path / "new", "r", {"x": 1.5}, "# r\n")
     assert [f.name for f in files] == ["r.json", "r.md"]
     assert json.loads(files[0].read_text()) == {"x": 1.5} and files[1].read_text() == "# r\n"
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json", "r.md"]     # no temporary left
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json", "r.md"]  # no temporary left
 
 
 def test_json_safe_turns_every_non_finite_float_into_null():
@@ -27,7 +27,7 @@ def test_json_safe_turns_every_non_finite_float_into_null():
     safe = json_safe(report)
     assert safe == {"a": None, "b": [1.0, None, {"c": None, "d": [2, None]}], "e": "nan", "f": 3}
     assert json.loads(json.dumps(safe, allow_nan=False)) == safe
-    assert report["a"] is not None and math.isnan(report["a"])                          # the input is left alone
+    assert report["a"] is not None and math.isnan(report["a"])  # the input is left alone
 
 
 def test_numbers_not_measured_show_as_a_dash():

@@ -30,5 +30,5 @@ def test_jobs_are_keyed_by_prompt_sample_and_seed(training_setup, tmp_path):
     assert [(j.record_id, j.sample) for j in jobs] == [("1", 0), ("1", 1), ("2", 0), ("2", 1)]
     assert len({j.key for j in jobs}) == 4 and summary_jobs(calm, documents, config, samples=2) == jobs
     reseeded = summary_jobs(calm, documents, training_config(training_setup, tmp_path / "o", seed=9), samples=2)
-    assert [j.key for j in reseeded][0::2] == [j.key for j in jobs][0::2]     # greedy summaries need no seed
+    assert [j.key for j in reseeded][0::2] == [j.key for j in jobs][0::2]  # greedy summaries need no seed
     assert [j.key for j in reseeded][1::2] != [j.key for j in jobs][1::2]

@@ -24,8 +24,10 @@ class GPT2Adapter(Adapter):
     def __init__(self, model: PreTrainedModel) -> None:
         cfg = model.config
         if getattr(cfg, "add_cross_attention", False):
-            raise UnsupportedModelError("calm's GPT-2 adapter does not support GPT-2 models with add_cross_attention=True "
-                                        "(a decoder of an encoder-decoder model)")
+            raise UnsupportedModelError(
+                "calm's GPT-2 adapter does not support GPT-2 models with add_cross_attention=True "
+                "(a decoder of an encoder-decoder model)"
+            )
         if not hasattr(model, "transformer") or model.get_output_embeddings() is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no LM head; load it as a GPT2LMHeadModel")
         super().__init__(model)
@@ -38,7 +40,7 @@ class GPT2Adapter(Adapter):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.n_positions
-        scale = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
         self.scales = tuple(scale / (i + 1) if by_layer else scale for i in range(self.num_layers))
         self.upcast = bool(getattr(cfg, "reorder_and_upcast_attn", False))
@@ -46,16 +48,24 @@ class GPT2Adapter(Adapter):
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.inner.wte(ids) + self.inner.wpe(positions)
 
-    def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int, encoder: EncoderMemory | None = None,
-                slot_positions: torch.Tensor | None = None) -> StepContext:
-        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]), start=start)
+    def context(
+        self,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor,
+        start: int,
+        encoder: EncoderMemory | None = None,
+        slot_positions: torch.Tensor | None = None,
+    ) -> StepContext:
+        return StepContext(
+            positions=positions, mask=padding_free_mask(key_mask, start, positions.shape[1]), start=start
+        )
 
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].ln_1(h)
 
     def _project(self, layer: int, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """Columns first..first+count-1 (in units of hidden_size) of c_attn(x), as heads [B, n*H, T, D_head]."""
-        c_attn = self.layers[layer].attn.c_attn                       # Conv1D: x @ weight + bias
+        c_attn = self.layers[layer].attn.c_attn  # Conv1D: x @ weight + bias
         d = self.hidden_size
         cols = slice(first * d, (first + count) * d)
         b, t, _ = x.shape
@@ -63,11 +73,19 @@ class GPT2Adapter(Adapter):
         return y.view(b, t, count * self.num_heads, self.head_dim).transpose(1, 2)
 
     def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self._project(layer, x, 1, 2)                             # k | v
-        return kv[:, :self.num_heads], kv[:, self.num_heads:]
+        kv = self._project(layer, x, 1, 2)  # k | v
+        return kv[:, : self.num_heads], kv[:, self.num_heads :]
 
-    def finish_layer(self, layer: int, h: torch.Tensor, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    def finish_layer(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: StepContext,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         block = self.layers[layer]
         q = self._project(layer, x, 0, 1)
         if self.upcast and q.dtype != torch.float32:

@@ -30,7 +30,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """t [..., B, H, T, D]; cos, sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]                                   # [B, 1, T, D]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
     return t * cos + rotate_half(t) * sin
 
 
@@ -73,7 +73,7 @@ class LlamaAdapter(Adapter):
         if not hasattr(model, "model") or model.get_output_embeddings() is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no LM head; load it as a ...ForCausalLM model")
         super().__init__(model)
-        self.inner: Any = model.model                   # transformers' modules: see Adapter
+        self.inner: Any = model.model  # transformers' modules: see Adapter
         self.layers: Any = self.inner.layers
         self.num_layers = len(self.layers)
         self.num_heads = cfg.num_attention_heads
@@ -84,31 +84,46 @@ class LlamaAdapter(Adapter):
         self.windows = layer_windows(cfg, self.num_layers)
         self.window = next((w for w in self.windows if w is not None), None)
         self.rope_layers = rope_layers(cfg, self.num_layers)
-        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None   # see _stacked_kv
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # see _stacked_kv
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
 
-    def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int, encoder: EncoderMemory | None = None,
-                slot_positions: torch.Tensor | None = None) -> StepContext:
+    def context(
+        self,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor,
+        start: int,
+        encoder: EncoderMemory | None = None,
+        slot_positions: torch.Tensor | None = None,
+    ) -> StepContext:
         cos, sin = self._rope_tables(positions)
         t = positions.shape[1]
         window_mask = padding_free_mask(key_mask, start, t, self.window) if self.window is not None else None
-        if self.window is not None and slot_positions is not None:         # holes: window by position, not slot
-            reach = slot_positions[:, None, None, :start + t] > positions[:, None, :, None] - self.window
-            own = torch.arange(start + t, device=positions.device) == torch.arange(start, start + t,
-                                                                                  device=positions.device)[:, None]
-            window_mask = attention_mask(key_mask, start, t) & (reach | own)                # [B, 1, T, S]
-        return StepContext(positions=positions, mask=padding_free_mask(key_mask, start, t), start=start,
-                           rope=(cos, sin), window=self.window, window_mask=window_mask)
+        if self.window is not None and slot_positions is not None:  # holes: window by position, not slot
+            reach = slot_positions[:, None, None, : start + t] > positions[:, None, :, None] - self.window
+            own = (
+                torch.arange(start + t, device=positions.device)
+                == torch.arange(start, start + t, device=positions.device)[:, None]
+            )
+            window_mask = attention_mask(key_mask, start, t) & (reach | own)  # [B, 1, T, S]
+        return StepContext(
+            positions=positions,
+            mask=padding_free_mask(key_mask, start, t),
+            start=start,
+            rope=(cos, sin),
+            window=self.window,
+            window_mask=window_mask,
+        )
 
-    def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
-                       encoder: EncoderMemory | None = None) -> StepContext:
+    def static_context(
+        self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor, encoder: EncoderMemory | None = None
+    ) -> StepContext:
         if self.window is not None:
-            raise UnsupportedModelError("the static engine does not implement sliding-window attention yet; "
-                                        "use engine='dynamic' for this model")
-        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
-                           rope=self._rope_tables(positions))
+            raise UnsupportedModelError(
+                "the static engine does not implement sliding-window attention yet; use engine='dynamic' for this model"
+            )
+        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, rope=self._rope_tables(positions))
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, T, D_head] of positions [B, T]."""
@@ -126,7 +141,7 @@ class LlamaAdapter(Adapter):
         y = proj(x).view(b, t, n, self.head_dim)
         if norm is not None:
             y = norm(y)
-        return y.transpose(1, 2)                                    # [B, n, T, D_head]
+        return y.transpose(1, 2)  # [B, n, T, D_head]
 
     def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.layers[layer].self_attn
@@ -135,8 +150,16 @@ class LlamaAdapter(Adapter):
         cos, sin = rope_tables(ctx)
         return self._rope(layer, k, cos, sin), v
 
-    def finish_layer(self, layer: int, h: torch.Tensor, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    def finish_layer(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: StepContext,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         block = self.layers[layer]
         attn = block.self_attn
         q = self._heads(attn.q_proj, x, self.num_heads, getattr(attn, "q_norm", None))
@@ -156,9 +179,9 @@ class LlamaAdapter(Adapter):
         b, t, d = x_source.shape
         eps = self.layers[0].input_layernorm.variance_epsilon
         h = x_source.float()
-        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x_source.dtype)    # [B, T, D]
-        x = h.reshape(1, b * t, d) * norm_w[first:, None, :]                                # [n, B*T, D]
-        kv = torch.bmm(x, kv_w[first:].transpose(1, 2))                                    # [n, B*T, 2*H_kv*D_head]
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x_source.dtype)  # [B, T, D]
+        x = h.reshape(1, b * t, d) * norm_w[first:, None, :]  # [n, B*T, D]
+        kv = torch.bmm(x, kv_w[first:].transpose(1, 2))  # [n, B*T, 2*H_kv*D_head]
         if kv_b is not None:
             kv = kv + kv_b[first:, None, :]
         kv = kv.view(-1, b, t, 2, self.num_kv_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)  # [2, n, B, H_kv, T, D]

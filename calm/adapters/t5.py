@@ -36,10 +36,11 @@ class T5Adapter(Adapter):
     def __init__(self, model: PreTrainedModel) -> None:
         cfg = model.config
         if not hasattr(model, "lm_head") or not hasattr(model, "decoder"):
-            raise UnsupportedModelError(f"{type(model).__name__} has no decoder with an LM head; load it as "
-                                        "a ...ForConditionalGeneration model")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no decoder with an LM head; load it as a ...ForConditionalGeneration model"
+            )
         super().__init__(model)
-        self.encoder: Any = cast(Any, model.encoder)    # transformers' modules: see Adapter
+        self.encoder: Any = cast(Any, model.encoder)  # transformers' modules: see Adapter
         self.decoder: Any = cast(Any, model.decoder)
         self.layers: Any = self.decoder.block
         self.num_layers = len(self.layers)
@@ -53,21 +54,24 @@ class T5Adapter(Adapter):
         scale = getattr(cfg, "scale_decoder_outputs", None)
         if scale is None:
             scale = cfg.model_type == "t5" and bool(getattr(cfg, "tie_word_embeddings", True))
-        self.output_scale = cfg.d_model ** -0.5 if scale else None
+        self.output_scale = cfg.d_model**-0.5 if scale else None
         self.relative_bias = self.layers[0].layer[0].SelfAttention
 
     # ---- encoder ------------------------------------------------------------------------------
 
     def _heads(self, proj: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)    # [B, H, T, D_head]
+        return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D_head]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncoderMemory:
         mask = attention_mask.bool()
         out = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         cross = [block.layer[1].EncDecAttention for block in self.layers]
-        return EncoderMemory(cross_k=tuple(self._heads(a.k, out) for a in cross),
-                             cross_v=tuple(self._heads(a.v, out) for a in cross), mask=mask)
+        return EncoderMemory(
+            cross_k=tuple(self._heads(a.k, out) for a in cross),
+            cross_v=tuple(self._heads(a.v, out) for a in cross),
+            mask=mask,
+        )
 
     def decoder_start_ids(self, batch: int) -> torch.Tensor:
         start = self.model.config.decoder_start_token_id
@@ -84,35 +88,56 @@ class T5Adapter(Adapter):
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(ids)
 
-    def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int, encoder: EncoderMemory | None = None,
-                slot_positions: torch.Tensor | None = None) -> StepContext:
+    def context(
+        self,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor,
+        start: int,
+        encoder: EncoderMemory | None = None,
+        slot_positions: torch.Tensor | None = None,
+    ) -> StepContext:
         if encoder is None:
             raise ValueError("the T5 decoder needs the encoder's memory (call encode() first)")
         t = positions.shape[1]
         if slot_positions is None:
             bias = self.relative_bias.compute_bias(t, start + t, device=positions.device, past_seen_tokens=start)
         else:
-            bias = self._row_bias(positions, slot_positions[:, :start + t])
-        return StepContext(positions=positions, mask=attention_mask(key_mask, start, t), start=start,
-                           position_bias=bias.to(self.dtype), encoder=encoder)
+            bias = self._row_bias(positions, slot_positions[:, : start + t])
+        return StepContext(
+            positions=positions,
+            mask=attention_mask(key_mask, start, t),
+            start=start,
+            position_bias=bias.to(self.dtype),
+            encoder=encoder,
+        )
 
-    def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
-                       encoder: EncoderMemory | None = None) -> StepContext:
+    def static_context(
+        self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor, encoder: EncoderMemory | None = None
+    ) -> StepContext:
         if encoder is None:
             raise ValueError("the T5 decoder needs the encoder's memory (call encode() first)")
         # query slot `slot` against every key slot; past_seen_tokens may be a tensor (no host sync)
         bias = self.relative_bias.compute_bias(1, key_mask.shape[1], device=key_mask.device, past_seen_tokens=slot)
-        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot,
-                           position_bias=bias.to(self.dtype), encoder=encoder)
+        return StepContext(
+            positions=positions,
+            mask=slot_mask(key_mask),
+            start=slot,
+            position_bias=bias.to(self.dtype),
+            encoder=encoder,
+        )
 
     def _row_bias(self, positions: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
         """Relative position bias [B, H, T, S] from each row's query positions [B, T] and its key slots'
         positions [B, S]."""
         attn = self.relative_bias
-        relative = slot_positions[:, None, :] - positions[:, :, None]                  # [B, T, S]
-        buckets = attn._relative_position_bucket(relative, bidirectional=False, num_buckets=attn.relative_attention_num_buckets,
-                                                 max_distance=attn.relative_attention_max_distance)
-        return attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)              # [B, H, T, S]
+        relative = slot_positions[:, None, :] - positions[:, :, None]  # [B, T, S]
+        buckets = attn._relative_position_bucket(
+            relative,
+            bidirectional=False,
+            num_buckets=attn.relative_attention_num_buckets,
+            max_distance=attn.relative_attention_max_distance,
+        )
+        return attn.relative_attention_bias(buckets).permute(0, 3, 1, 2)  # [B, H, T, S]
 
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].layer[0].layer_norm(h)
@@ -121,8 +146,16 @@ class T5Adapter(Adapter):
         attn = self.layers[layer].layer[0].SelfAttention
         return self._heads(attn.k, x), self._heads(attn.v, x)
 
-    def finish_layer(self, layer: int, h: torch.Tensor, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext,
-                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    def finish_layer(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: StepContext,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         block = self.layers[layer]
         self_attn = block.layer[0].SelfAttention
         q = self._heads(self_attn.q, x)
@@ -135,7 +168,7 @@ class T5Adapter(Adapter):
         if enc is None:
             raise ValueError("the T5 decoder needs the encoder's memory in its context (call encode() first)")
         q = self._heads(cross.q, cross_layer.layer_norm(h))
-        enc_mask = pick(enc.mask, rows)[:, None, None, :]                         # [R, 1, 1, T_enc]
+        enc_mask = pick(enc.mask, rows)[:, None, None, :]  # [R, 1, 1, T_enc]
         out = attend(q, pick(enc.cross_k[layer], rows), pick(enc.cross_v[layer], rows), enc_mask, 1.0)
         h = _clamp_fp16(h + cross.o(out))
         return _clamp_fp16(block.layer[-1](h))

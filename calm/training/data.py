@@ -37,16 +37,17 @@ if TYPE_CHECKING:
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens")
-MIN_CONTEXT = 8             # text-chunk positions start after this many tokens of context
+MIN_CONTEXT = 8  # text-chunk positions start after this many tokens of context
 
 
 # ---- files ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TrainingData:
-    documents: tuple[tuple[str, Record], ...]     # (file, record)
-    texts: tuple[tuple[str, str], ...]            # (file, text)
-    files: tuple[dict, ...]                       # what each file is, for the checkpoint's record
+    documents: tuple[tuple[str, Record], ...]  # (file, record)
+    texts: tuple[tuple[str, str], ...]  # (file, text)
+    files: tuple[dict, ...]  # what each file is, for the checkpoint's record
 
 
 def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> TrainingData:
@@ -62,8 +63,12 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
         if suffix in JSONL_SUFFIXES:
             records, skipped = read_training_jsonl(p)
             documents.extend((str(path), r) for r in records)
-            entry: dict[str, Any] = {"path": str(path), "kind": "jsonl", "records": len(records),
-                                     "sha256": file_hash(p)}
+            entry: dict[str, Any] = {
+                "path": str(path),
+                "kind": "jsonl",
+                "records": len(records),
+                "sha256": file_hash(p),
+            }
             if skipped:
                 entry["skipped_empty_documents_at_lines"] = skipped
             files.append(entry)
@@ -73,8 +78,10 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
         else:
             if not p.is_file():
                 raise InputError(f"file not found: {p}")
-            raise InputError(f"{p}: unsupported training data file; give .jsonl records (a 'document' field and "
-                             f"optional 'summary') or plain UTF-8 text ({', '.join(TEXT_SUFFIXES)})")
+            raise InputError(
+                f"{p}: unsupported training data file; give .jsonl records (a 'document' field and "
+                f"optional 'summary') or plain UTF-8 text ({', '.join(TEXT_SUFFIXES)})"
+            )
     if max_docs is not None:
         documents = documents[:max_docs]
     if not documents and not texts:
@@ -100,6 +107,7 @@ def file_hash(path: Path) -> str:
 
 # ---- sequences ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TrainSequence:
     """One token sequence and the positions of it that train: position p predicts targets[i]."""
@@ -107,7 +115,7 @@ class TrainSequence:
     ids: tuple[int, ...]
     positions: tuple[int, ...]
     targets: tuple[int, ...]
-    kind: str                 # "summary" | "reference" | "text"
+    kind: str  # "summary" | "reference" | "text"
     source: str
 
 
@@ -120,8 +128,9 @@ def summary_sequence(prompt_ids: Sequence[int], summary_ids: Sequence[int], kind
     """prompt + summary; the positions are the n predictions that wrote the n summary tokens."""
     n, p = len(summary_ids), len(prompt_ids)
     ids = tuple(prompt_ids) + tuple(summary_ids)
-    return TrainSequence(ids=ids, positions=tuple(range(p - 1, p + n - 1)), targets=tuple(summary_ids),
-                         kind=kind, source=source)
+    return TrainSequence(
+        ids=ids, positions=tuple(range(p - 1, p + n - 1)), targets=tuple(summary_ids), kind=kind, source=source
+    )
 
 
 def has_summary(record: Record) -> bool:
@@ -148,45 +157,62 @@ def lora_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig) -> 
         seq = reference_sequence(calm, record, source, config)
         prompt_length = len(seq.ids) - len(seq.targets)
         doc = torch.randperm(prompt_length - 1, generator=generator(config.seed, "doc", number))
-        positions = tuple(sorted(doc[:config.doc_positions].tolist())) + seq.positions
-        out.append(TrainSequence(ids=seq.ids, positions=positions, targets=tuple(seq.ids[p + 1] for p in positions),
-                                 kind="reference", source=source))
+        positions = tuple(sorted(doc[: config.doc_positions].tolist())) + seq.positions
+        out.append(
+            TrainSequence(
+                ids=seq.ids,
+                positions=positions,
+                targets=tuple(seq.ids[p + 1] for p in positions),
+                kind="reference",
+                source=source,
+            )
+        )
     return out + text_chunks(calm.tokenizer, data.texts, config)
 
 
-def text_chunks(tokenizer: Any, texts: Sequence[tuple[str, str]], config: TrainConfig,
-                all_positions: bool = False) -> list[TrainSequence]:
+def text_chunks(
+    tokenizer: Any, texts: Sequence[tuple[str, str]], config: TrainConfig, all_positions: bool = False
+) -> list[TrainSequence]:
     """Chunks of chunk_tokens tokens of the text files, max_chunks of them picked at random
     (seeded) across all files, each with positions_per_chunk random positions."""
     chunks: list[tuple[str, list[int]]] = []
     for source, text in texts:
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         for start in range(0, len(ids), config.chunk_tokens):
-            piece = ids[start:start + config.chunk_tokens]
+            piece = ids[start : start + config.chunk_tokens]
             if len(piece) >= 2:
                 chunks.append((source, piece))
     if texts and not chunks:
         raise InputError(f"the text files ({', '.join(s for s, _ in texts)}) hold fewer than 2 tokens")
     if config.max_chunks is not None and len(chunks) > config.max_chunks:
-        pick = torch.randperm(len(chunks), generator=generator(config.seed, "chunks"))[:config.max_chunks]
+        pick = torch.randperm(len(chunks), generator=generator(config.seed, "chunks"))[: config.max_chunks]
         chunks = [chunks[i] for i in sorted(pick.tolist())]
     out = []
     for number, (source, piece) in enumerate(chunks):
         first = min(MIN_CONTEXT, len(piece) - 2)
-        candidates = torch.arange(first, len(piece) - 1)                  # every position has a next token
+        candidates = torch.arange(first, len(piece) - 1)  # every position has a next token
         if not all_positions and candidates.numel() > config.positions_per_chunk:
             order = torch.randperm(candidates.numel(), generator=generator(config.seed, "positions", number))
-            candidates = candidates[order[:config.positions_per_chunk]].sort().values
+            candidates = candidates[order[: config.positions_per_chunk]].sort().values
         positions = tuple(candidates.tolist())
-        out.append(TrainSequence(ids=tuple(piece), positions=positions, targets=tuple(piece[p + 1] for p in positions),
-                                 kind="text", source=source))
+        out.append(
+            TrainSequence(
+                ids=tuple(piece),
+                positions=positions,
+                targets=tuple(piece[p + 1] for p in positions),
+                kind="text",
+                source=source,
+            )
+        )
     return out
 
 
 # ---- the model's own summaries (calm.training.summaries) ------------------------------------------
 
-def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator,
-                          progress: ProgressUi | None) -> tuple[list[TrainSequence], int, float]:
+
+def own_summary_sequences(
+    calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator, progress: ProgressUi | None
+) -> tuple[list[TrainSequence], int, float]:
     """Prompt + the model's own summary of the documents (mode heads: all of them, summaries_per_doc
     each; finetune: those without a reference summary), the summaries generated by this run, and
     the seconds spent on them. Several processes share the jobs and merge their caches."""
@@ -213,8 +239,13 @@ def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConf
         accelerator.wait_for_everyone()
     cache = read_summary_cache(cache_path)
     seconds = time.perf_counter() - t0
-    sequences = [summary_sequence(encode_prompt(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"],
-                                  "summary", job.source) for job in jobs if cache[job.key]["token_ids"]]
+    sequences = [
+        summary_sequence(
+            encode_prompt(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"], "summary", job.source
+        )
+        for job in jobs
+        if cache[job.key]["token_ids"]
+    ]
     return sequences, generated, seconds
 
 
@@ -223,8 +254,8 @@ class Sequences:
     """The sequences of a run, this process's share of them, and how the summaries among them came about."""
 
     all: tuple[TrainSequence, ...]
-    local: tuple[TrainSequence, ...]          # every num_processes-th, from process_index
-    summaries_generated: int                  # by this run (the rest came from the cache)
+    local: tuple[TrainSequence, ...]  # every num_processes-th, from process_index
+    summaries_generated: int  # by this run (the rest came from the cache)
     summaries_seconds: float
 
     @property
@@ -232,8 +263,9 @@ class Sequences:
         return sum(len(s.positions) for s in self.all)
 
 
-def training_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator,
-                       progress: ProgressUi | None) -> Sequences:
+def training_sequences(
+    calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator, progress: ProgressUi | None
+) -> Sequences:
     """What the run trains on. heads: own summaries and text chunks; finetune: reference summaries
     where the data has them (own summaries otherwise) and text chunks; lora: `lora_sequences`."""
     if config.mode == "lora":

@@ -40,7 +40,7 @@ class EpochSampler:
         while count > 0:
             epoch, offset = divmod(i, self.size)
             take = min(count, self.size - offset)
-            out.append(self._perm(epoch)[offset:offset + take])
+            out.append(self._perm(epoch)[offset : offset + take])
             i += take
             count -= take
         return torch.cat(out)

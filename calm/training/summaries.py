@@ -38,15 +38,19 @@ class SummaryJob:
     prompt: str
 
 
-def summary_jobs(calm: CalmModel, documents: Iterable[tuple[str, Record]], config: TrainConfig,
-                 samples: int) -> list[SummaryJob]:
+def summary_jobs(
+    calm: CalmModel, documents: Iterable[tuple[str, Record]], config: TrainConfig, samples: int
+) -> list[SummaryJob]:
     jobs = []
     for source, record in documents:
         prompt = document_prompt(calm.tokenizer, record.document, config)
         for sample in range(samples):
             settings = (prompt, config.summary_tokens, sample, config.seed if sample else None)
-            jobs.append(SummaryJob(hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24], source,
-                                   record.id, sample, prompt))
+            jobs.append(
+                SummaryJob(
+                    hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24], source, record.id, sample, prompt
+                )
+            )
     return jobs
 
 
@@ -68,8 +72,13 @@ def write_summary_cache(path: Path, rows: Iterable[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
-def generate_summaries(calm: CalmModel, jobs: Sequence[SummaryJob], config: TrainConfig, cache_path: Path,
-                       progress: ProgressUi | None = None) -> tuple[dict[str, dict], int]:
+def generate_summaries(
+    calm: CalmModel,
+    jobs: Sequence[SummaryJob],
+    config: TrainConfig,
+    cache_path: Path,
+    progress: ProgressUi | None = None,
+) -> tuple[dict[str, dict], int]:
     """The model's own summaries for `jobs`, from the cache where it has them; the cache is
     rewritten (atomically) after every batch, so an interrupted run loses at most one batch."""
     from calm.policy import ExitPolicy
@@ -81,19 +90,30 @@ def generate_summaries(calm: CalmModel, jobs: Sequence[SummaryJob], config: Trai
     task = progress.add_task("summaries", total=len(missing)) if progress is not None and missing else None
     generated = 0
     for start in range(0, len(missing), config.gen_batch_size):
-        batch = missing[start:start + config.gen_batch_size]
-        same = [j for j in batch if j.sample == batch[0].sample]      # greedy and sampled rows never share a batch
+        batch = missing[start : start + config.gen_batch_size]
+        same = [j for j in batch if j.sample == batch[0].sample]  # greedy and sampled rows never share a batch
         rest = [j for j in batch if j.sample != batch[0].sample]
         for group in (same, rest):
             if not group:
                 continue
             sampled = group[0].sample > 0
-            out = calm.generate([j.prompt for j in group], max_new_tokens=config.summary_tokens,
-                                policy=ExitPolicy.never(), do_sample=sampled, top_p=0.9 if sampled else 1.0,
-                                seed=mix(config.seed, "summaries", group[0].key) if sampled else None)
+            out = calm.generate(
+                [j.prompt for j in group],
+                max_new_tokens=config.summary_tokens,
+                policy=ExitPolicy.never(),
+                do_sample=sampled,
+                top_p=0.9 if sampled else 1.0,
+                seed=mix(config.seed, "summaries", group[0].key) if sampled else None,
+            )
             for job, ids, text in zip(group, out.token_ids, out.texts):
-                cache[job.key] = {"key": job.key, "source": job.source, "id": job.record_id, "sample": job.sample,
-                                  "text": text, "token_ids": list(ids)}
+                cache[job.key] = {
+                    "key": job.key,
+                    "source": job.source,
+                    "id": job.record_id,
+                    "sample": job.sample,
+                    "text": text,
+                    "token_ids": list(ids),
+                }
             generated += len(group)
         write_summary_cache(cache_path, cache.values())
         if progress is not None and task is not None:
