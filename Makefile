@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.calm-installed
 
-.PHONY: setup demo test test-fast bench reports clean
+.PHONY: setup demo test test-fast lint bench reports clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+lint: setup       # ruff (lint and format) over the repo, mypy over calm/ (pyproject.toml configures both)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py

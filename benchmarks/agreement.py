@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from calm.bench import write_json_markdown
 from calm.errors import CalmError
+from calm.eval.reporting import write_json_markdown
 from calm.training import agreement_markdown, agreement_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,13 +33,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @click.option("--device", default=None, help="cpu or cuda [default: cuda if available].")
 @click.option("--name", default=None, help="Output file stem [default: agreement_<checkpoint dir name>].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=str(RESULTS))
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="JSONL keeping the generated summaries between reports (they do not depend on the heads).")
+@click.option(
+    "--cache",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSONL keeping the generated summaries between reports (they do not depend on the heads).",
+)
 def main(checkpoint, data, num_docs, summary_tokens, max_doc_tokens, gen_batch_size, device, name, out_dir, cache):
     try:
-        report = agreement_report(checkpoint, data, num_docs, summary_tokens=summary_tokens,
-                                  max_doc_tokens=max_doc_tokens, gen_batch_size=gen_batch_size, device=device,
-                                  cache=cache)
+        report = agreement_report(
+            checkpoint,
+            data,
+            num_docs,
+            summary_tokens=summary_tokens,
+            max_doc_tokens=max_doc_tokens,
+            gen_batch_size=gen_batch_size,
+            device=device,
+            cache=cache,
+        )
     except CalmError as exc:
         raise click.ClickException(str(exc)) from exc
     report["command"] = " ".join(["python", *sys.argv])

@@ -19,8 +19,9 @@ import time
 import torch
 
 from calm import CalmModel, ExitPolicy
-from calm.bench import machine_info, machine_markdown, transformers_generate, write_json_markdown
+from calm.bench import transformers_generate
 from calm.data import read_jsonl
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.prompts import PromptFormat, fit_prompts
 
 
@@ -33,17 +34,26 @@ def time_hf(model: CalmModel, batch, new_tokens: int) -> tuple[float, tuple[int,
 def run(args) -> dict:
     model = CalmModel.from_pretrained(args.model)
     docs = read_jsonl(args.data, limit=args.docs + 1)
-    prompts = fit_prompts(PromptFormat.for_model(model, args.new_tokens), [(f"document {d.id}", d.document) for d in docs])
+    prompts = fit_prompts(
+        PromptFormat.for_model(model, args.new_tokens), [(f"document {d.id}", d.document) for d in docs]
+    )
     batches = [model.encode_prompts(p.text, args.new_tokens) for p in prompts]
     warm, batches = batches[0], batches[1:]
     policies = {"full": ExitPolicy.never(), "exit15": ExitPolicy.fixed(args.exit_layer)}
-    for policy in policies.values():                                          # warm-up, excluded
+    for policy in policies.values():  # warm-up, excluded
         model.generate(warm.ids, max_new_tokens=4, policy=policy)
     time_hf(model, warm, 4)
     rows = []
     for i, batch in enumerate(batches):
-        rec = {"doc": i, "prompt_tokens": int(batch.ids.shape[1]), "hf_s": [], "full_s": [], "full_decode_ms": [],
-               "exit_decode_ms": [], "exit_s": []}
+        rec = {
+            "doc": i,
+            "prompt_tokens": int(batch.ids.shape[1]),
+            "hf_s": [],
+            "full_s": [],
+            "full_decode_ms": [],
+            "exit_decode_ms": [],
+            "exit_s": [],
+        }
         for _ in range(args.repeats):
             hf_s, hf_tokens = time_hf(model, batch, args.new_tokens)
             full = model.generate(batch.ids, max_new_tokens=args.new_tokens, policy=policies["full"])
@@ -62,37 +72,56 @@ def run(args) -> dict:
         rec["exit_vs_full_decode_speedup"] = rec["full_decode_ms"] / rec["exit_decode_ms"]
         rows.append(rec)
         print(json.dumps(rec), file=sys.stderr)
-    return {"benchmark": "engine", "model": args.model, "machine": machine_info(model.device, " ".join(sys.argv)),
-            "batch_size": 1, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "exit_layer": args.exit_layer, "documents": rows, "summary": summarize(rows)}
+    return {
+        "benchmark": "engine",
+        "model": args.model,
+        "machine": machine_info(model.device, " ".join(sys.argv)),
+        "batch_size": 1,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "exit_layer": args.exit_layer,
+        "documents": rows,
+        "summary": summarize(rows),
+    }
 
 
 def summarize(rows: list[dict]) -> dict:
     med = lambda key: statistics.median(r[key] for r in rows)
-    return {"all_tokens_identical": all(r["identical_tokens"] for r in rows),
-            "full_vs_hf_speedup_median": med("full_vs_hf_speedup"),
-            "exit_vs_full_decode_speedup_median": med("exit_vs_full_decode_speedup"),
-            "hf_s_median": med("hf_s"), "full_s_median": med("full_s"),
-            "full_decode_ms_per_token_median": med("full_decode_ms"),
-            "exit_decode_ms_per_token_median": med("exit_decode_ms")}
+    return {
+        "all_tokens_identical": all(r["identical_tokens"] for r in rows),
+        "full_vs_hf_speedup_median": med("full_vs_hf_speedup"),
+        "exit_vs_full_decode_speedup_median": med("exit_vs_full_decode_speedup"),
+        "hf_s_median": med("hf_s"),
+        "full_s_median": med("full_s"),
+        "full_decode_ms_per_token_median": med("full_decode_ms"),
+        "exit_decode_ms_per_token_median": med("exit_decode_ms"),
+    }
 
 
 def markdown(report: dict) -> str:
     s, m = report["summary"], report["machine"]
-    lines = [f"# Engine benchmark: {report['model']}, batch size 1, {len(report['documents'])} XSum test documents", "",
-             *machine_markdown(m),
-             f"- (a) calm at full depth vs transformers `generate`: tokens identical on every document: "
-             f"**{s['all_tokens_identical']}**; median speed ratio **{s['full_vs_hf_speedup_median']:.2f}x** "
-             f"(whole generation incl. prefill, up to {report['new_tokens']} new tokens).",
-             f"- (b) forced exit at layer {report['exit_layer']} of 30 vs calm at full depth: median decode speedup "
-             f"**{s['exit_vs_full_decode_speedup_median']:.2f}x** per token "
-             f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} ms/token on this machine).", "",
-             "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | exit ms/tok | exit speedup |",
-             "|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Engine benchmark: {report['model']}, batch size 1, {len(report['documents'])} XSum test documents",
+        "",
+        *machine_markdown(m),
+        f"- (a) calm at full depth vs transformers `generate`: tokens identical on every document: "
+        f"**{s['all_tokens_identical']}**; median speed ratio **{s['full_vs_hf_speedup_median']:.2f}x** "
+        f"(whole generation incl. prefill, up to {report['new_tokens']} new tokens).",
+        f"- (b) forced exit at layer {report['exit_layer']} of 30 vs calm at full depth: median decode speedup "
+        f"**{s['exit_vs_full_decode_speedup_median']:.2f}x** per token "
+        f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} "
+        "ms/token on this machine).",
+        "",
+        "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | "
+        "exit ms/tok | exit speedup |",
+        "|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["documents"]:
-        lines.append(f"| {r['doc']} | {r['prompt_tokens']} | {r['new_tokens']} | {'yes' if r['identical_tokens'] else 'NO'} | "
-                     f"{r['hf_s']:.2f} | {r['full_s']:.2f} | {r['full_vs_hf_speedup']:.2f}x | {r['full_decode_ms']:.1f} | "
-                     f"{r['exit_decode_ms']:.1f} | {r['exit_vs_full_decode_speedup']:.2f}x |")
+        lines.append(
+            f"| {r['doc']} | {r['prompt_tokens']} | {r['new_tokens']} | {'yes' if r['identical_tokens'] else 'NO'} | "
+            f"{r['hf_s']:.2f} | {r['full_s']:.2f} | {r['full_vs_hf_speedup']:.2f}x | {r['full_decode_ms']:.1f} | "
+            f"{r['exit_decode_ms']:.1f} | {r['exit_vs_full_decode_speedup']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

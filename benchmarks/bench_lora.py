@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from calm import CalmModel
-from calm.bench import bench_prompts, format_speedup, machine_info, machine_markdown, transformers_generate, \
-    write_json_markdown
+from calm.bench import bench_prompts, transformers_generate
 from calm.data import read_jsonl
+from calm.eval.reporting import format_speedup, machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, generate_tokens
 from calm.policy import ExitPolicy
 
@@ -52,8 +52,10 @@ def decode_seconds(run_tokens, new_tokens: int) -> tuple[float, float]:
 
 
 def configurations(base: CalmModel, tuned: CalmModel, tolerances: list[float]) -> dict:
-    configs = {"transformers generate (original)": ("hf", base, None),
-               "calm full depth (fine-tuned)": ("calm", tuned, ExitPolicy.never())}
+    configs = {
+        "transformers generate (original)": ("hf", base, None),
+        "calm full depth (fine-tuned)": ("calm", tuned, ExitPolicy.never()),
+    }
     for delta in tolerances:
         policy = tuned.policy(tolerance=delta)
         configs[f"calm knob δ={delta:g} ({policy.measure} λ={policy.threshold:g})"] = ("calm", tuned, policy)
@@ -71,11 +73,14 @@ def run(args) -> dict:
     for i, prompt in enumerate(prompts):
         batch = tuned.encode_prompts([prompt], args.new_tokens)
         for name, (kind, model, policy) in configs.items():
-            run_tokens = functools.partial(hf_run, model, batch) if kind == "hf" else \
-                functools.partial(calm_run, model, batch, policy)
+            run_tokens = (
+                functools.partial(hf_run, model, batch)
+                if kind == "hf"
+                else functools.partial(calm_run, model, batch, policy)
+            )
             call = functools.partial(decode_seconds, run_tokens, args.new_tokens)
             if i == 0:
-                call()                                                   # warm-up
+                call()  # warm-up
             seconds, avg = call()
             per_token[name].append(seconds)
             layers[name].append(avg)
@@ -85,25 +90,45 @@ def run(args) -> dict:
     full = statistics.median(per_token["calm full depth (fine-tuned)"])
     for name in configs:
         ms = statistics.median(per_token[name])
-        rows.append({"config": name, "decode_ms_per_token": 1000 * ms, "avg_layers": statistics.fmean(layers[name]),
-                     "speedup_vs_full": full / ms, "speedup_vs_transformers_original": hf / ms})
-    return {"model": args.model, "data": args.data, "documents": len(prompts), "new_tokens": args.new_tokens,
-            "max_doc_tokens": args.max_doc_tokens, "rows": rows,
-            "machine": machine_info(tuned.device, "python " + " ".join(sys.argv))}
+        rows.append(
+            {
+                "config": name,
+                "decode_ms_per_token": 1000 * ms,
+                "avg_layers": statistics.fmean(layers[name]),
+                "speedup_vs_full": full / ms,
+                "speedup_vs_transformers_original": hf / ms,
+            }
+        )
+    return {
+        "model": args.model,
+        "data": args.data,
+        "documents": len(prompts),
+        "new_tokens": args.new_tokens,
+        "max_doc_tokens": args.max_doc_tokens,
+        "rows": rows,
+        "machine": machine_info(tuned.device, "python " + " ".join(sys.argv)),
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Decode speed of the fine-tuned default: {report['model']}", "",
-             f"Batch 1, {report['documents']} XSum test documents (cut to {report['max_doc_tokens']} tokens), "
-             f"{report['new_tokens']} new tokens each (EOS suppressed). Median over documents of the decode time per "
-             "token: the CPU time of a run of N tokens minus a run of 1 (prefill and first token), single-threaded, "
-             "so that other jobs on the machine do not inflate it; after one warm-up per configuration, "
-             "configurations alternate document by document in one process.", "",
-             "| configuration | decode CPU ms/token | avg layers | speedup vs calm full (fine-tuned) | "
-             "speedup vs transformers (original) |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['config']} | {r['decode_ms_per_token']:.2f} | {r['avg_layers']:.2f} | "
-              f"{format_speedup(r['speedup_vs_full'])} | {format_speedup(r['speedup_vs_transformers_original'])} |"
-              for r in report["rows"]]
+    lines = [
+        f"# Decode speed of the fine-tuned default: {report['model']}",
+        "",
+        f"Batch 1, {report['documents']} XSum test documents (cut to {report['max_doc_tokens']} tokens), "
+        f"{report['new_tokens']} new tokens each (EOS suppressed). Median over documents of the decode time per "
+        "token: the CPU time of a run of N tokens minus a run of 1 (prefill and first token), single-threaded, "
+        "so that other jobs on the machine do not inflate it; after one warm-up per configuration, "
+        "configurations alternate document by document in one process.",
+        "",
+        "| configuration | decode CPU ms/token | avg layers | speedup vs calm full (fine-tuned) | "
+        "speedup vs transformers (original) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['config']} | {r['decode_ms_per_token']:.2f} | {r['avg_layers']:.2f} | "
+        f"{format_speedup(r['speedup_vs_full'])} | {format_speedup(r['speedup_vs_transformers_original'])} |"
+        for r in report["rows"]
+    ]
     return "\n".join(lines + [""] + machine_markdown(report["machine"]))
 
 

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from calm import CalmModel
-from calm.bench import machine_info, machine_markdown, parse_run_spec, write_json_markdown
+from calm.bench import parse_run_spec
 from calm.checkpoint import store_extra
 from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import forward_layers, prefill
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
 from calm.lossless import STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
@@ -43,13 +44,13 @@ class Config:
     """One engine setting, and what its timed runs gave."""
 
     name: str
-    run: object                                   # (PromptBatch, new tokens) -> (tokens per row, SpeculativeStats | None)
-    spec: str | None = None                       # the calm.bench run spec of a speculative setting
-    times: dict = field(default_factory=dict)     # batch key -> [wall seconds]
-    cpu: dict = field(default_factory=dict)       # batch key -> [CPU seconds of this process]
-    stats: dict = field(default_factory=dict)     # batch key -> [SpeculativeStats]
-    tokens: dict = field(default_factory=dict)    # batch key -> tokens per row of the last run
-    identical: bool = True                        # tokens equal the reference's in every run
+    run: object  # (PromptBatch, new tokens) -> (tokens per row, SpeculativeStats | None)
+    spec: str | None = None  # the calm.bench run spec of a speculative setting
+    times: dict = field(default_factory=dict)  # batch key -> [wall seconds]
+    cpu: dict = field(default_factory=dict)  # batch key -> [CPU seconds of this process]
+    stats: dict = field(default_factory=dict)  # batch key -> [SpeculativeStats]
+    tokens: dict = field(default_factory=dict)  # batch key -> tokens per row of the last run
+    identical: bool = True  # tokens equal the reference's in every run
 
 
 def calm_runner(model: CalmModel, spec: str | None):
@@ -62,21 +63,36 @@ def calm_runner(model: CalmModel, spec: str | None):
         else:
             result = generate_speculative(model.network, batch, policy, config, speculative)
         return result.token_ids, result.speculative
+
     return run
 
 
 def hf_runner(model: CalmModel, early_exit: int | None = None):
     def run(batch: PromptBatch, new_tokens: int):
         kwargs = {} if early_exit is None else {"assistant_early_exit": early_exit}
-        out = model.model.generate(input_ids=batch.ids, attention_mask=batch.mask.long(), max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.pad_token_id,
-                                   eos_token_id=list(model.eos_token_ids) or None, **kwargs)
-        return tuple(tuple(r) for r in out[:, batch.ids.shape[1]:].tolist()), None
+        out = model.model.generate(
+            input_ids=batch.ids,
+            attention_mask=batch.mask.long(),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.pad_token_id,
+            eos_token_id=list(model.eos_token_ids) or None,
+            **kwargs,
+        )
+        return tuple(tuple(r) for r in out[:, batch.ids.shape[1] :].tolist()), None
+
     return run
 
 
-def timed(config: Config, key: str, batch: PromptBatch, new_tokens: int, reference: dict | None,
-          prefix_only: tuple[int, ...] = ()) -> None:
+def timed(
+    config: Config,
+    key: str,
+    batch: PromptBatch,
+    new_tokens: int,
+    reference: dict | None,
+    prefix_only: tuple[int, ...] = (),
+) -> None:
     """One timed run; its tokens are checked against reference[key] (with prefix_only = EOS ids: only
     up to the reference's first EOS, for transformers, which suppresses EOS to reach the length)."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -97,8 +113,9 @@ def _agrees(tokens: tuple[int, ...], reference: tuple[int, ...], eos: tuple[int,
 
 
 @torch.inference_mode()
-def forward_cost(model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] = (1, 2, 3, 5, 7),
-                 reps: int = 12) -> dict:
+def forward_cost(
+    model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] = (1, 2, 3, 5, 7), reps: int = 12
+) -> dict:
     """CPU seconds of one forward over all layers for T new positions after the prompt (batch 1), median
     of `reps` interleaved runs, relative to T = 1: what verifying T slots costs against one decode step."""
     net = model.network
@@ -107,7 +124,7 @@ def forward_cost(model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] =
     start, cost = state.cache.length, {}
     for _ in range(reps):
         for t in widths:
-            state.cache.key_mask[:, start:start + t] = True
+            state.cache.key_mask[:, start : start + t] = True
             positions = state.positions[:, None] + torch.arange(t)
             ctx = slot_context(net, state, positions, start)
             h = torch.randn(batch.ids.shape[0], t, net.adapter.hidden_size)
@@ -118,8 +135,9 @@ def forward_cost(model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] =
     return {str(t): statistics.median(v) / one for t, v in cost.items()}
 
 
-def round_robin(configs: list[Config], batches: dict[str, PromptBatch], new_tokens: int, repeats: int,
-                eos: tuple[int, ...]) -> None:
+def round_robin(
+    configs: list[Config], batches: dict[str, PromptBatch], new_tokens: int, repeats: int, eos: tuple[int, ...]
+) -> None:
     """A 4-token warm-up of each config, then per batch `repeats` rounds over all of them in turn. The
     first config (full depth) gives each batch's reference tokens."""
     for c in configs:
@@ -129,8 +147,11 @@ def round_robin(configs: list[Config], batches: dict[str, PromptBatch], new_toke
             for c in configs:
                 reference = configs[0].tokens if c is not configs[0] else None
                 timed(c, key, batch, new_tokens, reference, eos if c.name == HF else ())
-        print(f"{key}: " + ", ".join(f"{c.name} {statistics.median(c.cpu[key]):.2f}s" for c in configs),
-              file=sys.stderr, flush=True)
+        print(
+            f"{key}: " + ", ".join(f"{c.name} {statistics.median(c.cpu[key]):.2f}s" for c in configs),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_tokens: int) -> list[dict]:
@@ -146,13 +167,22 @@ def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_to
         drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
         row_cycles = sum(s.row_cycles for s in stats)
         tokens = batch_size * new_tokens * len(keys)
-        rows.append({"name": c.name, "spec": c.spec, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                     "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds, "identical": c.identical,
-                     "acceptance_rate": accepted / drafted if drafted else None,
-                     "mean_accepted_length": accepted / row_cycles if stats else None,
-                     "mean_draft_length": drafted / row_cycles if stats else None,
-                     "draft_s": sum(s.draft_s for s in stats) if stats else None,
-                     "verify_s": sum(s.verify_s for s in stats) if stats else None})
+        rows.append(
+            {
+                "name": c.name,
+                "spec": c.spec,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "tokens_per_s": tokens / seconds,
+                "tokens_per_cpu_s": tokens / cpu_seconds,
+                "identical": c.identical,
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "mean_accepted_length": accepted / row_cycles if stats else None,
+                "mean_draft_length": drafted / row_cycles if stats else None,
+                "draft_s": sum(s.draft_s for s in stats) if stats else None,
+                "verify_s": sum(s.verify_s for s in stats) if stats else None,
+            }
+        )
     full = next(r for r in rows if r["name"] == FULL)
     hf = next((r for r in rows if r["name"] == HF), None)
     for r in rows:
@@ -168,8 +198,12 @@ def run(args) -> dict:
     docs = read_jsonl(args.data, limit=max(args.docs, 8))
     prompts = [summary_prompt(truncate_document(model.tokenizer, d.document, args.max_doc_tokens)) for d in docs]
     single = {f"doc{i}": model.encode_prompts(prompts[i], args.new_tokens) for i in range(args.docs)}
-    specs = [f"spec:{e}:{k}" + (f":{c}" if c != "always" else "") for e in args.draft_layers for k in args.max_drafts
-             for c in args.controllers]
+    specs = [
+        f"spec:{e}:{k}" + (f":{c}" if c != "always" else "")
+        for e in args.draft_layers
+        for k in args.max_drafts
+        for c in args.controllers
+    ]
     configs = [Config(FULL, calm_runner(model, None)), Config(HF, hf_runner(model))]
     configs += [Config(f"speculative {s[5:]}", calm_runner(model, s), spec=s) for s in specs]
     eos = model.eos_token_ids
@@ -183,19 +217,30 @@ def run(args) -> dict:
         batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
     assistant = assistant_rows(model, args, single, configs)
     forward = forward_cost(model, next(iter(single.values())))
-    return {"benchmark": "speculative", "model": args.model, "new_tokens": args.new_tokens, "docs": args.docs,
-            "max_doc_tokens": args.max_doc_tokens, "repeats": args.repeats, "controllers": args.controllers,
-            "machine": machine_info(model.device, " ".join(sys.argv)), "wall_s": time.perf_counter() - t0,
-            "prompt_tokens": [int(b.mask.sum()) for b in single.values()],
-            "batch1": batch1, "batch8": batch8, "assistant": assistant, "best": best(batch1),
-            "forward_cost_vs_one_position": forward}
+    return {
+        "benchmark": "speculative",
+        "model": args.model,
+        "new_tokens": args.new_tokens,
+        "docs": args.docs,
+        "max_doc_tokens": args.max_doc_tokens,
+        "repeats": args.repeats,
+        "controllers": args.controllers,
+        "machine": machine_info(model.device, " ".join(sys.argv)),
+        "wall_s": time.perf_counter() - t0,
+        "prompt_tokens": [int(b.mask.sum()) for b in single.values()],
+        "batch1": batch1,
+        "batch8": batch8,
+        "assistant": assistant,
+        "best": best(batch1),
+        "forward_cost_vs_one_position": forward,
+    }
 
 
 def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) -> list[dict]:
     """transformers assistant_early_exit at each E, batch 1, on the first --assistant-docs documents, one
     timed run after a short warm-up; against transformers generate and calm's best k at that E on the same
     documents. Batch 8 is tried once and its refusal recorded."""
-    keys = list(single)[:args.assistant_docs]
+    keys = list(single)[: args.assistant_docs]
     hf = next(c for c in configs if c.name == HF)
     rows = []
     for e in args.draft_layers:
@@ -208,10 +253,19 @@ def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) 
         ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e]
         best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
         ours_s = sum(statistics.median(best_ours.cpu[k]) for k in keys)
-        rows.append({"draft_layer": e, "cpu_seconds": seconds, "tokens_per_cpu_s": args.new_tokens * len(keys) / seconds,
-                     "vs_transformers": hf_s / seconds, "identical_to_transformers": c.identical,
-                     "calm_best_at_E": best_ours.name, "calm_vs_assistant": seconds / ours_s, "docs": len(keys),
-                     "batch8": batch8_refusal(model, args, single, e)})
+        rows.append(
+            {
+                "draft_layer": e,
+                "cpu_seconds": seconds,
+                "tokens_per_cpu_s": args.new_tokens * len(keys) / seconds,
+                "vs_transformers": hf_s / seconds,
+                "identical_to_transformers": c.identical,
+                "calm_best_at_E": best_ours.name,
+                "calm_vs_assistant": seconds / ours_s,
+                "docs": len(keys),
+                "batch8": batch8_refusal(model, args, single, e),
+            }
+        )
         print(f"assistant E={e}: {seconds:.2f}s, calm {best_ours.name} {ours_s:.2f}s", file=sys.stderr, flush=True)
     return rows
 
@@ -234,42 +288,72 @@ def best(rows: list[dict]) -> dict | None:
 
 def markdown(report: dict) -> str:
     b = report["best"]
-    lines = [f"# Lossless speculative decoding: {report['model']}, CPU", "", *machine_markdown(report["machine"]),
-             f"{report['new_tokens']} new tokens per row (EOS ignored), XSum test documents cut to "
-             f"{report['max_doc_tokens']} tokens (prompts of {min(report['prompt_tokens'])}–"
-             f"{max(report['prompt_tokens'])} tokens), batch 1 over {report['docs']} documents and one batch of 8; "
-             f"median of {report['repeats']} round-robin runs after a warm-up, prefill included. The CPU was shared "
-             "with other jobs, so speeds are tokens per CPU second of this single-threaded process (time.process_time), "
-             "which time-slicing by other processes does not inflate; wall-clock ratios are listed beside them. "
-             f"Benchmark wall time {report['wall_s'] / 60:.1f} min.", ""]
+    lines = [
+        f"# Lossless speculative decoding: {report['model']}, CPU",
+        "",
+        *machine_markdown(report["machine"]),
+        f"{report['new_tokens']} new tokens per row (EOS ignored), XSum test documents cut to "
+        f"{report['max_doc_tokens']} tokens (prompts of {min(report['prompt_tokens'])}–"
+        f"{max(report['prompt_tokens'])} tokens), batch 1 over {report['docs']} documents and one batch of 8; "
+        f"median of {report['repeats']} round-robin runs after a warm-up, prefill included. The CPU was shared "
+        "with other jobs, so speeds are tokens per CPU second of this single-threaded process (time.process_time), "
+        "which time-slicing by other processes does not inflate; wall-clock ratios are listed beside them. "
+        f"Benchmark wall time {report['wall_s'] / 60:.1f} min.",
+        "",
+    ]
     if b is None:
         lines += ["**No speculative setting drafted at batch 1.**", ""]
     else:
-        lines += [f"**Best at batch 1 (of the settings that drafted): {b['name']}**, **{b['vs_full']:.2f}×** never-exit calm "
-                  f"({b['tokens_per_cpu_s']:.2f} tokens per CPU second; acceptance {_f(b['acceptance_rate'])}, "
-                  f"{_f(b['mean_accepted_length'])} drafts kept per step). Outputs identical to full depth in every run: "
-                  f"**{all(r['identical'] for r in report['batch1'] + report['batch8'])}**.", ""]
+        lines += [
+            f"**Best at batch 1 (of the settings that drafted): {b['name']}**, **{b['vs_full']:.2f}×** never-exit calm "
+            f"({b['tokens_per_cpu_s']:.2f} tokens per CPU second; acceptance {_f(b['acceptance_rate'])}, "
+            f"{_f(b['mean_accepted_length'])} drafts kept per step). Outputs identical to full depth in every run: "
+            f"**{all(r['identical'] for r in report['batch1'] + report['batch8'])}**.",
+            "",
+        ]
     for title, rows in (("Batch 1", report["batch1"]), ("Batch 8", report["batch8"])):
         if rows:
-            lines += [f"## {title}", "", "| config | tokens/CPU s | vs full | vs transformers | wall vs full | identical | "
-                      "acceptance | drafted per step | kept per step | draft s | verify s |", "|---|" + "---:|" * 10]
-            lines += [f"| {r['name']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_full']:.2f}× | {_f(r['vs_transformers'])}× | "
-                      f"{r['vs_full_wall']:.2f}× | {'yes' if r['identical'] else 'NO'} | {_f(r['acceptance_rate'])} | "
-                      f"{_f(r['mean_draft_length'])} | {_f(r['mean_accepted_length'])} | {_f(r['draft_s'])} | "
-                      f"{_f(r['verify_s'])} |" for r in rows]
+            lines += [
+                f"## {title}",
+                "",
+                "| config | tokens/CPU s | vs full | vs transformers | wall vs full | identical | "
+                "acceptance | drafted per step | kept per step | draft s | verify s |",
+                "|---|" + "---:|" * 10,
+            ]
+            lines += [
+                f"| {r['name']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_full']:.2f}× | {_f(r['vs_transformers'])}× | "
+                f"{r['vs_full_wall']:.2f}× | {'yes' if r['identical'] else 'NO'} | {_f(r['acceptance_rate'])} | "
+                f"{_f(r['mean_draft_length'])} | {_f(r['mean_accepted_length'])} | {_f(r['draft_s'])} | "
+                f"{_f(r['verify_s'])} |"
+                for r in rows
+            ]
             lines.append("")
-    lines += ["## transformers assistant_early_exit (batch 1)", "",
-              "| E | docs | tokens/CPU s | vs transformers generate | same tokens as generate | calm best at E | "
-              "calm speedup over it | batch 8 |", "|---:|---:|---:|---:|:---:|---|---:|---|"]
-    lines += [f"| {r['draft_layer']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_transformers']:.2f}× | "
-              f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
-              f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |" for r in report["assistant"]]
+    lines += [
+        "## transformers assistant_early_exit (batch 1)",
+        "",
+        "| E | docs | tokens/CPU s | vs transformers generate | same tokens as generate | calm best at E | "
+        "calm speedup over it | batch 8 |",
+        "|---:|---:|---:|---:|:---:|---|---:|---|",
+    ]
+    lines += [
+        f"| {r['draft_layer']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_transformers']:.2f}× | "
+        f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
+        f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |"
+        for r in report["assistant"]
+    ]
     cost = report["forward_cost_vs_one_position"]
-    lines += ["", "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
-              "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items()) + "."]
-    lines += ["", "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
-              "pass. draft s / verify s: wall seconds summed over the timed batches' last run (layers 1..E with the "
-              "exit head; layers E+1..L with the LM head, accept and rollback).", ""]
+    lines += [
+        "",
+        "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
+        "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items()) + ".",
+    ]
+    lines += [
+        "",
+        "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
+        "pass. draft s / verify s: wall seconds summed over the timed batches' last run (layers 1..E with the "
+        "exit head; layers E+1..L with the LM head, accept and rollback).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -282,9 +366,15 @@ def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
     if b is None:
         return None
     policy, spec = parse_run_spec(b["spec"])
-    setting = MeasuredSetting(draft_layer=spec.draft_layer, max_draft=spec.max_draft, measure=policy.measure,
-                              threshold=policy.threshold, speedup_vs_full=b["vs_full"],
-                              acceptance_rate=b["acceptance_rate"] or 0.0, report=report_file)
+    setting = MeasuredSetting(
+        draft_layer=spec.draft_layer,
+        max_draft=spec.max_draft,
+        measure=policy.measure,
+        threshold=policy.threshold,
+        speedup_vs_full=b["vs_full"],
+        acceptance_rate=b["acceptance_rate"] or 0.0,
+        report=report_file,
+    )
     store_extra(checkpoint, STORE_KEY, setting.to_dict())
     return setting.to_dict()
 
@@ -303,15 +393,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--draft-layers", type=_ints, default=[8, 12, 15, 20])
     parser.add_argument("--max-drafts", type=_ints, default=[2, 4, 6])
-    parser.add_argument("--controllers", type=lambda v: v.split(","), default=["classifier:0.7"],
-                        help="draft controllers, comma-separated: MEASURE:λ or 'always'")
+    parser.add_argument(
+        "--controllers",
+        type=lambda v: v.split(","),
+        default=["classifier:0.7"],
+        help="draft controllers, comma-separated: MEASURE:λ or 'always'",
+    )
     parser.add_argument("--assistant-docs", type=int, default=2)
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default=None, help="report file stem (default speculative_<model>)")
-    parser.add_argument("--store", default=None, metavar="CHECKPOINT",
-                        help="write the best batch-1 setting and its speedup into this calm checkpoint")
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="CHECKPOINT",
+        help="write the best batch-1 setting and its speedup into this calm checkpoint",
+    )
     args = parser.parse_args()
     report = run(args)
     stem = args.name or f"speculative_{args.model.rstrip('/').split('/')[-1]}"

@@ -17,8 +17,8 @@ import math
 import sys
 
 from calm import CalmModel
-from calm.bench import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.data import read_jsonl
+from calm.eval.reporting import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.eval.sweep import EvalConfig, run_eval
 from calm.knob import calibrated_decay_tau
 from calm.policy import ExitPolicy
@@ -36,42 +36,79 @@ def run(args) -> dict:
     records = read_jsonl(args.data, require_summary=True, limit=args.limit)
     points = {}
     if thresholds:
-        config = EvalConfig(model=args.model, data=args.data, thresholds=tuple(thresholds), measure=table.measure,
-                            min_exit_layer=table.min_exit_layer or 1, max_new_tokens=table.max_new_tokens,
-                            batch_size=args.batch_size, limit=args.limit, max_doc_tokens=table.max_doc_tokens,
-                            decay_tau=decay_tau, with_transformers=False)
+        config = EvalConfig(
+            model=args.model,
+            data=args.data,
+            thresholds=tuple(thresholds),
+            measure=table.measure,
+            min_exit_layer=table.min_exit_layer or 1,
+            max_new_tokens=table.max_new_tokens,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            max_doc_tokens=table.max_doc_tokens,
+            decay_tau=decay_tau,
+            with_transformers=False,
+        )
         report = run_eval(model, records, config, args.eval_dir, command=" ".join(sys.argv))
         points = {p.threshold: p for p in report.points if p.threshold is not None}
     rows = []
     for d in deltas:
         t = certified[d]
         p = points.get(t)
-        rows.append(json_safe({"delta": d, "epsilon": table.epsilon, "threshold": t,
-                     "test_mean_D": p.dissimilarity if p else 0.0, "within_delta": (p.dissimilarity <= d) if p else True,
-                     "avg_layers": p.avg_layers if p else float(model.num_layers),
-                     "speedup_vs_full": p.speedup_vs_full if p else 1.0,
-                     "rougeL": p.rougeL if p else None, "same_as_full": p.same_as_full if p else 1.0}))
-    return {"model": args.model, "calibration": {"data": table.data, "n": table.n, "epsilon": table.epsilon,
-                                                 "method": table.method, "measure": table.measure,
-                                                 "decay_tau": decay_tau, "max_new_tokens": table.max_new_tokens,
-                                                 "max_doc_tokens": table.max_doc_tokens},
-            "test": {"data": args.data, "n": len(records)}, "rows": rows,
-            "machine": machine_info(model.device, " ".join(sys.argv))}
+        rows.append(
+            json_safe(
+                {
+                    "delta": d,
+                    "epsilon": table.epsilon,
+                    "threshold": t,
+                    "test_mean_D": p.dissimilarity if p else 0.0,
+                    "within_delta": (p.dissimilarity <= d) if p else True,
+                    "avg_layers": p.avg_layers if p else float(model.num_layers),
+                    "speedup_vs_full": p.speedup_vs_full if p else 1.0,
+                    "rougeL": p.rougeL if p else None,
+                    "same_as_full": p.same_as_full if p else 1.0,
+                }
+            )
+        )
+    return {
+        "model": args.model,
+        "calibration": {
+            "data": table.data,
+            "n": table.n,
+            "epsilon": table.epsilon,
+            "method": table.method,
+            "measure": table.measure,
+            "decay_tau": decay_tau,
+            "max_new_tokens": table.max_new_tokens,
+            "max_doc_tokens": table.max_doc_tokens,
+        },
+        "test": {"data": args.data, "n": len(records)},
+        "rows": rows,
+        "machine": machine_info(model.device, " ".join(sys.argv)),
+    }
 
 
 def markdown(report: dict) -> str:
     c, t = report["calibration"], report["test"]
-    lines = [f"# Calibrated thresholds on held-out data: {report['model']}", "",
-             f"Calibrated with Learn-then-Test ({c['method']}, ε = {c['epsilon']}) on {c['n']} documents of "
-             f"`{c['data']}`, measure `{c['measure']}` (threshold decay τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, documents cut to "
-             f"{c['max_doc_tokens'] or 'no'} tokens. Checked on {t['n']} documents of `{t['data']}` (never used "
-             "to calibrate). D = 1 − ROUGE-L(early-exit output, full-model output), mean over documents.", "",
-             "| δ | certified λ | test mean D | D ≤ δ | avg layers (of 30) | speedup vs full | identical to full |",
-             "|---:|---:|---:|:---:|---:|---:|---:|"]
+    lines = [
+        f"# Calibrated thresholds on held-out data: {report['model']}",
+        "",
+        f"Calibrated with Learn-then-Test ({c['method']}, ε = {c['epsilon']}) on {c['n']} documents of "
+        f"`{c['data']}`, measure `{c['measure']}` (threshold decay "
+        f"τ={c.get('decay_tau', ExitPolicy.decay_tau):g}), max {c['max_new_tokens']} new tokens, documents cut to "
+        f"{c['max_doc_tokens'] or 'no'} tokens. Checked on {t['n']} documents of `{t['data']}` (never used "
+        "to calibrate). D = 1 − ROUGE-L(early-exit output, full-model output), mean over documents.",
+        "",
+        "| δ | certified λ | test mean D | D ≤ δ | avg layers (of 30) | speedup vs full | identical to full |",
+        "|---:|---:|---:|:---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
         lam = "none (full model)" if r["threshold"] is None else f"{r['threshold']:g}"
-        lines.append(f"| {r['delta']:g} | {lam} | {r['test_mean_D']:.3f} | {'yes' if r['within_delta'] else 'NO'} | "
-                     f"{r['avg_layers']:.2f} | {format_speedup(r['speedup_vs_full'] or math.nan)} | {100 * r['same_as_full']:.0f}% |")
+        lines.append(
+            f"| {r['delta']:g} | {lam} | {r['test_mean_D']:.3f} | {'yes' if r['within_delta'] else 'NO'} | "
+            f"{r['avg_layers']:.2f} | {format_speedup(r['speedup_vs_full'] or math.nan)} | "
+            f"{100 * r['same_as_full']:.0f}% |"
+        )
     return "\n".join(lines + [""] + machine_markdown(report["machine"])) + "\n"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import click
 
-from calm.bench import machine_info, write_json_markdown
 from calm.eval.ceiling import ExitReplay, fewest_layers, oracle_layers, sweep
 from calm.eval.exit_features import ALL, CHEAP, HEAD, ExitFeatures, exit_features, fit_exit_model, score_exit_model
+from calm.eval.reporting import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 
@@ -38,14 +38,23 @@ def features_for(calm: CalmModel, data: str, docs: int, cache: str | None) -> Ex
     return exit_features(calm.adapter, calm.heads, found.features)
 
 
-def run(checkpoint: str, train_data: str, test_data: str, train_docs: int, test_docs: int,
-        train_cache: str | None, test_cache: str | None) -> dict:
+def run(
+    checkpoint: str,
+    train_data: str,
+    test_data: str,
+    train_docs: int,
+    test_docs: int,
+    train_cache: str | None,
+    test_cache: str | None,
+) -> dict:
     t0 = time.perf_counter()
     calm = CalmModel.from_pretrained(checkpoint)
     train = features_for(calm, train_data, train_docs, train_cache)
     test = features_for(calm, test_data, test_docs, test_cache)
-    scores = {"classifier (trained head)": test.select(("classifier_logit",))[..., 0].sigmoid(),
-              "softmax margin": test.select(("margin",))[..., 0]}
+    scores = {
+        "classifier (trained head)": test.select(("classifier_logit",))[..., 0].sigmoid(),
+        "softmax margin": test.select(("margin",))[..., 0],
+    }
     models = {}
     for name, names in FEATURE_SETS.items():
         model = fit_exit_model(train, names)
@@ -53,27 +62,41 @@ def run(checkpoint: str, train_data: str, test_data: str, train_docs: int, test_
         models[name] = dict(zip(model.names, model.weight.tolist()))
     replay = replay_of(test, scores)
     curves = {m: sweep(replay, m, THRESHOLDS) for m in scores}
-    return {"checkpoint": checkpoint, "train_data": train_data, "test_data": test_data,
-            "train_positions": train.agree.shape[0], "test_positions": test.agree.shape[0],
-            "num_layers": test.num_layers, "min_exit_layer": test.min_exit_layer,
-            "oracle_layers": oracle_layers(replay), "weights": models,
-            "fewest_layers": {m: {str(b): (p.to_dict() if (p := fewest_layers(ps, b)) else None) for b in BUDGETS}
-                              for m, ps in curves.items()},
-            "seconds": time.perf_counter() - t0,
-            "machine": machine_info(calm.device, " ".join(["python", *sys.argv]))}
+    return {
+        "checkpoint": checkpoint,
+        "train_data": train_data,
+        "test_data": test_data,
+        "train_positions": train.agree.shape[0],
+        "test_positions": test.agree.shape[0],
+        "num_layers": test.num_layers,
+        "min_exit_layer": test.min_exit_layer,
+        "oracle_layers": oracle_layers(replay),
+        "weights": models,
+        "fewest_layers": {
+            m: {str(b): (p.to_dict() if (p := fewest_layers(ps, b)) else None) for b in BUDGETS}
+            for m, ps in curves.items()
+        },
+        "seconds": time.perf_counter() - t0,
+        "machine": machine_info(calm.device, " ".join(["python", *sys.argv])),
+    }
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Richer exit features: {r['checkpoint']}", "",
-             f"Logistic regressions fitted on {r['train_positions']} positions of the model's own greedy summaries "
-             f"of `{r['train_data']}`, scored on {r['test_positions']} positions of `{r['test_data']}` "
-             f"(teacher-forced first-order replay, exits from layer {r['min_exit_layer']} of {r['num_layers']}; "
-             "see exit_ceiling reports). Features: cheap = the trained classifier's logit, cosine of consecutive "
-             "layers' states, the layer; head = the exit head's top-1 probability, top-1 − top-2 margin, entropy, "
-             "and whether layers k−1 (and k−2) gave the same argmax (needs the full-vocabulary head at every check).",
-             "", f"**Oracle: {r['oracle_layers']:.2f} layers.** Fewest average layers within a token error budget:", "",
-             "| exit decision | " + " | ".join(f"error ≤ {100 * b:g}%" for b in BUDGETS) + " |",
-             "|---|" + "---:|" * len(BUDGETS)]
+    lines = [
+        f"# Richer exit features: {r['checkpoint']}",
+        "",
+        f"Logistic regressions fitted on {r['train_positions']} positions of the model's own greedy summaries "
+        f"of `{r['train_data']}`, scored on {r['test_positions']} positions of `{r['test_data']}` "
+        f"(teacher-forced first-order replay, exits from layer {r['min_exit_layer']} of {r['num_layers']}; "
+        "see exit_ceiling reports). Features: cheap = the trained classifier's logit, cosine of consecutive "
+        "layers' states, the layer; head = the exit head's top-1 probability, top-1 − top-2 margin, entropy, "
+        "and whether layers k−1 (and k−2) gave the same argmax (needs the full-vocabulary head at every check).",
+        "",
+        f"**Oracle: {r['oracle_layers']:.2f} layers.** Fewest average layers within a token error budget:",
+        "",
+        "| exit decision | " + " | ".join(f"error ≤ {100 * b:g}%" for b in BUDGETS) + " |",
+        "|---|" + "---:|" * len(BUDGETS),
+    ]
     for m, by_budget in r["fewest_layers"].items():
         cells = [f"{p['avg_layers']:.2f}" if p else "–" for p in by_budget.values()]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from calm.bench import machine_info, machine_markdown, write_json_markdown
+from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.training import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -29,13 +29,24 @@ def directory_bytes(path: Path) -> int:
 
 
 def markdown(r: dict) -> str:
-    return "\n".join([
-        f"# CALM fine-tuning cost: {r['model']}", "",
-        f"`--mode finetune`, {r['steps']} steps of {r['batch_size']} sequence (an XSum train document, documents "
-        f"cut to {r['max_doc_tokens']} tokens, with its reference summary), device {r['device']}.", "",
-        "| seconds per step | sequences in 60 minutes | checkpoint written |", "|---:|---:|---:|",
-        f"| {r['seconds_per_step']:.1f} | {r['sequences_per_hour']:.0f} | {r['checkpoint_bytes'] / 1e6:.0f} MB |",
-        "", *machine_markdown(r["machine"])]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# CALM fine-tuning cost: {r['model']}",
+                "",
+                f"`--mode finetune`, {r['steps']} steps of {r['batch_size']} sequence (an XSum train document, "
+                f"documents cut to {r['max_doc_tokens']} tokens, with its reference summary), device {r['device']}.",
+                "",
+                "| seconds per step | sequences in 60 minutes | checkpoint written |",
+                "|---:|---:|---:|",
+                f"| {r['seconds_per_step']:.1f} | {r['sequences_per_hour']:.0f} | "
+                f"{r['checkpoint_bytes'] / 1e6:.0f} MB |",
+                "",
+                *machine_markdown(r["machine"]),
+            ]
+        )
+        + "\n"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -47,16 +58,36 @@ def markdown(r: dict) -> str:
 @click.option("--out-dir", type=click.Path(file_okay=False), default=str(RESULTS))
 def main(model, data, steps, max_doc_tokens, device, out_dir):
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(data=(data,), out=f"{tmp}/out", work_dir=f"{tmp}/work", model=model, mode="finetune",
-                             steps=steps, batch_size=1, max_docs=2 * steps, max_chunks=0,
-                             max_doc_tokens=max_doc_tokens, checkpoint_every=10 * steps, device=device)
+        config = TrainConfig(
+            data=(data,),
+            out=f"{tmp}/out",
+            work_dir=f"{tmp}/work",
+            model=model,
+            mode="finetune",
+            steps=steps,
+            batch_size=1,
+            max_docs=2 * steps,
+            max_chunks=0,
+            max_doc_tokens=max_doc_tokens,
+            checkpoint_every=10 * steps,
+            device=device,
+        )
         result = train(config, progress=False)
         size = directory_bytes(Path(config.out))
     per_step = result.timings["per_step"]
-    report = {"model": model, "data": data, "steps": steps, "batch_size": 1, "max_doc_tokens": max_doc_tokens,
-              "device": device, "seconds_per_step": per_step, "sequences_per_hour": BUDGET_SECONDS / per_step,
-              "checkpoint_bytes": size, "timings": result.timings,
-              "machine": machine_info(device, " ".join(["python", *sys.argv]))}
+    report = {
+        "model": model,
+        "data": data,
+        "steps": steps,
+        "batch_size": 1,
+        "max_doc_tokens": max_doc_tokens,
+        "device": device,
+        "seconds_per_step": per_step,
+        "sequences_per_hour": BUDGET_SECONDS / per_step,
+        "checkpoint_bytes": size,
+        "timings": result.timings,
+        "machine": machine_info(device, " ".join(["python", *sys.argv])),
+    }
     write_json_markdown(out_dir, "finetune_cost_smollm2", report, markdown(report))
     click.echo(markdown(report))
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm.bench import machine_info, write_json_markdown
+from calm.eval.reporting import machine_info, write_json_markdown
 from calm.model import CalmModel
 from calm.training import summary_features
 
@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class LowRank(nn.Module):
     def __init__(self, d: int, rank: int = 32):
         super().__init__()
-        self.down = nn.Parameter(torch.randn(d, rank) * d ** -0.5)
+        self.down = nn.Parameter(torch.randn(d, rank) * d**-0.5)
         self.up = nn.Parameter(torch.zeros(rank, d))
 
     def forward(self, h):
@@ -71,8 +71,9 @@ def head_logits(adapter, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return adapter.lm_head(adapter.final_norm(head(h.float()).to(adapter.dtype))).float()
 
 
-def train_head(adapter, head: nn.Module, exits: torch.Tensor, final: torch.Tensor, steps: int, batch: int,
-               lr: float, seed: int) -> float:
+def train_head(
+    adapter, head: nn.Module, exits: torch.Tensor, final: torch.Tensor, steps: int, batch: int, lr: float, seed: int
+) -> float:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
     loss = torch.tensor(math.nan)
@@ -94,23 +95,31 @@ def train_head(adapter, head: nn.Module, exits: torch.Tensor, final: torch.Tenso
 def agreement(adapter, head: nn.Module, exits: torch.Tensor, final: torch.Tensor) -> float:
     hits = 0
     for start in range(0, exits.shape[0], 512):
-        top = adapter.lm_head(final[start:start + 512].to(adapter.dtype)).argmax(-1)
-        hits += int((head_logits(adapter, head, exits[start:start + 512]).argmax(-1) == top).sum())
+        top = adapter.lm_head(final[start : start + 512].to(adapter.dtype)).argmax(-1)
+        hits += int((head_logits(adapter, head, exits[start : start + 512]).argmax(-1) == top).sum())
     return hits / exits.shape[0]
 
 
 def markdown(r: dict) -> str:
     shapes = list(SHAPES)
-    lines = ["# Do richer exit heads help? " + r["model"], "",
-             f"Heads trained on {r['train']['positions']} positions of the model's own greedy summaries of "
-             f"{r['train']['documents']} documents of `{r['train']['data']}`; agreement with the final layer's "
-             f"argmax on {r['test']['positions']} positions of {r['test']['documents']} documents of "
-             f"`{r['test']['data']}`. Each head: {r['steps']} steps of {r['batch']} positions, AdamW, cosine "
-             "schedule, KL to the final layer's distribution.", "",
-             "| layer | plain head | " + " | ".join(shapes) + " |", "|---:|---:|" + "---:|" * len(shapes)]
+    lines = [
+        "# Do richer exit heads help? " + r["model"],
+        "",
+        f"Heads trained on {r['train']['positions']} positions of the model's own greedy summaries of "
+        f"{r['train']['documents']} documents of `{r['train']['data']}`; agreement with the final layer's "
+        f"argmax on {r['test']['positions']} positions of {r['test']['documents']} documents of "
+        f"`{r['test']['data']}`. Each head: {r['steps']} steps of {r['batch']} positions, AdamW, cosine "
+        "schedule, KL to the final layer's distribution.",
+        "",
+        "| layer | plain head | " + " | ".join(shapes) + " |",
+        "|---:|---:|" + "---:|" * len(shapes),
+    ]
     for row in r["rows"]:
-        lines.append(f"| {row['layer']} | {row['plain']:.3f} | "
-                     + " | ".join(f"{row['shapes'][s]['agreement']:.3f}" for s in shapes) + " |")
+        lines.append(
+            f"| {row['layer']} | {row['plain']:.3f} | "
+            + " | ".join(f"{row['shapes'][s]['agreement']:.3f}" for s in shapes)
+            + " |"
+        )
     lines += ["", f"Command: `{r['machine'].get('command', '')}`", ""]
     return "\n".join(lines)
 
@@ -119,8 +128,11 @@ def markdown(r: dict) -> str:
 @click.option("--model", default="smollm2")
 @click.option("--train-data", default="../shared/data/xsum/train.jsonl")
 @click.option("--train-docs", type=int, default=200)
-@click.option("--train-cache", default="build/train-smollm2-heads/summaries.jsonl",
-              help="Summaries cache of benchmarks/train_smollm2_heads.sh (same settings: reused, not regenerated).")
+@click.option(
+    "--train-cache",
+    default="build/train-smollm2-heads/summaries.jsonl",
+    help="Summaries cache of benchmarks/train_smollm2_heads.sh (same settings: reused, not regenerated).",
+)
 @click.option("--test-data", default="../shared/data/xsum/test.jsonl")
 @click.option("--test-docs", type=int, default=100)
 @click.option("--test-cache", default="build/agreement-summaries.jsonl")
@@ -129,8 +141,9 @@ def markdown(r: dict) -> str:
 @click.option("--batch", type=int, default=256)
 @click.option("--seed", type=int, default=0)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=str(RESULTS))
-def main(model, train_data, train_docs, train_cache, test_data, test_docs, test_cache, layers, steps, batch, seed,
-         out_dir):
+def main(
+    model, train_data, train_docs, train_cache, test_data, test_docs, test_cache, layers, steps, batch, seed, out_dir
+):
     torch.manual_seed(seed)
     calm = CalmModel.from_pretrained(model)
     adapter = calm.adapter
@@ -146,14 +159,24 @@ def main(model, train_data, train_docs, train_cache, test_data, test_docs, test_
             head = shape(adapter.hidden_size)
             lr = 3e-3 if shape is LowRank else 1e-3
             loss = train_head(adapter, head, tx, tf, steps, batch, lr, seed)
-            row["shapes"][name] = {"agreement": agreement(adapter, head, ex, ef), "final_kl": loss, "lr": lr,
-                                   "parameters": sum(p.numel() for p in head.parameters())}
+            row["shapes"][name] = {
+                "agreement": agreement(adapter, head, ex, ef),
+                "final_kl": loss,
+                "lr": lr,
+                "parameters": sum(p.numel() for p in head.parameters()),
+            }
             click.echo(f"layer {layer} {name}: {row['shapes'][name]}", err=True)
         rows.append(row)
-    report = {"model": model, "steps": steps, "batch": batch, "seed": seed, "rows": rows,
-              "train": {"data": train_data, "documents": train.documents, "positions": train.features.exits.shape[0]},
-              "test": {"data": test_data, "documents": test.documents, "positions": test.features.exits.shape[0]},
-              "machine": machine_info(calm.device, " ".join(["python", *sys.argv]))}
+    report = {
+        "model": model,
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
+        "rows": rows,
+        "train": {"data": train_data, "documents": train.documents, "positions": train.features.exits.shape[0]},
+        "test": {"data": test_data, "documents": test.documents, "positions": test.features.exits.shape[0]},
+        "machine": machine_info(calm.device, " ".join(["python", *sys.argv])),
+    }
     write_json_markdown(out_dir, "head_capacity_smollm2", report, markdown(report))
     click.echo(markdown(report))
 

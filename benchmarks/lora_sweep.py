@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from calm.bench import write_json_markdown
+from calm.eval.reporting import write_json_markdown
 from calm.training import TrainConfig, train
 
 SETTINGS = {
@@ -33,32 +33,62 @@ SETTINGS = {
 def run(name: str, overrides: dict, args) -> dict:
     data = (f"{args.data}/xsum/train.jsonl", f"{args.data}/wikitext-2/valid.txt")
     work = Path(args.work) / name.replace(" ", "_")
-    config = TrainConfig(data=data, out=str(work / "out"), work_dir=str(work / "state"), mode="lora",
-                         steps=args.steps, batch_size=2, layers_per_step=4, min_exit_layer=8, lora_rank=16,
-                         max_doc_tokens=256, max_chunks=200, log_every=args.window, checkpoint_every=args.steps,
-                         warmup=0.1, device="cpu", seed=0, **overrides)
+    config = TrainConfig(
+        data=data,
+        out=str(work / "out"),
+        work_dir=str(work / "state"),
+        mode="lora",
+        steps=args.steps,
+        batch_size=2,
+        layers_per_step=4,
+        min_exit_layer=8,
+        lora_rank=16,
+        max_doc_tokens=256,
+        max_chunks=200,
+        log_every=args.window,
+        checkpoint_every=args.steps,
+        warmup=0.1,
+        device="cpu",
+        seed=0,
+        **overrides,
+    )
     t0 = time.perf_counter()
     result = train(config, progress=False)
-    last = result.history[-args.last:]
+    last = result.history[-args.last :]
     mean = {k: sum(h[k] for h in last) / len(last) for k in ("agree", "final_agree", "exit_kl", "anchor_kl")}
-    return {"name": name, "settings": overrides, "seconds": time.perf_counter() - t0,
-            "per_step": result.timings["per_step"], "last_windows": mean, "history": list(result.history)}
+    return {
+        "name": name,
+        "settings": overrides,
+        "seconds": time.perf_counter() - t0,
+        "per_step": result.timings["per_step"],
+        "last_windows": mean,
+        "history": list(result.history),
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = ["# CALM-LoRA settings sweep (SmolLM2-135M-Instruct)", "",
-             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}; torch {report['torch']}.", "",
-             f"{report['steps']} steps of 2 sequences (XSum train reference summaries + WikiText-2 valid chunks), "
-             "LoRA rank 16, exit layers 8..29 (4 sampled per step), the shipped exit heads as the start. Every run "
-             "sees the same batches. Metrics: mean of the last "
-             f"{report['last']} log windows of {report['window']} steps, measured on the training batches before "
-             "each update.", "",
-             "| setting | exit agreement with own final token | final agreement with original | exit KL | anchor KL | s/step |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# CALM-LoRA settings sweep (SmolLM2-135M-Instruct)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']}; torch {report['torch']}.",
+        "",
+        f"{report['steps']} steps of 2 sequences (XSum train reference summaries + WikiText-2 valid chunks), "
+        "LoRA rank 16, exit layers 8..29 (4 sampled per step), the shipped exit heads as the start. Every run "
+        "sees the same batches. Metrics: mean of the last "
+        f"{report['last']} log windows of {report['window']} steps, measured on the training batches before "
+        "each update.",
+        "",
+        "| setting | exit agreement with own final token | final agreement with original | exit KL | anchor KL "
+        "| s/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report["runs"]:
         m = r["last_windows"]
-        lines.append(f"| {r['name']} | {m['agree']:.3f} | {m['final_agree']:.3f} | {m['exit_kl']:.3f} | "
-                     f"{m['anchor_kl']:.4f} | {r['per_step']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {m['agree']:.3f} | {m['final_agree']:.3f} | {m['exit_kl']:.3f} | "
+            f"{m['anchor_kl']:.4f} | {r['per_step']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -67,8 +97,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--last", type=int, default=2)
-    p.add_argument("--only", default=None, help="Comma-separated setting names to run (default: all); the "
-                   "report keeps the earlier runs of the other settings.")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="Comma-separated setting names to run (default: all); the "
+        "report keeps the earlier runs of the other settings.",
+    )
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--work", default="build/lora-sweep")
     p.add_argument("--out", default="benchmarks/results/lora_sweep_smollm2")
@@ -77,11 +111,18 @@ def main() -> None:
     json_file = Path(args.out).with_suffix(".json")
     done = {r["name"]: r for r in json.loads(json_file.read_text())["runs"]} if json_file.is_file() else {}
     runs = [done[n] if n in done and n not in names else None for n in SETTINGS]
-    runs = [r if r is not None else run(n, SETTINGS[n], args) for n, r in zip(SETTINGS, runs)
-            if r is not None or n in names]
-    report = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads", "torch": torch.__version__, "steps": args.steps,
-              "window": args.window, "last": args.last, "runs": runs}
+    runs = [
+        r if r is not None else run(n, SETTINGS[n], args) for n, r in zip(SETTINGS, runs) if r is not None or n in names
+    ]
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "window": args.window,
+        "last": args.last,
+        "runs": runs,
+    }
     write_json_markdown(Path(args.out).parent, Path(args.out).name, report, markdown(report))
     print(markdown(report))
 

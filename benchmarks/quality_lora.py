@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from calm.bench import format_speedup, write_json_markdown
+from calm.eval.reporting import format_speedup, write_json_markdown
 
 METRICS = ("rouge1", "rouge2", "rougeL")
 
@@ -26,8 +26,15 @@ def _full(points: list[dict]) -> dict:
 
 def rows(base: dict, tuned: dict, calibration: dict) -> list[dict]:
     def row(name: str, p: dict, delta: float | None = None) -> dict:
-        return {"model": name, "delta": delta, **{m: p[m] for m in METRICS}, "D": p["dissimilarity"],
-                "avg_layers": p["avg_layers"], "speedup_vs_full": p.get("speedup_vs_full")}
+        return {
+            "model": name,
+            "delta": delta,
+            **{m: p[m] for m in METRICS},
+            "D": p["dissimilarity"],
+            "avg_layers": p["avg_layers"],
+            "speedup_vs_full": p.get("speedup_vs_full"),
+        }
+
     out = [row("original, full depth", _full(base["points"])), row("fine-tuned, full depth", _full(tuned["points"]))]
     by_threshold = {p["threshold"]: p for p in tuned["points"] if p["threshold"] is not None}
     for r in calibration["rows"]:
@@ -38,19 +45,30 @@ def rows(base: dict, tuned: dict, calibration: dict) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Quality against the references: original vs CALM-LoRA fine-tuned SmolLM2", "",
-             f"{report['n']} XSum test documents (cut to {report['max_doc_tokens']} tokens), greedy, max "
-             f"{report['max_new_tokens']} new tokens. ROUGE F1 ×100 against the reference summaries; D = 1 − "
-             "ROUGE-L(output, fine-tuned full-depth output); thresholds certified on the calib split.", "",
-             "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | D | avg layers | speedup vs full (same run) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Quality against the references: original vs CALM-LoRA fine-tuned SmolLM2",
+        "",
+        f"{report['n']} XSum test documents (cut to {report['max_doc_tokens']} tokens), greedy, max "
+        f"{report['max_new_tokens']} new tokens. ROUGE F1 ×100 against the reference summaries; D = 1 − "
+        "ROUGE-L(output, fine-tuned full-depth output); thresholds certified on the calib split.",
+        "",
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | D | avg layers | speedup vs full (same run) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
         speed = format_speedup(r["speedup_vs_full"]) if r["speedup_vs_full"] is not None else "–"
-        lines.append(f"| {r['model']} | {100 * r['rouge1']:.2f} | {100 * r['rouge2']:.2f} | {100 * r['rougeL']:.2f} | "
-                     f"{r['D']:.3f} | {r['avg_layers']:.2f} | {speed} |")
+        lines.append(
+            f"| {r['model']} | {100 * r['rouge1']:.2f} | {100 * r['rouge2']:.2f} | {100 * r['rougeL']:.2f} | "
+            f"{r['D']:.3f} | {r['avg_layers']:.2f} | {speed} |"
+        )
     drop = 100 * (report["rows"][0]["rougeL"] - report["rows"][1]["rougeL"])
-    lines += ["", f"Full-depth ROUGE-L change from fine-tuning: {-drop:+.2f} points (the issue allows at most −0.50).",
-              "", f"Command: `{report['command']}`", ""]
+    lines += [
+        "",
+        f"Full-depth ROUGE-L change from fine-tuning: {-drop:+.2f} points (the issue allows at most −0.50).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -65,9 +83,13 @@ def main() -> None:
     calibration = json.loads(Path(args.calibration).read_text())
     if base["n"] != tuned["n"]:
         sys.exit(f"the two evals ran on different documents ({base['n']} vs {tuned['n']})")
-    report = {"n": tuned["n"], "max_new_tokens": tuned["config"]["max_new_tokens"],
-              "max_doc_tokens": tuned["config"]["max_doc_tokens"], "rows": rows(base, tuned, calibration),
-              "command": "python " + " ".join(sys.argv)}
+    report = {
+        "n": tuned["n"],
+        "max_new_tokens": tuned["config"]["max_new_tokens"],
+        "max_doc_tokens": tuned["config"]["max_doc_tokens"],
+        "rows": rows(base, tuned, calibration),
+        "command": "python " + " ".join(sys.argv),
+    }
     out = Path(args.out)
     write_json_markdown(out.parent, out.name, report, markdown(report))
     print(markdown(report))

@@ -18,8 +18,17 @@ __version__ = "0.1.0"
 
 _LAZY = {"CalmModel": "calm.model", "ExitPolicy": "calm.policy", "GenerationResult": "calm.generation"}
 
-__all__ = ["CalmModel", "ExitPolicy", "GenerationResult", "CalmError", "CheckpointError", "InputError",
-           "ModelNotFoundError", "PolicyError", "UnsupportedModelError"]
+__all__ = [
+    "CalmModel",
+    "ExitPolicy",
+    "GenerationResult",
+    "CalmError",
+    "CheckpointError",
+    "InputError",
+    "ModelNotFoundError",
+    "PolicyError",
+    "UnsupportedModelError",
+]
 
 
 def __getattr__(name: str) -> object:

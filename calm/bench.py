@@ -4,25 +4,20 @@ exit policies, and for transformers' own `generate` on the same prompt ids.
 Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs
 compare like with like. Each configuration gets one untimed warm-up run, then `repeats` timed
 runs taken round robin across the configurations; the median is reported. Times are wall clock
-for the whole call, prefill included.
+for the whole call, prefill included. calm.eval.bench_report writes the report.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import os
-import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 
-from calm.checkpoint import write_atomic
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
@@ -40,63 +35,39 @@ DEFAULT_DOCUMENT = (
     "Councillors said the growing number of families moving into the area had left existing schools "
     "over capacity, with some classes taught in temporary buildings. The first school is due to open in "
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
-    "cost of the project, estimated at 60 million pounds, could mean cuts to other services.")
-POLICY_HELP = ("full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-               "or spec:E:K[:MEASURE:THRESHOLD] (lossless speculative decoding, drafts from layer E, up to K per "
-               "step, while the measure is confident; without one, always K)")
+    "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
+)
+POLICY_HELP = (
+    "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
+    "or spec:E:K[:MEASURE:THRESHOLD] (lossless speculative decoding, drafts from layer E, up to K per "
+    "step, while the measure is confident; without one, always K)"
+)
 SPEC = "spec"
 ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)
 
 
-# ---- shared with calm.eval -------------------------------------------------------------------
-
-def machine_info(device: torch.device | str | None = None, command: str | None = None) -> dict:
-    """Where and how a measurement ran: platform, CPU, accelerator, library versions, command line."""
-    import transformers
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command}
-
-
-def machine_markdown(machine: dict) -> list[str]:
-    """Markdown lines naming the machine and the command of a report."""
-    m = machine
-    lines = [f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), device {m['device']}, "
-             f"{m['platform']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}.", ""]
-    return lines + ([f"Command: `{m['command']}`", ""] if m.get("command") else [])
-
-
-def json_safe(d: dict) -> dict:
-    """The dict with non-finite floats (NaN: not measured) as None, so it is valid JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# ---- the transformers baseline ------------------------------------------------------------------
 
 
 @torch.inference_mode()
-def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: int,
-                          fixed_length: bool = False) -> list[tuple[int, ...]]:
+def transformers_generate(
+    model: CalmModel, batch: PromptBatch, max_new_tokens: int, fixed_length: bool = False
+) -> list[tuple[int, ...]]:
     """Greedy transformers `generate` on the same left-padded ids calm decodes: new tokens per row, cut
     after the first EOS as calm does (fixed_length: exactly max_new_tokens each, EOS suppressed)."""
     eos = list(model.eos_token_ids)
-    out = model.model.generate(input_ids=batch.ids, attention_mask=batch.mask.long(), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens if fixed_length else None, do_sample=False,
-                               pad_token_id=model.pad_token_id, eos_token_id=eos or None)
+    out = model.model.generate(
+        input_ids=batch.ids,
+        attention_mask=batch.mask.long(),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if fixed_length else None,
+        do_sample=False,
+        pad_token_id=model.pad_token_id,
+        eos_token_id=eos or None,
+    )
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    start = 1 if model.adapter.is_encoder_decoder else batch.ids.shape[1]     # decoder start token / prompt
+    start = 1 if model.adapter.is_encoder_decoder else batch.ids.shape[1]  # decoder start token / prompt
     rows = []
     for row in out[:, start:].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) if not fixed_length else len(row)
@@ -105,6 +76,7 @@ def transformers_generate(model: CalmModel, batch: PromptBatch, max_new_tokens: 
 
 
 # ---- policies ---------------------------------------------------------------------------------
+
 
 def parse_policy_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> ExitPolicy:
     """'full', 'fixed:15', 'softmax:0.9', 'state:0.95' or 'classifier:0.8' -> ExitPolicy (a threshold on the
@@ -141,13 +113,19 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
     return replace(policy, decay_tau=0.0), config
 
 
-def speculative_specs(model: CalmModel, policies: Sequence[str], mode: str = "calm", lossless: bool = False,
-                      draft_layer: int | None = None, max_draft: int | None = None) -> tuple[str, ...]:
+def speculative_specs(
+    model: CalmModel,
+    policies: Sequence[str],
+    mode: str = "calm",
+    lossless: bool = False,
+    draft_layer: int | None = None,
+    max_draft: int | None = None,
+) -> tuple[str, ...]:
     """The policies as given in calm mode. `--mode speculative` (or --lossless, here the same): each one as
     the draft controller at E and K (the checkpoint's measured setting, else L/2 and 4, unless given);
     without any, the model's default controller."""
     run = resolve_mode(model, "speculative" if lossless else mode, False, draft_layer, max_draft)
-    if run is None:
+    if run is None or run.spec is None:
         return tuple(policies)
     e, k = run.spec.draft_layer, run.spec.max_draft
     if not policies:
@@ -158,21 +136,22 @@ def speculative_specs(model: CalmModel, policies: Sequence[str], mode: str = "ca
 
 # ---- the benchmark ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BenchConfig:
     model: str
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     new_tokens: int = 32
     repeats: int = 3
-    policies: tuple[str, ...] = ()          # specs for parse_policy_spec; full depth is always run
+    policies: tuple[str, ...] = ()  # specs for parse_policy_spec; full depth is always run
     transformers: bool = True
     data: str | None = None
-    max_doc_tokens: int | None = None       # documents cut to their first N tokens
+    max_doc_tokens: int | None = None  # documents cut to their first N tokens
     decay_tau: float = ExitPolicy.decay_tau  # schedule of the thresholds in `policies`; 0: λ stays fixed
-    engine: str = "auto"                    # calm's engine: auto, dynamic, static or static+compile
+    engine: str = "auto"  # calm's engine: auto, dynamic, static or static+compile
 
     def __post_init__(self) -> None:
-        engine_settings(self.engine)                                      # a clear error for a bad spec
+        engine_settings(self.engine)  # a clear error for a bad spec
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InputError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.new_tokens < 1 or self.repeats < 1:
@@ -181,15 +160,15 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class BenchRow:
-    name: str                  # "full", a policy spec, or "transformers"
+    name: str  # "full", a policy spec, or "transformers"
     batch_size: int
     new_tokens: int
     times_s: tuple[float, ...]
     avg_layers: float
-    decode_times_s: tuple[float, ...] = ()   # calm only: the decode steps without the prefill
+    decode_times_s: tuple[float, ...] = ()  # calm only: the decode steps without the prefill
     speedup_vs_full: float = float("nan")
     speedup_vs_transformers: float = float("nan")
-    acceptance_rate: float = float("nan")       # speculative only: drafted tokens the full model kept
+    acceptance_rate: float = float("nan")  # speculative only: drafted tokens the full model kept
     mean_accepted_length: float = float("nan")  # speculative only: drafts kept per row per verification
 
     @property
@@ -212,48 +191,44 @@ class BenchRow:
         """Wall time per decoding step: what each sequence in the batch waits per token."""
         return 1000.0 * self.median_s / self.new_tokens
 
-    def to_dict(self) -> dict:
-        return json_safe({**asdict(self), "times_s": list(self.times_s), "median_s": self.median_s,
-                          "tokens_per_s": self.tokens_per_s, "ms_per_token": self.ms_per_token,
-                          "decode_ms_per_token": self.decode_ms_per_token, "decode_times_s": list(self.decode_times_s)})
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and the derived rates; NaN where not measured (calm.eval.reporting.json_safe makes it null)."""
+        return {
+            **asdict(self),
+            "times_s": list(self.times_s),
+            "median_s": self.median_s,
+            "tokens_per_s": self.tokens_per_s,
+            "ms_per_token": self.ms_per_token,
+            "decode_ms_per_token": self.decode_ms_per_token,
+            "decode_times_s": list(self.decode_times_s),
+        }
 
 
 @dataclass(frozen=True)
 class BenchReport:
+    """One calm bench run; calm.eval.bench_report writes it as bench.json and bench.md."""
+
     config: BenchConfig
     num_layers: int
-    machine: dict
+    machine: dict[str, Any]  # where it ran (calm.eval.reporting.machine_info)
     rows: tuple[BenchRow, ...]
 
-    def to_dict(self) -> dict:
-        return {"config": {**asdict(self.config), "batch_sizes": list(self.config.batch_sizes),
-                           "policies": list(self.config.policies)},
-                "num_layers": self.num_layers, "machine": self.machine, "results": [r.to_dict() for r in self.rows]}
-
-    def to_markdown(self) -> str:
-        c = self.config
-        lines = [f"# calm bench: {c.model}", "",
-                 f"{c.new_tokens} new tokens per row (EOS ignored), median of {c.repeats} runs after a warm-up, "
-                 f"{self.num_layers} layers, prompts from {c.data or 'a built-in news paragraph'}, engine {c.engine}.", "",
-                 "| batch | config | tokens/s | ms/token | decode ms/token | avg layers | speedup vs full | "
-                 "speedup vs transformers |",
-                 "|---:|---|---:|---:|---:|---:|---:|---:|"]
-        speculative = any(not math.isnan(r.acceptance_rate) for r in self.rows)
-        if speculative:
-            lines[-2:] = [lines[-2] + " acceptance | accepted per step |", lines[-1] + "---:|---:|"]
-        lines += [f"| {r.batch_size} | {r.name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | "
-                  f"{'–' if math.isnan(r.decode_ms_per_token) else f'{r.decode_ms_per_token:.2f}'} | {r.avg_layers:.2f} | "
-                  f"{format_speedup(r.speedup_vs_full)} | {format_speedup(r.speedup_vs_transformers)} |"
-                  + (f" {_fmt(r.acceptance_rate)} | {_fmt(r.mean_accepted_length)} |" if speculative else "")
-                  for r in self.rows]
-        lines += ["", "tokens/s: batch × new tokens / median wall time (prefill included). ms/token: median wall "
-                  "time / new tokens, the per-step latency each sequence sees. decode ms/token: one decode step, prefill "
-                  "excluded (calm's own timer). Speedups compare whole runs (prefill included).", ""]
-        return "\n".join(lines + machine_markdown(self.machine))
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": {
+                **asdict(self.config),
+                "batch_sizes": list(self.config.batch_sizes),
+                "policies": list(self.config.policies),
+            },
+            "num_layers": self.num_layers,
+            "machine": self.machine,
+            "results": [r.to_dict() for r in self.rows],
+        }
 
 
-def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None,
-                  new_tokens: int = 32) -> list[str]:
+def bench_prompts(
+    model: CalmModel, documents: Sequence[str] | None = None, max_doc_tokens: int | None = None, new_tokens: int = 32
+) -> list[str]:
     """Summarisation prompts for the benchmark: the documents given (or one built-in paragraph), each cut
     to max_doc_tokens and to what the context leaves next to new_tokens."""
     fmt = PromptFormat.for_model(model, new_tokens)
@@ -261,17 +236,23 @@ def bench_prompts(model: CalmModel, documents: Sequence[str] | None = None, max_
     return [p.text for p in fit_prompts(fmt, named, max_doc_tokens=max_doc_tokens)]
 
 
-def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, command: str | None = None,
-              progress: Callable[[int, int], None] | None = None) -> BenchReport:
+def run_bench(
+    model: CalmModel,
+    prompts: Sequence[str],
+    config: BenchConfig,
+    machine: dict[str, Any],
+    progress: Callable[[int, int], None] | None = None,
+) -> BenchReport:
     """Time full depth, each policy and (optionally) transformers generate at every batch size.
 
     Per batch size every configuration gets one untimed warm-up, then the timed runs go round
     robin (full, policy, ..., transformers, full, ...), so a slow spell of the machine hits all of
     them alike instead of one."""
-    policies = [(FULL, (ExitPolicy.never(), None))] + [(spec, parse_run_spec(spec, config.decay_tau))
-                                                       for spec in config.policies]
+    policies = [(FULL, (ExitPolicy.never(), None))] + [
+        (spec, parse_run_spec(spec, config.decay_tau)) for spec in config.policies
+    ]
     for _, (policy, speculative) in policies:
-        ExitPlan.resolve(policy, model.network)           # fail before any timing, not halfway
+        ExitPlan.resolve(policy, model.network)  # fail before any timing, not halfway
         if speculative is not None:
             speculative.check(model.num_layers)
     total = len(config.batch_sizes) * (len(policies) + int(config.transformers))
@@ -281,37 +262,27 @@ def run_bench(model: CalmModel, prompts: Sequence[str], config: BenchConfig, com
         runners = [_calm_runner(model, batch, policy, config, speculative) for _, (policy, speculative) in policies]
         names = [name for name, _ in policies]
         if config.transformers:
-            runners.append(lambda: _timed(lambda: transformers_generate(model, batch, config.new_tokens,
-                                                                         fixed_length=True)))
+            runners.append(
+                partial(_timed, partial(transformers_generate, model, batch, config.new_tokens, fixed_length=True))
+            )
             names.append(TRANSFORMERS)
         runs = _round_robin(runners, config.repeats)
-        rows += _with_speedups([_bench_row(name, batch_size, config.new_tokens, timed, model.num_layers)
-                                for name, timed in zip(names, runs)])
+        rows += _with_speedups(
+            [
+                _bench_row(name, batch_size, config.new_tokens, timed, model.num_layers)
+                for name, timed in zip(names, runs)
+            ]
+        )
         if progress:
             progress(len(rows), total)
-    return BenchReport(config=config, num_layers=model.num_layers, machine=machine_info(model.device, command),
-                       rows=tuple(rows))
-
-
-def write_json_markdown(out_dir: str | Path, stem: str, report: dict, markdown: str) -> list[Path]:
-    """stem.json and stem.md in out_dir, each written atomically."""
-    out = Path(out_dir)
-    files = [out / f"{stem}.json", out / f"{stem}.md"]
-    write_atomic(files[0], (json.dumps(report, indent=2, default=str) + "\n").encode())
-    write_atomic(files[1], markdown.encode())
-    return files
-
-
-def write_bench(report: BenchReport, out_dir: str | Path) -> list[Path]:
-    """bench.json and bench.md in out_dir, each written atomically."""
-    return write_json_markdown(out_dir, "bench", report.to_dict(), report.to_markdown())
+    return BenchReport(config=config, num_layers=model.num_layers, machine=machine, rows=tuple(rows))
 
 
 @dataclass(frozen=True)
 class _Run:
     wall_s: float
-    decode_s: float = float("nan")       # calm only
-    avg_layers: float = float("nan")     # calm only
+    decode_s: float = float("nan")  # calm only
+    avg_layers: float = float("nan")  # calm only
     stats: SpeculativeStats | None = None
 
 
@@ -321,10 +292,19 @@ def _timed(call: Callable[[], object]) -> _Run:
     return _Run(time.perf_counter() - t0)
 
 
-def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, config: BenchConfig,
-                 speculative: SpeculativeConfig | None = None) -> Callable[[], _Run]:
-    gen = GenerationConfig(max_new_tokens=config.new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id,
-                           **engine_settings(config.engine))
+def _calm_runner(
+    model: CalmModel,
+    batch: PromptBatch,
+    policy: ExitPolicy,
+    config: BenchConfig,
+    speculative: SpeculativeConfig | None = None,
+) -> Callable[[], _Run]:
+    gen = GenerationConfig(
+        max_new_tokens=config.new_tokens,
+        eos_token_ids=(),
+        pad_token_id=model.pad_token_id,
+        **engine_settings(config.engine),
+    )
     network = model.network
 
     def run() -> _Run:
@@ -334,6 +314,7 @@ def _calm_runner(model: CalmModel, batch: PromptBatch, policy: ExitPolicy, confi
         else:
             result = generate_speculative(network, batch, policy, gen, speculative)
         return _Run(time.perf_counter() - t0, result.timings.decode_s, result.avg_layers, result.speculative)
+
     return run
 
 
@@ -350,24 +331,20 @@ def _round_robin(runners: list[Callable[[], _Run]], repeats: int) -> list[list[_
 
 def _bench_row(name: str, batch_size: int, new_tokens: int, runs: list[_Run], num_layers: int) -> BenchRow:
     calm = name != TRANSFORMERS
-    stats = runs[-1].stats               # the same tokens in every run (greedy), so the same counts
-    return BenchRow(name, batch_size, new_tokens, tuple(r.wall_s for r in runs),
-                    statistics.fmean(r.avg_layers for r in runs) if calm else float(num_layers),
-                    decode_times_s=tuple(r.decode_s for r in runs) if calm else (),
-                    acceptance_rate=stats.acceptance_rate if stats else float("nan"),
-                    mean_accepted_length=stats.mean_accepted_length if stats else float("nan"))
+    stats = runs[-1].stats  # the same tokens in every run (greedy), so the same counts
+    return BenchRow(
+        name,
+        batch_size,
+        new_tokens,
+        tuple(r.wall_s for r in runs),
+        statistics.fmean(r.avg_layers for r in runs) if calm else float(num_layers),
+        decode_times_s=tuple(r.decode_s for r in runs) if calm else (),
+        acceptance_rate=stats.acceptance_rate if stats else float("nan"),
+        mean_accepted_length=stats.mean_accepted_length if stats else float("nan"),
+    )
 
 
 def _with_speedups(group: list[BenchRow]) -> list[BenchRow]:
     full = next(r for r in group if r.name == FULL).median_s
     hf = next((r.median_s for r in group if r.name == TRANSFORMERS), float("nan"))
     return [replace(r, speedup_vs_full=full / r.median_s, speedup_vs_transformers=hf / r.median_s) for r in group]
-
-
-def _fmt(value: float) -> str:
-    return "–" if math.isnan(value) else f"{value:.2f}"
-
-
-def format_speedup(value: float) -> str:
-    """'1.23×', or '–' where not measured."""
-    return "–" if math.isnan(value) else f"{value:.2f}×"

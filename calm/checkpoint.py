@@ -17,9 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +34,9 @@ from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 from calm.loading import ALIASES, HUB_ID, load_backbone
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 CONFIG_FILE = "calm_config.json"
 HEADS_FILE = "exit_heads.safetensors"
 BACKBONE_DIR = "backbone"
@@ -44,16 +48,21 @@ BACKBONE_KINDS = (ALIAS, HUB, PATH, INCLUDED)
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    backbone: str                       # what load_backbone resolves: an alias, path or hub id, or a dir inside
+    backbone: str  # what load_backbone resolves: an alias, path or hub id, or a dir inside
     heads: HeadsConfig | None = None
     calibration: CalibrationTable | None = None
-    extra: dict | None = None           # training metadata (command, data, steps)
-    backbone_kind: str | None = None    # one of BACKBONE_KINDS; None: inferred when saved or read
+    extra: dict | None = None  # training metadata (command, data, steps)
+    backbone_kind: str | None = None  # one of BACKBONE_KINDS; None: inferred when saved or read
 
     def to_dict(self) -> dict:
-        data = {"format": FORMAT, "version": VERSION, "backbone": self.backbone,
-                "heads": self.heads.to_dict() if self.heads else None,
-                "calibration": self.calibration.to_dict() if self.calibration else None, "extra": self.extra or {}}
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "backbone": self.backbone,
+            "heads": self.heads.to_dict() if self.heads else None,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+            "extra": self.extra or {},
+        }
         if self.backbone_kind is not None:
             data["backbone_kind"] = self.backbone_kind
         return data
@@ -65,12 +74,12 @@ class Components:
     when the config says it is included; `adapter` is the checkpoint directory whose LoRA adapter is
     merged into the model (its files go with a checkpoint that names the backbone)."""
 
-    model: torch.nn.Module | None = None
-    tokenizer: object = None
+    model: PreTrainedModel | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     heads: ExitHeads | None = None
     adapter: Path | None = None
 
-    def backbone(self) -> torch.nn.Module:
+    def backbone(self) -> PreTrainedModel:
         """The backbone model; loading always has one."""
         if self.model is None:
             raise CheckpointError("no backbone model was loaded")
@@ -82,6 +91,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 # ---- atomic writers -------------------------------------------------------------------------------
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -98,7 +108,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -110,7 +120,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     write_atomic(path, save_tensors(tensors, metadata=metadata))
 
 
-def save_backbone(model, tokenizer, target: Path) -> None:
+def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, target: Path) -> None:
     """Replace target with the model (and tokenizer) saved by transformers in safetensors."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -130,6 +140,7 @@ def save_backbone(model, tokenizer, target: Path) -> None:
 
 
 # ---- naming the backbone --------------------------------------------------------------------------
+
 
 def backbone_kind(ref: str, checkpoint: str | Path | None = None) -> str:
     """How `ref` names a backbone: a calm alias, a directory inside `checkpoint`, a local path or a hub id."""
@@ -161,12 +172,15 @@ def backbone_location(path: str | Path, config: CheckpointConfig) -> str:
         return config.backbone
     location = Path(path) / config.backbone
     if not (location / "config.json").is_file():
-        raise CheckpointError(f"checkpoint {path} says its backbone is included in {config.backbone}/, but "
-                              "that directory holds no transformers model (config.json is missing)")
+        raise CheckpointError(
+            f"checkpoint {path} says its backbone is included in {config.backbone}/, but "
+            "that directory holds no transformers model (config.json is missing)"
+        )
     return str(location)
 
 
 # ---- saving ---------------------------------------------------------------------------------------
+
 
 def _write_backbone(path: Path, config: CheckpointConfig, parts: Components) -> None:
     if config.backbone_kind == INCLUDED and parts.model is not None:
@@ -180,17 +194,21 @@ def check_adapter_target(path: str | Path, adapter: Path | None, include_backbon
     if not lora.has_adapter(path):
         return
     if include_backbone:
-        raise CheckpointError(f"{path} holds a LoRA adapter, which loading would merge into the included backbone a "
-                              "second time; save into a directory without one")
+        raise CheckpointError(
+            f"{path} holds a LoRA adapter, which loading would merge into the included backbone a "
+            "second time; save into a directory without one"
+        )
     if adapter is None or adapter.resolve() != path.resolve():
-        raise CheckpointError(f"{path} holds a LoRA adapter that this model does not have; save into another "
-                              f"directory, or delete {lora.ADAPTER_CONFIG} and {lora.ADAPTER_WEIGHTS} there first")
+        raise CheckpointError(
+            f"{path} holds a LoRA adapter that this model does not have; save into another "
+            f"directory, or delete {lora.ADAPTER_CONFIG} and {lora.ADAPTER_WEIGHTS} there first"
+        )
 
 
 def _write_adapter(path: Path, config: CheckpointConfig, parts: Components) -> None:
     if config.backbone_kind == INCLUDED or parts.adapter is None or parts.adapter.resolve() == path.resolve():
         return
-    for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):            # weights first: the config marks it complete
+    for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):  # weights first: the config marks it complete
         write_atomic(path / name, (parts.adapter / name).read_bytes())
 
 
@@ -204,8 +222,13 @@ SaveStep = Callable[[Path, CheckpointConfig, Components], None]
 SAVE_STEPS: tuple[SaveStep, ...] = (_write_backbone, _write_adapter, _write_heads)
 
 
-def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads | None = None,
-                    backbone: tuple[torch.nn.Module, object] | None = None, adapter: Path | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    config: CheckpointConfig,
+    heads: ExitHeads | None = None,
+    backbone: tuple[PreTrainedModel, Any] | None = None,
+    adapter: Path | None = None,
+) -> None:
     """Write the parts, then the config. `backbone` (model, tokenizer) is saved when the config's
     backbone_kind is 'included'; otherwise the LoRA adapter files in the directory `adapter` are copied
     along. A config without a backbone_kind gets the one its reference has."""
@@ -217,13 +240,13 @@ def save_checkpoint(path: str | Path, config: CheckpointConfig, heads: ExitHeads
         step(path, config, parts)
     if config.backbone_kind is None:
         config = replace(config, backbone_kind=backbone_kind(config.backbone, path))
-    backbone_location(path, config)                      # an included backbone must be there before the config
+    backbone_location(path, config)  # an included backbone must be there before the config
     write_atomic(path / CONFIG_FILE, json.dumps(config.to_dict(), indent=2).encode())
 
 
 def store_extra(path: str | Path, key: str, value: dict) -> None:
     """Set extra[key] in a checkpoint's config file, leaving every other field (and file) as it is."""
-    read_config(path)                                                      # a readable checkpoint first
+    read_config(path)  # a readable checkpoint first
     file = Path(path) / CONFIG_FILE
     data = json.loads(file.read_text(encoding="utf-8"))
     data["extra"] = {**(data.get("extra") or {}), key: value}
@@ -231,6 +254,7 @@ def store_extra(path: str | Path, key: str, value: dict) -> None:
 
 
 # ---- reading and loading --------------------------------------------------------------------------
+
 
 def read_config(path: str | Path) -> CheckpointConfig:
     path = Path(path)
@@ -246,15 +270,21 @@ def read_config(path: str | Path) -> CheckpointConfig:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a calm checkpoint config (format field missing or wrong)")
     if data.get("version") != VERSION:
-        raise CheckpointError(f"{file} has checkpoint version {data.get('version')!r}; this calm reads version {VERSION}")
+        raise CheckpointError(
+            f"{file} has checkpoint version {data.get('version')!r}; this calm reads version {VERSION}"
+        )
     if not isinstance(data.get("backbone"), str) or not data["backbone"]:
         raise CheckpointError(f"{file} names no backbone model")
     kind = data.get("backbone_kind") or backbone_kind(data["backbone"], path)
     if kind not in BACKBONE_KINDS:
         raise CheckpointError(f"{file}: unknown backbone_kind {kind!r}; expected one of {', '.join(BACKBONE_KINDS)}")
-    return CheckpointConfig(backbone=data["backbone"], heads=_heads_config(file, data.get("heads")),
-                            calibration=_calibration(file, data.get("calibration")), extra=data.get("extra") or {},
-                            backbone_kind=kind)
+    return CheckpointConfig(
+        backbone=data["backbone"],
+        heads=_heads_config(file, data.get("heads")),
+        calibration=_calibration(file, data.get("calibration")),
+        extra=data.get("extra") or {},
+        backbone_kind=kind,
+    )
 
 
 def _heads_config(file: Path, heads: dict | None) -> HeadsConfig | None:
@@ -279,8 +309,10 @@ def load_heads(path: str | Path, config: HeadsConfig, num_layers: int, hidden_si
     """Exit heads from a checkpoint, checked against the backbone they will run on."""
     file = Path(path) / HEADS_FILE
     if (config.num_layers, config.hidden_size) != (num_layers, hidden_size):
-        raise CheckpointError(f"exit heads in {path} were trained for {config.num_layers} layers x {config.hidden_size} "
-                              f"hidden, but the backbone has {num_layers} x {hidden_size}")
+        raise CheckpointError(
+            f"exit heads in {path} were trained for {config.num_layers} layers x {config.hidden_size} "
+            f"hidden, but the backbone has {num_layers} x {hidden_size}"
+        )
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} declares exit heads but {HEADS_FILE} is missing")
     try:
@@ -296,7 +328,7 @@ def load_heads(path: str | Path, config: HeadsConfig, num_layers: int, hidden_si
     return heads.eval()
 
 
-def with_adapter(path: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+def with_adapter(path: str | Path, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the checkpoint in `path` merged in, when it holds one."""
     return lora.merge_adapter(model, path) if lora.has_adapter(path) else model
 
@@ -315,7 +347,7 @@ def _load_heads(path: Path, config: CheckpointConfig, parts: Components) -> Comp
 
 
 LoadStep = Callable[[Path, CheckpointConfig, Components], Components]
-LOAD_STEPS: tuple[LoadStep, ...] = (_merge_adapter, _load_heads)        # in order, after the backbone
+LOAD_STEPS: tuple[LoadStep, ...] = (_merge_adapter, _load_heads)  # in order, after the backbone
 
 
 def load_parts(path: str | Path, config: CheckpointConfig, backbone: Components) -> Components:
@@ -326,8 +358,9 @@ def load_parts(path: str | Path, config: CheckpointConfig, backbone: Components)
     return parts
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> tuple[CheckpointConfig, Components, str]:
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[CheckpointConfig, Components, str]:
     """The config, the loaded parts and where the backbone was loaded from."""
     config = read_config(path)
     location = backbone_location(path, config)

@@ -22,9 +22,14 @@ class Record:
     summary: str | None = None
 
 
-def read_jsonl(path: str | Path, document_field: str = "document", summary_field: str | None = "summary",
-               require_summary: bool = False, limit: int | None = None,
-               skipped: list[int] | None = None) -> list[Record]:
+def read_jsonl(
+    path: str | Path,
+    document_field: str = "document",
+    summary_field: str | None = "summary",
+    require_summary: bool = False,
+    limit: int | None = None,
+    skipped: list[int] | None = None,
+) -> list[Record]:
     """Records of a JSONL file. Every line must be a JSON object with a non-empty `document_field`;
     when a `skipped` list is given, records with a blank document are left out and their line
     numbers appended to it instead."""
@@ -32,26 +37,46 @@ def read_jsonl(path: str | Path, document_field: str = "document", summary_field
     return records[:limit] if limit is not None else records
 
 
-def parse_jsonl(content: str, source: str, document_field: str = "document", summary_field: str | None = "summary",
-                require_summary: bool = False, skipped: list[int] | None = None) -> list[Record]:
+def parse_jsonl(
+    content: str,
+    source: str,
+    document_field: str = "document",
+    summary_field: str | None = "summary",
+    require_summary: bool = False,
+    skipped: list[int] | None = None,
+) -> list[Record]:
     """Records of JSONL text read from `source` (a file name or <stdin>, for messages)."""
     records = []
     for number, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
-        record = _record(line, f"{source}:{number}", number, document_field, summary_field, require_summary,
-                         skip_blank=skipped is not None)
-        if record is None:
-            skipped.append(number)
-        else:
+        record = _record(
+            line,
+            f"{source}:{number}",
+            number,
+            document_field,
+            summary_field,
+            require_summary,
+            skip_blank=skipped is not None,
+        )
+        if record is not None:
             records.append(record)
+        elif skipped is not None:  # only a blank document is skipped, and only on request
+            skipped.append(number)
     if not records:
         raise InputError(f"{source} holds no records" + (" with a non-empty document" if skipped else ""))
     return records
 
 
-def _record(line: str, where: str, number: int, document_field: str, summary_field: str | None,
-            require_summary: bool, skip_blank: bool = False) -> Record | None:
+def _record(
+    line: str,
+    where: str,
+    number: int,
+    document_field: str,
+    summary_field: str | None,
+    require_summary: bool,
+    skip_blank: bool = False,
+) -> Record | None:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -59,8 +84,10 @@ def _record(line: str, where: str, number: int, document_field: str, summary_fie
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if document_field not in obj:
-        raise InputError(f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
-                         "name the document field with --field-document")
+        raise InputError(
+            f"{where}: no field {document_field!r} (fields: {', '.join(sorted(obj))}); "
+            "name the document field with --field-document"
+        )
     document = obj[document_field]
     if skip_blank and isinstance(document, str) and not document.strip():
         return None

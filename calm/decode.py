@@ -25,9 +25,8 @@ from calm.lm_head import CertifiedArgmax
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, next_token
 
-
-COMPACT_MIN_ROWS = 16   # live rows from which layers run for the still-running rows only
-PER_ROW_MAX_ROWS = 8    # up to this many running rows attend one by one over cache views; more: one batched call
+COMPACT_MIN_ROWS = 16  # live rows from which layers run for the still-running rows only
+PER_ROW_MAX_ROWS = 8  # up to this many running rows attend one by one over cache views; more: one batched call
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Network:
     argmax: CertifiedArgmax | None = None
 
     @classmethod
-    def build(cls, adapter: Adapter, heads: ExitHeads | None = None) -> "Network":
+    def build(cls, adapter: Adapter, heads: ExitHeads | None = None) -> Network:
         return cls(adapter, heads, CertifiedArgmax.for_head(adapter.head_module))
 
     @property
@@ -63,8 +62,9 @@ class Network:
             return self.token_logits(h, layers).argmax(dim=-1)
         return self.argmax(self.head_input(h, layers))
 
-    def next_tokens(self, h: torch.Tensor, layers: torch.Tensor, sampling: SamplingConfig,
-                    generator: torch.Generator | None) -> torch.Tensor:
+    def next_tokens(
+        self, h: torch.Tensor, layers: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
         if not sampling.do_sample:
             return self.greedy_tokens(h, layers)
         return next_token(self.token_logits(h, layers), sampling, generator)
@@ -78,11 +78,13 @@ class ExitPlan:
     allowed: frozenset[int]
 
     @classmethod
-    def resolve(cls, policy: ExitPolicy, net: Network) -> "ExitPlan":
+    def resolve(cls, policy: ExitPolicy, net: Network) -> ExitPlan:
         allowed = frozenset(policy.allowed_layers(net.num_layers))
         if policy.measure == "classifier" and allowed and (net.heads is None or not net.heads.config.classifier):
-            raise PolicyError("the 'classifier' measure needs trained exit heads with a classifier "
-                              "(load a calm checkpoint, or train one with `calm train`)")
+            raise PolicyError(
+                "the 'classifier' measure needs trained exit heads with a classifier "
+                "(load a calm checkpoint, or train one with `calm train`)"
+            )
         return cls(measure=policy.measure, allowed=allowed)
 
 
@@ -91,19 +93,20 @@ class DecodeState:
     """What one decode step reads and advances, besides the tokens themselves."""
 
     cache: KVCache
-    positions: torch.Tensor              # [B] position id of the next token
-    first_slots: tuple[int, ...]         # each row's first real cache slot (after its left padding)
+    positions: torch.Tensor  # [B] position id of the next token
+    first_slots: tuple[int, ...]  # each row's first real cache slot (after its left padding)
     encoder: EncoderMemory | None = None
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    hidden: torch.Tensor                                     # [B, D] each row's exit hidden state
-    exit_layers: torch.Tensor                                # [B] long, 1..L
-    decided: tuple[tuple[torch.Tensor, torch.Tensor], ...]   # (rows, logits) the exit check computed
+    hidden: torch.Tensor  # [B, D] each row's exit hidden state
+    exit_layers: torch.Tensor  # [B] long, 1..L
+    decided: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (rows, logits) the exit check computed
 
-    def tokens(self, net: Network, rows: torch.Tensor, sampling: SamplingConfig,
-               generator: torch.Generator | None) -> torch.Tensor:
+    def tokens(
+        self, net: Network, rows: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """The next token [B] of `rows` (others 0): from the exit check's logits where it made them,
         else one batched head call on the exit states."""
         tokens = torch.zeros(self.hidden.shape[0], dtype=torch.long, device=self.hidden.device)
@@ -113,8 +116,9 @@ class StepOutput:
             pending[decided_rows] = False
         todo = rows if not self.decided else pending.nonzero()[:, 0]
         if todo.numel():
-            chosen = net.next_tokens(self.hidden.index_select(0, todo), self.exit_layers.index_select(0, todo),
-                                     sampling, generator)
+            chosen = net.next_tokens(
+                self.hidden.index_select(0, todo), self.exit_layers.index_select(0, todo), sampling, generator
+            )
             tokens = tokens.index_copy(0, todo, chosen)
         return tokens
 
@@ -123,9 +127,9 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
     """Run all layers over the prompt ids [B, T] (cache slots 0..T-1); the last token's state, at full depth."""
     a, cache = net.adapter, state.cache
     t = ids.shape[1]
-    positions = (cache.key_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)            # [B, T]
+    positions = (cache.key_mask[:, :t].long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
     ctx = a.context(positions, cache.key_mask, 0, state.encoder)
-    h = forward_layers(net, a.embed(ids, positions), range(a.num_layers), ctx, cache)   # [B, T, D]
+    h = forward_layers(net, a.embed(ids, positions), range(a.num_layers), ctx, cache)  # [B, T, D]
     cache.length = t
     state.positions = positions[:, -1] + 1
     full = torch.full((ids.shape[0],), a.num_layers, dtype=torch.long, device=ids.device)
@@ -135,18 +139,22 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
 def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache) -> torch.Tensor:
     """Layers `layers` (0-based) over T new tokens h [B, T, D] at cache slots ctx.start..ctx.start+T-1: each
     layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. -> [B, T, D]."""
-    a, end = net.adapter, ctx.start + h.shape[1]
+    if not isinstance(ctx.start, int):
+        raise TypeError("forward_layers writes at a slot the host knows: ctx.start must be an int (dynamic path)")
+    a, start = net.adapter, ctx.start
+    end = start + h.shape[1]
     for i in layers:
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)
-        cache.write(i, ctx.start, k, v)
+        cache.write(i, start, k, v)
         kc, vc = cache.keys_values(i, end)
         h = a.finish_layer(i, h, x, kc, vc, ctx)
     return h
 
 
-def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor, h_in: torch.Tensor,
-                  threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def exit_decision(
+    net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor, h_in: torch.Tensor, threshold: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which of R running rows exit at `layer`: bool [R], and their logits [R, V] when the measure made them."""
     if plan.measure == "fixed":
         return torch.ones(h_out.shape[0], dtype=torch.bool, device=h_out.device), None
@@ -155,11 +163,15 @@ def exit_decision(net: Network, plan: ExitPlan, layer: int, h_out: torch.Tensor,
         return softmax_margin(logits) >= threshold, logits
     if plan.measure == "state":
         return state_similarity(h_out, h_in) >= threshold, None
+    if net.heads is None:
+        raise PolicyError("the 'classifier' measure needs trained exit heads (ExitPlan.resolve checks this)")
     return net.heads.classify(h_out, layer) >= threshold, None
 
 
-def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: DecodeState,
-                     threshold: float, rows: torch.Tensor) -> StepOutput:
+# long: one pass down the layer stack; h, running, compute and layer_ctx change together at each exit layer
+def decode_one_token(
+    net: Network, plan: ExitPlan, tokens: torch.Tensor, state: DecodeState, threshold: float, rows: torch.Tensor
+) -> StepOutput:
     """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B].
 
     Exited rows keep their exit state in `h`. Below COMPACT_MIN_ROWS live rows the matmuls run for
@@ -173,15 +185,15 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     slot = cache.length
     batch = tokens.shape[0]
     cache.key_mask[:, slot] = True
-    positions = state.positions[:, None]                                                 # [B, 1]
+    positions = state.positions[:, None]  # [B, 1]
     ctx = a.context(positions, cache.key_mask, slot, state.encoder)
-    h = a.embed(tokens[:, None], positions)                                              # [B, 1, D]
+    h = a.embed(tokens[:, None], positions)  # [B, 1, D]
     exit_layers = torch.full((batch,), a.num_layers, dtype=torch.long, device=tokens.device)
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
-    compute = None if rows.numel() == batch else rows                                    # None: every row
+    compute = None if rows.numel() == batch else rows  # None: every row
     compact = rows.numel() >= COMPACT_MIN_ROWS
     layer_ctx = ctx if compute is None else _per_row(ctx, state.first_slots, compute, rows)
-    decided: list[tuple[torch.Tensor, torch.Tensor]] = []                                # (rows, logits)
+    decided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
         k, v = a.kv(i, x, ctx)
@@ -191,7 +203,7 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
             kc, vc = kc.index_select(0, compute), vc.index_select(0, compute)
         h_in = pick(h, compute)
         h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute)
-        going = pick(running, compute)                                                   # [C]
+        going = pick(running, compute)  # [C]
         h_new = torch.where(going[:, None, None], h_out, h_in)
         h = h_new if compute is None else h.index_copy(0, compute, h_new)
         layer = i + 1
@@ -200,7 +212,7 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
         confident, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], threshold)
         exits = confident & going
         ids = compute if compute is not None else torch.arange(batch, device=tokens.device)
-        exited = ids[exits]                                                              # host sync
+        exited = ids[exits]  # host sync
         if exited.numel() == 0:
             continue
         exit_layers[exited] = layer
@@ -221,8 +233,9 @@ def decode_one_token(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: 
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
 
 
-def _per_row(ctx: StepContext, first_slots: tuple[int, ...], compute: torch.Tensor | None,
-             live: torch.Tensor) -> StepContext:
+def _per_row(
+    ctx: StepContext, first_slots: tuple[int, ...], compute: torch.Tensor | None, live: torch.Tensor
+) -> StepContext:
     """ctx with self-attention for the `live` rows only, each over its own cache view; queries are
     the rows of `compute` (every row when None). Beyond PER_ROW_MAX_ROWS rows the per-call cost
     outweighs the saving: then ctx itself, one batched call (over the computed rows' gathered K/V)."""
@@ -231,6 +244,9 @@ def _per_row(ctx: StepContext, first_slots: tuple[int, ...], compute: torch.Tens
     computed = range(len(first_slots)) if compute is None else compute.tolist()
     query_of = {row: j for j, row in enumerate(computed)}
     live_rows = live.tolist()
-    per_row = RowAttention(queries=tuple(query_of[r] for r in live_rows), rows=tuple(live_rows),
-                           starts=tuple(first_slots[r] for r in live_rows))
+    per_row = RowAttention(
+        queries=tuple(query_of[r] for r in live_rows),
+        rows=tuple(live_rows),
+        starts=tuple(first_slots[r] for r in live_rows),
+    )
     return replace(ctx, row_attention=per_row)

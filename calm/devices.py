@@ -29,11 +29,14 @@ def check_device(name: str) -> str:
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise InputError(f"device {name!r} is not available: torch finds no CUDA GPU on this machine "
-                             f"(torch {torch.__version__}); use cpu or auto")
+            raise InputError(
+                f"device {name!r} is not available: torch finds no CUDA GPU on this machine "
+                f"(torch {torch.__version__}); use cpu or auto"
+            )
         if colon and int(index) >= count:
-            raise InputError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), "
-                             f"cuda:0..cuda:{count - 1}")
+            raise InputError(
+                f"device {name!r} does not exist: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+            )
     return name
 
 
@@ -44,3 +47,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     if device is None or str(device) == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else None
     return torch.device(check_device(str(device)))
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype as users write it ('float32', 'bf16', ...) or as torch names it; None: torch's default."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]

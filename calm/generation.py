@@ -17,7 +17,7 @@ from calm.sampling import SamplingConfig, next_token
 from calm.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step
 
 ENGINES = ("auto", "dynamic", "static")
-ENGINE_SPECS = (*ENGINES, "static+compile")     # what the command line takes
+ENGINE_SPECS = (*ENGINES, "static+compile")  # what the command line takes
 
 if TYPE_CHECKING:
     from calm.speculative import SpeculativeStats
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class PromptBatch:
     """Left-padded prompts. For encoder-decoders, ids/mask are the encoder input."""
 
-    ids: torch.Tensor    # [B, T] long
-    mask: torch.Tensor   # [B, T] bool, False on padding
+    ids: torch.Tensor  # [B, T] long
+    mask: torch.Tensor  # [B, T] bool, False on padding
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,19 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     sampling: SamplingConfig = SamplingConfig()
-    engine: str = "auto"      # "dynamic", "static", or auto: dynamic on a CPU, static on a GPU (resolve_engine)
-    compile: bool | str = False   # static engine: the step through torch.compile(fullgraph=True); a string
-                                  # names the backend (True: inductor; "eager" checks capture without a compiler)
-    sync_every: int = 8       # static engine: ask "have all rows finished?" every this many tokens
+    engine: str = "auto"  # "dynamic", "static", or auto: dynamic on a CPU, static on a GPU (resolve_engine)
+    compile: bool | str = False  # static engine: the step through torch.compile(fullgraph=True); a string
+    # names the backend (True: inductor; "eager" checks capture without a compiler)
+    sync_every: int = 8  # static engine: ask "have all rows finished?" every this many tokens
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise InputError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if self.compile and self.engine == "dynamic":
-            raise InputError("compile needs the static engine (engine='static' or 'auto'): the dynamic step "
-                             "branches on which rows exited, which no graph can capture")
+            raise InputError(
+                "compile needs the static engine (engine='static' or 'auto'): the dynamic step "
+                "branches on which rows exited, which no graph can capture"
+            )
         if self.sync_every < 1:
             raise InputError(f"sync_every must be >= 1, got {self.sync_every}")
 
@@ -59,8 +61,8 @@ class Timings:
 
     prefill_s: float
     decode_s: float
-    new_tokens: int          # tokens generated over all rows
-    decode_tokens: int       # of those, the ones after each row's first (made by decode steps)
+    new_tokens: int  # tokens generated over all rows
+    decode_tokens: int  # of those, the ones after each row's first (made by decode steps)
 
     @property
     def total_s(self) -> float:
@@ -77,19 +79,24 @@ class Timings:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     def to_dict(self) -> dict:
-        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "new_tokens": self.new_tokens,
-                "decode_tokens": self.decode_tokens, "tokens_per_s": self.tokens_per_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
+        return {
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "new_tokens": self.new_tokens,
+            "decode_tokens": self.decode_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    token_ids: tuple[tuple[int, ...], ...]     # per row, generated tokens up to and including EOS
-    exit_layers: tuple[tuple[int, ...], ...]   # per row, per generated token, 1..num_layers
+    token_ids: tuple[tuple[int, ...], ...]  # per row, generated tokens up to and including EOS
+    exit_layers: tuple[tuple[int, ...], ...]  # per row, per generated token, 1..num_layers
     num_layers: int
     timings: Timings
     texts: tuple[str, ...] = ()
-    speculative: SpeculativeStats | None = None   # mode="speculative": acceptance, draft and verify time
+    speculative: SpeculativeStats | None = None  # mode="speculative": acceptance, draft and verify time
 
     @property
     def avg_layers(self) -> float:
@@ -104,9 +111,12 @@ class GenerationResult:
     def to_dict(self) -> dict:
         spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
-            "texts": list(self.texts), "token_ids": [list(r) for r in self.token_ids],
-            "exit_layers": [list(r) for r in self.exit_layers], "num_layers": self.num_layers,
-            "avg_layers": self.avg_layers, "timings": self.timings.to_dict(),
+            "texts": list(self.texts),
+            "token_ids": [list(r) for r in self.token_ids],
+            "exit_layers": [list(r) for r in self.exit_layers],
+            "num_layers": self.num_layers,
+            "avg_layers": self.avg_layers,
+            "timings": self.timings.to_dict(),
             **spec,
         }
 
@@ -125,7 +135,7 @@ def engine_settings(spec: str) -> dict:
 
 
 def resolve_engine(config: GenerationConfig, device: torch.device) -> str:
-    """"dynamic" or "static": auto is the dynamic step on a CPU (skipping the work of exited rows is
+    """ "dynamic" or "static": auto is the dynamic step on a CPU (skipping the work of exited rows is
     the saving there) and the static one on a GPU (no host sync inside a step) or when compiling."""
     if config.engine == "auto":
         return "static" if device.type == "cuda" or config.compile else "dynamic"
@@ -133,7 +143,9 @@ def resolve_engine(config: GenerationConfig, device: torch.device) -> str:
 
 
 @torch.inference_mode()
-def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig) -> GenerationResult:
+def generate_tokens(
+    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig
+) -> GenerationResult:
     plan = ExitPlan.resolve(policy, net)
     device = prompts.ids.device
     decode = _decode_static if resolve_engine(config, device) == "static" else _decode_dynamic
@@ -141,24 +153,29 @@ def generate_tokens(net: Network, prompts: PromptBatch, policy: ExitPolicy, conf
     out = decode(net, plan, policy, prompts, config)
     _sync(device)
     t2 = time.perf_counter()
-    token_ids, exit_layers = _trim(out.tokens[:, :out.steps].tolist(), out.exits[:, :out.steps].tolist(),
-                                   set(config.eos_token_ids))
-    timings = Timings(prefill_s=out.prefill_end - t0, decode_s=t2 - out.prefill_end,
-                      new_tokens=sum(len(r) for r in token_ids),
-                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
+    token_ids, exit_layers = _trim(
+        out.tokens[:, : out.steps].tolist(), out.exits[:, : out.steps].tolist(), set(config.eos_token_ids)
+    )
+    timings = Timings(
+        prefill_s=out.prefill_end - t0,
+        decode_s=t2 - out.prefill_end,
+        new_tokens=sum(len(r) for r in token_ids),
+        decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids),
+    )
     return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=net.num_layers, timings=timings)
 
 
 @dataclass(frozen=True)
 class _Decoded:
-    tokens: torch.Tensor     # [B, max_new_tokens] long, pad after a row finished
-    exits: torch.Tensor      # [B, max_new_tokens] long, 0 after a row finished
-    steps: int               # columns filled
-    prefill_end: float       # perf_counter() once the first token was chosen
+    tokens: torch.Tensor  # [B, max_new_tokens] long, pad after a row finished
+    exits: torch.Tensor  # [B, max_new_tokens] long, 0 after a row finished
+    steps: int  # columns filled
+    prefill_end: float  # perf_counter() once the first token was chosen
 
 
-def _decode_dynamic(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch,
-                    config: GenerationConfig) -> _Decoded:
+def _decode_dynamic(
+    net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch, config: GenerationConfig
+) -> _Decoded:
     """The dynamic step: the host learns which rows exit at every allowed layer and skips their work."""
     a = net.adapter
     device = prompts.ids.device
@@ -187,8 +204,9 @@ def _decode_dynamic(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: P
     return _Decoded(tokens_out, exits_out, steps, t1)
 
 
-def _decode_static(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch,
-                   config: GenerationConfig) -> _Decoded:
+def _decode_static(
+    net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch, config: GenerationConfig
+) -> _Decoded:
     """The static step (calm.static_decode): no host sync inside a step; between steps one, every
     `sync_every` steps, asks whether all rows have finished, and drops the finished ones from the batch."""
     a = net.adapter
@@ -202,11 +220,16 @@ def _decode_static(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: Pr
     tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
     finished = torch.isin(tokens, eos)
     static = StaticState.after_prefill(state)
-    thresholds = torch.tensor([policy.threshold_at(t, config.max_new_tokens) for t in range(config.max_new_tokens)],
-                              dtype=torch.float32, device=device)                      # λ(t), one copy
+    thresholds = torch.tensor(
+        [policy.threshold_at(t, config.max_new_tokens) for t in range(config.max_new_tokens)],
+        dtype=torch.float32,
+        device=device,
+    )  # λ(t), one copy
     threshold = thresholds[0].clone()
-    step = static_step if not config.compile else compiled_step("inductor" if config.compile is True else config.compile)
-    rows = torch.arange(batch, device=device)                                           # output row of each row
+    step = (
+        static_step if not config.compile else compiled_step("inductor" if config.compile is True else config.compile)
+    )
+    rows = torch.arange(batch, device=device)  # output row of each row
     _sync(device)
     t1 = time.perf_counter()
     steps = 1
@@ -220,24 +243,27 @@ def _decode_static(net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: Pr
         static.advance()
         steps += 1
         if steps % config.sync_every == 0 and steps < config.max_new_tokens:
-            live = len(finished) - sum(finished.tolist())                               # the one host sync
+            live = len(finished) - sum(finished.tolist())  # the one host sync
             if live == 0:
                 break
-            if live < len(finished):                                                    # compaction
-                keep = torch.argsort(finished.to(torch.uint8), stable=True)[:live]      # unfinished, in order
+            if live < len(finished):  # compaction
+                keep = torch.argsort(finished.to(torch.uint8), stable=True)[:live]  # unfinished, in order
                 static, tokens, finished, rows = static.select(keep), tokens[keep], finished[keep], rows[keep]
     return _Decoded(tokens_out, exits_out, steps, t1)
 
 
-def _outputs(batch: int, config: GenerationConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _outputs(
+    batch: int, config: GenerationConfig, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The token and exit-layer buffers [B, max_new_tokens], and the EOS ids as a tensor."""
     tokens_out = torch.full((batch, config.max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
     exits_out = torch.zeros((batch, config.max_new_tokens), dtype=torch.long, device=device)
     return tokens_out, exits_out, torch.tensor(config.eos_token_ids or (-1,), device=device)
 
 
-def _start(net: Network, prompts: PromptBatch, max_new_tokens: int,
-           slot_multiple: int = 1) -> tuple[DecodeState, torch.Tensor]:
+def _start(
+    net: Network, prompts: PromptBatch, max_new_tokens: int, slot_multiple: int = 1
+) -> tuple[DecodeState, torch.Tensor]:
     """The empty decode state and the ids the decoder's prefill reads; cache slots are rounded up to
     a multiple of slot_multiple."""
     a = net.adapter

@@ -17,12 +17,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    num_layers: int        # L of the backbone; heads exist for layers 1..L-1
+    num_layers: int  # L of the backbone; heads exist for layers 1..L-1
     hidden_size: int
     rank: int = 32
     transform: bool = True
     classifier: bool = True
-    min_layer: int = 1     # heads below this layer are untrained: identity map, never confident
+    min_layer: int = 1  # heads below this layer are untrained: identity map, never confident
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,10 +33,10 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.config = config
         n, d, r = config.num_layers - 1, config.hidden_size, config.rank
-        self.down = nn.Parameter(torch.randn(n, d, r) * d ** -0.5)        # A_k  [L-1, D, r]
-        self.up = nn.Parameter(torch.zeros(n, r, d))                        # B_k  [L-1, r, D]
-        self.cls_weight = nn.Parameter(torch.zeros(n, d))                   # w_k  [L-1, D]
-        self.cls_bias = nn.Parameter(torch.zeros(n))                        # b_k  [L-1]
+        self.down = nn.Parameter(torch.randn(n, d, r) * d**-0.5)  # A_k  [L-1, D, r]
+        self.up = nn.Parameter(torch.zeros(n, r, d))  # B_k  [L-1, r, D]
+        self.cls_weight = nn.Parameter(torch.zeros(n, d))  # w_k  [L-1, D]
+        self.cls_bias = nn.Parameter(torch.zeros(n))  # b_k  [L-1]
 
     def transform(self, h: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
         """h [R, D] from exit layers [R] (1..L; L passes through) -> adapted h [R, D]."""
@@ -44,9 +44,9 @@ class ExitHeads(nn.Module):
             return h
         early = layers < self.config.num_layers
         idx = (layers - 1).clamp(max=self.config.num_layers - 2)
-        a = self.down.index_select(0, idx).to(h.dtype)                      # [R, D, r]
-        b = self.up.index_select(0, idx).to(h.dtype)                        # [R, r, D]
-        delta = torch.bmm(torch.bmm(h[:, None], a), b)[:, 0]                # [R, D]
+        a = self.down.index_select(0, idx).to(h.dtype)  # [R, D, r]
+        b = self.up.index_select(0, idx).to(h.dtype)  # [R, r, D]
+        delta = torch.bmm(torch.bmm(h[:, None], a), b)[:, 0]  # [R, D]
         return torch.where(early[:, None], h + delta, h)
 
     def classify(self, h: torch.Tensor, layer: int) -> torch.Tensor:

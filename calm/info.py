@@ -7,18 +7,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from calm import lora
 from calm.adapters import adapter_for
-from calm.bench import format_speedup
 from calm.calibration import CalibrationTable
 from calm.checkpoint import INCLUDED, CheckpointConfig, backbone_kind, backbone_location, is_checkpoint, read_config
 from calm.errors import CheckpointError
+from calm.eval.reporting import format_speedup
 from calm.heads import HeadsConfig
 from calm.loading import load_backbone
 from calm.model import default_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "layers_to_transform", "base_model_name_or_path")
 KIND_NAMES = {"alias": "calm alias", "hub": "hub id", "path": "local path", "included": "included in the checkpoint"}
@@ -35,7 +39,7 @@ class ModelInfo:
     parameters: int
     backbone: str
     backbone_kind: str
-    checkpoint: str | None                 # the calm checkpoint the heads and calibration come from
+    checkpoint: str | None  # the calm checkpoint the heads and calibration come from
     heads: HeadsConfig | None = None
     calibration: CalibrationTable | None = None
     adapter: dict | None = None
@@ -51,20 +55,30 @@ def describe(name_or_path: str | Path, device: str | torch.device | None = None)
         return _info(name, model, config.backbone, kind, Path(name), config)
     checkpoint = default_checkpoint(name)
     model = load_backbone(name, device=device).model
-    return _info(name, model, name, backbone_kind(name), checkpoint,
-                 read_config(checkpoint) if checkpoint is not None else None)
+    return _info(
+        name, model, name, backbone_kind(name), checkpoint, read_config(checkpoint) if checkpoint is not None else None
+    )
 
 
-def _info(name: str, model: torch.nn.Module, ref: str, kind: str, checkpoint: Path | None,
-          config: CheckpointConfig | None) -> ModelInfo:
+def _info(
+    name: str, model: PreTrainedModel, ref: str, kind: str, checkpoint: Path | None, config: CheckpointConfig | None
+) -> ModelInfo:
     arch = adapter_for(model)
-    return ModelInfo(name=name, model_type=str(getattr(model.config, "model_type", "?")),
-                     model_class=type(model).__name__, num_layers=arch.num_layers,
-                     hidden_size=arch.hidden_size, vocab_size=arch.vocab_size,
-                     parameters=sum(p.numel() for p in model.parameters()),
-                     backbone=ref, backbone_kind=kind, checkpoint=None if checkpoint is None else str(checkpoint),
-                     heads=config.heads if config else None, calibration=config.calibration if config else None,
-                     adapter=adapter_settings(checkpoint) if checkpoint is not None else None)
+    return ModelInfo(
+        name=name,
+        model_type=str(getattr(model.config, "model_type", "?")),
+        model_class=type(model).__name__,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        vocab_size=arch.vocab_size,
+        parameters=sum(p.numel() for p in model.parameters()),
+        backbone=ref,
+        backbone_kind=kind,
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        heads=config.heads if config else None,
+        calibration=config.calibration if config else None,
+        adapter=adapter_settings(checkpoint) if checkpoint is not None else None,
+    )
 
 
 def adapter_settings(checkpoint: Path) -> dict | None:
@@ -83,25 +97,33 @@ def adapter_settings(checkpoint: Path) -> dict | None:
 
 # ---- text ----------------------------------------------------------------------------------------
 
+
 def summary_fields(info: ModelInfo) -> list[tuple[str, str]]:
     """(field, value) rows: the model, its backbone, heads, adapter and the calibration's settings."""
     backbone = f"{info.backbone}/" if info.backbone_kind == INCLUDED else info.backbone
-    rows = [("model", info.name),
-            ("architecture", f"{info.model_type} ({info.model_class}): {info.num_layers} layers, hidden "
-                             f"{info.hidden_size}, vocab {info.vocab_size}, {info.parameters / 1e6:.1f}M parameters"),
-            ("backbone", f"{backbone} ({KIND_NAMES.get(info.backbone_kind, info.backbone_kind)})"),
-            ("checkpoint", info.checkpoint or "none (no exit heads, no calibration)"),
-            ("exit heads", _heads_text(info.heads)),
-            ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter))]
+    rows = [
+        ("model", info.name),
+        (
+            "architecture",
+            f"{info.model_type} ({info.model_class}): {info.num_layers} layers, hidden "
+            f"{info.hidden_size}, vocab {info.vocab_size}, {info.parameters / 1e6:.1f}M parameters",
+        ),
+        ("backbone", f"{backbone} ({KIND_NAMES.get(info.backbone_kind, info.backbone_kind)})"),
+        ("checkpoint", info.checkpoint or "none (no exit heads, no calibration)"),
+        ("exit heads", _heads_text(info.heads)),
+        ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter)),
+    ]
     return rows + _calibration_fields(info.calibration)
 
 
 def _heads_text(heads: HeadsConfig | None) -> str:
     if heads is None:
         return "none (exits use the model's own LM head)"
-    return (f"layers {heads.min_layer}–{heads.num_layers - 1} of {heads.num_layers}, rank {heads.rank}, "
-            f"transform {'yes' if heads.transform else 'no'}, classifier {'yes' if heads.classifier else 'no'}, "
-            f"min layer {heads.min_layer}")
+    return (
+        f"layers {heads.min_layer}–{heads.num_layers - 1} of {heads.num_layers}, rank {heads.rank}, "
+        f"transform {'yes' if heads.transform else 'no'}, classifier {'yes' if heads.classifier else 'no'}, "
+        f"min layer {heads.min_layer}"
+    )
 
 
 def _mapping_text(values: dict) -> str:
@@ -112,27 +134,42 @@ def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]
     if table is None:
         return [("calibration", "none (run calm calibrate; --threshold works without it)")]
     tau = "decay τ not recorded (the default decay)" if table.decay_tau is None else f"decay τ={table.decay_tau:g}"
-    settings = [f"measure {table.measure}" if table.measure else None, tau,
-                f"min exit layer {table.min_exit_layer}" if table.min_exit_layer else None,
-                f"ε={_g(table.epsilon)}", f"n={table.n}", f"method {table.method}" if table.method else None,
-                f"max new tokens {table.max_new_tokens}" if table.max_new_tokens else None,
-                f"documents cut to {table.max_doc_tokens} tokens" if table.max_doc_tokens else None,
-                f"data {table.data}" if table.data else None]
+    settings = [
+        f"measure {table.measure}" if table.measure else None,
+        tau,
+        f"min exit layer {table.min_exit_layer}" if table.min_exit_layer else None,
+        f"ε={_g(table.epsilon)}",
+        f"n={table.n}",
+        f"method {table.method}" if table.method else None,
+        f"max new tokens {table.max_new_tokens}" if table.max_new_tokens else None,
+        f"documents cut to {table.max_doc_tokens} tokens" if table.max_doc_tokens else None,
+        f"data {table.data}" if table.data else None,
+    ]
     row = table.certified_row
-    certified = (f"λ={row.threshold:g} at δ={_g(table.delta)} (ε={_g(table.epsilon)}): mean D {row.mean_loss:.3f}, "
-                 f"{row.avg_layers:.2f} layers" if row is not None
-                 else f"no threshold at δ={_g(table.delta)} (the knob runs the full model)")
-    return [("calibration", ", ".join(item for item in settings if item)),
-            ("certified", certified)]
+    certified = (
+        f"λ={row.threshold:g} at δ={_g(table.delta)} (ε={_g(table.epsilon)}): mean D {row.mean_loss:.3f}, "
+        f"{row.avg_layers:.2f} layers"
+        if row is not None
+        else f"no threshold at δ={_g(table.delta)} (the knob runs the full model)"
+    )
+    return [("calibration", ", ".join(item for item in settings if item)), ("certified", certified)]
 
 
 def calibration_rows(table: CalibrationTable) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the calibration table: threshold, mean D, p-value, certified at δ."""
     header = ["λ", "mean D", "D q90", "p-value", "avg layers", "speedup", f"certified at δ={_g(table.delta)}"]
-    rows = [[f"{r.threshold:g}", f"{r.mean_loss:.3f}", f"{r.q90:.3f}", f"{r.pvalue:.3g}", f"{r.avg_layers:.2f}",
-             format_speedup(r.speedup),
-             "yes" if table.certified_index is not None and i <= table.certified_index else "no"]
-            for i, r in enumerate(table.rows)]
+    rows = [
+        [
+            f"{r.threshold:g}",
+            f"{r.mean_loss:.3f}",
+            f"{r.q90:.3f}",
+            f"{r.pvalue:.3g}",
+            f"{r.avg_layers:.2f}",
+            format_speedup(r.speedup),
+            "yes" if table.certified_index is not None and i <= table.certified_index else "no",
+        ]
+        for i, r in enumerate(table.rows)
+    ]
     return header, rows
 
 

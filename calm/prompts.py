@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 PLACEHOLDER = "{document}"
 SUMMARY_TEMPLATE = "Summarize the following article in one sentence.\n\n{document}"
-CONTEXT, MAX_DOC_TOKENS = "context", "max_doc_tokens"       # what cut a document
+CONTEXT, MAX_DOC_TOKENS = "context", "max_doc_tokens"  # what cut a document
 
 logger = logging.getLogger("calm")
 
@@ -37,8 +37,10 @@ class PromptTemplate:
         count = self.text.count(PLACEHOLDER)
         if count != 1:
             found = "has no" if count == 0 else f"has {count}"
-            raise InputError(f"the prompt template {found} {PLACEHOLDER} placeholder; it needs exactly one, where "
-                             f"the document goes, e.g. \"Summarize this article:\\n\\n{PLACEHOLDER}\"")
+            raise InputError(
+                f"the prompt template {found} {PLACEHOLDER} placeholder; it needs exactly one, where "
+                f'the document goes, e.g. "Summarize this article:\\n\\n{PLACEHOLDER}"'
+            )
 
     def render(self, document: str) -> str:
         return self.text.replace(PLACEHOLDER, document.strip())
@@ -54,7 +56,7 @@ class Prompt:
     text: str
     document_tokens: int
     kept_tokens: int
-    cut_by: str | None = None        # None, CONTEXT (to fit the model) or MAX_DOC_TOKENS (asked for)
+    cut_by: str | None = None  # None, CONTEXT (to fit the model) or MAX_DOC_TOKENS (asked for)
 
     @property
     def truncated(self) -> bool:
@@ -78,8 +80,9 @@ class PromptFormat:
         encoder_decoder = model.adapter.is_encoder_decoder
         context = None if encoder_decoder or model.max_context is None else model.max_context - max_new_tokens
         if context is not None and context < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of "
-                             f"{model.max_context}")
+            raise InputError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {model.max_context}"
+            )
         return cls(model.tokenizer, uses_chat(model.tokenizer, encoder_decoder, chat), context, max_new_tokens)
 
     def ids(self, text: str) -> list[int]:
@@ -96,8 +99,9 @@ def uses_chat(tokenizer: Any, encoder_decoder: bool, chat: bool | None = None) -
 def prompt_ids(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """The token ids of a text prompt, as one user turn of the chat template when `chat`."""
     if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer(text)["input_ids"])
 
@@ -118,8 +122,14 @@ def summary_prompt(document: str) -> str:
     return DEFAULT_TEMPLATE.render(document)
 
 
-def fit_prompt(fmt: PromptFormat, document: str, template: PromptTemplate = DEFAULT_TEMPLATE,
-               max_doc_tokens: int | None = None, truncate: bool = True, name: str = "document") -> Prompt:
+def fit_prompt(
+    fmt: PromptFormat,
+    document: str,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    max_doc_tokens: int | None = None,
+    truncate: bool = True,
+    name: str = "document",
+) -> Prompt:
     """The template around as much of the document as fits: at most max_doc_tokens, and what the
     context leaves after the instruction and the new tokens. A document that does not fit the context
     is cut (truncate) or refused with an InputError naming `name`."""
@@ -137,13 +147,18 @@ def fit_prompt(fmt: PromptFormat, document: str, template: PromptTemplate = DEFA
         excess = 0 if fmt.max_prompt_tokens is None else len(fmt.ids(text)) - fmt.max_prompt_tokens
         if excess <= 0:
             return Prompt(text, len(ids), keep, cut_by)
-        room = keep - excess            # the document tokenizes a little longer inside the prompt
+        room = keep - excess  # the document tokenizes a little longer inside the prompt
         if room < 1:
             raise InputError(_too_long(fmt, name, len(ids), 0))
 
 
-def fit_prompts(fmt: PromptFormat, documents: Sequence[tuple[str, str]], template: PromptTemplate = DEFAULT_TEMPLATE,
-                max_doc_tokens: int | None = None, truncate: bool = True) -> list[Prompt]:
+def fit_prompts(
+    fmt: PromptFormat,
+    documents: Sequence[tuple[str, str]],
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    max_doc_tokens: int | None = None,
+    truncate: bool = True,
+) -> list[Prompt]:
     """fit_prompt for each (name, document); every cut the context forced is logged as a warning."""
     prompts = [fit_prompt(fmt, doc, template, max_doc_tokens, truncate, name) for name, doc in documents]
     for (name, _), prompt in zip(documents, prompts):
@@ -164,19 +179,23 @@ def _document_room(fmt: PromptFormat, template: PromptTemplate) -> int | None:
     instruction = len(fmt.ids(template.render("")))
     room = fmt.max_prompt_tokens - instruction
     if room < 1:
-        raise InputError(f"the prompt template alone takes {instruction:,} tokens, which leaves no room for a "
-                         f"document in a context of {fmt.max_prompt_tokens + fmt.max_new_tokens:,} tokens with "
-                         f"max_new_tokens={fmt.max_new_tokens}; shorten the template or lower max_new_tokens")
+        raise InputError(
+            f"the prompt template alone takes {instruction:,} tokens, which leaves no room for a "
+            f"document in a context of {fmt.max_prompt_tokens + fmt.max_new_tokens:,} tokens with "
+            f"max_new_tokens={fmt.max_new_tokens}; shorten the template or lower max_new_tokens"
+        )
     return room
 
 
 def _too_long(fmt: PromptFormat, name: str, tokens: int, room: int) -> str:
     context = (fmt.max_prompt_tokens or 0) + fmt.max_new_tokens
-    return (f"{name} has {tokens:,} tokens, but a context of {context:,} holds only {room:,} of them with "
-            f"max_new_tokens={fmt.max_new_tokens}; shorten it or lower max_new_tokens")
+    return (
+        f"{name} has {tokens:,} tokens, but a context of {context:,} holds only {room:,} of them with "
+        f"max_new_tokens={fmt.max_new_tokens}; shorten it or lower max_new_tokens"
+    )
 
 
 def _first_tokens(tokenizer: Any, document: str, ids: Sequence[int], keep: int) -> str:
     if keep >= len(ids):
         return document.strip()
-    return tokenizer.decode(list(ids[:max(0, keep)]), skip_special_tokens=True).strip()
+    return tokenizer.decode(list(ids[: max(0, keep)]), skip_special_tokens=True).strip()

@@ -14,8 +14,8 @@ from calm.errors import InputError
 class SamplingConfig:
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int = 0          # 0: no top-k filter
-    top_p: float = 1.0      # 1.0: no nucleus filter
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -48,7 +48,7 @@ def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     if config.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= config.top_p     # keep the token that crosses p
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= config.top_p  # keep the token that crosses p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     return logits

@@ -35,13 +35,15 @@ from calm.sampling import SamplingConfig, filter_logits
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    draft_layer: int          # E: layers 1..E and the exit head of layer E draft (1..L-1)
-    max_draft: int = 4        # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
+    draft_layer: int  # E: layers 1..E and the exit head of layer E draft (1..L-1)
+    max_draft: int = 4  # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
 
     def check(self, num_layers: int) -> None:
         if not 1 <= self.draft_layer < num_layers:
-            raise PolicyError(f"draft layer {self.draft_layer} is out of range: this model has {num_layers} "
-                              f"layers, so drafts can come from layers 1..{num_layers - 1}")
+            raise PolicyError(
+                f"draft layer {self.draft_layer} is out of range: this model has {num_layers} "
+                f"layers, so drafts can come from layers 1..{num_layers - 1}"
+            )
         if self.max_draft < 1:
             raise PolicyError(f"max_draft must be >= 1, got {self.max_draft}")
 
@@ -76,12 +78,12 @@ class SpeculativeStats:
 
     draft_layer: int
     max_draft: int
-    cycles: int              # verification passes
-    row_cycles: int          # (row, pass) pairs
-    drafted: int             # tokens drafted, all rows
-    accepted: int            # drafted tokens the full model kept
-    draft_s: float           # wall time in the draft steps (layers 1..E and the exit head)
-    verify_s: float          # wall time verifying (layers E+1..L, LM head, accept, rollback)
+    cycles: int  # verification passes
+    row_cycles: int  # (row, pass) pairs
+    drafted: int  # tokens drafted, all rows
+    accepted: int  # drafted tokens the full model kept
+    draft_s: float  # wall time in the draft steps (layers 1..E and the exit head)
+    verify_s: float  # wall time verifying (layers E+1..L, LM head, accept, rollback)
 
     @property
     def acceptance_rate(self) -> float:
@@ -97,17 +99,21 @@ class SpeculativeStats:
         return self.drafted / self.row_cycles if self.row_cycles else float("nan")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_length": self.mean_accepted_length, "mean_draft_length": self.mean_draft_length}
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "mean_draft_length": self.mean_draft_length,
+        }
 
 
 @dataclass(frozen=True)
 class Draft:
-    start: int                    # cache column of the pending token
-    tokens: torch.Tensor          # [B, m] drafted tokens (0 past a row's count)
-    counts: torch.Tensor          # [B] long, tokens drafted per row (0..m)
-    hidden: torch.Tensor          # [B, m+1, D] layer-E states of the pending token and the drafts
-    probs: torch.Tensor | None    # [B, m, V] the distributions drafts were sampled from (sampling only)
+    start: int  # cache column of the pending token
+    tokens: torch.Tensor  # [B, m] drafted tokens (0 past a row's count)
+    counts: torch.Tensor  # [B] long, tokens drafted per row (0..m)
+    hidden: torch.Tensor  # [B, m+1, D] layer-E states of the pending token and the drafts
+    probs: torch.Tensor | None  # [B, m, V] the distributions drafts were sampled from (sampling only)
 
 
 def draft_plan(policy: ExitPolicy, net: Network, spec: SpeculativeConfig) -> ExitPlan:
@@ -122,16 +128,23 @@ def slot_context(net: Network, state: DecodeState, positions: torch.Tensor, star
     """The adapter's context for new tokens at positions [B, T] in cache columns start..; each slot's
     position is the count of real slots before it (holes of rejected drafts are not counted)."""
     mask = state.cache.key_mask
-    slot_positions = mask.long().cumsum(-1) - 1                                         # [B, S]
+    slot_positions = mask.long().cumsum(-1) - 1  # [B, S]
     return net.adapter.context(positions, mask, start, state.encoder, slot_positions)
 
 
-def lower_step(net: Network, spec: SpeculativeConfig, state: DecodeState, tokens: torch.Tensor,
-               valid: torch.Tensor, column: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lower_step(
+    net: Network,
+    spec: SpeculativeConfig,
+    state: DecodeState,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    column: int,
+    offset: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers 1..E over tokens [B] at cache column `column`, position state.positions + offset [B];
     only `valid` rows [B] keep the slot. -> the states after layers E-1 and E, [B, D] each."""
     state.cache.key_mask[:, column] = valid
-    positions = (state.positions + offset)[:, None]                                     # [B, 1]
+    positions = (state.positions + offset)[:, None]  # [B, 1]
     ctx = slot_context(net, state, positions, column)
     h = net.adapter.embed(tokens[:, None], positions)
     e = spec.draft_layer
@@ -140,8 +153,14 @@ def lower_step(net: Network, spec: SpeculativeConfig, state: DecodeState, tokens
     return h_in[:, 0], h_out[:, 0]
 
 
-def propose(net: Network, spec: SpeculativeConfig, h: torch.Tensor, logits: torch.Tensor | None,
-            sampling: SamplingConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def propose(
+    net: Network,
+    spec: SpeculativeConfig,
+    h: torch.Tensor,
+    logits: torch.Tensor | None,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The exit head's next token [R] from layer-E states h [R, D] (and its distribution [R, V] when sampling)."""
     layers = torch.full((h.shape[0],), spec.draft_layer, dtype=torch.long, device=h.device)
     if not sampling.do_sample:
@@ -151,9 +170,18 @@ def propose(net: Network, spec: SpeculativeConfig, h: torch.Tensor, logits: torc
     return torch.multinomial(q, 1, generator=generator)[:, 0], q
 
 
-def draft(net: Network, spec: SpeculativeConfig, plan: ExitPlan, state: DecodeState, pending: torch.Tensor,
-          live: torch.Tensor, budget: torch.Tensor, threshold: float, sampling: SamplingConfig,
-          generator: torch.Generator | None) -> Draft:
+def draft(
+    net: Network,
+    spec: SpeculativeConfig,
+    plan: ExitPlan,
+    state: DecodeState,
+    pending: torch.Tensor,
+    live: torch.Tensor,
+    budget: torch.Tensor,
+    threshold: float,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> Draft:
     """Layers 1..E over each live row's pending token [B], then over each token drafted after it while
     the row is confident and has budget [B] (tokens it may still commit) left; at most k drafts."""
     start = state.cache.length
@@ -161,14 +189,14 @@ def draft(net: Network, spec: SpeculativeConfig, plan: ExitPlan, state: DecodeSt
     counts = torch.zeros_like(pending)
     hidden, tokens, probs = [], [], []
     for s in range(spec.max_draft + 1):
-        offset = torch.where(valid, s, 0)                      # rows not feeding a token stay at a real position
+        offset = torch.where(valid, s, 0)  # rows not feeding a token stay at a real position
         h_in, h = lower_step(net, spec, state, inputs, valid, start + s, offset)
         hidden.append(h)
         if s == spec.max_draft or spec.draft_layer not in plan.allowed:
             break
         confident, logits = exit_decision(net, plan, spec.draft_layer, h, h_in, threshold)
         go = valid & confident & (budget > s + 1)
-        if not bool(go.any()):                                  # host sync, once per draft step
+        if not bool(go.any()):  # host sync, once per draft step
             break
         proposal, q = propose(net, spec, h, logits, sampling, generator)
         tokens.append(torch.where(go, proposal, 0))
@@ -177,16 +205,22 @@ def draft(net: Network, spec: SpeculativeConfig, plan: ExitPlan, state: DecodeSt
         counts += go
         valid, inputs = go, proposal
     b = pending.shape[0]
-    drafted = torch.stack(tokens, 1) if tokens else pending.new_zeros(b, 0)             # [B, m]
-    return Draft(start=start, tokens=drafted, counts=counts, hidden=torch.stack(hidden, 1),
-                 probs=torch.stack(probs, 1) if probs else None)
+    drafted = torch.stack(tokens, 1) if tokens else pending.new_zeros(b, 0)  # [B, m]
+    return Draft(
+        start=start,
+        tokens=drafted,
+        counts=counts,
+        hidden=torch.stack(hidden, 1),
+        probs=torch.stack(probs, 1) if probs else None,
+    )
 
 
 def verify(net: Network, spec: SpeculativeConfig, state: DecodeState, d: Draft) -> torch.Tensor:
-    """Layers E+1..L over every row's m+1 drafted slots, from their layer-E states. -> [B*(m+1), D] full-depth states."""
+    """Layers E+1..L over every row's m+1 drafted slots, from their layer-E states.
+    -> [B*(m+1), D] full-depth states."""
     width = d.hidden.shape[1]
     steps = torch.arange(width, device=d.counts.device)
-    positions = state.positions[:, None] + torch.minimum(steps[None], d.counts[:, None])   # [B, m+1]
+    positions = state.positions[:, None] + torch.minimum(steps[None], d.counts[:, None])  # [B, m+1]
     ctx = slot_context(net, state, positions, d.start)
     h = forward_layers(net, d.hidden, range(spec.draft_layer, net.num_layers), ctx, state.cache)
     return h.reshape(-1, h.shape[-1])
@@ -196,32 +230,35 @@ def accept_greedy(net: Network, d: Draft, h: torch.Tensor) -> tuple[torch.Tensor
     """The longest drafted prefix that equals the full model's argmax. -> accepted [B], next token [B]."""
     b, m = d.tokens.shape
     full = torch.full((h.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
-    targets = net.greedy_tokens(h, full).view(b, m + 1)                                 # [B, m+1]
+    targets = net.greedy_tokens(h, full).view(b, m + 1)  # [B, m+1]
     drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
     accepted = ((d.tokens == targets[:, :m]) & drafted).long().cumprod(1).sum(1)
     return accepted, targets.gather(1, accepted[:, None])[:, 0]
 
 
-def accept_sampled(net: Network, d: Draft, h: torch.Tensor, sampling: SamplingConfig,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_sampled(
+    net: Network, d: Draft, h: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling: draft i is kept with probability min(1, p_i/q_i); the first rejected one is
     replaced by a sample of norm(max(p - q, 0)); when all are kept, the bonus token is a sample of p."""
     b, m = d.tokens.shape
     full = torch.full((h.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
-    p = filter_logits(net.token_logits(h, full), sampling).softmax(-1).view(b, m + 1, -1)   # [B, m+1, V]
+    p = filter_logits(net.token_logits(h, full), sampling).softmax(-1).view(b, m + 1, -1)  # [B, m+1, V]
     accepted = torch.zeros(b, dtype=torch.long, device=h.device)
     rejected = torch.zeros(b, dtype=torch.bool, device=h.device)
     residual = p[:, 0]
     if m:
+        if d.probs is None:
+            raise ValueError("sampled drafts carry the distributions they were drawn from (Draft.probs)")
         tok = d.tokens[..., None]
-        p_d, q_d = p[:, :m].gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]     # [B, m]
+        p_d, q_d = p[:, :m].gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]  # [B, m]
         u = torch.rand(b, m, generator=generator, device=h.device)
         drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
         accepted = ((u * q_d <= p_d) & drafted).long().cumprod(1).sum(1)
         rejected = accepted < d.counts
         at = accepted.clamp(max=m - 1)[:, None, None].expand(-1, 1, p.shape[-1])
         residual = (p.gather(1, at)[:, 0] - d.probs.gather(1, at)[:, 0]).clamp(min=0)
-    p_next = p.gather(1, accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]         # [B, V]
+    p_next = p.gather(1, accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]  # [B, V]
     use_residual = rejected & (residual.sum(-1) > 0)
     dist = torch.where(use_residual[:, None], residual, p_next)
     return accepted, torch.multinomial(dist, 1, generator=generator)[:, 0]
@@ -232,9 +269,9 @@ def rollback(state: DecodeState, d: Draft, accepted: torch.Tensor, live: torch.T
     the shared write column past the longest kept run; positions advance per row."""
     width = d.hidden.shape[1]
     cols = torch.arange(width, device=accepted.device)
-    keep = (cols[None] <= accepted[:, None]) & live[:, None]                             # [B, m+1]
-    state.cache.key_mask[:, d.start:d.start + width] = keep
-    state.cache.length = d.start + int(torch.where(live, accepted, 0).max()) + 1       # host sync
+    keep = (cols[None] <= accepted[:, None]) & live[:, None]  # [B, m+1]
+    state.cache.key_mask[:, d.start : d.start + width] = keep
+    state.cache.length = d.start + int(torch.where(live, accepted, 0).max()) + 1  # host sync
     state.positions = state.positions + torch.where(live, accepted + 1, 0)
 
 
@@ -245,8 +282,9 @@ def default_cache_slots(max_new_tokens: int, spec: SpeculativeConfig) -> int:
 
 
 @torch.inference_mode()
-def generate_speculative(net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig,
-                         spec: SpeculativeConfig) -> GenerationResult:
+def generate_speculative(
+    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
+) -> GenerationResult:
     """Generate with drafts from layer E checked by the full model: the full model's tokens (greedy:
     exactly; sampling: in distribution). policy's measure and λ (fixed, no decay) control draft length."""
     plan = draft_plan(policy, net, spec)
@@ -283,24 +321,39 @@ def generate_speculative(net: Network, prompts: PromptBatch, policy: ExitPolicy,
     _sync(device)
     t2 = time.perf_counter()
     token_ids = tuple(tuple(r) for r in out)
-    timings = Timings(prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=sum(len(r) for r in token_ids),
-                      decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids))
-    return GenerationResult(token_ids=token_ids, exit_layers=tuple((net.num_layers,) * len(r) for r in token_ids),
-                            num_layers=net.num_layers, timings=timings, speculative=tally.stats(spec))
+    timings = Timings(
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        new_tokens=sum(len(r) for r in token_ids),
+        decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids),
+    )
+    return GenerationResult(
+        token_ids=token_ids,
+        exit_layers=tuple((net.num_layers,) * len(r) for r in token_ids),
+        num_layers=net.num_layers,
+        timings=timings,
+        speculative=tally.stats(spec),
+    )
 
 
 def _done(row: list[int], config: GenerationConfig) -> bool:
     return len(row) >= config.max_new_tokens or row[-1] in config.eos_token_ids
 
 
-def _commit(out: list[list[int]], d: Draft, accepted: torch.Tensor, following: torch.Tensor,
-            live_rows: list[bool], config: GenerationConfig) -> None:
+def _commit(
+    out: list[list[int]],
+    d: Draft,
+    accepted: torch.Tensor,
+    following: torch.Tensor,
+    live_rows: list[bool],
+    config: GenerationConfig,
+) -> None:
     """Append each live row's accepted drafts and the full model's next token, up to its first EOS."""
-    drafted, kept, nxt = d.tokens.tolist(), accepted.tolist(), following.tolist()      # one sync
+    drafted, kept, nxt = d.tokens.tolist(), accepted.tolist(), following.tolist()  # one sync
     for b, row in enumerate(out):
         if not live_rows[b]:
             continue
-        for token in drafted[b][:kept[b]] + [nxt[b]]:
+        for token in drafted[b][: kept[b]] + [nxt[b]]:
             row.append(token)
             if token in config.eos_token_ids:
                 break
@@ -323,6 +376,13 @@ class _Tally:
         self.verify_s += verify_s
 
     def stats(self, spec: SpeculativeConfig) -> SpeculativeStats:
-        return SpeculativeStats(draft_layer=spec.draft_layer, max_draft=spec.max_draft, cycles=self.cycles,
-                                row_cycles=self.row_cycles, drafted=self.drafted, accepted=self.accepted,
-                                draft_s=self.draft_s, verify_s=self.verify_s)
+        return SpeculativeStats(
+            draft_layer=spec.draft_layer,
+            max_draft=spec.max_draft,
+            cycles=self.cycles,
+            row_cycles=self.row_cycles,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            draft_s=self.draft_s,
+            verify_s=self.verify_s,
+        )

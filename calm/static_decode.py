@@ -26,10 +26,11 @@ import torch
 from calm.adapters.base import EncoderMemory
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision
 
-SLOT_MULTIPLE = 64    # cache slots are allocated in multiples of this, so prompts of similar length share a shape
+SLOT_MULTIPLE = 64  # cache slots are allocated in multiples of this, so prompts of similar length share a shape
 
-StepFunction = Callable[[Network, ExitPlan, torch.Tensor, "StaticState", torch.Tensor],
-                        tuple[torch.Tensor, torch.Tensor]]
+StepFunction = Callable[
+    [Network, ExitPlan, torch.Tensor, "StaticState", torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 @dataclass
@@ -38,9 +39,9 @@ class StaticState:
 
     k: tuple[torch.Tensor, ...]  # per layer [B, H_kv, S, D_head], each its own storage: a write into a
     v: tuple[torch.Tensor, ...]  # view of one [L, ...] input would make inductor copy the whole tensor
-    key_mask: torch.Tensor       # [B, S] bool, True where a slot holds a real token
-    positions: torch.Tensor      # [B] long, position id of the next token
-    slot: torch.Tensor           # [1] long, the cache slot of the next token (same for every row)
+    key_mask: torch.Tensor  # [B, S] bool, True where a slot holds a real token
+    positions: torch.Tensor  # [B] long, position id of the next token
+    slot: torch.Tensor  # [1] long, the cache slot of the next token (same for every row)
     encoder: EncoderMemory | None = None
 
     @classmethod
@@ -59,13 +60,19 @@ class StaticState:
         """Only `rows` (long [R], on the device) of the batch: compaction once some rows have finished."""
         encoder = self.encoder
         if encoder is not None:
-            encoder = EncoderMemory(cross_k=tuple(t.index_select(0, rows) for t in encoder.cross_k),
-                                    cross_v=tuple(t.index_select(0, rows) for t in encoder.cross_v),
-                                    mask=encoder.mask.index_select(0, rows))
-        return replace(self, k=tuple(t.index_select(0, rows) for t in self.k),
-                       v=tuple(t.index_select(0, rows) for t in self.v),
-                       key_mask=self.key_mask.index_select(0, rows), positions=self.positions.index_select(0, rows),
-                       encoder=encoder)
+            encoder = EncoderMemory(
+                cross_k=tuple(t.index_select(0, rows) for t in encoder.cross_k),
+                cross_v=tuple(t.index_select(0, rows) for t in encoder.cross_v),
+                mask=encoder.mask.index_select(0, rows),
+            )
+        return replace(
+            self,
+            k=tuple(t.index_select(0, rows) for t in self.k),
+            v=tuple(t.index_select(0, rows) for t in self.v),
+            key_mask=self.key_mask.index_select(0, rows),
+            positions=self.positions.index_select(0, rows),
+            encoder=encoder,
+        )
 
 
 def full_depth(plan: ExitPlan, num_layers: int) -> int:
@@ -76,34 +83,35 @@ def full_depth(plan: ExitPlan, num_layers: int) -> int:
     return num_layers
 
 
-def static_step(net: Network, plan: ExitPlan, tokens: torch.Tensor, state: StaticState,
-                threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def static_step(
+    net: Network, plan: ExitPlan, tokens: torch.Tensor, state: StaticState, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token for every row: tokens [B] -> next-token logits [B, V] (float of the head) and exit
     layers [B] (1..L). Writes the token's K/V at state.slot of every layer; threshold is a 0-d tensor."""
     a = net.adapter
     batch = tokens.shape[0]
     state.key_mask[:, state.slot] = True
-    positions = state.positions[:, None]                                                   # [B, 1]
+    positions = state.positions[:, None]  # [B, 1]
     ctx = a.static_context(positions, state.key_mask, state.slot, state.encoder)
-    h = a.embed(tokens[:, None], positions)                                                # [B, 1, D]
+    h = a.embed(tokens[:, None], positions)  # [B, 1, D]
     exit_layers = torch.full((batch,), a.num_layers, dtype=torch.long, device=tokens.device)
     running = torch.ones(batch, dtype=torch.bool, device=tokens.device)
     depth = full_depth(plan, a.num_layers)
     for i in range(depth):
         x = a.attn_input(i, h)
-        k, v = a.kv(i, x, ctx)                                                             # every row
-        state.k[i][:, :, state.slot] = k                                                  # in place (index_put_)
+        k, v = a.kv(i, x, ctx)  # every row
+        state.k[i][:, :, state.slot] = k  # in place (index_put_)
         state.v[i][:, :, state.slot] = v
-        h_out = a.finish_layer(i, h, x, state.k[i], state.v[i], ctx)                       # [B, 1, D]
-        h_in, h = h, torch.where(running[:, None, None], h_out, h)                         # exited rows: frozen
+        h_out = a.finish_layer(i, h, x, state.k[i], state.v[i], ctx)  # [B, 1, D]
+        h_in, h = h, torch.where(running[:, None, None], h_out, h)  # exited rows: frozen
         layer = i + 1
         if layer in plan.allowed:
             confident, _ = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], threshold)
             exits = confident & running
             exit_layers = torch.where(exits, layer, exit_layers)
             running = running & ~exits
-    if depth < a.num_layers:                        # every row left at `depth`: propagate its state upward
-        k, v = a.kv_layers(depth, h, ctx)                                                  # [n, B, H_kv, 1, D]
+    if depth < a.num_layers:  # every row left at `depth`: propagate its state upward
+        k, v = a.kv_layers(depth, h, ctx)  # [n, B, H_kv, 1, D]
         for j in range(k.shape[0]):
             state.k[depth + j][:, :, state.slot] = k[j]
             state.v[depth + j][:, :, state.slot] = v[j]
@@ -117,4 +125,3 @@ def compiled_step(backend: str = "inductor", mode: str | None = None) -> StepFun
     One wrapper per backend and mode, so calls share dynamo's cache: a new batch size, cache length,
     model or exit plan compiles once; a new token or threshold does not."""
     return torch.compile(static_step, fullgraph=True, backend=backend, mode=mode)
-

@@ -12,6 +12,7 @@ the dispatcher, and `fullgraph=True` is what shows it has no sync (one would bre
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +21,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 
 # operators that always make the host wait for the device
-ALWAYS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
-          aten.nonzero.default, aten.nonzero_numpy.default, aten.masked_select.default,
-          aten.where.default,                                                          # where(cond): nonzero
-          aten._unique.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
+ALWAYS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,
+    aten.nonzero_numpy.default,
+    aten.masked_select.default,
+    aten.where.default,  # where(cond): nonzero
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+}
 # operators that wait only when indexed with a boolean mask (converted to indices with nonzero)
 MASK_INDEXED = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 
@@ -40,10 +51,10 @@ def is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
         return any(_is_mask(t) for t in args[1] if t is not None)
     if func == aten.repeat_interleave.Tensor:
         return kwargs.get("output_size") is None
-    if func == aten._to_copy.default:                                     # .cpu(), .to("cpu")
+    if func == aten._to_copy.default:  # .cpu(), .to("cpu")
         device = kwargs.get("device")
         return device is not None and torch.device(device).type == "cpu" and args[0].device.type != "cpu"
-    if func == aten.copy_.default:                                        # cpu_tensor.copy_(device_tensor)
+    if func == aten.copy_.default:  # cpu_tensor.copy_(device_tensor)
         return args[0].device.type == "cpu" and args[1].device.type != "cpu"
     return False
 
@@ -67,7 +78,7 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self) -> SyncCounter:
-        for name in ("tolist", "numpy"):                     # host reads that dispatch no operator
+        for name in ("tolist", "numpy"):  # host reads that dispatch no operator
             original = getattr(torch.Tensor, name)
             self._patched[name] = original
             setattr(torch.Tensor, name, self._counting(name, original))
@@ -79,8 +90,9 @@ class SyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, original)
         self._patched.clear()
 
-    def _counting(self, name: str, original):
-        def call(tensor, *args, **kwargs):
+    def _counting(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.by_op[name] += 1
             return original(tensor, *args, **kwargs)
+
         return call

@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from calm.cli.common import load_model
 from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
     engine_option,
-    speculative_options,
     knob_options,
     model_options,
     output_options,
     sampling_options,
+    speculative_options,
 )
-
 from calm.prompts import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
@@ -46,8 +47,9 @@ class Run:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Run:
-        knobs = Knobs(*(options.pop(k) for k in ("threshold", "measure", "min_exit_layer", "speed", "tolerance",
-                                                  "decay_tau")))
+        knobs = Knobs(
+            *(options.pop(k) for k in ("threshold", "measure", "min_exit_layer", "speed", "tolerance", "decay_tau"))
+        )
         knobs.check()
         sampling = sampling_config(*(options.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
         return cls(knobs=knobs, sampling=sampling, **options)
@@ -55,10 +57,12 @@ class Run:
 
 def _shared_options(f: Any) -> Any:
     f = output_options(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Inputs generated together.")(f)
-    f = click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Longest output, in tokens.")(f)
+    f = click.option(
+        "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Inputs generated together."
+    )(f)
+    f = click.option(
+        "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Longest output, in tokens."
+    )(f)
     return model_options(knob_options(sampling_options(f)))
 
 
@@ -71,7 +75,8 @@ def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc)) from None
 
 
-@click.command(epilog="""\b
+@click.command(
+    epilog="""\b
 Examples:
   calm summarize article.txt
   calm summarize --text "The council approved a plan ..." --threshold 0.9 --show-exits
@@ -79,59 +84,93 @@ Examples:
   calm summarize xsum.jsonl --prompt $'Summarize in three bullet points:\\n\\n{document}'
   calm summarize article.txt --do-sample --temperature 0.7 --seed 1
   cat article.txt | calm summarize - --speed 0.7
-""")
+"""
+)
 @click.argument("file", required=False, metavar="[FILE | -]")
 @click.option("--text", default=None, help="Summarise this text instead of a file.")
-@click.option("--field-document", default="document", show_default=True,
-              help="JSONL field holding the document text.")
+@click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document text.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N documents.")
-@click.option("--prompt", "template", callback=_template, default=None, metavar="TEMPLATE",
-              help=f"Instruction around each document, with {PLACEHOLDER} where the document goes "
-                   "(default: a one-sentence summary).")
+@click.option(
+    "--prompt",
+    "template",
+    callback=_template,
+    default=None,
+    metavar="TEMPLATE",
+    help=f"Instruction around each document, with {PLACEHOLDER} where the document goes "
+    "(default: a one-sentence summary).",
+)
 @doc_tokens_option
-@click.option("--no-truncate", is_flag=True,
-              help="Refuse a document that does not fit the context instead of keeping its first tokens "
-                   "(by default a cut is reported on stderr and in the JSON field 'truncated').")
+@click.option(
+    "--no-truncate",
+    is_flag=True,
+    help="Refuse a document that does not fit the context instead of keeping its first tokens "
+    "(by default a cut is reported on stderr and in the JSON field 'truncated').",
+)
 @engine_option
 @speculative_options
 @_shared_options
-def summarize(file: str | None, text: str | None, field_document: str, limit: int | None, template: PromptTemplate,
-              max_doc_tokens: int | None, no_truncate: bool, engine: str, mode: str, lossless: bool,
-              draft_layer: int | None, max_draft: int | None, **options: Any) -> None:
+def summarize(
+    file: str | None,
+    text: str | None,
+    field_document: str,
+    limit: int | None,
+    template: PromptTemplate,
+    max_doc_tokens: int | None,
+    no_truncate: bool,
+    engine: str,
+    mode: str,
+    lossless: bool,
+    draft_layer: int | None,
+    max_draft: int | None,
+    **options: Any,
+) -> None:
     """Summarise documents with early exit.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
     document); - reads either from stdin. Without --threshold, --speed or --tolerance the model runs
     at full depth, unless it carries a calibration (then at speed 0.5 of it).
     """
+    from calm.errors import InputError
     from calm.eval.inputs import load_documents
     from calm.eval.summarize import document_prompts
-
-    from calm.errors import InputError
 
     if no_truncate and max_doc_tokens is not None:
         raise InputError("--no-truncate refuses cut documents and --max-doc-tokens asks for cuts: give one of them")
     run = Run.from_options(options)
     records = load_documents(file, text, document_field=field_document, limit=limit)
-    model = load_model(run)
+    model = load_model(run.model_name, run.device, run.dtype)
     try:
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
-        raise InputError(f"{exc}, or drop --no-truncate to keep its first tokens" if no_truncate else str(exc)) from None
-    _generate(model, run, records, prompts, noun="document", engine=engine,
-              speculative=(mode, lossless, draft_layer, max_draft))
+        raise InputError(
+            f"{exc}, or drop --no-truncate to keep its first tokens" if no_truncate else str(exc)
+        ) from None
+    _generate(
+        model,
+        run,
+        records,
+        prompts,
+        noun="document",
+        engine=engine,
+        speculative=(mode, lossless, draft_layer, max_draft),
+    )
 
 
-@click.command(epilog="""\b
+@click.command(
+    epilog="""\b
 Examples:
   calm generate "Write a haiku about autumn."
   calm generate "Explain early exit in one paragraph." --threshold 0.9 --show-exits
   calm generate "Tell me a story." --do-sample --temperature 0.8 --top-p 0.95 --seed 0
   echo "What is the capital of France?" | calm generate - --json
-""")
+"""
+)
 @click.argument("prompts", nargs=-1, required=True, metavar="PROMPT... | -")
-@click.option("--chat/--no-chat", default=None,
-              help="Wrap each prompt in the model's chat template [default: when the tokenizer has one].")
+@click.option(
+    "--chat/--no-chat",
+    default=None,
+    help="Wrap each prompt in the model's chat template [default: when the tokenizer has one].",
+)
 @_shared_options
 def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> None:
     """Generate text from prompts with early exit.
@@ -144,7 +183,7 @@ def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> Non
 
     run = Run.from_options(options)
     records = [Record(id=str(i + 1), document=_prompt_text(p)) for i, p in enumerate(prompts)]
-    model = load_model(run)
+    model = load_model(run.model_name, run.device, run.dtype)
     fmt = PromptFormat.for_model(model, run.max_new_tokens, chat=chat)
     named = [(f"prompt {r.id}" if len(records) > 1 else "the prompt", r.document) for r in records]
     fitted = fit_prompts(fmt, named, PromptTemplate(PLACEHOLDER), truncate=False)
@@ -160,20 +199,16 @@ def _prompt_text(prompt: str) -> str:
     return text
 
 
-def load_model(run: Run) -> Any:
-    """The model, with transformers' own logging and progress bars kept quiet."""
-    from transformers.utils import logging as hf_logging
-
-    from calm.model import CalmModel
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    return CalmModel.from_pretrained(run.model_name, device=run.device, dtype=run.dtype)
-
-
-def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str,
-              chat: bool | None = None, engine: str = "auto",
-              speculative: tuple[str, bool, int | None, int | None] = ("calm", False, None, None)) -> None:
+def _generate(
+    model: Any,
+    run: Run,
+    records: Sequence[Record],
+    prompts: Sequence[Prompt],
+    noun: str,
+    chat: bool | None = None,
+    engine: str = "auto",
+    speculative: tuple[str, bool, int | None, int | None] = ("calm", False, None, None),
+) -> None:
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
     from calm.eval.progress import output_console, progress_bar
@@ -182,12 +217,23 @@ def _generate(model: Any, run: Run, records: Sequence[Record], prompts: Sequence
 
     policy, source, generate_kwargs = _resolve(model, run, speculative)
     console = output_console()
-    printer = SummaryPrinter(model.tokenizer, show_exits=run.show_exits, as_json=run.as_json,
-                             titled=len(records) > 1, console=console)
+    printer = SummaryPrinter(
+        model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
+    )
     docs: list = []
     with jsonl_output(run.output) as out, progress_bar(f"{noun}s", len(records), output=console) as update:
-        for batch in summarize_documents(model, records, policy, run.max_new_tokens, run.batch_size, prompts,
-                                         run.sampling, chat=chat, engine=engine, generate_kwargs=generate_kwargs):
+        for batch in summarize_documents(
+            model,
+            records,
+            policy,
+            run.max_new_tokens,
+            run.batch_size,
+            prompts,
+            run.sampling,
+            chat=chat,
+            engine=engine,
+            generate_kwargs=generate_kwargs,
+        ):
             for doc in batch:
                 printer.print(doc)
                 if out is not None:
@@ -213,6 +259,8 @@ def _resolve(model: Any, run: Run, speculative: tuple[str, bool, int | None, int
         policy, source = knobs.resolve(model)
         return policy, source, {}
     if knobs.speed is not None or knobs.tolerance is not None:
-        raise InputError("--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
-                         "early (use --threshold for its draft controller)")
+        raise InputError(
+            "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
+            "early (use --threshold for its draft controller)"
+        )
     return lossless_run.policy, lossless_run.description, lossless_run.generate_kwargs()

@@ -37,12 +37,20 @@ class Knobs:
         with, and another --decay-tau there is refused rather than run untested."""
         from calm.knob import resolve_policy
 
-        if self.decay_tau is not None and self.threshold is None and self.speed is None and self.tolerance is None \
-                and model.calibration is None:
-            raise InputError("--decay-tau sets the schedule of an exit threshold, and this run has none (full "
-                             "model); give --threshold too")
-        resolved = resolve_policy(model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance,
-                                  self.decay_tau)
+        if (
+            self.decay_tau is not None
+            and self.threshold is None
+            and self.speed is None
+            and self.tolerance is None
+            and model.calibration is None
+        ):
+            raise InputError(
+                "--decay-tau sets the schedule of an exit threshold, and this run has none (full "
+                "model); give --threshold too"
+            )
+        resolved = resolve_policy(
+            model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance, self.decay_tau
+        )
         return resolved.policy, self._source(model, resolved.policy)
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
@@ -61,16 +69,27 @@ class Knobs:
         return f"default (speed {DEFAULT_SPEED:g} on the calibration)"
 
 
-def sampling_config(do_sample: bool, temperature: float | None, top_p: float | None, top_k: int | None,
-                    seed: int | None) -> SamplingConfig:
+def sampling_config(
+    do_sample: bool, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
+) -> SamplingConfig:
     """The sampling settings; an error for a sampling option given without --do-sample, which would
     otherwise be ignored without a word."""
     from calm.sampling import SamplingConfig
 
-    given = [name for name, value in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k),
-                                      ("--seed", seed)) if value is not None]
+    given = [
+        name
+        for name, value in (("--temperature", temperature), ("--top-p", top_p), ("--top-k", top_k), ("--seed", seed))
+        if value is not None
+    ]
     if given and not do_sample:
-        raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling; "
-                         "add --do-sample (decoding is greedy without it)")
-    return SamplingConfig(do_sample=do_sample, temperature=1.0 if temperature is None else temperature,
-                          top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, seed=seed)
+        raise InputError(
+            f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling; "
+            "add --do-sample (decoding is greedy without it)"
+        )
+    return SamplingConfig(
+        do_sample=do_sample,
+        temperature=1.0 if temperature is None else temperature,
+        top_k=top_k or 0,
+        top_p=1.0 if top_p is None else top_p,
+        seed=seed,
+    )

@@ -17,8 +17,10 @@ from calm.policy import ExitPolicy
 
 F = Callable[..., Any]
 
-MODEL_HELP = ("Model: 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file, a local transformers "
-              "directory, a calm checkpoint directory, or a hub id")
+MODEL_HELP = (
+    "Model: 'smollm2' (the embedded SmolLM2-135M-Instruct), a .gguf file, a local transformers "
+    "directory, a calm checkpoint directory, or a hub id"
+)
 
 
 class FiniteFloat(click.FloatRange):
@@ -60,7 +62,9 @@ def float_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
     try:
         return tuple(finite(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated finite numbers such as 1.0,0.9,0.8, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated finite numbers such as 1.0,0.9,0.8, got {value!r}"
+        ) from None
 
 
 def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -91,7 +95,7 @@ def _finite_or_not_a_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
     except ValueError:
-        return True                  # not a number at all: parse_policy_spec says what is wrong
+        return True  # not a number at all: parse_policy_spec says what is wrong
 
 
 def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -108,24 +112,38 @@ def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 # ---- shared options ------------------------------------------------------------------------------
 
+
 def model_options(f: F) -> F:
-    f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-                     help="Weight dtype (default: float32).")(f)
-    f = click.option("--device", type=Device(), default="auto", show_default=True,
-                     help=f"Torch device: {DEVICE_HELP}.")(f)
-    return click.option("--model", "model_name", default="smollm2", show_default=True, metavar="MODEL",
-                        help=MODEL_HELP + ".")(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        default=None,
+        help="Weight dtype (default: float32).",
+    )(f)
+    f = click.option(
+        "--device", type=Device(), default="auto", show_default=True, help=f"Torch device: {DEVICE_HELP}."
+    )(f)
+    return click.option(
+        "--model", "model_name", default="smollm2", show_default=True, metavar="MODEL", help=MODEL_HELP + "."
+    )(f)
 
 
 def measure_option(f: F) -> F:
-    return click.option("--measure", type=click.Choice(["softmax", "state", "classifier"]), default=None,
-                        help="Confidence measure (default: classifier if the model has trained exit heads, "
-                             "else softmax).")(f)
+    return click.option(
+        "--measure",
+        type=click.Choice(["softmax", "state", "classifier"]),
+        default=None,
+        help="Confidence measure (default: classifier if the model has trained exit heads, else softmax).",
+    )(f)
 
 
 def min_exit_option(f: F) -> F:
-    return click.option("--min-exit-layer", type=click.IntRange(min=1), default=None,
-                        help="No token exits below this layer (default: 1).")(f)
+    return click.option(
+        "--min-exit-layer",
+        type=click.IntRange(min=1),
+        default=None,
+        help="No token exits below this layer (default: 1).",
+    )(f)
 
 
 DECAY_HELP = "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N) over N new tokens; 0 keeps λ fixed."
@@ -133,80 +151,151 @@ DECAY_HELP = "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ�
 
 def decay_tau_option(f: F) -> F:
     """--decay-tau for a sweep of explicit thresholds (CALM's τ=4 unless given)."""
-    return click.option("--decay-tau", type=FiniteFloat(min=0.0), default=ExitPolicy.decay_tau, show_default=True,
-                        help=DECAY_HELP)(f)
+    return click.option(
+        "--decay-tau", type=FiniteFloat(min=0.0), default=ExitPolicy.decay_tau, show_default=True, help=DECAY_HELP
+    )(f)
 
 
 def knob_options(f: F) -> F:
     """--threshold, --measure, --min-exit-layer, --speed, --tolerance and --decay-tau."""
-    f = click.option("--decay-tau", type=FiniteFloat(min=0.0), default=None,
-                     help=DECAY_HELP + f" Default: {ExitPolicy.decay_tau:g} with --threshold; with --speed and "
-                          "--tolerance, the schedule the calibration certified (they refuse another).")(f)
-    f = click.option("--tolerance", type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True), default=None,
-                     help="Risk tolerance δ: the fastest threshold the calibration certifies for it.")(f)
-    f = click.option("--speed", type=FiniteFloat(0.0, 1.0), default=None,
-                     help="Speed knob from the model's calibration: 0 = most careful, 1 = fastest certified.")(f)
+    f = click.option(
+        "--decay-tau",
+        type=FiniteFloat(min=0.0),
+        default=None,
+        help=DECAY_HELP + f" Default: {ExitPolicy.decay_tau:g} with --threshold; with --speed and "
+        "--tolerance, the schedule the calibration certified (they refuse another).",
+    )(f)
+    f = click.option(
+        "--tolerance",
+        type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True),
+        default=None,
+        help="Risk tolerance δ: the fastest threshold the calibration certifies for it.",
+    )(f)
+    f = click.option(
+        "--speed",
+        type=FiniteFloat(0.0, 1.0),
+        default=None,
+        help="Speed knob from the model's calibration: 0 = most careful, 1 = fastest certified.",
+    )(f)
     f = min_exit_option(measure_option(f))
-    return click.option("--threshold", type=FiniteFloat(0.0, 1.0), default=None,
-                        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier).")(f)
+    return click.option(
+        "--threshold",
+        type=FiniteFloat(0.0, 1.0),
+        default=None,
+        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier).",
+    )(f)
 
 
 def sampling_options(f: F) -> F:
-    f = click.option("--seed", type=click.IntRange(min=0), default=None,
-                     help="Seed of the sampling generator (with --do-sample), for repeatable samples.")(f)
-    f = click.option("--top-k", type=click.IntRange(min=0), default=None,
-                     help="Sample from the k likeliest tokens only (with --do-sample; 0: no limit).")(f)
-    f = click.option("--top-p", type=FiniteFloat(0.0, 1.0, min_open=True), default=None,
-                     help="Nucleus sampling: the likeliest tokens up to probability p (with --do-sample).")(f)
-    f = click.option("--temperature", type=FiniteFloat(min=0.0, min_open=True), default=None,
-                     help="Sampling temperature > 0 (with --do-sample; default 1).")(f)
+    f = click.option(
+        "--seed",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Seed of the sampling generator (with --do-sample), for repeatable samples.",
+    )(f)
+    f = click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Sample from the k likeliest tokens only (with --do-sample; 0: no limit).",
+    )(f)
+    f = click.option(
+        "--top-p",
+        type=FiniteFloat(0.0, 1.0, min_open=True),
+        default=None,
+        help="Nucleus sampling: the likeliest tokens up to probability p (with --do-sample).",
+    )(f)
+    f = click.option(
+        "--temperature",
+        type=FiniteFloat(min=0.0, min_open=True),
+        default=None,
+        help="Sampling temperature > 0 (with --do-sample; default 1).",
+    )(f)
     return click.option("--do-sample", is_flag=True, help="Sample tokens instead of greedy decoding.")(f)
 
 
 def run_options(f: F) -> F:
     f = click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N documents.")(f)
-    f = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-                     help="Documents generated together.")(f)
-    return click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-                        help="Longest output, in tokens.")(f)
+    f = click.option(
+        "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Documents generated together."
+    )(f)
+    return click.option(
+        "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Longest output, in tokens."
+    )(f)
 
 
 def doc_tokens_option(f: F) -> F:
-    return click.option("--max-doc-tokens", type=click.IntRange(min=1), default=None,
-                        help="Cut each document to its first N tokens before prompting (default: as much as "
-                             "fits the context).")(f)
+    return click.option(
+        "--max-doc-tokens",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Cut each document to its first N tokens before prompting (default: as much as fits the context).",
+    )(f)
 
 
 def output_options(f: F) -> F:
-    f = click.option("--output", "output", callback=output_file, metavar="FILE.jsonl", default=None,
-                     help="Also write one JSON object per line (as --json) to FILE, atomically: it appears "
-                          "whole when the run ends; an interrupted run leaves its rows in FILE.partial.")(f)
-    f = click.option("--json", "as_json", is_flag=True,
-                     help="Print one JSON object per line: id, summary, exit_layers, avg_layers, truncated, "
-                          "timings.")(f)
-    return click.option("--show-exits", is_flag=True,
-                        help="Colour every token by its exit layer (plain [layer] marks when not on a colour "
-                             "terminal) and show the average depth.")(f)
+    f = click.option(
+        "--output",
+        "output",
+        callback=output_file,
+        metavar="FILE.jsonl",
+        default=None,
+        help="Also write one JSON object per line (as --json) to FILE, atomically: it appears "
+        "whole when the run ends; an interrupted run leaves its rows in FILE.partial.",
+    )(f)
+    f = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print one JSON object per line: id, summary, exit_layers, avg_layers, truncated, timings.",
+    )(f)
+    return click.option(
+        "--show-exits",
+        is_flag=True,
+        help="Colour every token by its exit layer (plain [layer] marks when not on a colour "
+        "terminal) and show the average depth.",
+    )(f)
 
 
-ENGINES = ("auto", "dynamic", "static", "static+compile")      # calm.generation.ENGINE_SPECS, without importing torch
+ENGINES = ("auto", "dynamic", "static", "static+compile")  # calm.generation.ENGINE_SPECS, without importing torch
 
 
 def engine_option(f: F) -> F:
-    return click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-                        help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
-                             "inside a step; auto on GPU), static+compile (the static step through torch.compile).")(f)
+    return click.option(
+        "--engine",
+        type=click.Choice(ENGINES),
+        default="auto",
+        show_default=True,
+        help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
+        "inside a step; auto on GPU), static+compile (the static step through torch.compile).",
+    )(f)
 
 
 def speculative_options(f: F) -> F:
     """--mode, --lossless, --draft-layer, --max-draft (calm.speculative, calm.lossless)."""
-    f = click.option("--max-draft", type=click.IntRange(min=1), default=None,
-                     help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).")(f)
-    f = click.option("--draft-layer", type=click.IntRange(min=1), default=None,
-                     help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).")(f)
-    f = click.option("--lossless", is_flag=True,
-                     help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
-                          "faster, else the full model (with a note).")(f)
-    return click.option("--mode", type=click.Choice(["calm", "speculative"]), default="calm", show_default=True,
-                        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
-                             "(lossless; --threshold and --measure control the draft length).")(f)
+    f = click.option(
+        "--max-draft",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).",
+    )(f)
+    f = click.option(
+        "--draft-layer",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).",
+    )(f)
+    f = click.option(
+        "--lossless",
+        is_flag=True,
+        help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
+        "faster, else the full model (with a note).",
+    )(f)
+    return click.option(
+        "--mode",
+        type=click.Choice(["calm", "speculative"]),
+        default="calm",
+        show_default=True,
+        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
+        "(lossless; --threshold and --measure control the draft length).",
+    )(f)

@@ -21,11 +21,12 @@ META_FILE = "meta.json"
 class ResultCache:
     def __init__(self, directory: Path, rank: int | None = None):
         self.directory = Path(directory)
-        self.rank = rank                        # None: one process, files without a rank suffix
+        self.rank = rank  # None: one process, files without a rank suffix
 
     @classmethod
-    def open(cls, directory: Path, meta: dict, resume: bool, rank: int | None = None,
-             is_main: bool = True) -> "ResultCache":
+    def open(
+        cls, directory: Path, meta: dict, resume: bool, rank: int | None = None, is_main: bool = True
+    ) -> ResultCache:
         """The cache in `directory` for a run with `meta`. Every process refuses a cache of another run
         (so none waits on a main process that failed); the main one clears it (no resume) and writes meta."""
         cache = cls(directory, rank)
@@ -34,8 +35,10 @@ class ResultCache:
             old = _read_meta(meta_path)
             changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             if changed:
-                raise InputError(f"{cache.directory.parent} holds results of a different run (differs in "
-                                 f"{', '.join(changed)}); pass --no-resume to start over, or choose another --out")
+                raise InputError(
+                    f"{cache.directory.parent} holds results of a different run (differs in "
+                    f"{', '.join(changed)}); pass --no-resume to start over, or choose another --out"
+                )
         if is_main:
             if not resume:
                 for path in cache.directory.glob("*.jsonl"):
@@ -59,7 +62,7 @@ class ResultCache:
         with open(self.directory / name, "a+b") as f:
             if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":               # a line cut short by a crash: start a fresh one
+                if f.read(1) != b"\n":  # a line cut short by a crash: start a fresh one
                     data = b"\n" + data
             f.write(data)
             f.flush()
@@ -80,7 +83,7 @@ def _read_rows(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue                                  # cut short by an interruption: recomputed
+            continue  # cut short by an interruption: recomputed
         if isinstance(row, dict) and "id" in row:
             rows.append(row)
     return rows

@@ -17,8 +17,9 @@ errors using these heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,10 +35,10 @@ MEASURES = ("classifier", "softmax")
 
 @dataclass(frozen=True)
 class ExitReplay:
-    agree: torch.Tensor                  # [P, L-1] bool: layer k's exit-head argmax == final argmax
-    scores: dict[str, torch.Tensor]      # measure -> [P, L-1] float32 confidence at layer k
-    num_layers: int                      # L
-    min_exit_layer: int                  # the heads' lowest trained layer: no exit below it
+    agree: torch.Tensor  # [P, L-1] bool: layer k's exit-head argmax == final argmax
+    scores: dict[str, torch.Tensor]  # measure -> [P, L-1] float32 confidence at layer k
+    num_layers: int  # L
+    min_exit_layer: int  # the heads' lowest trained layer: no exit below it
 
     @property
     def positions(self) -> int:
@@ -49,26 +50,26 @@ class ReplayPoint:
     measure: str
     threshold: float
     avg_layers: float
-    token_error: float                   # fraction of positions whose exit token differs from the final one
-    exit_rate: float                     # fraction of positions leaving before the last layer
+    token_error: float  # fraction of positions whose exit token differs from the final one
+    exit_rate: float  # fraction of positions leaving before the last layer
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @torch.no_grad()
-def replay_exits(adapter: Adapter, heads: ExitHeads, features: "Features", chunk: int = 256) -> ExitReplay:
+def replay_exits(adapter: Adapter, heads: ExitHeads, features: Features, chunk: int = 256) -> ExitReplay:
     """Agreement and confidences at every position and exit layer of `features`."""
     P, L1, _ = features.exits.shape
     agree = torch.zeros(P, L1, dtype=torch.bool)
     scores = {m: torch.zeros(P, L1) for m in MEASURES}
     for start in range(0, P, chunk):
         rows = slice(start, start + chunk)
-        final_top = adapter.lm_head(features.final[rows].to(adapter.dtype)).argmax(-1).cpu()      # [c]
+        final_top = adapter.lm_head(features.final[rows].to(adapter.dtype)).argmax(-1).cpu()  # [c]
         for k in range(1, L1 + 1):
-            h = features.exits[rows, k - 1].to(adapter.dtype)                                      # [c, D]
+            h = features.exits[rows, k - 1].to(adapter.dtype)  # [c, D]
             layers = torch.full((h.shape[0],), k, dtype=torch.long, device=h.device)
-            logits = adapter.lm_head(adapter.final_norm(heads.transform(h, layers)))               # [c, V]
+            logits = adapter.lm_head(adapter.final_norm(heads.transform(h, layers)))  # [c, V]
             agree[rows, k - 1] = logits.argmax(-1).cpu() == final_top
             scores["softmax"][rows, k - 1] = softmax_margin(logits).cpu()
             scores["classifier"][rows, k - 1] = heads.classify(h, k).cpu()
@@ -78,8 +79,8 @@ def replay_exits(adapter: Adapter, heads: ExitHeads, features: "Features", chunk
 def first_exit(allowed: torch.Tensor, min_exit_layer: int, num_layers: int) -> torch.Tensor:
     """allowed [P, L-1] bool (exit possible after layer k) -> exit layer [P] in min_exit_layer..L."""
     allowed = allowed.clone()
-    allowed[:, :min_exit_layer - 1] = False
-    first = allowed.float().argmax(1) + 1                                                        # [P]
+    allowed[:, : min_exit_layer - 1] = False
+    first = allowed.float().argmax(1) + 1  # [P]
     return torch.where(allowed.any(1), first, torch.full_like(first, num_layers))
 
 
@@ -94,8 +95,9 @@ def replay_point(replay: ExitReplay, measure: str, threshold: float) -> ReplayPo
     rows = early.nonzero()[:, 0]
     wrong = ~replay.agree[rows, layers[rows] - 1]
     P = replay.positions
-    return ReplayPoint(measure, float(threshold), float(layers.float().mean()), float(wrong.sum()) / P,
-                       float(early.float().mean()))
+    return ReplayPoint(
+        measure, float(threshold), float(layers.float().mean()), float(wrong.sum()) / P, float(early.float().mean())
+    )
 
 
 def sweep(replay: ExitReplay, measure: str, thresholds: Sequence[float]) -> list[ReplayPoint]:

@@ -33,8 +33,8 @@ ALL = CHEAP + HEAD
 
 @dataclass(frozen=True)
 class ExitFeatures:
-    values: torch.Tensor          # [P, L-1, F] float32, F = len(ALL)
-    agree: torch.Tensor           # [P, L-1] bool: layer k's exit-head argmax == final argmax
+    values: torch.Tensor  # [P, L-1, F] float32, F = len(ALL)
+    agree: torch.Tensor  # [P, L-1] bool: layer k's exit-head argmax == final argmax
     num_layers: int
     min_exit_layer: int
 
@@ -54,15 +54,16 @@ def exit_features(adapter: Adapter, heads: ExitHeads, features: Features, chunk:
     return ExitFeatures(values, agree, L1 + 1, max(1, heads.config.min_layer))
 
 
-def _chunk_features(adapter: Adapter, heads: ExitHeads, exits: torch.Tensor,
-                    final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_features(
+    adapter: Adapter, heads: ExitHeads, exits: torch.Tensor, final: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """exits [c, L-1, D], final [c, D] -> features [c, L-1, F], agreement [c, L-1]."""
     c, L1, _ = exits.shape
-    final_top = adapter.lm_head(final.to(adapter.dtype)).argmax(-1)                           # [c]
+    final_top = adapter.lm_head(final.to(adapter.dtype)).argmax(-1)  # [c]
     out = torch.zeros(c, L1, len(ALL))
     tops = torch.zeros(c, L1, dtype=torch.long)
     for k in range(1, L1 + 1):
-        h = exits[:, k - 1].to(adapter.dtype)                                                  # [c, D]
+        h = exits[:, k - 1].to(adapter.dtype)  # [c, D]
         layers = torch.full((c,), k, dtype=torch.long)
         logp = adapter.lm_head(adapter.final_norm(heads.transform(h, layers))).float().log_softmax(-1)  # [c, V]
         top2 = logp.topk(2, dim=-1)
@@ -87,15 +88,15 @@ class ExitModel:
     """A logistic regression over named features, standardised on the data it was fitted to."""
 
     names: tuple[str, ...]
-    mean: torch.Tensor            # [F]
-    std: torch.Tensor             # [F]
-    weight: torch.Tensor          # [F]
+    mean: torch.Tensor  # [F]
+    std: torch.Tensor  # [F]
+    weight: torch.Tensor  # [F]
     bias: float
 
 
 def _trainable(f: ExitFeatures, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = f.select(names)[:, f.min_exit_layer - 1:].reshape(-1, len(names))                    # [N, F]
-    y = f.agree[:, f.min_exit_layer - 1:].reshape(-1).float()                                   # [N]
+    x = f.select(names)[:, f.min_exit_layer - 1 :].reshape(-1, len(names))  # [N, F]
+    y = f.agree[:, f.min_exit_layer - 1 :].reshape(-1).float()  # [N]
     return x, y
 
 

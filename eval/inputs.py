@@ -13,13 +13,21 @@ from calm.errors import InputError
 STDIN = "-"
 
 
-def load_documents(source: str | None = None, text: str | None = None, document_field: str = "document",
-                   limit: int | None = None, stdin: TextIO | None = None) -> list[Record]:
+def load_documents(
+    source: str | None = None,
+    text: str | None = None,
+    document_field: str = "document",
+    limit: int | None = None,
+    stdin: TextIO | None = None,
+) -> list[Record]:
     """Records from exactly one of: `text`, a file path, or '-' (stdin). A file is read as JSONL when it
     ends in .jsonl or its first line is a JSON object, else as one plain-text document."""
     if (source is None) == (text is None):
-        raise InputError("give a FILE (or - for stdin) or --text, but not both" if source is not None
-                         else "nothing to summarise: give a FILE, - for stdin, or --text \"...\"")
+        raise InputError(
+            "give a FILE (or - for stdin) or --text, but not both"
+            if source is not None
+            else 'nothing to summarise: give a FILE, - for stdin, or --text "..."'
+        )
     if text is not None:
         return [_single("text", text, "--text")]
     if source == STDIN:

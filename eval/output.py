@@ -52,7 +52,7 @@ class JsonlOutput:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
-            os.chmod(self.tmp, 0o666 & ~_umask())         # mkstemp makes 0600; give the usual permissions
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
 
 
 @contextmanager

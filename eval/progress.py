@@ -13,16 +13,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-ProgressCallback = Callable[[int, int], None]      # (completed, total)
+ProgressCallback = Callable[[int, int], None]  # (completed, total)
 
 
 def output_console() -> Console:
@@ -46,15 +39,23 @@ def bar_console(output: Console | None = None) -> Console:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None = None,
-                 output: Console | None = None) -> Iterator[ProgressCallback]:
+def progress_bar(
+    description: str, total: int | None = None, output: Console | None = None
+) -> Iterator[ProgressCallback]:
     """Yields update(completed, total) for a bar (total may be unknown until the first update). Output
     printed meanwhile must go through `output` (when given) to appear above the bar."""
     console = bar_console(output)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, redirect_stdout=False,
-                  transient=True) as progress:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(
+        *columns, console=console, disable=not console.is_terminal, redirect_stdout=False, transient=True
+    ) as progress:
         task = progress.add_task(description, total=total)
 
         def update(completed: int, total: int) -> None:

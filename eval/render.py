@@ -5,14 +5,18 @@ ranges; whitespace tokens stay visible), annotated as `token[layer]` in plain te
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from calm.eval.summarize import DocumentSummary
 from rich.console import Console, Group
 from rich.text import Text
 
+from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
 
-RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))   # early exit -> mid -> full depth
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))  # early exit -> mid -> full depth
 LEGEND_BUCKETS = 6
 # With 8 or 16 colours, a 6-step ramp collapses onto a few of them out of order; three named colours
 # read early -> late as they are, and the legend names their layer ranges.
@@ -43,17 +47,19 @@ def layer_colour(layer: int, num_layers: int, colours: tuple[str, ...] | None = 
     return colours[round(index * (len(colours) - 1) / (len(buckets) - 1))] if len(buckets) > 1 else colours[-1]
 
 
-def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]) -> list[tuple[str, int]]:
+def token_pieces(
+    tokenizer: PreTrainedTokenizerBase, token_ids: tuple[int, ...], exit_layers: tuple[int, ...]
+) -> list[tuple[str, int]]:
     """(text, exit layer) per generated token; the texts join to the decoded summary (up to trailing
     whitespace). Special tokens (EOS) show as nothing; a token that ends inside a multi-byte character
     joins the next one."""
     pieces: list[tuple[str, int]] = []
     shown = ""
     for i, layer in enumerate(exit_layers):
-        text = tokenizer.decode(list(token_ids[:i + 1]), skip_special_tokens=True)
+        text = tokenizer.decode(list(token_ids[: i + 1]), skip_special_tokens=True)
         if text.endswith("\ufffd") and i + 1 < len(exit_layers):
             continue
-        piece = text[_common_prefix(shown, text):]
+        piece = text[_common_prefix(shown, text) :]
         piece = piece if pieces else piece.lstrip()
         if piece:
             pieces.append((piece, layer))
@@ -61,8 +67,12 @@ def token_pieces(tokenizer, token_ids: tuple[int, ...], exit_layers: tuple[int, 
     return pieces
 
 
-def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None,
-                 colours: tuple[str, ...] | None = None) -> Group:
+def render_exits(
+    doc: DocumentSummary,
+    tokenizer: PreTrainedTokenizerBase,
+    title: str | None = None,
+    colours: tuple[str, ...] | None = None,
+) -> Group:
     """The summary coloured by exit layer, a legend of layer ranges and the average depth (rich)."""
     colours = colours or palette("truecolor")
     text = Text()
@@ -76,7 +86,7 @@ def render_exits(doc: DocumentSummary, tokenizer, title: str | None = None,
     return Group(*parts, text, legend, Text(_depth_line(doc), style="dim"))
 
 
-def plain_exits(doc: DocumentSummary, tokenizer, title: str | None = None) -> str:
+def plain_exits(doc: DocumentSummary, tokenizer: PreTrainedTokenizerBase, title: str | None = None) -> str:
     """The same in plain text: the summary, each token annotated `token[layer]`, the average depth."""
     annotated = "".join(f"{piece}[{layer}]" for piece, layer in token_pieces(tokenizer, doc.token_ids, doc.exit_layers))
     lines = ([title] if title else []) + [doc.summary, f"exits: {annotated}", _depth_line(doc)]
@@ -110,8 +120,14 @@ class SummaryPrinter:
     `titled`, each summary is headed by its document id. On a terminal everything goes through `console`
     (rich), so that a progress bar drawn on the same console stays below it."""
 
-    def __init__(self, tokenizer, show_exits: bool = False, as_json: bool = False, titled: bool = False,
-                 console: Console | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        show_exits: bool = False,
+        as_json: bool = False,
+        titled: bool = False,
+        console: Console | None = None,
+    ):
         self.tokenizer, self.show_exits, self.as_json, self.titled = tokenizer, show_exits, as_json, titled
         self.console = console or Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
 
@@ -152,17 +168,20 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
     return f"{policy.measure} λ={policy.threshold:g}{floor}, {schedule_text(policy, max_new_tokens)}"
 
 
-def run_footer(docs: list[DocumentSummary], policy: ExitPolicy, source: str, max_new_tokens: int,
-               noun: str = "document") -> str:
+def run_footer(
+    docs: list[DocumentSummary], policy: ExitPolicy, source: str, max_new_tokens: int, noun: str = "document"
+) -> str:
     """One line about a run: documents, average depth, decode throughput (the tokens after each summary's
     first, where early exit saves layers) and prefill time apart, the policy with its threshold schedule,
     and where the policy came from (an option, or the default)."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
     decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
-    decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)      # each batch's time, once
+    decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)  # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
-    return (f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
-            f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
-            f"policy: {policy_text(policy, max_new_tokens)}; {source}")
+    return (
+        f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
+        f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
+        f"policy: {policy_text(policy, max_new_tokens)}; {source}"
+    )

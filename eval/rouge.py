@@ -10,6 +10,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 @lru_cache(maxsize=2)
 def _scorer(types: tuple[str, ...]):
     from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(list(types), use_stemmer=True)
 
 

@@ -11,13 +11,7 @@ from calm.data import Record
 from calm.generation import Timings, engine_settings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
-from calm.prompts import (
-    DEFAULT_TEMPLATE,
-    Prompt,
-    PromptFormat,
-    PromptTemplate,
-    fit_prompts,
-)
+from calm.prompts import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
 from calm.sampling import SamplingConfig
 
 T = TypeVar("T")
@@ -29,11 +23,11 @@ class DocumentSummary:
     id: str
     summary: str
     token_ids: tuple[int, ...]
-    exit_layers: tuple[int, ...]     # per generated token, 1..num_layers
+    exit_layers: tuple[int, ...]  # per generated token, 1..num_layers
     num_layers: int
-    batch_size: int                  # the timings are for the whole batch this document was in
+    batch_size: int  # the timings are for the whole batch this document was in
     batch_timings: Timings
-    document_tokens: int = 0         # the document's length in tokens, and how many the prompt held
+    document_tokens: int = 0  # the document's length in tokens, and how many the prompt held
     kept_tokens: int = 0
 
     @property
@@ -46,46 +40,89 @@ class DocumentSummary:
 
     def to_dict(self) -> dict:
         t = self.batch_timings
-        return {"id": self.id, "summary": self.summary, "avg_layers": self.avg_layers,
-                "exit_layers": list(self.exit_layers), "num_layers": self.num_layers,
-                "truncated": self.truncated, "document_tokens": self.document_tokens,
-                "kept_tokens": self.kept_tokens,
-                "timings": {"batch_size": self.batch_size, "batch_prefill_s": t.prefill_s,
-                            "batch_decode_s": t.decode_s, "batch_new_tokens": t.new_tokens,
-                            "batch_decode_tokens": t.decode_tokens, "batch_tokens_per_s": t.tokens_per_s,
-                            "batch_decode_tokens_per_s": t.decode_tokens_per_s}}
+        return {
+            "id": self.id,
+            "summary": self.summary,
+            "avg_layers": self.avg_layers,
+            "exit_layers": list(self.exit_layers),
+            "num_layers": self.num_layers,
+            "truncated": self.truncated,
+            "document_tokens": self.document_tokens,
+            "kept_tokens": self.kept_tokens,
+            "timings": {
+                "batch_size": self.batch_size,
+                "batch_prefill_s": t.prefill_s,
+                "batch_decode_s": t.decode_s,
+                "batch_new_tokens": t.new_tokens,
+                "batch_decode_tokens": t.decode_tokens,
+                "batch_tokens_per_s": t.tokens_per_s,
+                "batch_decode_tokens_per_s": t.decode_tokens_per_s,
+            },
+        }
 
 
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+        yield list(items[start : start + size])
 
 
-def document_prompts(model: CalmModel, records: Sequence[Record], max_new_tokens: int = 64,
-                     template: PromptTemplate = DEFAULT_TEMPLATE, max_doc_tokens: int | None = None,
-                     truncate: bool = True, chat: bool | None = None) -> list[Prompt]:
+def document_prompts(
+    model: CalmModel,
+    records: Sequence[Record],
+    max_new_tokens: int = 64,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    max_doc_tokens: int | None = None,
+    truncate: bool = True,
+    chat: bool | None = None,
+) -> list[Prompt]:
     """Each record's prompt, its document cut to fit (truncate) or refused with an InputError."""
     fmt = PromptFormat.for_model(model, max_new_tokens, chat)
     return fit_prompts(fmt, [(f"document {r.id}", r.document) for r in records], template, max_doc_tokens, truncate)
 
 
-def summarize_documents(model: CalmModel, records: Sequence[Record], policy: ExitPolicy, max_new_tokens: int = 64,
-                        batch_size: int = 8, prompts: Sequence[Prompt] | None = None,
-                        sampling: SamplingConfig = GREEDY, chat: bool | None = None,
-                        engine: str = "auto", generate_kwargs: dict | None = None) -> Iterator[list[DocumentSummary]]:
+def summarize_documents(
+    model: CalmModel,
+    records: Sequence[Record],
+    policy: ExitPolicy,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    prompts: Sequence[Prompt] | None = None,
+    sampling: SamplingConfig = GREEDY,
+    chat: bool | None = None,
+    engine: str = "auto",
+    generate_kwargs: dict | None = None,
+) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
     engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative"."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
     for start in range(0, len(records), batch_size):
-        batch, batch_prompts = records[start:start + batch_size], prompts[start:start + batch_size]
-        result = model.generate([p.text for p in batch_prompts], max_new_tokens=max_new_tokens, policy=policy,
-                                do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, seed=sampling.seed, chat=chat, **engine_settings(engine),
-                                **(generate_kwargs or {}))
-        yield [DocumentSummary(id=r.id, summary=result.texts[i] if result.texts else "",
-                               token_ids=result.token_ids[i], exit_layers=result.exit_layers[i],
-                               num_layers=result.num_layers, batch_size=len(batch), batch_timings=result.timings,
-                               document_tokens=p.document_tokens, kept_tokens=p.kept_tokens)
-               for i, (r, p) in enumerate(zip(batch, batch_prompts))]
+        batch, batch_prompts = records[start : start + batch_size], prompts[start : start + batch_size]
+        result = model.generate(
+            [p.text for p in batch_prompts],
+            max_new_tokens=max_new_tokens,
+            policy=policy,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            chat=chat,
+            **engine_settings(engine),
+            **(generate_kwargs or {}),
+        )
+        yield [
+            DocumentSummary(
+                id=r.id,
+                summary=result.texts[i] if result.texts else "",
+                token_ids=result.token_ids[i],
+                exit_layers=result.exit_layers[i],
+                num_layers=result.num_layers,
+                batch_size=len(batch),
+                batch_timings=result.timings,
+                document_tokens=p.document_tokens,
+                kept_tokens=p.kept_tokens,
+            )
+            for i, (r, p) in enumerate(zip(batch, batch_prompts))
+        ]

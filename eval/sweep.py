@@ -11,26 +11,26 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
-from calm.bench import machine_info, transformers_generate
+from calm.bench import transformers_generate
 from calm.data import Record
 from calm.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
-from calm.knob import default_measure
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
+from calm.eval.reporting import machine_info
 from calm.eval.summarize import batched, document_prompts
-from calm.model import CalmModel
+from calm.knob import default_measure
 from calm.lossless import MeasuredSetting
+from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
 from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
-
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,16 @@ class Point:
     name: str
     label: str
     threshold: float | None = None
-    policy: ExitPolicy | None = None         # None: transformers generate
-    speculative: SpeculativeConfig | None = None   # the policy is then the draft controller (lossless)
+    policy: ExitPolicy | None = None  # None: transformers generate
+    speculative: SpeculativeConfig | None = None  # the policy is then the draft controller (lossless)
 
     def generate_kwargs(self) -> dict:
         spec = self.speculative
-        return {} if spec is None else {"mode": "speculative", "draft_layer": spec.draft_layer,
-                                        "max_draft": spec.max_draft}
+        return (
+            {}
+            if spec is None
+            else {"mode": "speculative", "draft_layer": spec.draft_layer, "max_draft": spec.max_draft}
+        )
 
 
 @dataclass(frozen=True)
@@ -54,19 +57,19 @@ class EvalConfig:
     model: str
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    measure: str | None = None               # None: the model's default (calm.knob.default_measure)
+    measure: str | None = None  # None: the model's default (calm.knob.default_measure)
     min_exit_layer: int = 1
-    decay_tau: float = ExitPolicy.decay_tau   # τ of CALM's decaying threshold; 0: λ stays fixed
+    decay_tau: float = ExitPolicy.decay_tau  # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"
     summary_field: str = "summary"
     limit: int | None = None
-    max_doc_tokens: int | None = None         # documents cut to their first N tokens before prompting
-    with_transformers: bool = True           # time transformers generate as a baseline point
-    mode: str = "calm"                       # "speculative": each λ controls the drafts of a lossless point
-    draft_layer: int | None = None           # speculative: E (None: the checkpoint's measured E, else L/2)
-    max_draft: int | None = None             # speculative: k (None: the checkpoint's measured k, else 4)
+    max_doc_tokens: int | None = None  # documents cut to their first N tokens before prompting
+    with_transformers: bool = True  # time transformers generate as a baseline point
+    mode: str = "calm"  # "speculative": each λ controls the drafts of a lossless point
+    draft_layer: int | None = None  # speculative: E (None: the checkpoint's measured E, else L/2)
+    max_draft: int | None = None  # speculative: k (None: the checkpoint's measured k, else 4)
 
     def __post_init__(self) -> None:
         if not self.thresholds:
@@ -82,23 +85,32 @@ class EvalConfig:
         if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None):
             raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
 
-    def for_model(self, model: CalmModel) -> "EvalConfig":
+    def for_model(self, model: CalmModel) -> EvalConfig:
         config = self if self.measure else replace(self, measure=default_measure(model))
         if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
             stored = MeasuredSetting.from_extra(model.extra)
-            config = replace(config, draft_layer=config.draft_layer or (stored.draft_layer if stored else
-                                                                          model.num_layers // 2),
-                             max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT))
+            config = replace(
+                config,
+                draft_layer=config.draft_layer or (stored.draft_layer if stored else model.num_layers // 2),
+                max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT),
+            )
         return config
 
     def points(self) -> tuple[Point, ...]:
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
         if self.decay_tau != ExitPolicy.decay_tau:
             suffix += f"-tau{self.decay_tau:g}"
-        early = tuple(Point(f"{self.measure}@{t:g}{suffix}", f"{self.measure} λ={t:g}", t,
-                            ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer,
-                                       decay_tau=self.decay_tau))
-                      for t in dict.fromkeys(self.thresholds))
+        early = tuple(
+            Point(
+                f"{self.measure}@{t:g}{suffix}",
+                f"{self.measure} λ={t:g}",
+                t,
+                ExitPolicy(
+                    measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer, decay_tau=self.decay_tau
+                ),
+            )
+            for t in dict.fromkeys(self.thresholds)
+        )
         if self.mode == "speculative":
             early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
@@ -106,16 +118,26 @@ class EvalConfig:
 
     def _speculative_point(self, threshold: float) -> Point:
         spec = SpeculativeConfig(self.draft_layer, self.max_draft)
-        return Point(f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}",
-                     f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}", threshold,
-                     ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0), spec)
+        return Point(
+            f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}",
+            f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}",
+            threshold,
+            ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0),
+            spec,
+        )
 
     def cache_meta(self) -> dict:
         """What every cached output depends on (thresholds, limit and batch size do not change an output)."""
         model = str(Path(self.model).resolve()) if Path(self.model).exists() else self.model
-        return {"model": model, "data": str(Path(self.data).resolve()), "document_field": self.document_field,
-                "summary_field": self.summary_field, "max_new_tokens": self.max_new_tokens, "prompt": SUMMARY_TEMPLATE,
-                "max_doc_tokens": self.max_doc_tokens}
+        return {
+            "model": model,
+            "data": str(Path(self.data).resolve()),
+            "document_field": self.document_field,
+            "summary_field": self.summary_field,
+            "max_new_tokens": self.max_new_tokens,
+            "prompt": SUMMARY_TEMPLATE,
+            "max_doc_tokens": self.max_doc_tokens,
+        }
 
     def to_dict(self) -> dict:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -127,15 +149,16 @@ class Shard:
 
     rank: int = 0
     world: int = 1
-    state: object = None                     # accelerate.PartialState when world > 1
+    state: object = None  # accelerate.PartialState when world > 1
 
     @classmethod
-    def current(cls) -> "Shard":
+    def current(cls) -> Shard:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         import torch
         from accelerate import PartialState
-        state = PartialState(cpu=not torch.cuda.is_available())      # without cpu=True, CPU ranks would not sync
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU ranks would not sync
         return cls(state.process_index, state.num_processes, state)
 
     @property
@@ -164,9 +187,15 @@ def eval_device(requested: str | None) -> str | None:
     return Shard.current().device(requested)
 
 
-def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, out_dir: str | Path,
-             resume: bool = True, command: str | None = None,
-             progress: ProgressCallback | None = None) -> EvalReport | None:
+def run_eval(
+    model: CalmModel,
+    records: Sequence[Record],
+    config: EvalConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    command: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvalReport | None:
     """Run (or resume) the sweep and write eval.json, eval.md and the plots into out_dir. Returns the
     report (None on processes other than the main one)."""
     records = list(records)
@@ -174,8 +203,9 @@ def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, ou
     rows = run_sweep(model, records, config, out_dir, resume, progress)
     if rows is None:
         return None
-    report = build_report(records, rows, config.points(), config.to_dict(), model.num_layers,
-                          machine_info(model.device, command))
+    report = build_report(
+        records, rows, config.points(), config.to_dict(), model.num_layers, machine_info(model.device, command)
+    )
     write_report(report, out_dir)
     return report
 
@@ -184,8 +214,14 @@ def run_eval(model: CalmModel, records: Sequence[Record], config: EvalConfig, ou
 RUN_ID = uuid.uuid4().hex[:16]
 
 
-def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, out_dir: str | Path,
-              resume: bool = True, progress: ProgressCallback | None = None) -> dict[str, dict[str, dict]] | None:
+def run_sweep(
+    model: CalmModel,
+    records: Sequence[Record],
+    config: EvalConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: ProgressCallback | None = None,
+) -> dict[str, dict[str, dict]] | None:
     """Compute (or resume) every point's per-example outputs under out_dir/cache. Returns them by point
     name and example id on the main process (None on the others)."""
     records = list(records)
@@ -194,12 +230,17 @@ def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, o
     points = config.points()
     for point in points:
         if point.policy is not None:
-            ExitPlan.resolve(point.policy, model.network)     # bad layers / missing classifier: fail now
+            ExitPlan.resolve(point.policy, model.network)  # bad layers / missing classifier: fail now
         if point.speculative is not None:
             point.speculative.check(model.num_layers)
     shard = Shard.current()
-    cache = ResultCache.open(Path(out_dir) / "cache", config.cache_meta(), resume,
-                             rank=shard.rank if shard.world > 1 else None, is_main=shard.is_main)
+    cache = ResultCache.open(
+        Path(out_dir) / "cache",
+        config.cache_meta(),
+        resume,
+        rank=shard.rank if shard.world > 1 else None,
+        is_main=shard.is_main,
+    )
     shard.barrier()
     _compute(model, shard.split(records), points, config, cache, progress)
     shard.barrier()
@@ -208,8 +249,14 @@ def run_sweep(model: CalmModel, records: Sequence[Record], config: EvalConfig, o
     return {p.name: cache.done(p.name) for p in points}
 
 
-def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], config: EvalConfig,
-             cache: ResultCache, progress: ProgressCallback | None) -> None:
+def _compute(
+    model: CalmModel,
+    records: list[Record],
+    points: Sequence[Point],
+    config: EvalConfig,
+    cache: ResultCache,
+    progress: ProgressCallback | None,
+) -> None:
     ids = {r.id for r in records}
     pending = {p.name: ids - cache.done(p.name).keys() for p in points}
     total = len(records) * len(points)
@@ -221,20 +268,26 @@ def _compute(model: CalmModel, records: list[Record], points: Sequence[Point], c
     _warm_up(model, records[0])
     for batch in batched(records, config.batch_size):
         unfinished = [r for r in batch if any(r.id in left for left in pending.values())]
-        prompts = dict(zip((r.id for r in unfinished), document_prompts(model, unfinished, config.max_new_tokens,
-                                                                        max_doc_tokens=config.max_doc_tokens)))
+        prompts = dict(
+            zip(
+                (r.id for r in unfinished),
+                document_prompts(model, unfinished, config.max_new_tokens, max_doc_tokens=config.max_doc_tokens),
+            )
+        )
         for point in points:
             todo = [r for r in batch if r.id in pending[point.name]]
             if todo:
-                cache.append(point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo],
-                                                    config.max_new_tokens))
+                cache.append(
+                    point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo], config.max_new_tokens)
+                )
                 completed += len(todo)
                 if progress:
                     progress(completed, total)
 
 
-def _run_point(model: CalmModel, point: Point, records: list[Record], prompts: list[Prompt],
-               max_new_tokens: int) -> list[dict]:
+def _run_point(
+    model: CalmModel, point: Point, records: list[Record], prompts: list[Prompt], max_new_tokens: int
+) -> list[dict]:
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
     texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
@@ -243,14 +296,23 @@ def _run_point(model: CalmModel, point: Point, records: list[Record], prompts: l
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
-        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy,
-                                **point.generate_kwargs())
+        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
     seconds = time.perf_counter() - t0
-    return [{"id": r.id, "summary": texts[i], "token_ids": list(token_ids[i]), "exit_layers": list(exit_layers[i]),
-             "truncated": prompts[i].truncated, "seconds": seconds / len(records), "batch_seconds": seconds,
-             "batch_size": len(records), "run": RUN_ID}
-            for i, r in enumerate(records)]
+    return [
+        {
+            "id": r.id,
+            "summary": texts[i],
+            "token_ids": list(token_ids[i]),
+            "exit_layers": list(exit_layers[i]),
+            "truncated": prompts[i].truncated,
+            "seconds": seconds / len(records),
+            "batch_seconds": seconds,
+            "batch_size": len(records),
+            "run": RUN_ID,
+        }
+        for i, r in enumerate(records)
+    ]
 
 
 def _warm_up(model: CalmModel, record: Record) -> None:

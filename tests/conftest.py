@@ -27,4 +27,5 @@ def tiny_model(tmp_path_factory) -> str:
 def training_setup(tmp_path_factory) -> dict[str, str]:
     """The calm.training tests' tiny BPE backbone and data files (training_helpers.build_training_setup)."""
     from training_helpers import build_training_setup
+
     return build_training_setup(tmp_path_factory.mktemp("training"))

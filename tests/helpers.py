@@ -15,17 +15,29 @@ from calm.cli.main import cli
 def tiny_llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
     """A random 4-layer Llama (hidden 64, vocab 128) whose greedy choices are not near-ties."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      initializer_range=0.2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 NUM_LAYERS = 4
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>"]
-WORDS = ("Summarize the following article in one sentence . a an cat sat on mat dog ran park council said new plan "
-         "for city school children home police man woman was is were had has two three year years after before "
-         "match game team won lost goal week people government minister report").split()
+WORDS = (
+    "Summarize the following article in one sentence . a an cat sat on mat dog ran park council said new plan "
+    "for city school children home police man woman was is were had has two three year years after before "
+    "match game team won lost goal week people government minister report"
+).split()
 DOCS = [
     {"id": "a", "document": "the cat sat on the mat . a dog ran in the park", "summary": "cat sat on mat"},
     {"id": "b", "document": "the council said a new plan for the city school", "summary": "council plan for school"},
@@ -43,13 +55,23 @@ def build_tiny_model(path: Path, initializer_range: float = 0.02) -> Path:
     vocab = {w: i for i, w in enumerate(SPECIAL + sorted(set(WORDS)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["[PAD]"],
-                         initializer_range=initializer_range)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["[PAD]"],
+        initializer_range=initializer_range,
+    )
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     fast.save_pretrained(path)
     return path

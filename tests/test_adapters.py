@@ -9,10 +9,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel,
-                          MistralConfig, MistralForCausalLM, MT5Config, MT5ForConditionalGeneration, Qwen2Config,
-                          Qwen2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, T5Config, T5EncoderModel,
-                          T5ForConditionalGeneration)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+)
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm.adapters import adapter_for
@@ -27,34 +42,64 @@ from calm.policy import ExitPolicy
 
 VOCAB, PAD, EOS = 128, 0, 1
 MAX_NEW = 10
-PAD_LENGTHS = (0, 3, 5, 1)       # left padding of the 4 rows of the batch
+PAD_LENGTHS = (0, 3, 5, 1)  # left padding of the 4 rows of the batch
 PROMPT_LEN = 9
-WINDOW = 4                       # sliding window, shorter than the prompts
+WINDOW = 4  # sliding window, shorter than the prompts
 KINDS = ("llama", "mistral-window", "smollm3-window", "gpt2", "t5")
 
 
 def build(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    decoder = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                   initializer_range=0.2, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+    decoder = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**decoder))
     elif kind == "mistral-window":
         model = MistralForCausalLM(MistralConfig(sliding_window=WINDOW, **decoder))
     elif kind == "smollm3-window":
         # layers 1 and 3 without RoPE and with a sliding window (SmolLM3 puts the window on its no-RoPE layers)
-        model = SmolLM3ForCausalLM(SmolLM3Config(no_rope_layer_interval=2, use_sliding_window=True,
-                                                 sliding_window=WINDOW, **decoder))
+        model = SmolLM3ForCausalLM(
+            SmolLM3Config(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW, **decoder)
+        )
     elif kind == "gpt2":
-        cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128, initializer_range=0.2,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
+        cfg = GPT2Config(
+            n_layer=4,
+            n_embd=64,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=128,
+            initializer_range=0.2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=2,
+        )
         model = GPT2LMHeadModel(cfg)
     else:
         # an encoder shallower than the decoder, so encoder and decoder layer counts cannot be confused
-        cfg = T5Config(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=4,
-                       vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS,
-                       initializer_factor=5.0)
+        cfg = T5Config(
+            d_model=64,
+            d_ff=128,
+            d_kv=16,
+            num_heads=4,
+            num_layers=3,
+            num_decoder_layers=4,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            initializer_factor=5.0,
+        )
         model = T5ForConditionalGeneration(cfg)
     return model.eval()
 
@@ -70,14 +115,14 @@ def prompts(batch: int = 4, seed: int = 1) -> PromptBatch:
     ids = torch.randint(3, VOCAB, (batch, PROMPT_LEN), generator=g)
     mask = torch.ones_like(ids, dtype=torch.bool)
     for b in range(batch):
-        mask[b, :PAD_LENGTHS[b % len(PAD_LENGTHS)]] = False
+        mask[b, : PAD_LENGTHS[b % len(PAD_LENGTHS)]] = False
     return PromptBatch(ids.masked_fill(~mask, PAD), mask)
 
 
 def row(p: PromptBatch, b: int) -> PromptBatch:
     """Row b alone, without its padding."""
     keep = p.mask[b]
-    return PromptBatch(p.ids[b:b + 1, keep], p.mask[b:b + 1, keep])
+    return PromptBatch(p.ids[b : b + 1, keep], p.mask[b : b + 1, keep])
 
 
 def gen_config(max_new: int = MAX_NEW) -> GenerationConfig:
@@ -85,7 +130,7 @@ def gen_config(max_new: int = MAX_NEW) -> GenerationConfig:
 
 
 def trim(tokens: list[int]) -> tuple[int, ...]:
-    return tuple(tokens[:tokens.index(EOS) + 1] if EOS in tokens else tokens)
+    return tuple(tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens)
 
 
 def hf_greedy(model: torch.nn.Module, p: PromptBatch, max_new: int) -> tuple[tuple[int, ...], ...]:
@@ -95,9 +140,16 @@ def hf_greedy(model: torch.nn.Module, p: PromptBatch, max_new: int) -> tuple[tup
         # is deeper (IndexError in cache.update); a cache that grows on demand avoids it.
         kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
-        out = model.generate(p.ids, attention_mask=p.mask.long(), do_sample=False, max_new_tokens=max_new,
-                             pad_token_id=PAD, eos_token_id=EOS, **kwargs)
-    new = out[:, 1:] if model.config.is_encoder_decoder else out[:, p.ids.shape[1]:]
+        out = model.generate(
+            p.ids,
+            attention_mask=p.mask.long(),
+            do_sample=False,
+            max_new_tokens=max_new,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kwargs,
+        )
+    new = out[:, 1:] if model.config.is_encoder_decoder else out[:, p.ids.shape[1] :]
     return tuple(trim(r) for r in new.tolist())
 
 
@@ -127,12 +179,17 @@ def test_gpt2_rejects_cross_attention():
         adapter_for(GPT2LMHeadModel(cfg))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)),
-    lambda: LlamaModel(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2)),
-    lambda: T5EncoderModel(T5Config(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, vocab_size=32)),
-], ids=["GPT2Model", "LlamaModel", "T5EncoderModel"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)),
+        lambda: LlamaModel(
+            LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        ),
+        lambda: T5EncoderModel(T5Config(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, vocab_size=32)),
+    ],
+    ids=["GPT2Model", "LlamaModel", "T5EncoderModel"],
+)
 def test_models_without_an_lm_head_are_refused(make):
     with pytest.raises(UnsupportedModelError, match="LM head"):
         adapter_for(make())
@@ -151,7 +208,7 @@ def test_greedy_parity_with_transformers(models, kind, batch):
     res = generate_tokens(Network.build(adapter_for(model)), p, ExitPolicy.never(), gen_config())
     assert res.token_ids == hf_greedy(model, p, MAX_NEW)
     assert all(k == res.num_layers for r in res.exit_layers for k in r)
-    assert all(len(r) > 1 for r in res.token_ids)             # the comparison covers decode steps
+    assert all(len(r) > 1 for r in res.token_ids)  # the comparison covers decode steps
 
 
 def _calm_logits(net: Network, p: PromptBatch, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +237,7 @@ def test_logits_match_transformers_forward(models, kind):
             ids = torch.cat([p.ids, tokens[:, :-1]], 1)
             mask = torch.cat([p.mask, torch.ones_like(tokens[:, :-1], dtype=torch.bool)], 1)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            ref = model(ids, attention_mask=mask.long(), position_ids=positions).logits[:, PROMPT_LEN - 1:]
+            ref = model(ids, attention_mask=mask.long(), position_ids=positions).logits[:, PROMPT_LEN - 1 :]
         else:
             dec = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], 1)
             ref = model(input_ids=p.ids, attention_mask=p.mask.long(), decoder_input_ids=dec).logits
@@ -190,9 +247,21 @@ def test_logits_match_transformers_forward(models, kind):
 def test_mt5_gated_unscaled_matches_transformers():
     """mT5 / T5 v1.1: gated-GELU feed-forward and no d_model**-0.5 scaling before the LM head."""
     torch.manual_seed(0)
-    model = MT5ForConditionalGeneration(MT5Config(
-        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3, vocab_size=VOCAB,
-        decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS, initializer_factor=5.0)).eval()
+    model = MT5ForConditionalGeneration(
+        MT5Config(
+            d_model=64,
+            d_ff=128,
+            d_kv=16,
+            num_heads=4,
+            num_layers=2,
+            num_decoder_layers=3,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            initializer_factor=5.0,
+        )
+    ).eval()
     net = Network.build(adapter_for(model))
     assert isinstance(net.adapter, T5Adapter) and net.adapter.output_scale is None
     p = prompts()
@@ -218,8 +287,11 @@ ISOLATION_POLICIES = {
 }
 
 
-@pytest.mark.parametrize("kind,policy", [(k, pol) for k in KINDS for pol in ISOLATION_POLICIES[k]],
-                         ids=lambda v: v if isinstance(v, str) else f"{v.measure}{v.threshold}")
+@pytest.mark.parametrize(
+    "kind,policy",
+    [(k, pol) for k in KINDS for pol in ISOLATION_POLICIES[k]],
+    ids=lambda v: v if isinstance(v, str) else f"{v.measure}{v.threshold}",
+)
 def test_rows_are_isolated_under_mixed_exits(models, kind, policy):
     net = Network.build(adapter_for(models[kind]))
     p = prompts()
@@ -257,7 +329,7 @@ def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: t
 
         ctx = a.context(positions, cache.key_mask, slot, state.encoder)
         h = a.embed(tokens[:, None], positions)
-        states = [h]                                           # states[i]: hidden state after i layers
+        states = [h]  # states[i]: hidden state after i layers
         for i in range(a.num_layers):
             x = a.attn_input(i, h)
             kc, vc = cache.keys_values(i, slot + 1)
@@ -266,14 +338,20 @@ def _check_propagation(net: Network, p: PromptBatch, policy: ExitPolicy, rows: t
         for b in rows.tolist():
             e = int(out.exit_layers[b])
             for j in range(a.num_layers):
-                src = states[min(j, e)]                        # below the exit: its own state; above: the exit state
-                k, v = (t[b:b + 1] for t in a.kv(j, a.attn_input(j, src), ctx))
+                src = states[min(j, e)]  # below the exit: its own state; above: the exit state
+                k, v = (t[b : b + 1] for t in a.kv(j, a.attn_input(j, src), ctx))
                 for name, got, want in (("K", cache.k, k), ("V", cache.v, v)):
                     # 1e-5 relative to the tensor's scale: the step ran on other row subsets (other matmul
                     # shapes), and T5's large-init hidden states reach the hundreds
                     tol = 1e-5 * max(1.0, want.abs().max().item())
-                    torch.testing.assert_close(got[j, b:b + 1, :, slot:slot + 1], want, atol=tol, rtol=1e-5,
-                                               msg=lambda m: f"{name} of row {b}, layer {j}, exit {e}: {m}")
+                    where = f"{name} of row {b}, layer {j}, exit {e}"
+                    torch.testing.assert_close(
+                        got[j, b : b + 1, :, slot : slot + 1],
+                        want,
+                        atol=tol,
+                        rtol=1e-5,
+                        msg=lambda m, where=where: f"{where}: {m}",
+                    )
     return out.exit_layers
 
 
@@ -294,14 +372,16 @@ def test_state_propagation_with_mixed_exits(models, kind):
     net = Network.build(adapter_for(models[kind]))
     mixed = False
     for threshold in (0.7, 0.8):
-        exits = _check_propagation(net, prompts(), ExitPolicy(measure="state", threshold=threshold, decay_tau=0),
-                                   torch.arange(4))
+        exits = _check_propagation(
+            net, prompts(), ExitPolicy(measure="state", threshold=threshold, decay_tau=0), torch.arange(4)
+        )
         mixed |= len(set(exits.tolist())) >= 2
     assert mixed, "no step had rows exiting at different layers"
 
 
-@pytest.mark.parametrize("kv_heads,with_bias,window", [(2, False, None), (4, False, None), (4, True, None),
-                                                     (2, False, 3), (4, False, 6)])
+@pytest.mark.parametrize(
+    "kv_heads,with_bias,window", [(2, False, None), (4, False, None), (4, True, None), (2, False, 3), (4, False, 6)]
+)
 def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias, window):
     """Per-row attention over cache views (left padding sliced away; with a sliding window, only its
     last `window` slots) equals batched attention under the padding (and window) mask for the listed
@@ -309,12 +389,12 @@ def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias,
     torch.manual_seed(0)
     batch, heads, slots, dim = 4, 4, 9, 8
     starts = (0, 3, 5, 1)
-    key_mask = torch.arange(slots)[None, :] >= torch.tensor(starts)[:, None]          # [B, S]
+    key_mask = torch.arange(slots)[None, :] >= torch.tensor(starts)[:, None]  # [B, S]
     q = torch.randn(batch, heads, 1, dim)
     k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
     bias = torch.randn(1, heads, 1, slots) if with_bias else None
     mask = attention_mask(key_mask, slots - 1, 1, window)
-    full = attend(q, k, v, mask, 0.5, bias=bias)                                          # [B, 1, H*D]
+    full = attend(q, k, v, mask, 0.5, bias=bias)  # [B, 1, H*D]
     live = (1, 2)
     per_row = RowAttention(queries=live, rows=live, starts=tuple(starts[r] for r in live))
     out = attend(q, k, v, mask, 0.5, bias=bias, per_row=per_row, window=window)
@@ -324,7 +404,7 @@ def test_per_row_attention_matches_batched_masked_attention(kv_heads, with_bias,
     compact = RowAttention(queries=(0, 1), rows=(2, 3), starts=(starts[2], starts[3]))
     out = attend(q[[2, 3]], k, v, None, 0.5, bias=bias, per_row=compact, window=window)
     torch.testing.assert_close(out, full[[2, 3]])
-    if window is not None:                                 # the window matters here
+    if window is not None:  # the window matters here
         assert not torch.allclose(full, attend(q, k, v, attention_mask(key_mask, slots - 1, 1), 0.5, bias=bias))
 
 
@@ -332,22 +412,28 @@ def test_sliding_window_mask_matches_transformers():
     """attention_mask's window: a query sees the keys less than `window` slots before it, as
     transformers' sliding_window_overlay (kv_idx > q_idx - window) on top of the causal mask."""
     from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
     window, slots = 3, 7
     ours = attention_mask(torch.ones(1, slots, dtype=torch.bool), 0, slots, window)[0, 0]
     theirs = and_masks(causal_mask_function, sliding_window_overlay(window))
-    expected = torch.tensor([[bool(theirs(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(slots)]
-                             for q in range(slots)])
+    expected = torch.tensor(
+        [[bool(theirs(0, 0, torch.tensor(q), torch.tensor(k))) for k in range(slots)] for q in range(slots)]
+    )
     assert torch.equal(ours, expected)
     assert padding_free_mask(torch.ones(1, slots, dtype=torch.bool), 0, window, window) is None
     assert padding_free_mask(torch.ones(1, slots, dtype=torch.bool), 0, window + 1, window) is not None
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(layer_types=["full_attention", "chunked_attention"]), "chunked_attention"),
-    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=None), "sliding_window"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(layer_types=["full_attention", "chunked_attention"]), "chunked_attention"),
+        (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=None), "sliding_window"),
+    ],
+)
 def test_llama_family_refuses_attention_layouts_it_does_not_implement(kwargs, message):
-    cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, **kwargs)
+    cfg = Qwen2Config(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, **kwargs
+    )
     with pytest.raises(UnsupportedModelError, match=message):
         adapter_for(Qwen2ForCausalLM(cfg))

@@ -5,23 +5,26 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 from calm.bench import BenchConfig, BenchRow, _round_robin, _Run, parse_policy_spec, transformers_generate
 from calm.errors import InputError
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("spec, policy", [
-    ("full", ExitPolicy.never()),
-    ("fixed:15", ExitPolicy.fixed(15)),
-    ("softmax:0.9", ExitPolicy(measure="softmax", threshold=0.9)),
-    (" state:0.95 ", ExitPolicy(measure="state", threshold=0.95)),
-    ("classifier:0.8", ExitPolicy(measure="classifier", threshold=0.8)),
-])
+@pytest.mark.parametrize(
+    "spec, policy",
+    [
+        ("full", ExitPolicy.never()),
+        ("fixed:15", ExitPolicy.fixed(15)),
+        ("softmax:0.9", ExitPolicy(measure="softmax", threshold=0.9)),
+        (" state:0.95 ", ExitPolicy(measure="state", threshold=0.95)),
+        ("classifier:0.8", ExitPolicy(measure="classifier", threshold=0.8)),
+    ],
+)
 def test_parse_policy_spec(spec, policy):
     assert parse_policy_spec(spec) == policy
 
@@ -55,8 +58,23 @@ def test_transformers_generate_fixed_length(tiny_model):
 
 def test_bench_cli_writes_report(tiny_model, tmp_path):
     out = tmp_path / "results"
-    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "1,2", "--new-tokens", 4, "--repeats", 2,
-                    "--policy", "fixed:2", "--policy", "state:0", "--out", out)
+    result = invoke(
+        "bench",
+        "--model",
+        tiny_model,
+        "--batch-sizes",
+        "1,2",
+        "--new-tokens",
+        4,
+        "--repeats",
+        2,
+        "--policy",
+        "fixed:2",
+        "--policy",
+        "state:0",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert report["num_layers"] == NUM_LAYERS
@@ -64,7 +82,8 @@ def test_bench_cli_writes_report(tiny_model, tmp_path):
     assert report["machine"]["command"].startswith("calm bench --model")
     rows = report["results"]
     assert [(r["batch_size"], r["name"]) for r in rows] == [
-        (b, n) for b in (1, 2) for n in ("full", "fixed:2", "state:0", "transformers")]
+        (b, n) for b in (1, 2) for n in ("full", "fixed:2", "state:0", "transformers")
+    ]
     for r in rows:
         assert len(r["times_s"]) == 2 and r["median_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 4 / r["median_s"])
@@ -76,7 +95,7 @@ def test_bench_cli_writes_report(tiny_model, tmp_path):
             assert len(r["decode_times_s"]) == 2 and 0 < r["decode_ms_per_token"] < r["ms_per_token"] * 4 / 3
     layers = {r["name"]: r["avg_layers"] for r in rows}
     assert layers["full"] == NUM_LAYERS and layers["transformers"] == NUM_LAYERS
-    assert layers["fixed:2"] == pytest.approx((NUM_LAYERS + 3 * 2) / 4)       # first token from the prefill
+    assert layers["fixed:2"] == pytest.approx((NUM_LAYERS + 3 * 2) / 4)  # first token from the prefill
     assert layers["state:0"] == pytest.approx((NUM_LAYERS + 3 * 1) / 4)
     markdown = (out / "bench.md").read_text()
     assert "| batch | config | tokens/s | ms/token | decode ms/token | avg layers |" in markdown
@@ -87,8 +106,22 @@ def test_bench_cli_writes_report(tiny_model, tmp_path):
 def test_bench_cli_data_and_no_transformers(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     out = tmp_path / "results"
-    result = invoke("bench", "--model", tiny_model, "--data", data, "--batch-sizes", "3", "--new-tokens", 3,
-                    "--repeats", 1, "--no-transformers", "--out", out)
+    result = invoke(
+        "bench",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--batch-sizes",
+        "3",
+        "--new-tokens",
+        3,
+        "--repeats",
+        1,
+        "--no-transformers",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert [r["name"] for r in report["results"]] == ["full"]
@@ -99,12 +132,14 @@ def test_bench_cli_data_and_no_transformers(tiny_model, tmp_path):
 def test_bench_bad_input(tiny_model, tmp_path):
     out = tmp_path / "results"
     assert_clean_error(invoke("bench", "--model", tiny_model, "--policy", "fast", "--out", out), "bad policy 'fast'")
-    assert_clean_error(invoke("bench", "--model", tiny_model, "--policy", "fixed:9", "--out", out),
-                       "exit layer 9 is out of range")
+    assert_clean_error(
+        invoke("bench", "--model", tiny_model, "--policy", "fixed:9", "--out", out), "exit layer 9 is out of range"
+    )
     assert_clean_error(invoke("bench", "--model", tiny_model, "--policy", "classifier:0.8", "--out", out), "classifier")
     assert_clean_error(invoke("bench", "--model", tiny_model, "--batch-sizes", "1,x", "--out", out), "--batch-sizes")
-    assert_clean_error(invoke("bench", "--model", tiny_model, "--data", tmp_path / "none.jsonl", "--out", out),
-                       "file not found")
+    assert_clean_error(
+        invoke("bench", "--model", tiny_model, "--data", tmp_path / "none.jsonl", "--out", out), "file not found"
+    )
     assert not out.exists()
 
 
@@ -113,26 +148,32 @@ def test_timed_runs_go_round_robin_after_one_warm_up_each():
 
     def runner(name):
         return lambda: calls.append(name) or _Run(0.0)
+
     runs = _round_robin([runner("a"), runner("b")], repeats=2)
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert [len(r) for r in runs] == [2, 2]
 
 
-def test_report_files_are_written_together_as_json_and_markdown(tmp_path):
-    import json
-
-    from calm.bench import write_json_markdown
-
-    files = write_json_markdown(tmp_path / "new", "r", {"x": 1.5}, "# r\n")
-    assert [f.name for f in files] == ["r.json", "r.md"]
-    assert json.loads(files[0].read_text()) == {"x": 1.5} and files[1].read_text() == "# r\n"
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["r.json", "r.md"]     # no temporary left
-
-
 def test_bench_cli_runs_the_static_engine(tiny_model, tmp_path):
     out = tmp_path / "results"
-    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "2", "--new-tokens", 4, "--repeats", 1,
-                    "--policy", "fixed:2", "--no-transformers", "--engine", "static", "--out", out)
+    result = invoke(
+        "bench",
+        "--model",
+        tiny_model,
+        "--batch-sizes",
+        "2",
+        "--new-tokens",
+        4,
+        "--repeats",
+        1,
+        "--policy",
+        "fixed:2",
+        "--no-transformers",
+        "--engine",
+        "static",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "bench.json").read_text())
     assert report["config"]["engine"] == "static"

@@ -11,15 +11,32 @@ from helpers import assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DOCS = [{"id": str(i), "document": f"the cat sat on mat number {i} and the dog ran far away", "summary": "a cat"}
-        for i in range(10)]
+DOCS = [
+    {"id": str(i), "document": f"the cat sat on mat number {i} and the dog ran far away", "summary": "a cat"}
+    for i in range(10)
+]
 
 
 def calibrate(tiny_model, tmp_path, *extra):
     data = write_jsonl(tmp_path / "calib.jsonl", DOCS)
-    return invoke("calibrate", "--model", tiny_model, "--data", data, "--measure", "softmax",
-                  "--thresholds", "0.99,0.9,0.5,0.2,0.0", "--max-new-tokens", 6, "--batch-size", 4,
-                  "--out", tmp_path / "ckpt", *extra)
+    return invoke(
+        "calibrate",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--measure",
+        "softmax",
+        "--thresholds",
+        "0.99,0.9,0.5,0.2,0.0",
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        4,
+        "--out",
+        tmp_path / "ckpt",
+        *extra,
+    )
 
 
 def test_calibrate_certifies_and_the_knob_uses_the_table(tiny_model, tmp_path):
@@ -33,10 +50,11 @@ def test_calibrate_certifies_and_the_knob_uses_the_table(tiny_model, tmp_path):
     assert table.thresholds == (0.99, 0.9, 0.5, 0.2, 0.0) and table.n == 10 and table.certified_index is not None
     rows = table.rows
     assert all(0.0 <= r.mean_loss <= 1.0 and 1.0 <= r.avg_layers <= 4.0 for r in rows)
-    assert rows[0].avg_layers >= rows[-1].avg_layers                     # lower thresholds exit earlier
-    assert rows[-1].avg_layers < 2.0                                      # λ = 0: all but the prefill token exit at layer 1
-    speed = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "1",
-                   "--max-new-tokens", 4)
+    assert rows[0].avg_layers >= rows[-1].avg_layers  # lower thresholds exit earlier
+    assert rows[-1].avg_layers < 2.0  # λ = 0: all but the prefill token exit at layer 1
+    speed = invoke(
+        "summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "1", "--max-new-tokens", 4
+    )
     assert speed.exit_code == 0, speed.output
     assert f"softmax λ={table.certified_threshold:g}" in speed.stderr
 
@@ -54,7 +72,7 @@ def test_calibration_resumes_from_its_cache(tiny_model, tmp_path):
     cache = tmp_path / "ckpt" / "calibration-work" / "cache"
     before = {p.name: p.read_bytes() for p in cache.glob("*.jsonl")}
     assert calibrate(tiny_model, tmp_path, "--delta", "0.4").exit_code == 0
-    assert {p.name: p.read_bytes() for p in cache.glob("*.jsonl")} == before          # nothing recomputed
+    assert {p.name: p.read_bytes() for p in cache.glob("*.jsonl")} == before  # nothing recomputed
 
 
 def test_bad_calibration_input(tiny_model, tmp_path):
@@ -69,8 +87,18 @@ def test_bad_calibration_input(tiny_model, tmp_path):
 
 def test_speed_zero_is_the_full_model(tiny_model, tmp_path):
     assert calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1").exit_code == 0
-    result = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "0",
-                    "--max-new-tokens", 4, "--show-exits")
+    result = invoke(
+        "summarize",
+        "--model",
+        tmp_path / "ckpt",
+        "--text",
+        DOCS[0]["document"],
+        "--speed",
+        "0",
+        "--max-new-tokens",
+        4,
+        "--show-exits",
+    )
     assert result.exit_code == 0, result.output
     assert "full model" in result.stderr and "avg layers: 4.00" in result.output
 
@@ -81,5 +109,7 @@ def test_the_knob_keeps_the_threshold_schedule_it_was_calibrated_with(tiny_model
     assert model.calibration.decay_tau == 0
     resolved = resolve_policy(model, speed=1.0)
     assert resolved.policy.decay_tau == 0 and "τ=0" in resolved.description
-    model.calibration = replace(model.calibration, decay_tau=None)   # a table from before τ was stored: the default decay
+    model.calibration = replace(
+        model.calibration, decay_tau=None
+    )  # a table from before τ was stored: the default decay
     assert resolve_policy(model, speed=1.0).policy.decay_tau == ExitPolicy.decay_tau

@@ -14,12 +14,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def hand_made() -> ExitReplay:
     # 3 positions, L = 4 (exit layers 1..3)
-    agree = torch.tensor([[False, True, True],      # first agrees at layer 2
-                          [True, False, True],      # agrees at 1, not at 2
-                          [False, False, False]])   # only the final layer has its token
-    cls = torch.tensor([[0.2, 0.9, 0.95],
-                        [0.99, 0.5, 0.6],
-                        [0.1, 0.97, 0.3]])
+    agree = torch.tensor(
+        [
+            [False, True, True],  # first agrees at layer 2
+            [True, False, True],  # agrees at 1, not at 2
+            [False, False, False],
+        ]
+    )  # only the final layer has its token
+    cls = torch.tensor([[0.2, 0.9, 0.95], [0.99, 0.5, 0.6], [0.1, 0.97, 0.3]])
     return ExitReplay(agree, {"classifier": cls, "softmax": cls.flip(1)}, num_layers=4, min_exit_layer=1)
 
 
@@ -42,7 +44,7 @@ def test_threshold_points_count_layers_and_wrong_exits():
     assert p.token_error == pytest.approx(1 / 3) and p.exit_rate == pytest.approx(1.0)
     never = replay_point(replay, "classifier", 1.01)
     assert never.avg_layers == 4 and never.token_error == 0 and never.exit_rate == 0
-    strict = replay_point(replay, "classifier", 0.98)        # only pos1 exits, at layer 1: right
+    strict = replay_point(replay, "classifier", 0.98)  # only pos1 exits, at layer 1: right
     assert strict.token_error == 0 and strict.avg_layers == pytest.approx((4 + 1 + 4) / 3)
 
 

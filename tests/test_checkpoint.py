@@ -8,8 +8,17 @@ import pytest
 import calm
 from calm import training
 from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import (CONFIG_FILE, CheckpointConfig, backbone_kind, backbone_location, name_backbone,
-                             read_config, save_backbone, save_checkpoint, write_atomic)
+from calm.checkpoint import (
+    CONFIG_FILE,
+    CheckpointConfig,
+    backbone_kind,
+    backbone_location,
+    name_backbone,
+    read_config,
+    save_backbone,
+    save_checkpoint,
+    write_atomic,
+)
 from calm.errors import CheckpointError
 from calm.heads import ExitHeads, HeadsConfig
 
@@ -19,23 +28,28 @@ def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):
     write_atomic(target, b"one")
     write_atomic(target, b"two")
     assert target.read_bytes() == b"two"
-    assert list(target.parent.iterdir()) == [target]                      # no temporary file left behind
+    assert list(target.parent.iterdir()) == [target]  # no temporary file left behind
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
 
 
 def table(**settings) -> CalibrationTable:
-    rows = tuple(CalibrationRow(t, loss, 0.0, loss, loss, layers, 1.0, 0.01)
-                 for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.2, 2.0)))
+    rows = tuple(
+        CalibrationRow(t, loss, 0.0, loss, loss, layers, 1.0, 0.01)
+        for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.2, 2.0))
+    )
     return CalibrationTable(rows, certified_index=0, delta=0.1, epsilon=0.05, n=50, method="hb", **settings)
 
 
 def test_config_round_trip(tmp_path):
     heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=8, rank=2, min_layer=2))
     calibration = table(measure="state", decay_tau=0.0, min_exit_layer=2)
-    save_checkpoint(tmp_path, CheckpointConfig(backbone="smollm2", heads=heads.config, calibration=calibration,
-                                               extra={"steps": 3}), heads)
+    save_checkpoint(
+        tmp_path,
+        CheckpointConfig(backbone="smollm2", heads=heads.config, calibration=calibration, extra={"steps": 3}),
+        heads,
+    )
     config = read_config(tmp_path)
     assert config.backbone == "smollm2" and config.heads == heads.config and config.backbone_kind == "alias"
     assert config.calibration == calibration and config.extra == {"steps": 3}
@@ -52,8 +66,9 @@ def test_the_shipped_config_reads_as_a_typed_table_and_writes_back_the_same_dict
     original = json.loads((shipped / CONFIG_FILE).read_text())
     assert config.to_dict()["calibration"] == original["calibration"]
     save_checkpoint(tmp_path, config, None)
-    assert {k: v for k, v in json.loads((tmp_path / CONFIG_FILE).read_text()).items() if k != "backbone_kind"} \
-        == {k: v for k, v in original.items()}
+    assert {k: v for k, v in json.loads((tmp_path / CONFIG_FILE).read_text()).items() if k != "backbone_kind"} == {
+        k: v for k, v in original.items()
+    }
 
 
 def test_a_table_without_settings_keeps_its_old_dict_form():
@@ -61,10 +76,15 @@ def test_a_table_without_settings_keeps_its_old_dict_form():
     assert table().decay_tau is None and table().measure is None
 
 
-@pytest.mark.parametrize("calibration, message", [
-    ({"rows": []}, "at least one row"), ([1, 2], "expected an object"),
-    ({**table().to_dict(), "decay_tau": -1}, "decay_tau"), ({**table().to_dict(), "min_exit_layer": 0}, "min_exit_layer"),
-])
+@pytest.mark.parametrize(
+    "calibration, message",
+    [
+        ({"rows": []}, "at least one row"),
+        ([1, 2], "expected an object"),
+        ({**table().to_dict(), "decay_tau": -1}, "decay_tau"),
+        ({**table().to_dict(), "min_exit_layer": 0}, "min_exit_layer"),
+    ],
+)
 def test_an_unreadable_calibration_table_is_a_checkpoint_error(tmp_path, calibration, message):
     data = {"format": "calm-checkpoint", "version": 1, "backbone": "smollm2", "calibration": calibration}
     (tmp_path / CONFIG_FILE).write_text(json.dumps(data))
@@ -89,9 +109,10 @@ def test_backbone_kinds(tmp_path):
 def test_an_included_backbone_must_be_there(tmp_path):
     with pytest.raises(CheckpointError, match="included in backbone/"):
         save_checkpoint(tmp_path, CheckpointConfig(backbone="backbone", backbone_kind="included"))
-    assert not (tmp_path / CONFIG_FILE).exists()                          # the config is written last, or not at all
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "backbone",
-                                                    "backbone_kind": "included"}))
+    assert not (tmp_path / CONFIG_FILE).exists()  # the config is written last, or not at all
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "backbone", "backbone_kind": "included"})
+    )
     with pytest.raises(CheckpointError, match="config.json is missing"):
         backbone_location(tmp_path, read_config(tmp_path))
 
@@ -103,14 +124,21 @@ def test_save_backbone_replaces_the_directory_atomically(tmp_path, llama):
     save_backbone(llama, None, target)
     assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
     assert not (target / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]
-    assert training._save_backbone is save_backbone                       # training saves its backbone the same way
+    assert training._save_backbone is save_backbone  # training saves its backbone the same way
 
 
-@pytest.mark.parametrize("content, message", [
-    ("[]", "not a calm checkpoint config"), (json.dumps({"format": "calm-checkpoint", "version": 1}), "no backbone"),
-    (json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "heads": {"bogus": 1}}), "bad heads"),
-    (json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "backbone_kind": "ftp"}), "backbone_kind"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[]", "not a calm checkpoint config"),
+        (json.dumps({"format": "calm-checkpoint", "version": 1}), "no backbone"),
+        (json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "heads": {"bogus": 1}}), "bad heads"),
+        (
+            json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "backbone_kind": "ftp"}),
+            "backbone_kind",
+        ),
+    ],
+)
 def test_bad_configs(tmp_path, content, message):
     (tmp_path / CONFIG_FILE).write_text(content)
     with pytest.raises(CheckpointError, match=message):

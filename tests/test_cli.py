@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- help and version -------------------------------------------------------------------------
 
+
 def test_version_and_help():
     assert "0.1.0" in invoke("--version").output
     top = invoke("--help")
@@ -29,6 +30,7 @@ def test_version_and_help():
 
 
 # ---- summarize ----------------------------------------------------------------------------------
+
 
 def test_summarize_text(tiny_model):
     result = invoke("summarize", "--model", tiny_model, "--text", DOCS[0]["document"], "--max-new-tokens", 6)
@@ -59,16 +61,39 @@ def test_summarize_stdin_text_and_jsonl(tiny_model):
     assert len(result.stdout.splitlines()) == 1
 
     stdin = "".join(json.dumps({"id": d["id"], "text": d["document"]}) + "\n" for d in DOCS[:2])
-    result = invoke("summarize", "--model", tiny_model, "-", "--field-document", "text", "--json",
-                    "--max-new-tokens", 4, input=stdin)
+    result = invoke(
+        "summarize",
+        "--model",
+        tiny_model,
+        "-",
+        "--field-document",
+        "text",
+        "--json",
+        "--max-new-tokens",
+        4,
+        input=stdin,
+    )
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["a", "b"]
 
 
 def test_summarize_json(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    result = invoke("summarize", "--model", tiny_model, data, "--json", "--measure", "state", "--threshold", "0",
-                    "--max-new-tokens", 6, "--batch-size", 3)
+    result = invoke(
+        "summarize",
+        "--model",
+        tiny_model,
+        data,
+        "--json",
+        "--measure",
+        "state",
+        "--threshold",
+        "0",
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        3,
+    )
     assert result.exit_code == 0, result.output
     objects = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["id"] for o in objects] == ["a", "b", "c", "d"]
@@ -76,8 +101,8 @@ def test_summarize_json(tiny_model, tmp_path):
         assert set(o) >= {"id", "summary", "avg_layers", "exit_layers", "timings"}
         assert all(1 <= k <= NUM_LAYERS for k in o["exit_layers"])
         assert o["avg_layers"] == pytest.approx(sum(o["exit_layers"]) / len(o["exit_layers"]))
-        assert o["exit_layers"][0] == NUM_LAYERS                    # the first token comes from the prefill
-        assert all(k == 1 for k in o["exit_layers"][1:])            # λ = 0: everything else exits at layer 1
+        assert o["exit_layers"][0] == NUM_LAYERS  # the first token comes from the prefill
+        assert all(k == 1 for k in o["exit_layers"][1:])  # λ = 0: everything else exits at layer 1
         assert o["timings"]["batch_size"] in (3, 1) and o["timings"]["batch_decode_s"] >= 0
     assert "state λ=0" in result.stderr
 
@@ -86,8 +111,21 @@ def test_summarize_json(tiny_model, tmp_path):
 def test_summarize_engine_gives_the_dynamic_summary(tiny_model, tmp_path, engine, monkeypatch):
     monkeypatch.setattr("calm.generation.compiled_step", lambda backend: compiled_step("eager"))  # no C++ compile
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    args = ("summarize", "--model", tiny_model, data, "--json", "--measure", "state", "--threshold", "0.9",
-            "--max-new-tokens", 6, "--batch-size", 3)
+    args = (
+        "summarize",
+        "--model",
+        tiny_model,
+        data,
+        "--json",
+        "--measure",
+        "state",
+        "--threshold",
+        "0.9",
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        3,
+    )
     dynamic, other = invoke(*args, "--engine", "dynamic"), invoke(*args, "--engine", engine)
     assert dynamic.exit_code == 0 and other.exit_code == 0, other.output
     strip = lambda out: [{k: v for k, v in json.loads(line).items() if k != "timings"} for line in out.splitlines()]
@@ -95,39 +133,56 @@ def test_summarize_engine_gives_the_dynamic_summary(tiny_model, tmp_path, engine
 
 
 def test_summarize_show_exits_plain(tiny_model):
-    result = invoke("summarize", "--model", tiny_model, "--text", DOCS[3]["document"], "--show-exits",
-                    "--threshold", "0", "--max-new-tokens", 6)
+    result = invoke(
+        "summarize",
+        "--model",
+        tiny_model,
+        "--text",
+        DOCS[3]["document"],
+        "--show-exits",
+        "--threshold",
+        "0",
+        "--max-new-tokens",
+        6,
+    )
     assert result.exit_code == 0, result.output
     summary, exits, depth = result.stdout.splitlines()
-    assert "\x1b[" not in result.stdout                              # no colour codes off a terminal
+    assert "\x1b[" not in result.stdout  # no colour codes off a terminal
     assert exits.startswith("exits: ") and "[4]" in exits and "[1]" in exits
-    assert exits.replace("[4]", "").replace("[1]", "")[len("exits: "):] == summary
+    assert exits.replace("[4]", "").replace("[1]", "")[len("exits: ") :] == summary
     assert depth.startswith("avg layers: ") and "of 4" in depth
 
 
 # ---- calibrated models: --speed, --tolerance and the default -------------------------------------
 
+
 @pytest.fixture(scope="module")
 def calibrated_model(tiny_model, tmp_path_factory) -> str:
-    rows = [CalibrationRow(threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers,
-                           speedup=4 / layers, pvalue=0.0)
-            for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
+    rows = [
+        CalibrationRow(
+            threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers, speedup=4 / layers, pvalue=0.0
+        )
+        for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))
+    ]
     table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb")
     path = tmp_path_factory.mktemp("calibrated")
     save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
     return str(path)
 
 
-@pytest.mark.parametrize("knob, expected", [((), "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); "
-                                                "default (speed 0.5 on the calibration)"),
-                                            (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); "
-                                                               "from --speed 1 and the calibration"),
-                                            (("--tolerance", "0.2"), "softmax λ=0.5, λ decays to 0.453 by token 3 "
-                                                                     "(τ=4); from --tolerance 0.2 and the calibration"),
-                                            (("--threshold", "0.7"), "softmax λ=0.7, λ decays to 0.635 by token 3 "
-                                                                     "(τ=4); from --threshold"),
-                                            (("--threshold", "0.7", "--decay-tau", "0"),
-                                             "softmax λ=0.7, λ fixed (τ=0); from --threshold")])
+@pytest.mark.parametrize(
+    "knob, expected",
+    [
+        ((), "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration)"),
+        (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); from --speed 1 and the calibration"),
+        (
+            ("--tolerance", "0.2"),
+            "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); from --tolerance 0.2 and the calibration",
+        ),
+        (("--threshold", "0.7"), "softmax λ=0.7, λ decays to 0.635 by token 3 (τ=4); from --threshold"),
+        (("--threshold", "0.7", "--decay-tau", "0"), "softmax λ=0.7, λ fixed (τ=0); from --threshold"),
+    ],
+)
 def test_summarize_with_calibration(calibrated_model, knob, expected):
     result = invoke("summarize", "--model", calibrated_model, "--text", "the cat sat", "--max-new-tokens", 3, *knob)
     assert result.exit_code == 0, result.output
@@ -141,6 +196,7 @@ def test_tolerance_too_tight_is_an_error(calibrated_model):
 
 
 # ---- bad input ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def docs_file(tmp_path) -> Path:
@@ -179,17 +235,21 @@ def test_bad_json_line(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("value", ["-0.5", "1.5", "abc"])
 def test_bad_threshold(tiny_model, value):
-    assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", "the cat", "--threshold", value),
-                       "--threshold")
+    assert_clean_error(
+        invoke("summarize", "--model", tiny_model, "--text", "the cat", "--threshold", value), "--threshold"
+    )
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("--threshold", "0.9", "--speed", "0.5"), "give only one of threshold and speed"),
-    (("--speed", "0.5"), "no calibration for this model; run calm calibrate on it, or give a threshold"),
-    (("--tolerance", "0.1"), "no calibration for this model"),
-    (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
-    (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--threshold", "0.9", "--speed", "0.5"), "give only one of threshold and speed"),
+        (("--speed", "0.5"), "no calibration for this model; run calm calibrate on it, or give a threshold"),
+        (("--tolerance", "0.1"), "no calibration for this model"),
+        (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
+        (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),
+    ],
+)
 def test_bad_policy(tiny_model, args, fragment):
     assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", "the cat", *args), fragment)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+
 from calm.cli.main import LAZY_COMMANDS, cli
 from calm.cli.options import Device
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
@@ -61,8 +62,11 @@ CALLBACKS: dict[str, list[str]] = {
 }
 
 # Options whose bad value only shows once their base input is read; each still fails before a model loads.
-ARGUMENT_BASE = {("summarize", "text"): lambda f: ["--model", f.model], ("summarize", "file"): lambda f: ["--model", f.model],
-                 ("generate", "prompts"): lambda f: ["--model", f.model]}
+ARGUMENT_BASE = {
+    ("summarize", "text"): lambda f: ["--model", f.model],
+    ("summarize", "file"): lambda f: ["--model", f.model],
+    ("generate", "prompts"): lambda f: ["--model", f.model],
+}
 
 
 def number_values(kind: click.ParamType) -> list[str]:
@@ -95,7 +99,7 @@ def path_values(kind: click.Path, f: Files) -> list[str]:
 def bad_values(command: str, param: click.Parameter, f: Files) -> list[str]:
     kind = param.type
     if isinstance(param, click.Option) and param.is_flag:
-        return []                                             # handled as --flag=value below
+        return []  # handled as --flag=value below
     if param.callback is not None and param.callback.__name__ in CALLBACKS:
         return [v.replace("<dir>", f.dir).replace("<missing>", f.missing) for v in CALLBACKS[param.callback.__name__]]
     if isinstance(kind, (click.types.FloatParamType, click.types.IntParamType)):
@@ -108,8 +112,10 @@ def bad_values(command: str, param: click.Parameter, f: Files) -> list[str]:
         return path_values(kind, f)
     if param.name in TEXT:
         return TEXT[param.name](f)
-    raise AssertionError(f"calm {command} {param.opts[0] if param.opts else param.name}: no bad values known; add "
-                         "them to TEXT or CALLBACKS in tests/test_cli_errors.py")
+    raise AssertionError(
+        f"calm {command} {param.opts[0] if param.opts else param.name}: no bad values known; add "
+        "them to TEXT or CALLBACKS in tests/test_cli_errors.py"
+    )
 
 
 def cases(f: Files) -> list[tuple[str, list[str]]]:
@@ -127,7 +133,9 @@ def cases(f: Files) -> list[tuple[str, list[str]]]:
                 out.append((f"calm {name} {param.opts[0]}=x", [name, *base, f"{param.opts[0]}=x"]))
                 continue
             for value in bad_values(name, param, f):
-                argv = [name, *base, value] if isinstance(param, click.Argument) else [name, *base, param.opts[0], value]
+                argv = (
+                    [name, *base, value] if isinstance(param, click.Argument) else [name, *base, param.opts[0], value]
+                )
                 out.append((f"calm {name} {param.name}={value!r}", argv))
     return out
 
@@ -173,8 +181,11 @@ def test_the_cases_cover_every_parameter(files):
     for name in cli.list_commands(ctx):
         for param in cli.get_command(ctx, name).params:
             if param.name != "help":
-                key = f"calm {name} {param.opts[0]}" if isinstance(param, click.Option) and param.is_flag \
+                key = (
+                    f"calm {name} {param.opts[0]}"
+                    if isinstance(param, click.Option) and param.is_flag
                     else f"calm {name} {param.name}"
+                )
                 assert key in labels, key
 
 
@@ -196,8 +207,7 @@ def test_devices_are_checked_before_loading():
     import torch
 
     if not torch.cuda.is_available():
-        assert_clean_error(invoke("summarize", "--text", "the cat", "--device", "cuda"), "--device",
-                           "no CUDA GPU")
+        assert_clean_error(invoke("summarize", "--text", "the cat", "--device", "cuda"), "--device", "no CUDA GPU")
 
 
 def test_lazy_commands_have_their_own_short_help():
@@ -211,10 +221,12 @@ def test_help_and_version_import_neither_torch_nor_transformers():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom calm.cli.main import cli\n"
-            "for args in (['--help'], ['--version'], ['summarize', '--help'], ['generate', '--help']):\n"
-            "    try:\n        cli.main(args, prog_name='calm')\n    except SystemExit:\n        pass\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys\nfrom calm.cli.main import cli\n"
+        "for args in (['--help'], ['--version'], ['summarize', '--help'], ['generate', '--help']):\n"
+        "    try:\n        cli.main(args, prog_name='calm')\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.splitlines()[-1] == "[]"
 

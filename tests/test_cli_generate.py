@@ -10,19 +10,19 @@ import threading
 from pathlib import Path
 
 import pytest
-from calm.cli.knobs import Knobs, sampling_config
-from calm.eval.output import jsonl_output
-from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.cli.knobs import Knobs, sampling_config
 from calm.errors import InputError
+from calm.eval.output import jsonl_output
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LONG = {"id": "long", "document": " ".join(["the cat sat on the mat ."] * 100)}          # 700 tokens
+LONG = {"id": "long", "document": " ".join(["the cat sat on the mat ."] * 100)}  # 700 tokens
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def json_rows(text: str) -> list[dict]:
 
 
 # ---- truncation --------------------------------------------------------------------------------
+
 
 def test_a_cut_document_is_reported(tiny_model, docs_file):
     result = invoke("summarize", "--model", tiny_model, docs_file, "--json", "--max-new-tokens", 4)
@@ -50,14 +51,17 @@ def test_a_cut_document_is_reported(tiny_model, docs_file):
 def test_no_truncate_refuses_before_generating(tiny_model, docs_file):
     result = invoke("summarize", "--model", tiny_model, docs_file, "--no-truncate", "--max-new-tokens", 4)
     assert_clean_error(result, "document long has 700 tokens", "drop --no-truncate")
-    assert result.stdout == ""                                     # nothing was summarised before the error
-    assert_clean_error(invoke("summarize", "--model", tiny_model, docs_file, "--no-truncate", "--max-doc-tokens", 5),
-                       "give one of them")
+    assert result.stdout == ""  # nothing was summarised before the error
+    assert_clean_error(
+        invoke("summarize", "--model", tiny_model, docs_file, "--no-truncate", "--max-doc-tokens", 5),
+        "give one of them",
+    )
 
 
 def test_max_doc_tokens_is_a_cut_asked_for(tiny_model, docs_file):
-    result = invoke("summarize", "--model", tiny_model, docs_file, "--json", "--max-new-tokens", 3,
-                    "--max-doc-tokens", 5)
+    result = invoke(
+        "summarize", "--model", tiny_model, docs_file, "--json", "--max-new-tokens", 3, "--max-doc-tokens", 5
+    )
     assert result.exit_code == 0, result.output
     assert all(r["truncated"] and r["kept_tokens"] == 5 for r in json_rows(result.stdout))
     assert "kept the first" not in result.stderr
@@ -65,31 +69,57 @@ def test_max_doc_tokens_is_a_cut_asked_for(tiny_model, docs_file):
 
 # ---- the prompt template --------------------------------------------------------------------------
 
+
 def test_prompt_template(tiny_model, tmp_path):
     model = CalmModel.from_pretrained(tiny_model)
     expected = model.generate("the cat sat on the mat . Summarize", max_new_tokens=5).texts[0]
-    result = invoke("summarize", "--model", tiny_model, "--text", "  the cat sat on the mat ", "--max-new-tokens", 5,
-                    "--prompt", "{document} . Summarize")
+    result = invoke(
+        "summarize",
+        "--model",
+        tiny_model,
+        "--text",
+        "  the cat sat on the mat ",
+        "--max-new-tokens",
+        5,
+        "--prompt",
+        "{document} . Summarize",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == expected
-    assert_clean_error(invoke("summarize", "--model", tiny_model, "--text", "x", "--prompt", "Summarize:"),
-                       "--prompt", "{document}")
+    assert_clean_error(
+        invoke("summarize", "--model", tiny_model, "--text", "x", "--prompt", "Summarize:"), "--prompt", "{document}"
+    )
 
 
 # ---- --output ------------------------------------------------------------------------------------
 
+
 def test_output_file_holds_the_json_rows(tiny_model, docs_file, tmp_path):
     out = tmp_path / "summaries.jsonl"
     out.write_text("old\n")
-    result = invoke("summarize", "--model", tiny_model, docs_file, "--json", "--output", out, "--max-new-tokens", 4,
-                    "--batch-size", 2)
+    result = invoke(
+        "summarize",
+        "--model",
+        tiny_model,
+        docs_file,
+        "--json",
+        "--output",
+        out,
+        "--max-new-tokens",
+        4,
+        "--batch-size",
+        2,
+    )
     assert result.exit_code == 0, result.output
     assert json_rows(out.read_text()) == json_rows(result.stdout)
     row = json_rows(out.read_text())[0]
     assert set(row) >= {"id", "summary", "exit_layers", "avg_layers", "truncated", "timings"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("summaries")] == ["summaries.jsonl"]
-    assert_clean_error(invoke("summarize", "--model", tiny_model, docs_file, "--output", tmp_path / "no" / "x.jsonl"),
-                       "--output", "does not exist")
+    assert_clean_error(
+        invoke("summarize", "--model", tiny_model, docs_file, "--output", tmp_path / "no" / "x.jsonl"),
+        "--output",
+        "does not exist",
+    )
     assert_clean_error(invoke("summarize", "--model", tiny_model, docs_file, "--output", tmp_path), "is a directory")
 
 
@@ -98,28 +128,39 @@ def test_output_is_atomic_and_keeps_the_rows_of_an_interrupted_run(tmp_path):
     target.write_text("previous run\n")
     with pytest.raises(KeyboardInterrupt), jsonl_output(target) as out:
         out.write({"id": "a"})
-        assert target.read_text() == "previous run\n"                 # untouched while the run goes on
+        assert target.read_text() == "previous run\n"  # untouched while the run goes on
         raise KeyboardInterrupt
     assert target.read_text() == "previous run\n"
     assert json_rows((tmp_path / "out.jsonl.partial").read_text()) == [{"id": "a"}]
     with jsonl_output(target) as out:
         out.write({"id": "b"})
     assert json_rows(target.read_text()) == [{"id": "b"}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]     # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]  # no temporary left
 
 
 # ---- sampling ------------------------------------------------------------------------------------
 
+
 def test_sampling_options(tiny_model):
     def run(*extra):
-        result = invoke("summarize", "--model", tiny_model, "--text", DOCS[0]["document"], "--max-new-tokens", 8,
-                        "--do-sample", *extra)
+        result = invoke(
+            "summarize",
+            "--model",
+            tiny_model,
+            "--text",
+            DOCS[0]["document"],
+            "--max-new-tokens",
+            8,
+            "--do-sample",
+            *extra,
+        )
         assert result.exit_code == 0, result.output
         return result.stdout
+
     assert run("--seed", "3", "--temperature", "2") == run("--seed", "3", "--temperature", "2")
     assert len({run("--seed", str(s), "--temperature", "5") for s in range(4)}) > 1
     greedy = invoke("summarize", "--model", tiny_model, "--text", DOCS[0]["document"], "--max-new-tokens", 8).stdout
-    assert run("--top-k", "1", "--seed", "0") == greedy                               # top-1 sampling is greedy
+    assert run("--top-k", "1", "--seed", "0") == greedy  # top-1 sampling is greedy
 
 
 @pytest.mark.parametrize("option", ["--temperature", "--top-p", "--top-k", "--seed"])
@@ -132,12 +173,17 @@ def test_sampling_options_need_do_sample(tiny_model, option):
 
 # ---- --decay-tau and the calibrated knob -------------------------------------------------------
 
+
 def calibrated(tiny_model: str, path: Path, decay_tau: float | None) -> str:
-    rows = [CalibrationRow(threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers,
-                           speedup=4 / layers, pvalue=0.0)
-            for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))]
-    table = CalibrationTable(tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb",
-                             decay_tau=decay_tau)
+    rows = [
+        CalibrationRow(
+            threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers, speedup=4 / layers, pvalue=0.0
+        )
+        for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))
+    ]
+    table = CalibrationTable(
+        tuple(rows), certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb", decay_tau=decay_tau
+    )
     save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
     return str(path)
 
@@ -148,26 +194,29 @@ def test_threshold_with_decay_tau_0_is_the_calibrated_speed_1(tiny_model, tmp_pa
     by_threshold, source = Knobs(threshold=0.5, decay_tau=0.0).resolve(model)
     assert by_speed == by_threshold == ExitPolicy(measure="softmax", threshold=0.5, decay_tau=0.0)
     assert source == "from --threshold"
-    assert Knobs(threshold=0.5).resolve(model)[0].decay_tau == ExitPolicy.decay_tau     # CALM's τ unless given
-    assert Knobs(speed=1.0, decay_tau=0.0).resolve(model)[0] == by_speed                # the certified τ: allowed
+    assert Knobs(threshold=0.5).resolve(model)[0].decay_tau == ExitPolicy.decay_tau  # CALM's τ unless given
+    assert Knobs(speed=1.0, decay_tau=0.0).resolve(model)[0] == by_speed  # the certified τ: allowed
     with pytest.raises(InputError, match="certifies its thresholds under the decay τ=0"):
         Knobs(speed=1.0, decay_tau=4.0).resolve(model)
 
 
 def test_decay_tau_on_the_command_line(tiny_model, tmp_path):
-    model = calibrated(tiny_model, tmp_path / "c", decay_tau=None)                      # an old table: τ=4
+    model = calibrated(tiny_model, tmp_path / "c", decay_tau=None)  # an old table: τ=4
     text = ("--text", "the cat sat", "--max-new-tokens", "3")
     speed = invoke("summarize", "--model", model, *text, "--speed", "1")
     threshold = invoke("summarize", "--model", model, *text, "--threshold", "0.5", "--decay-tau", "4")
     assert speed.exit_code == threshold.exit_code == 0
     assert speed.stdout == threshold.stdout
     assert "policy: softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4)" in speed.stderr
-    assert_clean_error(invoke("summarize", "--model", model, *text, "--speed", "1", "--decay-tau", "0"),
-                       "certifies its thresholds under the decay τ=4")
+    assert_clean_error(
+        invoke("summarize", "--model", model, *text, "--speed", "1", "--decay-tau", "0"),
+        "certifies its thresholds under the decay τ=4",
+    )
     assert_clean_error(invoke("summarize", "--model", tiny_model, *text, "--decay-tau", "0"), "give --threshold")
 
 
 # ---- calm generate -----------------------------------------------------------------------------
+
 
 def test_generate(tiny_model):
     model = CalmModel.from_pretrained(tiny_model)
@@ -177,8 +226,20 @@ def test_generate(tiny_model):
     assert result.stdout.splitlines() == [f"[1] {expected[0]}", f"[2] {expected[1]}"]
     assert result.stderr.startswith("2 prompts, avg layers 4.00 of 4")
 
-    result = invoke("generate", "--model", tiny_model, "-", "--json", "--threshold", "0", "--measure", "state",
-                    "--max-new-tokens", 4, input="the cat sat\n")
+    result = invoke(
+        "generate",
+        "--model",
+        tiny_model,
+        "-",
+        "--json",
+        "--threshold",
+        "0",
+        "--measure",
+        "state",
+        "--max-new-tokens",
+        4,
+        input="the cat sat\n",
+    )
     assert result.exit_code == 0, result.output
     (row,) = json_rows(result.stdout)
     assert row["exit_layers"][1:] == [1, 1, 1] and row["truncated"] is False
@@ -192,6 +253,7 @@ def test_generate_refuses_a_prompt_too_long(tiny_model):
 
 # ---- output on a terminal ----------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_summaries_go_to_stdout_while_the_bar_is_on_a_terminal(tiny_model, tmp_path, monkeypatch):
     """With stderr on a terminal, the bar used to redirect stdout to itself: `> file` got nothing."""
@@ -204,8 +266,10 @@ def test_summaries_go_to_stdout_while_the_bar_is_on_a_terminal(tiny_model, tmp_p
     with os.fdopen(slave, "w") as terminal, open(tmp_path / "out.txt", "w") as stdout:
         monkeypatch.setattr(sys, "stderr", terminal)
         monkeypatch.setattr(sys, "stdout", stdout)
-        cli.main(["summarize", str(data), "--model", tiny_model, "--max-new-tokens", "3", "--batch-size", "1"],
-                 standalone_mode=False)
+        cli.main(
+            ["summarize", str(data), "--model", tiny_model, "--max-new-tokens", "3", "--batch-size", "1"],
+            standalone_mode=False,
+        )
     drain.join(timeout=10)
     lines = (tmp_path / "out.txt").read_text().splitlines()
     assert [line.split(" ")[0] for line in lines] == ["[a]", "[b]", "[c]", "[d]"]
@@ -223,6 +287,7 @@ def _drain(fd: int) -> None:
 
 
 # ---- the shipped model ---------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_shipped_model_threshold_0_97_with_tau_0_is_speed_1():

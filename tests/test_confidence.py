@@ -26,7 +26,7 @@ def test_classifier_is_a_probability_and_untrained_transform_is_identity():
     with torch.no_grad():
         heads.up.normal_()
     moved = heads.transform(h, torch.tensor([1, 2, 4]))
-    assert not torch.equal(moved[:2], h[:2]) and torch.equal(moved[2], h[2])   # layer L passes through
+    assert not torch.equal(moved[:2], h[:2]) and torch.equal(moved[2], h[2])  # layer L passes through
 
 
 def test_layers_below_the_trained_range_are_never_confident():

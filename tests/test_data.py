@@ -20,11 +20,17 @@ def test_reads_records_with_optional_summary(tmp_path):
     assert len(read_jsonl(path, limit=1)) == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "no records"), (b"{bad json\n", "not valid JSON"), (b"[1, 2]\n", "JSON object"),
-    (b'{"text": "x"}\n', "no field 'document'"), (b'{"document": "  "}\n', "empty"),
-    (b'{"document": "caf\xe9"}\n', "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "no records"),
+        (b"{bad json\n", "not valid JSON"),
+        (b"[1, 2]\n", "JSON object"),
+        (b'{"text": "x"}\n', "no field 'document'"),
+        (b'{"document": "  "}\n', "empty"),
+        (b'{"document": "caf\xe9"}\n', "not UTF-8"),
+    ],
+)
 def test_bad_files_get_clear_errors(tmp_path, content, message):
     with pytest.raises(InputError, match=message):
         read_jsonl(write(tmp_path, "bad.jsonl", content))
@@ -47,6 +53,7 @@ def test_truncate_document_keeps_the_first_tokens(tiny_model):
     from transformers import AutoTokenizer
 
     from calm.data import truncate_document
+
     tok = AutoTokenizer.from_pretrained(tiny_model)
     doc = "the cat sat on the mat . a dog ran in the park"
     assert truncate_document(tok, doc, 4) == "the cat sat on"

@@ -1,13 +1,12 @@
+import pytest
 import torch
 
 from calm.adapters import adapter_for
 from calm.decode import ExitPlan, Network
+from calm.errors import PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
-from calm.errors import PolicyError
-
-import pytest
 
 
 def batch(seed=1, b=3, t=7):
@@ -31,17 +30,19 @@ def test_never_exit_uses_every_layer(llama):
 def test_timings_separate_prefill_from_decode(llama):
     res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.never(), CONFIG)
     t = res.timings
-    assert t.decode_tokens == sum(len(r) - 1 for r in res.token_ids) > 0     # each row's first token is prefill's
+    assert t.decode_tokens == sum(len(r) - 1 for r in res.token_ids) > 0  # each row's first token is prefill's
     assert t.prefill_s > 0 and t.decode_s > 0
     assert t.decode_tokens_per_s == pytest.approx(t.decode_tokens / t.decode_s)
     assert t.tokens_per_s == pytest.approx(t.new_tokens / (t.prefill_s + t.decode_s))
     timings = res.to_dict()["timings"]
-    assert {"prefill_s", "decode_s", "new_tokens", "tokens_per_s", "decode_tokens", "decode_tokens_per_s"} <= set(timings)
+    assert {"prefill_s", "decode_s", "new_tokens", "tokens_per_s", "decode_tokens", "decode_tokens_per_s"} <= set(
+        timings
+    )
 
 
 def test_fixed_exit_takes_the_token_from_that_layer(llama):
     res = generate_tokens(Network.build(adapter_for(llama)), batch(), ExitPolicy.fixed(2), CONFIG)
-    assert all(row[0] == 4 and set(row[1:]) == {2} for row in res.exit_layers)   # first token comes from prefill
+    assert all(row[0] == 4 and set(row[1:]) == {2} for row in res.exit_layers)  # first token comes from prefill
     # Layers 1-2 never see a propagated state, so from the second token on, the output is what the
     # model cut to its first 2 layers predicts (teacher-forced on the same tokens).
     short_cfg = llama.config.__class__(**{**llama.config.to_dict(), "num_hidden_layers": 2})
@@ -53,7 +54,7 @@ def test_fixed_exit_takes_the_token_from_that_layer(llama):
         with torch.no_grad():
             predicted = short(ids).logits[0].argmax(-1)
         n = prompts.mask[row].sum()
-        assert predicted[n:n + len(tokens) - 1].tolist() == list(tokens[1:])
+        assert predicted[n : n + len(tokens) - 1].tolist() == list(tokens[1:])
 
 
 def test_softmax_exit_token_is_the_argmax_at_its_exit_layer(llama):
@@ -72,8 +73,10 @@ def test_classifier_measure_needs_heads(llama):
 def test_classifier_measure_with_heads_exits_where_the_classifier_says(llama):
     heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4))
     with torch.no_grad():
-        heads.cls_bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))      # only layer 2 is confident
-    res = generate_tokens(Network.build(adapter_for(llama), heads), batch(), ExitPolicy(measure="classifier", threshold=0.5), CONFIG)
+        heads.cls_bias.copy_(torch.tensor([-10.0, 10.0, -10.0]))  # only layer 2 is confident
+    res = generate_tokens(
+        Network.build(adapter_for(llama), heads), batch(), ExitPolicy(measure="classifier", threshold=0.5), CONFIG
+    )
     assert {k for row in res.exit_layers for k in row[1:]} == {2}
 
 
@@ -88,6 +91,7 @@ def test_rows_stop_at_eos_and_pad_afterwards(llama):
 
 def test_fused_kv_of_remaining_layers_matches_layer_by_layer(llama):
     from calm.adapters.base import Adapter
+
     adapter = adapter_for(llama)
     h = torch.randn(2, 1, 64)
     positions = torch.tensor([[5], [3]])
@@ -100,13 +104,18 @@ def test_fused_kv_of_remaining_layers_matches_layer_by_layer(llama):
 
 def test_compacted_batches_give_each_row_what_it_gets_alone(llama):
     from calm.decode import COMPACT_MIN_ROWS
+
     net = Network.build(adapter_for(llama))
     prompts = batch(seed=5, b=COMPACT_MIN_ROWS, t=6)
     policy = ExitPolicy(measure="softmax", threshold=0.2, decay_tau=0)
     together = generate_tokens(net, prompts, policy, CONFIG)
     assert len({k for row in together.exit_layers for k in row[1:]}) >= 2
     for row in range(COMPACT_MIN_ROWS):
-        alone = generate_tokens(net, PromptBatch(prompts.ids[row:row + 1, prompts.mask[row]],
-                                                 prompts.mask[row:row + 1, prompts.mask[row]]), policy, CONFIG)
+        alone = generate_tokens(
+            net,
+            PromptBatch(prompts.ids[row : row + 1, prompts.mask[row]], prompts.mask[row : row + 1, prompts.mask[row]]),
+            policy,
+            CONFIG,
+        )
         assert alone.token_ids[0] == together.token_ids[row]
         assert alone.exit_layers[0] == together.exit_layers[row]

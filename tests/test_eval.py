@@ -8,6 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.text import Text
+
+from calm.data import Record
+from calm.errors import InputError
 from calm.eval import sweep
 from calm.eval.render import (
     STANDARD_PALETTE,
@@ -23,15 +28,10 @@ from calm.eval.render import (
 from calm.eval.report import COLUMNS, FILES
 from calm.eval.rouge import rouge_f1, rouge_l_similarity
 from calm.eval.summarize import DocumentSummary, summarize_documents
-from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
-from rich.console import Console
-from rich.text import Text
-
-from calm.data import Record
-from calm.errors import InputError
 from calm.generation import Timings
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
+from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,8 +49,24 @@ def data(tmp_path) -> Path:
 
 
 def run_eval_cli(tiny_model, data, out, *extra):
-    return invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.5,0", "--measure", "state",
-                  "--max-new-tokens", 5, "--batch-size", 2, "--out", out, *extra)
+    return invoke(
+        "eval",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--thresholds",
+        "0.5,0",
+        "--measure",
+        "state",
+        "--max-new-tokens",
+        5,
+        "--batch-size",
+        2,
+        "--out",
+        out,
+        *extra,
+    )
 
 
 def cache_lines(out: Path, point: str) -> list[str]:
@@ -58,6 +74,7 @@ def cache_lines(out: Path, point: str) -> list[str]:
 
 
 # ---- the sweep through the CLI -------------------------------------------------------------------
+
 
 def test_eval_writes_report(tiny_model, data, tmp_path):
     out = tmp_path / "out"
@@ -74,15 +91,23 @@ def test_eval_writes_report(tiny_model, data, tmp_path):
     assert report["machine"]["command"].startswith("calm eval --model")
     points = {p["name"]: p for p in report["points"]}
     assert list(points) == POINTS
-    keys = {"rouge1", "rouge2", "rougeL", "dissimilarity", "delta_rougeL", "avg_layers", "speedup_vs_full",
-            "speedup_vs_transformers"}
+    keys = {
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "dissimilarity",
+        "delta_rougeL",
+        "avg_layers",
+        "speedup_vs_full",
+        "speedup_vs_transformers",
+    }
     assert all(keys <= set(p) for p in points.values())
     full = points["full"]
     assert full["avg_layers"] == NUM_LAYERS and full["dissimilarity"] == 0 and full["delta_rougeL"] == 0
     assert full["speedup_vs_full"] == pytest.approx(1.0)
     assert points["transformers"]["speedup_vs_transformers"] == pytest.approx(1.0)
-    assert points["transformers"]["same_as_full"] == 1.0       # greedy transformers generate == calm at full depth
-    assert points["state@0"]["avg_layers"] < NUM_LAYERS          # λ = 0 exits at layer 1 after the first token
+    assert points["transformers"]["same_as_full"] == 1.0  # greedy transformers generate == calm at full depth
+    assert points["state@0"]["avg_layers"] < NUM_LAYERS  # λ = 0 exits at layer 1 after the first token
     assert all(p["speedup_vs_full"] > 0 and p["speedup_vs_transformers"] > 0 for p in points.values())
 
     # ROUGE against the references, recomputed from the cached outputs
@@ -117,12 +142,12 @@ def test_eval_resumes_without_recomputing(tiny_model, data, tmp_path):
             assert lines[0] == first[point][0] and lines[1] == first[point][1][:25]
             assert sorted(json.loads(line)["id"] for line in lines[2:]) == ["b", "c"]
         else:
-            assert lines[:2] == first[point]                         # done examples kept, byte for byte
+            assert lines[:2] == first[point]  # done examples kept, byte for byte
             assert [json.loads(line)["id"] for line in lines[2:]] == ["c"]
     assert json.loads((out / "eval.json").read_text())["n"] == 3
 
     before = {p: cache_lines(out, p) for p in POINTS}
-    assert run_eval_cli(tiny_model, data, out, "--limit", 3).exit_code == 0       # all done: nothing recomputed
+    assert run_eval_cli(tiny_model, data, out, "--limit", 3).exit_code == 0  # all done: nothing recomputed
     assert {p: cache_lines(out, p) for p in POINTS} == before
 
 
@@ -139,12 +164,17 @@ def test_eval_refuses_a_cache_of_another_run(tiny_model, data, tmp_path):
 def test_eval_bad_input(tiny_model, data, tmp_path):
     out = tmp_path / "out"
     assert_clean_error(run_eval_cli(tiny_model, tmp_path / "missing.jsonl", out), "file not found")
-    assert_clean_error(run_eval_cli(tiny_model, data, out, "--field-summary", "highlights"),
-                       "no reference summary in field 'highlights'", "--field-summary")
+    assert_clean_error(
+        run_eval_cli(tiny_model, data, out, "--field-summary", "highlights"),
+        "no reference summary in field 'highlights'",
+        "--field-summary",
+    )
     assert_clean_error(run_eval_cli(tiny_model, data, out, "--field-document", "article"), "no field 'article'")
     assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.9,x"), "--thresholds")
-    assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.9,1.5"),
-                       "thresholds must lie in [0, 1]")
+    assert_clean_error(
+        invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.9,1.5"),
+        "thresholds must lie in [0, 1]",
+    )
     assert_clean_error(invoke("eval", "--model", tiny_model, "--data", data, "--measure", "classifier"), "classifier")
     duplicate = write_jsonl(tmp_path / "dup.jsonl", [DOCS[0], DOCS[0]])
     assert_clean_error(run_eval_cli(tiny_model, duplicate, out), "appears twice")
@@ -153,13 +183,14 @@ def test_eval_bad_input(tiny_model, data, tmp_path):
 
 # ---- sharding across processes (accelerate), simulated in one process ------------------------------
 
+
 class FakeState:
     def __init__(self, rank: int, world: int):
         self.process_index, self.num_processes = rank, world
 
     @contextmanager
     def split_between_processes(self, items):
-        yield items[self.process_index::self.num_processes]
+        yield items[self.process_index :: self.num_processes]
 
     def wait_for_everyone(self):
         pass
@@ -167,19 +198,27 @@ class FakeState:
 
 def test_eval_shards_and_rank0_merges(model, tmp_path, monkeypatch):
     records = [Record(d["id"], d["document"], d["summary"]) for d in DOCS]
-    config = sweep.EvalConfig(model="tiny", data=str(tmp_path / "test.jsonl"), thresholds=(0.0,), measure="state",
-                              max_new_tokens=3, batch_size=2)
+    config = sweep.EvalConfig(
+        model="tiny",
+        data=str(tmp_path / "test.jsonl"),
+        thresholds=(0.0,),
+        measure="state",
+        max_new_tokens=3,
+        batch_size=2,
+    )
     out = tmp_path / "out"
-    for rank in (1, 0):                                  # rank 1 finishes first; rank 0 merges and reports
+    for rank in (1, 0):  # rank 1 finishes first; rank 0 merges and reports
         monkeypatch.setattr(sweep.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
         report = sweep.run_eval(model, records, config, out)
         assert (report is None) == (rank == 1)
     assert sorted(p.name for p in (out / "cache").glob("*.jsonl")) == sorted(
-        f"{p}.rank{r}.jsonl" for p in ("full", "state@0", "transformers") for r in (0, 1))
+        f"{p}.rank{r}.jsonl" for p in ("full", "state@0", "transformers") for r in (0, 1)
+    )
     assert report.n == 4 and json.loads((out / "eval.json").read_text())["n"] == 4
 
 
 # ---- rendering exits -----------------------------------------------------------------------------
+
 
 def test_layer_buckets_and_colours():
     assert layer_buckets(30) == [(1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30)]
@@ -208,19 +247,25 @@ def test_render_exits(model):
 def test_few_colours_get_a_ramp_that_reads_early_to_late(model):
     assert palette(None) == () and palette("standard") == palette("windows") == STANDARD_PALETTE
     assert len(palette("256")) == len(palette("truecolor")) == 6
-    assert [layer_colour(k, 30, STANDARD_PALETTE) for k in (1, 10, 11, 20, 21, 30)] == \
-        ["green", "green", "yellow", "yellow", "red", "red"]
+    assert [layer_colour(k, 30, STANDARD_PALETTE) for k in (1, 10, 11, 20, 21, 30)] == [
+        "green",
+        "green",
+        "yellow",
+        "yellow",
+        "red",
+        "red",
+    ]
     assert [layer_colour(k, 2, STANDARD_PALETTE) for k in (1, 2)] == ["green", "red"]
     records = [Record("a", DOCS[0]["document"])]
     doc = next(summarize_documents(model, records, ExitPolicy(measure="state", threshold=0.0), max_new_tokens=6))[0]
     console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=console).print(doc)
     out = console.file.getvalue()
-    assert "\x1b[30;41m" in out and "\x1b[30;42m" in out          # black on red (layer 4), on green (layer 1)
+    assert "\x1b[30;41m" in out and "\x1b[30;42m" in out  # black on red (layer 4), on green (layer 1)
     assert "1–1" not in out and " 1  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
     no_colour = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=no_colour).print(doc)
-    assert "exits: " in no_colour.file.getvalue() and "[4]" in no_colour.file.getvalue()     # marks instead
+    assert "exits: " in no_colour.file.getvalue() and "[4]" in no_colour.file.getvalue()  # marks instead
 
 
 def test_the_bar_shares_the_output_console_on_one_terminal(monkeypatch):
@@ -248,21 +293,32 @@ def test_printing_on_a_terminal_goes_through_the_console(model):
 def test_run_footer_reports_decode_rate_and_prefill_apart():
     """Two batches (2 documents, then 1): decode tokens/s counts the tokens after each summary's first
     over the batches' decode time; prefill is the batches' prefill time."""
+
     def doc(i, tokens, batch_size, timings):
-        return DocumentSummary(id=str(i), summary="", token_ids=(5,) * tokens, exit_layers=(2,) * tokens,
-                               num_layers=NUM_LAYERS, batch_size=batch_size, batch_timings=timings)
+        return DocumentSummary(
+            id=str(i),
+            summary="",
+            token_ids=(5,) * tokens,
+            exit_layers=(2,) * tokens,
+            num_layers=NUM_LAYERS,
+            batch_size=batch_size,
+            batch_timings=timings,
+        )
+
     first = Timings(prefill_s=0.5, decode_s=2.0, new_tokens=10, decode_tokens=8)
     second = Timings(prefill_s=0.25, decode_s=1.0, new_tokens=5, decode_tokens=4)
     docs = [doc(0, 6, 2, first), doc(1, 4, 2, first), doc(2, 5, 1, second)]
     footer = run_footer(docs, ExitPolicy(measure="state", threshold=0.9), "from --threshold", 4)
-    assert footer == ("3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; "
-                      "policy: state λ=0.9, λ decays to 0.814 by token 4 (τ=4); from --threshold")
+    assert footer == (
+        "3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; "
+        "policy: state λ=0.9, λ decays to 0.814 by token 4 (τ=4); from --threshold"
+    )
     assert first.decode_tokens_per_s == pytest.approx(4.0) and first.tokens_per_s == pytest.approx(4.0)
     assert docs[0].to_dict()["timings"]["batch_decode_tokens_per_s"] == pytest.approx(4.0)
 
 
 def test_rouge():
-    assert rouge_f1("the cats sat", "the cat sat")["rouge1"] == pytest.approx(1.0)     # stemmed
+    assert rouge_f1("the cats sat", "the cat sat")["rouge1"] == pytest.approx(1.0)  # stemmed
     assert rouge_l_similarity("", "") == 1.0
     assert rouge_l_similarity("a dog ran", "the cat sat") == 0.0
 
@@ -273,7 +329,7 @@ def test_eval_points_carry_the_threshold_decay():
     point, default = fixed.points()[1], decayed.points()[1]
     assert point.policy.decay_tau == 0.0 and point.policy.threshold_at(31, 32) == 0.9
     assert default.policy.decay_tau == ExitPolicy.decay_tau
-    assert point.name != default.name                      # separate resume caches
+    assert point.name != default.name  # separate resume caches
     with pytest.raises(InputError):
         sweep.EvalConfig(model="m", data="d.jsonl", decay_tau=-1.0)
 
@@ -285,5 +341,5 @@ def test_speedups_compare_only_rows_timed_in_the_same_run():
 
     base = [{"seconds": 2.0, "run": "a"}, {"seconds": 9.0, "run": "old"}, {"seconds": 4.0}]
     rows = [{"seconds": 1.0, "run": "a"}, {"seconds": 1.0, "run": "a"}, {"seconds": 1.0}]
-    assert timed_speedup(base, rows) == 2.0                      # only the first pair shares a run
-    assert math.isnan(timed_speedup(base[1:], rows[1:]))         # other runs, or no run recorded
+    assert timed_speedup(base, rows) == 2.0  # only the first pair shares a run
+    assert math.isnan(timed_speedup(base[1:], rows[1:]))  # other runs, or no run recorded

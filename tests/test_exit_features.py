@@ -30,7 +30,7 @@ def test_features_agree_with_the_replay_and_have_their_meaning():
     replay = replay_exits(adapter, heads, feats)
     assert torch.equal(f.agree, replay.agree)
     assert torch.allclose(f.select(("margin",))[..., 0], replay.scores["softmax"], atol=1e-6)
-    above = slice(1, None)                                            # the classifier exits from layer 2
+    above = slice(1, None)  # the classifier exits from layer 2
     cls = f.select(("classifier_logit",))[..., 0].sigmoid()
     assert torch.allclose(cls[:, above], replay.scores["classifier"][:, above], atol=1e-6)
     layer = f.select(("layer",))[..., 0]
@@ -47,7 +47,7 @@ def test_logistic_fit_ranks_agreeing_positions_above_the_others():
     P, L1 = 400, 4
     agree = torch.rand(P, L1) < 0.5
     values = torch.randn(P, L1, len(ALL))
-    values[..., ALL.index("margin")] += 3.0 * agree.float()           # one informative feature
+    values[..., ALL.index("margin")] += 3.0 * agree.float()  # one informative feature
     f = ExitFeatures(values, agree, num_layers=L1 + 1, min_exit_layer=1)
     model = fit_exit_model(f, ("margin", "entropy"))
     assert model.weight[0] > 1.0 and abs(float(model.weight[1])) < 0.5

@@ -17,11 +17,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_table() -> CalibrationTable:
-    rows = tuple(CalibrationRow(threshold=t, mean_loss=loss, q50=0.0, q90=loss, q95=loss, avg_layers=layers,
-                                speedup=4 / layers, pvalue=p)
-                 for t, loss, layers, p in ((0.9, 0.01, 4.0, 1e-5), (0.5, 0.05, 3.0, 0.004), (0.0, 0.6, 1.0, 1.0)))
-    return CalibrationTable(rows, certified_index=1, delta=0.1, epsilon=0.05, n=200, method="hb", measure="classifier",
-                            decay_tau=0.0, min_exit_layer=2, max_new_tokens=32, data="calib.jsonl")
+    rows = tuple(
+        CalibrationRow(
+            threshold=t, mean_loss=loss, q50=0.0, q90=loss, q95=loss, avg_layers=layers, speedup=4 / layers, pvalue=p
+        )
+        for t, loss, layers, p in ((0.9, 0.01, 4.0, 1e-5), (0.5, 0.05, 3.0, 0.004), (0.0, 0.6, 1.0, 1.0))
+    )
+    return CalibrationTable(
+        rows,
+        certified_index=1,
+        delta=0.1,
+        epsilon=0.05,
+        n=200,
+        method="hb",
+        measure="classifier",
+        decay_tau=0.0,
+        min_exit_layer=2,
+        max_new_tokens=32,
+        data="calib.jsonl",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +50,12 @@ def checkpoint(tiny_model, tmp_path_factory):
 
 def test_a_plain_transformers_model(tiny_model):
     info = describe(tiny_model)
-    assert (info.model_type, info.model_class, info.num_layers, info.hidden_size) == ("llama", "LlamaForCausalLM", 4, 64)
+    assert (info.model_type, info.model_class, info.num_layers, info.hidden_size) == (
+        "llama",
+        "LlamaForCausalLM",
+        4,
+        64,
+    )
     assert info.backbone_kind == "path" and info.checkpoint is None and info.heads is None and info.calibration is None
     text = info_text(info)
     assert "exit heads: none" in text and "calibration: none" in text and "LoRA adapter: none" in text
@@ -50,20 +69,26 @@ def test_a_checkpoint_with_its_backbone_heads_and_calibration(checkpoint):
     lines = info_text(info).splitlines()
     assert "backbone: backbone/ (included in the checkpoint)" in lines
     assert "exit heads: layers 2–3 of 4, rank 8, transform yes, classifier yes, min layer 2" in lines
-    assert any(line.startswith("calibration: measure classifier, decay τ=0, min exit layer 2, ε=0.05, n=200")
-               for line in lines)
+    assert any(
+        line.startswith("calibration: measure classifier, decay τ=0, min exit layer 2, ε=0.05, n=200") for line in lines
+    )
     assert "certified: λ=0.5 at δ=0.1 (ε=0.05): mean D 0.050, 3.00 layers" in lines
-    table = lines[lines.index("| λ | mean D | D q90 | p-value | avg layers | speedup | certified at δ=0.1 |"):]
-    assert table[2:] == ["| 0.9 | 0.010 | 0.010 | 1e-05 | 4.00 | 1.00× | yes |",
-                         "| 0.5 | 0.050 | 0.050 | 0.004 | 3.00 | 1.33× | yes |",
-                         "| 0 | 0.600 | 0.600 | 1 | 1.00 | 4.00× | no |"]
+    table = lines[lines.index("| λ | mean D | D q90 | p-value | avg layers | speedup | certified at δ=0.1 |") :]
+    assert table[2:] == [
+        "| 0.9 | 0.010 | 0.010 | 1e-05 | 4.00 | 1.00× | yes |",
+        "| 0.5 | 0.050 | 0.050 | 0.004 | 3.00 | 1.33× | yes |",
+        "| 0 | 0.600 | 0.600 | 1 | 1.00 | 4.00× | no |",
+    ]
 
 
 def test_a_lora_adapter_is_shown(tiny_model, tmp_path):
     save_checkpoint(tmp_path, CheckpointConfig(backbone=tiny_model))
-    (tmp_path / lora.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                            "target_modules": ["q_proj"], "lora_dropout": 0.0}))
-    assert "LoRA adapter: peft_type=LORA, r=8, lora_alpha=16, target_modules=['q_proj']" in info_text(describe(tmp_path))
+    (tmp_path / lora.ADAPTER_CONFIG).write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "lora_dropout": 0.0})
+    )
+    assert "LoRA adapter: peft_type=LORA, r=8, lora_alpha=16, target_modules=['q_proj']" in info_text(
+        describe(tmp_path)
+    )
     (tmp_path / lora.ADAPTER_CONFIG).write_text("{")
     assert_clean_error(invoke("info", tmp_path), "corrupt LoRA adapter config")
 
@@ -86,6 +111,7 @@ def test_calm_info(checkpoint):
 
 def test_calm_info_bad_input(tmp_path):
     assert_clean_error(invoke("info", tmp_path / "nope"), "unknown model")
-    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x",
-                                                    "calibration": {"rows": []}}))
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "calibration": {"rows": []}})
+    )
     assert_clean_error(invoke("info", tmp_path), "unreadable calibration table")

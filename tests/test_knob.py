@@ -14,9 +14,12 @@ PROMPTS = ["the cat sat on the mat", "the council said a new plan for the city s
 
 
 def make_table(**settings) -> CalibrationTable:
-    rows = tuple(CalibrationRow(threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers,
-                                speedup=4 / layers, pvalue=0.0)
-                 for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0)))
+    rows = tuple(
+        CalibrationRow(
+            threshold=t, mean_loss=loss, q50=loss, q90=loss, q95=loss, avg_layers=layers, speedup=4 / layers, pvalue=0.0
+        )
+        for t, loss, layers in ((0.9, 0.01, 4.0), (0.5, 0.05, 3.0), (0.0, 0.6, 1.0))
+    )
     return CalibrationTable(rows, certified_index=1, delta=0.1, epsilon=0.1, n=200, method="hb", **settings)
 
 
@@ -35,9 +38,12 @@ def calibrated(tiny_model) -> CalmModel:
 def test_an_uncalibrated_model(plain):
     assert default_measure(plain) == "softmax"
     assert resolve_policy(plain).policy == ExitPolicy.never() == plain.policy()
-    assert plain.policy(threshold=0.8, measure="state", min_exit_layer=2) == \
-        ExitPolicy(measure="state", threshold=0.8, min_exit_layer=2)
-    with pytest.raises(InputError, match="no calibration for this model; run calm calibrate on it, or give a threshold"):
+    assert plain.policy(threshold=0.8, measure="state", min_exit_layer=2) == ExitPolicy(
+        measure="state", threshold=0.8, min_exit_layer=2
+    )
+    with pytest.raises(
+        InputError, match="no calibration for this model; run calm calibrate on it, or give a threshold"
+    ):
         plain.policy(speed=0.5)
     with pytest.raises(InputError, match="no calibration"):
         plain.generate(PROMPTS, 4, tolerance=0.1)
@@ -46,7 +52,7 @@ def test_an_uncalibrated_model(plain):
 def test_the_knob_reads_the_table(calibrated):
     assert calibrated.policy(speed=1) == ExitPolicy(measure="state", threshold=0.5, decay_tau=0.0)
     assert calibrated.policy(tolerance=0.2).threshold == 0.5 and calibrated.policy(tolerance=0.05).threshold == 0.9
-    assert calibrated.policy() == calibrated.policy(speed=0.5)                  # the default of a calibrated model
+    assert calibrated.policy() == calibrated.policy(speed=0.5)  # the default of a calibrated model
     assert calibrated.policy(speed=0) == ExitPolicy.never()
     assert calibrated.policy(speed=1, min_exit_layer=2).min_exit_layer == 2
 
@@ -55,7 +61,7 @@ def test_an_explicit_threshold_and_the_knob_are_one_policy_under_one_schedule(ca
     knob = calibrated.policy(speed=1)
     assert calibrated.policy(threshold=0.5, measure="state", decay_tau=0) == knob
     assert calibrated.policy(threshold=0.5, measure="state") == replace(knob, decay_tau=ExitPolicy.decay_tau)
-    assert calibrated.policy(speed=1, decay_tau=0) == knob                     # the table's own τ may be given
+    assert calibrated.policy(speed=1, decay_tau=0) == knob  # the table's own τ may be given
     with pytest.raises(InputError, match="certifies its thresholds under the decay τ=0"):
         calibrated.policy(speed=1, decay_tau=4)
 
@@ -71,20 +77,27 @@ def test_generate_with_a_knob_is_generate_with_its_policy(calibrated):
         by_knob, by_policy = calibrated.generate(PROMPTS, 6, **knob), calibrated.generate(PROMPTS, 6, policy)
         assert by_knob.token_ids == by_policy.token_ids and by_knob.exit_layers == by_policy.exit_layers
     fast = calibrated.generate(PROMPTS, 6, speed=1)
-    assert fast.avg_layers < calibrated.generate(PROMPTS, 6).avg_layers == 4     # state λ=0.5 exits early here
+    assert fast.avg_layers < calibrated.generate(PROMPTS, 6).avg_layers == 4  # state λ=0.5 exits early here
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"speed": 1.5}, "speed must be a number in \\[0, 1\\]"), ({"speed": float("nan")}, "speed"),
-    ({"tolerance": 0.0}, "tolerance must be a number in \\(0, 1\\)"), ({"tolerance": float("inf")}, "tolerance"),
-    ({"threshold": float("nan")}, "threshold"), ({"threshold": -0.1}, "threshold"),
-    ({"decay_tau": -1.0, "threshold": 0.5}, "decay_tau"), ({"speed": "fast"}, "speed"),
-    ({"speed": 0.5, "tolerance": 0.1}, "give only one of speed and tolerance"),
-    ({"threshold": 0.5, "speed": 0.5}, "give only one of threshold and speed"),
-    ({"speed": 1, "measure": "softmax"}, "calibration is for the 'state' measure"),
-    ({"measure": "softmax"}, "calibration is for the 'state' measure"),         # the default knob too, not silently full
-    ({"tolerance": 0.001}, "no threshold is certified at tolerance"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"speed": 1.5}, "speed must be a number in \\[0, 1\\]"),
+        ({"speed": float("nan")}, "speed"),
+        ({"tolerance": 0.0}, "tolerance must be a number in \\(0, 1\\)"),
+        ({"tolerance": float("inf")}, "tolerance"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"decay_tau": -1.0, "threshold": 0.5}, "decay_tau"),
+        ({"speed": "fast"}, "speed"),
+        ({"speed": 0.5, "tolerance": 0.1}, "give only one of speed and tolerance"),
+        ({"threshold": 0.5, "speed": 0.5}, "give only one of threshold and speed"),
+        ({"speed": 1, "measure": "softmax"}, "calibration is for the 'state' measure"),
+        ({"measure": "softmax"}, "calibration is for the 'state' measure"),  # the default knob too, not silently full
+        ({"tolerance": 0.001}, "no threshold is certified at tolerance"),
+    ],
+)
 def test_bad_knobs_are_clear_errors(calibrated, kwargs, message):
     with pytest.raises(InputError, match=message):
         calibrated.policy(**kwargs)
@@ -110,8 +123,10 @@ def test_nothing_certified_runs_the_full_model_by_default(calibrated):
 
 
 def test_tolerance_to_threshold():
-    rows = tuple(CalibrationRow(t, loss, loss, loss, loss, layers, 1.0, 0.0)
-                 for t, loss, layers in ((0.9, 0.0, 4.0), (0.7, 0.02, 3.0), (0.5, 0.1, 2.0), (0.3, 0.5, 1.0)))
+    rows = tuple(
+        CalibrationRow(t, loss, loss, loss, loss, layers, 1.0, 0.0)
+        for t, loss, layers in ((0.9, 0.0, 4.0), (0.7, 0.02, 3.0), (0.5, 0.1, 2.0), (0.3, 0.5, 1.0))
+    )
     table = CalibrationTable(rows, certified_index=1, delta=0.05, epsilon=0.1, n=500, method="hb")
     assert tolerance_to_threshold(table, 0.05) == 0.7
     assert tolerance_to_threshold(table, 0.2) == 0.5

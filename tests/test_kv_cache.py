@@ -4,8 +4,9 @@ from calm.kv_cache import KVCache
 
 
 def test_allocate_write_and_read_back():
-    cache = KVCache.allocate(num_layers=3, batch=2, kv_heads=2, max_slots=8, head_dim=4,
-                             dtype=torch.float32, device=torch.device("cpu"))
+    cache = KVCache.allocate(
+        num_layers=3, batch=2, kv_heads=2, max_slots=8, head_dim=4, dtype=torch.float32, device=torch.device("cpu")
+    )
     k = torch.randn(2, 2, 3, 4)
     v = torch.randn(2, 2, 3, 4)
     cache.write(1, 2, k, v)
@@ -17,11 +18,11 @@ def test_allocate_write_and_read_back():
 
 def test_write_layers_fills_many_and_first_slots_skip_left_padding():
     cache = KVCache.allocate(4, 3, 1, 6, 2, torch.float32, torch.device("cpu"))
-    k = torch.randn(2, 3, 1, 1, 2)                       # layers 2..3, one slot
+    k = torch.randn(2, 3, 1, 1, 2)  # layers 2..3, one slot
     cache.write_layers(2, 4, k, k + 1)
     assert torch.equal(cache.k[2:4, :, :, 4:5], k) and torch.equal(cache.v[2:4, :, :, 4:5], k + 1)
     kc, _ = cache.keys_values(3, 5)
-    assert kc.data_ptr() == cache.k[3].data_ptr()        # a view of the cache, not a copy
+    assert kc.data_ptr() == cache.k[3].data_ptr()  # a view of the cache, not a copy
     cache.key_mask[0, 0:] = True
     cache.key_mask[1, 3:] = True
     cache.key_mask[2, 5:] = True

@@ -14,12 +14,20 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x")
-    assert _gguf_cache_path(gguf) == _gguf_cache_path(gguf)              # stable key
+    assert _gguf_cache_path(gguf) == _gguf_cache_path(gguf)  # stable key
     assert _gguf_cache_path(gguf).parent == tmp_path / "gguf"
 
 
-@pytest.mark.parametrize("name, is_hub", [("HuggingFaceTB/SmolLM2-135M-Instruct", True), ("google/t5-small", True),
-                                          ("smollm2", False), ("gpt2", False), ("a/b/c", False)])
+@pytest.mark.parametrize(
+    "name, is_hub",
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("google/t5-small", True),
+        ("smollm2", False),
+        ("gpt2", False),
+        ("a/b/c", False),
+    ],
+)
 def test_hub_ids_look_like_org_slash_name(name, is_hub):
     assert bool(HUB_ID.match(name)) == is_hub
 

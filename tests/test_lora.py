@@ -29,11 +29,12 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def _batch(calm: CalmModel) -> torch.Tensor:
-    return calm.encode_prompts([DOCS[0]["document"] + " " + DOCS[0]["summary"]], 8).ids      # [1, T]
+    return calm.encode_prompts([DOCS[0]["document"] + " " + DOCS[0]["summary"]], 8).ids  # [1, T]
 
 
 def test_merged_model_equals_peft_model(tiny_model, tmp_path):
     from peft import PeftModel
+
     config = lora_config(tiny_model, tmp_path, steps=4, lr=1e-2)
     train(config, progress=False)
     merged = CalmModel.from_pretrained(config.out)
@@ -41,10 +42,15 @@ def test_merged_model_equals_peft_model(tiny_model, tmp_path):
     ids = _batch(merged)
     with torch.no_grad():
         assert torch.allclose(merged.model(ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
-        want = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=merged.pad_token_id)[0, ids.shape[1]:]
+        want = peft_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=merged.pad_token_id,
+        )[0, ids.shape[1] :]
     got = merged.generate(ids, max_new_tokens=6, policy=ExitPolicy.never()).token_ids[0]
-    assert list(got) == want.tolist()[:len(got)]
+    assert list(got) == want.tolist()[: len(got)]
     config_json = json.loads((Path(config.out) / lora.ADAPTER_CONFIG).read_text())
     assert config_json["base_model_name_or_path"] == tiny_model
 
@@ -85,6 +91,7 @@ def test_adapter_of_another_shape_is_a_checkpoint_error(trained, tmp_path):
 
 def test_adapter_for_another_base_is_a_checkpoint_error(trained, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     other = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=NUM_LAYERS, n_head=2)).save_pretrained(other)
     config = json.loads((trained / "calm_config.json").read_text())

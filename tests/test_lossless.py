@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 from calm import CalmModel
 from calm.bench import parse_run_spec, speculative_specs
@@ -17,13 +16,21 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.lossless import STORE_KEY, MeasuredSetting, resolve_mode
 from calm.policy import ExitPolicy
 from calm.speculative import SpeculativeConfig
+from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured(speedup: float, e: int = 2, k: int = 3) -> MeasuredSetting:
-    return MeasuredSetting(draft_layer=e, max_draft=k, measure="softmax", threshold=0.4, speedup_vs_full=speedup,
-                           acceptance_rate=0.5, report="benchmarks/results/x.md")
+    return MeasuredSetting(
+        draft_layer=e,
+        max_draft=k,
+        measure="softmax",
+        threshold=0.4,
+        speedup_vs_full=speedup,
+        acceptance_rate=0.5,
+        report="benchmarks/results/x.md",
+    )
 
 
 @pytest.fixture
@@ -49,13 +56,13 @@ def test_lossless_without_a_stored_measurement_runs_the_full_model(tiny_model):
 
 
 def test_lossless_follows_the_stored_measurement(checkpoint):
-    for speedup in (0.9, 1.03):                                        # slower, or within the noise
+    for speedup in (0.9, 1.03):  # slower, or within the noise
         store_extra(checkpoint, STORE_KEY, measured(speedup).to_dict())
         slower = resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
         assert slower.spec is None and "no gain" in slower.description and f"{speedup:.2f}×" in slower.description
 
     store_extra(checkpoint, STORE_KEY, measured(1.2).to_dict())
-    assert read_config(checkpoint).heads is not None                     # the rest of the checkpoint is kept
+    assert read_config(checkpoint).heads is not None  # the rest of the checkpoint is kept
     model = CalmModel.from_pretrained(str(checkpoint))
     assert MeasuredSetting.from_extra(model.extra) == measured(1.2)
     faster = resolve_mode(model, lossless=True)
@@ -70,7 +77,7 @@ def test_lossless_follows_the_stored_measurement(checkpoint):
 def test_speculative_mode_defaults_and_errors(tiny_model):
     model = CalmModel.from_pretrained(tiny_model)
     run = resolve_mode(model, mode="speculative")
-    assert run.spec == SpeculativeConfig(2, 4) and run.policy.measure == "fixed"      # no heads: always draft
+    assert run.spec == SpeculativeConfig(2, 4) and run.policy.measure == "fixed"  # no heads: always draft
     assert resolve_mode(model, mode="speculative", threshold=0.3).policy.measure == "fixed"
     with pytest.raises(PolicyError, match="draft layer 4"):
         resolve_mode(model, mode="speculative", draft_layer=4)
@@ -82,11 +89,17 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
         resolve_mode(CalmModel.from_pretrained(str(checkpoint)), lossless=True)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("spec:2:3", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(2, 3))),
-    ("spec:3:1:softmax:0.4", (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1))),
-    ("state:0.9", (ExitPolicy(measure="state", threshold=0.9), None)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("spec:2:3", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(2, 3))),
+        (
+            "spec:3:1:softmax:0.4",
+            (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1)),
+        ),
+        ("state:0.9", (ExitPolicy(measure="state", threshold=0.9), None)),
+    ],
+)
 def test_parse_run_spec(spec, expected):
     assert parse_run_spec(spec) == expected
 
@@ -102,10 +115,12 @@ def test_speculative_specs_for_calm_bench(tiny_model):
     assert speculative_specs(model, ("fixed:2",)) == ("fixed:2",)
     assert speculative_specs(model, (), "speculative") == ("spec:2:4",)
     assert speculative_specs(model, ("softmax:0.5",), lossless=True, draft_layer=3, max_draft=2) == (
-        "spec:3:2:softmax:0.5",)
+        "spec:3:2:softmax:0.5",
+    )
 
 
 # ---- the command line ---------------------------------------------------------------------------
+
 
 def test_summarize_lossless_and_speculative_give_the_full_models_summaries(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
@@ -131,8 +146,25 @@ def test_summarize_lossless_bad_switches(tiny_model):
 def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS[:2])
     out = tmp_path / "eval"
-    result = invoke("eval", "--model", tiny_model, "--data", data, "--thresholds", "0.3,0", "--max-new-tokens", 6,
-                    "--mode", "speculative", "--draft-layer", 3, "--max-draft", 2, "--out", out)
+    result = invoke(
+        "eval",
+        "--model",
+        tiny_model,
+        "--data",
+        data,
+        "--thresholds",
+        "0.3,0",
+        "--max-new-tokens",
+        6,
+        "--mode",
+        "speculative",
+        "--draft-layer",
+        3,
+        "--max-draft",
+        2,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     points = {p["name"]: p for p in report["points"]}
@@ -143,8 +175,24 @@ def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp
 
 def test_bench_speculative_rows(tiny_model, tmp_path):
     out = tmp_path / "bench"
-    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "1,2", "--new-tokens", 5, "--repeats", 1,
-                    "--no-transformers", "--policy", "spec:2:3", "--policy", "spec:3:2:softmax:0.2", "--out", out)
+    result = invoke(
+        "bench",
+        "--model",
+        tiny_model,
+        "--batch-sizes",
+        "1,2",
+        "--new-tokens",
+        5,
+        "--repeats",
+        1,
+        "--no-transformers",
+        "--policy",
+        "spec:2:3",
+        "--policy",
+        "spec:3:2:softmax:0.2",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "bench.json").read_text())["results"]
     assert [r["name"] for r in rows] == ["full", "spec:2:3", "spec:3:2:softmax:0.2"] * 2
@@ -152,10 +200,25 @@ def test_bench_speculative_rows(tiny_model, tmp_path):
         assert (r["mean_accepted_length"] is None) == (r["name"] == "full")
         assert r["avg_layers"] == 4
     assert "acceptance | accepted per step |" in (out / "bench.md").read_text()
-    result = invoke("bench", "--model", tiny_model, "--batch-sizes", "1", "--new-tokens", 3, "--repeats", 1,
-                    "--no-transformers", "--mode", "speculative", "--out", out)
+    result = invoke(
+        "bench",
+        "--model",
+        tiny_model,
+        "--batch-sizes",
+        "1",
+        "--new-tokens",
+        3,
+        "--repeats",
+        1,
+        "--no-transformers",
+        "--mode",
+        "speculative",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert [r["name"] for r in json.loads((out / "bench.json").read_text())["results"]] == ["full", "spec:2:4"]
-    assert_clean_error(invoke("bench", "--model", tiny_model, "--policy", "spec:9:2", "--out", tmp_path / "x"),
-                       "draft layer 9")
+    assert_clean_error(
+        invoke("bench", "--model", tiny_model, "--policy", "spec:9:2", "--out", tmp_path / "x"), "draft layer 9"
+    )
     shutil.rmtree(out)

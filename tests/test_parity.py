@@ -8,7 +8,7 @@ calm's never-exit generation against transformers' greedy `generate`: identical 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,13 +21,29 @@ from calm.adapters import ADAPTERS, adapter_for
 VOCAB, PAD, EOS = 128, 0, 1
 MAX_NEW = 8
 PROMPT_LENGTHS = (5, 9, 12)
-WINDOW = 4                      # sliding window, well below the 12 + 8 tokens of the longest row
+WINDOW = 4  # sliding window, well below the 12 + 8 tokens of the longest row
 IDS = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2)
-DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               max_position_embeddings=128, initializer_range=0.2, **IDS)
+DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    **IDS,
+)
 GPT2 = dict(n_layer=4, n_embd=64, n_head=4, n_positions=128, initializer_range=0.2, **IDS)
-T5 = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, vocab_size=VOCAB, decoder_start_token_id=PAD,
-          pad_token_id=PAD, eos_token_id=EOS, initializer_factor=5.0)
+T5 = dict(
+    d_model=64,
+    d_ff=128,
+    d_kv=16,
+    num_heads=4,
+    vocab_size=VOCAB,
+    decoder_start_token_id=PAD,
+    pad_token_id=PAD,
+    eos_token_id=EOS,
+    initializer_factor=5.0,
+)
 
 
 def _untie(model: torch.nn.Module) -> torch.nn.Module:
@@ -39,51 +55,177 @@ def _untie(model: torch.nn.Module) -> torch.nn.Module:
 
 # name -> (model class, config class, config kwargs, post-build step)
 VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
-    "llama-mha-tied": (tf.LlamaForCausalLM, tf.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True), None),
-    "llama-gqa-untied-bias-rope-scaled": (tf.LlamaForCausalLM, tf.LlamaConfig, dict(
-        num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True, mlp_bias=True, head_dim=32,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), None),
-    "llama-llama3-rope": (tf.LlamaForCausalLM, tf.LlamaConfig, dict(
-        num_key_value_heads=1, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 16}), None),
-    "mistral-gqa-window-untied": (tf.MistralForCausalLM, tf.MistralConfig, dict(
-        num_key_value_heads=2, sliding_window=WINDOW, tie_word_embeddings=False), None),
-    "mistral-no-window-tied": (tf.MistralForCausalLM, tf.MistralConfig, dict(
-        num_key_value_heads=4, sliding_window=None, tie_word_embeddings=True), None),
-    "qwen2-gqa-window-tied": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-        tie_word_embeddings=True), None),
-    "qwen2-window-off-untied": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(      # sliding_window set, not used
-        num_key_value_heads=4, use_sliding_window=False, sliding_window=WINDOW, tie_word_embeddings=False), None),
-    "qwen2-yarn-rope-untied": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(
-        num_key_value_heads=2, tie_word_embeddings=False, rope_parameters={
-            "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}), None),
-    "qwen3-gqa-window-untied": (tf.Qwen3ForCausalLM, tf.Qwen3Config, dict(
-        num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
-        tie_word_embeddings=False, head_dim=24), None),
-    "qwen3-mha-tied": (tf.Qwen3ForCausalLM, tf.Qwen3Config, dict(num_key_value_heads=4, tie_word_embeddings=True), None),
-    "smollm3-no-rope-gqa-tied": (tf.SmolLM3ForCausalLM, tf.SmolLM3Config, dict(
-        num_key_value_heads=2, no_rope_layer_interval=2, tie_word_embeddings=True), None),
-    "smollm3-no-rope-window-untied": (tf.SmolLM3ForCausalLM, tf.SmolLM3Config, dict(
-        num_key_value_heads=2, no_rope_layers=[1, 0, 1, 0], use_sliding_window=True, sliding_window=WINDOW,
-        tie_word_embeddings=False), None),
+    "llama-mha-tied": (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig,
+        dict(num_key_value_heads=4, tie_word_embeddings=True),
+        None,
+    ),
+    "llama-gqa-untied-bias-rope-scaled": (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig,
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            mlp_bias=True,
+            head_dim=32,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+        None,
+    ),
+    "llama-llama3-rope": (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig,
+        dict(
+            num_key_value_heads=1,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "rope_theta": 500000.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        None,
+    ),
+    "mistral-gqa-window-untied": (
+        tf.MistralForCausalLM,
+        tf.MistralConfig,
+        dict(num_key_value_heads=2, sliding_window=WINDOW, tie_word_embeddings=False),
+        None,
+    ),
+    "mistral-no-window-tied": (
+        tf.MistralForCausalLM,
+        tf.MistralConfig,
+        dict(num_key_value_heads=4, sliding_window=None, tie_word_embeddings=True),
+        None,
+    ),
+    "qwen2-gqa-window-tied": (
+        tf.Qwen2ForCausalLM,
+        tf.Qwen2Config,
+        dict(
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        ),
+        None,
+    ),
+    "qwen2-window-off-untied": (
+        tf.Qwen2ForCausalLM,
+        tf.Qwen2Config,
+        dict(  # sliding_window set, not used
+            num_key_value_heads=4, use_sliding_window=False, sliding_window=WINDOW, tie_word_embeddings=False
+        ),
+        None,
+    ),
+    "qwen2-yarn-rope-untied": (
+        tf.Qwen2ForCausalLM,
+        tf.Qwen2Config,
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+        None,
+    ),
+    "qwen3-gqa-window-untied": (
+        tf.Qwen3ForCausalLM,
+        tf.Qwen3Config,
+        dict(
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=2,
+            tie_word_embeddings=False,
+            head_dim=24,
+        ),
+        None,
+    ),
+    "qwen3-mha-tied": (
+        tf.Qwen3ForCausalLM,
+        tf.Qwen3Config,
+        dict(num_key_value_heads=4, tie_word_embeddings=True),
+        None,
+    ),
+    "smollm3-no-rope-gqa-tied": (
+        tf.SmolLM3ForCausalLM,
+        tf.SmolLM3Config,
+        dict(num_key_value_heads=2, no_rope_layer_interval=2, tie_word_embeddings=True),
+        None,
+    ),
+    "smollm3-no-rope-window-untied": (
+        tf.SmolLM3ForCausalLM,
+        tf.SmolLM3Config,
+        dict(
+            num_key_value_heads=2,
+            no_rope_layers=[1, 0, 1, 0],
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            tie_word_embeddings=False,
+        ),
+        None,
+    ),
     "gpt2-tied": (tf.GPT2LMHeadModel, tf.GPT2Config, dict(), None),
-    "gpt2-untied-layer-scaled-upcast": (tf.GPT2LMHeadModel, tf.GPT2Config, dict(
-        tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True), None),
-    "t5-deeper-decoder-tied": (tf.T5ForConditionalGeneration, tf.T5Config, dict(num_layers=3, num_decoder_layers=4), None),
-    "t5-shallower-decoder-gated-untied": (tf.T5ForConditionalGeneration, tf.T5Config, dict(
-        num_layers=4, num_decoder_layers=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16), _untie),
-    "mt5-shallower-decoder-tied": (tf.MT5ForConditionalGeneration, tf.MT5Config, dict(num_layers=3, num_decoder_layers=2), None),
-    "mt5-untied-narrow-heads": (tf.MT5ForConditionalGeneration, tf.MT5Config, dict(      # heads * d_kv < d_model
-        num_layers=2, num_decoder_layers=3, d_kv=8), _untie),
+    "gpt2-untied-layer-scaled-upcast": (
+        tf.GPT2LMHeadModel,
+        tf.GPT2Config,
+        dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+        None,
+    ),
+    "t5-deeper-decoder-tied": (
+        tf.T5ForConditionalGeneration,
+        tf.T5Config,
+        dict(num_layers=3, num_decoder_layers=4),
+        None,
+    ),
+    "t5-shallower-decoder-gated-untied": (
+        tf.T5ForConditionalGeneration,
+        tf.T5Config,
+        dict(
+            num_layers=4,
+            num_decoder_layers=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        ),
+        _untie,
+    ),
+    "mt5-shallower-decoder-tied": (
+        tf.MT5ForConditionalGeneration,
+        tf.MT5Config,
+        dict(num_layers=3, num_decoder_layers=2),
+        None,
+    ),
+    "mt5-untied-narrow-heads": (
+        tf.MT5ForConditionalGeneration,
+        tf.MT5Config,
+        dict(  # heads * d_kv < d_model
+            num_layers=2, num_decoder_layers=3, d_kv=8
+        ),
+        _untie,
+    ),
 }
 
 
 def build(name: str) -> torch.nn.Module:
     model_class, config_class, kwargs, post = VARIANTS[name]
-    base = T5 if model_class.__name__.endswith("ConditionalGeneration") else GPT2 if "GPT2" in model_class.__name__ else DECODER
+    base = (
+        T5
+        if model_class.__name__.endswith("ConditionalGeneration")
+        else GPT2
+        if "GPT2" in model_class.__name__
+        else DECODER
+    )
     torch.manual_seed(0)
     model = model_class(config_class(**{**base, **kwargs})).eval()
     return post(model) if post else model
@@ -105,10 +247,16 @@ def features(model: torch.nn.Module) -> set[str]:
     return found
 
 
-REQUIRED = {"llama": {"tied", "untied", "gqa"}, "mistral": {"tied", "untied", "gqa", "window"},
-            "qwen2": {"tied", "untied", "gqa", "window"}, "qwen3": {"tied", "untied", "gqa", "window"},
-            "smollm3": {"tied", "untied", "gqa", "window", "no-rope"}, "gpt2": {"tied", "untied"},
-            "t5": {"tied", "untied", "shallower-decoder", "deeper-decoder"}, "mt5": {"tied", "untied", "shallower-decoder"}}
+REQUIRED = {
+    "llama": {"tied", "untied", "gqa"},
+    "mistral": {"tied", "untied", "gqa", "window"},
+    "qwen2": {"tied", "untied", "gqa", "window"},
+    "qwen3": {"tied", "untied", "gqa", "window"},
+    "smollm3": {"tied", "untied", "gqa", "window", "no-rope"},
+    "gpt2": {"tied", "untied"},
+    "t5": {"tied", "untied", "shallower-decoder", "deeper-decoder"},
+    "mt5": {"tied", "untied", "shallower-decoder"},
+}
 
 
 def test_variants_cover_every_accepted_model_type_and_its_features():
@@ -134,16 +282,23 @@ def hf_greedy(model: torch.nn.Module, rows: list[list[int]]) -> tuple[tuple[int,
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
     kwargs = {}
     if model.config.is_encoder_decoder:
         # transformers sizes its default cache by the encoder's depth; a deeper decoder needs one that grows
         kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                             pad_token_id=PAD, eos_token_id=EOS, **kwargs)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=MAX_NEW,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            **kwargs,
+        )
     new = out[:, 1:] if model.config.is_encoder_decoder else out[:, width:]
-    return tuple(tuple(r[:r.index(EOS) + 1] if EOS in r else r) for r in new.tolist())
+    return tuple(tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in new.tolist())
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -152,4 +307,4 @@ def test_never_exit_matches_transformers_generate(name, one_thread):
     rows = prompts()
     ours = CalmModel.from_model(model).generate(rows, max_new_tokens=MAX_NEW)
     assert ours.token_ids == hf_greedy(model, rows)
-    assert sum(len(r) for r in ours.token_ids) > len(rows)           # the comparison covers decode steps
+    assert sum(len(r) for r in ours.token_ids) > len(rows)  # the comparison covers decode steps

@@ -29,8 +29,16 @@ def test_allowed_layers_respect_min_layer_and_explicit_set():
     assert ExitPolicy.fixed(15).allowed_layers(30) == (15,)
 
 
-@pytest.mark.parametrize("kwargs", [dict(threshold=-0.1), dict(threshold=float("nan")), dict(measure="entropy"),
-                                    dict(min_exit_layer=0), dict(decay_tau=-1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(threshold=-0.1),
+        dict(threshold=float("nan")),
+        dict(measure="entropy"),
+        dict(min_exit_layer=0),
+        dict(decay_tau=-1),
+    ],
+)
 def test_bad_policies_are_rejected(kwargs):
     with pytest.raises(PolicyError):
         ExitPolicy(**kwargs)

@@ -48,7 +48,7 @@ def test_template_needs_exactly_one_placeholder():
         with pytest.raises(InputError, match=r"\{document\}"):
             PromptTemplate(text)
     template = PromptTemplate('Reply as JSON {"summary": ...}:\n{document}')
-    assert template.render("  the cat  ") == 'Reply as JSON {"summary": ...}:\nthe cat'      # braces stay as they are
+    assert template.render("  the cat  ") == 'Reply as JSON {"summary": ...}:\nthe cat'  # braces stay as they are
 
 
 def test_the_old_names_still_work():
@@ -65,7 +65,12 @@ def test_a_document_that_fits_is_kept_whole(tokenizer):
 def test_max_doc_tokens_cuts_as_truncate_document_does(tokenizer):
     prompt = fit_prompt(fmt(tokenizer), doc(20), max_doc_tokens=6)
     assert prompt.text == summary_prompt(truncate_document(tokenizer, doc(20), 6)) == summary_prompt(doc(6))
-    assert (prompt.kept_tokens, prompt.document_tokens, prompt.cut_by, prompt.truncated) == (6, 20, MAX_DOC_TOKENS, True)
+    assert (prompt.kept_tokens, prompt.document_tokens, prompt.cut_by, prompt.truncated) == (
+        6,
+        20,
+        MAX_DOC_TOKENS,
+        True,
+    )
 
 
 def test_the_context_cuts_the_document_and_never_the_instruction(tokenizer):
@@ -76,7 +81,7 @@ def test_the_context_cuts_the_document_and_never_the_instruction(tokenizer):
     assert prompt.cut_by == CONTEXT and prompt.document_tokens == 100
     assert prompt.kept_tokens == 30 - instruction
     assert len(f.ids(prompt.text)) <= 30
-    assert prompt.text == template.render(doc(30 - instruction))           # the first tokens, then the whole instruction
+    assert prompt.text == template.render(doc(30 - instruction))  # the first tokens, then the whole instruction
 
 
 def test_no_limit_for_encoder_decoders(tokenizer):
@@ -103,7 +108,8 @@ def test_the_context_cuts_are_logged_and_asked_for_cuts_are_not(tokenizer, caplo
         prompts += fit_prompts(f, [("document c", doc(20))], max_doc_tokens=12)
     assert [p.cut_by for p in prompts] == [None, CONTEXT, MAX_DOC_TOKENS]
     assert [r.getMessage() for r in caplog.records] == [
-        f"document b: kept the first {prompts[1].kept_tokens} of 100 tokens"]
+        f"document b: kept the first {prompts[1].kept_tokens} of 100 tokens"
+    ]
 
 
 def test_truncation_note_format():
@@ -117,7 +123,7 @@ def test_format_for_a_model(tiny_model):
     f = PromptFormat.for_model(model, max_new_tokens=56)
     assert f.max_prompt_tokens == 256 - 56 and not f.chat
     prompt = fit_prompt(f, doc(400))
-    batch = model.encode_prompts(prompt.text, 56)                  # fits exactly: no error, nothing more to cut
+    batch = model.encode_prompts(prompt.text, 56)  # fits exactly: no error, nothing more to cut
     assert batch.ids.shape[1] == 200 and prompt.truncated
     with pytest.raises(InputError, match="leaves no room"):
         PromptFormat.for_model(model, max_new_tokens=256)

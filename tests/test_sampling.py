@@ -13,7 +13,9 @@ def test_greedy_is_argmax():
 
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, SamplingConfig(do_sample=True, top_k=2))).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, SamplingConfig(do_sample=True, top_k=2))).tolist() == [
+        [False, False, True, True]
+    ]
     kept = ~torch.isinf(filter_logits(logits, SamplingConfig(do_sample=True, top_p=0.7)))
     assert kept.tolist() == [[True, True, False, False]]
 
@@ -39,7 +41,7 @@ def test_sampling_without_a_seed_leaves_the_global_generator_alone():
     cfg = SamplingConfig(do_sample=True)
     first, second = cfg.generator(torch.device("cpu")), cfg.generator(torch.device("cpu"))
     assert torch.equal(torch.rand(4), expected)
-    assert first.initial_seed() != second.initial_seed()          # still unseeded: a fresh seed each time
+    assert first.initial_seed() != second.initial_seed()  # still unseeded: a fresh seed each time
 
 
 def test_unseeded_generate_leaves_the_global_generator_alone(llama):

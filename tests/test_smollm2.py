@@ -37,7 +37,7 @@ def test_full_depth_is_token_identical_to_transformers_generate(smollm2, prompts
 
 
 def test_static_engine_full_depth_is_token_identical_to_transformers_generate(smollm2, prompts):
-    rows = [b.ids[0].tolist() for b in prompts]                   # one left-padded batch
+    rows = [b.ids[0].tolist() for b in prompts]  # one left-padded batch
     batch = smollm2.encode_prompts(rows, 24)
     ours = smollm2.generate(rows, max_new_tokens=24, engine="static")
     assert list(ours.token_ids) == transformers_generate(smollm2, batch, 24)
@@ -79,6 +79,7 @@ def test_the_knob_in_python_on_the_shipped_calibration(smollm2):
 
 def test_calm_info_on_the_shipped_model():
     from helpers import invoke
+
     result = invoke("info")
     assert result.exit_code == 0, result.output
     assert "backbone: smollm2 (calm alias)" in result.output and "30 layers" in result.output

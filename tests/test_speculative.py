@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
-from test_parity import VARIANTS as PARITY_VARIANTS
-from test_parity import build as build_variant
-from test_parity import prompts as parity_prompts
 
 from calm import CalmModel
 from calm.adapters import adapter_for
@@ -27,13 +23,24 @@ from calm.generation import GenerationConfig, PromptBatch, _start, generate_toke
 from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
-from calm.speculative import (SpeculativeConfig, SpeculativeStats, default_draft_policy, draft, draft_plan,
-                              generate_speculative, rollback)
+from calm.speculative import (
+    SpeculativeConfig,
+    SpeculativeStats,
+    default_draft_policy,
+    draft,
+    draft_plan,
+    generate_speculative,
+    rollback,
+)
+from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
+from test_parity import VARIANTS as PARITY_VARIANTS
+from test_parity import build as build_variant
+from test_parity import prompts as parity_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ALWAYS = ExitPolicy(measure="fixed", threshold=0.0)       # draft k tokens every cycle
-SETTINGS = [(1, 1), (2, 2), (3, 4), (1, 4)]                 # (E, k)
+ALWAYS = ExitPolicy(measure="fixed", threshold=0.0)  # draft k tokens every cycle
+SETTINGS = [(1, 1), (2, 2), (3, 4), (1, 4)]  # (E, k)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,15 @@ def models() -> dict[str, torch.nn.Module]:
     return {kind: build(kind) for kind in KINDS}
 
 
-def speculative(net: Network, p: PromptBatch, e: int, k: int, policy: ExitPolicy = ALWAYS, max_new: int = 12,
-                config: GenerationConfig | None = None):
+def speculative(
+    net: Network,
+    p: PromptBatch,
+    e: int,
+    k: int,
+    policy: ExitPolicy = ALWAYS,
+    max_new: int = 12,
+    config: GenerationConfig | None = None,
+):
     return generate_speculative(net, p, policy, config or gen_config(max_new), SpeculativeConfig(e, k))
 
 
@@ -86,7 +100,9 @@ def test_a_perfect_draft_is_accepted_whole_with_the_bonus_token(k):
     net = Network.build(adapter_for(model))
     p, max_new = prompts(), 13
     out = speculative(net, p, 2, k, max_new=max_new, config=GenerationConfig(max_new_tokens=max_new, pad_token_id=0))
-    assert out.token_ids == generate_tokens(net, p, ExitPolicy.never(), GenerationConfig(max_new_tokens=max_new)).token_ids
+    assert (
+        out.token_ids == generate_tokens(net, p, ExitPolicy.never(), GenerationConfig(max_new_tokens=max_new)).token_ids
+    )
     stats = out.speculative
     assert stats.acceptance_rate == 1.0
     # every cycle commits k drafts + the bonus token: 12 tokens after the prefill's in ⌈12 / (k + 1)⌉ cycles
@@ -164,22 +180,23 @@ def test_rows_draft_different_lengths_and_rollback_masks_rejected_slots(models):
     assert len(set(counts)) >= 3 and counts[0] >= 2 and counts[1] >= 1, counts
     width = d.hidden.shape[1]
     assert width == max(counts) + 1 and d.tokens.shape == (4, width - 1)
-    for b, c in enumerate(counts):                    # a row's drafted slots are real, the rest masked
-        assert state.cache.key_mask[b, start:start + width].tolist() == [True] * (c + 1) + [False] * (width - 1 - c)
+    for b, c in enumerate(counts):  # a row's drafted slots are real, the rest masked
+        assert state.cache.key_mask[b, start : start + width].tolist() == [True] * (c + 1) + [False] * (width - 1 - c)
     accepted = torch.tensor([2, 1, counts[2], 0])
     live = torch.tensor([True, True, True, False])
     with torch.inference_mode():
         rollback(state, d, accepted, live)
-    assert state.cache.length == start + 3                      # the longest kept run: row 0's pending + 2
+    assert state.cache.length == start + 3  # the longest kept run: row 0's pending + 2
     for b in range(4):
         kept = int(accepted[b]) + 1 if live[b] else 0
-        assert state.cache.key_mask[b, start:start + width].tolist() == [True] * kept + [False] * (width - kept)
+        assert state.cache.key_mask[b, start : start + width].tolist() == [True] * kept + [False] * (width - kept)
     assert (state.positions - positions).tolist() == [3, 2, counts[2] + 1, 0]
 
 
 def test_stats_arithmetic():
-    stats = SpeculativeStats(draft_layer=2, max_draft=4, cycles=3, row_cycles=6, drafted=12, accepted=3,
-                             draft_s=1.0, verify_s=2.0)
+    stats = SpeculativeStats(
+        draft_layer=2, max_draft=4, cycles=3, row_cycles=6, drafted=12, accepted=3, draft_s=1.0, verify_s=2.0
+    )
     assert stats.acceptance_rate == 0.25 and stats.mean_accepted_length == 0.5 and stats.mean_draft_length == 2.0
     assert stats.to_dict()["acceptance_rate"] == 0.25
 
@@ -199,7 +216,7 @@ def exact_distribution(model: torch.nn.Module, sampling: SamplingConfig, steps: 
     for _ in range(steps):
         with torch.no_grad():
             logits = model(torch.cat([PROMPT.expand(len(seqs), -1), seqs], 1)).logits[:, -1]
-        joint = probs[:, None] * filter_logits(logits, sampling).softmax(-1).double()       # [n, V]
+        joint = probs[:, None] * filter_logits(logits, sampling).softmax(-1).double()  # [n, V]
         prefix, token = (joint > floor).nonzero(as_tuple=True)
         seqs, probs = torch.cat([seqs[prefix], token[:, None]], 1), joint[prefix, token]
     return {tuple(s): p for s, p in zip(seqs.tolist(), probs.tolist())}
@@ -219,10 +236,14 @@ def chi_square_pvalue(samples: list[tuple[int, ...]], truth: dict, n: int) -> fl
     return torch.special.gammaincc(df, torch.tensor(stat / 2, dtype=torch.float64)).item()
 
 
-@pytest.mark.parametrize("sampling, policy, k", [
-    (SamplingConfig(True, temperature=0.7, seed=4), ALWAYS, 3),
-    (SamplingConfig(True, top_k=10, seed=5), ExitPolicy(measure="softmax", threshold=0.3, decay_tau=0), 3),
-], ids=["t0.7-always", "topk10-softmax"])
+@pytest.mark.parametrize(
+    "sampling, policy, k",
+    [
+        (SamplingConfig(True, temperature=0.7, seed=4), ALWAYS, 3),
+        (SamplingConfig(True, top_k=10, seed=5), ExitPolicy(measure="softmax", threshold=0.3, decay_tau=0), 3),
+    ],
+    ids=["t0.7-always", "topk10-softmax"],
+)
 def test_sampling_follows_the_full_models_distribution(models, sampling, policy, k):
     """Chi-square on the joint of the first 4 tokens over 3000 independent rows, against the exact
     distribution. The exit layer's own samples (the drafts, unverified) fail the same test."""
@@ -250,7 +271,7 @@ def test_generate_speculative_mode_and_its_errors(models):
     out = model.generate(ids, max_new_tokens=8, mode="speculative", draft_layer=2, max_draft=3)
     assert out.token_ids == full.token_ids and out.speculative.draft_layer == 2 and out.speculative.max_draft == 3
     assert "speculative" in out.to_dict() and "speculative" not in full.to_dict()
-    assert model.generate(ids, max_new_tokens=8, mode="speculative").speculative.draft_layer == 2     # L / 2
+    assert model.generate(ids, max_new_tokens=8, mode="speculative").speculative.draft_layer == 2  # L / 2
     with pytest.raises(PolicyError, match="draft layer 4"):
         model.generate(ids, max_new_tokens=8, mode="speculative", draft_layer=4)
     with pytest.raises(PolicyError, match="max_draft"):
@@ -258,7 +279,9 @@ def test_generate_speculative_mode_and_its_errors(models):
     with pytest.raises(InputError, match="mode"):
         model.generate(ids, max_new_tokens=8, mode="lossy")
     with pytest.raises(PolicyError, match="classifier"):
-        model.generate(ids, max_new_tokens=8, mode="speculative", policy=ExitPolicy(measure="classifier", threshold=0.5))
+        model.generate(
+            ids, max_new_tokens=8, mode="speculative", policy=ExitPolicy(measure="classifier", threshold=0.5)
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch._dynamo
-from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
-from test_adapters import KINDS as ALL_KINDS
 from torch._dynamo.utils import counters
 
 from calm import CalmModel
@@ -27,8 +25,10 @@ from calm.heads import ExitHeads, HeadsConfig
 from calm.policy import ExitPolicy
 from calm.static_decode import StaticState, full_depth, static_step
 from calm.syncs import SyncCounter
+from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
+from test_adapters import KINDS as ALL_KINDS
 
-KINDS = tuple(k for k in ALL_KINDS if "window" not in k)   # sliding windows: the static engine refuses them
+KINDS = tuple(k for k in ALL_KINDS if "window" not in k)  # sliding windows: the static engine refuses them
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +78,7 @@ def mixed_exits(result, num_layers: int = 4) -> bool:
 
 # ---- same output as the dynamic path ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_static_matches_dynamic(models, kind, name):
@@ -91,7 +92,9 @@ def test_static_matches_dynamic(models, kind, name):
 @pytest.mark.parametrize("kind", KINDS)
 def test_static_never_exit_matches_transformers(models, kind):
     p = prompts()
-    res = generate_tokens(Network.build(adapter_for(models[kind])), p, ExitPolicy.never(), replace(gen_config(), engine="static"))
+    res = generate_tokens(
+        Network.build(adapter_for(models[kind])), p, ExitPolicy.never(), replace(gen_config(), engine="static")
+    )
     assert res.token_ids == hf_greedy(models[kind], p, MAX_NEW)
 
 
@@ -128,7 +131,9 @@ def test_rows_stop_at_eos_between_syncs(models):
     base = replace(gen_config(), eos_token_ids=(EOS,))
     dynamic = generate_tokens(net, prompts(), POLICIES["state"], replace(base, engine="dynamic"))
     for k in (1, 4, 64):
-        assert_same(dynamic, generate_tokens(net, prompts(), POLICIES["state"], replace(base, engine="static", sync_every=k)))
+        assert_same(
+            dynamic, generate_tokens(net, prompts(), POLICIES["state"], replace(base, engine="static", sync_every=k))
+        )
 
 
 def test_sampling_on_the_static_path_is_reproducible(models):
@@ -147,6 +152,7 @@ def test_calm_model_generate_takes_the_engine(models):
 
 # ---- engines and their settings -----------------------------------------------------------------
 
+
 def test_auto_engine_is_dynamic_on_cpu_and_static_on_cuda_or_when_compiling():
     auto = GenerationConfig()
     assert resolve_engine(auto, torch.device("cpu")) == "dynamic"
@@ -155,8 +161,14 @@ def test_auto_engine_is_dynamic_on_cpu_and_static_on_cuda_or_when_compiling():
     assert resolve_engine(replace(auto, engine="static"), torch.device("cpu")) == "static"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"engine": "fast"}, "unknown engine"), ({"sync_every": 0}, "sync_every"),
-                                             ({"engine": "dynamic", "compile": True}, "static engine")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"engine": "fast"}, "unknown engine"),
+        ({"sync_every": 0}, "sync_every"),
+        ({"engine": "dynamic", "compile": True}, "static engine"),
+    ],
+)
 def test_bad_engine_settings_are_clear_errors(kwargs, message):
     with pytest.raises(InputError, match=message):
         GenerationConfig(**kwargs)
@@ -171,6 +183,7 @@ def test_fixed_exit_runs_only_the_layers_below_it(models):
 
 # ---- host syncs ---------------------------------------------------------------------------------
 
+
 def _syncs(net, policy, new_tokens: int, **config) -> int:
     with SyncCounter() as counter:
         generate_tokens(net, prompts(), policy, GenerationConfig(max_new_tokens=new_tokens, **config))
@@ -184,7 +197,7 @@ def test_static_path_syncs_at_most_once_per_token(models, name):
     per_token = lambda **c: (_syncs(net, policy, 12, **c) - _syncs(net, policy, 4, **c)) / 8
     assert per_token(engine="static", sync_every=1) == 1
     assert per_token(engine="static", sync_every=4) == 0.25
-    assert per_token(engine="dynamic") >= 2           # the dynamic step asks the host inside every token
+    assert per_token(engine="dynamic") >= 2  # the dynamic step asks the host inside every token
 
 
 def test_the_static_step_itself_never_syncs(models):
@@ -204,6 +217,7 @@ def test_the_static_step_itself_never_syncs(models):
 
 # ---- torch.compile ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -220,13 +234,13 @@ def test_compiled_step_is_one_graph_with_the_dynamic_path_tokens(models, fresh_d
     assert_same(dynamic, compiled)
     if name == "classifier":
         assert mixed_exits(compiled), compiled.exit_layers
-    assert counters["stats"]["unique_graphs"] >= 1          # the step really went through dynamo
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really went through dynamo
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_compiled_step_does_not_recompile_per_token_or_threshold(models, fresh_dynamo):
     net = network(models, "llama")
-    policy = ExitPolicy(measure="classifier", threshold=0.5, decay_tau=4.0)        # λ changes every token
+    policy = ExitPolicy(measure="classifier", threshold=0.5, decay_tau=4.0)  # λ changes every token
     config = replace(gen_config(), engine="static", compile="eager", eos_token_ids=())
     generate_tokens(net, prompts(), policy, config)
     graphs = counters["stats"]["unique_graphs"]
@@ -248,6 +262,7 @@ def test_inductor_compiles_the_step(models, fresh_dynamo, kind):
 @pytest.mark.parametrize("kind", [k for k in ALL_KINDS if "window" in k])
 def test_static_engine_refuses_sliding_windows(kind):
     from calm.errors import UnsupportedModelError
+
     calm = CalmModel.from_model(build(kind))
     batch = prompts()
     with pytest.raises(UnsupportedModelError, match="sliding-window"):

@@ -33,7 +33,7 @@ def test_device_side_work_is_not_a_sync():
     with SyncCounter() as counter:
         m = t > 0
         torch.where(m, t, -t).argmax()
-        t[torch.tensor([0, 2])]                          # integer indices need no host
+        t[torch.tensor([0, 2])]  # integer indices need no host
         t.clone().index_fill_(0, torch.tensor([1]), 5.0)
         torch.argsort(m.to(torch.uint8), stable=True)
         torch.isin(t, torch.tensor([2.0]))

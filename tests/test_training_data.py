@@ -1,41 +1,44 @@
-"""calm.training.data: reading the files, the sequences that train, and their order."""
+"""calm.training.data: reading the files, and the sequences that train."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from calm.checkpoint import read_config
 from calm.errors import InputError
 from calm.model import CalmModel
-from calm.training import EpochSampler, TrainConfig, read_training_data, summary_sequence, text_chunks, train
+from calm.training import TrainConfig, read_training_data, summary_sequence, text_chunks, train
 from calm.training.data import lora_sequences
 from training_helpers import training_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("empty.jsonl", b"", "holds no records"),
-    ("blank.jsonl", b'{"document": "  "}\n', "no records with a non-empty document"),
-    ("number.jsonl", b'{"document": 3}\n', "not text"),
-    ("list.jsonl", b'[1, 2]\n', "expected a JSON object"),
-    ("nofield.jsonl", b'{"text": "a story"}\n', "no field 'document'"),
-    ("latin1.jsonl", '{"document": "caf\u00e9"}\n'.encode("latin-1"), "not UTF-8"),
-    ("notjson.jsonl", b"{document: 1}\n", "not valid JSON"),
-    ("empty.txt", b"  \n", "is empty"),
-    ("latin1.txt", "caf\u00e9 au lait".encode("latin-1"), "not UTF-8"),
-    ("data.csv", b"a,b\n", "unsupported training data file"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jsonl", b"", "holds no records"),
+        ("blank.jsonl", b'{"document": "  "}\n', "no records with a non-empty document"),
+        ("number.jsonl", b'{"document": 3}\n', "not text"),
+        ("list.jsonl", b"[1, 2]\n", "expected a JSON object"),
+        ("nofield.jsonl", b'{"text": "a story"}\n', "no field 'document'"),
+        ("latin1.jsonl", '{"document": "caf\u00e9"}\n'.encode("latin-1"), "not UTF-8"),
+        ("notjson.jsonl", b"{document: 1}\n", "not valid JSON"),
+        ("empty.txt", b"  \n", "is empty"),
+        ("latin1.txt", "caf\u00e9 au lait".encode("latin-1"), "not UTF-8"),
+        ("data.csv", b"a,b\n", "unsupported training data file"),
+    ],
+)
 def test_bad_data_is_a_clear_input_error(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
     # the data is read before any model is loaded: the model need not even exist
     with pytest.raises(InputError, match=message):
-        train(TrainConfig(data=(str(path),), out=str(tmp_path / "out"), model=str(tmp_path / "no-model")),
-              progress=False)
+        train(
+            TrainConfig(data=(str(path),), out=str(tmp_path / "out"), model=str(tmp_path / "no-model")), progress=False
+        )
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -68,9 +71,9 @@ def test_text_chunks_are_seeded_and_predict_the_next_token(training_setup):
     chunks = text_chunks(tokenizer, texts, config)
     assert len(chunks) == 3 and all(len(c.ids) <= 32 and len(c.positions) == 5 for c in chunks)
     for c in chunks:
-        assert list(c.positions) == sorted(c.positions) and min(c.positions) >= 8          # after some context
+        assert list(c.positions) == sorted(c.positions) and min(c.positions) >= 8  # after some context
         assert all(c.ids[p + 1] == t for p, t in zip(c.positions, c.targets))
-    assert text_chunks(tokenizer, texts, config) == chunks                                 # a function of the seed
+    assert text_chunks(tokenizer, texts, config) == chunks  # a function of the seed
     assert text_chunks(tokenizer, texts, TrainConfig(**{**config.to_dict(), "seed": 4})) != chunks
 
 
@@ -82,18 +85,7 @@ def test_lora_sequences_train_on_the_summary_and_document_positions(training_set
     assert [s.kind for s in sequences] == ["reference"] * 6 + ["text"] * 2
     first = sequences[0]
     summary = calm.tokenizer(data.documents[0][1].summary, add_special_tokens=False)["input_ids"]
-    assert list(first.ids[-len(summary) - 1:]) == summary + [calm.eos_token_ids[0]]
+    assert list(first.ids[-len(summary) - 1 :]) == summary + [calm.eos_token_ids[0]]
     summary_positions = tuple(range(len(first.ids) - len(summary) - 2, len(first.ids) - 1))
     assert first.positions[3:] == summary_positions and max(first.positions[:3]) < summary_positions[0]
     assert all(first.ids[p + 1] == t for p, t in zip(first.positions, first.targets))
-
-
-def test_sampler_is_a_function_of_seed_and_step():
-    s = EpochSampler(10, seed=1)
-    first = torch.cat([s.indices(step, 4) for step in range(5)])
-    assert sorted(first[:10].tolist()) == list(range(10))        # one epoch is a permutation
-    again = EpochSampler(10, seed=1)
-    assert torch.equal(again.indices(3, 4), s.indices(3, 4))     # a function of (seed, step) alone
-    assert not torch.equal(EpochSampler(10, seed=2).indices(0, 10), s.indices(0, 10))
-    with pytest.raises(InputError, match="no training positions"):
-        EpochSampler(0, seed=1)

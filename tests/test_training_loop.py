@@ -21,19 +21,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_losses_decrease(training_setup, tmp_path):
-    result = train(training_config(training_setup, tmp_path / "out", steps=80, lr=3e-2, batch_size=32, log_every=20,
-                                   checkpoint_every=80), progress=False)
-    first, last = result.history[0], result.history[-1]      # means over steps 1-20 and 61-80
+    result = train(
+        training_config(
+            training_setup, tmp_path / "out", steps=80, lr=3e-2, batch_size=32, log_every=20, checkpoint_every=80
+        ),
+        progress=False,
+    )
+    first, last = result.history[0], result.history[-1]  # means over steps 1-20 and 61-80
     assert last["kl"] < 0.85 * first["kl"]
     assert last["bce"] < 0.95 * first["bce"]
-    assert last["agree"] > first["agree"]                    # more layers now predict the final token
+    assert last["agree"] > first["agree"]  # more layers now predict the final token
     assert result.steps_this_run == 80 and result.num_positions > 0
-    assert result.summaries_generated == 6                   # one greedy summary per document
+    assert result.summaries_generated == 6  # one greedy summary per document
     assert (tmp_path / "out" / "training" / SUMMARIES_FILE).is_file()
 
 
 def test_frozen_backbone_gets_no_gradient(training_setup, tmp_path, monkeypatch):
     import calm.loading
+
     captured = {}
     real = calm.loading.load_backbone
 
@@ -50,14 +55,16 @@ def test_frozen_backbone_gets_no_gradient(training_setup, tmp_path, monkeypatch)
         assert not param.requires_grad, name
         assert torch.equal(param.detach(), captured["before"][name]), name
     heads = result.heads
-    assert heads.up.abs().sum() > 0                          # B_k started at zero and moved
+    assert heads.up.abs().sum() > 0  # B_k started at zero and moved
     assert heads.cls_weight.abs().sum() > 0
 
 
 def test_finetune_writes_a_self_contained_checkpoint(training_setup, tmp_path):
     out = tmp_path / "ft"
-    result = train(training_config(training_setup, out, mode="finetune", steps=3, batch_size=2, lr=1e-3,
-                                   checkpoint_every=3), progress=False)
+    result = train(
+        training_config(training_setup, out, mode="finetune", steps=3, batch_size=2, lr=1e-3, checkpoint_every=3),
+        progress=False,
+    )
     assert result.heads is None and result.final_losses["loss"] > 0
     assert set(result.final_losses) == {"step", "lr", "loss", "first", "last"}
     cfg = read_config(out)
@@ -103,11 +110,37 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
 
 def test_cli_trains_and_records_the_command(training_setup, tmp_path):
     from click.testing import CliRunner
+
     out = tmp_path / "cli"
-    args = ["--model", training_setup["backbone"], "--data", training_setup["docs"], "--data", training_setup["text"],
-            "--out", str(out), "--steps", "3", "--batch-size", "8", "--rank", "4", "--seed", "1",
-            "--summary-tokens", "5", "--max-doc-tokens", "40", "--chunk-tokens", "32", "--max-chunks", "4",
-            "--device", "cpu", "--quiet"]
+    args = [
+        "--model",
+        training_setup["backbone"],
+        "--data",
+        training_setup["docs"],
+        "--data",
+        training_setup["text"],
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--rank",
+        "4",
+        "--seed",
+        "1",
+        "--summary-tokens",
+        "5",
+        "--max-doc-tokens",
+        "40",
+        "--chunk-tokens",
+        "32",
+        "--max-chunks",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     res = CliRunner().invoke(train_command, args)
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and "s/step" in res.output

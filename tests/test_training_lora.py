@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory) -> str:
 @torch.no_grad()
 def _exit_kl(original, calm: CalmModel, ids: torch.Tensor) -> torch.Tensor:
     """Per exit layer 1..L-1: KL(original final || calm's exit head at that layer), mean over positions."""
-    teacher = original(ids).logits[0].float().log_softmax(-1)                                   # [T, V]
+    teacher = original(ids).logits[0].float().log_softmax(-1)  # [T, V]
     hs = calm.model(ids, output_hidden_states=True).hidden_states
     kls = []
     for k in range(1, calm.num_layers):
@@ -50,12 +50,12 @@ def test_lora_training_reduces_exit_kl(tiny_model, tmp_path):
     train(config, progress=False)
     original = load_backbone(tiny_model).model
     after = CalmModel.from_pretrained(config.out)
-    before = CalmModel(load_backbone(tiny_model).model, heads=ExitHeads(after.heads.config))   # the plain head
+    before = CalmModel(load_backbone(tiny_model).model, heads=ExitHeads(after.heads.config))  # the plain head
     ids = torch.tensor([lora_sequences(after, read_training_data(config.data), config)[0].ids])  # prompt + summary
     kl_before, kl_after = _exit_kl(original, before, ids), _exit_kl(original, after, ids)
     assert (kl_after < 0.7 * kl_before).all(), (kl_before, kl_after)
     lora_b = [v for k, v in load_file(str(Path(config.out) / lora.ADAPTER_WEIGHTS)).items() if "lora_B" in k]
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)                 # the backbone itself changed
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # the backbone itself changed
     assert read_config(config.out).extra["training"]["mode"] == "lora"
 
 
@@ -69,6 +69,7 @@ def test_resume_is_bit_for_bit(tiny_model, tmp_path):
     def crash(step, _):
         if step == 4:
             raise Stop
+
     split = lora_config(tiny_model, tmp_path / "b", steps=8)
     with pytest.raises(Stop):
         train(split, progress=False, callback=crash)

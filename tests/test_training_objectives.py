@@ -77,7 +77,7 @@ def test_make_batch_pads_right_and_lists_the_loss_positions():
 
 def test_balance_weights_are_negatives_over_positives():
     w = balance_weights(torch.tensor([1.0, 9.0, 0.0]), torch.tensor([10.0, 10.0, 1e6], dtype=torch.float64))
-    torch.testing.assert_close(w, torch.tensor([10 / 2, 2 / 10, 100.0]))          # smoothed by one, clamped
+    torch.testing.assert_close(w, torch.tensor([10 / 2, 2 / 10, 100.0]))  # smoothed by one, clamped
     assert w.dtype == torch.float32
 
 
@@ -95,6 +95,6 @@ def test_fresh_lora_objective_matches_the_teacher(training_setup):
     assert out["kl"].shape == (2,) and (out["kl"] > 1e-3).all() and out["logits"].shape == (2, 3)
     counts = torch.ones(2, 3, dtype=torch.float64)
     loss, metrics = lora_loss(training_config(training_setup, "o", mode="lora", anchor=2.0), out, [1, 3], counts)
-    assert counts[1].tolist() == [0.99 + 3, 0.99, 0.99 + 3]            # decayed, plus 3 positions at layers 1 and 3
+    assert counts[1].tolist() == [0.99 + 3, 0.99, 0.99 + 3]  # decayed, plus 3 positions at layers 1 and 3
     want = (out["kl"] * torch.tensor([1.0, 3.0])).sum() / 4 + 2.0 * out["anchor"]
     assert loss.item() > want.item() and metrics["exit_kl"] == pytest.approx(want.item() - 2.0 * out["anchor"].item())

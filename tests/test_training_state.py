@@ -32,12 +32,28 @@ def test_state_file_format(tmp_path):
     optimizer.step()
     config = TrainConfig(data=("x.jsonl",), out=str(tmp_path), steps=9)
     path = tmp_path / STATE_FILE
-    save_state(path, module, optimizer, 5, state_meta(config, 1, [{"step": 5, "kl": 1.5}]),
-               {"counts": torch.ones(2, 3, dtype=torch.float64)})
+    save_state(
+        path,
+        module,
+        optimizer,
+        5,
+        state_meta(config, 1, [{"step": 5, "kl": 1.5}]),
+        {"counts": torch.ones(2, 3, dtype=torch.float64)},
+    )
     tensors, metadata = _state(path)
     assert STATE_FILE == "state.safetensors"
-    assert set(tensors) == {"model.weight", "model.bias", "optim.0.step", "optim.0.exp_avg", "optim.0.exp_avg_sq",
-                            "optim.1.step", "optim.1.exp_avg", "optim.1.exp_avg_sq", "rng.torch", "extra.counts"}
+    assert set(tensors) == {
+        "model.weight",
+        "model.bias",
+        "optim.0.step",
+        "optim.0.exp_avg",
+        "optim.0.exp_avg_sq",
+        "optim.1.step",
+        "optim.1.exp_avg",
+        "optim.1.exp_avg_sq",
+        "rng.torch",
+        "extra.counts",
+    }
     assert set(metadata) == {"format", "step", "meta", "param_groups"}
     assert metadata["format"] == "calm-training-state" and metadata["step"] == "5"
     meta = json.loads(metadata["meta"])
@@ -88,10 +104,10 @@ def test_resume_gives_the_same_heads(training_setup, tmp_path):
     assert metadata["step"] == "4" and {"extra.pos_count", "extra.all_count"} <= set(tensors)
     resumed = train(TrainConfig(**{**cfg.to_dict(), "data": cfg.data, "resume": True}), progress=False)
     assert resumed.resumed_from == 4 and resumed.steps_this_run == 3
-    assert resumed.summaries_generated == 0                  # from the cache in the work dir
+    assert resumed.summaries_generated == 0  # from the cache in the work dir
     a, b = load_file(str(tmp_path / "a" / HEADS_FILE)), load_file(str(tmp_path / "b" / HEADS_FILE))
     for name in a:
-        assert torch.equal(a[name], b[name]), name                # bitwise on CPU
+        assert torch.equal(a[name], b[name]), name  # bitwise on CPU
     assert full.final_losses["kl"] == pytest.approx(resumed.final_losses["kl"], rel=1e-5)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from calm.adapters.base import Adapter, EncoderMemory, StepContext
 from calm.adapters.gpt2 import GPT2Adapter
@@ -10,10 +10,13 @@ from calm.adapters.llama import LlamaAdapter
 from calm.adapters.t5 import T5Adapter
 from calm.errors import UnsupportedModelError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GPT2Adapter, T5Adapter]
 
 
-def adapter_for(model: torch.nn.Module) -> Adapter:
+def adapter_for(model: PreTrainedModel) -> Adapter:
     """The adapter for a loaded transformers model, chosen by its config.model_type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for cls in ADAPTERS:

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, overload
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
 class EncoderMemory:
     """What an encoder-decoder's decoder attends to, computed once per generation."""
 
-    cross_k: tuple[torch.Tensor, ...]   # per layer [B, H, T_enc, D_head]
-    cross_v: tuple[torch.Tensor, ...]   # per layer [B, H, T_enc, D_head]
-    mask: torch.Tensor                  # [B, T_enc] bool
+    cross_k: tuple[torch.Tensor, ...]  # per layer [B, H, T_enc, D_head]
+    cross_v: tuple[torch.Tensor, ...]  # per layer [B, H, T_enc, D_head]
+    mask: torch.Tensor  # [B, T_enc] bool
 
 
 @dataclass(frozen=True)
@@ -33,27 +37,33 @@ class RowAttention:
     exited, whose layer output is dropped). Costs one attention call per listed row.
     """
 
-    queries: tuple[int, ...]   # indices into the query batch
-    rows: tuple[int, ...]      # the cache row each of them reads
-    starts: tuple[int, ...]    # that row's first real slot
+    queries: tuple[int, ...]  # indices into the query batch
+    rows: tuple[int, ...]  # the cache row each of them reads
+    starts: tuple[int, ...]  # that row's first real slot
 
 
 @dataclass(frozen=True)
 class StepContext:
     """Per-forward tensors shared by all layers: positions, attention mask, rotary tables."""
 
-    positions: torch.Tensor                  # [B, T] long
-    mask: torch.Tensor | None                # [B, 1, T, S] bool, True = may attend; None: causal, no padding
-    start: int | torch.Tensor                # cache slot of the first of the T new tokens (static path: long [1])
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin [B, T, D_head]
-    position_bias: torch.Tensor | None = None               # [1, H, T, S] (T5)
+    positions: torch.Tensor  # [B, T] long
+    mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend; None: causal, no padding
+    start: int | torch.Tensor  # cache slot of the first of the T new tokens (static path: long [1])
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [B, T, D_head]
+    position_bias: torch.Tensor | None = None  # [1, H, T, S] (T5)
     encoder: EncoderMemory | None = None
     extras: dict = field(default_factory=dict)
-    row_attention: RowAttention | None = None                # None: every query row attends at once
-    window: int | None = None                                # sliding-window layers: keys within `window` slots
-    window_mask: torch.Tensor | None = None                  # their [B, 1, T, S] mask; None: every key is in reach
+    row_attention: RowAttention | None = None  # None: every query row attends at once
+    window: int | None = None  # sliding-window layers: keys within `window` slots
+    window_mask: torch.Tensor | None = None  # their [B, 1, T, S] mask; None: every key is in reach
 
 
+@overload
+def pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor: ...
+@overload
+def pick(t: None, rows: torch.Tensor | None) -> None: ...
+@overload
+def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None: ...
 def pick(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
     """Rows of a batch-first tensor; all of them when rows is None."""
     return t if rows is None or t is None else t.index_select(0, rows)
@@ -71,20 +81,22 @@ def attention_mask(key_mask: torch.Tensor, start: int, num_new: int, window: int
     end = start + num_new
     slots = torch.arange(end, device=key_mask.device)
     query_slots = torch.arange(start, end, device=key_mask.device)
-    causal = slots[None, :] <= query_slots[:, None]                     # [T, S]
+    causal = slots[None, :] <= query_slots[:, None]  # [T, S]
     if window is not None:
         causal &= slots[None, :] > query_slots[:, None] - window
-    allowed = causal[None] & key_mask[:, None, :end]                    # [B, T, S]
+    allowed = causal[None] & key_mask[:, None, :end]  # [B, T, S]
     allowed |= slots[None, None, :] == query_slots[None, :, None]
     return allowed[:, None]
 
 
-def padding_free_mask(key_mask: torch.Tensor, start: int, num_new: int, window: int | None = None) -> torch.Tensor | None:
+def padding_free_mask(
+    key_mask: torch.Tensor, start: int, num_new: int, window: int | None = None
+) -> torch.Tensor | None:
     """Like attention_mask, but None when no row has padding and the new tokens start at slot 0 (a
     plain causal prompt) or are a single decode token, and every key is within the window: attention
     then needs no mask (one host sync)."""
     in_reach = window is None or start + num_new <= window
-    if in_reach and (start == 0 or num_new == 1) and bool(key_mask[:, :start + num_new].all()):
+    if in_reach and (start == 0 or num_new == 1) and bool(key_mask[:, : start + num_new].all()):
         return None
     return attention_mask(key_mask, start, num_new, window)
 
@@ -95,9 +107,16 @@ def slot_mask(key_mask: torch.Tensor) -> torch.Tensor:
     return key_mask[:, None, None, :]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float | None, bias: torch.Tensor | None = None, per_row: RowAttention | None = None,
-           window: int | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    bias: torch.Tensor | None = None,
+    per_row: RowAttention | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D].
 
     With per_row, k and v are the whole batch's cache and only the listed queries attend (see
@@ -113,37 +132,51 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     for j, r, s in zip(per_row.queries, per_row.rows, per_row.starts):
         s = max(s, first_in_reach)
         row_bias = None if bias is None else bias[..., s:]
-        out[j] = _attend_batch(q[j:j + 1], k[r:r + 1, :, s:], v[r:r + 1, :, s:], None, scale, row_bias)[0]
+        out[j] = _attend_batch(q[j : j + 1], k[r : r + 1, :, s:], v[r : r + 1, :, s:], None, scale, row_bias)[0]
     return out
 
 
-def _attend_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float | None, bias: torch.Tensor | None) -> torch.Tensor:
+def _attend_batch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     if bias is not None:
         mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
-    causal = mask is None and t > 1               # None: no padding (see padding_free_mask)
+    causal = mask is None and t > 1  # None: no padding (see padding_free_mask)
     if t == 1 and h != kv_heads:
         # One decode query per head: a group's query heads become query rows over their shared K/V,
         # so each K/V head is read once instead of once per query head.
         out = F.scaled_dot_product_attention(q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, 1, h * d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
-                                         enable_gqa=h != kv_heads)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=h != kv_heads
+    )
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 class Adapter(ABC):
-    """One transformers architecture family seen as a stack of exit-able layers."""
+    """One transformers architecture family seen as a stack of exit-able layers.
 
-    model: torch.nn.Module
+    Subclasses hold the model's inner modules (layers, norms, embeddings) as Any: they are reached by
+    attribute, which torch types as Tensor | Module, and their classes differ by architecture."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()  # the transformers config.model_type values it takes
+    model: PreTrainedModel
     num_layers: int
     num_kv_heads: int
     head_dim: int
     hidden_size: int
     vocab_size: int
     is_encoder_decoder: bool = False
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
 
     @property
     def device(self) -> torch.device:
@@ -158,8 +191,14 @@ class Adapter(ABC):
         """ids, positions [B, T] -> h [B, T, D]."""
 
     @abstractmethod
-    def context(self, positions: torch.Tensor, key_mask: torch.Tensor, start: int,
-                encoder: EncoderMemory | None = None, slot_positions: torch.Tensor | None = None) -> StepContext:
+    def context(
+        self,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor,
+        start: int,
+        encoder: EncoderMemory | None = None,
+        slot_positions: torch.Tensor | None = None,
+    ) -> StepContext:
         """The shared tensors of one forward over T new tokens at cache slots start..start+T-1.
 
         slot_positions [B, S]: the position of the token in each cache slot, for caches whose real
@@ -167,8 +206,9 @@ class Adapter(ABC):
         consecutive positions. Only attention that depends on key positions at attention time (T5's
         relative bias) reads it: RoPE and absolute positions are already in the cached keys."""
 
-    def static_context(self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor,
-                       encoder: EncoderMemory | None = None) -> StepContext:
+    def static_context(
+        self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor, encoder: EncoderMemory | None = None
+    ) -> StepContext:
         """context() for one decode token at cache slot `slot` (long [1]) attending over every slot of
         the cache: fixed shapes and no host sync, for the static path (calm.static_decode)."""
         return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, encoder=encoder)
@@ -182,8 +222,16 @@ class Adapter(ABC):
         """Self-attention K, V [B, H_kv, T, D_head] of attn_input x (positions applied)."""
 
     @abstractmethod
-    def finish_layer(self, layer: int, h: torch.Tensor, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     ctx: StepContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def finish_layer(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: StepContext,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The rest of the layer for `rows` (all when None): h, x [R, T, D]; k, v the cache
         [R, H_kv, S, D_head] including the new slots. Returns the layer output [R, T, D]."""
 

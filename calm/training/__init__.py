@@ -27,9 +27,10 @@ bf16 autocast on GPU). Data order is a pure function of (seed, step), and period
 hold the trained weights, the optimizer moments, the step and the RNG state in safetensors (nothing
 is pickled), so ``resume`` continues to the same result as an uninterrupted run.
 
-The modules: config (TrainConfig, TrainResult), data (files, sequences, the model's own summaries,
-data order), features (hidden states), objectives (the modes' objectives and losses), modes (what
-heads and finetune train, and their steps), lora (mode lora's peft wiring), state (the training
+The modules: config (TrainConfig, TrainResult), data (files, the sequences that train), summaries
+(the model's own summaries and their cache), order (seeded randomness, the data order), features
+(hidden states), objectives (the modes' objectives and losses), modes (what heads and finetune
+train, and their steps), lora (mode lora's peft wiring), state (the training
 state and resuming), loop (`train`: load, build, resume, the step loop, checkpoints) and agreement
 (the per-layer agreement report).
 """
@@ -37,43 +38,72 @@ state and resuming), loop (`train`: load, build, resume, the step loop, checkpoi
 from calm.checkpoint import BACKBONE_DIR
 from calm.checkpoint import save_backbone as _save_backbone
 from calm.training.agreement import (
-                                     SummaryFeatures,
-                                     agreement_markdown,
-                                     agreement_report,
-                                     layer_agreement,
-                                     summary_features,
+    SummaryFeatures,
+    agreement_markdown,
+    agreement_report,
+    layer_agreement,
+    summary_features,
 )
 from calm.training.config import MODES, TrainConfig, TrainResult
 from calm.training.data import (
-                                     SUMMARIES_FILE,
-                                     EpochSampler,
-                                     TrainingData,
-                                     TrainSequence,
-                                     generate_summaries,
-                                     lora_sequences,
-                                     read_training_data,
-                                     read_training_jsonl,
-                                     summary_sequence,
-                                     text_chunks,
+    TrainingData,
+    TrainSequence,
+    lora_sequences,
+    read_training_data,
+    read_training_jsonl,
+    summary_sequence,
+    text_chunks,
 )
 from calm.training.features import Features, hidden_features, last_state_is_normed
 from calm.training.loop import adapted_backbone, learning_rate, train
 from calm.training.objectives import (
-                                     COUNT_DECAY,
-                                     FinetuneObjective,
-                                     HeadsObjective,
-                                     LoraObjective,
-                                     classifier_logits,
-                                     layer_weights,
+    COUNT_DECAY,
+    FinetuneObjective,
+    HeadsObjective,
+    LoraObjective,
+    classifier_logits,
+    layer_weights,
 )
+from calm.training.order import EpochSampler
 from calm.training.state import RESUME_FREE, STATE_FILE, check_fingerprint, load_state, save_state
+from calm.training.summaries import SUMMARIES_FILE, generate_summaries
 
 __all__ = [
-    "BACKBONE_DIR", "COUNT_DECAY", "MODES", "RESUME_FREE", "STATE_FILE", "SUMMARIES_FILE",
-    "EpochSampler", "Features", "FinetuneObjective", "HeadsObjective", "LoraObjective", "SummaryFeatures",
-    "TrainConfig", "TrainResult", "TrainSequence", "TrainingData",
-    "_save_backbone", "adapted_backbone", "agreement_markdown", "agreement_report", "check_fingerprint",
-    "classifier_logits", "generate_summaries", "hidden_features", "last_state_is_normed", "layer_agreement",
-    "layer_weights", "learning_rate", "load_state", "lora_sequences", "read_training_data", "read_training_jsonl",
-    "save_state", "summary_features", "summary_sequence", "text_chunks", "train",
+    "BACKBONE_DIR",
+    "COUNT_DECAY",
+    "MODES",
+    "RESUME_FREE",
+    "STATE_FILE",
+    "SUMMARIES_FILE",
+    "EpochSampler",
+    "Features",
+    "FinetuneObjective",
+    "HeadsObjective",
+    "LoraObjective",
+    "SummaryFeatures",
+    "TrainConfig",
+    "TrainResult",
+    "TrainSequence",
+    "TrainingData",
+    "_save_backbone",
+    "adapted_backbone",
+    "agreement_markdown",
+    "agreement_report",
+    "check_fingerprint",
+    "classifier_logits",
+    "generate_summaries",
+    "hidden_features",
+    "last_state_is_normed",
+    "layer_agreement",
+    "layer_weights",
+    "learning_rate",
+    "load_state",
+    "lora_sequences",
+    "read_training_data",
+    "read_training_jsonl",
+    "save_state",
+    "summary_features",
+    "summary_sequence",
+    "text_chunks",
+    "train",
 ]

@@ -16,16 +16,10 @@ from calm.checkpoint import read_config
 from calm.errors import InputError
 from calm.heads import ExitHeads
 from calm.training.config import TrainConfig
-from calm.training.data import (
-    SUMMARIES_FILE,
-    encode_prompt,
-    generate_summaries,
-    read_training_jsonl,
-    summary_jobs,
-    summary_sequence,
-)
+from calm.training.data import encode_prompt, read_training_jsonl, summary_sequence
 from calm.training.features import Features, hidden_features, last_state_is_normed
 from calm.training.loop import ProgressUi, progress_bar
+from calm.training.summaries import SUMMARIES_FILE, generate_summaries, summary_jobs
 
 if TYPE_CHECKING:
     from calm.model import CalmModel
@@ -58,10 +52,10 @@ def layer_agreement(adapter: Adapter, heads: ExitHeads | None, features: Feature
     cls_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(L1)]
     use_cls = heads is not None and heads.config.classifier
     for start in range(0, P, chunk):
-        final = features.final[start:start + chunk].to(adapter.dtype)
+        final = features.final[start : start + chunk].to(adapter.dtype)
         top = adapter.lm_head(final).argmax(-1)
         for k in range(1, L1 + 1):
-            h = features.exits[start:start + chunk, k - 1].to(adapter.dtype)
+            h = features.exits[start : start + chunk, k - 1].to(adapter.dtype)
             layers = torch.full((h.shape[0],), k, dtype=torch.long, device=h.device)
             plain[k - 1] += (adapter.lm_head(adapter.final_norm(h)).argmax(-1) == top).sum().item()
             if heads is not None:
@@ -94,35 +88,62 @@ def _classifier_quality(cls_rows: list[list[tuple[torch.Tensor, torch.Tensor]]])
 class SummaryFeatures:
     features: Features
     documents: int
-    examples: tuple[str, ...]      # the first generated summaries, for the report
-    seconds: float                 # generating the summaries (or reading them from the cache)
+    examples: tuple[str, ...]  # the first generated summaries, for the report
+    seconds: float  # generating the summaries (or reading them from the cache)
 
 
-def summary_features(calm: CalmModel, data: str, num_docs: int, *, summary_tokens: int = 48,
-                     max_doc_tokens: int = 256, gen_batch_size: int = 16, progress: bool = True,
-                     cache: str | None = None) -> SummaryFeatures:
+def summary_features(
+    calm: CalmModel,
+    data: str,
+    num_docs: int,
+    *,
+    summary_tokens: int = 48,
+    max_doc_tokens: int = 256,
+    gen_batch_size: int = 16,
+    progress: bool = True,
+    cache: str | None = None,
+) -> SummaryFeatures:
     """The backbone's hidden states at every position of its own greedy summaries of the first
     num_docs documents of `data`. `cache`: a JSONL file keeping the summaries between reports
     (they depend on the backbone only, not on the heads)."""
     t0 = time.perf_counter()
-    records = read_training_jsonl(Path(data))[0][:num_docs]        # documents without text are skipped
-    cfg = TrainConfig(data=(data,), out=".", summary_tokens=summary_tokens, max_doc_tokens=max_doc_tokens,
-                      gen_batch_size=gen_batch_size)
+    records = read_training_jsonl(Path(data))[0][:num_docs]  # documents without text are skipped
+    cfg = TrainConfig(
+        data=(data,),
+        out=".",
+        summary_tokens=summary_tokens,
+        max_doc_tokens=max_doc_tokens,
+        gen_batch_size=gen_batch_size,
+    )
     jobs = summary_jobs(calm, [(data, r) for r in records], cfg, 1)
     with progress_bar(progress) as bar, tempfile.TemporaryDirectory() as tmp:
         ui = ProgressUi(bar)
         summaries, _ = generate_summaries(calm, jobs, cfg, Path(cache) if cache else Path(tmp) / SUMMARIES_FILE, ui)
-        sequences = [summary_sequence(encode_prompt(calm, j.prompt, summary_tokens), summaries[j.key]["token_ids"],
-                                      "summary", data) for j in jobs if summaries[j.key]["token_ids"]]
+        sequences = [
+            summary_sequence(
+                encode_prompt(calm, j.prompt, summary_tokens), summaries[j.key]["token_ids"], "summary", data
+            )
+            for j in jobs
+            if summaries[j.key]["token_ids"]
+        ]
         seconds = time.perf_counter() - t0
         normed = last_state_is_normed(calm.model, calm.adapter, calm.device)
         features = hidden_features(calm.model, calm.adapter, sequences, calm.device, normed, ui)
     return SummaryFeatures(features, len(records), tuple(summaries[j.key]["text"] for j in jobs[:3]), seconds)
 
 
-def agreement_report(checkpoint: str, data: str, num_docs: int = 50, *,
-                     summary_tokens: int = 48, max_doc_tokens: int = 256, gen_batch_size: int = 16,
-                     device: str | None = None, progress: bool = True, cache: str | None = None) -> dict:
+def agreement_report(
+    checkpoint: str,
+    data: str,
+    num_docs: int = 50,
+    *,
+    summary_tokens: int = 48,
+    max_doc_tokens: int = 256,
+    gen_batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = True,
+    cache: str | None = None,
+) -> dict:
     """Agreement with the final layer on the model's own greedy summaries of the first num_docs
     documents of `data`: the plain shared head (before training) vs the checkpoint's heads (after)."""
     from calm.model import CalmModel
@@ -132,25 +153,46 @@ def agreement_report(checkpoint: str, data: str, num_docs: int = 50, *,
     calm = CalmModel.from_pretrained(checkpoint, device=device)
     if calm.heads is None:
         raise InputError(f"{checkpoint} has no exit heads to report on")
-    found = summary_features(calm, data, num_docs, summary_tokens=summary_tokens, max_doc_tokens=max_doc_tokens,
-                             gen_batch_size=gen_batch_size, progress=progress, cache=cache)
+    found = summary_features(
+        calm,
+        data,
+        num_docs,
+        summary_tokens=summary_tokens,
+        max_doc_tokens=max_doc_tokens,
+        gen_batch_size=gen_batch_size,
+        progress=progress,
+        cache=cache,
+    )
     result = layer_agreement(calm.adapter, calm.heads, found.features)
-    result.update({"checkpoint": str(checkpoint), "backbone": config.backbone, "data": str(data),
-                   "documents": found.documents, "summary_tokens": summary_tokens, "max_doc_tokens": max_doc_tokens,
-                   "training": (config.extra or {}).get("training", {}).get("config"),
-                   "seconds": {"summaries": found.seconds, "total": time.perf_counter() - t0},
-                   "examples": list(found.examples)})
+    result.update(
+        {
+            "checkpoint": str(checkpoint),
+            "backbone": config.backbone,
+            "data": str(data),
+            "documents": found.documents,
+            "summary_tokens": summary_tokens,
+            "max_doc_tokens": max_doc_tokens,
+            "training": (config.extra or {}).get("training", {}).get("config"),
+            "seconds": {"summaries": found.seconds, "total": time.perf_counter() - t0},
+            "examples": list(found.examples),
+        }
+    )
     return result
 
 
 def agreement_markdown(report: dict) -> str:
-    lines = [f"# Per-layer agreement with the final layer: {report['checkpoint']}", "",
-             f"Backbone `{report['backbone']}`; {report['documents']} documents of `{report['data']}`, "
-             f"{report['positions']} positions of the model's own greedy summaries (max {report['summary_tokens']} "
-             f"new tokens, documents cut to {report['max_doc_tokens']} tokens).", "",
-             "Agreement = argmax of layer k's next-token prediction equals the final layer's argmax. "
-             "*before*: the backbone's own final norm + LM head on layer k's state; *after*: through the trained "
-             "low-rank map first. Classifier AUC: exit classifier's score against the *after* agreement label.", ""]
+    lines = [
+        f"# Per-layer agreement with the final layer: {report['checkpoint']}",
+        "",
+        f"Backbone `{report['backbone']}`; {report['documents']} documents of `{report['data']}`, "
+        f"{report['positions']} positions of the model's own greedy summaries (max {report['summary_tokens']} "
+        f"new tokens, documents cut to {report['max_doc_tokens']} tokens).",
+        "",
+        "Agreement = argmax of layer k's next-token prediction equals the final layer's argmax. "
+        "*before*: the backbone's own final norm + LM head on layer k's state; *after*: through the trained "
+        "low-rank map first. Classifier AUC: exit classifier's score against the *after* agreement label.",
+        "",
+    ]
     cls = report.get("classifier")
     header = "| layer | before | after | gain |" + (" classifier AUC | acc@0.5 |" if cls else "")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

@@ -10,9 +10,23 @@ from calm.errors import InputError
 from calm.heads import ExitHeads
 
 MODES = ("heads", "finetune", "lora")
-POSITIVE = ("steps", "batch_size", "layers_per_step", "min_exit_layer", "rank", "lora_rank", "doc_positions",
-            "summaries_per_doc", "summary_tokens", "max_doc_tokens", "gen_batch_size", "chunk_tokens",
-            "positions_per_chunk", "checkpoint_every", "log_every")
+POSITIVE = (
+    "steps",
+    "batch_size",
+    "layers_per_step",
+    "min_exit_layer",
+    "rank",
+    "lora_rank",
+    "doc_positions",
+    "summaries_per_doc",
+    "summary_tokens",
+    "max_doc_tokens",
+    "gen_batch_size",
+    "chunk_tokens",
+    "positions_per_chunk",
+    "checkpoint_every",
+    "log_every",
+)
 PEAK_LR = {"heads": 3e-3, "finetune": 2e-5, "lora": 3e-4}
 
 
@@ -20,39 +34,39 @@ PEAK_LR = {"heads": 3e-3, "finetune": 2e-5, "lora": 3e-4}
 class TrainConfig:
     """What `train` does. Paths are strings so the config is JSON as it stands."""
 
-    data: tuple[str, ...]                   # .jsonl (`document`, optional `summary`) and .txt files
-    out: str                                # the calm checkpoint directory written
-    model: str = "smollm2"                  # alias, local dir, .gguf, hub id, or a calm checkpoint
-    mode: str = "heads"                     # "heads" (frozen backbone), "finetune" or "lora" (calm.training.lora)
+    data: tuple[str, ...]  # .jsonl (`document`, optional `summary`) and .txt files
+    out: str  # the calm checkpoint directory written
+    model: str = "smollm2"  # alias, local dir, .gguf, hub id, or a calm checkpoint
+    mode: str = "heads"  # "heads" (frozen backbone), "finetune" or "lora" (calm.training.lora)
     steps: int = 600
-    batch_size: int = 64                    # heads: positions per step; finetune, lora: sequences per step
-    layers_per_step: int = 4                # heads: exit layers sampled per position
-    min_exit_layer: int = 1                 # heads: train exit layers min_exit_layer..L-1 only
-    lr: float | None = None                 # None: 3e-3 (heads), 2e-5 (finetune), 3e-4 (lora)
-    warmup: float = 0.05                    # fraction of steps of linear warm-up; cosine decay to 10 % after
+    batch_size: int = 64  # heads: positions per step; finetune, lora: sequences per step
+    layers_per_step: int = 4  # heads: exit layers sampled per position
+    min_exit_layer: int = 1  # heads: train exit layers min_exit_layer..L-1 only
+    lr: float | None = None  # None: 3e-3 (heads), 2e-5 (finetune), 3e-4 (lora)
+    warmup: float = 0.05  # fraction of steps of linear warm-up; cosine decay to 10 % after
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    rank: int = 32                          # of the exit heads' low-rank maps
-    lora_rank: int = 16                     # lora: rank of the backbone's adapters
-    lora_layers: str | None = None          # lora: decoder layers adapted, "first-last" (0-based); None: all
-    anchor: float = 1.0                     # lora: weight of the final layer's KL to the original model
-    doc_positions: int = 16                 # lora: random document positions per sequence besides the summary
+    rank: int = 32  # of the exit heads' low-rank maps
+    lora_rank: int = 16  # lora: rank of the backbone's adapters
+    lora_layers: str | None = None  # lora: decoder layers adapted, "first-last" (0-based); None: all
+    anchor: float = 1.0  # lora: weight of the final layer's KL to the original model
+    doc_positions: int = 16  # lora: random document positions per sequence besides the summary
     classifier: bool = True
     transform: bool = True
     seed: int = 0
     resume: bool = False
-    max_docs: int | None = None             # documents used from the JSONL files (all of them: None)
-    summaries_per_doc: int = 1              # the first greedy, further ones sampled (temperature 1, top-p 0.9)
-    summary_tokens: int = 64                # max new tokens of a generated summary
-    max_doc_tokens: int = 384               # documents are cut to this many tokens before prompting
+    max_docs: int | None = None  # documents used from the JSONL files (all of them: None)
+    summaries_per_doc: int = 1  # the first greedy, further ones sampled (temperature 1, top-p 0.9)
+    summary_tokens: int = 64  # max new tokens of a generated summary
+    max_doc_tokens: int = 384  # documents are cut to this many tokens before prompting
     gen_batch_size: int = 8
-    chunk_tokens: int = 256                 # text files are split into chunks of this many tokens
-    max_chunks: int | None = 200            # text chunks used, spread over the text files (all: None)
-    positions_per_chunk: int = 32           # random positions taken from each text chunk
+    chunk_tokens: int = 256  # text files are split into chunks of this many tokens
+    max_chunks: int | None = 200  # text chunks used, spread over the text files (all: None)
+    positions_per_chunk: int = 32  # random positions taken from each text chunk
     checkpoint_every: int = 100
     log_every: int = 10
-    device: str = "auto"                    # auto | cpu | cuda (accelerate launch decides for multi-GPU)
-    work_dir: str | None = None             # summaries cache + training state; default <out>/training
+    device: str = "auto"  # auto | cpu | cuda (accelerate launch decides for multi-GPU)
+    work_dir: str | None = None  # summaries cache + training state; default <out>/training
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
@@ -111,13 +125,13 @@ def _is_layer_range(text: str) -> bool:
 class TrainResult:
     out: Path
     mode: str
-    steps: int                               # steps done in total (== config.steps)
+    steps: int  # steps done in total (== config.steps)
     steps_this_run: int
-    resumed_from: int | None                 # the step a resumed run started from
-    final_losses: dict                       # mean over the last log window
-    history: tuple[dict, ...]                # one entry per log window of this run
-    num_positions: int                       # heads: training positions; finetune, lora: loss positions
+    resumed_from: int | None  # the step a resumed run started from
+    final_losses: dict  # mean over the last log window
+    history: tuple[dict, ...]  # one entry per log window of this run
+    num_positions: int  # heads: training positions; finetune, lora: loss positions
     num_sequences: int
-    summaries_generated: int                 # by this run (the rest came from the cache)
-    timings: dict                            # seconds: load, summaries, features, train; per_step, per_summary
-    heads: ExitHeads | None = None           # the trained heads (modes heads and lora), on the CPU
+    summaries_generated: int  # by this run (the rest came from the cache)
+    timings: dict  # seconds: load, summaries, features, train; per_step, per_summary
+    heads: ExitHeads | None = None  # the trained heads (modes heads and lora), on the CPU

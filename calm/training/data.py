@@ -1,4 +1,4 @@
-"""Training data: the files, the token sequences that train, and their order.
+"""Training data: the files, and the token sequences that train (their order: calm.training.order).
 
 A `TrainSequence` is a token sequence and the positions of it whose next token is a target. They
 come from the model's own summaries of the documents (generated once and cached in the work dir),
@@ -8,20 +8,26 @@ from the reference summaries, and from chunks of plain text. Every random choice
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from calm.checkpoint import write_atomic
 from calm.data import Record, read_jsonl, read_text
 from calm.errors import InputError
-from calm.prompts import summary_prompt, truncate_document
 from calm.training.config import TrainConfig
+from calm.training.order import generator
+from calm.training.summaries import (
+    SUMMARIES_FILE,
+    document_prompt,
+    generate_summaries,
+    read_summary_cache,
+    summary_jobs,
+    write_summary_cache,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -29,19 +35,19 @@ if TYPE_CHECKING:
     from calm.model import CalmModel
     from calm.training.loop import ProgressUi
 
-SUMMARIES_FILE = "summaries.jsonl"
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens")
-MIN_CONTEXT = 8             # text-chunk positions start after this many tokens of context
+MIN_CONTEXT = 8  # text-chunk positions start after this many tokens of context
 
 
 # ---- files ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TrainingData:
-    documents: tuple[tuple[str, Record], ...]     # (file, record)
-    texts: tuple[tuple[str, str], ...]            # (file, text)
-    files: tuple[dict, ...]                       # what each file is, for the checkpoint's record
+    documents: tuple[tuple[str, Record], ...]  # (file, record)
+    texts: tuple[tuple[str, str], ...]  # (file, text)
+    files: tuple[dict, ...]  # what each file is, for the checkpoint's record
 
 
 def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> TrainingData:
@@ -57,8 +63,12 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
         if suffix in JSONL_SUFFIXES:
             records, skipped = read_training_jsonl(p)
             documents.extend((str(path), r) for r in records)
-            entry: dict[str, Any] = {"path": str(path), "kind": "jsonl", "records": len(records),
-                                     "sha256": file_hash(p)}
+            entry: dict[str, Any] = {
+                "path": str(path),
+                "kind": "jsonl",
+                "records": len(records),
+                "sha256": file_hash(p),
+            }
             if skipped:
                 entry["skipped_empty_documents_at_lines"] = skipped
             files.append(entry)
@@ -68,8 +78,10 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
         else:
             if not p.is_file():
                 raise InputError(f"file not found: {p}")
-            raise InputError(f"{p}: unsupported training data file; give .jsonl records (a 'document' field and "
-                             f"optional 'summary') or plain UTF-8 text ({', '.join(TEXT_SUFFIXES)})")
+            raise InputError(
+                f"{p}: unsupported training data file; give .jsonl records (a 'document' field and "
+                f"optional 'summary') or plain UTF-8 text ({', '.join(TEXT_SUFFIXES)})"
+            )
     if max_docs is not None:
         documents = documents[:max_docs]
     if not documents and not texts:
@@ -93,17 +105,8 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def mix(*parts: object) -> int:
-    """A 63-bit seed from any tuple of ints and strings (stable across processes and runs)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(mix(*parts))
-
-
 # ---- sequences ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TrainSequence:
@@ -112,12 +115,8 @@ class TrainSequence:
     ids: tuple[int, ...]
     positions: tuple[int, ...]
     targets: tuple[int, ...]
-    kind: str                 # "summary" | "reference" | "text"
+    kind: str  # "summary" | "reference" | "text"
     source: str
-
-
-def document_prompt(tokenizer: Any, document: str, config: TrainConfig) -> str:
-    return summary_prompt(truncate_document(tokenizer, document, config.max_doc_tokens))
 
 
 def encode_prompt(calm: CalmModel, prompt: str, max_new_tokens: int) -> list[int]:
@@ -129,8 +128,9 @@ def summary_sequence(prompt_ids: Sequence[int], summary_ids: Sequence[int], kind
     """prompt + summary; the positions are the n predictions that wrote the n summary tokens."""
     n, p = len(summary_ids), len(prompt_ids)
     ids = tuple(prompt_ids) + tuple(summary_ids)
-    return TrainSequence(ids=ids, positions=tuple(range(p - 1, p + n - 1)), targets=tuple(summary_ids),
-                         kind=kind, source=source)
+    return TrainSequence(
+        ids=ids, positions=tuple(range(p - 1, p + n - 1)), targets=tuple(summary_ids), kind=kind, source=source
+    )
 
 
 def has_summary(record: Record) -> bool:
@@ -139,7 +139,8 @@ def has_summary(record: Record) -> bool:
 
 def reference_sequence(calm: CalmModel, record: Record, source: str, config: TrainConfig) -> TrainSequence:
     """Summary prompt + the record's reference summary and an end of sequence (a record with a summary)."""
-    assert record.summary is not None
+    if calm.tokenizer is None or record.summary is None:
+        raise InputError(f"{source}: a reference sequence needs the model's tokenizer and the record's summary")
     prompt = encode_prompt(calm, document_prompt(calm.tokenizer, record.document, config), config.summary_tokens)
     eos = list(calm.eos_token_ids[:1])
     target = calm.tokenizer(record.summary.strip(), add_special_tokens=False)["input_ids"] + eos
@@ -156,119 +157,62 @@ def lora_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig) -> 
         seq = reference_sequence(calm, record, source, config)
         prompt_length = len(seq.ids) - len(seq.targets)
         doc = torch.randperm(prompt_length - 1, generator=generator(config.seed, "doc", number))
-        positions = tuple(sorted(doc[:config.doc_positions].tolist())) + seq.positions
-        out.append(TrainSequence(ids=seq.ids, positions=positions, targets=tuple(seq.ids[p + 1] for p in positions),
-                                 kind="reference", source=source))
+        positions = tuple(sorted(doc[: config.doc_positions].tolist())) + seq.positions
+        out.append(
+            TrainSequence(
+                ids=seq.ids,
+                positions=positions,
+                targets=tuple(seq.ids[p + 1] for p in positions),
+                kind="reference",
+                source=source,
+            )
+        )
     return out + text_chunks(calm.tokenizer, data.texts, config)
 
 
-def text_chunks(tokenizer: Any, texts: Sequence[tuple[str, str]], config: TrainConfig,
-                all_positions: bool = False) -> list[TrainSequence]:
+def text_chunks(
+    tokenizer: Any, texts: Sequence[tuple[str, str]], config: TrainConfig, all_positions: bool = False
+) -> list[TrainSequence]:
     """Chunks of chunk_tokens tokens of the text files, max_chunks of them picked at random
     (seeded) across all files, each with positions_per_chunk random positions."""
     chunks: list[tuple[str, list[int]]] = []
     for source, text in texts:
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         for start in range(0, len(ids), config.chunk_tokens):
-            piece = ids[start:start + config.chunk_tokens]
+            piece = ids[start : start + config.chunk_tokens]
             if len(piece) >= 2:
                 chunks.append((source, piece))
     if texts and not chunks:
         raise InputError(f"the text files ({', '.join(s for s, _ in texts)}) hold fewer than 2 tokens")
     if config.max_chunks is not None and len(chunks) > config.max_chunks:
-        pick = torch.randperm(len(chunks), generator=generator(config.seed, "chunks"))[:config.max_chunks]
+        pick = torch.randperm(len(chunks), generator=generator(config.seed, "chunks"))[: config.max_chunks]
         chunks = [chunks[i] for i in sorted(pick.tolist())]
     out = []
     for number, (source, piece) in enumerate(chunks):
         first = min(MIN_CONTEXT, len(piece) - 2)
-        candidates = torch.arange(first, len(piece) - 1)                  # every position has a next token
+        candidates = torch.arange(first, len(piece) - 1)  # every position has a next token
         if not all_positions and candidates.numel() > config.positions_per_chunk:
             order = torch.randperm(candidates.numel(), generator=generator(config.seed, "positions", number))
-            candidates = candidates[order[:config.positions_per_chunk]].sort().values
+            candidates = candidates[order[: config.positions_per_chunk]].sort().values
         positions = tuple(candidates.tolist())
-        out.append(TrainSequence(ids=tuple(piece), positions=positions, targets=tuple(piece[p + 1] for p in positions),
-                                 kind="text", source=source))
+        out.append(
+            TrainSequence(
+                ids=tuple(piece),
+                positions=positions,
+                targets=tuple(piece[p + 1] for p in positions),
+                kind="text",
+                source=source,
+            )
+        )
     return out
 
 
-# ---- the model's own summaries ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SummaryJob:
-    key: str
-    source: str
-    record_id: str
-    sample: int
-    prompt: str
+# ---- the model's own summaries (calm.training.summaries) ------------------------------------------
 
 
-def summary_jobs(calm: CalmModel, documents: Iterable[tuple[str, Record]], config: TrainConfig,
-                 samples: int) -> list[SummaryJob]:
-    jobs = []
-    for source, record in documents:
-        prompt = document_prompt(calm.tokenizer, record.document, config)
-        for sample in range(samples):
-            settings = (prompt, config.summary_tokens, sample, config.seed if sample else None)
-            jobs.append(SummaryJob(hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24], source,
-                                   record.id, sample, prompt))
-    return jobs
-
-
-def read_summary_cache(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    cache = {}
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                cache[row["key"]] = row
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"summary cache {path} is corrupt ({exc}); delete it to regenerate the summaries") from exc
-    return cache
-
-
-def write_summary_cache(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-
-
-def generate_summaries(calm: CalmModel, jobs: Sequence[SummaryJob], config: TrainConfig, cache_path: Path,
-                       progress: ProgressUi | None = None) -> tuple[dict[str, dict], int]:
-    """The model's own summaries for `jobs`, from the cache where it has them; the cache is
-    rewritten (atomically) after every batch, so an interrupted run loses at most one batch."""
-    from calm.policy import ExitPolicy
-
-    cache = read_summary_cache(cache_path)
-    missing = [j for j in jobs if j.key not in cache]
-    # Similar lengths together: less left padding per batch.
-    missing.sort(key=lambda j: (j.sample, len(j.prompt)))
-    task = progress.add_task("summaries", total=len(missing)) if progress is not None and missing else None
-    generated = 0
-    for start in range(0, len(missing), config.gen_batch_size):
-        batch = missing[start:start + config.gen_batch_size]
-        same = [j for j in batch if j.sample == batch[0].sample]      # greedy and sampled rows never share a batch
-        rest = [j for j in batch if j.sample != batch[0].sample]
-        for group in (same, rest):
-            if not group:
-                continue
-            sampled = group[0].sample > 0
-            out = calm.generate([j.prompt for j in group], max_new_tokens=config.summary_tokens,
-                                policy=ExitPolicy.never(), do_sample=sampled, top_p=0.9 if sampled else 1.0,
-                                seed=mix(config.seed, "summaries", group[0].key) if sampled else None)
-            for job, ids, text in zip(group, out.token_ids, out.texts):
-                cache[job.key] = {"key": job.key, "source": job.source, "id": job.record_id, "sample": job.sample,
-                                  "text": text, "token_ids": list(ids)}
-            generated += len(group)
-        write_summary_cache(cache_path, cache.values())
-        if progress is not None and task is not None:
-            progress.advance(task, len(batch))
-    if progress is not None and task is not None:
-        progress.remove_task(task)
-    return cache, generated
-
-
-def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator,
-                          progress: ProgressUi | None) -> tuple[list[TrainSequence], int, float]:
+def own_summary_sequences(
+    calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator, progress: ProgressUi | None
+) -> tuple[list[TrainSequence], int, float]:
     """Prompt + the model's own summary of the documents (mode heads: all of them, summaries_per_doc
     each; finetune: those without a reference summary), the summaries generated by this run, and
     the seconds spent on them. Several processes share the jobs and merge their caches."""
@@ -295,8 +239,13 @@ def own_summary_sequences(calm: CalmModel, data: TrainingData, config: TrainConf
         accelerator.wait_for_everyone()
     cache = read_summary_cache(cache_path)
     seconds = time.perf_counter() - t0
-    sequences = [summary_sequence(encode_prompt(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"],
-                                  "summary", job.source) for job in jobs if cache[job.key]["token_ids"]]
+    sequences = [
+        summary_sequence(
+            encode_prompt(calm, job.prompt, config.summary_tokens), cache[job.key]["token_ids"], "summary", job.source
+        )
+        for job in jobs
+        if cache[job.key]["token_ids"]
+    ]
     return sequences, generated, seconds
 
 
@@ -305,8 +254,8 @@ class Sequences:
     """The sequences of a run, this process's share of them, and how the summaries among them came about."""
 
     all: tuple[TrainSequence, ...]
-    local: tuple[TrainSequence, ...]          # every num_processes-th, from process_index
-    summaries_generated: int                  # by this run (the rest came from the cache)
+    local: tuple[TrainSequence, ...]  # every num_processes-th, from process_index
+    summaries_generated: int  # by this run (the rest came from the cache)
     summaries_seconds: float
 
     @property
@@ -314,8 +263,9 @@ class Sequences:
         return sum(len(s.positions) for s in self.all)
 
 
-def training_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator,
-                       progress: ProgressUi | None) -> Sequences:
+def training_sequences(
+    calm: CalmModel, data: TrainingData, config: TrainConfig, accelerator: Accelerator, progress: ProgressUi | None
+) -> Sequences:
     """What the run trains on. heads: own summaries and text chunks; finetune: reference summaries
     where the data has them (own summaries otherwise) and text chunks; lora: `lora_sequences`."""
     if config.mode == "lora":
@@ -330,35 +280,3 @@ def training_sequences(calm: CalmModel, data: TrainingData, config: TrainConfig,
         raise InputError("the training data produced no usable positions (no summaries, too little text)")
     rank, world = accelerator.process_index, accelerator.num_processes
     return Sequences(tuple(sequences), tuple(sequences[rank::world]), generated, seconds)
-
-
-# ---- order ----------------------------------------------------------------------------------------
-
-class EpochSampler:
-    """Indices of step `step`: consecutive slices of per-epoch permutations seeded by (seed, rank, epoch)."""
-
-    def __init__(self, size: int, seed: int, rank: int = 0):
-        if size < 1:
-            raise InputError("no training positions: the data produced no usable sequences")
-        self.size, self.seed, self.rank = size, seed, rank
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.size, generator=generator(self.seed, "epoch", self.rank, epoch))}
-        return self._perms[epoch]
-
-    def indices(self, step: int, count: int) -> torch.Tensor:
-        out, i = [], step * count
-        while count > 0:
-            epoch, offset = divmod(i, self.size)
-            take = min(count, self.size - offset)
-            out.append(self._perm(epoch)[offset:offset + take])
-            i += take
-            count -= take
-        return torch.cat(out)
-
-
-def local_count(total: int, rank: int, world: int) -> int:
-    """This process's share of `total` rows."""
-    return total // world + (1 if rank < total % world else 0)

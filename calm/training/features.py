@@ -42,14 +42,20 @@ def last_state_is_normed(model: Any, adapter: Adapter, device: torch.device | st
 
 @dataclass(frozen=True)
 class Features:
-    exits: torch.Tensor      # [P, L-1, D] raw hidden state after layers 1..L-1
-    final: torch.Tensor      # [P, D] the final layer's state after the final norm (the LM head's input)
+    exits: torch.Tensor  # [P, L-1, D] raw hidden state after layers 1..L-1
+    final: torch.Tensor  # [P, D] the final layer's state after the final norm (the LM head's input)
 
 
 @torch.no_grad()
-def hidden_features(model: Any, adapter: Adapter, sequences: Sequence[TrainSequence], device: torch.device | str,
-                    normed_last: bool, progress: ProgressUi | None = None,
-                    dtype: torch.dtype = torch.float32) -> Features:
+def hidden_features(
+    model: Any,
+    adapter: Adapter,
+    sequences: Sequence[TrainSequence],
+    device: torch.device | str,
+    normed_last: bool,
+    progress: ProgressUi | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Features:
     """The backbone's hidden states at every sequence's positions, one sequence per forward."""
     L, D = adapter.num_layers, adapter.hidden_size
     total = sum(len(s.positions) for s in sequences)
@@ -62,9 +68,9 @@ def hidden_features(model: Any, adapter: Adapter, sequences: Sequence[TrainSeque
         pos = torch.tensor(seq.positions, device=device)
         n = pos.numel()
         for k in range(1, L):
-            exits[at:at + n, k - 1] = hs[k][0].index_select(0, pos).to(dtype)
+            exits[at : at + n, k - 1] = hs[k][0].index_select(0, pos).to(dtype)
         last = hs[L][0].index_select(0, pos)
-        final[at:at + n] = (last if normed_last else adapter.final_norm(last)).to(dtype)
+        final[at : at + n] = (last if normed_last else adapter.final_norm(last)).to(dtype)
         at += n
         if progress is not None and task is not None:
             progress.advance(task)

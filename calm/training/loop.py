@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from calm.adapters import adapter_for
 from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint
@@ -32,12 +31,15 @@ from calm.training.state import STATE_FILE, Resumed, resume, save_state, state_m
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from rich.progress import Progress, TaskID
+    from transformers import PreTrainedModel
 
 
 # ---- set-up: accelerate, progress, the backbone ---------------------------------------------------
 
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     from accelerate import Accelerator
+
     want_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda was asked for but torch sees no CUDA GPU")
@@ -54,9 +56,18 @@ def progress_bar(enabled: bool) -> Progress:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                    disable=not enabled, transient=False)
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 class ProgressUi:
@@ -89,11 +100,12 @@ def backbone_ref(model_ref: str) -> str:
     return model_ref
 
 
-def adapted_backbone(model_ref: str, model: nn.Module) -> nn.Module:
+def adapted_backbone(model_ref: str, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the model reference (a checkpoint, or an alias's
     shipped assets) merged in, as CalmModel.from_pretrained would load it."""
     from calm.checkpoint import with_adapter
     from calm.model import default_checkpoint
+
     source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
     return with_adapter(source, model) if source is not None else model
 
@@ -123,8 +135,11 @@ def _warn_skipped(data: TrainingData) -> None:
     for entry in data.files:
         if entry.get("skipped_empty_documents_at_lines"):
             lines = entry["skipped_empty_documents_at_lines"]
-            print(f"warning: {entry['path']}: skipped {len(lines)} record(s) with an empty document "
-                  f"(line {', '.join(map(str, lines[:10]))}{' ...' if len(lines) > 10 else ''})", file=sys.stderr)
+            print(
+                f"warning: {entry['path']}: skipped {len(lines)} record(s) with an empty document "
+                f"(line {', '.join(map(str, lines[:10]))}{' ...' if len(lines) > 10 else ''})",
+                file=sys.stderr,
+            )
 
 
 def _warn_calibration(out: Path) -> None:
@@ -132,17 +147,21 @@ def _warn_calibration(out: Path) -> None:
         return
     try:
         previous = read_config(out)
-    except CheckpointError:                   # unreadable: it is overwritten anyway
+    except CheckpointError:  # unreadable: it is overwritten anyway
         return
     if previous.calibration:
-        print(f"warning: {out} holds a calibration table for its previous heads; the new checkpoint drops it "
-              "(calibrate the new heads again)", file=sys.stderr)
+        print(
+            f"warning: {out} holds a calibration table for its previous heads; the new checkpoint drops it "
+            "(calibrate the new heads again)",
+            file=sys.stderr,
+        )
 
 
 BUILDERS = {"heads": build_heads, "finetune": build_finetune, "lora": build_lora}
 
 
 # ---- resume, the loop, the checkpoint -------------------------------------------------------------
+
 
 def resume_run(config: TrainConfig, accelerator: Accelerator, run: Run, progress: ProgressUi) -> Resumed | None:
     """The saved state restored into `run` (with --resume and a state in the work dir), else None."""
@@ -153,8 +172,10 @@ def resume_run(config: TrainConfig, accelerator: Accelerator, run: Run, progress
         return None
     resumed = resume(path, config, run.trained, getattr(run.optimizer, "optimizer", run.optimizer), run.counts)
     if resumed.num_processes != accelerator.num_processes:
-        progress.console.print(f"[yellow]resuming with {accelerator.num_processes} processes; the run was saved "
-                               f"with {resumed.num_processes}, so its data order changes")
+        progress.console.print(
+            f"[yellow]resuming with {accelerator.num_processes} processes; the run was saved "
+            f"with {resumed.num_processes}, so its data order changes"
+        )
     if main:
         progress.console.print(f"resuming from step {resumed.step} of {config.steps} ({path})")
     return resumed
@@ -170,34 +191,58 @@ class Record:
     command: str | None
 
 
-def write_checkpoint(record: Record, accelerator: Accelerator, run: Run, step: int, history: list[dict],
-                     last_losses: dict) -> None:
+def write_checkpoint(
+    record: Record, accelerator: Accelerator, run: Run, step: int, history: list[dict], last_losses: dict
+) -> None:
     """The training state (for a resume) and the calm checkpoint, as of `step` steps."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     config, world, out = record.config, accelerator.num_processes, Path(record.config.out)
-    save_state(config.work_path / STATE_FILE, run.trained, getattr(run.optimizer, "optimizer", run.optimizer), step,
-               state_meta(config, world, history), run.counts)
+    save_state(
+        config.work_path / STATE_FILE,
+        run.trained,
+        getattr(run.optimizer, "optimizer", run.optimizer),
+        step,
+        state_meta(config, world, history),
+        run.counts,
+    )
     sequences = record.sequences.all
-    extra = {"training": {
-        "command": record.command or f"calm.training.train({config!r})", "mode": config.mode,
-        "config": config.to_dict(), "data": list(record.data.files), "steps": step, "total_steps": config.steps,
-        "final_losses": last_losses, "positions": record.sequences.num_positions, "sequences": len(sequences),
-        "summaries": sum(1 for s in sequences if s.kind == "summary"),
-        "backbone_source": config.model, "torch": torch.__version__, "num_processes": world}}
+    extra = {
+        "training": {
+            "command": record.command or f"calm.training.train({config!r})",
+            "mode": config.mode,
+            "config": config.to_dict(),
+            "data": list(record.data.files),
+            "steps": step,
+            "total_steps": config.steps,
+            "final_losses": last_losses,
+            "positions": record.sequences.num_positions,
+            "sequences": len(sequences),
+            "summaries": sum(1 for s in sequences if s.kind == "summary"),
+            "backbone_source": config.model,
+            "torch": torch.__version__,
+            "num_processes": world,
+        }
+    }
     if run.save_backbone is not None:
         run.save_backbone(out)
     heads_config = run.heads.config if run.heads is not None else None
     save_checkpoint(out, CheckpointConfig(backbone=run.backbone, heads=heads_config, extra=extra), run.heads)
 
 
-Save = Callable[[int, "list[dict]", dict], None]       # (step, history, last losses): write the checkpoint
+Save = Callable[[int, "list[dict]", dict], None]  # (step, history, last losses): write the checkpoint
 
 
-def run_steps(config: TrainConfig, accelerator: Accelerator, run: Run, resumed: Resumed | None,
-              progress: ProgressUi, save: Save, callback: Callable[[int, dict], None] | None
-              ) -> tuple[list[dict], dict]:
+def run_steps(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    run: Run,
+    resumed: Resumed | None,
+    progress: ProgressUi,
+    save: Save,
+    callback: Callable[[int, dict], None] | None,
+) -> tuple[list[dict], dict]:
     """Steps from the resumed one (or 0) to config.steps; the log windows of this run, and the last one."""
     start, before = (resumed.step, list(resumed.history)) if resumed else (0, [])
     history: list[dict] = []
@@ -223,8 +268,9 @@ def run_steps(config: TrainConfig, accelerator: Accelerator, run: Run, resumed: 
             history.append(last)
             window = {}
             if accelerator.is_main_process:
-                progress.console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in last.items()))
+                progress.console.print(
+                    " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items())
+                )
         progress.advance(task)
         progress.update(task, info=" ".join(f"{k}={v[-1]:.3f}" for k, v in window.items()) if window else "")
         if done % config.checkpoint_every == 0 or done == config.steps:
@@ -232,7 +278,7 @@ def run_steps(config: TrainConfig, accelerator: Accelerator, run: Run, resumed: 
         if callback is not None:
             callback(done, dict(last))
     if start >= config.steps:
-        save(config.steps, before + history, last)            # a resume of a finished run rewrites its checkpoint
+        save(config.steps, before + history, last)  # a resume of a finished run rewrites its checkpoint
     return history, last
 
 
@@ -248,8 +294,14 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 # ---- the entry point ------------------------------------------------------------------------------
 
-def train(config: TrainConfig, *, command: str | None = None, progress: bool = True,
-          callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+
+def train(
+    config: TrainConfig,
+    *,
+    command: str | None = None,
+    progress: bool = True,
+    callback: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
     """Train exit heads (mode 'heads'), fine-tune the backbone (mode 'finetune') or train LoRA adapters
     and the exit heads (mode 'lora'); see calm.training.
 
@@ -276,13 +328,28 @@ def train(config: TrainConfig, *, command: str | None = None, progress: bool = T
         history, last = run_steps(config, accelerator, run, resumed, ui, save, callback)
         t_end = time.perf_counter()
     steps_run = config.steps - resumed.step if resumed else config.steps
-    timings = {"load": t_loaded - t_start, "summaries": sequences.summaries_seconds, "features": t_train - t_build,
-               "train": t_end - t_train, "total": t_end - t_start,
-               "per_step": (t_end - t_train) / steps_run if steps_run > 0 else float("nan"),
-               "per_summary": sequences.summaries_seconds / sequences.summaries_generated
-               if sequences.summaries_generated else float("nan")}
-    return TrainResult(out=Path(config.out), mode=config.mode, steps=config.steps, steps_this_run=max(0, steps_run),
-                       resumed_from=resumed.step if resumed else None, final_losses=dict(last),
-                       history=tuple(history), num_positions=sequences.num_positions,
-                       num_sequences=len(sequences.all), summaries_generated=sequences.summaries_generated,
-                       timings=timings, heads=run.heads.cpu().eval() if run.heads is not None else None)
+    timings = {
+        "load": t_loaded - t_start,
+        "summaries": sequences.summaries_seconds,
+        "features": t_train - t_build,
+        "train": t_end - t_train,
+        "total": t_end - t_start,
+        "per_step": (t_end - t_train) / steps_run if steps_run > 0 else float("nan"),
+        "per_summary": sequences.summaries_seconds / sequences.summaries_generated
+        if sequences.summaries_generated
+        else float("nan"),
+    }
+    return TrainResult(
+        out=Path(config.out),
+        mode=config.mode,
+        steps=config.steps,
+        steps_this_run=max(0, steps_run),
+        resumed_from=resumed.step if resumed else None,
+        final_losses=dict(last),
+        history=tuple(history),
+        num_positions=sequences.num_positions,
+        num_sequences=len(sequences.all),
+        summaries_generated=sequences.summaries_generated,
+        timings=timings,
+        heads=run.heads.cpu().eval() if run.heads is not None else None,
+    )

@@ -33,9 +33,10 @@ from calm import lora
 from calm.checkpoint import is_checkpoint, load_heads, name_backbone, read_config
 from calm.heads import ExitHeads, HeadsConfig
 from calm.training.config import TrainConfig
-from calm.training.data import EpochSampler, Sequences, TrainSequence, generator
+from calm.training.data import Sequences, TrainSequence
 from calm.training.modes import Loaded, Run, adamw
 from calm.training.objectives import LoraObjective, lora_loss, make_batch
+from calm.training.order import EpochSampler, generator
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,9 +67,9 @@ def initial_heads(model_ref: str, num_layers: int, hidden: int, config: TrainCon
     """Exit heads to start from: the model reference's own (a checkpoint, or an alias's shipped ones)
     when they fit, else fresh ones."""
     from calm.model import default_checkpoint
+
     source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
-    fresh = HeadsConfig(num_layers=num_layers, hidden_size=hidden, rank=config.rank,
-                        min_layer=config.min_exit_layer)
+    fresh = HeadsConfig(num_layers=num_layers, hidden_size=hidden, rank=config.rank, min_layer=config.min_exit_layer)
     if source is not None:
         stored = read_config(source).heads
         if stored is not None and stored.rank == config.rank:
@@ -97,7 +98,7 @@ class LoraStep:
     objective: LoraObjective
     sequences: Sequence[TrainSequence]
     sampler: EpochSampler
-    counts: torch.Tensor                # [2, L-1] float64: decayed positive / all label counts per layer
+    counts: torch.Tensor  # [2, L-1] float64: decayed positive / all label counts per layer
 
     def __call__(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         indices = self.sampler.indices(step, self.config.batch_size).tolist()
@@ -108,8 +109,13 @@ class LoraStep:
             return lora_loss(self.config, out, layers, self.counts)
 
 
-def build_lora(config: TrainConfig, accelerator: Accelerator, loaded: Loaded, sequences: Sequences,
-               progress: ProgressUi | None = None) -> Run:
+def build_lora(
+    config: TrainConfig,
+    accelerator: Accelerator,
+    loaded: Loaded,
+    sequences: Sequences,
+    progress: ProgressUi | None = None,
+) -> Run:
     """Fresh LoRA adapters on the plain backbone and the reference's exit heads; the checkpoint names
     the backbone and holds the adapter."""
     a = loaded.calm.adapter
@@ -123,5 +129,13 @@ def build_lora(config: TrainConfig, accelerator: Accelerator, loaded: Loaded, se
     sampler = EpochSampler(len(sequences.all), config.seed)
     step = LoraStep(config, accelerator, objective, sequences.all, sampler, counts)
     ref = name_backbone(loaded.load_ref, config.out)
-    return Run(step=step, optimizer=adamw(params, config), params=params, trained=trainable, counts={"counts": counts},
-               heads=heads, backbone=ref, save_backbone=partial(lora.save_adapter, peft_model, base_ref=ref))
+    return Run(
+        step=step,
+        optimizer=adamw(params, config),
+        params=params,
+        trained=trainable,
+        counts={"counts": counts},
+        heads=heads,
+        backbone=ref,
+        save_backbone=partial(lora.save_adapter, peft_model, base_ref=ref),
+    )

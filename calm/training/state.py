@@ -36,19 +36,31 @@ def check_fingerprint(stored: dict, config: TrainConfig) -> None:
     now = json.loads(json.dumps(fingerprint(config)))
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     if diff:
-        raise InputError("cannot resume: the training settings differ from the saved run in "
-                         + ", ".join(f"{k} (saved {stored.get(k)!r}, now {now.get(k)!r})" for k in diff)
-                         + "; use the same settings, or start again without --resume")
+        raise InputError(
+            "cannot resume: the training settings differ from the saved run in "
+            + ", ".join(f"{k} (saved {stored.get(k)!r}, now {now.get(k)!r})" for k in diff)
+            + "; use the same settings, or start again without --resume"
+        )
 
 
 def state_meta(config: TrainConfig, num_processes: int, history: list[dict]) -> dict:
     """The `meta` entry of the state's metadata."""
-    return {"fingerprint": fingerprint(config), "num_processes": num_processes, "history": history,
-            "config": config.to_dict()}
+    return {
+        "fingerprint": fingerprint(config),
+        "num_processes": num_processes,
+        "history": history,
+        "config": config.to_dict(),
+    }
 
 
-def save_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int, meta: dict,
-               extra_tensors: dict[str, torch.Tensor]) -> None:
+def save_state(
+    path: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    meta: dict,
+    extra_tensors: dict[str, torch.Tensor],
+) -> None:
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
     opt = optimizer.state_dict()
     for index, slots in opt["state"].items():
@@ -80,7 +92,7 @@ def load_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def restore_state(tensors: dict, metadata: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load the saved tensors into module and optimizer, set the RNG state, and return the extra tensors."""
-    module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    module.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -94,18 +106,23 @@ def restore_state(tensors: dict, metadata: dict, module: nn.Module, optimizer: t
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
 
 
 @dataclass(frozen=True)
 class Resumed:
-    step: int                     # the step the state was saved at
-    history: tuple[dict, ...]     # the log windows before it
-    num_processes: int            # of the saved run
+    step: int  # the step the state was saved at
+    history: tuple[dict, ...]  # the log windows before it
+    num_processes: int  # of the saved run
 
 
-def resume(path: Path, config: TrainConfig, module: nn.Module, optimizer: torch.optim.Optimizer,
-           counts: dict[str, torch.Tensor]) -> Resumed:
+def resume(
+    path: Path,
+    config: TrainConfig,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    counts: dict[str, torch.Tensor],
+) -> Resumed:
     """Restore the state in `path` into module, optimizer and (in place) the extra tensors `counts`."""
     tensors, metadata = load_state(path)
     meta = json.loads(metadata["meta"])

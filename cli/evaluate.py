@@ -1,0 +1,260 @@
+"""`calm eval` and `calm calibrate`: the threshold sweep scored against references, and the Learn-then-Test
+calibration written into a checkpoint. The work is done by calm.eval, imported inside the commands."""
+
+from __future__ import annotations
+
+import click
+
+from calm.cli.common import command_line, load_model
+from calm.cli.options import (
+    FiniteFloat,
+    decay_tau_option,
+    doc_tokens_option,
+    float_list,
+    measure_option,
+    min_exit_option,
+    model_options,
+    run_options,
+    speculative_options,
+)
+from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
+
+# ---- calm eval ---------------------------------------------------------------------------------
+
+
+@click.command(
+    "eval",
+    epilog="""\b
+Examples:
+  calm eval --data test.jsonl --limit 100 --out results/eval
+  calm eval --model ./my-checkpoint --data test.jsonl --measure classifier --thresholds 0.9,0.8,0.7
+  accelerate launch --multi_gpu --num_processes 2 -m calm.cli.main eval --data test.jsonl
+  torchrun --nproc_per_node 2 -m calm.cli.main eval --data test.jsonl     # several CPU processes
+\b
+Stop it at any time: run the same command again and it resumes where it stopped. Launched
+as several processes, it shards the documents; process 0 writes the report.
+""",
+)
+@model_options
+@click.option(
+    "--data", required=True, metavar="FILE.jsonl", help="JSONL with a document and a reference summary per line."
+)
+@click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
+@click.option(
+    "--field-summary", default="summary", show_default=True, help="JSONL field holding the reference summary."
+)
+@click.option(
+    "--thresholds",
+    callback=float_list,
+    default=",".join(map(str, DEFAULT_THRESHOLDS)),
+    show_default=True,
+    help="Comma-separated thresholds λ in [0, 1] to sweep.",
+)
+@measure_option
+@min_exit_option
+@decay_tau_option
+@run_options
+@speculative_options
+@doc_tokens_option
+@click.option(
+    "--out",
+    default="results/eval",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for eval.json, eval.md, the plots and the resume cache.",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.",
+)
+def eval_command(
+    model_name: str,
+    device: str,
+    dtype: str | None,
+    data: str,
+    field_document: str,
+    field_summary: str,
+    thresholds: tuple[float, ...],
+    measure: str | None,
+    min_exit_layer: int | None,
+    decay_tau: float,
+    limit: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+    mode: str,
+    lossless: bool,
+    draft_layer: int | None,
+    max_draft: int | None,
+    max_doc_tokens: int | None,
+    out: str,
+    resume: bool,
+) -> None:
+    """Sweep exit thresholds and score quality against speed.
+
+    For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
+    against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
+    wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
+    With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
+    """
+    from calm.data import read_jsonl
+    from calm.eval.progress import progress_bar
+    from calm.eval.sweep import EvalConfig, eval_device, run_eval
+
+    config = EvalConfig(
+        model=model_name,
+        data=data,
+        thresholds=thresholds,
+        measure=measure,
+        min_exit_layer=min_exit_layer or 1,
+        decay_tau=decay_tau,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        document_field=field_document,
+        summary_field=field_summary,
+        limit=limit,
+        max_doc_tokens=max_doc_tokens,
+        mode="speculative" if lossless else mode,
+        draft_layer=draft_layer,
+        max_draft=max_draft,
+    )
+    records = read_jsonl(
+        data, document_field=field_document, summary_field=field_summary, require_summary=True, limit=limit
+    )
+    model = load_model(model_name, eval_device(device), dtype)
+    with progress_bar("eval") as update:
+        report = run_eval(model, records, config, out, resume=resume, command=command_line(), progress=update)
+    if report is not None:
+        click.echo(report.to_markdown())
+        click.echo(f"wrote {out}/eval.json, eval.md, rouge_vs_layers.png, rouge_vs_speedup.png", err=True)
+
+
+# ---- calm calibrate ----------------------------------------------------------------------------
+
+
+@click.command(
+    "calibrate",
+    epilog="""\b
+Examples:
+  calm calibrate --data calib.jsonl --delta 0.1 --epsilon 0.05 --out ./smollm2-calibrated
+  calm calibrate --model ./my-heads --data calib.jsonl --measure classifier --thresholds 0.95,0.9,0.8 --out ./my-heads
+\b
+The checkpoint written to --out holds the exit heads (if any) and the calibration table; load it
+with --model and turn the knob: calm summarize --model DIR --speed 0.7 (or --tolerance 0.1).
+Stop it at any time: the same command resumes from the outputs cached in --work-dir.
+""",
+)
+@model_options
+@click.option("--data", required=True, metavar="FILE.jsonl", help="Calibration documents (JSONL). Never the test set.")
+@click.option("--field-document", default="document", show_default=True, help="JSONL field holding the document.")
+@click.option(
+    "--delta",
+    type=FiniteFloat(0, 1, min_open=True, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Tolerance δ on the mean inconsistency D = 1 - ROUGE-L(early, full).",
+)
+@click.option(
+    "--epsilon",
+    type=FiniteFloat(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Allowed probability ε that the certified threshold breaks δ.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["hb", "hoeffding"]),
+    default="hb",
+    show_default=True,
+    help="p-values: Hoeffding-Bentkus or Hoeffding.",
+)
+@click.option(
+    "--thresholds",
+    callback=float_list,
+    default=",".join(map(str, DEFAULT_GRID)),
+    show_default=True,
+    help="Threshold grid, most conservative (highest) first.",
+)
+@measure_option
+@min_exit_option
+@decay_tau_option
+@run_options
+@doc_tokens_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="calm checkpoint directory to write (heads + calibration).",
+)
+@click.option(
+    "--work-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where the per-example outputs are cached (default: OUT/calibration-work).",
+)
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Reuse outputs cached by an earlier (interrupted) run, or start over.",
+)
+def calibrate_command(
+    model_name: str,
+    device: str,
+    dtype: str | None,
+    data: str,
+    field_document: str,
+    delta: float,
+    epsilon: float,
+    method: str,
+    thresholds: tuple[float, ...],
+    measure: str | None,
+    min_exit_layer: int | None,
+    decay_tau: float,
+    limit: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+    max_doc_tokens: int | None,
+    out: str,
+    work_dir: str | None,
+    resume: bool,
+) -> None:
+    """Certify the fastest exit threshold with Learn-then-Test.
+
+    Runs the full model and every threshold of the grid on the calibration documents, measures per
+    example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
+    Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
+    """
+    from calm.data import read_jsonl
+    from calm.eval.calibrate import CalibrateConfig, calibrate
+    from calm.eval.progress import progress_bar
+    from calm.eval.sweep import eval_device
+
+    config = CalibrateConfig(
+        model=model_name,
+        data=data,
+        delta=delta,
+        epsilon=epsilon,
+        method=method,
+        thresholds=thresholds,
+        measure=measure,
+        min_exit_layer=min_exit_layer or 1,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        document_field=field_document,
+        limit=limit,
+        max_doc_tokens=max_doc_tokens,
+        decay_tau=decay_tau,
+    )
+    records = read_jsonl(data, document_field=field_document, limit=limit)
+    model = load_model(model_name, eval_device(device), dtype)
+    with progress_bar("calibrating") as update:
+        run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
+    if run is None:
+        return
+    model.calibration = run.checkpoint_table(config)
+    model.save_pretrained(out, extra={"calibrate_command": command_line()})
+    click.echo(run.table_markdown())
+    click.echo(run.summary)
+    click.echo(f"wrote {out}", err=True)
