@@ -7,8 +7,10 @@ full-depth ROUGE-L against the references. The frozen-backbone default is the fi
 
     python benchmarks/lora_runs.py --frozen benchmarks/results/exit_ceiling_smollm2.json \
         --base-eval build/eval-smollm2-base/eval.json \
-        --run "r16 layers 0-19:build/train-smollm2-lora/state.safetensors:benchmarks/results/exit_ceiling_smollm2_lora.json:build/eval-smollm2-lora/eval.json" \
-        --run "r32 all layers:build/train-smollm2-lora-r32/state.safetensors:benchmarks/results/exit_ceiling_smollm2_lora_r32.json:build/eval-lora-r32/eval.json"
+        --run "r16 layers 0-19:build/train-smollm2-lora/state.safetensors:$R/exit_ceiling_smollm2_lora.json:$E" \
+        --run "r32 all layers:build/train-smollm2-lora-r32/state.safetensors:$R/exit_ceiling_smollm2_lora_r32.json:$E32"
+
+    (R=benchmarks/results, E=build/eval-smollm2-lora/eval.json, E32=build/eval-lora-r32/eval.json)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from calm.bench import write_json_markdown
+from calm.eval.reporting import write_json_markdown
 
 BUDGET = "0.005"
 
@@ -40,9 +42,16 @@ def training(state: Path) -> dict:
     with safe_open(str(state), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
     fp, last = meta["fingerprint"], meta["history"][-1]
-    return {"lora_rank": fp["lora_rank"], "lora_layers": fp["lora_layers"] or "all", "anchor": fp["anchor"],
-            "lr": fp["lr"], "steps": last["step"], "sequences": last["step"] * fp["batch_size"],
-            "exit_agreement": last["agree"], "final_agreement": last["final_agree"]}
+    return {
+        "lora_rank": fp["lora_rank"],
+        "lora_layers": fp["lora_layers"] or "all",
+        "anchor": fp["anchor"],
+        "lr": fp["lr"],
+        "steps": last["step"],
+        "sequences": last["step"] * fp["batch_size"],
+        "exit_agreement": last["agree"],
+        "final_agreement": last["final_agree"],
+    }
 
 
 def run_row(spec: str) -> dict:
@@ -55,26 +64,40 @@ def _cell(v: float | None, fmt: str) -> str:
 
 
 def markdown(r: dict) -> str:
-    lines = ["# CALM-LoRA runs on SmolLM2-135M-Instruct", "",
-             "Exit agreement: an exit layer's token equals the model's own final token, on the training batches of "
-             "the last log window, averaged over the sampled exit layers 8..29. Replay: 100 XSum test documents, "
-             "the model's own greedy summaries (benchmarks/exit_ceiling.py); layers within 0.5% token error is the "
-             "fewest average layers a threshold of that measure reaches while at most 0.5% of tokens differ from "
-             "the final layer's (D is about 10× the token error at sequence level). ROUGE-L: full depth against "
-             "the references, 100 test documents.", "",
-             "| run | LoRA rank | adapted layers | anchor | lr | steps × 2 seqs | exit agreement | final agreement "
-             "with original | oracle layers | classifier @0.5% | softmax @0.5% | ROUGE-L full depth |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# CALM-LoRA runs on SmolLM2-135M-Instruct",
+        "",
+        "Exit agreement: an exit layer's token equals the model's own final token, on the training batches of "
+        "the last log window, averaged over the sampled exit layers 8..29. Replay: 100 XSum test documents, "
+        "the model's own greedy summaries (benchmarks/exit_ceiling.py); layers within 0.5% token error is the "
+        "fewest average layers a threshold of that measure reaches while at most 0.5% of tokens differ from "
+        "the final layer's (D is about 10× the token error at sequence level). ROUGE-L: full depth against "
+        "the references, 100 test documents.",
+        "",
+        "| run | LoRA rank | adapted layers | anchor | lr | steps × 2 seqs | exit agreement | final agreement "
+        "with original | oracle layers | classifier @0.5% | softmax @0.5% | ROUGE-L full depth |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     f = r["frozen"]
-    lines.append(f"| frozen backbone (shipped) | – | – | – | – | – | – | 1.000 | {f['oracle']:.2f} | "
-                 f"{_cell(f.get('classifier'), '.2f')} | {_cell(f.get('softmax'), '.2f')} | {100 * r['base_rougeL']:.2f} |")
+    lines.append(
+        f"| frozen backbone (shipped) | – | – | – | – | – | – | 1.000 | {f['oracle']:.2f} | "
+        f"{_cell(f.get('classifier'), '.2f')} | {_cell(f.get('softmax'), '.2f')} | {100 * r['base_rougeL']:.2f} |"
+    )
     for x in r["runs"]:
-        lines.append(f"| {x['run']} | {x['lora_rank']} | {x['lora_layers']} | {x['anchor']:g} | {x['lr']:g} | "
-                     f"{x['steps']} | {x['exit_agreement']:.3f} | {x['final_agreement']:.3f} | {x['oracle']:.2f} | "
-                     f"{_cell(x.get('classifier'), '.2f')} | {_cell(x.get('softmax'), '.2f')} | "
-                     f"{100 * x['rougeL']:.2f} |")
-    lines += ["", f"Frozen replay exits from layer {f['min_exit_layer']}, the LoRA runs' from layer "
-              f"{r['runs'][0]['min_exit_layer'] if r['runs'] else '–'}.", "", f"Command: `{r['command']}`", ""]
+        lines.append(
+            f"| {x['run']} | {x['lora_rank']} | {x['lora_layers']} | {x['anchor']:g} | {x['lr']:g} | "
+            f"{x['steps']} | {x['exit_agreement']:.3f} | {x['final_agreement']:.3f} | {x['oracle']:.2f} | "
+            f"{_cell(x.get('classifier'), '.2f')} | {_cell(x.get('softmax'), '.2f')} | "
+            f"{100 * x['rougeL']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Frozen replay exits from layer {f['min_exit_layer']}, the LoRA runs' from layer "
+        f"{r['runs'][0]['min_exit_layer'] if r['runs'] else '–'}.",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -85,8 +108,12 @@ def main() -> None:
     p.add_argument("--run", action="append", required=True, help="NAME:STATE:CEILING_JSON:EVAL_JSON")
     p.add_argument("--out", default="benchmarks/results/lora_runs_smollm2")
     args = p.parse_args()
-    report = {"frozen": ceiling(args.frozen), "base_rougeL": rouge_l(args.base_eval),
-              "runs": [run_row(s) for s in args.run], "command": "python " + " ".join(sys.argv)}
+    report = {
+        "frozen": ceiling(args.frozen),
+        "base_rougeL": rouge_l(args.base_eval),
+        "runs": [run_row(s) for s in args.run],
+        "command": "python " + " ".join(sys.argv),
+    }
     out = Path(args.out)
     write_json_markdown(out.parent, out.name, report, markdown(report))
     print(markdown(report))
