@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine:  make demo  and  make test
+# Three commands do everything on a fresh machine:  make demo,  make test  and  make lint
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
