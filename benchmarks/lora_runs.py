@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from lora_report import full_point  # benchmarks/ is on sys.path when a script here runs
 from safetensors import safe_open
 
 from calm.eval.reporting import write_json_markdown
@@ -34,8 +35,7 @@ def ceiling(path: Path) -> dict:
 
 
 def rouge_l(eval_json: Path) -> float:
-    points = json.loads(eval_json.read_text())["points"]
-    return next(p for p in points if p["name"] == "full")["rougeL"]
+    return full_point(eval_json)["rougeL"]
 
 
 def training(state: Path) -> dict:
