@@ -4,9 +4,11 @@ Batch 1 (each of --docs XSum test documents alone) and batch 8 (the first 8 as o
 per row (EOS ignored, as calm bench), documents cut to --max-doc-tokens. Compared, round robin per
 document after one short warm-up each, median of --repeats:
   - never-exit calm (full depth) and transformers `generate`;
-  - calm speculative at every draft layer E x max draft k x draft controller;
-  - transformers `assistant_early_exit=E` (always drafts; one timed run on the first --assistant-docs
-    documents, at batch 1 only: transformers refuses assisted generation for batch > 1, recorded).
+  - calm speculative at every draft layer E x max draft k x draft controller, and with drafts looked
+    up in the context (E = 0, calm.lookup) at each of --context-drafts;
+  - transformers `assistant_early_exit=E` (always drafts), and for E = 0 its prompt lookup
+    (`prompt_lookup_num_tokens`, calm's best k): one timed run on the first --assistant-docs documents,
+    at batch 1 only (transformers refuses assisted generation for batch > 1, recorded).
 Every speculative run's tokens are checked against full depth's. tokens/s include the prefill.
 
 With --store CHECKPOINT the best setting at batch 1 and its measured speedup over full depth go into
@@ -34,7 +36,7 @@ from calm.eval.reporting import machine_info, machine_markdown, write_json_markd
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
 from calm.lossless import STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
-from calm.speculative import generate_speculative, slot_context
+from calm.speculative import CONTEXT_DRAFT, generate_speculative, slot_context
 
 FULL, HF = "calm full", "transformers generate"
 
@@ -67,9 +69,11 @@ def calm_runner(model: CalmModel, spec: str | None):
     return run
 
 
-def hf_runner(model: CalmModel, early_exit: int | None = None):
+def hf_runner(model: CalmModel, **kwargs):
+    """transformers generate, greedy; kwargs: its assisted-decoding switch (assistant_early_exit=E or
+    prompt_lookup_num_tokens=K)."""
+
     def run(batch: PromptBatch, new_tokens: int):
-        kwargs = {} if early_exit is None else {"assistant_early_exit": early_exit}
         out = model.model.generate(
             input_ids=batch.ids,
             attention_mask=batch.mask.long(),
@@ -131,6 +135,11 @@ def forward_cost(
             c0 = time.process_time()
             forward_layers(net, h, range(net.num_layers), ctx, state.cache)
             cost.setdefault(t, []).append(time.process_time() - c0)
+        h = torch.randn(batch.ids.shape[0], net.adapter.hidden_size)
+        layer = torch.full((batch.ids.shape[0],), net.num_layers // 2)
+        c0 = time.process_time()
+        net.greedy_tokens(h, layer)
+        cost.setdefault("head", []).append(time.process_time() - c0)
     one = statistics.median(cost[widths[0]])
     return {str(t): statistics.median(v) / one for t, v in cost.items()}
 
@@ -204,6 +213,8 @@ def run(args) -> dict:
         for k in args.max_drafts
         for c in args.controllers
     ]
+    if args.context_drafts:  # E = 0: no controller, a lookup drafts whatever it finds
+        specs = [f"spec:{CONTEXT_DRAFT}:{k}" for k in args.context_drafts] + specs
     configs = [Config(FULL, calm_runner(model, None)), Config(HF, hf_runner(model))]
     configs += [Config(f"speculative {s[5:]}", calm_runner(model, s), spec=s) for s in specs]
     eos = model.eos_token_ids
@@ -220,6 +231,7 @@ def run(args) -> dict:
     return {
         "benchmark": "speculative",
         "model": args.model,
+        "num_layers": model.num_layers,
         "new_tokens": args.new_tokens,
         "docs": args.docs,
         "max_doc_tokens": args.max_doc_tokens,
@@ -232,6 +244,8 @@ def run(args) -> dict:
         "batch8": batch8,
         "assistant": assistant,
         "best": best(batch1),
+        "best_exit_draft": best([r for r in batch1 if _draft_layer(r) != CONTEXT_DRAFT]),
+        "best_context_draft": best([r for r in batch1 if _draft_layer(r) == CONTEXT_DRAFT]),
         "forward_cost_vs_one_position": forward,
     }
 
@@ -241,21 +255,25 @@ def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) 
     timed run after a short warm-up; against transformers generate and calm's best k at that E on the same
     documents. Batch 8 is tried once and its refusal recorded."""
     keys = list(single)[: args.assistant_docs]
+    if not keys:
+        return []
     hf = next(c for c in configs if c.name == HF)
     rows = []
     for e in args.draft_layers:
-        c = Config(f"assistant_early_exit={e}", hf_runner(model, early_exit=e))
+        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e]
+        best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
+        switch = _transformers_switch(e, best_ours.spec)
+        c = Config(" ".join(f"{k}={v}" for k, v in switch.items()), hf_runner(model, **switch))
         c.run(single[keys[0]], 4)
         for k in keys:
             timed(c, k, single[k], args.new_tokens, hf.tokens)
         seconds = sum(c.cpu[k][0] for k in keys)
         hf_s = sum(statistics.median(hf.cpu[k]) for k in keys)
-        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e]
-        best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
         ours_s = sum(statistics.median(best_ours.cpu[k]) for k in keys)
         rows.append(
             {
                 "draft_layer": e,
+                "transformers": c.name,
                 "cpu_seconds": seconds,
                 "tokens_per_cpu_s": args.new_tokens * len(keys) / seconds,
                 "vs_transformers": hf_s / seconds,
@@ -263,21 +281,33 @@ def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) 
                 "calm_best_at_E": best_ours.name,
                 "calm_vs_assistant": seconds / ours_s,
                 "docs": len(keys),
-                "batch8": batch8_refusal(model, args, single, e),
+                "batch8": batch8_refusal(model, single, switch),
             }
         )
-        print(f"assistant E={e}: {seconds:.2f}s, calm {best_ours.name} {ours_s:.2f}s", file=sys.stderr, flush=True)
+        print(f"{c.name}: {seconds:.2f}s, calm {best_ours.name} {ours_s:.2f}s", file=sys.stderr, flush=True)
     return rows
 
 
-def batch8_refusal(model: CalmModel, args, single: dict, e: int) -> str:
+def _transformers_switch(e: int, spec: str) -> dict:
+    """transformers' own way to draft like calm at draft layer e: from its early exit, or (e = 0) by
+    prompt lookup with calm's best k."""
+    if e == CONTEXT_DRAFT:
+        return {"prompt_lookup_num_tokens": int(spec.split(":")[2])}
+    return {"assistant_early_exit": e}
+
+
+def batch8_refusal(model: CalmModel, single: dict, switch: dict) -> str:
     first = next(iter(single.values()))
     ids = [first.ids[0].tolist()] * 2
     try:
-        hf_runner(model, early_exit=e)(model.encode_prompts(ids, 2), 2)
+        hf_runner(model, **switch)(model.encode_prompts(ids, 2), 2)
     except ValueError as exc:
         return f"refused: {exc}"
     return "ran"
+
+
+def _draft_layer(row: dict) -> int | None:
+    return int(row["spec"].split(":")[1]) if row["spec"] else None
 
 
 def best(rows: list[dict]) -> dict | None:
@@ -304,12 +334,15 @@ def markdown(report: dict) -> str:
     if b is None:
         lines += ["**No speculative setting drafted at batch 1.**", ""]
     else:
+        identical = all(r["identical"] for r in report["batch1"] + report["batch8"])
         lines += [
-            f"**Best at batch 1 (of the settings that drafted): {b['name']}**, **{b['vs_full']:.2f}×** never-exit calm "
-            f"({b['tokens_per_cpu_s']:.2f} tokens per CPU second; acceptance {_f(b['acceptance_rate'])}, "
-            f"{_f(b['mean_accepted_length'])} drafts kept per step). Outputs identical to full depth in every run: "
-            f"**{all(r['identical'] for r in report['batch1'] + report['batch8'])}**.",
+            f"**Best at batch 1 (of the settings that drafted): {b['name']}**, **{b['vs_full']:.2f}×** never-exit "
+            f"calm ({b['tokens_per_cpu_s']:.2f} tokens per CPU second). Outputs identical to full depth in every "
+            f"run: **{identical}**.",
             "",
+            *_headline("Drafts from the exit heads", report.get("best_exit_draft")),
+            *_headline("Drafts looked up in the context (E = 0)", report.get("best_context_draft")),
+            *_break_even(report),
         ]
     for title, rows in (("Batch 1", report["batch1"]), ("Batch 8", report["batch8"])):
         if rows:
@@ -329,14 +362,15 @@ def markdown(report: dict) -> str:
             ]
             lines.append("")
     lines += [
-        "## transformers assistant_early_exit (batch 1)",
+        "## transformers' assisted decoding at the same E (batch 1): assistant_early_exit, or prompt lookup for E = 0",
         "",
-        "| E | docs | tokens/CPU s | vs transformers generate | same tokens as generate | calm best at E | "
-        "calm speedup over it | batch 8 |",
-        "|---:|---:|---:|---:|:---:|---|---:|---|",
+        "| E | transformers | docs | tokens/CPU s | vs transformers generate | same tokens as generate | "
+        "calm best at E | calm speedup over it | batch 8 |",
+        "|---:|---|---:|---:|---:|:---:|---|---:|---|",
     ]
     lines += [
-        f"| {r['draft_layer']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_transformers']:.2f}× | "
+        f"| {r['draft_layer']} | {r['transformers']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | "
+        f"{r['vs_transformers']:.2f}× | "
         f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
         f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |"
         for r in report["assistant"]
@@ -345,7 +379,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
-        "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items()) + ".",
+        "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items() if t != "head") + ".",
     ]
     lines += [
         "",
@@ -355,6 +389,44 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _headline(title: str, b: dict | None) -> list[str]:
+    if b is None:
+        return []
+    return [
+        f"- {title}: best **{b['name']}**, **{b['vs_full']:.2f}×** never-exit calm at batch 1 (acceptance "
+        f"{_f(b['acceptance_rate'])}, {_f(b['mean_draft_length'])} drafted and {_f(b['mean_accepted_length'])} "
+        "kept per step)."
+    ]
+
+
+def _break_even(report: dict) -> list[str]:
+    """Why exit-head drafts pay or not: a drafted token costs its layers 1..E and the exit head, about
+    E/L + head of a full step, and saves a full step only when kept; so acceptance must beat that."""
+    cost = report["forward_cost_vs_one_position"]
+    if "head" not in cost:
+        return [""]
+    layers = report.get("num_layers", 30)
+    rows = [r for r in report["batch1"] if r["spec"] and _draft_layer(r) and r["acceptance_rate"] is not None]
+    seen: dict[int, dict] = {}
+    for r in rows:
+        e = _draft_layer(r)
+        if e not in seen or r["vs_full"] > seen[e]["vs_full"]:
+            seen[e] = r
+    parts = [
+        f"E={e}: needs > {e / layers + cost['head']:.2f}, measured {r['acceptance_rate']:.2f} ({r['vs_full']:.2f}×)"
+        for e, r in sorted(seen.items())
+    ]
+    return [
+        "",
+        "Break-even for exit-head drafts: a drafted token costs layers 1..E and the exit head (one LM-head "
+        f"argmax costs {cost['head']:.2f}× a full decode step here), about E/L + {cost['head']:.2f} of a step, and "
+        "saves a step only when the full model keeps it; verifying more positions is extra (below). So a "
+        "draft pays only where acceptance beats E/L + head: " + "; ".join(parts) + ". Context drafts "
+        "cost no layer at all; only the wider verification pass.",
+        "",
+    ]
 
 
 def _f(value) -> str:
@@ -398,6 +470,12 @@ def main() -> None:
         type=lambda v: v.split(","),
         default=["classifier:0.7"],
         help="draft controllers, comma-separated: MEASURE:λ or 'always'",
+    )
+    parser.add_argument(
+        "--context-drafts",
+        type=_ints,
+        default=[1, 2, 3],
+        help="k values for drafts looked up in the context (draft layer 0); empty: none",
     )
     parser.add_argument("--assistant-docs", type=int, default=2)
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")

@@ -37,10 +37,12 @@ DEFAULT_DOCUMENT = (
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
 )
+LOOKUP = "lookup"  # the spec suffix for drafts looked up in the context first
 POLICY_HELP = (
     "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-    "or spec:E:K[:MEASURE:THRESHOLD] (lossless speculative decoding, drafts from layer E, up to K per "
-    "step, while the measure is confident; without one, always K)"
+    "or spec:E:K[:MEASURE:THRESHOLD][:lookup] (lossless speculative decoding, drafts from layer E, up to K "
+    "per step, while the measure is confident; without one, always K; lookup: drafts looked up in the "
+    "context first; E = 0: only those)"
 )
 SPEC = "spec"
 ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)
@@ -100,8 +102,10 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
     if name != SPEC:
         return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
+    lookup = parts[-1] == LOOKUP
+    parts = parts[:-1] if lookup else parts
     try:
-        config = SpeculativeConfig(int(parts[0]), int(parts[1]))
+        config = SpeculativeConfig(int(parts[0]), int(parts[1]), lookup=lookup)
     except (ValueError, IndexError) as exc:
         raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc
     controller = ":".join(parts[2:])
@@ -120,18 +124,21 @@ def speculative_specs(
     lossless: bool = False,
     draft_layer: int | None = None,
     max_draft: int | None = None,
+    lookup: bool = False,
 ) -> tuple[str, ...]:
     """The policies as given in calm mode. `--mode speculative` (or --lossless, here the same): each one as
     the draft controller at E and K (the checkpoint's measured setting, else L/2 and 4, unless given);
     without any, the model's default controller."""
-    run = resolve_mode(model, "speculative" if lossless else mode, False, draft_layer, max_draft)
+    run = resolve_mode(model, "speculative" if lossless else mode, False, draft_layer, max_draft, lookup=lookup)
     if run is None or run.spec is None:
         return tuple(policies)
     e, k = run.spec.draft_layer, run.spec.max_draft
+    suffix = f":{LOOKUP}" if run.spec.lookup else ""
     if not policies:
         p = run.policy
-        return (f"{SPEC}:{e}:{k}" if p.measure == "fixed" else f"{SPEC}:{e}:{k}:{p.measure}:{p.threshold:g}",)
-    return tuple(f"{SPEC}:{e}:{k}:{p}" for p in policies)
+        controller = "" if p.measure == "fixed" else f":{p.measure}:{p.threshold:g}"
+        return (f"{SPEC}:{e}:{k}{controller}{suffix}",)
+    return tuple(f"{SPEC}:{e}:{k}:{p}{suffix}" for p in policies)
 
 
 # ---- the benchmark ----------------------------------------------------------------------------

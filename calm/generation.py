@@ -20,7 +20,7 @@ ENGINES = ("auto", "dynamic", "static")
 ENGINE_SPECS = (*ENGINES, "static+compile")  # what the command line takes
 
 if TYPE_CHECKING:
-    from calm.speculative import SpeculativeStats
+    from calm.speculative_stats import SpeculativeStats
 
 
 @dataclass(frozen=True)

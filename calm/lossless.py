@@ -42,6 +42,7 @@ class MeasuredSetting:
     speedup_vs_full: float  # tokens/s over never-exit calm, batch 1, same run
     acceptance_rate: float
     report: str  # the report it comes from
+    lookup: bool = False  # drafts looked up in the context first (older stored measurements lack it)
 
     @property
     def beats_full_depth(self) -> bool:
@@ -74,7 +75,13 @@ class ModeRun:
         """What CalmModel.generate takes for this run besides the policy."""
         if self.spec is None:
             return {}
-        return {"mode": "speculative", "draft_layer": self.spec.draft_layer, "max_draft": self.spec.max_draft}
+        spec = self.spec
+        return {
+            "mode": "speculative",
+            "draft_layer": spec.draft_layer,
+            "max_draft": spec.max_draft,
+            "lookup": spec.lookup,
+        }
 
 
 def resolve_mode(
@@ -85,15 +92,16 @@ def resolve_mode(
     max_draft: int | None = None,
     measure: str | None = None,
     threshold: float | None = None,
+    lookup: bool = False,
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
-    measure and threshold set the draft controller."""
+    measure and threshold set the draft controller; lookup: drafts looked up in the context first."""
     if mode == "calm" and not lossless:
-        if draft_layer is not None or max_draft is not None:
-            raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
+        if draft_layer is not None or max_draft is not None or lookup:
+            raise InputError("--draft-layer, --max-draft and --lookup need --mode speculative or --lossless")
         return None
     stored = MeasuredSetting.from_extra(model.extra)
-    explicit = mode == "speculative" or draft_layer is not None or max_draft is not None
+    explicit = mode == "speculative" or draft_layer is not None or max_draft is not None or lookup
     if not explicit:
         if stored is None:
             return ModeRun(
@@ -113,16 +121,19 @@ def resolve_mode(
     spec = SpeculativeConfig(
         draft_layer if draft_layer is not None else stored.draft_layer if stored else model.num_layers // 2,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
+        lookup or (stored is not None and stored.lookup and draft_layer is None),
     )
     spec.check(model.num_layers)
     policy = _controller(model, stored, measure, threshold)
+    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}")
+
+
+def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
+    if spec.from_context:
+        return f"drafts looked up in the context, up to {spec.max_draft} per step"
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
-    return ModeRun(
-        spec,
-        policy,
-        f"speculative (lossless): drafts from layer {spec.draft_layer}, up to "
-        f"{spec.max_draft} per step, controller {name}",
-    )
+    first = "drafts looked up in the context where found, else " if spec.lookup else ""
+    return f"{first}drafts from layer {spec.draft_layer}, up to {spec.max_draft} per step, controller {name}"
 
 
 def resolve_run(
@@ -136,10 +147,11 @@ def resolve_run(
     lossless: bool = False,
     draft_layer: int | None = None,
     max_draft: int | None = None,
+    lookup: bool = False,
 ) -> ModeRun:
     """What the command line's switches ask for: calm's knob (calm.knob.resolve_policy), or the lossless
     run of resolve_mode, where --measure and --threshold set the draft controller."""
-    run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold)
+    run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold, lookup)
     if run is None:
         resolved = resolve_policy(
             model, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer, speed=speed, tolerance=tolerance

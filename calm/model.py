@@ -230,6 +230,7 @@ class CalmModel:
         mode: str = "calm",
         draft_layer: int | None = None,
         max_draft: int = DEFAULT_MAX_DRAFT,
+        lookup: bool = False,
     ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
@@ -243,10 +244,12 @@ class CalmModel:
         checks for finished rows every this many tokens (its one host sync).
         mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
         while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
-        heads, else always), and the full model verifies them (see calm.speculative)."""
+        heads, else always), and the full model verifies them (see calm.speculative). draft_layer=0:
+        drafts are looked up in the prompt and output (calm.lookup) and every layer verifies them;
+        lookup=True: such drafts first, from layer draft_layer in a step where no row's lookup finds any."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers)
+        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers, lookup)
         policy = self._generation_policy(policy, speed, tolerance, spec)
         batch = self.encode_prompts(
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask

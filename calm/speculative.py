@@ -21,7 +21,7 @@ Every row drafts again in the next cycle from its own corrected token: no row si
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,37 +29,56 @@ from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
+from calm.lookup import lookup_draft
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
+from calm.speculative_stats import SpeculativeStats as SpeculativeStats  # re-exported
+from calm.speculative_stats import Tally
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    draft_layer: int  # E: layers 1..E and the exit head of layer E draft (1..L-1)
+    draft_layer: int  # E: layers 1..E and the exit head of layer E draft (1..L-1); 0: the context drafts
     max_draft: int = 4  # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
+    lookup: bool = False  # also draft from the context: a cycle where any row's lookup finds drafts uses those
+
+    @property
+    def from_context(self) -> bool:
+        """E = 0: no layer runs to draft; drafts are looked up in the row's own context (calm.lookup)."""
+        return self.draft_layer == CONTEXT_DRAFT
+
+    @property
+    def looks_up(self) -> bool:
+        return self.lookup or self.from_context
 
     def check(self, num_layers: int) -> None:
-        if not 1 <= self.draft_layer < num_layers:
+        if not 0 <= self.draft_layer < num_layers:
             raise PolicyError(
                 f"draft layer {self.draft_layer} is out of range: this model has {num_layers} "
-                f"layers, so drafts can come from layers 1..{num_layers - 1}"
+                f"layers, so drafts can come from layers 1..{num_layers - 1}, or 0 for drafts "
+                "looked up in the context"
             )
         if self.max_draft < 1:
             raise PolicyError(f"max_draft must be >= 1, got {self.max_draft}")
 
 
+CONTEXT_DRAFT = 0  # the draft layer that means "draft from the context by n-gram lookup"
 MODES = ("calm", "speculative")
 DEFAULT_DRAFT_THRESHOLD = 0.7
 DEFAULT_MAX_DRAFT = 4
 
 
-def speculative_config(mode: str, draft_layer: int | None, max_draft: int, num_layers: int) -> SpeculativeConfig | None:
+def speculative_config(
+    mode: str, draft_layer: int | None, max_draft: int, num_layers: int, lookup: bool = False
+) -> SpeculativeConfig | None:
     """The speculative setting `mode` asks for (None for plain calm), checked against the model."""
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "calm":
+        if lookup:
+            raise InputError("lookup drafts are part of speculative decoding: pass mode='speculative'")
         return None
-    spec = SpeculativeConfig(draft_layer if draft_layer is not None else num_layers // 2, max_draft)
+    spec = SpeculativeConfig(draft_layer if draft_layer is not None else num_layers // 2, max_draft, lookup)
     spec.check(num_layers)
     return spec
 
@@ -73,53 +92,19 @@ def default_draft_policy(net: Network) -> ExitPolicy:
 
 
 @dataclass(frozen=True)
-class SpeculativeStats:
-    """What a speculative generation did. A row-cycle is one row in one verification pass."""
-
-    draft_layer: int
-    max_draft: int
-    cycles: int  # verification passes
-    row_cycles: int  # (row, pass) pairs
-    drafted: int  # tokens drafted, all rows
-    accepted: int  # drafted tokens the full model kept
-    draft_s: float  # wall time in the draft steps (layers 1..E and the exit head)
-    verify_s: float  # wall time verifying (layers E+1..L, LM head, accept, rollback)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else float("nan")
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Drafted tokens kept per row per verification pass."""
-        return self.accepted / self.row_cycles if self.row_cycles else float("nan")
-
-    @property
-    def mean_draft_length(self) -> float:
-        return self.drafted / self.row_cycles if self.row_cycles else float("nan")
-
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "acceptance_rate": self.acceptance_rate,
-            "mean_accepted_length": self.mean_accepted_length,
-            "mean_draft_length": self.mean_draft_length,
-        }
-
-
-@dataclass(frozen=True)
 class Draft:
     start: int  # cache column of the pending token
     tokens: torch.Tensor  # [B, m] drafted tokens (0 past a row's count)
     counts: torch.Tensor  # [B] long, tokens drafted per row (0..m)
     hidden: torch.Tensor  # [B, m+1, D] layer-E states of the pending token and the drafts
     probs: torch.Tensor | None  # [B, m, V] the distributions drafts were sampled from (sampling only)
+    layer: int  # the layer `hidden` comes out of: E, or 0 (embeddings) for drafts from the context
 
 
 def draft_plan(policy: ExitPolicy, net: Network, spec: SpeculativeConfig) -> ExitPlan:
     """The policy's measure as a draft controller at layer E (no allowed layer: it never drafts)."""
     spec.check(net.num_layers)
-    if policy.never_exits:
+    if policy.never_exits or spec.from_context:
         return ExitPlan(measure=policy.measure, allowed=frozenset())
     return ExitPlan.resolve(replace(policy, exit_layers=(spec.draft_layer,), min_exit_layer=1), net)
 
@@ -212,17 +197,49 @@ def draft(
         counts=counts,
         hidden=torch.stack(hidden, 1),
         probs=torch.stack(probs, 1) if probs else None,
+        layer=spec.draft_layer,
     )
 
 
-def verify(net: Network, spec: SpeculativeConfig, state: DecodeState, d: Draft) -> torch.Tensor:
-    """Layers E+1..L over every row's m+1 drafted slots, from their layer-E states.
+def lookup_guesses(
+    spec: SpeculativeConfig, live: list[bool], budget: list[int], contexts: list[list[int]]
+) -> list[list[int]]:
+    """Each live row's drafts from its context (prompt and tokens so far, pending included): what followed
+    the last occurrence of its final n-gram, up to k and its budget - 1."""
+    return [
+        lookup_draft(ctx, min(spec.max_draft, n - 1)) if is_live and n > 1 else []
+        for ctx, n, is_live in zip(contexts, budget, live)
+    ]
+
+
+def context_draft(
+    net: Network, state: DecodeState, pending: torch.Tensor, live: torch.Tensor, guesses: list[list[int]], sample: bool
+) -> Draft:
+    """Drafts from the context (lookup_guesses): no layer runs; the slots hold the token embeddings of the
+    pending token and the guesses, and verification runs every layer over them."""
+    width = max(map(len, guesses)) + 1
+    tokens = pending.new_zeros(len(guesses), width - 1)  # [B, m]
+    for b, g in enumerate(guesses):
+        tokens[b, : len(g)] = torch.tensor(g, dtype=tokens.dtype)
+    counts = torch.tensor([len(g) for g in guesses], device=pending.device)
+    start, steps = state.cache.length, torch.arange(width, device=pending.device)
+    state.cache.key_mask[:, start : start + width] = (steps[None] <= counts[:, None]) & live[:, None]
+    positions = state.positions[:, None] + torch.minimum(steps[None], counts[:, None])  # [B, m+1]
+    hidden = net.adapter.embed(torch.cat([pending[:, None], tokens], 1), positions)  # [B, m+1, D]
+    probs = None
+    if sample and width > 1:  # a lookup proposes one token for sure: q is one-hot
+        probs = torch.nn.functional.one_hot(tokens, net.adapter.vocab_size).to(hidden.dtype)  # [B, m, V]
+    return Draft(start=start, tokens=tokens, counts=counts, hidden=hidden, probs=probs, layer=CONTEXT_DRAFT)
+
+
+def verify(net: Network, state: DecodeState, d: Draft) -> torch.Tensor:
+    """Layers E+1..L (E = d.layer) over every row's m+1 drafted slots, from their layer-E states.
     -> [B*(m+1), D] full-depth states."""
     width = d.hidden.shape[1]
     steps = torch.arange(width, device=d.counts.device)
     positions = state.positions[:, None] + torch.minimum(steps[None], d.counts[:, None])  # [B, m+1]
     ctx = slot_context(net, state, positions, d.start)
-    h = forward_layers(net, d.hidden, range(spec.draft_layer, net.num_layers), ctx, state.cache)
+    h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
     return h.reshape(-1, h.shape[-1])
 
 
@@ -297,26 +314,34 @@ def generate_speculative(
     out = [[t] for t in first.tolist()]
     _sync(device)
     t1 = time.perf_counter()
-    tally = _Tally()
+    tally = Tally()
     pending = first
+    prompt_tokens = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)] if spec.looks_up else []
     while True:
         live_rows = [not _done(r, config) for r in out]
         if not any(live_rows):
             break
         live = torch.tensor(live_rows, device=device)
-        budget = torch.tensor([config.max_new_tokens - len(r) for r in out], device=device)
+        budget_left = [config.max_new_tokens - len(r) for r in out]
         ta = time.perf_counter()
-        d = draft(net, spec, plan, state, pending, live, budget, float(policy.threshold), config.sampling, generator)
+        contexts = [p + r for p, r in zip(prompt_tokens, out)] if spec.looks_up else []
+        guesses = lookup_guesses(spec, live_rows, budget_left, contexts)
+        if spec.from_context or any(guesses):
+            d = context_draft(net, state, pending, live, guesses, config.sampling.do_sample)
+        else:
+            budget = torch.tensor(budget_left, device=device)
+            threshold = float(policy.threshold)
+            d = draft(net, spec, plan, state, pending, live, budget, threshold, config.sampling, generator)
         _sync(device)
         tb = time.perf_counter()
-        h = verify(net, spec, state, d)
+        h = verify(net, state, d)
         if config.sampling.do_sample:
             accepted, following = accept_sampled(net, d, h, config.sampling, generator)
         else:
             accepted, following = accept_greedy(net, d, h)
         rollback(state, d, accepted, live)
         _commit(out, d, accepted, following, live_rows, config)
-        tally.add(d, accepted, live_rows, tb - ta, time.perf_counter() - tb)
+        tally.add(d.counts, accepted, live_rows, tb - ta, time.perf_counter() - tb)
         pending = torch.where(live, following, config.pad_token_id)
     _sync(device)
     t2 = time.perf_counter()
@@ -332,7 +357,7 @@ def generate_speculative(
         exit_layers=tuple((net.num_layers,) * len(r) for r in token_ids),
         num_layers=net.num_layers,
         timings=timings,
-        speculative=tally.stats(spec),
+        speculative=tally.stats(spec.draft_layer, spec.max_draft),
     )
 
 
@@ -357,32 +382,3 @@ def _commit(
             row.append(token)
             if token in config.eos_token_ids:
                 break
-
-
-class _Tally:
-    """Running counts for SpeculativeStats."""
-
-    def __init__(self) -> None:
-        self.cycles = self.row_cycles = self.drafted = self.accepted = 0
-        self.draft_s = self.verify_s = 0.0
-
-    def add(self, d: Draft, accepted: torch.Tensor, live_rows: list[bool], draft_s: float, verify_s: float) -> None:
-        live = torch.tensor(live_rows, device=accepted.device)
-        self.cycles += 1
-        self.row_cycles += sum(live_rows)
-        self.drafted += int(d.counts[live].sum())
-        self.accepted += int(accepted[live].sum())
-        self.draft_s += draft_s
-        self.verify_s += verify_s
-
-    def stats(self, spec: SpeculativeConfig) -> SpeculativeStats:
-        return SpeculativeStats(
-            draft_layer=spec.draft_layer,
-            max_draft=spec.max_draft,
-            cycles=self.cycles,
-            row_cycles=self.row_cycles,
-            drafted=self.drafted,
-            accepted=self.accepted,
-            draft_s=self.draft_s,
-            verify_s=self.verify_s,
-        )

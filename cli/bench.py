@@ -98,6 +98,7 @@ def bench_command(
     lossless: bool,
     draft_layer: int | None,
     max_draft: int | None,
+    lookup: bool,
     max_doc_tokens: int | None,
     engine: str,
     out: str,
@@ -115,7 +116,7 @@ def bench_command(
 
     documents = _documents(data, field_document, max(batch_sizes))
     model = load_model(model_name, device, dtype)
-    policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft)
+    policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft, lookup)
     config = BenchConfig(
         model=model_name,
         batch_sizes=batch_sizes,

@@ -87,6 +87,7 @@ def eval_command(
     lossless: bool,
     draft_layer: int | None,
     max_draft: int | None,
+    lookup: bool,
     max_doc_tokens: int | None,
     out: str,
     resume: bool,
@@ -96,8 +97,7 @@ def eval_command(
     For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
     against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
     wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
-    With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead.
-    """
+    With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead."""
     from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import EvalConfig, eval_device, run_eval
@@ -118,6 +118,7 @@ def eval_command(
         mode="speculative" if lossless else mode,
         draft_layer=draft_layer,
         max_draft=max_draft,
+        lookup=lookup,
     )
     records = read_jsonl(
         data, document_field=field_document, summary_field=field_summary, require_summary=True, limit=limit

@@ -122,6 +122,7 @@ def summarize(
     lossless: bool,
     draft_layer: int | None,
     max_draft: int | None,
+    lookup: bool,
     **options: Any,
 ) -> None:
     """Summarise documents with early exit.
@@ -152,7 +153,7 @@ def summarize(
         prompts,
         noun="document",
         engine=engine,
-        speculative=(mode, lossless, draft_layer, max_draft),
+        speculative=(mode, lossless, draft_layer, max_draft, lookup),
     )
 
 
@@ -207,7 +208,7 @@ def _generate(
     noun: str,
     chat: bool | None = None,
     engine: str = "auto",
-    speculative: tuple[str, bool, int | None, int | None] = ("calm", False, None, None),
+    speculative: tuple[str, bool, int | None, int | None, bool] = ("calm", False, None, None, False),
 ) -> None:
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
@@ -245,16 +246,18 @@ def _generate(
         click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
 
 
-def _resolve(model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None]) -> tuple[Any, str, dict]:
+def _resolve(
+    model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None, bool]
+) -> tuple[Any, str, dict]:
     """The policy, its source for the footer, and generate()'s extra arguments: calm's knob, or the lossless
     run of calm.lossless where --mode speculative or --lossless asks for it (--measure and --threshold then
     set the draft controller)."""
     from calm.errors import InputError
     from calm.lossless import resolve_mode
 
-    mode, lossless, draft_layer, max_draft = speculative
+    mode, lossless, draft_layer, max_draft, lookup = speculative
     knobs = run.knobs
-    lossless_run = resolve_mode(model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold)
+    lossless_run = resolve_mode(model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup)
     if lossless_run is None:
         policy, source = knobs.resolve(model)
         return policy, source, {}

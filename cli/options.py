@@ -272,7 +272,7 @@ def engine_option(f: F) -> F:
 
 
 def speculative_options(f: F) -> F:
-    """--mode, --lossless, --draft-layer, --max-draft (calm.speculative, calm.lossless)."""
+    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless)."""
     f = click.option(
         "--max-draft",
         type=click.IntRange(min=1),
@@ -281,9 +281,16 @@ def speculative_options(f: F) -> F:
     )(f)
     f = click.option(
         "--draft-layer",
-        type=click.IntRange(min=1),
+        type=click.IntRange(min=0),
         default=None,
-        help="Speculative: layers 1..E draft (default: the stored measurement, else half the layers).",
+        help="Speculative: layers 1..E draft; 0: drafts are looked up in the context (n-grams of the "
+        "prompt and output), and every layer verifies (default: the stored measurement, else half the layers).",
+    )(f)
+    f = click.option(
+        "--lookup",
+        is_flag=True,
+        help="Speculative: draft tokens looked up in the context (n-grams of the prompt and output) "
+        "first; a step where none is found drafts from layer E.",
     )(f)
     f = click.option(
         "--lossless",

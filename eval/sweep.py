@@ -48,7 +48,12 @@ class Point:
         return (
             {}
             if spec is None
-            else {"mode": "speculative", "draft_layer": spec.draft_layer, "max_draft": spec.max_draft}
+            else {
+                "mode": "speculative",
+                "draft_layer": spec.draft_layer,
+                "max_draft": spec.max_draft,
+                "lookup": spec.lookup,
+            }
         )
 
 
@@ -70,6 +75,7 @@ class EvalConfig:
     mode: str = "calm"  # "speculative": each λ controls the drafts of a lossless point
     draft_layer: int | None = None  # speculative: E (None: the checkpoint's measured E, else L/2)
     max_draft: int | None = None  # speculative: k (None: the checkpoint's measured k, else 4)
+    lookup: bool = False  # speculative: drafts looked up in the context first (also where the checkpoint's is)
 
     def __post_init__(self) -> None:
         if not self.thresholds:
@@ -82,8 +88,8 @@ class EvalConfig:
             raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
         if self.mode not in MODES:
             raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None):
-            raise InputError("--draft-layer and --max-draft need --mode speculative or --lossless")
+        if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None or self.lookup):
+            raise InputError("--draft-layer, --max-draft and --lookup need --mode speculative or --lossless")
 
     def for_model(self, model: CalmModel) -> EvalConfig:
         config = self if self.measure else replace(self, measure=default_measure(model))
@@ -91,8 +97,11 @@ class EvalConfig:
             stored = MeasuredSetting.from_extra(model.extra)
             config = replace(
                 config,
-                draft_layer=config.draft_layer or (stored.draft_layer if stored else model.num_layers // 2),
+                draft_layer=config.draft_layer
+                if config.draft_layer is not None
+                else (stored.draft_layer if stored else model.num_layers // 2),
                 max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT),
+                lookup=config.lookup or (stored is not None and stored.lookup and config.draft_layer is None),
             )
         return config
 
@@ -117,10 +126,11 @@ class EvalConfig:
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
 
     def _speculative_point(self, threshold: float) -> Point:
-        spec = SpeculativeConfig(self.draft_layer, self.max_draft)
+        spec = SpeculativeConfig(self.draft_layer, self.max_draft, self.lookup)
+        lookup = ("-lookup", " + lookup") if spec.lookup else ("", "")
         return Point(
-            f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}",
-            f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}",
+            f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}{lookup[0]}",
+            f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}{lookup[1]}",
             threshold,
             ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0),
             spec,

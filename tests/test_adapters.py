@@ -241,7 +241,9 @@ def test_logits_match_transformers_forward(models, kind):
         else:
             dec = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], 1)
             ref = model(input_ids=p.ids, attention_mask=p.mask.long(), decoder_input_ids=dec).logits
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    # float32 sums run in another order here than in one forward over the sequence, and by how much that
+    # moves a logit depends on the CPU's kernels (up to 4e-4 seen on AVX-512); a real error is far larger
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-3)
 
 
 def test_mt5_gated_unscaled_matches_transformers():

@@ -21,8 +21,9 @@ from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def measured(speedup: float, e: int = 2, k: int = 3) -> MeasuredSetting:
+def measured(speedup: float, e: int = 2, k: int = 3, lookup: bool = False) -> MeasuredSetting:
     return MeasuredSetting(
+        lookup=lookup,
         draft_layer=e,
         max_draft=k,
         measure="softmax",
@@ -68,10 +69,26 @@ def test_lossless_follows_the_stored_measurement(checkpoint):
     faster = resolve_mode(model, lossless=True)
     assert faster.spec == SpeculativeConfig(2, 3)
     assert faster.policy == ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0)
-    assert faster.generate_kwargs() == {"mode": "speculative", "draft_layer": 2, "max_draft": 3}
+    assert faster.generate_kwargs() == {"mode": "speculative", "draft_layer": 2, "max_draft": 3, "lookup": False}
     # explicit switches win over the stored setting
     run = resolve_mode(model, lossless=True, max_draft=1, measure="classifier", threshold=0.9)
     assert run.spec == SpeculativeConfig(2, 1) and run.policy.measure == "classifier" and run.policy.threshold == 0.9
+
+
+def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpoint):
+    store_extra(checkpoint, STORE_KEY, measured(1.2, e=0, k=2).to_dict())
+    model = CalmModel.from_pretrained(str(checkpoint))
+    context = resolve_mode(model, lossless=True)
+    assert context.spec == SpeculativeConfig(0, 2) and "looked up in the context" in context.description
+    store_extra(checkpoint, STORE_KEY, measured(1.2, lookup=True).to_dict())
+    model = CalmModel.from_pretrained(str(checkpoint))
+    hybrid = resolve_mode(model, lossless=True)
+    assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True) and hybrid.generate_kwargs()["lookup"] is True
+    assert "looked up in the context where found, else drafts from layer 2" in hybrid.description
+    assert resolve_mode(model, lossless=True, draft_layer=1).spec == SpeculativeConfig(1, 3)
+    assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(1, 3, True)
+    with pytest.raises(InputError, match="--lookup"):
+        resolve_mode(model, lookup=True)
 
 
 def test_speculative_mode_defaults_and_errors(tiny_model):
@@ -98,13 +115,21 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
             (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1)),
         ),
         ("state:0.9", (ExitPolicy(measure="state", threshold=0.9), None)),
+        ("spec:0:2", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(0, 2))),
+        (
+            "spec:3:1:softmax:0.4:lookup",
+            (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1, lookup=True)),
+        ),
+        ("spec:3:1:lookup", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(3, 1, lookup=True))),
     ],
 )
 def test_parse_run_spec(spec, expected):
     assert parse_run_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["spec", "spec:2", "spec:x:2", "spec:2:2:fixed:3", "spec:2:2:entropy:1"])
+@pytest.mark.parametrize(
+    "spec", ["spec", "spec:2", "spec:x:2", "spec:2:2:fixed:3", "spec:2:2:entropy:1", "spec:2:lookup", "spec:lookup"]
+)
 def test_parse_run_spec_rejects(spec):
     with pytest.raises(InputError, match="bad policy"):
         parse_run_spec(spec)
@@ -117,6 +142,10 @@ def test_speculative_specs_for_calm_bench(tiny_model):
     assert speculative_specs(model, ("softmax:0.5",), lossless=True, draft_layer=3, max_draft=2) == (
         "spec:3:2:softmax:0.5",
     )
+    assert speculative_specs(model, ("softmax:0.5",), "speculative", draft_layer=3, lookup=True) == (
+        "spec:3:4:softmax:0.5:lookup",
+    )
+    assert speculative_specs(model, (), "speculative", draft_layer=0, max_draft=2) == ("spec:0:2",)
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -131,6 +160,10 @@ def test_summarize_lossless_and_speculative_give_the_full_models_summaries(tiny_
     assert speculative.exit_code == 0, speculative.output
     assert speculative.stdout == full.stdout
     assert "speculative (lossless): drafts from layer 2, up to 3 per step" in speculative.stderr
+    for switches in (("--draft-layer", 0, "--max-draft", 2), ("--lookup", "--draft-layer", 1)):
+        with_lookup = invoke(*args, "--mode", "speculative", *switches)
+        assert with_lookup.exit_code == 0 and with_lookup.stdout == full.stdout, with_lookup.output
+        assert "looked up in the context" in with_lookup.stderr
     lossless = invoke(*args, "--lossless")
     assert lossless.exit_code == 0 and lossless.stdout == full.stdout
     assert "full model (lossless; no speculative measurement" in lossless.stderr
@@ -141,6 +174,7 @@ def test_summarize_lossless_bad_switches(tiny_model):
     assert_clean_error(invoke(*base, "--lossless", "--speed", 0.5), "--speed")
     assert_clean_error(invoke(*base, "--mode", "speculative", "--draft-layer", 9), "draft layer 9")
     assert_clean_error(invoke(*base, "--draft-layer", 2), "--mode speculative")
+    assert_clean_error(invoke(*base, "--lookup"), "--mode speculative")
 
 
 def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp_path):

@@ -1,0 +1,159 @@
+"""Drafts from the context (calm.lookup, speculative decoding at draft layer E = 0): the n-gram lookup,
+and the full model's output token for token (greedy) and in distribution (sampling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from calm import CalmModel
+from calm.adapters import adapter_for
+from calm.data import read_jsonl, summary_prompt, truncate_document
+from calm.decode import Network
+from calm.errors import PolicyError
+from calm.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.lookup import lookup_draft
+from calm.policy import ExitPolicy
+from calm.sampling import SamplingConfig
+from calm.speculative import SpeculativeConfig, generate_speculative
+from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
+from test_speculative import PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_lookup_takes_what_followed_the_latest_longest_match():
+    #          0  1  2  3  4  5  6  7  8  9
+    context = [7, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    assert lookup_draft(context, 2) == [4, 5]  # "1 2" last occurred at 5..6, followed by 4 5
+    assert lookup_draft(context + [3], 3) == [9, 1, 2]  # "1 2 3" (3-gram) beats the later "2 3"? none later
+    assert lookup_draft([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # stops at the context's end
+    assert lookup_draft([1, 2, 3, 4], 2) == []  # no suffix occurs earlier
+    assert lookup_draft([1, 2, 1, 3], 2) == []  # a 1-gram match is not enough
+    assert lookup_draft([1, 2, 1, 3], 2, min_ngram=1) == []  # "3" never occurred before
+    assert lookup_draft([3, 8, 1, 3], 2, min_ngram=1) == [8, 1]
+    assert lookup_draft([4, 4, 4], 2) == [4]  # overlapping: "4 4" at 0..1 is followed by one 4
+    assert lookup_draft([], 2) == [] and lookup_draft([1], 2) == []
+
+
+def test_a_longer_match_wins_over_a_more_recent_shorter_one():
+    context = [1, 2, 3, 8, 0, 2, 3, 9, 1, 2, 3]
+    assert lookup_draft(context, 1) == [8]  # "1 2 3" at 0..2, though "2 3" last occurred at 5..6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_from_the_context_is_the_full_models_output(kind, batch):
+    model = build(kind)
+    net = Network.build(adapter_for(model))
+    p = prompts() if batch == 4 else row(prompts(seed=2), 0)
+    full = generate_tokens(net, p, ExitPolicy.never(), gen_config(24))
+    assert full.token_ids == hf_greedy(model, p, 24)
+    for k in (1, 2, 4):
+        out = generate_speculative(net, p, ExitPolicy.never(), gen_config(24), SpeculativeConfig(0, k))
+        assert out.token_ids == full.token_ids, f"k={k}"
+
+
+def _oracle_lookup(p: PromptBatch, reference: tuple[tuple[int, ...], ...], wrong: bool):
+    """A lookup that knows each row's full-depth continuation (found by its prompt): it drafts exactly
+    those tokens, or each of them plus one (always rejected)."""
+    rows = {tuple(ids[m].tolist()): b for b, (ids, m) in enumerate(zip(p.ids, p.mask))}
+
+    def lookup(context: list[int], max_draft: int) -> list[int]:
+        for prompt, b in rows.items():
+            if tuple(context[: len(prompt)]) == prompt:
+                done = len(context) - len(prompt)
+                return [t + wrong for t in reference[b][done : done + max_draft]]
+        raise AssertionError("a context that starts with no prompt")
+
+    return lookup
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_right_context_drafts_are_kept_whole_and_wrong_ones_all_rejected(kind, k, monkeypatch):
+    model = build(kind)
+    net = Network.build(adapter_for(model))
+    p, max_new = prompts(), 13
+    config = GenerationConfig(max_new_tokens=max_new, pad_token_id=0)
+    full = generate_tokens(net, p, ExitPolicy.never(), config)
+    monkeypatch.setattr("calm.speculative.lookup_draft", _oracle_lookup(p, full.token_ids, wrong=False))
+    right = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, k))
+    assert right.token_ids == full.token_ids and right.speculative.acceptance_rate == 1.0
+    assert right.speculative.cycles == -(-(max_new - 1) // (k + 1))  # k drafts + the bonus token per cycle
+    monkeypatch.setattr("calm.speculative.lookup_draft", _oracle_lookup(p, full.token_ids, wrong=True))
+    wrong = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, k))
+    assert wrong.token_ids == full.token_ids and wrong.speculative.accepted == 0 < wrong.speculative.drafted
+    assert wrong.speculative.cycles == max_new - 1
+
+
+def test_context_drafts_keep_the_budget():
+    model = build("llama")
+    net = Network.build(adapter_for(model))
+    p = prompts()
+    for max_new in (1, 2, 5, 13):
+        config = GenerationConfig(max_new_tokens=max_new, pad_token_id=0)
+        out = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 4))
+        assert out.token_ids == generate_tokens(net, p, ExitPolicy.never(), config).token_ids
+        assert all(len(r) == max_new for r in out.token_ids)
+
+
+def _greedy_lookup(model: torch.nn.Module):
+    """A context 'lookup' that drafts the full model's own greedy continuation: plausible tokens, kept
+    or rejected by the accept/reject rule depending on the sample (memoised per context)."""
+    memo: dict[tuple[int, ...], list[int]] = {}
+
+    def lookup(context: list[int], max_draft: int) -> list[int]:
+        key = (*context, max_draft)
+        if key not in memo:
+            with torch.no_grad():
+                ids = model.generate(torch.tensor([context]), max_new_tokens=max_draft, do_sample=False)
+            memo[key] = ids[0, len(context) :].tolist()
+        return memo[key]
+
+    return lookup
+
+
+def test_sampling_from_context_drafts_follows_the_full_models_distribution(monkeypatch):
+    """One-hot proposals (a lookup's draft is certain) through the accept/reject rule: chi-square on
+    the joint of the first 4 tokens over 3000 rows against the exact distribution."""
+    model, steps = build("llama"), 4
+    net = Network.build(adapter_for(model))
+    sampling = SamplingConfig(True, temperature=0.7, seed=6)
+    truth = exact_distribution(model, sampling, steps)
+    monkeypatch.setattr("calm.speculative.lookup_draft", _greedy_lookup(model))
+    batch = PromptBatch(PROMPT.expand(SAMPLES, -1), torch.ones(SAMPLES, PROMPT.shape[1], dtype=torch.bool))
+    config = GenerationConfig(max_new_tokens=steps, pad_token_id=0, sampling=sampling)
+    out = generate_speculative(net, batch, ExitPolicy.never(), config, SpeculativeConfig(0, 3))
+    assert out.speculative.drafted > SAMPLES and 0.05 < out.speculative.acceptance_rate < 0.95, out.speculative
+    assert chi_square_pvalue(list(out.token_ids), truth, SAMPLES) > 1e-3
+
+
+def test_draft_layer_zero_through_the_api():
+    model = CalmModel.from_model(build("llama"))
+    ids = prompts().ids[:1]
+    full = model.generate(ids, max_new_tokens=16)
+    out = model.generate(ids, max_new_tokens=16, mode="speculative", draft_layer=0, max_draft=2)
+    assert out.token_ids == full.token_ids and out.speculative.draft_layer == 0
+    with pytest.raises(PolicyError, match="0 for drafts looked up in the context"):
+        model.generate(ids, max_new_tokens=4, mode="speculative", draft_layer=-1)
+
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")
+def test_real_model_context_drafts_give_the_full_models_output_on_8_documents():
+    """SmolLM2 with its shipped heads, 8 smoke documents in one batch: context drafts alone and before
+    the exit heads' drafts, against full depth; summaries copy from their documents, so lookups draft."""
+    model = CalmModel.from_pretrained("smollm2")
+    docs = read_jsonl(SMOKE, limit=8)
+    prompts = [summary_prompt(truncate_document(model.tokenizer, d.document, 256)) for d in docs]
+    full = model.generate(prompts, max_new_tokens=32)
+    for e, lookup in ((0, False), (15, True)):
+        out = model.generate(prompts, max_new_tokens=32, mode="speculative", draft_layer=e, max_draft=2, lookup=lookup)
+        assert out.token_ids == full.token_ids, f"E={e} lookup={lookup}"
+        assert 0 < out.speculative.accepted < out.speculative.drafted
