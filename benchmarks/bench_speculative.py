@@ -11,8 +11,9 @@ document after one short warm-up each, median of --repeats:
     at batch 1 only (transformers refuses assisted generation for batch > 1, recorded).
 Every speculative run's tokens are checked against full depth's. tokens/s include the prefill.
 
-With --store CHECKPOINT the best setting at batch 1 and its measured speedup over full depth go into
-the checkpoint's config, where `calm summarize --lossless` reads them (calm.lossless).
+With --store CHECKPOINT the best settings at batch 1 and at batch 8 and their measured speedups over full
+depth go into the checkpoint's config, where `calm summarize --lossless` reads them (calm.lossless).
+--from-json REPORT rewrites the Markdown (and --store) from a report's JSON without timing anything.
 
 Usage: python benchmarks/bench_speculative.py [--model smollm2] [--out benchmarks/results] [--store calm/assets/smollm2]
 """
@@ -20,10 +21,12 @@ Usage: python benchmarks/bench_speculative.py [--model smollm2] [--out benchmark
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -34,7 +37,7 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import forward_layers, prefill
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
-from calm.lossless import STORE_KEY, MeasuredSetting
+from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
 from calm.speculative import CONTEXT_DRAFT, generate_speculative, slot_context
 
@@ -408,7 +411,11 @@ def _break_even(report: dict) -> list[str]:
     if "head" not in cost:
         return [""]
     layers = report.get("num_layers", 30)
-    rows = [r for r in report["batch1"] if r["spec"] and _draft_layer(r) and r["acceptance_rate"] is not None]
+    rows = [
+        r
+        for r in report["batch1"]
+        if r["spec"] and _draft_layer(r) and not r["spec"].endswith(":lookup") and r["acceptance_rate"] is not None
+    ]
     seen: dict[int, dict] = {}
     for r in rows:
         e = _draft_layer(r)
@@ -434,21 +441,32 @@ def _f(value) -> str:
 
 
 def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
-    b = report["best"]
+    """The best batch-1 setting, with the best batch-8 one inside it (calm.lossless.LARGE_BATCH_KEY), into
+    the checkpoint's config."""
+    setting = _measured(report["best"], report_file)
+    if setting is None:
+        return None
+    large = _measured(best(report["batch8"]), report_file) if report["batch8"] else None
+    if large is not None:
+        setting[LARGE_BATCH_KEY] = large
+    store_extra(checkpoint, STORE_KEY, setting)
+    return setting
+
+
+def _measured(b: dict | None, report_file: str) -> dict | None:
     if b is None:
         return None
     policy, spec = parse_run_spec(b["spec"])
-    setting = MeasuredSetting(
+    return MeasuredSetting(
         draft_layer=spec.draft_layer,
         max_draft=spec.max_draft,
+        lookup=spec.lookup,
         measure=policy.measure,
         threshold=policy.threshold,
         speedup_vs_full=b["vs_full"],
         acceptance_rate=b["acceptance_rate"] or 0.0,
         report=report_file,
-    )
-    store_extra(checkpoint, STORE_KEY, setting.to_dict())
-    return setting.to_dict()
+    ).to_dict()
 
 
 def _ints(value: str) -> list[int]:
@@ -486,10 +504,16 @@ def main() -> None:
         "--store",
         default=None,
         metavar="CHECKPOINT",
-        help="write the best batch-1 setting and its speedup into this calm checkpoint",
+        help="write the best batch-1 and batch-8 settings and their speedups into this calm checkpoint",
+    )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="REPORT",
+        help="no timing: rewrite the Markdown (and --store) from this report's JSON",
     )
     args = parser.parse_args()
-    report = run(args)
+    report = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     stem = args.name or f"speculative_{args.model.rstrip('/').split('/')[-1]}"
     if args.store:
         report["stored"] = store(report, args.store, f"{args.out}/{stem}.md")

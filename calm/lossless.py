@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 STORE_KEY = "speculative"  # where a checkpoint's calm_config.json "extra" keeps the measurement
 MIN_GAIN = 1.05  # a measured speedup below this is within benchmark noise: no gain
+LARGE_BATCH_KEY = "batch8"  # the measurement at batch 8, kept inside the batch-1 one
+LARGE_BATCH_FROM = 5  # batches of this many rows or more follow the batch-8 measurement (the nearer one)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ class MeasuredSetting:
         return asdict(self)
 
     @classmethod
-    def from_extra(cls, extra: dict | None) -> MeasuredSetting | None:
-        data = (extra or {}).get(STORE_KEY)
+    def from_extra(cls, extra: dict | None, batch_size: int = 1) -> MeasuredSetting | None:
+        """The stored measurement nearest to batch_size rows: batch 1, or batch 8 from LARGE_BATCH_FROM."""
+        data = dict((extra or {}).get(STORE_KEY) or {})
+        large = data.pop(LARGE_BATCH_KEY, None)
+        if batch_size >= LARGE_BATCH_FROM and large:
+            data = large
         if not data:
             return None
         try:
@@ -93,14 +99,16 @@ def resolve_mode(
     measure: str | None = None,
     threshold: float | None = None,
     lookup: bool = False,
+    batch_size: int = 1,
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
-    measure and threshold set the draft controller; lookup: drafts looked up in the context first."""
+    measure and threshold set the draft controller; lookup: drafts looked up in the context first;
+    batch_size picks the stored measurement (MeasuredSetting.from_extra)."""
     if mode == "calm" and not lossless:
         if draft_layer is not None or max_draft is not None or lookup:
             raise InputError("--draft-layer, --max-draft and --lookup need --mode speculative or --lossless")
         return None
-    stored = MeasuredSetting.from_extra(model.extra)
+    stored = MeasuredSetting.from_extra(model.extra, batch_size)
     explicit = mode == "speculative" or draft_layer is not None or max_draft is not None or lookup
     if not explicit:
         if stored is None:
@@ -114,9 +122,9 @@ def resolve_mode(
             return ModeRun(
                 None,
                 ExitPolicy.never(),
-                f"full model (lossless; speculative decoding measured no gain on this checkpoint: best "
-                f"E={stored.draft_layer}, k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full "
-                f"depth, {stored.report})",
+                f"full model (lossless; speculative decoding measured no gain on this checkpoint"
+                f"{' at batch 8' if batch_size >= LARGE_BATCH_FROM else ''}: best E={stored.draft_layer}, "
+                f"k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full depth, {stored.report})",
             )
     spec = SpeculativeConfig(
         draft_layer if draft_layer is not None else stored.draft_layer if stored else model.num_layers // 2,

@@ -16,6 +16,11 @@ One cycle, for every unfinished row of the batch at once:
    masked holes there. Each row's length is its position counter (DecodeState.positions).
 
 Every row drafts again in the next cycle from its own corrected token: no row sits a cycle out.
+
+Drafts can also come from the context (calm.lookup): draft layer E = 0 runs no layer to draft; each
+row's drafts are the tokens that followed the last earlier occurrence of its final n-gram, the cycle's
+slots hold their embeddings, and verification runs all L layers over them. With lookup=True a cycle
+drafts from the context when any row's lookup finds drafts, and from layer E otherwise.
 """
 
 from __future__ import annotations

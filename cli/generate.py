@@ -257,7 +257,9 @@ def _resolve(
 
     mode, lossless, draft_layer, max_draft, lookup = speculative
     knobs = run.knobs
-    lossless_run = resolve_mode(model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup)
+    lossless_run = resolve_mode(
+        model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup, run.batch_size
+    )
     if lossless_run is None:
         policy, source = knobs.resolve(model)
         return policy, source, {}

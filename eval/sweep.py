@@ -94,7 +94,7 @@ class EvalConfig:
     def for_model(self, model: CalmModel) -> EvalConfig:
         config = self if self.measure else replace(self, measure=default_measure(model))
         if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
-            stored = MeasuredSetting.from_extra(model.extra)
+            stored = MeasuredSetting.from_extra(model.extra, self.batch_size)
             config = replace(
                 config,
                 draft_layer=config.draft_layer

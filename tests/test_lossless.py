@@ -13,7 +13,7 @@ from calm.bench import parse_run_spec, speculative_specs
 from calm.checkpoint import read_config, store_extra
 from calm.errors import InputError, PolicyError
 from calm.heads import ExitHeads, HeadsConfig
-from calm.lossless import STORE_KEY, MeasuredSetting, resolve_mode
+from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
 from calm.policy import ExitPolicy
 from calm.speculative import SpeculativeConfig
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
@@ -89,6 +89,21 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
     assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(1, 3, True)
     with pytest.raises(InputError, match="--lookup"):
         resolve_mode(model, lookup=True)
+
+
+def test_large_batches_follow_the_batch_8_measurement(checkpoint):
+    setting = measured(1.2).to_dict() | {LARGE_BATCH_KEY: measured(0.9, e=1, k=1).to_dict()}
+    store_extra(checkpoint, STORE_KEY, setting)
+    model = CalmModel.from_pretrained(str(checkpoint))
+    assert MeasuredSetting.from_extra(model.extra) == measured(1.2)
+    assert MeasuredSetting.from_extra(model.extra, 8) == measured(0.9, e=1, k=1)
+    for rows in (1, 4):
+        assert resolve_mode(model, lossless=True, batch_size=rows).spec == SpeculativeConfig(2, 3)
+    large = resolve_mode(model, lossless=True, batch_size=5)
+    assert large.spec is None and "no gain on this checkpoint at batch 8" in large.description
+    store_extra(checkpoint, STORE_KEY, measured(1.2).to_dict())  # no batch-8 measurement: batch 1's
+    model = CalmModel.from_pretrained(str(checkpoint))
+    assert resolve_mode(model, lossless=True, batch_size=8).spec == SpeculativeConfig(2, 3)
 
 
 def test_speculative_mode_defaults_and_errors(tiny_model):
