@@ -262,8 +262,9 @@ def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) 
         return []
     hf = next(c for c in configs if c.name == HF)
     rows = []
-    for e in args.draft_layers:
-        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e]
+    layers = ([CONTEXT_DRAFT] if args.context_drafts else []) + [e for e in args.draft_layers if e != CONTEXT_DRAFT]
+    for e in layers:
+        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e and not x.spec.endswith(":lookup")]
         best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
         switch = _transformers_switch(e, best_ours.spec)
         c = Config(" ".join(f"{k}={v}" for k, v in switch.items()), hf_runner(model, **switch))

@@ -25,7 +25,7 @@ from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import PromptFormat, fit_prompts
-from calm.speculative import SpeculativeConfig, SpeculativeStats, generate_speculative
+from calm.speculative import NO_CONTROLLER, SpeculativeConfig, SpeculativeStats, generate_speculative
 
 TRANSFORMERS = "transformers"
 FULL = "full"
@@ -111,6 +111,8 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
     controller = ":".join(parts[2:])
     if not controller:
         return ALWAYS_DRAFT, config
+    if config.from_context:
+        raise InputError(f"bad policy {spec!r}: {NO_CONTROLLER}")
     policy = parse_policy_spec(controller)
     if policy.measure == "fixed":
         raise InputError(f"bad policy {spec!r}: a draft controller is MEASURE:THRESHOLD")

@@ -6,10 +6,11 @@ flags, else from the stored measurement, else L/2, 4 and the default controller)
 
 `--lossless` asks for the full model's output as fast as this checkpoint can give it. The rule:
 speculative decoding with the stored setting when the checkpoint's stored measurement
-(benchmarks/bench_speculative.py --store, at batch 1) found it at least MIN_GAIN (5%, above the
-run-to-run noise of those benchmarks) faster than full depth; otherwise the full model, with a note
-saying why. The full model is lossless by definition, so the fallback never
-changes the output, only the speed. Explicit --draft-layer / --max-draft make it speculative anyway.
+(benchmarks/bench_speculative.py --store, at batch 1, and at batch 8 for runs of LARGE_BATCH_FROM rows
+or more) found it at least MIN_GAIN (5%, above the run-to-run noise of those benchmarks) faster than
+full depth; otherwise the full model, with a note saying why. The full model is lossless by
+definition, so the fallback never changes the output, only the speed. Explicit --draft-layer,
+--max-draft or --lookup make it speculative anyway.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from calm.decode import ExitPlan
 from calm.errors import InputError
-from calm.knob import resolve_policy
 from calm.policy import ExitPolicy
-from calm.speculative import DEFAULT_DRAFT_THRESHOLD, DEFAULT_MAX_DRAFT, SpeculativeConfig, default_draft_policy
+from calm.speculative import (
+    DEFAULT_DRAFT_THRESHOLD,
+    DEFAULT_MAX_DRAFT,
+    NO_CONTROLLER,
+    SpeculativeConfig,
+    default_draft_layer,
+    default_draft_policy,
+)
 
 if TYPE_CHECKING:
     from calm.model import CalmModel
@@ -41,7 +47,7 @@ class MeasuredSetting:
     max_draft: int
     measure: str  # draft controller
     threshold: float
-    speedup_vs_full: float  # tokens/s over never-exit calm, batch 1, same run
+    speedup_vs_full: float  # tokens/s over never-exit calm at the measured batch size, same run
     acceptance_rate: float
     report: str  # the report it comes from
     lookup: bool = False  # drafts looked up in the context first (older stored measurements lack it)
@@ -126,12 +132,15 @@ def resolve_mode(
                 f"{' at batch 8' if batch_size >= LARGE_BATCH_FROM else ''}: best E={stored.draft_layer}, "
                 f"k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full depth, {stored.report})",
             )
+    default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
     spec = SpeculativeConfig(
-        draft_layer if draft_layer is not None else stored.draft_layer if stored else model.num_layers // 2,
+        draft_layer if draft_layer is not None else default_layer,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
         lookup or (stored is not None and stored.lookup and draft_layer is None),
     )
     spec.check(model.num_layers)
+    if spec.from_context and (measure is not None or threshold is not None):
+        raise InputError(NO_CONTROLLER)
     policy = _controller(model, stored, measure, threshold)
     return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}")
 
@@ -142,36 +151,6 @@ def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     first = "drafts looked up in the context where found, else " if spec.lookup else ""
     return f"{first}drafts from layer {spec.draft_layer}, up to {spec.max_draft} per step, controller {name}"
-
-
-def resolve_run(
-    model: CalmModel,
-    threshold: float | None = None,
-    measure: str | None = None,
-    min_exit_layer: int | None = None,
-    speed: float | None = None,
-    tolerance: float | None = None,
-    mode: str = "calm",
-    lossless: bool = False,
-    draft_layer: int | None = None,
-    max_draft: int | None = None,
-    lookup: bool = False,
-) -> ModeRun:
-    """What the command line's switches ask for: calm's knob (calm.knob.resolve_policy), or the lossless
-    run of resolve_mode, where --measure and --threshold set the draft controller."""
-    run = resolve_mode(model, mode, lossless, draft_layer, max_draft, measure, threshold, lookup)
-    if run is None:
-        resolved = resolve_policy(
-            model, threshold=threshold, measure=measure, min_exit_layer=min_exit_layer, speed=speed, tolerance=tolerance
-        )
-        return ModeRun(None, resolved.policy, resolved.description)
-    if speed is not None or tolerance is not None:
-        raise InputError(
-            "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
-            "early (use --threshold for its draft controller)"
-        )
-    ExitPlan.resolve(run.policy, model.network)
-    return run
 
 
 def _controller(

@@ -37,6 +37,7 @@ from calm.prompt_input import Prompts, encode_prompts
 from calm.sampling import SamplingConfig
 from calm.speculative import (
     DEFAULT_MAX_DRAFT,
+    NO_CONTROLLER,
     SpeculativeConfig,
     default_draft_policy,
     generate_speculative,
@@ -283,6 +284,8 @@ class CalmModel:
                     "(its policy= is the draft controller)"
                 )
             policy = self.policy(speed=speed, tolerance=tolerance)
+        if spec is not None and spec.from_context and policy is not None and policy.measure != "fixed":
+            raise InputError(NO_CONTROLLER)
         policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
         policy.allowed_layers(self.num_layers)
         return policy

@@ -17,10 +17,9 @@ One cycle, for every unfinished row of the batch at once:
 
 Every row drafts again in the next cycle from its own corrected token: no row sits a cycle out.
 
-Drafts can also come from the context (calm.lookup): draft layer E = 0 runs no layer to draft; each
-row's drafts are the tokens that followed the last earlier occurrence of its final n-gram, the cycle's
-slots hold their embeddings, and verification runs all L layers over them. With lookup=True a cycle
-drafts from the context when any row's lookup finds drafts, and from layer E otherwise.
+Drafts from the context (calm.lookup, draft layer E = 0): no layer runs to draft, the slots hold the
+embeddings of the looked-up tokens, and all L layers verify. With lookup=True a cycle drafts from the
+context when any row's lookup finds drafts, and from layer E otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +67,17 @@ class SpeculativeConfig:
 
 
 CONTEXT_DRAFT = 0  # the draft layer that means "draft from the context by n-gram lookup"
+NO_CONTROLLER = (
+    "draft layer 0 drafts whatever the context lookup finds: it takes no draft controller "
+    "(measure or threshold); give one with a draft layer of 1 or more"
+)
+
+
+def default_draft_layer(num_layers: int) -> int:
+    """Half the layers (at least 1: 0 would mean drafts from the context)."""
+    return max(1, num_layers // 2)
+
+
 MODES = ("calm", "speculative")
 DEFAULT_DRAFT_THRESHOLD = 0.7
 DEFAULT_MAX_DRAFT = 4
@@ -83,7 +93,8 @@ def speculative_config(
         if lookup:
             raise InputError("lookup drafts are part of speculative decoding: pass mode='speculative'")
         return None
-    spec = SpeculativeConfig(draft_layer if draft_layer is not None else num_layers // 2, max_draft, lookup)
+    e = draft_layer if draft_layer is not None else default_draft_layer(num_layers)
+    spec = SpeculativeConfig(e, max_draft, lookup)
     spec.check(num_layers)
     return spec
 
@@ -276,7 +287,7 @@ def accept_sampled(
         p_d, q_d = p[:, :m].gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]  # [B, m]
         u = torch.rand(b, m, generator=generator, device=h.device)
         drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
-        accepted = ((u * q_d <= p_d) & drafted).long().cumprod(1).sum(1)
+        accepted = ((u * q_d < p_d) & drafted).long().cumprod(1).sum(1)  # P = min(1, p/q); 0 where p = 0
         rejected = accepted < d.counts
         at = accepted.clamp(max=m - 1)[:, None, None].expand(-1, 1, p.shape[-1])
         residual = (p.gather(1, at)[:, 0] - d.probs.gather(1, at)[:, 0]).clamp(min=0)
@@ -346,7 +357,7 @@ def generate_speculative(
             accepted, following = accept_greedy(net, d, h)
         rollback(state, d, accepted, live)
         _commit(out, d, accepted, following, live_rows, config)
-        tally.add(d.counts, accepted, live_rows, tb - ta, time.perf_counter() - tb)
+        tally.add(d.counts, accepted, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
         pending = torch.where(live, following, config.pad_token_id)
     _sync(device)
     t2 = time.perf_counter()

@@ -19,6 +19,9 @@ class SpeculativeStats:
     accepted: int  # drafted tokens the full model kept
     draft_s: float  # wall time in the draft steps (layers 1..E and the exit head)
     verify_s: float  # wall time verifying (layers E+1..L, LM head, accept, rollback)
+    context_cycles: int = 0  # passes whose drafts came from the context (lookup), all layers verified
+    context_drafted: int = 0  # of `drafted`, the tokens looked up in the context
+    context_accepted: int = 0  # of `accepted`, the tokens looked up in the context
 
     @property
     def acceptance_rate(self) -> float:
@@ -47,18 +50,30 @@ class Tally:
 
     def __init__(self) -> None:
         self.cycles = self.row_cycles = self.drafted = self.accepted = 0
+        self.context_cycles = self.context_drafted = self.context_accepted = 0
         self.draft_s = self.verify_s = 0.0
 
     def add(
-        self, counts: torch.Tensor, accepted: torch.Tensor, live_rows: list[bool], draft_s: float, verify_s: float
+        self,
+        counts: torch.Tensor,
+        accepted: torch.Tensor,
+        live_rows: list[bool],
+        seconds: tuple[float, float],
+        from_context: bool,
     ) -> None:
+        """One verification pass: drafted counts [B] and accepted [B], (draft, verify) wall seconds."""
         live = torch.tensor(live_rows, device=accepted.device)
+        drafted, kept = int(counts[live].sum()), int(accepted[live].sum())
         self.cycles += 1
         self.row_cycles += sum(live_rows)
-        self.drafted += int(counts[live].sum())
-        self.accepted += int(accepted[live].sum())
-        self.draft_s += draft_s
-        self.verify_s += verify_s
+        self.drafted += drafted
+        self.accepted += kept
+        if from_context:
+            self.context_cycles += 1
+            self.context_drafted += drafted
+            self.context_accepted += kept
+        self.draft_s += seconds[0]
+        self.verify_s += seconds[1]
 
     def stats(self, draft_layer: int, max_draft: int) -> SpeculativeStats:
         return SpeculativeStats(
@@ -70,4 +85,7 @@ class Tally:
             accepted=self.accepted,
             draft_s=self.draft_s,
             verify_s=self.verify_s,
+            context_cycles=self.context_cycles,
+            context_drafted=self.context_drafted,
+            context_accepted=self.context_accepted,
         )

@@ -216,7 +216,7 @@ def _generate(
     from calm.eval.render import SummaryPrinter, run_footer
     from calm.eval.summarize import summarize_documents
 
-    policy, source, generate_kwargs = _resolve(model, run, speculative)
+    policy, source, generate_kwargs = _resolve(model, run, speculative, min(run.batch_size, len(records)))
     console = output_console()
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
@@ -247,7 +247,7 @@ def _generate(
 
 
 def _resolve(
-    model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None, bool]
+    model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None, bool], rows: int
 ) -> tuple[Any, str, dict]:
     """The policy, its source for the footer, and generate()'s extra arguments: calm's knob, or the lossless
     run of calm.lossless where --mode speculative or --lossless asks for it (--measure and --threshold then
@@ -258,7 +258,7 @@ def _resolve(
     mode, lossless, draft_layer, max_draft, lookup = speculative
     knobs = run.knobs
     lossless_run = resolve_mode(
-        model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup, run.batch_size
+        model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup, rows
     )
     if lossless_run is None:
         policy, source = knobs.resolve(model)

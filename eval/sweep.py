@@ -30,7 +30,7 @@ from calm.lossless import MeasuredSetting
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
-from calm.speculative import DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig
+from calm.speculative import CONTEXT_DRAFT, DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig, default_draft_layer
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class EvalConfig:
                 config,
                 draft_layer=config.draft_layer
                 if config.draft_layer is not None
-                else (stored.draft_layer if stored else model.num_layers // 2),
+                else (stored.draft_layer if stored else default_draft_layer(model.num_layers)),
                 max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT),
                 lookup=config.lookup or (stored is not None and stored.lookup and config.draft_layer is None),
             )
@@ -122,8 +122,20 @@ class EvalConfig:
         )
         if self.mode == "speculative":
             early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
+            if self.draft_layer == CONTEXT_DRAFT:  # no controller: one point
+                early = (self._context_point(),)
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
+
+    def _context_point(self) -> Point:
+        spec = SpeculativeConfig(CONTEXT_DRAFT, self.max_draft)
+        return Point(
+            f"spec-E0-k{spec.max_draft}",
+            f"speculative, context drafts k={spec.max_draft}",
+            None,
+            ExitPolicy(measure="fixed", threshold=0.0),  # drafts whatever the lookup finds
+            spec,
+        )
 
     def _speculative_point(self, threshold: float) -> Point:
         spec = SpeculativeConfig(self.draft_layer, self.max_draft, self.lookup)

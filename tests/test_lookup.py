@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm import CalmModel
+from calm import CalmModel, speculative
 from calm.adapters import adapter_for
 from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network
-from calm.errors import PolicyError
+from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.lookup import lookup_draft
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
-from calm.speculative import SpeculativeConfig, generate_speculative
+from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
 from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
-from test_speculative import PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
+from test_speculative import ALWAYS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def test_lookup_takes_what_followed_the_latest_longest_match():
     #          0  1  2  3  4  5  6  7  8  9
     context = [7, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
     assert lookup_draft(context, 2) == [4, 5]  # "1 2" last occurred at 5..6, followed by 4 5
-    assert lookup_draft(context + [3], 3) == [9, 1, 2]  # "1 2 3" (3-gram) beats the later "2 3"? none later
+    assert lookup_draft(context + [3], 3) == [9, 1, 2]  # the 3-gram "1 2 3" at 1..3, followed by 9 1 2
     assert lookup_draft([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # stops at the context's end
     assert lookup_draft([1, 2, 3, 4], 2) == []  # no suffix occurs earlier
     assert lookup_draft([1, 2, 1, 3], 2) == []  # a 1-gram match is not enough
@@ -89,6 +89,49 @@ def test_right_context_drafts_are_kept_whole_and_wrong_ones_all_rejected(kind, k
     assert wrong.speculative.cycles == max_new - 1
 
 
+def _partly_right_lookup(p: PromptBatch, reference: tuple[tuple[int, ...], ...]):
+    """Drafts that are right for a number of tokens that differs by row and step, then wrong."""
+    oracle = _oracle_lookup(p, reference, wrong=False)
+
+    def lookup(context: list[int], max_draft: int) -> list[int]:
+        right = oracle(context, max_draft)
+        keep = len(context) % (max_draft + 1)
+        return right[:keep] + [t + 1 for t in right[keep:]]
+
+    return lookup
+
+
+def _every_nth_cycle_finds_nothing(monkeypatch, n: int = 3) -> None:
+    """So that hybrid runs alternate between the two draft sources."""
+    real, calls = speculative.lookup_guesses, [0]
+
+    def guesses(*args):
+        calls[0] += 1
+        found = real(*args)
+        return [[] for _ in found] if calls[0] % n == 0 else found
+
+    monkeypatch.setattr("calm.speculative.lookup_guesses", guesses)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hybrid_drafts_from_context_or_exit_layer_are_the_full_models_output(kind, monkeypatch):
+    model = build(kind)
+    net = Network.build(adapter_for(model))
+    p, config = prompts(), gen_config(16)
+    full = generate_tokens(net, p, ExitPolicy.never(), config)
+    monkeypatch.setattr("calm.speculative.lookup_draft", _partly_right_lookup(p, full.token_ids))
+    _every_nth_cycle_finds_nothing(monkeypatch)
+    for e, k in ((1, 2), (2, 3)):
+        out = generate_speculative(net, p, ALWAYS, config, SpeculativeConfig(e, k, lookup=True))
+        assert out.token_ids == full.token_ids, f"E={e} k={k}"
+        stats = out.speculative
+        assert 0 < stats.context_cycles < stats.cycles, stats  # both sources ran
+        assert 0 < stats.context_accepted < stats.context_drafted < stats.drafted, stats
+    only_context = generate_speculative(net, p, ALWAYS, config, SpeculativeConfig(0, 3))
+    assert only_context.token_ids == full.token_ids
+    assert only_context.speculative.context_cycles == only_context.speculative.cycles
+
+
 def test_context_drafts_keep_the_budget():
     model = build("llama")
     net = Network.build(adapter_for(model))
@@ -131,6 +174,22 @@ def test_sampling_from_context_drafts_follows_the_full_models_distribution(monke
     assert chi_square_pvalue(list(out.token_ids), truth, SAMPLES) > 1e-3
 
 
+def test_hybrid_sampling_follows_the_full_models_distribution(monkeypatch):
+    """Cycles alternate between one-hot context drafts and the exit layer's sampled drafts."""
+    model, steps = build("llama"), 4
+    net = Network.build(adapter_for(model))
+    sampling = SamplingConfig(True, temperature=0.7, seed=7)
+    truth = exact_distribution(model, sampling, steps)
+    monkeypatch.setattr("calm.speculative.lookup_draft", _greedy_lookup(model))
+    _every_nth_cycle_finds_nothing(monkeypatch, 2)
+    batch = PromptBatch(PROMPT.expand(SAMPLES, -1), torch.ones(SAMPLES, PROMPT.shape[1], dtype=torch.bool))
+    config = GenerationConfig(max_new_tokens=steps, pad_token_id=0, sampling=sampling)
+    out = generate_speculative(net, batch, ALWAYS, config, SpeculativeConfig(2, 2, lookup=True))
+    stats = out.speculative
+    assert 0 < stats.context_drafted < stats.drafted and 0.05 < stats.acceptance_rate < 0.95, stats
+    assert chi_square_pvalue(list(out.token_ids), truth, SAMPLES) > 1e-3
+
+
 def test_draft_layer_zero_through_the_api():
     model = CalmModel.from_model(build("llama"))
     ids = prompts().ids[:1]
@@ -139,6 +198,14 @@ def test_draft_layer_zero_through_the_api():
     assert out.token_ids == full.token_ids and out.speculative.draft_layer == 0
     with pytest.raises(PolicyError, match="0 for drafts looked up in the context"):
         model.generate(ids, max_new_tokens=4, mode="speculative", draft_layer=-1)
+    softmax = ExitPolicy(measure="softmax", threshold=0.5)
+    with pytest.raises(InputError, match="takes no draft controller"):
+        model.generate(ids, max_new_tokens=4, mode="speculative", draft_layer=0, policy=softmax)
+    with pytest.raises(InputError, match="mode='speculative'"):
+        model.generate(ids, max_new_tokens=4, lookup=True)
+    hybrid = model.generate(ids, max_new_tokens=16, mode="speculative", draft_layer=1, lookup=True)
+    assert hybrid.token_ids == full.token_ids
+    assert default_draft_layer(1) == 1 and default_draft_layer(30) == 15
 
 
 SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"

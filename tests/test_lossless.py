@@ -89,6 +89,13 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
     assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(1, 3, True)
     with pytest.raises(InputError, match="--lookup"):
         resolve_mode(model, lookup=True)
+    with pytest.raises(InputError, match="takes no draft controller"):
+        resolve_mode(model, lossless=True, draft_layer=0, threshold=0.5)
+
+
+def test_lookup_without_a_stored_measurement_is_speculative_at_half_depth(tiny_model):
+    run = resolve_mode(CalmModel.from_pretrained(tiny_model), lossless=True, lookup=True)
+    assert run.spec == SpeculativeConfig(2, 4, lookup=True)
 
 
 def test_large_batches_follow_the_batch_8_measurement(checkpoint):
@@ -143,7 +150,17 @@ def test_parse_run_spec(spec, expected):
 
 
 @pytest.mark.parametrize(
-    "spec", ["spec", "spec:2", "spec:x:2", "spec:2:2:fixed:3", "spec:2:2:entropy:1", "spec:2:lookup", "spec:lookup"]
+    "spec",
+    [
+        "spec",
+        "spec:2",
+        "spec:x:2",
+        "spec:2:2:fixed:3",
+        "spec:2:2:entropy:1",
+        "spec:2:lookup",
+        "spec:lookup",
+        "spec:0:2:softmax:0.5",
+    ],
 )
 def test_parse_run_spec_rejects(spec):
     with pytest.raises(InputError, match="bad policy"):
@@ -271,3 +288,17 @@ def test_bench_speculative_rows(tiny_model, tmp_path):
         invoke("bench", "--model", tiny_model, "--policy", "spec:9:2", "--out", tmp_path / "x"), "draft layer 9"
     )
     shutil.rmtree(out)
+
+
+def test_eval_context_drafts_are_one_point_without_a_controller():
+    from calm.eval.sweep import EvalConfig
+
+    config = EvalConfig(
+        model="m", data="d", thresholds=(0.3, 0.5), measure="softmax", mode="speculative", draft_layer=0, max_draft=2
+    )
+    names = [p.name for p in config.points()]
+    assert names == ["full", "spec-E0-k2", "transformers"]
+    hybrid = EvalConfig(model="m", data="d", thresholds=(0.3,), measure="softmax", mode="speculative", draft_layer=2)
+    assert [p.name for p in EvalConfig(**{**hybrid.__dict__, "max_draft": 3, "lookup": True}).points()][1] == (
+        "spec-E2-k3-softmax@0.3-lookup"
+    )
