@@ -185,12 +185,15 @@ def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_to
                 "spec": c.spec,
                 "seconds": seconds,
                 "cpu_seconds": cpu_seconds,
+                "cpu_seconds_per_batch": {k: statistics.median(c.cpu[k]) for k in keys},
                 "tokens_per_s": tokens / seconds,
                 "tokens_per_cpu_s": tokens / cpu_seconds,
                 "identical": c.identical,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "mean_accepted_length": accepted / row_cycles if stats else None,
                 "mean_draft_length": drafted / row_cycles if stats else None,
+                "context_drafted": sum(s.context_drafted for s in stats) if stats else None,
+                "context_accepted": sum(s.context_accepted for s in stats) if stats else None,
                 "draft_s": sum(s.draft_s for s in stats) if stats else None,
                 "verify_s": sum(s.verify_s for s in stats) if stats else None,
             }
@@ -247,8 +250,6 @@ def run(args) -> dict:
         "batch8": batch8,
         "assistant": assistant,
         "best": best(batch1),
-        "best_exit_draft": best([r for r in batch1 if _draft_layer(r) != CONTEXT_DRAFT]),
-        "best_context_draft": best([r for r in batch1 if _draft_layer(r) == CONTEXT_DRAFT]),
         "forward_cost_vs_one_position": forward,
     }
 
@@ -310,6 +311,15 @@ def batch8_refusal(model: CalmModel, single: dict, switch: dict) -> str:
     return "ran"
 
 
+def _source(row: dict) -> str | None:
+    """Where a speculative row's drafts come from: "exit", "context" or "both" (None: not speculative)."""
+    if not row["spec"]:
+        return None
+    if _draft_layer(row) == CONTEXT_DRAFT:
+        return "context"
+    return "both" if row["spec"].endswith(":lookup") else "exit"
+
+
 def _draft_layer(row: dict) -> int | None:
     return int(row["spec"].split(":")[1]) if row["spec"] else None
 
@@ -335,6 +345,7 @@ def markdown(report: dict) -> str:
         f"Benchmark wall time {report['wall_s'] / 60:.1f} min.",
         "",
     ]
+    rows1 = report["batch1"]
     if b is None:
         lines += ["**No speculative setting drafted at batch 1.**", ""]
     else:
@@ -344,8 +355,10 @@ def markdown(report: dict) -> str:
             f"calm ({b['tokens_per_cpu_s']:.2f} tokens per CPU second). Outputs identical to full depth in every "
             f"run: **{identical}**.",
             "",
-            *_headline("Drafts from the exit heads", report.get("best_exit_draft")),
-            *_headline("Drafts looked up in the context (E = 0)", report.get("best_context_draft")),
+            *_headline("Drafts from the exit heads", best([r for r in rows1 if _source(r) == "exit"])),
+            *_headline("Drafts looked up in the context (E = 0)", best([r for r in rows1 if _source(r) == "context"])),
+            *_headline("Context drafts first, else the exit heads", best([r for r in rows1 if _source(r) == "both"])),
+            *_batch8_line(report["batch8"]),
             *_break_even(report),
         ]
     for title, rows in (("Batch 1", report["batch1"]), ("Batch 8", report["batch8"])):
@@ -402,6 +415,17 @@ def _headline(title: str, b: dict | None) -> list[str]:
         f"- {title}: best **{b['name']}**, **{b['vs_full']:.2f}×** never-exit calm at batch 1 (acceptance "
         f"{_f(b['acceptance_rate'])}, {_f(b['mean_draft_length'])} drafted and {_f(b['mean_accepted_length'])} "
         "kept per step)."
+    ]
+
+
+def _batch8_line(rows: list[dict]) -> list[str]:
+    b = best(rows)
+    if b is None:
+        return []
+    verdict = "faster than" if b["vs_full"] > 1 else "not faster than"
+    return [
+        f"- Batch 8: the best setting that drafted, **{b['name']}**, runs at **{b['vs_full']:.2f}×** never-exit calm "
+        f"({verdict} full depth)."
     ]
 
 
