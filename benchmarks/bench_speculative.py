@@ -338,7 +338,8 @@ def markdown(report: dict) -> str:
         *machine_markdown(report["machine"]),
         f"{report['new_tokens']} new tokens per row (EOS ignored), XSum test documents cut to "
         f"{report['max_doc_tokens']} tokens (prompts of {min(report['prompt_tokens'])}–"
-        f"{max(report['prompt_tokens'])} tokens), batch 1 over {report['docs']} documents and one batch of 8; "
+        f"{max(report['prompt_tokens'])} tokens), batch 1 over {report['docs']} documents"
+        f"{' and one batch of 8' if report['batch8'] else ''}; "
         f"median of {report['repeats']} round-robin runs after a warm-up, prefill included. The CPU was shared "
         "with other jobs, so speeds are tokens per CPU second of this single-threaded process (time.process_time), "
         "which time-slicing by other processes does not inflate; wall-clock ratios are listed beside them. "
@@ -378,20 +379,7 @@ def markdown(report: dict) -> str:
                 for r in rows
             ]
             lines.append("")
-    lines += [
-        "## transformers' assisted decoding at the same E (batch 1): assistant_early_exit, or prompt lookup for E = 0",
-        "",
-        "| E | transformers | docs | tokens/CPU s | vs transformers generate | same tokens as generate | "
-        "calm best at E | calm speedup over it | batch 8 |",
-        "|---:|---|---:|---:|---:|:---:|---|---:|---|",
-    ]
-    lines += [
-        f"| {r['draft_layer']} | {r['transformers']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | "
-        f"{r['vs_transformers']:.2f}× | "
-        f"{'yes' if r['identical_to_transformers'] else 'NO'} | {r['calm_best_at_E']} | "
-        f"{r['calm_vs_assistant']:.2f}× | {r['batch8']} |"
-        for r in report["assistant"]
-    ]
+    lines += _transformers_section(report["assistant"])
     cost = report["forward_cost_vs_one_position"]
     lines += [
         "",
@@ -415,6 +403,24 @@ def _headline(title: str, b: dict | None) -> list[str]:
         f"- {title}: best **{b['name']}**, **{b['vs_full']:.2f}×** never-exit calm at batch 1 (acceptance "
         f"{_f(b['acceptance_rate'])}, {_f(b['mean_draft_length'])} drafted and {_f(b['mean_accepted_length'])} "
         "kept per step)."
+    ]
+
+
+def _transformers_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "## transformers' assisted decoding at the same E (batch 1): assistant_early_exit, or prompt lookup for E = 0",
+        "",
+        "| E | transformers | docs | tokens/CPU s | vs transformers generate | same tokens as generate | "
+        "calm best at E | calm speedup over it | batch 8 |",
+        "|---:|---|---:|---:|---:|:---:|---|---:|---|",
+        *(
+            f"| {r['draft_layer']} | {r['transformers']} | {r['docs']} | {r['tokens_per_cpu_s']:.2f} | "
+            f"{r['vs_transformers']:.2f}× | {'yes' if r['identical_to_transformers'] else 'NO'} | "
+            f"{r['calm_best_at_E']} | {r['calm_vs_assistant']:.2f}× | {r['batch8']} |"
+            for r in rows
+        ),
     ]
 
 
