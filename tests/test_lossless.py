@@ -239,6 +239,21 @@ def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp
         assert p["same_as_full"] == 1.0 and p["dissimilarity"] == 0.0
 
 
+def test_eval_context_drafts_through_the_command_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", DOCS[:2])
+    base = ("eval", "--model", tiny_model, "--data", data, "--max-new-tokens", 6, "--mode", "speculative")
+    out = tmp_path / "eval"
+    result = invoke(*base, "--draft-layer", 0, "--max-draft", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    points = {p["name"]: p for p in json.loads((out / "eval.json").read_text())["points"]}
+    assert set(points) == {"full", "spec-E0-k2", "transformers"}
+    assert points["spec-E0-k2"]["same_as_full"] == 1.0
+    hybrid = invoke(*base, "--draft-layer", 2, "--lookup", "--thresholds", "0.3", "--out", tmp_path / "hybrid")
+    assert hybrid.exit_code == 0, hybrid.output
+    report = json.loads((tmp_path / "hybrid" / "eval.json").read_text())
+    assert {p["name"] for p in report["points"]} == {"full", "spec-E2-k4-softmax@0.3-lookup", "transformers"}
+
+
 def test_bench_speculative_rows(tiny_model, tmp_path):
     out = tmp_path / "bench"
     result = invoke(
