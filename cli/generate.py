@@ -241,7 +241,8 @@ def _generate(
                     out.write(doc.to_dict())
             docs += batch
             update(len(docs), len(records))
-    click.echo(run_footer(docs, policy, source, run.max_new_tokens, noun), err=True)
+    footer_policy = None if generate_kwargs.get("mode") == "speculative" else policy
+    click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
 

@@ -169,11 +169,12 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
 
 
 def run_footer(
-    docs: list[DocumentSummary], policy: ExitPolicy, source: str, max_new_tokens: int, noun: str = "document"
+    docs: list[DocumentSummary], policy: ExitPolicy | None, source: str, max_new_tokens: int, noun: str = "document"
 ) -> str:
     """One line about a run: documents, average depth, decode throughput (the tokens after each summary's
     first, where early exit saves layers) and prefill time apart, the policy with its threshold schedule,
-    and where the policy came from (an option, or the default)."""
+    and where the policy came from (an option, or the default). policy None: a lossless run, which
+    `source` describes whole (its policy is only the draft controller)."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
     decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
@@ -183,5 +184,5 @@ def run_footer(
     return (
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
         f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
-        f"policy: {policy_text(policy, max_new_tokens)}; {source}"
+        + (f"policy: {policy_text(policy, max_new_tokens)}; {source}" if policy is not None else source)
     )

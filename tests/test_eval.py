@@ -313,6 +313,8 @@ def test_run_footer_reports_decode_rate_and_prefill_apart():
         "3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; "
         "policy: state λ=0.9, λ decays to 0.814 by token 4 (τ=4); from --threshold"
     )
+    lossless = run_footer(docs, None, "speculative (lossless): drafts from layer 2", 4)
+    assert lossless.endswith("prefill 0.75 s; speculative (lossless): drafts from layer 2")
     assert first.decode_tokens_per_s == pytest.approx(4.0) and first.tokens_per_s == pytest.approx(4.0)
     assert docs[0].to_dict()["timings"]["batch_decode_tokens_per_s"] == pytest.approx(4.0)
 

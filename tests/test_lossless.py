@@ -192,6 +192,7 @@ def test_summarize_lossless_and_speculative_give_the_full_models_summaries(tiny_
     assert speculative.exit_code == 0, speculative.output
     assert speculative.stdout == full.stdout
     assert "speculative (lossless): drafts from layer 2, up to 3 per step" in speculative.stderr
+    assert "policy:" not in speculative.stderr.splitlines()[-1]  # the controller is in the description
     for switches in (("--draft-layer", 0, "--max-draft", 2), ("--lookup", "--draft-layer", 1)):
         with_lookup = invoke(*args, "--mode", "speculative", *switches)
         assert with_lookup.exit_code == 0 and with_lookup.stdout == full.stdout, with_lookup.output
