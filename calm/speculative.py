@@ -33,7 +33,7 @@ from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
-from calm.lookup import lookup_draft
+from calm.lookup import BatchLookup
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
 from calm.speculative_stats import SpeculativeStats as SpeculativeStats  # re-exported
@@ -218,14 +218,11 @@ def draft(
 
 
 def lookup_guesses(
-    spec: SpeculativeConfig, live: list[bool], budget: list[int], contexts: list[list[int]]
+    spec: SpeculativeConfig, lookup: BatchLookup, out: list[list[int]], live: list[bool], budget: list[int]
 ) -> list[list[int]]:
     """Each live row's drafts from its context (prompt and tokens so far, pending included): what followed
     the last occurrence of its final n-gram, up to k and its budget - 1."""
-    return [
-        lookup_draft(ctx, min(spec.max_draft, n - 1)) if is_live and n > 1 else []
-        for ctx, n, is_live in zip(contexts, budget, live)
-    ]
+    return lookup.drafts(out, [min(spec.max_draft, n - 1) if is_live else 0 for n, is_live in zip(budget, live)])
 
 
 def context_draft(
@@ -332,7 +329,7 @@ def generate_speculative(
     t1 = time.perf_counter()
     tally = Tally()
     pending = first
-    prompt_tokens = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)] if spec.looks_up else []
+    lookup = BatchLookup([ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]) if spec.looks_up else None
     while True:
         live_rows = [not _done(r, config) for r in out]
         if not any(live_rows):
@@ -340,8 +337,7 @@ def generate_speculative(
         live = torch.tensor(live_rows, device=device)
         budget_left = [config.max_new_tokens - len(r) for r in out]
         ta = time.perf_counter()
-        contexts = [p + r for p, r in zip(prompt_tokens, out)] if spec.looks_up else []
-        guesses = lookup_guesses(spec, live_rows, budget_left, contexts)
+        guesses = lookup_guesses(spec, lookup, out, live_rows, budget_left) if lookup else []
         if spec.from_context or any(guesses):
             d = context_draft(net, state, pending, live, guesses, config.sampling.do_sample)
         else:

@@ -14,7 +14,7 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.lookup import lookup_draft
+from calm.lookup import NgramIndex, lookup_draft
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
@@ -56,6 +56,11 @@ def test_greedy_from_the_context_is_the_full_models_output(kind, batch):
         assert out.token_ids == full.token_ids, f"k={k}"
 
 
+def _draft_with(monkeypatch, lookup) -> None:
+    """Every row's context drafts come from lookup(context tokens, max_draft) instead of the n-gram index."""
+    monkeypatch.setattr(NgramIndex, "draft", lambda index, max_draft: lookup(index.tokens, max_draft))
+
+
 def _oracle_lookup(p: PromptBatch, reference: tuple[tuple[int, ...], ...], wrong: bool):
     """A lookup that knows each row's full-depth continuation (found by its prompt): it drafts exactly
     those tokens, or each of them plus one (always rejected)."""
@@ -79,11 +84,11 @@ def test_right_context_drafts_are_kept_whole_and_wrong_ones_all_rejected(kind, k
     p, max_new = prompts(), 13
     config = GenerationConfig(max_new_tokens=max_new, pad_token_id=0)
     full = generate_tokens(net, p, ExitPolicy.never(), config)
-    monkeypatch.setattr("calm.speculative.lookup_draft", _oracle_lookup(p, full.token_ids, wrong=False))
+    _draft_with(monkeypatch, _oracle_lookup(p, full.token_ids, wrong=False))
     right = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, k))
     assert right.token_ids == full.token_ids and right.speculative.acceptance_rate == 1.0
     assert right.speculative.cycles == -(-(max_new - 1) // (k + 1))  # k drafts + the bonus token per cycle
-    monkeypatch.setattr("calm.speculative.lookup_draft", _oracle_lookup(p, full.token_ids, wrong=True))
+    _draft_with(monkeypatch, _oracle_lookup(p, full.token_ids, wrong=True))
     wrong = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, k))
     assert wrong.token_ids == full.token_ids and wrong.speculative.accepted == 0 < wrong.speculative.drafted
     assert wrong.speculative.cycles == max_new - 1
@@ -119,7 +124,7 @@ def test_hybrid_drafts_from_context_or_exit_layer_are_the_full_models_output(kin
     net = Network.build(adapter_for(model))
     p, config = prompts(), gen_config(16)
     full = generate_tokens(net, p, ExitPolicy.never(), config)
-    monkeypatch.setattr("calm.speculative.lookup_draft", _partly_right_lookup(p, full.token_ids))
+    _draft_with(monkeypatch, _partly_right_lookup(p, full.token_ids))
     _every_nth_cycle_finds_nothing(monkeypatch)
     for e, k in ((1, 2), (2, 3)):
         out = generate_speculative(net, p, ALWAYS, config, SpeculativeConfig(e, k, lookup=True))
@@ -166,7 +171,7 @@ def test_sampling_from_context_drafts_follows_the_full_models_distribution(monke
     net = Network.build(adapter_for(model))
     sampling = SamplingConfig(True, temperature=0.7, seed=6)
     truth = exact_distribution(model, sampling, steps)
-    monkeypatch.setattr("calm.speculative.lookup_draft", _greedy_lookup(model))
+    _draft_with(monkeypatch, _greedy_lookup(model))
     batch = PromptBatch(PROMPT.expand(SAMPLES, -1), torch.ones(SAMPLES, PROMPT.shape[1], dtype=torch.bool))
     config = GenerationConfig(max_new_tokens=steps, pad_token_id=0, sampling=sampling)
     out = generate_speculative(net, batch, ExitPolicy.never(), config, SpeculativeConfig(0, 3))
@@ -180,7 +185,7 @@ def test_hybrid_sampling_follows_the_full_models_distribution(monkeypatch):
     net = Network.build(adapter_for(model))
     sampling = SamplingConfig(True, temperature=0.7, seed=7)
     truth = exact_distribution(model, sampling, steps)
-    monkeypatch.setattr("calm.speculative.lookup_draft", _greedy_lookup(model))
+    _draft_with(monkeypatch, _greedy_lookup(model))
     _every_nth_cycle_finds_nothing(monkeypatch, 2)
     batch = PromptBatch(PROMPT.expand(SAMPLES, -1), torch.ones(SAMPLES, PROMPT.shape[1], dtype=torch.bool))
     config = GenerationConfig(max_new_tokens=steps, pad_token_id=0, sampling=sampling)
@@ -224,3 +229,15 @@ def test_real_model_context_drafts_give_the_full_models_output_on_8_documents():
         out = model.generate(prompts, max_new_tokens=32, mode="speculative", draft_layer=e, max_draft=2, lookup=lookup)
         assert out.token_ids == full.token_ids, f"E={e} lookup={lookup}"
         assert 0 < out.speculative.accepted < out.speculative.drafted
+
+
+def test_the_index_drafts_what_the_scan_drafts_as_the_context_grows():
+    g = torch.Generator().manual_seed(0)
+    for vocab in (3, 6, 20):
+        tokens = torch.randint(0, vocab, (300,), generator=g).tolist()
+        index = NgramIndex(tokens[:5])
+        for end in range(5, len(tokens) + 1):
+            for k in (1, 2, 4):
+                assert index.draft(k) == lookup_draft(tokens[:end], k), (vocab, end, k)
+            index.extend(tokens[end : end + 1])
+        assert NgramIndex(tokens, 4, 1).draft(3) == lookup_draft(tokens, 3, 4, 1)
