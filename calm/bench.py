@@ -25,7 +25,7 @@ from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import PromptFormat, fit_prompts
-from calm.speculative import NO_CONTROLLER, SpeculativeConfig, SpeculativeStats, generate_speculative
+from calm.speculative import ALWAYS_DRAFT, NO_CONTROLLER, SpeculativeConfig, SpeculativeStats, generate_speculative
 
 TRANSFORMERS = "transformers"
 FULL = "full"
@@ -45,7 +45,6 @@ POLICY_HELP = (
     "context first; E = 0: only those)"
 )
 SPEC = "spec"
-ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)
 
 
 # ---- the transformers baseline ------------------------------------------------------------------

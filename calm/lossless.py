@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from calm.errors import InputError
 from calm.policy import ExitPolicy
 from calm.speculative import (
+    ALWAYS_DRAFT,
     DEFAULT_DRAFT_THRESHOLD,
     DEFAULT_MAX_DRAFT,
     NO_CONTROLLER,
@@ -141,7 +142,7 @@ def resolve_mode(
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
-    policy = _controller(model, stored, measure, threshold)
+    policy = ALWAYS_DRAFT if spec.from_context else _controller(model, stored, measure, threshold)
     return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}")
 
 

@@ -79,6 +79,7 @@ def default_draft_layer(num_layers: int) -> int:
 
 
 MODES = ("calm", "speculative")
+ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)  # no controller: draft k tokens, or all a lookup finds
 DEFAULT_DRAFT_THRESHOLD = 0.7
 DEFAULT_MAX_DRAFT = 4
 
@@ -104,7 +105,7 @@ def default_draft_policy(net: Network) -> ExitPolicy:
     always draft (a fixed draft length, as LayerSkip)."""
     if net.heads is not None and net.heads.config.classifier:
         return ExitPolicy(measure="classifier", threshold=DEFAULT_DRAFT_THRESHOLD, decay_tau=0.0)
-    return ExitPolicy(measure="fixed", threshold=0.0)
+    return ALWAYS_DRAFT
 
 
 @dataclass(frozen=True)

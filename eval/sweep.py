@@ -30,7 +30,14 @@ from calm.lossless import MeasuredSetting
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
-from calm.speculative import CONTEXT_DRAFT, DEFAULT_MAX_DRAFT, MODES, SpeculativeConfig, default_draft_layer
+from calm.speculative import (
+    ALWAYS_DRAFT,
+    CONTEXT_DRAFT,
+    DEFAULT_MAX_DRAFT,
+    MODES,
+    SpeculativeConfig,
+    default_draft_layer,
+)
 
 
 @dataclass(frozen=True)
@@ -130,11 +137,7 @@ class EvalConfig:
     def _context_point(self) -> Point:
         spec = SpeculativeConfig(CONTEXT_DRAFT, self.max_draft)
         return Point(
-            f"spec-E0-k{spec.max_draft}",
-            f"speculative, context drafts k={spec.max_draft}",
-            None,
-            ExitPolicy(measure="fixed", threshold=0.0),  # drafts whatever the lookup finds
-            spec,
+            f"spec-E0-k{spec.max_draft}", f"speculative, context drafts k={spec.max_draft}", None, ALWAYS_DRAFT, spec
         )
 
     def _speculative_point(self, threshold: float) -> Point:

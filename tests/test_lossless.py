@@ -15,7 +15,7 @@ from calm.errors import InputError, PolicyError
 from calm.heads import ExitHeads, HeadsConfig
 from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
 from calm.policy import ExitPolicy
-from calm.speculative import SpeculativeConfig
+from calm.speculative import ALWAYS_DRAFT, SpeculativeConfig
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +86,10 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
     assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True) and hybrid.generate_kwargs()["lookup"] is True
     assert "looked up in the context where found, else drafts from layer 2" in hybrid.description
     assert resolve_mode(model, lossless=True, draft_layer=1).spec == SpeculativeConfig(1, 3)
+    context_only = resolve_mode(model, mode="speculative", draft_layer=0)  # the stored controller is softmax
+    assert context_only.policy == ALWAYS_DRAFT
+    out = model.generate("a b a b a", max_new_tokens=4, policy=context_only.policy, **context_only.generate_kwargs())
+    assert out.speculative.draft_layer == 0
     assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(1, 3, True)
     with pytest.raises(InputError, match="--lookup"):
         resolve_mode(model, lookup=True)
