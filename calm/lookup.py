@@ -4,7 +4,7 @@ Speculative decoding at draft layer E = 0 runs no layer to draft. A row's next t
 looking its last few tokens up in its own context (prompt and tokens so far), as prompt-lookup
 decoding does: a summary copies names, numbers and phrases from its document. The guesses cost no
 model work; verification then runs every layer over the pending token and the guesses at once.
-`lookup_draft` states the rule; `NgramIndex` follows it without rescanning the context each step.
+`NgramIndex` keeps, per n-gram, where its latest occurrence was followed, so no step rescans the context.
 """
 
 from __future__ import annotations
@@ -13,22 +13,9 @@ LOOKUP_MAX_NGRAM = 3  # the longest suffix looked up first
 LOOKUP_MIN_NGRAM = 2  # shorter suffixes match too often by chance to be worth verifying
 
 
-def lookup_draft(
-    context: list[int], max_draft: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM
-) -> list[int]:
-    """Up to max_draft tokens that followed the most recent earlier occurrence of the context's last
-    n tokens, trying n = max_ngram down to min_ngram; [] when no suffix occurs before."""
-    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
-        suffix = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start : start + n] == suffix:
-                return context[start + n : start + n + max_draft]
-    return []
-
-
 class NgramIndex:
-    """lookup_draft over a growing token list in time independent of its length: for each n-gram
-    (n = min_ngram..max_ngram) the position of the token that followed its latest occurrence."""
+    """A growing token list with, for each n-gram (n = min_ngram..max_ngram), the position of the token
+    that followed its latest occurrence."""
 
     def __init__(self, tokens: list[int], max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -44,7 +31,8 @@ class NgramIndex:
             self.tokens.append(token)
 
     def draft(self, max_draft: int) -> list[int]:
-        """lookup_draft(self.tokens, max_draft)."""
+        """Up to max_draft tokens that followed the most recent earlier occurrence of the list's last n
+        tokens, trying n = max_ngram down to min_ngram; [] when no such suffix occurs before."""
         for n in range(min(self.max_ngram, len(self.tokens) - 1), self.min_ngram - 1, -1):
             at = self.follower.get(tuple(self.tokens[-n:]))
             if at is not None:

@@ -238,7 +238,7 @@ def context_draft(
     counts = torch.tensor([len(g) for g in guesses], device=pending.device)
     start, steps = state.cache.length, torch.arange(width, device=pending.device)
     state.cache.key_mask[:, start : start + width] = (steps[None] <= counts[:, None]) & live[:, None]
-    positions = state.positions[:, None] + torch.minimum(steps[None], counts[:, None])  # [B, m+1]
+    positions = draft_positions(state, counts, width)
     hidden = net.adapter.embed(torch.cat([pending[:, None], tokens], 1), positions)  # [B, m+1, D]
     probs = None
     if sample and width > 1:  # a lookup proposes one token for sure: q is one-hot
@@ -246,13 +246,16 @@ def context_draft(
     return Draft(start=start, tokens=tokens, counts=counts, hidden=hidden, probs=probs, layer=CONTEXT_DRAFT)
 
 
+def draft_positions(state: DecodeState, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions [B, width] of each row's pending token and drafts (masked slots past counts [B] repeat the last)."""
+    steps = torch.arange(width, device=counts.device)
+    return state.positions[:, None] + torch.minimum(steps[None], counts[:, None])
+
+
 def verify(net: Network, state: DecodeState, d: Draft) -> torch.Tensor:
     """Layers E+1..L (E = d.layer) over every row's m+1 drafted slots, from their layer-E states.
     -> [B*(m+1), D] full-depth states."""
-    width = d.hidden.shape[1]
-    steps = torch.arange(width, device=d.counts.device)
-    positions = state.positions[:, None] + torch.minimum(steps[None], d.counts[:, None])  # [B, m+1]
-    ctx = slot_context(net, state, positions, d.start)
+    ctx = slot_context(net, state, draft_positions(state, d.counts, d.hidden.shape[1]), d.start)
     h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
     return h.reshape(-1, h.shape[-1])
 

@@ -26,18 +26,11 @@ from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write
 from calm.eval.reporting import machine_info
 from calm.eval.summarize import batched, document_prompts
 from calm.knob import default_measure
-from calm.lossless import MeasuredSetting
+from calm.lossless import resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
-from calm.speculative import (
-    ALWAYS_DRAFT,
-    CONTEXT_DRAFT,
-    DEFAULT_MAX_DRAFT,
-    MODES,
-    SpeculativeConfig,
-    default_draft_layer,
-)
+from calm.speculative import ALWAYS_DRAFT, CONTEXT_DRAFT, MODES, SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -101,15 +94,19 @@ class EvalConfig:
     def for_model(self, model: CalmModel) -> EvalConfig:
         config = self if self.measure else replace(self, measure=default_measure(model))
         if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
-            stored = MeasuredSetting.from_extra(model.extra, self.batch_size)
-            config = replace(
-                config,
-                draft_layer=config.draft_layer
-                if config.draft_layer is not None
-                else (stored.draft_layer if stored else default_draft_layer(model.num_layers)),
-                max_draft=config.max_draft or (stored.max_draft if stored else DEFAULT_MAX_DRAFT),
-                lookup=config.lookup or (stored is not None and stored.lookup and config.draft_layer is None),
+            run = resolve_mode(
+                model,
+                "speculative",
+                False,
+                config.draft_layer,
+                config.max_draft,
+                lookup=config.lookup,
+                batch_size=self.batch_size,
             )
+            if run is None or run.spec is None:
+                raise AssertionError("resolve_mode always resolves mode='speculative' to a speculative run")
+            spec = run.spec
+            config = replace(config, draft_layer=spec.draft_layer, max_draft=spec.max_draft, lookup=spec.lookup)
         return config
 
     def points(self) -> tuple[Point, ...]:
@@ -128,9 +125,10 @@ class EvalConfig:
             for t in dict.fromkeys(self.thresholds)
         )
         if self.mode == "speculative":
-            early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
             if self.draft_layer == CONTEXT_DRAFT:  # no controller: one point
                 early = (self._context_point(),)
+            else:
+                early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
         baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
         return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
 

@@ -14,7 +14,7 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.lookup import NgramIndex, lookup_draft
+from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, NgramIndex
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
@@ -22,6 +22,24 @@ from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
 from test_speculative import ALWAYS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def scan_draft(
+    context: list[int], max_draft: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM
+) -> list[int]:
+    """The rule NgramIndex.draft follows, by scanning the whole context back to front."""
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        suffix = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start : start + n] == suffix:
+                return context[start + n : start + n + max_draft]
+    return []
+
+
+def lookup_draft(
+    context: list[int], max_draft: int, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM
+) -> list[int]:
+    return NgramIndex(context, max_ngram, min_ngram).draft(max_draft)
 
 
 def test_lookup_takes_what_followed_the_latest_longest_match():
@@ -238,6 +256,6 @@ def test_the_index_drafts_what_the_scan_drafts_as_the_context_grows():
         index = NgramIndex(tokens[:5])
         for end in range(5, len(tokens) + 1):
             for k in (1, 2, 4):
-                assert index.draft(k) == lookup_draft(tokens[:end], k), (vocab, end, k)
+                assert index.draft(k) == scan_draft(tokens[:end], k), (vocab, end, k)
             index.extend(tokens[end : end + 1])
-        assert NgramIndex(tokens, 4, 1).draft(3) == lookup_draft(tokens, 3, 4, 1)
+        assert NgramIndex(tokens, 4, 1).draft(3) == scan_draft(tokens, 3, 4, 1)
