@@ -54,6 +54,7 @@ class Config:
     times: dict = field(default_factory=dict)  # batch key -> [wall seconds]
     cpu: dict = field(default_factory=dict)  # batch key -> [CPU seconds of this process]
     stats: dict = field(default_factory=dict)  # batch key -> [SpeculativeStats]
+    split: dict = field(default_factory=dict)  # batch key -> [(prefill wall s, decode wall s)] (calm runs)
     tokens: dict = field(default_factory=dict)  # batch key -> tokens per row of the last run
     identical: bool = True  # tokens equal the reference's in every run
 
@@ -67,7 +68,7 @@ def calm_runner(model: CalmModel, spec: str | None):
             result = generate_tokens(model.network, batch, policy, config)
         else:
             result = generate_speculative(model.network, batch, policy, config, speculative)
-        return result.token_ids, result.speculative
+        return result.token_ids, result.speculative, (result.timings.prefill_s, result.timings.decode_s)
 
     return run
 
@@ -87,9 +88,18 @@ def hf_runner(model: CalmModel, **kwargs):
             eos_token_id=list(model.eos_token_ids) or None,
             **kwargs,
         )
-        return tuple(tuple(r) for r in out[:, batch.ids.shape[1] :].tolist()), None
+        return tuple(tuple(r) for r in out[:, batch.ids.shape[1] :].tolist()), None, None
 
     return run
+
+
+def _split(c: Config, keys: list[str]) -> tuple[float | None, float | None]:
+    """Prefill and decode wall seconds (sums of per-batch medians) of a calm config; (None, None) for others."""
+    if not all(k in c.split for k in keys):
+        return None, None
+    prefill = sum(statistics.median(p for p, _ in c.split[k]) for k in keys)
+    decode = sum(statistics.median(d for _, d in c.split[k]) for k in keys)
+    return prefill, decode
 
 
 def timed(
@@ -103,10 +113,12 @@ def timed(
     """One timed run; its tokens are checked against reference[key] (with prefix_only = EOS ids: only
     up to the reference's first EOS, for transformers, which suppresses EOS to reach the length)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    tokens, stats = config.run(batch, new_tokens)
+    tokens, stats, split = config.run(batch, new_tokens)
     config.times.setdefault(key, []).append(time.perf_counter() - t0)
     config.cpu.setdefault(key, []).append(time.process_time() - c0)
     config.tokens[key] = tokens
+    if split is not None:
+        config.split.setdefault(key, []).append(split)
     if stats is not None:
         config.stats.setdefault(key, []).append(stats)
     if reference is not None:
@@ -179,6 +191,7 @@ def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_to
         drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
         row_cycles = sum(s.row_cycles for s in stats)
         tokens = batch_size * new_tokens * len(keys)
+        prefill, decode = _split(c, keys)
         rows.append(
             {
                 "name": c.name,
@@ -188,6 +201,12 @@ def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_to
                 "cpu_seconds_per_batch": {k: statistics.median(c.cpu[k]) for k in keys},
                 "tokens_per_s": tokens / seconds,
                 "tokens_per_cpu_s": tokens / cpu_seconds,
+                "prefill_share": prefill / (prefill + decode) if prefill is not None else None,
+                "decode_tokens_per_cpu_s": (
+                    batch_size * (new_tokens - 1) * len(keys) / (cpu_seconds * decode / (prefill + decode))
+                    if prefill is not None
+                    else None
+                ),
                 "identical": c.identical,
                 "acceptance_rate": accepted / drafted if drafted else None,
                 "mean_accepted_length": accepted / row_cycles if stats else None,
@@ -202,6 +221,9 @@ def summary_rows(configs: list[Config], keys: list[str], batch_size: int, new_to
     hf = next((r for r in rows if r["name"] == HF), None)
     for r in rows:
         r["vs_full"] = r["tokens_per_cpu_s"] / full["tokens_per_cpu_s"]
+        r["decode_vs_full"] = (
+            r["decode_tokens_per_cpu_s"] / full["decode_tokens_per_cpu_s"] if r["decode_tokens_per_cpu_s"] else None
+        )
         r["vs_full_wall"] = r["tokens_per_s"] / full["tokens_per_s"]
         r["vs_transformers"] = r["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"] if hf else None
     return rows
@@ -234,6 +256,7 @@ def run(args) -> dict:
         batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
     assistant = assistant_rows(model, args, single, configs)
     forward = forward_cost(model, next(iter(single.values())))
+    forward8 = forward_cost(model, model.encode_prompts(prompts[:8], args.new_tokens), (1, 2, 3, 4)) if batch8 else {}
     return {
         "benchmark": "speculative",
         "model": args.model,
@@ -251,6 +274,7 @@ def run(args) -> dict:
         "assistant": assistant,
         "best": best(batch1),
         "forward_cost_vs_one_position": forward,
+        "forward_cost_batch8": forward8,
     }
 
 
@@ -367,13 +391,14 @@ def markdown(report: dict) -> str:
             lines += [
                 f"## {title}",
                 "",
-                "| config | tokens/CPU s | vs full | vs transformers | wall vs full | identical | "
-                "acceptance | drafted per step | kept per step | draft s | verify s |",
-                "|---|" + "---:|" * 10,
+                "| config | tokens/CPU s | vs full | vs transformers | wall vs full | prefill share | decode vs full | "
+                "identical | acceptance | drafted per step | kept per step | draft s | verify s |",
+                "|---|" + "---:|" * 12,
             ]
             lines += [
                 f"| {r['name']} | {r['tokens_per_cpu_s']:.2f} | {r['vs_full']:.2f}× | {_f(r['vs_transformers'])}× | "
-                f"{r['vs_full_wall']:.2f}× | {'yes' if r['identical'] else 'NO'} | {_f(r['acceptance_rate'])} | "
+                f"{r['vs_full_wall']:.2f}× | {_pct(r.get('prefill_share'))} | {_x(r.get('decode_vs_full'))} | "
+                f"{'yes' if r['identical'] else 'NO'} | {_f(r['acceptance_rate'])} | "
                 f"{_f(r['mean_draft_length'])} | {_f(r['mean_accepted_length'])} | {_f(r['draft_s'])} | "
                 f"{_f(r['verify_s'])} |"
                 for r in rows
@@ -386,11 +411,22 @@ def markdown(report: dict) -> str:
         "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
         "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items() if t != "head") + ".",
     ]
+    cost8 = report.get("forward_cost_batch8") or {}
+    if cost8:
+        lines += [
+            "",
+            "The same for 8 rows (T positions each, against one position each): "
+            + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost8.items() if t != "head")
+            + ". Every row of a cycle is verified at the cycle's widest draft (masked slots still compute), "
+            "so a row that drafts nothing costs what one that drafts does.",
+        ]
     lines += [
         "",
         "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
         "pass. draft s / verify s: wall seconds summed over the timed batches' last run (layers 1..E with the "
-        "exit head; layers E+1..L with the LM head, accept and rollback).",
+        "exit head; layers E+1..L with the LM head, accept and rollback). prefill share: the prompt's "
+        "forward (all layers, full depth, the same in every config) over prefill + decode wall time. decode vs "
+        "full: tokens after the first per CPU second of the decode part alone, against never-exit calm's.",
         "",
     ]
     return "\n".join(lines)
@@ -471,23 +507,33 @@ def _f(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _x(value) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
 def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
     """The best batch-1 setting, with the best batch-8 one inside it (calm.lossless.LARGE_BATCH_KEY), into
-    the checkpoint's config."""
-    setting = _measured(report["best"], report_file)
+    the checkpoint's config, each with never-exit calm's decode rate in the same run (for the footer)."""
+    cpu = report["machine"].get("cpu") or report["machine"].get("processor") or ""
+    setting = _measured(report["best"], report["batch1"], report_file, cpu)
     if setting is None:
         return None
-    large = _measured(best(report["batch8"]), report_file) if report["batch8"] else None
+    large = _measured(best(report["batch8"]), report["batch8"], report_file, cpu) if report["batch8"] else None
     if large is not None:
         setting[LARGE_BATCH_KEY] = large
     store_extra(checkpoint, STORE_KEY, setting)
     return setting
 
 
-def _measured(b: dict | None, report_file: str) -> dict | None:
+def _measured(b: dict | None, rows: list[dict], report_file: str, machine: str) -> dict | None:
     if b is None:
         return None
     policy, spec = parse_run_spec(b["spec"])
+    full = next(r for r in rows if r["name"] == FULL)
     return MeasuredSetting(
         draft_layer=spec.draft_layer,
         max_draft=spec.max_draft,
@@ -497,6 +543,8 @@ def _measured(b: dict | None, report_file: str) -> dict | None:
         speedup_vs_full=b["vs_full"],
         acceptance_rate=b["acceptance_rate"] or 0.0,
         report=report_file,
+        full_decode_tokens_per_s=full.get("decode_tokens_per_cpu_s") or 0.0,
+        machine=machine,
     ).to_dict()
 
 

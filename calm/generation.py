@@ -97,6 +97,7 @@ class GenerationResult:
     timings: Timings
     texts: tuple[str, ...] = ()
     speculative: SpeculativeStats | None = None  # mode="speculative": acceptance, draft and verify time
+    decoding: str = ""  # what ran and why (CalmModel.generate): the full model, early exit, or speculative
 
     @property
     def avg_layers(self) -> float:
@@ -117,6 +118,7 @@ class GenerationResult:
             "num_layers": self.num_layers,
             "avg_layers": self.avg_layers,
             "timings": self.timings.to_dict(),
+            "decoding": self.decoding,
             **spec,
         }
 

@@ -4,7 +4,8 @@ the full model, decided from the measurement stored with the checkpoint.
 `--mode speculative` always runs speculative decoding (draft layer, length and controller from the
 flags, else from the stored measurement, else L/2, 4 and the default controller).
 
-`--lossless` asks for the full model's output as fast as this checkpoint can give it. The rule:
+`--lossless` (mode "lossless", the default where no exit knob is given: pick_mode) asks for the full
+model's output as fast as this checkpoint can give it. The rule:
 speculative decoding with the stored setting when the checkpoint's stored measurement
 (benchmarks/bench_speculative.py --store, at batch 1, and at batch 8 for runs of LARGE_BATCH_FROM rows
 or more) found it at least MIN_GAIN (5%, above the run-to-run noise of those benchmarks) faster than
@@ -38,6 +39,18 @@ STORE_KEY = "speculative"  # where a checkpoint's calm_config.json "extra" keeps
 MIN_GAIN = 1.05  # a measured speedup below this is within benchmark noise: no gain
 LARGE_BATCH_KEY = "batch8"  # the measurement at batch 8, kept inside the batch-1 one
 LARGE_BATCH_FROM = 5  # batches of this many rows or more follow the batch-8 measurement (the nearer one)
+LOSSLESS = "lossless"
+GENERATE_MODES = ("calm", "speculative", LOSSLESS)
+
+
+def pick_mode(mode: str | None, exits_asked: bool) -> str:
+    """The mode a run takes: the one named, else calm's early exit where the caller asked for exits (a
+    policy, knob or threshold), else the full model's exact output as fast as the checkpoint gives it."""
+    if mode is None:
+        return "calm" if exits_asked else LOSSLESS
+    if mode not in GENERATE_MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(GENERATE_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class MeasuredSetting:
     acceptance_rate: float
     report: str  # the report it comes from
     lookup: bool = False  # drafts looked up in the context first (older stored measurements lack it)
+    full_decode_tokens_per_s: float = 0.0  # never-exit calm's decode rate in that run, per CPU second (0: unknown)
+    machine: str = ""  # the CPU it was measured on
 
     @property
     def beats_full_depth(self) -> bool:
@@ -110,10 +125,16 @@ def resolve_mode(
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
     measure and threshold set the draft controller; lookup: drafts looked up in the context first;
-    batch_size picks the stored measurement (MeasuredSetting.from_extra)."""
+    batch_size picks the stored measurement (MeasuredSetting.from_extra). The one rule for the command
+    line and CalmModel.generate."""
+    lossless = lossless or pick_mode(mode, False) == LOSSLESS
+    mode = "calm" if mode == LOSSLESS else mode
     if mode == "calm" and not lossless:
         if draft_layer is not None or max_draft is not None or lookup:
-            raise InputError("--draft-layer, --max-draft and --lookup need --mode speculative or --lossless")
+            raise InputError(
+                "--draft-layer, --max-draft and --lookup (draft_layer=, max_draft=, lookup=) need --mode speculative "
+                "or lossless; calm's early exit (an exit knob or mode='calm') takes none of them"
+            )
         return None
     stored = MeasuredSetting.from_extra(model.extra, batch_size)
     explicit = mode == "speculative" or draft_layer is not None or max_draft is not None or lookup
@@ -143,7 +164,11 @@ def resolve_mode(
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
     policy = ALWAYS_DRAFT if spec.from_context else _controller(model, stored, measure, threshold)
-    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}")
+    measured = ""
+    if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
+        where = "batch 8" if batch_size >= LARGE_BATCH_FROM else "batch 1"
+        measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
+    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}{measured}")
 
 
 def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:

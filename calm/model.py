@@ -32,17 +32,11 @@ from calm.heads import ExitHeads
 from calm.knob import resolve_policy
 from calm.lm_head import CertifiedArgmax
 from calm.loading import ALIASES, is_loadable, load_backbone
+from calm.lossless import ModeRun, pick_mode, resolve_mode
 from calm.policy import ExitPolicy
 from calm.prompt_input import Prompts, encode_prompts
 from calm.sampling import SamplingConfig
-from calm.speculative import (
-    DEFAULT_MAX_DRAFT,
-    NO_CONTROLLER,
-    SpeculativeConfig,
-    default_draft_policy,
-    generate_speculative,
-    speculative_config,
-)
+from calm.speculative import NO_CONTROLLER, generate_speculative
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -228,33 +222,40 @@ class CalmModel:
         engine: str = "auto",
         compile: bool | str = False,
         sync_every: int = 8,
-        mode: str = "calm",
+        mode: str | None = None,
         draft_layer: int | None = None,
-        max_draft: int = DEFAULT_MAX_DRAFT,
+        max_draft: int | None = None,
         lookup: bool = False,
     ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
-        Exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`); none: the
-        full model.
+
+        mode: "lossless" (the default when no policy, knob or engine is given): exactly the full model's
+        output, by speculative decoding with the setting this checkpoint measured fastest for the batch's
+        row count, or the full model where no stored measurement pays (calm.lossless; `result.decoding`
+        says which ran and why). "calm": early exits follow `policy`, or the calibrated knob `speed` or
+        `tolerance` (see `policy()`); none: the full model. "speculative": lossless, always speculative:
+        layers 1..draft_layer draft up to max_draft tokens (default: the stored measurement, else L/2
+        and 4) while the policy's measure is confident at its λ (default: the stored controller, the
+        classifier λ=0.7 with trained heads, else always), and the full model verifies them (see
+        calm.speculative). draft_layer=0: drafts are looked up in the prompt and output (calm.lookup) and
+        every layer verifies them; lookup=True: such drafts first, from layer draft_layer in a step where
+        no row's lookup finds any.
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
         torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
-        checks for finished rows every this many tokens (its one host sync).
-        mode="speculative": lossless; layers 1..draft_layer (default L/2) draft up to max_draft tokens
-        while the policy's measure is confident at its λ (default: classifier λ=0.7 with trained
-        heads, else always), and the full model verifies them (see calm.speculative). draft_layer=0:
-        drafts are looked up in the prompt and output (calm.lookup) and every layer verifies them;
-        lookup=True: such drafts first, from layer draft_layer in a step where no row's lookup finds any."""
+        checks for finished rows every this many tokens (its one host sync)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        spec = speculative_config(mode, draft_layer, max_draft, self.num_layers, lookup)
-        policy = self._generation_policy(policy, speed, tolerance, spec)
+        asked = policy is not None or speed is not None or tolerance is not None or engine != "auto" or bool(compile)
+        mode = pick_mode(mode, asked)
         batch = self.encode_prompts(
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
         )
+        run = resolve_mode(self, mode, False, draft_layer, max_draft, lookup=lookup, batch_size=batch.ids.shape[0])
+        policy = self._generation_policy(policy, speed, tolerance, run)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos_token_ids,
@@ -264,29 +265,33 @@ class CalmModel:
             compile=compile,
             sync_every=sync_every,
         )
-        if spec is None:
+        if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
-            result = generate_speculative(self.network, batch, policy, config, spec)
-        return self._with_texts(result)
+            result = generate_speculative(self.network, batch, policy, config, run.spec)
+        return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
 
     def _generation_policy(
-        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, spec: SpeculativeConfig | None
+        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, run: ModeRun | None
     ) -> ExitPolicy:
         """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
-        full model (speculative: the default draft controller)."""
+        full model (lossless: its run's policy, or the draft controller given)."""
         if speed is not None or tolerance is not None:
             if policy is not None:
                 raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
-            if spec is not None:
+            if run is not None:
                 raise InputError(
-                    "speed= and tolerance= set calm's early exit; speculative decoding never exits early "
-                    "(its policy= is the draft controller)"
+                    "speed= and tolerance= set calm's early exit; lossless and speculative decoding never exit "
+                    "early (their policy= is the draft controller)"
                 )
             policy = self.policy(speed=speed, tolerance=tolerance)
-        if spec is not None and spec.from_context and policy is not None and policy.measure != "fixed":
-            raise InputError(NO_CONTROLLER)
-        policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
+        if run is not None:
+            if run.spec is None:
+                return run.policy  # the full model: no draft controller to run
+            if run.spec.from_context and policy is not None and policy.measure != "fixed":
+                raise InputError(NO_CONTROLLER)
+            policy = policy or run.policy
+        policy = policy or ExitPolicy.never()
         policy.allowed_layers(self.num_layers)
         return policy
 

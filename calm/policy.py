@@ -59,6 +59,15 @@ class ExitPolicy:
     def never_exits(self) -> bool:
         return self.threshold > 1.0 or self.exit_layers == ()
 
+    def describe(self) -> str:
+        """What generating under this policy is, for a result or a footer: 'full model (exact)' or the
+        early exit it runs."""
+        if self.never_exits:
+            return "full model (exact)"
+        if self.measure == "fixed":
+            return f"early exit (approximate): every token at layer {min(self.exit_layers or (self.min_exit_layer,))}"
+        return f"early exit (approximate): {self.measure} λ={self.threshold:g}, decay τ={self.decay_tau:g}"
+
     def allowed_layers(self, num_layers: int) -> tuple[int, ...]:
         """The layers (1..num_layers-1) at which a token may exit under this policy."""
         if self.never_exits:

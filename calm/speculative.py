@@ -31,7 +31,7 @@ import torch
 
 from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
-from calm.errors import InputError, PolicyError
+from calm.errors import PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
 from calm.lookup import BatchLookup
 from calm.policy import ExitPolicy
@@ -82,22 +82,6 @@ MODES = ("calm", "speculative")
 ALWAYS_DRAFT = ExitPolicy(measure="fixed", threshold=0.0)  # no controller: draft k tokens, or all a lookup finds
 DEFAULT_DRAFT_THRESHOLD = 0.7
 DEFAULT_MAX_DRAFT = 4
-
-
-def speculative_config(
-    mode: str, draft_layer: int | None, max_draft: int, num_layers: int, lookup: bool = False
-) -> SpeculativeConfig | None:
-    """The speculative setting `mode` asks for (None for plain calm), checked against the model."""
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "calm":
-        if lookup:
-            raise InputError("lookup drafts are part of speculative decoding: pass mode='speculative'")
-        return None
-    e = draft_layer if draft_layer is not None else default_draft_layer(num_layers)
-    spec = SpeculativeConfig(e, max_draft, lookup)
-    spec.check(num_layers)
-    return spec
 
 
 def default_draft_policy(net: Network) -> ExitPolicy:
@@ -333,7 +317,8 @@ def generate_speculative(
     t1 = time.perf_counter()
     tally = Tally()
     pending = first
-    lookup = BatchLookup([ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]) if spec.looks_up else None
+    contexts = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]
+    lookup = BatchLookup(contexts, spec.max_draft) if spec.looks_up else None
     while True:
         live_rows = [not _done(r, config) for r in out]
         if not any(live_rows):
@@ -356,7 +341,9 @@ def generate_speculative(
         else:
             accepted, following = accept_greedy(net, d, h)
         rollback(state, d, accepted, live)
-        _commit(out, d, accepted, following, live_rows, config)
+        kept = _commit(out, d, accepted, following, live_rows, config)
+        if lookup is not None and d.layer == CONTEXT_DRAFT:
+            lookup.verified([len(g) for g in guesses], kept)
         tally.add(d.counts, accepted, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
         pending = torch.where(live, following, config.pad_token_id)
     _sync(device)
@@ -388,8 +375,9 @@ def _commit(
     following: torch.Tensor,
     live_rows: list[bool],
     config: GenerationConfig,
-) -> None:
-    """Append each live row's accepted drafts and the full model's next token, up to its first EOS."""
+) -> list[int]:
+    """Append each live row's accepted drafts and the full model's next token, up to its first EOS.
+    -> each row's count of kept drafts."""
     drafted, kept, nxt = d.tokens.tolist(), accepted.tolist(), following.tolist()  # one sync
     for b, row in enumerate(out):
         if not live_rows[b]:
@@ -398,3 +386,4 @@ def _commit(
             row.append(token)
             if token in config.eos_token_ids:
                 break
+    return kept

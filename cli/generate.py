@@ -16,11 +16,11 @@ from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.options import (
     doc_tokens_option,
     engine_option,
+    generation_mode_options,
     knob_options,
     model_options,
     output_options,
     sampling_options,
-    speculative_options,
 )
 from calm.prompts import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
@@ -28,6 +28,17 @@ if TYPE_CHECKING:
     from calm.data import Record
     from calm.prompts import Prompt
     from calm.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class ModeOptions:
+    """--mode, --lossless, --draft-layer, --max-draft and --lookup as given (None: not given)."""
+
+    mode: str | None
+    lossless: bool
+    draft_layer: int | None
+    max_draft: int | None
+    lookup: bool
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Run:
     show_exits: bool
     as_json: bool
     output: str | None
+    engine: str
+    modes: ModeOptions
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Run:
@@ -52,7 +65,17 @@ class Run:
         )
         knobs.check()
         sampling = sampling_config(*(options.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
-        return cls(knobs=knobs, sampling=sampling, **options)
+        modes = ModeOptions(*(options.pop(k) for k in ("mode", "lossless", "draft_layer", "max_draft", "lookup")))
+        return cls(knobs=knobs, sampling=sampling, modes=modes, **options)
+
+    @property
+    def mode(self) -> str:
+        """calm.lossless.pick_mode: the mode named (--lossless names lossless), else lossless unless an exit
+        option or an engine was given."""
+        from calm.lossless import LOSSLESS, pick_mode
+
+        named = LOSSLESS if self.modes.lossless else self.modes.mode
+        return pick_mode(named, self.knobs.asks_for_exits or self.engine != "auto")
 
 
 def _shared_options(f: Any) -> Any:
@@ -63,7 +86,7 @@ def _shared_options(f: Any) -> Any:
     f = click.option(
         "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Longest output, in tokens."
     )(f)
-    return model_options(knob_options(sampling_options(f)))
+    return engine_option(generation_mode_options(model_options(knob_options(sampling_options(f)))))
 
 
 def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> PromptTemplate:
@@ -78,7 +101,7 @@ def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.command(
     epilog="""\b
 Examples:
-  calm summarize article.txt
+  calm summarize article.txt                     # exact: the full model's output, lossless speed-up
   calm summarize --text "The council approved a plan ..." --threshold 0.9 --show-exits
   calm summarize xsum.jsonl --limit 20 --json --output summaries.jsonl
   calm summarize xsum.jsonl --prompt $'Summarize in three bullet points:\\n\\n{document}'
@@ -106,8 +129,6 @@ Examples:
     help="Refuse a document that does not fit the context instead of keeping its first tokens "
     "(by default a cut is reported on stderr and in the JSON field 'truncated').",
 )
-@engine_option
-@speculative_options
 @_shared_options
 def summarize(
     file: str | None,
@@ -117,19 +138,14 @@ def summarize(
     template: PromptTemplate,
     max_doc_tokens: int | None,
     no_truncate: bool,
-    engine: str,
-    mode: str,
-    lossless: bool,
-    draft_layer: int | None,
-    max_draft: int | None,
-    lookup: bool,
     **options: Any,
 ) -> None:
-    """Summarise documents with early exit.
+    """Summarise documents: exactly the full model's output by default, early exit with a knob.
 
     FILE is a JSONL file (one {"id": ..., "document": ...} per line) or a plain text file (one
-    document); - reads either from stdin. Without --threshold, --speed or --tolerance the model runs
-    at full depth, unless it carries a calibration (then at speed 0.5 of it).
+    document); - reads either from stdin. Without --speed, --tolerance or --threshold the run is
+    lossless: the full model's output, through speculative decoding where this checkpoint measured it
+    faster (see --mode). The knob opts into approximate early exits.
     """
     from calm.errors import InputError
     from calm.eval.inputs import load_documents
@@ -146,21 +162,13 @@ def summarize(
         raise InputError(
             f"{exc}, or drop --no-truncate to keep its first tokens" if no_truncate else str(exc)
         ) from None
-    _generate(
-        model,
-        run,
-        records,
-        prompts,
-        noun="document",
-        engine=engine,
-        speculative=(mode, lossless, draft_layer, max_draft, lookup),
-    )
+    _generate(model, run, records, prompts, noun="document")
 
 
 @click.command(
     epilog="""\b
 Examples:
-  calm generate "Write a haiku about autumn."
+  calm generate "Write a haiku about autumn."        # exact, lossless speed-up
   calm generate "Explain early exit in one paragraph." --threshold 0.9 --show-exits
   calm generate "Tell me a story." --do-sample --temperature 0.8 --top-p 0.95 --seed 0
   echo "What is the capital of France?" | calm generate - --json
@@ -174,7 +182,7 @@ Examples:
 )
 @_shared_options
 def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> None:
-    """Generate text from prompts with early exit.
+    """Generate text from prompts: exactly the full model's output by default, early exit with a knob.
 
     Each PROMPT is used as it is (in the chat template of instruct models); - reads one prompt from
     stdin. Several prompts are generated as a batch. A prompt too long for the context is an error.
@@ -201,14 +209,7 @@ def _prompt_text(prompt: str) -> str:
 
 
 def _generate(
-    model: Any,
-    run: Run,
-    records: Sequence[Record],
-    prompts: Sequence[Prompt],
-    noun: str,
-    chat: bool | None = None,
-    engine: str = "auto",
-    speculative: tuple[str, bool, int | None, int | None, bool] = ("calm", False, None, None, False),
+    model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str, chat: bool | None = None
 ) -> None:
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
@@ -216,7 +217,8 @@ def _generate(
     from calm.eval.render import SummaryPrinter, run_footer
     from calm.eval.summarize import summarize_documents
 
-    policy, source, generate_kwargs = _resolve(model, run, speculative, min(run.batch_size, len(records)))
+    rows = min(run.batch_size, len(records))
+    lossless, policy, source, generate_kwargs = _resolve(model, run, rows)
     console = output_console()
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
@@ -232,7 +234,7 @@ def _generate(
             prompts,
             run.sampling,
             chat=chat,
-            engine=engine,
+            engine=run.engine,
             generate_kwargs=generate_kwargs,
         ):
             for doc in batch:
@@ -241,32 +243,41 @@ def _generate(
                     out.write(doc.to_dict())
             docs += batch
             update(len(docs), len(records))
-    footer_policy = None if generate_kwargs.get("mode") == "speculative" else policy
-    click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun), err=True)
+    reference = _stored_full_rate(model, rows) if lossless else None
+    footer_policy = None if lossless else policy
+    click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun, reference), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
 
 
-def _resolve(
-    model: Any, run: Run, speculative: tuple[str, bool, int | None, int | None, bool], rows: int
-) -> tuple[Any, str, dict]:
-    """The policy, its source for the footer, and generate()'s extra arguments: calm's knob, or the lossless
-    run of calm.lossless where --mode speculative or --lossless asks for it (--measure and --threshold then
-    set the draft controller)."""
+def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
+    """The full model's decode tokens/s stored with the checkpoint's speculative measurement for this many
+    rows, and where it was measured (None: not stored)."""
+    from calm.lossless import MeasuredSetting
+
+    stored = MeasuredSetting.from_extra(model.extra, rows)
+    if stored is None or stored.full_decode_tokens_per_s <= 0:
+        return None
+    return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
+
+
+def _resolve(model: Any, run: Run, rows: int) -> tuple[bool, Any, str, dict]:
+    """Whether the run is lossless, the policy, its source for the footer, and generate()'s extra arguments:
+    calm's knob, or the lossless run of calm.lossless where the mode is lossless or speculative (--measure
+    and --threshold then set the draft controller)."""
     from calm.errors import InputError
     from calm.lossless import resolve_mode
 
-    mode, lossless, draft_layer, max_draft, lookup = speculative
-    knobs = run.knobs
+    knobs, m = run.knobs, run.modes
     lossless_run = resolve_mode(
-        model, mode, lossless, draft_layer, max_draft, knobs.measure, knobs.threshold, lookup, rows
+        model, run.mode, False, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
     if lossless_run is None:
         policy, source = knobs.resolve(model)
-        return policy, source, {}
+        return False, policy, source, {}
     if knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
-    return lossless_run.policy, lossless_run.description, lossless_run.generate_kwargs()
+    return True, lossless_run.policy, lossless_run.description, lossless_run.generate_kwargs()

@@ -25,6 +25,14 @@ class Knobs:
     tolerance: float | None = None
     decay_tau: float | None = None
 
+    @property
+    def asks_for_exits(self) -> bool:
+        """Whether any of these options sets calm's early exit (the run is then not lossless by default)."""
+        return any(
+            v is not None
+            for v in (self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance, self.decay_tau)
+        )
+
     def check(self) -> None:
         """What can be checked without the model: at most one of threshold, speed and tolerance."""
         from calm.knob import check_knobs

@@ -273,6 +273,15 @@ def engine_option(f: F) -> F:
 
 def speculative_options(f: F) -> F:
     """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless)."""
+    return _speculative_options(f, lossless_default=False)
+
+
+def generation_mode_options(f: F) -> F:
+    """speculative_options for summarize and generate, where a run with no exit knob is lossless."""
+    return _speculative_options(f, lossless_default=True)
+
+
+def _speculative_options(f: F, lossless_default: bool) -> F:
     f = click.option(
         "--max-draft",
         type=click.IntRange(min=1),
@@ -298,6 +307,16 @@ def speculative_options(f: F) -> F:
         help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
         "faster, else the full model (with a note).",
     )(f)
+    if lossless_default:
+        return click.option(
+            "--mode",
+            type=click.Choice(["calm", "speculative", "lossless"]),
+            default=None,
+            help="lossless (the default unless --speed, --tolerance, --threshold, --measure, --min-exit-layer "
+            "or --decay-tau is given): exactly the full model's output, as fast as this checkpoint measured. "
+            "calm: early exit (approximate). speculative: early exits draft, the remaining layers verify "
+            "(lossless; --threshold and --measure control the draft length).",
+        )(f)
     return click.option(
         "--mode",
         type=click.Choice(["calm", "speculative"]),

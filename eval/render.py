@@ -169,18 +169,27 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
 
 
 def run_footer(
-    docs: list[DocumentSummary], policy: ExitPolicy | None, source: str, max_new_tokens: int, noun: str = "document"
+    docs: list[DocumentSummary],
+    policy: ExitPolicy | None,
+    source: str,
+    max_new_tokens: int,
+    noun: str = "document",
+    reference: tuple[float, str] | None = None,
 ) -> str:
     """One line about a run: documents, average depth, decode throughput (the tokens after each summary's
     first, where early exit saves layers) and prefill time apart, the policy with its threshold schedule,
     and where the policy came from (an option, or the default). policy None: a lossless run, which
-    `source` describes whole (its policy is only the draft controller)."""
+    `source` describes whole (its policy is only the draft controller). reference: the full model's decode
+    tokens/s stored with the checkpoint and where it was measured, which the decode rate is set against."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
     decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
     decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)  # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
+    if rate and reference is not None:
+        ratio = decode_tokens / decode_s / reference[0]
+        rate += f" ({ratio:.2f}× the full model's {reference[0]:.1f} stored for this checkpoint, on {reference[1]})"
     return (
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
         f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "

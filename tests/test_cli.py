@@ -173,7 +173,10 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
 @pytest.mark.parametrize(
     "knob, expected",
     [
-        ((), "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration)"),
+        (
+            ("--mode", "calm"),
+            "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration)",
+        ),
         (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); from --speed 1 and the calibration"),
         (
             ("--tolerance", "0.2"),
@@ -188,6 +191,16 @@ def test_summarize_with_calibration(calibrated_model, knob, expected):
     assert result.exit_code == 0, result.output
     assert "policy: " + expected in result.stderr
     assert "--speed 0.5" not in result.stderr
+
+
+def test_summarize_without_a_knob_is_lossless(calibrated_model):
+    """No knob: the full model's output even where a calibration would exit (it stores no speculative
+    measurement, so the full model runs, and the footer says why)."""
+    base = ("summarize", "--model", calibrated_model, "--text", "the cat sat", "--max-new-tokens", 3, "--json")
+    default, exact = invoke(*base), invoke(*base, "--speed", 0)
+    assert default.exit_code == 0 and exact.exit_code == 0, default.output + exact.output
+    assert "full model (lossless; no speculative measurement is stored" in default.stderr
+    assert json.loads(default.stdout)["summary"] == json.loads(exact.stdout)["summary"]
 
 
 def test_tolerance_too_tight_is_an_error(calibrated_model):

@@ -14,7 +14,7 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, NgramIndex
+from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, SHORT_MATCH, SHORT_MATCH_DRAFT, BatchLookup, NgramIndex
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
@@ -32,7 +32,8 @@ def scan_draft(
         suffix = context[-n:]
         for start in range(len(context) - n - 1, -1, -1):
             if context[start : start + n] == suffix:
-                return context[start + n : start + n + max_draft]
+                length = max_draft if n > SHORT_MATCH else min(max_draft, SHORT_MATCH_DRAFT)
+                return context[start + n : start + n + length]
     return []
 
 
@@ -49,11 +50,26 @@ def test_lookup_takes_what_followed_the_latest_longest_match():
     assert lookup_draft(context + [3], 3) == [9, 1, 2]  # the 3-gram "1 2 3" at 1..3, followed by 9 1 2
     assert lookup_draft([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # stops at the context's end
     assert lookup_draft([1, 2, 3, 4], 2) == []  # no suffix occurs earlier
-    assert lookup_draft([1, 2, 1, 3], 2) == []  # a 1-gram match is not enough
-    assert lookup_draft([1, 2, 1, 3], 2, min_ngram=1) == []  # "3" never occurred before
-    assert lookup_draft([3, 8, 1, 3], 2, min_ngram=1) == [8, 1]
+    assert lookup_draft([1, 2, 1, 3], 2) == []  # "3" never occurred before
+    assert lookup_draft([3, 8, 1, 3], 2) == [8]  # a 1-token match drafts one token
+    assert lookup_draft([3, 8, 1, 3], 2, min_ngram=2) == []  # ... or none at all when n >= 2 is asked
+    assert lookup_draft([3, 8, 1, 2, 3, 8], 3) == [1, 2, 3]  # a 2-token match drafts up to max_draft
     assert lookup_draft([4, 4, 4], 2) == [4]  # overlapping: "4 4" at 0..1 is followed by one 4
     assert lookup_draft([], 2) == [] and lookup_draft([1], 2) == []
+
+
+def test_draft_length_adapts_to_each_rows_last_verification():
+    lookup = BatchLookup([[1, 2, 3, 4, 5, 6, 1, 2], [7, 8, 9, 7, 8]], max_draft=3)
+    outputs: list[list[int]] = [[], []]
+    assert lookup.drafts(outputs, [5, 5]) == [[3, 4, 5], [9, 7, 8]]
+    lookup.verified([3, 3], [1, 3])  # row 0 lost a draft: shorter; row 1 kept all: stays at the cap
+    assert lookup.lengths == [2, 3]
+    assert lookup.drafts(outputs, [5, 1]) == [[3, 4], [9]]  # the caller's limit still holds
+    lookup.verified([2, 0], [0, 0])  # a row that drafted nothing keeps its length
+    lookup.verified([1, 0], [0, 0])
+    assert lookup.lengths == [1, 3]
+    lookup.verified([1, 0], [1, 0])
+    assert lookup.lengths == [2, 3]
 
 
 def test_a_longer_match_wins_over_a_more_recent_shorter_one():
@@ -110,6 +126,27 @@ def test_right_context_drafts_are_kept_whole_and_wrong_ones_all_rejected(kind, k
     wrong = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, k))
     assert wrong.token_ids == full.token_ids and wrong.speculative.accepted == 0 < wrong.speculative.drafted
     assert wrong.speculative.cycles == max_new - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_that_draft_nothing_beside_rows_that_draft(kind, monkeypatch):
+    """Rows 0 and 2 draft their right continuation, rows 1 and 3 never find one: every row is still the
+    full model's, and rows that drafted nothing moved one token per cycle."""
+    model = build(kind)
+    net = Network.build(adapter_for(model))
+    p, config = prompts(), GenerationConfig(max_new_tokens=13, pad_token_id=0)
+    full = generate_tokens(net, p, ExitPolicy.never(), config)
+    oracle = _oracle_lookup(p, full.token_ids, wrong=False)
+    silent = {tuple(p.ids[b][p.mask[b]].tolist()) for b in (1, 3)}
+
+    def some_rows(context: list[int], max_draft: int) -> list[int]:
+        return [] if any(tuple(context[: len(q)]) == q for q in silent) else oracle(context, max_draft)
+
+    _draft_with(monkeypatch, some_rows)
+    out = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 3))
+    assert out.token_ids == full.token_ids
+    stats = out.speculative
+    assert stats.accepted == stats.drafted > 0 and stats.cycles == 12  # the silent rows set the pace
 
 
 def _partly_right_lookup(p: PromptBatch, reference: tuple[tuple[int, ...], ...]):
@@ -224,8 +261,9 @@ def test_draft_layer_zero_through_the_api():
     softmax = ExitPolicy(measure="softmax", threshold=0.5)
     with pytest.raises(InputError, match="takes no draft controller"):
         model.generate(ids, max_new_tokens=4, mode="speculative", draft_layer=0, policy=softmax)
-    with pytest.raises(InputError, match="mode='speculative'"):
-        model.generate(ids, max_new_tokens=4, lookup=True)
+    with pytest.raises(InputError, match="need --mode speculative or lossless"):
+        model.generate(ids, max_new_tokens=4, mode="calm", lookup=True)
+    assert model.generate(ids, max_new_tokens=16, lookup=True).token_ids == full.token_ids  # lossless default
     hybrid = model.generate(ids, max_new_tokens=16, mode="speculative", draft_layer=1, lookup=True)
     assert hybrid.token_ids == full.token_ids
     assert default_draft_layer(1) == 1 and default_draft_layer(30) == 15

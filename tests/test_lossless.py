@@ -210,8 +210,9 @@ def test_summarize_lossless_bad_switches(tiny_model):
     base = ("summarize", "--model", tiny_model, "--text", DOCS[0]["document"])
     assert_clean_error(invoke(*base, "--lossless", "--speed", 0.5), "--speed")
     assert_clean_error(invoke(*base, "--mode", "speculative", "--draft-layer", 9), "draft layer 9")
-    assert_clean_error(invoke(*base, "--draft-layer", 2), "--mode speculative")
-    assert_clean_error(invoke(*base, "--lookup"), "--mode speculative")
+    assert_clean_error(invoke(*base, "--mode", "calm", "--draft-layer", 2), "--mode speculative")
+    assert_clean_error(invoke(*base, "--mode", "calm", "--lookup"), "--mode speculative")
+    assert_clean_error(invoke(*base, "--threshold", 0.5, "--lookup"), "--mode speculative")  # a knob: calm
 
 
 def test_eval_speculative_points_are_identical_to_the_full_model(tiny_model, tmp_path):
@@ -335,3 +336,59 @@ def test_the_shipped_checkpoint_runs_its_measured_setting_for_small_runs_only():
     assert stored.beats_full_depth and stored.report == "benchmarks/results/speculative_smollm2.md"
     large = resolve_mode(model, lossless=True, batch_size=8)
     assert large.spec is None and "at batch 8" in large.description
+
+
+# ---- mode="lossless" through the API (issue 18) ------------------------------------------------------
+
+
+def _stored(model: CalmModel, batch1: MeasuredSetting, batch8: MeasuredSetting | None = None) -> CalmModel:
+    setting = batch1.to_dict() | ({LARGE_BATCH_KEY: batch8.to_dict()} if batch8 else {})
+    model.extra = {STORE_KEY: setting}
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5", "mistral-window"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_lossless_mode_is_the_full_models_output_on_every_family(kind, batch):
+    from test_adapters import build, prompts, row
+
+    p = prompts() if batch == 4 else row(prompts(seed=2), 0)
+    model = _stored(CalmModel.from_model(build(kind)), measured(1.2, e=2, k=2, lookup=True), measured(1.2, e=0, k=2))
+    full = model.generate(p.ids, 12, ExitPolicy.never(), attention_mask=p.mask.long())
+    out = model.generate(p.ids, 12, attention_mask=p.mask.long(), mode="lossless")
+    assert out.token_ids == full.token_ids
+    assert out.speculative is not None and out.decoding.startswith("speculative (lossless)")
+    assert full.decoding == "full model (exact)"
+    default = model.generate(p.ids, 12, attention_mask=p.mask.long())  # no knob: lossless
+    assert default.token_ids == full.token_ids and default.decoding == out.decoding
+
+
+def test_lossless_mode_follows_the_measurement_for_the_row_count(checkpoint):
+    model = _stored(CalmModel.from_pretrained(str(checkpoint)), measured(1.2, e=2, k=3), measured(0.95, e=1, k=1))
+    one = model.generate(["a b c a b"], 6, mode="lossless")
+    assert one.speculative is not None and (one.speculative.draft_layer, one.speculative.max_draft) == (2, 3)
+    assert "measured 1.20× full depth at batch 1" in one.decoding
+    five = model.generate(["a b c a b"] * 5, 6, mode="lossless")
+    assert five.speculative is None and "no gain" in five.decoding and "at batch 8" in five.decoding
+    never = model.generate(["a b c a b"] * 5, 6, ExitPolicy.never())
+    assert five.token_ids == never.token_ids
+    assert five.to_dict()["decoding"] == five.decoding
+
+
+def test_speculative_mode_takes_the_stored_setting_unless_told(checkpoint):
+    model = _stored(CalmModel.from_pretrained(str(checkpoint)), measured(0.9, e=1, k=2))
+    stored = model.generate(["a b c a b"], 6, mode="speculative")  # always speculative, even where slower
+    assert (stored.speculative.draft_layer, stored.speculative.max_draft) == (1, 2)
+    told = model.generate(["a b c a b"], 6, mode="speculative", draft_layer=3, max_draft=1)
+    assert (told.speculative.draft_layer, told.speculative.max_draft) == (3, 1)
+    assert stored.token_ids == told.token_ids
+
+
+def test_an_exit_knob_or_engine_opts_out_of_the_lossless_default(checkpoint):
+    model = _stored(CalmModel.from_pretrained(str(checkpoint)), measured(1.2))
+    assert model.generate(["a b"], 3, ExitPolicy.fixed(1)).decoding.startswith("early exit (approximate)")
+    assert model.generate(["a b"], 3, engine="static").decoding == "full model (exact)"
+    with pytest.raises(InputError, match="never exit early"):
+        model.generate(["a b"], 3, mode="lossless", speed=0.5)
+    with pytest.raises(InputError, match="unknown mode"):
+        model.generate(["a b"], 3, mode="fast")
