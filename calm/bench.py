@@ -191,6 +191,13 @@ class BenchRow:
         return 1000.0 * statistics.median(self.decode_times_s) / max(1, self.new_tokens - 1)
 
     @property
+    def prefill_share(self) -> float:
+        """The prompt's share of the run's wall time (median run minus median decode); NaN where not measured."""
+        if not self.decode_times_s:
+            return float("nan")
+        return max(0.0, self.median_s - statistics.median(self.decode_times_s)) / self.median_s
+
+    @property
     def tokens_per_s(self) -> float:
         return self.batch_size * self.new_tokens / self.median_s
 
@@ -208,6 +215,7 @@ class BenchRow:
             "tokens_per_s": self.tokens_per_s,
             "ms_per_token": self.ms_per_token,
             "decode_ms_per_token": self.decode_ms_per_token,
+            "prefill_share": self.prefill_share,
             "decode_times_s": list(self.decode_times_s),
         }
 

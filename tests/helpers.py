@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,9 @@ from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from calm.cli.main import cli
+
+# Where the parity tests run: the CPU, or CALM_TEST_DEVICE=cuda (benchmarks/device_check.sh on a GPU machine).
+TEST_DEVICE = torch.device(os.environ.get("CALM_TEST_DEVICE", "cpu"))
 
 
 def tiny_llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:

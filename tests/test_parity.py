@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm import CalmModel
 from calm.adapters import ADAPTERS, adapter_for
+from helpers import TEST_DEVICE
 
 VOCAB, PAD, EOS = 128, 0, 1
 MAX_NEW = 8
@@ -287,6 +288,7 @@ def hf_greedy(model: torch.nn.Module, rows: list[list[int]]) -> tuple[tuple[int,
     if model.config.is_encoder_decoder:
         # transformers sizes its default cache by the encoder's depth; a deeper decoder needs one that grows
         kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -303,7 +305,7 @@ def hf_greedy(model: torch.nn.Module, rows: list[list[int]]) -> tuple[tuple[int,
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_never_exit_matches_transformers_generate(name, one_thread):
-    model = build(name)
+    model = build(name).to(TEST_DEVICE)  # CALM_TEST_DEVICE=cuda: benchmarks/device_check.sh
     rows = prompts()
     ours = CalmModel.from_model(model).generate(rows, max_new_tokens=MAX_NEW)
     assert ours.token_ids == hf_greedy(model, rows)
