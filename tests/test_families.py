@@ -16,7 +16,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch._dynamo
 import transformers as tf
+from torch._dynamo.utils import counters
 
 from calm import CalmModel
 from calm.adapters import adapter_for
@@ -141,6 +143,38 @@ def test_static_engine_gives_the_dynamic_tokens_or_refuses(models, name):
         assert static.token_ids == dynamic.token_ids, policy
         assert static.exit_layers == dynamic.exit_layers, policy
     assert calm.generate(prompts(), max_new_tokens=8, engine="static").token_ids == hf_greedy(model, prompts())
+
+
+@pytest.mark.parametrize(
+    "name", ["gemma2-global-softcap-tied", "gemma3-global-untied", "gpt_neox-parallel-partial-rotary-untied"]
+)
+def test_compiled_static_step_is_one_graph(models, name):
+    """torch.compile(fullgraph=True) captures the step of a family with capped attention scores, of one with
+    per-layer rotary tables and of one with a fused, reordered q|k|v: the dynamic path's tokens, no graph break."""
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        net, policy = Network.build(adapter_for(models[name])), policies(name)[0]
+        p = batch(models[name], 6)
+        dynamic, compiled = (
+            generate_tokens(net, p, policy, replace(gen_config(6), **c))
+            for c in ({"engine": "dynamic"}, {"engine": "static", "compile": "eager"})
+        )
+        assert compiled.token_ids == dynamic.token_ids and compiled.exit_layers == dynamic.exit_layers
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+
+
+def test_gpt_neox_follows_in_place_weight_updates():
+    """calm's reordered copy of GPT-NeoX's query_key_value is rebuilt when the weight changes in place."""
+    model = build("gpt_neox-sequential-tied")
+    calm, rows = CalmModel.from_model(model), prompts()
+    assert calm.generate(rows, max_new_tokens=8).token_ids == hf_greedy(model, rows)
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            layer.attention.query_key_value.weight.mul_(-1.5)
+    assert calm.generate(rows, max_new_tokens=8).token_ids == hf_greedy(model, rows)
 
 
 # ---- the quirks bind -----------------------------------------------------------------------------

@@ -75,6 +75,17 @@ TWO_BASES = {  # Gemma 3: local and global layers rotate with their own bases
     "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
 }
 
+
+def granite(embedding: float, residual: float, attention: float, logits: float) -> dict:
+    """Granite's four multipliers (logits: the logits are divided by it)."""
+    return dict(
+        embedding_multiplier=embedding,
+        residual_multiplier=residual,
+        attention_multiplier=attention,
+        logits_scaling=logits,
+    )
+
+
 # name -> (model class, config class, config kwargs, post-build step)
 VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
     "llama-mha-tied": (
@@ -265,26 +276,13 @@ VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
     "granite-multipliers-gqa-untied": (
         tf.GraniteForCausalLM,
         tf.GraniteConfig,
-        dict(
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            embedding_multiplier=4.0,
-            residual_multiplier=0.5,
-            attention_multiplier=0.1,
-            logits_scaling=1.5,
-        ),
+        dict(num_key_value_heads=2, tie_word_embeddings=False, **granite(4.0, 0.5, 0.1, 1.5)),
         jitter_norms,
     ),
     "granite-multipliers-tied": (
         tf.GraniteForCausalLM,
         tf.GraniteConfig,
-        dict(
-            embedding_multiplier=2.0,
-            residual_multiplier=1.5,
-            attention_multiplier=0.5,
-            logits_scaling=0.5,
-            tie_word_embeddings=True,
-        ),
+        dict(tie_word_embeddings=True, **granite(2.0, 1.5, 0.5, 0.5)),
         jitter_norms,
     ),
     "stablelm-parallel-qk-norm-gqa-untied": (

@@ -26,20 +26,26 @@ class GPTNeoXAdapter(LlamaAdapter):
     def __init__(self, model: Any) -> None:
         super().__init__(model)
         self.parallel = bool(model.config.use_parallel_residual)
-        self._fused: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._fused: dict[int, tuple[tuple[int, int], torch.Tensor, torch.Tensor | None]] = {}  # see _qkv_weights
 
     def _attention(self, layer: int) -> Any:
         return self.layers[layer].attention
 
     def _qkv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """query_key_value's rows [H, 3, D_head] per head reordered to [3, H, D_head] (q|k|v), built once per layer."""
-        if layer not in self._fused:
-            proj = self._attention(layer).query_key_value
+        """query_key_value's rows [H, 3, D_head] per head reordered to [3, H, D_head] (q|k|v): built once per
+        layer, and again whenever the weight changed (its storage, or an in-place update such as an optimizer step).
+        A compiled step (which dynamo cannot trace this check in) reads the copy the eager prefill made."""
+        proj = self._attention(layer).query_key_value
+        cached = self._fused.get(layer)
+        if torch.compiler.is_compiling() and cached is not None:
+            return cached[1], cached[2]
+        stamp = (proj.weight.data_ptr(), proj.weight._version)
+        if cached is None or cached[0] != stamp:
             h, d = self.num_heads, self.head_dim
             w = proj.weight.detach().view(h, 3, d, -1).transpose(0, 1).reshape(3 * h * d, -1)
             b = None if proj.bias is None else proj.bias.detach().view(h, 3, d).transpose(0, 1).reshape(-1)
-            self._fused[layer] = (w, b)
-        return self._fused[layer]
+            cached = self._fused[layer] = (stamp, w, b)
+        return cached[1], cached[2]
 
     def _attn_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         return self._attention(layer).dense(out)
