@@ -43,11 +43,11 @@ class GemmaAdapter(LlamaAdapter):
             post_norms=True,
         )
 
-    @property
-    def _rope_types(self) -> tuple[str, ...] | None:
-        """Gemma 3: each layer's rotary table kind (its layer type); None: one table for all layers."""
-        cfg = self.model.config
-        return tuple(cfg.layer_types) if cfg.model_type == "gemma3_text" else None
+    def __init__(self, model: Any) -> None:
+        super().__init__(model)
+        cfg = model.config
+        # Gemma 3: each layer's rotary table kind (its layer type); None: one table for all layers
+        self._rope_types = tuple(cfg.layer_types) if cfg.model_type == "gemma3_text" else None
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         types = self._rope_types
