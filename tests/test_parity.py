@@ -16,7 +16,7 @@ import transformers as tf
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from calm import CalmModel
-from calm.adapters import ADAPTERS, adapter_for
+from calm.adapters import ADAPTERS, Adapter, adapter_for
 from helpers import TEST_DEVICE
 
 VOCAB, PAD, EOS = 128, 0, 1
@@ -52,6 +52,39 @@ def _untie(model: torch.nn.Module) -> torch.nn.Module:
     head = model.get_output_embeddings()
     head.weight = torch.nn.Parameter(torch.randn_like(head.weight) * head.weight.std())
     return model
+
+
+def jitter_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random norm weights and biases (transformers initialises them to ones or, for Gemma's (1 + w), zeros):
+    the weight then matters, in each family's own parametrisation, and per-head norms differ."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                for param in module.parameters(recurse=False):
+                    param.add_(torch.randn(param.shape, generator=g) * 0.3)
+    return model
+
+
+SOFTCAP = dict(attn_logit_softcapping=1.5, final_logit_softcapping=6.0)  # both bind on these tiny models
+# larger weights: logits that reach past the softcap, and peaked distributions under it
+GEMMA = dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, initializer_range=0.4)
+LOCAL_GLOBAL = ["sliding_attention", "full_attention"] * 2
+GLOBAL = ["full_attention"] * 4
+TWO_BASES = {  # Gemma 3: local and global layers rotate with their own bases
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+    "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+}
+
+
+def granite(embedding: float, residual: float, attention: float, logits: float) -> dict:
+    """Granite's four multipliers (logits: the logits are divided by it)."""
+    return dict(
+        embedding_multiplier=embedding,
+        residual_multiplier=residual,
+        attention_multiplier=attention,
+        logits_scaling=logits,
+    )
 
 
 # name -> (model class, config class, config kwargs, post-build step)
@@ -175,6 +208,102 @@ VARIANTS: dict[str, tuple[type, type, dict, Callable | None]] = {
         ),
         None,
     ),
+    "gemma-gqa-tied": (tf.GemmaForCausalLM, tf.GemmaConfig, dict(GEMMA), jitter_norms),
+    "gemma2-window-softcap-untied": (
+        tf.Gemma2ForCausalLM,
+        tf.Gemma2Config,
+        dict(GEMMA, layer_types=LOCAL_GLOBAL, sliding_window=WINDOW, tie_word_embeddings=False, **SOFTCAP),
+        jitter_norms,
+    ),
+    "gemma2-global-softcap-tied": (
+        tf.Gemma2ForCausalLM,
+        tf.Gemma2Config,
+        dict(GEMMA, layer_types=GLOBAL, **SOFTCAP),
+        jitter_norms,
+    ),
+    "gemma3-local-global-two-bases-tied": (
+        tf.Gemma3ForCausalLM,
+        tf.Gemma3TextConfig,
+        dict(
+            GEMMA,
+            layer_types=LOCAL_GLOBAL,
+            sliding_window=WINDOW,
+            rope_parameters=TWO_BASES,
+            final_logit_softcapping=6.0,
+        ),
+        jitter_norms,
+    ),
+    "gemma3-global-untied": (
+        tf.Gemma3ForCausalLM,
+        tf.Gemma3TextConfig,
+        dict(GEMMA, layer_types=GLOBAL, tie_word_embeddings=False, final_logit_softcapping=6.0),
+        jitter_norms,
+    ),
+    "phi3-gqa-partial-rotary-untied": (
+        tf.Phi3ForCausalLM,
+        tf.Phi3Config,
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        jitter_norms,
+    ),
+    "phi3-window-tied": (
+        tf.Phi3ForCausalLM,
+        tf.Phi3Config,
+        dict(num_key_value_heads=4, sliding_window=WINDOW, tie_word_embeddings=True),
+        jitter_norms,
+    ),
+    "olmo2-gqa-untied": (
+        tf.Olmo2ForCausalLM,
+        tf.Olmo2Config,
+        dict(num_key_value_heads=2, tie_word_embeddings=False),
+        jitter_norms,
+    ),
+    "olmo2-mha-tied": (tf.Olmo2ForCausalLM, tf.Olmo2Config, dict(tie_word_embeddings=True), jitter_norms),
+    "gpt_neox-parallel-partial-rotary-untied": (
+        tf.GPTNeoXForCausalLM,
+        tf.GPTNeoXConfig,
+        dict(rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False),
+        jitter_norms,
+    ),
+    "gpt_neox-sequential-tied": (
+        tf.GPTNeoXForCausalLM,
+        tf.GPTNeoXConfig,
+        dict(rotary_pct=0.5, use_parallel_residual=False, attention_bias=False, tie_word_embeddings=True),
+        jitter_norms,
+    ),
+    "granite-multipliers-gqa-untied": (
+        tf.GraniteForCausalLM,
+        tf.GraniteConfig,
+        dict(num_key_value_heads=2, tie_word_embeddings=False, **granite(4.0, 0.5, 0.1, 1.5)),
+        jitter_norms,
+    ),
+    "granite-multipliers-tied": (
+        tf.GraniteForCausalLM,
+        tf.GraniteConfig,
+        dict(tie_word_embeddings=True, **granite(2.0, 1.5, 0.5, 0.5)),
+        jitter_norms,
+    ),
+    "stablelm-parallel-qk-norm-gqa-untied": (
+        tf.StableLmForCausalLM,
+        tf.StableLmConfig,
+        dict(
+            num_key_value_heads=2,
+            partial_rotary_factor=0.25,
+            use_parallel_residual=True,
+            qk_layernorm=True,
+            tie_word_embeddings=False,
+        ),
+        jitter_norms,
+    ),
+    "stablelm-sequential-qkv-bias-tied": (
+        tf.StableLmForCausalLM,
+        tf.StableLmConfig,
+        dict(num_key_value_heads=4, partial_rotary_factor=0.5, use_qkv_bias=True, tie_word_embeddings=True),
+        jitter_norms,
+    ),
     "gpt2-tied": (tf.GPT2LMHeadModel, tf.GPT2Config, dict(), None),
     "gpt2-untied-layer-scaled-upcast": (
         tf.GPT2LMHeadModel,
@@ -245,6 +374,34 @@ def features(model: torch.nn.Module) -> set[str]:
         found.add("no-rope")
     if cfg.is_encoder_decoder:
         found.add("shallower-decoder" if cfg.num_decoder_layers < cfg.num_layers else "deeper-decoder")
+    return found | llama_like_features(model, adapter)
+
+
+def llama_like_features(model: torch.nn.Module, adapter: Adapter) -> set[str]:
+    """The quirks of the Llama-like families (calm.adapters.llama.Traits and the adapters' hooks) a variant has."""
+    traits = getattr(adapter, "traits", None)
+    if traits is None:
+        return set()
+    found = {
+        name
+        for name, on in (
+            ("attn-softcap", traits.attn_softcap is not None),
+            ("logit-softcap", traits.logit_softcap is not None),
+            ("post-norms", traits.post_norms),
+            ("parallel", getattr(adapter, "parallel", False)),
+            (
+                "multipliers",
+                (traits.embedding_multiplier, traits.residual_multiplier, traits.logits_divisor) != (1, 1, 1),
+            ),
+        )
+        if on
+    }
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found |= {"qk-norm"} if names & {"q_norm", "q_layernorm"} else set()
+    found |= {"fused-qkv"} if names & {"qkv_proj", "query_key_value"} else set()
+    ctx = adapter.context(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 0)
+    found |= {"partial-rotary"} if ctx.rope is not None and ctx.rope[0].shape[-1] < adapter.head_dim else set()
+    found |= {"two-rope-bases"} if len(ctx.extras.get("rope", {})) == 2 else set()
     return found
 
 
@@ -254,6 +411,14 @@ REQUIRED = {
     "qwen2": {"tied", "untied", "gqa", "window"},
     "qwen3": {"tied", "untied", "gqa", "window"},
     "smollm3": {"tied", "untied", "gqa", "window", "no-rope"},
+    "gemma": {"tied", "gqa"},
+    "gemma2": {"tied", "untied", "gqa", "window", "attn-softcap", "logit-softcap", "post-norms"},
+    "gemma3_text": {"tied", "untied", "gqa", "window", "logit-softcap", "post-norms", "qk-norm", "two-rope-bases"},
+    "phi3": {"tied", "untied", "gqa", "window", "partial-rotary", "fused-qkv"},
+    "olmo2": {"tied", "untied", "gqa", "post-norms", "qk-norm"},
+    "gpt_neox": {"tied", "untied", "partial-rotary", "parallel", "fused-qkv"},
+    "granite": {"tied", "untied", "gqa", "multipliers"},
+    "stablelm": {"tied", "untied", "gqa", "partial-rotary", "parallel", "qk-norm"},
     "gpt2": {"tied", "untied"},
     "t5": {"tied", "untied", "shallower-decoder", "deeper-decoder"},
     "mt5": {"tied", "untied", "shallower-decoder"},

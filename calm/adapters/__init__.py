@@ -5,15 +5,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from calm.adapters.base import Adapter, EncoderMemory, StepContext
+from calm.adapters.gemma import GemmaAdapter
 from calm.adapters.gpt2 import GPT2Adapter
 from calm.adapters.llama import LlamaAdapter
+from calm.adapters.llama_like import GraniteAdapter, Olmo2Adapter, Phi3Adapter
+from calm.adapters.neox import GPTNeoXAdapter, StableLmAdapter
 from calm.adapters.t5 import T5Adapter
 from calm.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, GPT2Adapter, T5Adapter]
+ADAPTERS: list[type[Adapter]] = [
+    LlamaAdapter,
+    GemmaAdapter,
+    Phi3Adapter,
+    Olmo2Adapter,
+    GraniteAdapter,
+    GPTNeoXAdapter,
+    StableLmAdapter,
+    GPT2Adapter,
+    T5Adapter,
+]
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:

@@ -116,14 +116,16 @@ def attend(
     bias: torch.Tensor | None = None,
     per_row: RowAttention | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D].
 
     With per_row, k and v are the whole batch's cache and only the listed queries attend (see
     RowAttention); mask is then not used (the slices hold real slots only, and for a sliding
-    `window` only the last `window` of them: per-row attention is for one decode query, T = 1)."""
+    `window` only the last `window` of them: per-row attention is for one decode query, T = 1).
+    With softcap, scores s become softcap * tanh(s / softcap) before the softmax (Gemma 2)."""
     if per_row is None:
-        return _attend_batch(q, k, v, mask, scale, bias)
+        return _attend_batch(q, k, v, mask, scale, bias, softcap)
     b, h, t, d = q.shape
     if window is not None and t != 1:
         raise ValueError(f"per-row attention with a sliding window takes one query per row, got {t}")
@@ -132,7 +134,9 @@ def attend(
     for j, r, s in zip(per_row.queries, per_row.rows, per_row.starts):
         s = max(s, first_in_reach)
         row_bias = None if bias is None else bias[..., s:]
-        out[j] = _attend_batch(q[j : j + 1], k[r : r + 1, :, s:], v[r : r + 1, :, s:], None, scale, row_bias)[0]
+        out[j] = _attend_batch(q[j : j + 1], k[r : r + 1, :, s:], v[r : r + 1, :, s:], None, scale, row_bias, softcap)[
+            0
+        ]
     return out
 
 
@@ -143,7 +147,10 @@ def _attend_batch(
     mask: torch.Tensor | None,
     scale: float | None,
     bias: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
+    if softcap is not None:
+        return _attend_softcapped(q, k, v, mask, scale, softcap)
     if bias is not None:
         mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     b, h, t, d = q.shape
@@ -158,6 +165,23 @@ def _attend_batch(
         q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=h != kv_heads
     )
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attend_softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None, softcap: float
+) -> torch.Tensor:
+    """Attention with tanh-capped scores, in the order of transformers' eager attention (which Gemma 2
+    runs: SDPA cannot cap scores). q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D]."""
+    b, h, t, d = q.shape
+    k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))  # [B, H, S, D]
+    scores = torch.matmul(q, k.transpose(2, 3)) * (d**-0.5 if scale is None else scale)  # [B, H, T, S]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and t > 1:  # causal, no padding (see padding_free_mask)
+        mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).reshape(b, t, h * d)
 
 
 class Adapter(ABC):

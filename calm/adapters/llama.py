@@ -1,11 +1,18 @@
 """Llama-family adapter: Llama, Mistral, Qwen2/Qwen3, SmolLM2/SmolLM3 (pre-norm, RoPE, grouped-query
-attention; Mistral's and Qwen's sliding-window layers, SmolLM3's layers without RoPE)."""
+attention; Mistral's and Qwen's sliding-window layers, SmolLM3's layers without RoPE).
+
+LlamaAdapter is also the shared code of every Llama-like family (calm.adapters.gemma, .neox,
+.llama_like): each declares its numeric differences as Traits and its structural ones by
+overriding a hook (_q, _kv, _qkv_weights, _qk_norms, _attn_out, _residual, _layer_rope, ...).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from calm.adapters.base import (
     Adapter,
@@ -23,25 +30,63 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+@dataclass(frozen=True)
+class Traits:
+    """How a Llama-like family's numerics differ from Llama's (the defaults: as Llama)."""
+
+    embedding_multiplier: float = 1.0  # Granite: embeddings times this
+    residual_multiplier: float = 1.0  # Granite: each sublayer's output times this before its residual add
+    attn_softcap: float | None = None  # Gemma 2: attention scores s -> cap * tanh(s / cap)
+    logits_divisor: float = 1.0  # Granite: logits / logits_scaling
+    logit_softcap: float | None = None  # Gemma 2/3: logits z -> cap * tanh(z / cap)
+    window_everywhere: bool = False  # Mistral, Phi-3: config.sliding_window masks every layer
+    post_norms: bool = False  # Gemma 2/3, OLMo-2: sublayer outputs normalised before their residual add
+    qk_norm_over_projection: bool = False  # OLMo-2: q/k norms over the whole projection, before the head split
+
+
+class LogitHead(torch.nn.Module):
+    """The LM head and its family's fixed logit transform (Granite's division, Gemma's tanh softcap).
+
+    Not an nn.Linear, so calm.lm_head's certified bfloat16 argmax is not used: a softcap that
+    saturates can tie logits the raw head keeps apart, and the argmax must be the model's own."""
+
+    def __init__(self, head: torch.nn.Module, divisor: float, softcap: float | None) -> None:
+        super().__init__()
+        self.head, self.divisor, self.softcap = head, divisor, softcap
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """t [..., B, H, T, D]; cos, sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
-    return t * cos + rotate_half(t) * sin
+    """t [..., B, H, T, D]; cos, sin [B, T, R], R <= D: the first R dims rotate, the rest pass (partial rotary)."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, R]
+    r = cos.shape[-1]
+    if r == t.shape[-1]:
+        return t * cos + rotate_half(t) * sin
+    rot = t[..., :r]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, t[..., r:]), dim=-1)
 
 
-def layer_windows(cfg: Any, num_layers: int) -> tuple[int | None, ...]:
+def layer_windows(cfg: Any, num_layers: int, everywhere: bool = False) -> tuple[int | None, ...]:
     """Each layer's sliding attention window (None: full causal attention), as transformers masks it.
 
-    MistralModel masks every layer with config.sliding_window. Qwen2/Qwen3/SmolLM3 mask the layers
-    that config.layer_types marks "sliding_attention" (their configs derive it from use_sliding_window
-    and max_window_layers, or SmolLM3's no-RoPE layers); Llama has no sliding window."""
+    Mistral and Phi-3 (`everywhere`) mask every layer with config.sliding_window. The others mask
+    the layers that config.layer_types marks "sliding_attention" (Qwen2/Qwen3/SmolLM3 derive it from
+    use_sliding_window and max_window_layers or the no-RoPE layers; Gemma 2/3 alternate local and
+    global layers); Llama has no sliding window."""
     window = getattr(cfg, "sliding_window", None)
-    if cfg.model_type == "mistral":
+    if everywhere:
         return (window,) * num_layers
     types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers)
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
@@ -59,35 +104,53 @@ def rope_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
 
 
 def rope_tables(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, D_head] of the context; a Llama-family context always has them (LlamaAdapter.context)."""
+    """cos, sin [B, T, R] of the context; a Llama-family context always has them (LlamaAdapter.context)."""
     if ctx.rope is None:
         raise ValueError("a Llama-family layer needs the rotary tables of a LlamaAdapter context")
     return ctx.rope
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    inner_name: ClassVar[str] = "model"  # the ...ForCausalLM attribute holding the decoder stack
+    final_norm_name: ClassVar[str] = "norm"
+    fuse_kv_layers: ClassVar[bool] = True  # kv_layers as one batched matmul: Llama's RMSNorm and projections only
 
     def __init__(self, model: PreTrainedModel) -> None:
         cfg = model.config
-        if not hasattr(model, "model") or model.get_output_embeddings() is None:
+        if not hasattr(model, self.inner_name) or model.get_output_embeddings() is None:
             raise UnsupportedModelError(f"{type(model).__name__} has no LM head; load it as a ...ForCausalLM model")
         super().__init__(model)
-        self.inner: Any = model.model  # transformers' modules: see Adapter
+        self.traits = self.read_traits(cfg)
+        self.inner: Any = getattr(model, self.inner_name)  # transformers' modules: see Adapter
         self.layers: Any = self.inner.layers
         self.num_layers = len(self.layers)
         self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
-        self.windows = layer_windows(cfg, self.num_layers)
+        self.windows = layer_windows(cfg, self.num_layers, self.traits.window_everywhere)
         self.window = next((w for w in self.windows if w is not None), None)
         self.rope_layers = rope_layers(cfg, self.num_layers)
+        head, t = model.get_output_embeddings(), self.traits
+        plain = t.logits_divisor == 1.0 and t.logit_softcap is None
+        self._head = head if plain else LogitHead(head, t.logits_divisor, t.logit_softcap)
         self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # see _stacked_kv
 
+    @classmethod
+    def read_traits(cls, cfg: Any) -> Traits:
+        """The family's Traits, read from its config (and refusing what calm does not implement)."""
+        return Traits(window_everywhere=cfg.model_type == "mistral")
+
+    @property
+    def head_module(self) -> torch.nn.Module:
+        return self._head
+
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(ids)
+        h = self.inner.get_input_embeddings()(ids)
+        m = self.traits.embedding_multiplier
+        return h if m == 1.0 else h * m
 
     def context(
         self,
@@ -97,7 +160,6 @@ class LlamaAdapter(Adapter):
         encoder: EncoderMemory | None = None,
         slot_positions: torch.Tensor | None = None,
     ) -> StepContext:
-        cos, sin = self._rope_tables(positions)
         t = positions.shape[1]
         window_mask = padding_free_mask(key_mask, start, t, self.window) if self.window is not None else None
         if self.window is not None and slot_positions is not None:  # holes: window by position, not slot
@@ -111,9 +173,10 @@ class LlamaAdapter(Adapter):
             positions=positions,
             mask=padding_free_mask(key_mask, start, t),
             start=start,
-            rope=(cos, sin),
+            rope=self._rope_tables(positions),
             window=self.window,
             window_mask=window_mask,
+            extras=self._extras(positions),
         )
 
     def static_context(
@@ -123,32 +186,80 @@ class LlamaAdapter(Adapter):
             raise UnsupportedModelError(
                 "the static engine does not implement sliding-window attention yet; use engine='dynamic' for this model"
             )
-        return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, rope=self._rope_tables(positions))
+        return StepContext(
+            positions=positions,
+            mask=slot_mask(key_mask),
+            start=slot,
+            rope=self._rope_tables(positions),
+            extras=self._extras(positions),
+        )
 
     def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, D_head] of positions [B, T]."""
+        """cos, sin [B, T, R] of positions [B, T] (R < D_head: partial rotary)."""
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
         return self.inner.rotary_emb(probe, positions)
 
-    def _rope(self, layer: int, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return apply_rope(t, cos, sin) if self.rope_layers[layer] else t
+    def _extras(self, positions: torch.Tensor) -> dict:
+        """Family-specific per-forward tensors of a context (Gemma 3: its local layers' rotary tables)."""
+        return {}
+
+    def _layer_rope(self, layer: int, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables layer `layer` applies; None: no RoPE in that layer (SmolLM3)."""
+        return rope_tables(ctx) if self.rope_layers[layer] else None
+
+    def _rope(self, layer: int, t: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None) -> torch.Tensor:
+        tables = self._layer_rope(layer, ctx)
+        return t if tables is None else apply_rope(t, pick(tables[0], rows), pick(tables[1], rows))
 
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].input_layernorm(h)
 
-    def _heads(self, proj: torch.nn.Module, x: torch.Tensor, n: int, norm: torch.nn.Module | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        y = proj(x).view(b, t, n, self.head_dim)
-        if norm is not None:
+    def _attention(self, layer: int) -> Any:
+        return self.layers[layer].self_attn
+
+    def _qkv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A fused q|k|v projection's weight [(H + 2*H_kv)*D_head, D] and bias, rows in that order; None: separate."""
+        return None
+
+    def _q(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The query projection [B, T, H*D_head] of x [B, T, D]."""
+        fused = self._qkv_weights(layer)
+        if fused is None:
+            return self._attention(layer).q_proj(x)
+        w, b = fused
+        n = self.num_heads * self.head_dim
+        return F.linear(x, w[:n], None if b is None else b[:n])
+
+    def _kv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value projections [B, T, H_kv*D_head] of x [B, T, D]."""
+        fused = self._qkv_weights(layer)
+        if fused is None:
+            attn = self._attention(layer)
+            return attn.k_proj(x), attn.v_proj(x)
+        w, b = fused
+        n = self.num_heads * self.head_dim
+        kv = F.linear(x, w[n:], None if b is None else b[n:])
+        k, v = kv.split(self.num_kv_heads * self.head_dim, dim=-1)
+        return k, v
+
+    def _qk_norms(self, layer: int) -> tuple[Any, Any]:
+        """The query and key norms (Qwen3, Gemma 3, OLMo-2), or None."""
+        attn = self._attention(layer)
+        return getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
+    def _heads(self, y: torch.Tensor, n: int, norm: Any) -> torch.Tensor:
+        """A projection y [B, T, n*D_head] as heads [B, n, T, D_head], through its q/k norm if any."""
+        b, t, _ = y.shape
+        over_projection = norm is not None and self.traits.qk_norm_over_projection
+        if over_projection:
             y = norm(y)
-        return y.transpose(1, 2)  # [B, n, T, D_head]
+        y = y.view(b, t, n, self.head_dim).transpose(1, 2)
+        return norm(y) if norm is not None and not over_projection else y
 
     def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.layers[layer].self_attn
-        k = self._heads(attn.k_proj, x, self.num_kv_heads, getattr(attn, "k_norm", None))
-        v = self._heads(attn.v_proj, x, self.num_kv_heads, None)
-        cos, sin = rope_tables(ctx)
-        return self._rope(layer, k, cos, sin), v
+        k, v = self._kv(layer, x)
+        k = self._heads(k, self.num_kv_heads, self._qk_norms(layer)[1])
+        return self._rope(layer, k, ctx, None), self._heads(v, self.num_kv_heads, None)
 
     def finish_layer(
         self,
@@ -160,20 +271,35 @@ class LlamaAdapter(Adapter):
         ctx: StepContext,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        block = self.layers[layer]
-        attn = block.self_attn
-        q = self._heads(attn.q_proj, x, self.num_heads, getattr(attn, "q_norm", None))
-        cos, sin = rope_tables(ctx)
-        q = self._rope(layer, q, pick(cos, rows), pick(sin, rows))
+        q = self._heads(self._q(layer, x), self.num_heads, self._qk_norms(layer)[0])
+        q = self._rope(layer, q, ctx, rows)
         window = self.windows[layer]
         mask = ctx.mask if window is None else ctx.window_mask
-        out = attend(q, k, v, pick(mask, rows), attn.scaling, per_row=ctx.row_attention, window=window)
-        h = h + attn.o_proj(out)
-        return h + block.mlp(block.post_attention_layernorm(h))
+        scale = self._attention(layer).scaling
+        out = attend(
+            q, k, v, pick(mask, rows), scale, per_row=ctx.row_attention, window=window, softcap=self.traits.attn_softcap
+        )
+        return self._residual(layer, h, x, self._attn_out(layer, out))
+
+    def _attn_out(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The attention output projection of out [B, T, H*D_head]."""
+        return self._attention(layer).o_proj(out)
+
+    def _residual(self, layer: int, h: torch.Tensor, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The layer output from its input h, normalised input x and attention output o, all [B, T, D]."""
+        block = self.layers[layer]
+        if self.traits.post_norms:
+            h = h + block.post_attention_layernorm(o)
+            pre = getattr(block, "pre_feedforward_layernorm", None)  # Gemma 2/3 have it, OLMo-2 not
+            return h + block.post_feedforward_layernorm(block.mlp(h if pre is None else pre(h)))
+        m = self.traits.residual_multiplier
+        h = h + (o if m == 1.0 else o * m)
+        f = block.mlp(block.post_attention_layernorm(h))
+        return h + (f if m == 1.0 else f * m)
 
     def kv_layers(self, first: int, x_source: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [n, B, H_kv, T, D_head] of layers first..L-1 from one hidden state, as one batched matmul."""
-        if getattr(self.layers[0].self_attn, "k_norm", None) is not None:
+        if not self.fuse_kv_layers or getattr(self.layers[0].self_attn, "k_norm", None) is not None:
             return super().kv_layers(first, x_source, ctx)
         norm_w, kv_w, kv_b = self._stacked_kv()
         b, t, d = x_source.shape
@@ -205,4 +331,4 @@ class LlamaAdapter(Adapter):
         return self._stacked
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.inner.norm(h)
+        return getattr(self.inner, self.final_norm_name)(h)
