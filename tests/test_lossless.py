@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -392,3 +393,28 @@ def test_an_exit_knob_or_engine_opts_out_of_the_lossless_default(checkpoint):
         model.generate(["a b"], 3, mode="lossless", speed=0.5)
     with pytest.raises(InputError, match="unknown mode"):
         model.generate(["a b"], 3, mode="fast")
+
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")
+def test_default_summarize_is_the_full_models_output_on_the_real_model():
+    """No knob on the shipped model: the lossless run (speculative at one row), token for token what the
+    full model (--speed 0) writes."""
+    base = ("summarize", SMOKE, "--limit", 2, "--batch-size", 1, "--max-new-tokens", 32, "--json")
+    default, exact = invoke(*base), invoke(*base, "--speed", 0)
+    assert default.exit_code == 0 and exact.exit_code == 0, default.output + exact.output
+    assert "speculative (lossless)" in default.stderr and "full model" in exact.stderr
+    ours, full = ([json.loads(line) for line in r.stdout.splitlines()] for r in (default, exact))
+    assert [(d["summary"], len(d["exit_layers"])) for d in ours] == [
+        (d["summary"], len(d["exit_layers"])) for d in full
+    ]
+    model = CalmModel.from_pretrained("smollm2")
+    docs = [json.loads(line)["document"] for line in SMOKE.read_text().splitlines()[:2]]
+    prompts = ["Summarize the following article in one sentence.\n\n" + d[:1500] for d in docs]
+    for prompt in prompts:
+        lossless = model.generate([prompt], 32)
+        assert lossless.speculative is not None, lossless.decoding
+        assert lossless.token_ids == model.generate([prompt], 32, speed=0).token_ids
