@@ -24,7 +24,7 @@ from calm.checkpoint import (
     save_checkpoint,
 )
 from calm.checkpoint import backbone_kind as backbone_kind_of
-from calm.decode import Network
+from calm.decode import ExitPlan, Network
 from calm.devices import parse_dtype, resolve_device
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
@@ -287,7 +287,7 @@ class CalmModel:
         if spec is not None and spec.from_context and policy is not None and policy.measure != "fixed":
             raise InputError(NO_CONTROLLER)
         policy = policy or (ExitPolicy.never() if spec is None else default_draft_policy(self.network))
-        policy.allowed_layers(self.num_layers)
+        ExitPlan.resolve(policy, self.network)  # layer range and exit floor, up front
         return policy
 
     def _with_texts(self, result: GenerationResult) -> GenerationResult:

@@ -142,11 +142,15 @@ def min_exit_option(f: F) -> F:
         "--min-exit-layer",
         type=click.IntRange(min=1),
         default=None,
-        help="No token exits below this layer (default: 1).",
+        help="No token exits below this layer (default: the first layer with a trained exit head, else half "
+        "the depth; below that is refused).",
     )(f)
 
 
-DECAY_HELP = "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N) over N new tokens; 0 keeps λ fixed."
+DECAY_HELP = (
+    "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N) over N new tokens: it lowers λ along the "
+    "output, to about 0.9·λ at the end, so later tokens exit earlier; 0 keeps λ fixed. λ >= 1 never decays."
+)
 
 
 def decay_tau_option(f: F) -> F:
@@ -182,7 +186,8 @@ def knob_options(f: F) -> F:
         "--threshold",
         type=FiniteFloat(0.0, 1.0),
         default=None,
-        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier).",
+        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier); 1 is the full model (never "
+        "exits, whatever --decay-tau).",
     )(f)
 
 

@@ -39,7 +39,7 @@ class CalibrateConfig:
     method: str = "hb"
     thresholds: tuple[float, ...] = DEFAULT_GRID  # most conservative (highest λ) first
     measure: str | None = None
-    min_exit_layer: int = 1
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"

@@ -163,8 +163,8 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
     if policy.never_exits:
         return "full model"
     if policy.measure == "fixed":
-        return f"every token exits at layer {min(policy.exit_layers or (policy.min_exit_layer,))}"
-    floor = f" from layer {policy.min_exit_layer}" if policy.min_exit_layer > 1 else ""
+        return f"every token exits at layer {min(policy.exit_layers or (policy.min_exit_layer or 1,))}"
+    floor = f" from layer {policy.min_exit_layer}" if policy.min_exit_layer is not None else ""
     return f"{policy.measure} λ={policy.threshold:g}{floor}, {schedule_text(policy, max_new_tokens)}"
 
 

@@ -63,7 +63,7 @@ class EvalConfig:
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     measure: str | None = None  # None: the model's default (calm.knob.default_measure)
-    min_exit_layer: int = 1
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
     decay_tau: float = ExitPolicy.decay_tau  # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -110,7 +110,7 @@ class EvalConfig:
         return config
 
     def points(self) -> tuple[Point, ...]:
-        suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
+        suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer is not None else ""
         if self.decay_tau != ExitPolicy.decay_tau:
             suffix += f"-tau{self.decay_tau:g}"
         early = tuple(

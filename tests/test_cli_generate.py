@@ -242,7 +242,7 @@ def test_generate(tiny_model):
     )
     assert result.exit_code == 0, result.output
     (row,) = json_rows(result.stdout)
-    assert row["exit_layers"][1:] == [1, 1, 1] and row["truncated"] is False
+    assert row["exit_layers"][1:] == [2, 2, 2] and row["truncated"] is False
     assert "policy: state λ=0, λ decays to 0 by token 4 (τ=4); from --threshold" in result.stderr
 
 

@@ -261,8 +261,8 @@ def test_few_colours_get_a_ramp_that_reads_early_to_late(model):
     console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=console).print(doc)
     out = console.file.getvalue()
-    assert "\x1b[30;41m" in out and "\x1b[30;42m" in out  # black on red (layer 4), on green (layer 1)
-    assert "1–1" not in out and " 1  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
+    assert "\x1b[30;41m" in out and "\x1b[30;43m" in out  # black on red (layer 4), on yellow (layer 2, the floor)
+    assert "1–1" not in out and " 2–3  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
     no_colour = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=no_colour).print(doc)
     assert "exits: " in no_colour.file.getvalue() and "[4]" in no_colour.file.getvalue()  # marks instead
