@@ -261,5 +261,7 @@ def test_file_and_text_together_or_neither(tiny_model, docs_file):
 
 def test_min_exit_layer_below_the_floor_is_one_error_line(tiny_model):
     """Issue 20, item 1: no trained heads, so the floor is half the depth (layer 2 of 4)."""
-    result = invoke("summarize", "--model", tiny_model, "--text", "the cat", "--threshold", "0.5", "--min-exit-layer", 1)
+    result = invoke(
+        "summarize", "--model", tiny_model, "--text", "the cat", "--threshold", "0.5", "--min-exit-layer", 1
+    )
     assert_clean_error(result, "--min-exit-layer 1 is below layer 2")
