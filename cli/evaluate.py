@@ -200,6 +200,11 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
     show_default=True,
     help="Reuse outputs cached by an earlier (interrupted) run, or start over.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the calibration of a checkpoint that already has one (the shipped one included).",
+)
 def calibrate_command(
     model_name: str,
     device: str,
@@ -220,6 +225,7 @@ def calibrate_command(
     out: str,
     work_dir: str | None,
     resume: bool,
+    overwrite: bool,
 ) -> None:
     """Certify the fastest exit threshold with Learn-then-Test.
 
@@ -228,7 +234,7 @@ def calibrate_command(
     Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
     """
     from calm.data import read_jsonl
-    from calm.eval.calibrate import CalibrateConfig, calibrate
+    from calm.eval.calibrate import CalibrateConfig, calibrate, check_target
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import eval_device
 
@@ -248,6 +254,7 @@ def calibrate_command(
         max_doc_tokens=max_doc_tokens,
         decay_tau=decay_tau,
     )
+    check_target(out, overwrite)
     records = read_jsonl(data, document_field=field_document, limit=limit)
     model = load_model(model_name, eval_device(device), dtype)
     with progress_bar("calibrating") as update:
