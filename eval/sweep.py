@@ -280,32 +280,25 @@ def _compute(
     cache: ResultCache,
     progress: ProgressCallback | None,
 ) -> None:
-    ids = {r.id for r in records}
-    pending = {p.name: ids - cache.done(p.name).keys() for p in points}
+    # An example counts as done once every point has it; one that an interruption left part-way is redone at
+    # every point, so that its timings were all taken in one run and pair up (report.timed_speedup): a resumed
+    # eval reports what an uninterrupted one does. ResultCache.done keeps the latest row of an example.
+    finished = set.intersection(*(set(cache.done(p.name)) for p in points)) if points else set()
+    todo_records = [r for r in records if r.id not in finished]
     total = len(records) * len(points)
-    completed = total - sum(len(v) for v in pending.values())
+    completed = total - len(todo_records) * len(points)
     if progress:
         progress(completed, total)
-    if completed == total:
+    if not todo_records:
         return
-    _warm_up(model, records[0])
-    for batch in batched(records, config.batch_size):
-        unfinished = [r for r in batch if any(r.id in left for left in pending.values())]
-        prompts = dict(
-            zip(
-                (r.id for r in unfinished),
-                document_prompts(model, unfinished, config.max_new_tokens, max_doc_tokens=config.max_doc_tokens),
-            )
-        )
+    _warm_up(model, todo_records[0])
+    for batch in batched(todo_records, config.batch_size):
+        prompts = document_prompts(model, batch, config.max_new_tokens, max_doc_tokens=config.max_doc_tokens)
         for point in points:
-            todo = [r for r in batch if r.id in pending[point.name]]
-            if todo:
-                cache.append(
-                    point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo], config.max_new_tokens)
-                )
-                completed += len(todo)
-                if progress:
-                    progress(completed, total)
+            cache.append(point.name, _run_point(model, point, batch, prompts, config.max_new_tokens))
+            completed += len(batch)
+            if progress:
+                progress(completed, total)
 
 
 def _run_point(
