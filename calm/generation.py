@@ -97,6 +97,9 @@ class GenerationResult:
     timings: Timings
     texts: tuple[str, ...] = ()
     speculative: SpeculativeStats | None = None  # mode="speculative": acceptance, draft and verify time
+    # per row, why it stopped, as OpenAI-style APIs say it: "stop" (it ended with EOS) or "length" (it hit
+    # max_new_tokens, likely mid-sentence); set by CalmModel.generate, which knows the EOS ids
+    finish_reasons: tuple[str, ...] = ()
 
     @property
     def avg_layers(self) -> float:
@@ -112,6 +115,7 @@ class GenerationResult:
         spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "texts": list(self.texts),
+            "finish_reasons": list(self.finish_reasons),
             "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers],
             "num_layers": self.num_layers,

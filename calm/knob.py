@@ -50,11 +50,15 @@ class Knobs:
         _check_number("decay_tau", self.decay_tau, 0.0, math.inf, ">= 0")
 
 
-def check_knobs(threshold: float | None = None, speed: float | None = None, tolerance: float | None = None) -> None:
-    """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model)."""
-    given = [
-        name for name, v in (("threshold", threshold), ("speed", speed), ("tolerance", tolerance)) if v is not None
-    ]
+def check_knobs(
+    threshold: float | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    names: tuple[str, str, str] = ("threshold", "speed", "tolerance"),
+) -> None:
+    """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model, and names
+    them by its flags)."""
+    given = [name for name, v in zip(names, (threshold, speed, tolerance)) if v is not None]
     if len(given) > 1:
         raise InputError(f"give only one of {' and '.join(given)}")
 

@@ -291,7 +291,11 @@ class CalmModel:
         return policy
 
     def _with_texts(self, result: GenerationResult) -> GenerationResult:
-        """The result with each row's text, decoded without special tokens (when there is a tokenizer)."""
+        """The result with each row's finish reason and text, decoded without special tokens (when there is a
+        tokenizer)."""
+        eos = set(self.eos_token_ids)
+        reasons = tuple("stop" if ids and ids[-1] in eos else "length" for ids in result.token_ids)
+        result = replace(result, finish_reasons=reasons)
         if self.tokenizer is None:
             return result
         decoded = self.tokenizer.batch_decode([list(ids) for ids in result.token_ids], skip_special_tokens=True)

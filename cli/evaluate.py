@@ -54,7 +54,7 @@ as several processes, it shards the documents; process 0 writes the report.
 @min_exit_option
 @decay_tau_option
 @run_options
-@speculative_options
+@speculative_options("--thresholds and --measure")
 @doc_tokens_option
 @click.option(
     "--out",

@@ -107,7 +107,7 @@ Examples:
     "(by default a cut is reported on stderr and in the JSON field 'truncated').",
 )
 @engine_option
-@speculative_options
+@speculative_options("--threshold and --measure")
 @_shared_options
 def summarize(
     file: str | None,
@@ -234,6 +234,7 @@ def _generate(
             chat=chat,
             engine=engine,
             generate_kwargs=generate_kwargs,
+            text_field="summary" if noun == "document" else "text",
         ):
             for doc in batch:
                 printer.print(doc)
@@ -244,7 +245,7 @@ def _generate(
     footer_policy = None if generate_kwargs.get("mode") == "speculative" else policy
     click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun), err=True)
     if run.output:
-        click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
+        click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
 
 
 def _resolve(

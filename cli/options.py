@@ -252,7 +252,8 @@ def output_options(f: F) -> F:
         "--json",
         "as_json",
         is_flag=True,
-        help="Print one JSON object per line: id, summary, exit_layers, avg_layers, truncated, timings.",
+        help="Print one JSON object per line: id, summary (generate: text), finish_reason ('length' where the "
+        "output hit --max-new-tokens, 'stop' where the model ended it), exit_layers, avg_layers, truncated, timings.",
     )(f)
     return click.option(
         "--show-exits",
@@ -276,8 +277,14 @@ def engine_option(f: F) -> F:
     )(f)
 
 
-def speculative_options(f: F) -> F:
-    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless)."""
+def speculative_options(controller: str) -> Callable[[F], F]:
+    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless); `controller`
+    names the options of this command that set the draft controller (they differ: --threshold, --thresholds,
+    --policy)."""
+    return lambda f: _speculative_options(f, controller)
+
+
+def _speculative_options(f: F, controller: str) -> F:
     f = click.option(
         "--max-draft",
         type=click.IntRange(min=1),
@@ -309,5 +316,5 @@ def speculative_options(f: F) -> F:
         default="calm",
         show_default=True,
         help="calm: early exit. speculative: early exits draft, the remaining layers verify "
-        "(lossless; --threshold and --measure control the draft length).",
+        f"(lossless; {controller} control the draft length).",
     )(f)

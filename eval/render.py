@@ -185,4 +185,16 @@ def run_footer(
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
         f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
         + (f"policy: {policy_text(policy, max_new_tokens)}; {source}" if policy is not None else source)
+        + _cut_note(docs, max_new_tokens)
+    )
+
+
+def _cut_note(docs: list[DocumentSummary], max_new_tokens: int) -> str:
+    """'; 2 of 3 outputs stopped at --max-new-tokens 64 (finish_reason "length", ...)' or nothing."""
+    cut = sum(d.finish_reason == "length" for d in docs)
+    if not cut:
+        return ""
+    return (
+        f"; {cut} of {len(docs)} output{'s' if len(docs) != 1 else ''} stopped at --max-new-tokens {max_new_tokens} "
+        '(finish_reason "length", likely mid-sentence)'
     )

@@ -298,7 +298,8 @@ def _compute(
             cache.append(point.name, _run_point(model, point, batch, prompts, config.max_new_tokens))
             completed += len(batch)
             if progress:
-                progress(completed, total)
+                done = len(records) - len(todo_records) + todo_records.index(batch[-1]) + 1
+                progress(completed, total, f"{point.label}: {done} of {len(records)} documents done")
 
 
 def _run_point(

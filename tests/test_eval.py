@@ -395,3 +395,12 @@ def test_an_eval_interrupted_anywhere_resumes_to_the_same_report(
     assert all(p["speedup_vs_full"] == p["speedup_vs_full"] for p in resumed)  # no "–" in the table
     table = [line for line in (tmp_path / "resumed" / "eval.md").read_text().splitlines() if line.startswith("| ")]
     assert all("–" not in line.split("|")[-3:-1] for line in table[2:])  # both speedup columns everywhere
+
+
+def test_eval_prints_a_line_per_finished_point_off_a_terminal(tiny_model, data, tmp_path):
+    """Issue 20, item 14: no bar in a pipe, so a line per point and batch on stderr."""
+    result = run_eval_cli(tiny_model, data, tmp_path / "out", "--limit", 2)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("eval: ")]
+    assert len(lines) == 4 and lines[0].startswith("eval: full model: 2 of 2 documents done (2/8, ")
+    assert "eval: transformers generate: 2 of 2 documents done (8/8" in lines[-1]
