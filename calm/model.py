@@ -25,7 +25,7 @@ from calm.checkpoint import (
 )
 from calm.checkpoint import backbone_kind as backbone_kind_of
 from calm.decode import ExitPlan, Network
-from calm.devices import parse_dtype, resolve_device
+from calm.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -96,6 +96,7 @@ class CalmModel:
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
+        warn_slow_dtype(dtype, device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
             return cls(

@@ -113,7 +113,32 @@ def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 # ---- shared options ------------------------------------------------------------------------------
 
 
+DEFAULT_THREADS = 1  # measured: benchmarks/results/threads_cpu.md
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from calm.devices import set_threads
+
+    set_threads(value)  # imports torch only when a value is given
+
+
+def threads_option(f: F) -> F:
+    """--threads, applied as soon as it is parsed (calm.set_threads). The default is measured: on the shared
+    2-core machine of the reports one thread decoded 2-7x faster than two (benchmarks/results/threads_cpu.md)."""
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=DEFAULT_THREADS,
+        show_default=True,
+        expose_value=False,
+        callback=_set_threads,
+        help="CPU threads for torch. 1 decoded 2-7x faster than 2 on a busy 2-core CPU "
+        "(benchmarks/results/threads_cpu.md); raise it on an idle machine with more cores.",
+    )(f)
+
+
 def model_options(f: F) -> F:
+    f = threads_option(f)
     f = click.option(
         "--dtype",
         type=click.Choice(["float32", "bfloat16", "float16"]),

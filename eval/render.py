@@ -177,10 +177,13 @@ def run_footer(
     `source` describes whole (its policy is only the draft controller)."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
-    decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
+    compile_tokens = sum(d.batch_timings.compile_tokens / d.batch_size for d in docs)  # static+compile
+    decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs) - compile_tokens
     decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)  # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
+    compile_s = sum(d.batch_timings.compile_s / d.batch_size for d in docs)
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
+    rate += f" (compiling apart: {compile_s:.1f} s)" if compile_s > 0 else ""
     return (
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
         f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "

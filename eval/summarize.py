@@ -56,6 +56,7 @@ class DocumentSummary:
                 "batch_size": self.batch_size,
                 "batch_prefill_s": t.prefill_s,
                 "batch_decode_s": t.decode_s,
+                "batch_compile_s": t.compile_s,
                 "batch_new_tokens": t.new_tokens,
                 "batch_decode_tokens": t.decode_tokens,
                 "batch_tokens_per_s": t.tokens_per_s,
