@@ -213,7 +213,7 @@ def _generate(
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
     from calm.eval.progress import output_console, progress_bar
-    from calm.eval.render import SummaryPrinter, run_footer
+    from calm.eval.render import SummaryPrinter, measure_cost_note, run_footer
     from calm.eval.summarize import summarize_documents
 
     policy, source, generate_kwargs = _resolve(model, run, speculative, min(run.batch_size, len(records)))
@@ -243,7 +243,8 @@ def _generate(
             docs += batch
             update(len(docs), len(records))
     footer_policy = None if generate_kwargs.get("mode") == "speculative" else policy
-    click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun), err=True)
+    footer = run_footer(docs, footer_policy, source, run.max_new_tokens, noun)
+    click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
 

@@ -10,11 +10,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.text import Text
 
+from calm.confidence import check_overhead, softmax_check_layers
+from calm.decode import ExitPlan
 from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from calm.model import CalmModel
 
 RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))  # early exit -> mid -> full depth
 LEGEND_BUCKETS = 6
@@ -200,4 +204,21 @@ def _cut_note(docs: list[DocumentSummary], max_new_tokens: int) -> str:
     return (
         f"; {cut} of {len(docs)} output{'s' if len(docs) != 1 else ''} stopped at --max-new-tokens {max_new_tokens} "
         '(finish_reason "length", likely mid-sentence)'
+    )
+
+
+def measure_cost_note(docs: list[DocumentSummary], policy: ExitPolicy | None, model: CalmModel) -> str:
+    """A footer warning, once, where the softmax measure's checks cost more layers of work than its exits saved
+    (each check runs the whole LM head); nothing otherwise."""
+    if policy is None or policy.measure != "softmax" or policy.never_exits or not docs:
+        return ""
+    allowed = sorted(ExitPlan.resolve(policy, model.network).allowed)
+    cost = softmax_check_layers(model.model, model.adapter.head_module, model.num_layers)
+    checks, spent, saved = check_overhead([list(d.exit_layers) for d in docs], allowed, model.num_layers, cost)
+    if spent <= saved:
+        return ""
+    return (
+        f"; warning: the softmax measure cost more than it saved: {checks:.1f} checks per token, each the whole "
+        f"LM head (≈{cost:.1f} layers of work), against {saved:.1f} layers saved; --measure state is cheap, "
+        "--measure classifier needs trained heads"
     )
