@@ -28,7 +28,7 @@ def softmax_check_layers(model: torch.nn.Module, head: torch.nn.Module, num_laye
     over one layer's (the backbone's weights less its embedding and head, shared once, over its layers).
     SmolLM2-135M: about 8 layers per check, so checking at every layer costs more than exiting saves."""
     head_params = {id(p): p.numel() for p in head.parameters()}
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding: torch.nn.Module | None = getattr(model, "get_input_embeddings", lambda: None)()
     shared = {**head_params, **({id(p): p.numel() for p in embedding.parameters()} if embedding is not None else {})}
     body = sum(p.numel() for p in model.parameters() if id(p) not in shared)
     return sum(head_params.values()) / max(body / num_layers, 1.0)

@@ -263,6 +263,5 @@ def calibrate_command(
         return
     model.calibration = run.checkpoint_table(config)
     model.save_pretrained(out, extra={"calibrate_command": command_line()})
-    click.echo(run.table_markdown())
-    click.echo(run.summary)
+    click.echo(f"{run.table_markdown()}\n{run.summary}")
     click.echo(f"wrote {out}", err=True)
