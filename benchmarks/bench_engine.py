@@ -20,6 +20,7 @@ import torch
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import transformers_generate
+from calm.confidence import softmax_check_layers
 from calm.data import read_jsonl
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.prompts import PromptFormat, fit_prompts
@@ -82,6 +83,7 @@ def run(args) -> dict:
         "exit_layer": args.exit_layer,
         "documents": rows,
         "summary": summarize(rows),
+        "softmax_check_layers": softmax_check_layers(model.model, model.adapter.head_module, model.num_layers),
     }
 
 
@@ -111,6 +113,10 @@ def markdown(report: dict) -> str:
         f"**{s['exit_vs_full_decode_speedup_median']:.2f}x** per token "
         f"({s['full_decode_ms_per_token_median']:.1f} -> {s['exit_decode_ms_per_token_median']:.1f} "
         "ms/token on this machine).",
+        f"- Per-check cost of the softmax measure: one check runs the whole LM head, "
+        f"**{report['softmax_check_layers']:.1f} layers** of work (its weights over one layer's), so checking at "
+        "every layer costs more than an exit saves; calm's footer warns when a run's checks cost more than "
+        "they saved.",
         "",
         "| doc | prompt tokens | new tokens | identical | HF s | calm full s | full/HF | full ms/tok | "
         "exit ms/tok | exit speedup |",

@@ -41,7 +41,7 @@ def run(args) -> dict:
             data=args.data,
             thresholds=tuple(thresholds),
             measure=table.measure,
-            min_exit_layer=table.min_exit_layer or 1,
+            min_exit_layer=None if (table.min_exit_layer or 1) == 1 else table.min_exit_layer,  # None: the floor
             max_new_tokens=table.max_new_tokens,
             batch_size=args.batch_size,
             limit=args.limit,

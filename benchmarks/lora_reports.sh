@@ -22,7 +22,7 @@ calibrate_one() {
     rm -rf "$OUT" && mkdir -p "$OUT"
     cp "$CK"/calm_config.json "$CK"/exit_heads.safetensors "$CK"/adapter_config.json "$CK"/adapter_model.safetensors "$OUT"/
     OMP_NUM_THREADS=1 "$CALM" calibrate --model "$OUT" --data "$DATA/calib.jsonl" --limit 120 "${COMMON[@]}" \
-        --measure classifier --thresholds "$GRID" --decay-tau "$TAU" --delta 0.1 --epsilon 0.05 --out "$OUT" \
+        --measure classifier --thresholds "$GRID" --decay-tau "$TAU" --delta 0.1 --epsilon 0.05 --out "$OUT" --overwrite \
         --work-dir "build/calibrate-$(basename "$CK")-tau$TAU"
 }
 

@@ -27,7 +27,7 @@ GRID=0.9999,0.999,0.995,0.99,0.97,0.95
     --cache build/agreement-summaries.jsonl
 "$CALM" calibrate --model calm/assets/smollm2 --data "$DATA/calib.jsonl" --limit 120 --max-doc-tokens 256 \
     --max-new-tokens 32 --measure classifier --thresholds 0.99,0.98,0.97,0.96,0.95 --decay-tau 0 \
-    --delta 0.1 --epsilon 0.05 --out calm/assets/smollm2 --work-dir build/calibrate-smollm2
+    --delta 0.1 --epsilon 0.05 --out calm/assets/smollm2 --overwrite --work-dir build/calibrate-smollm2
 "$CALM" eval --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 --max-doc-tokens 256 \
     --max-new-tokens 32 --measure classifier --thresholds "$GRID" --out build/eval-smollm2-test
 mkdir -p benchmarks/results/eval_smollm2_cpu

@@ -10,13 +10,19 @@ from typing import TYPE_CHECKING
 from calm.errors import CalmError, CheckpointError, InputError, ModelNotFoundError, PolicyError, UnsupportedModelError
 
 if TYPE_CHECKING:
+    from calm.devices import set_threads
     from calm.generation import GenerationResult
     from calm.model import CalmModel
     from calm.policy import ExitPolicy
 
 __version__ = "0.1.0"
 
-_LAZY = {"CalmModel": "calm.model", "ExitPolicy": "calm.policy", "GenerationResult": "calm.generation"}
+_LAZY = {
+    "CalmModel": "calm.model",
+    "ExitPolicy": "calm.policy",
+    "GenerationResult": "calm.generation",
+    "set_threads": "calm.devices",
+}
 
 __all__ = [
     "CalmModel",
@@ -28,6 +34,7 @@ __all__ = [
     "ModelNotFoundError",
     "PolicyError",
     "UnsupportedModelError",
+    "set_threads",
 ]
 
 

@@ -86,6 +86,12 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+# A table from fewer documents certifies nothing: it is kept (its rows are still a measurement) but marked
+# uncertified, and the knob runs the full model on it. At the shipped δ=0.1, ε=0.05 Hoeffding-Bentkus needs
+# 38 loss-free documents to pass anything; this floor stops a loose δ on a handful of documents too.
+MIN_CALIBRATION_DOCUMENTS = 10
+
+
 @dataclass(frozen=True)
 class CalibrationTable:
     """Rows ordered from the most conservative threshold to the least, and how the thresholds ran
@@ -150,6 +156,8 @@ class CalibrationTable:
         and method), or None when none is."""
         if self.n is None or self.epsilon is None:
             raise ValueError("this calibration table records no sample size or epsilon")
+        if self.n < MIN_CALIBRATION_DOCUMENTS:
+            return None
         ltt = fixed_sequence_test_means(
             [r.mean_loss for r in self.rows], self.n, delta, self.epsilon, self.method or "hb"
         )
@@ -207,6 +215,8 @@ class CalibrationTable:
             raise ValueError(f"calibration table row is missing field {exc}") from None
         idx = data.get("certified_index")
         n = data.get("n")
+        if n is not None and int(n) < MIN_CALIBRATION_DOCUMENTS:
+            idx = None  # an older table from too few documents: never used by the knob
         return cls(
             rows=rows,
             certified_index=None if idx is None else int(idx),
@@ -242,4 +252,5 @@ def build_calibration_table(
         CalibrationRow(values[i], means[i], q50[i], q90[i], q95[i], avg_layers[i], speedup[i], ltt.pvalues[i])
         for i in range(k)
     )
-    return CalibrationTable(rows, ltt.certified_index, ltt.delta, ltt.epsilon, ltt.n, ltt.method)
+    certified = ltt.certified_index if ltt.n >= MIN_CALIBRATION_DOCUMENTS else None
+    return CalibrationTable(rows, certified, ltt.delta, ltt.epsilon, ltt.n, ltt.method)

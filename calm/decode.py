@@ -70,6 +70,16 @@ class Network:
         return next_token(self.token_logits(h, layers), sampling, generator)
 
 
+def exit_floor(net: Network) -> int:
+    """The lowest layer a confidence measure may exit at: the first layer with a trained exit head, or, on a
+    model without heads, half the depth. Measured on SmolLM2-135M (benchmarks/results/agreement_smollm2.md),
+    the plain LM head on layers 1-15 agrees with the final layer on 4-8% of tokens, so an exit there is
+    garbage whatever the measure says; the agreement climbs from half the depth on (about 50% at layer 29)."""
+    if net.heads is not None:
+        return max(1, min(net.heads.config.min_layer, net.num_layers - 1))
+    return max(1, net.num_layers // 2)
+
+
 @dataclass(frozen=True)
 class ExitPlan:
     """An ExitPolicy resolved against one model: the allowed layers as a set, the measure."""
@@ -79,7 +89,7 @@ class ExitPlan:
 
     @classmethod
     def resolve(cls, policy: ExitPolicy, net: Network) -> ExitPlan:
-        allowed = frozenset(policy.allowed_layers(net.num_layers))
+        allowed = frozenset(policy.allowed_layers(net.num_layers, exit_floor(net)))
         if policy.measure == "classifier" and allowed and (net.heads is None or not net.heads.config.classifier):
             raise PolicyError(
                 "the 'classifier' measure needs trained exit heads with a classifier "

@@ -3,6 +3,7 @@ machine before anything is loaded. torch is imported only for an accelerator nam
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError
@@ -69,3 +70,30 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype not in names:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
     return names[dtype]
+
+
+HALF = ("bfloat16", "float16")
+SLOW_HALF = (
+    "{dtype} on the CPU: this CPU's half-precision kernels are slow (SmolLM2 prefill took 6-7x longer in bfloat16 "
+    "than in float32 on the AMD EPYC of the reports); use float32 on a CPU"
+)
+
+
+def warn_slow_dtype(dtype: torch.dtype | None, device: torch.device | None) -> None:
+    """A warning (logger 'calm', shown on stderr by the CLI) for half precision on the CPU."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    if name in HALF and (device is None or device.type == "cpu"):
+        logging.getLogger("calm").warning(SLOW_HALF.format(dtype=name))
+
+
+def set_threads(threads: int | None) -> None:
+    """The CPU threads torch computes with (calm.set_threads(1)), for this process. None leaves torch's
+    choice (one per core). On a CPU that other work shares, fewer threads can be much faster: see
+    benchmarks/results/threads_cpu.md for the measurement behind the CLI's --threads."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be an integer >= 1, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)

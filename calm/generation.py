@@ -4,6 +4,8 @@ timing and bookkeeping; each step is a function of explicit state (calm.decode).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,13 +62,15 @@ class Timings:
     row's first token; decode makes the rest, where early exit saves its layers."""
 
     prefill_s: float
-    decode_s: float
+    decode_s: float  # decode steps, without the ones that compiled (compile_s)
     new_tokens: int  # tokens generated over all rows
     decode_tokens: int  # of those, the ones after each row's first (made by decode steps)
+    compile_s: float = 0.0  # engine static+compile: the decode steps that ran torch.compile, apart
+    compile_tokens: int = 0  # the tokens those steps made
 
     @property
     def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
+        return self.prefill_s + self.compile_s + self.decode_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,8 +79,9 @@ class Timings:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens after the first over decode time: the rate early exit changes."""
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        """Tokens after the first over decode time (compiling steps left out): the rate early exit changes."""
+        tokens = self.decode_tokens - self.compile_tokens
+        return tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +89,7 @@ class Timings:
             "decode_s": self.decode_s,
             "new_tokens": self.new_tokens,
             "decode_tokens": self.decode_tokens,
+            "compile_s": self.compile_s,
             "tokens_per_s": self.tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
         }
@@ -98,6 +104,9 @@ class GenerationResult:
     texts: tuple[str, ...] = ()
     speculative: SpeculativeStats | None = None  # mode="speculative": acceptance, draft and verify time
     decoding: str = ""  # what ran and why (CalmModel.generate): the full model, early exit, or speculative
+    # per row, why it stopped, as OpenAI-style APIs say it: "stop" (it ended with EOS) or "length" (it hit
+    # max_new_tokens, likely mid-sentence); set by CalmModel.generate, which knows the EOS ids
+    finish_reasons: tuple[str, ...] = ()
 
     @property
     def avg_layers(self) -> float:
@@ -113,6 +122,7 @@ class GenerationResult:
         spec = {"speculative": self.speculative.to_dict()} if self.speculative is not None else {}
         return {
             "texts": list(self.texts),
+            "finish_reasons": list(self.finish_reasons),
             "token_ids": [list(r) for r in self.token_ids],
             "exit_layers": [list(r) for r in self.exit_layers],
             "num_layers": self.num_layers,
@@ -160,9 +170,11 @@ def generate_tokens(
     )
     timings = Timings(
         prefill_s=out.prefill_end - t0,
-        decode_s=t2 - out.prefill_end,
+        decode_s=t2 - out.prefill_end - out.compile_s,
         new_tokens=sum(len(r) for r in token_ids),
         decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids),
+        compile_s=out.compile_s,
+        compile_tokens=out.compile_tokens,
     )
     return GenerationResult(token_ids=token_ids, exit_layers=exit_layers, num_layers=net.num_layers, timings=timings)
 
@@ -173,6 +185,8 @@ class _Decoded:
     exits: torch.Tensor  # [B, max_new_tokens] long, 0 after a row finished
     steps: int  # columns filled
     prefill_end: float  # perf_counter() once the first token was chosen
+    compile_s: float = 0.0  # of the decode time, the steps that compiled a graph
+    compile_tokens: int = 0
 
 
 def _decode_dynamic(
@@ -234,10 +248,11 @@ def _decode_static(
     rows = torch.arange(batch, device=device)  # output row of each row
     _sync(device)
     t1 = time.perf_counter()
-    steps = 1
+    steps, compiling = 1, _CompileClock(bool(config.compile), device)
     while steps < config.max_new_tokens:
         threshold.copy_(thresholds[steps])
-        logits, exit_layers = step(net, plan, tokens, static, threshold)
+        with compiling.step(finished):
+            logits, exit_layers = step(net, plan, tokens, static, threshold)
         tokens = torch.where(finished, config.pad_token_id, next_token(logits, config.sampling, generator))
         tokens_out[rows, steps] = tokens
         exits_out[rows, steps] = torch.where(finished, 0, exit_layers)
@@ -251,7 +266,29 @@ def _decode_static(
             if live < len(finished):  # compaction
                 keep = torch.argsort(finished.to(torch.uint8), stable=True)[:live]  # unfinished, in order
                 static, tokens, finished, rows = static.select(keep), tokens[keep], finished[keep], rows[keep]
-    return _Decoded(tokens_out, exits_out, steps, t1)
+    return _Decoded(tokens_out, exits_out, steps, t1, compiling.seconds, compiling.tokens)
+
+
+class _CompileClock:
+    """The time and tokens of the static+compile steps in which torch.compile made a graph (the first step,
+    and one per new batch shape), so that decode tokens/s counts decoding only."""
+
+    def __init__(self, active: bool, device: torch.device):
+        self.active, self.device, self.seconds, self.tokens = active, device, 0.0, 0
+
+    @contextmanager
+    def step(self, finished: torch.Tensor) -> Iterator[None]:
+        if not self.active:
+            yield
+            return
+        from torch._dynamo.utils import counters
+
+        graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        yield
+        if counters["stats"]["unique_graphs"] != graphs:
+            _sync(self.device)
+            self.seconds += time.perf_counter() - start
+            self.tokens += int((~finished).sum())
 
 
 def _outputs(

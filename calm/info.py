@@ -14,7 +14,15 @@ import torch
 from calm import lora
 from calm.adapters import adapter_for
 from calm.calibration import CalibrationTable
-from calm.checkpoint import INCLUDED, CheckpointConfig, backbone_kind, backbone_location, is_checkpoint, read_config
+from calm.checkpoint import (
+    INCLUDED,
+    CheckpointConfig,
+    backbone_kind,
+    backbone_location,
+    is_checkpoint,
+    load_heads,
+    read_config,
+)
 from calm.errors import CheckpointError
 from calm.eval.reporting import format_speedup
 from calm.heads import HeadsConfig
@@ -51,6 +59,9 @@ def describe(name_or_path: str | Path, device: str | torch.device | None = None)
     if is_checkpoint(name):
         config = read_config(name)
         model = load_backbone(backbone_location(name, config), device=device).model
+        if config.heads is not None:  # a truncated heads file is an error here too, not "exit heads: ..."
+            arch = adapter_for(model)
+            load_heads(name, config.heads, arch.num_layers, arch.hidden_size)
         kind = config.backbone_kind or backbone_kind(config.backbone, name)
         return _info(name, model, config.backbone, kind, Path(name), config)
     checkpoint = default_checkpoint(name)

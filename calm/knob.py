@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from calm.calibration import CalibrationTable
-from calm.decode import ExitPlan
+from calm.decode import ExitPlan, exit_floor
 from calm.errors import InputError
 from calm.policy import ExitPolicy
 
@@ -46,15 +46,19 @@ class Knobs:
         check_knobs(self.threshold, self.speed, self.tolerance)
         _check_number("speed", self.speed, 0.0, 1.0, "in [0, 1]")
         _check_number("tolerance", self.tolerance, 0.0, 1.0, "in (0, 1)", open_interval=True)
-        _check_number("threshold", self.threshold, 0.0, math.inf, ">= 0 (values above 1 never exit)")
+        _check_number("threshold", self.threshold, 0.0, math.inf, ">= 0 (1 and above never exit)")
         _check_number("decay_tau", self.decay_tau, 0.0, math.inf, ">= 0")
 
 
-def check_knobs(threshold: float | None = None, speed: float | None = None, tolerance: float | None = None) -> None:
-    """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model)."""
-    given = [
-        name for name, v in (("threshold", threshold), ("speed", speed), ("tolerance", tolerance)) if v is not None
-    ]
+def check_knobs(
+    threshold: float | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    names: tuple[str, str, str] = ("threshold", "speed", "tolerance"),
+) -> None:
+    """At most one of threshold, speed and tolerance (the CLI checks this before it loads a model, and names
+    them by its flags)."""
+    given = [name for name, v in zip(names, (threshold, speed, tolerance)) if v is not None]
     if len(given) > 1:
         raise InputError(f"give only one of {' and '.join(given)}")
 
@@ -159,7 +163,7 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
-    min_exit_layer = knobs.min_exit_layer or table.min_exit_layer
+    min_exit_layer = knobs.min_exit_layer or _table_floor(model, table)
     return ResolvedPolicy(
         _policy(model, measure, threshold, min_exit_layer, tau),
         f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)",
@@ -185,6 +189,14 @@ def _policy(
     return ExitPolicy(
         measure=measure or default_measure(model),
         threshold=float(threshold),
-        min_exit_layer=min_exit_layer or 1,
+        min_exit_layer=min_exit_layer,
         decay_tau=float(decay_tau),
     )
+
+
+def _table_floor(model: CalmModel, table: CalibrationTable) -> int | None:
+    """The calibration's min exit layer, where it is above the model's exit floor (tables made before the
+    floor existed say 1; None then stands for the floor)."""
+    if table.min_exit_layer is None or table.min_exit_layer < exit_floor(model.network):
+        return None
+    return table.min_exit_layer

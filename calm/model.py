@@ -24,8 +24,8 @@ from calm.checkpoint import (
     save_checkpoint,
 )
 from calm.checkpoint import backbone_kind as backbone_kind_of
-from calm.decode import Network
-from calm.devices import parse_dtype, resolve_device
+from calm.decode import ExitPlan, Network
+from calm.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.errors import InputError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.heads import ExitHeads
@@ -90,6 +90,7 @@ class CalmModel:
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
+        warn_slow_dtype(dtype, device)
         if is_checkpoint(name_or_path):
             config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
             return cls(
@@ -231,17 +232,14 @@ class CalmModel:
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
         tensor; a padded tensor (left or right) needs its attention_mask [B, T] (1 = token, 0 = padding).
 
-        mode: "lossless" (the default when no policy, knob or engine is given): exactly the full model's
-        output, by speculative decoding with the setting this checkpoint measured fastest for the batch's
-        row count, or the full model where no stored measurement pays (calm.lossless; `result.decoding`
-        says which ran and why). "calm": early exits follow `policy`, or the calibrated knob `speed` or
-        `tolerance` (see `policy()`); none: the full model. "speculative": lossless, always speculative:
-        layers 1..draft_layer draft up to max_draft tokens (default: the stored measurement, else L/2
-        and 4) while the policy's measure is confident at its λ (default: the stored controller, the
-        classifier λ=0.7 with trained heads, else always), and the full model verifies them (see
-        calm.speculative). draft_layer=0: drafts are looked up in the prompt and output (calm.lookup) and
-        every layer verifies them; lookup=True: such drafts first, from layer draft_layer in a step where
-        no row's lookup finds any.
+        mode: "lossless" (the default with no policy, knob or engine): exactly the full model's output,
+        by speculative decoding with the setting this checkpoint measured fastest for the row count, or the
+        full model where nothing stored pays (calm.lossless; `result.decoding` says which ran and why).
+        "calm": exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`).
+        "speculative": always speculative: layers 1..draft_layer (default: stored, else L/2) draft up to
+        max_draft tokens (stored, else 4) while the policy's measure is confident (stored controller, else
+        classifier λ=0.7 or always), and the full model verifies them (calm.speculative); draft_layer=0:
+        drafts looked up in the prompt and output (calm.lookup); lookup=True: those first, else layer E's.
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
@@ -256,14 +254,9 @@ class CalmModel:
         )
         run = resolve_mode(self, mode, False, draft_layer, max_draft, lookup=lookup, batch_size=batch.ids.shape[0])
         policy = self._generation_policy(policy, speed, tolerance, run)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=self.eos_token_ids,
-            pad_token_id=self.pad_token_id,
-            sampling=SamplingConfig(do_sample, temperature, top_k, top_p, seed),
-            engine=engine,
-            compile=compile,
-            sync_every=sync_every,
+            max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, engine, compile, sync_every
         )
         if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)
@@ -292,11 +285,15 @@ class CalmModel:
                 raise InputError(NO_CONTROLLER)
             policy = policy or run.policy
         policy = policy or ExitPolicy.never()
-        policy.allowed_layers(self.num_layers)
+        ExitPlan.resolve(policy, self.network)  # layer range and exit floor, up front
         return policy
 
     def _with_texts(self, result: GenerationResult) -> GenerationResult:
-        """The result with each row's text, decoded without special tokens (when there is a tokenizer)."""
+        """The result with each row's finish reason and text, decoded without special tokens (when there is a
+        tokenizer)."""
+        eos = set(self.eos_token_ids)
+        reasons = tuple("stop" if ids and ids[-1] in eos else "length" for ids in result.token_ids)
+        result = replace(result, finish_reasons=reasons)
         if self.tokenizer is None:
             return result
         decoded = self.tokenizer.batch_decode([list(ids) for ids in result.token_ids], skip_special_tokens=True)

@@ -347,21 +347,21 @@ def generate_speculative(
         tally.add(d.counts, accepted, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
         pending = torch.where(live, following, config.pad_token_id)
     _sync(device)
-    t2 = time.perf_counter()
+    return _result(net, out, t1 - t0, time.perf_counter() - t1, tally.stats(spec.draft_layer, spec.max_draft))
+
+
+def _result(
+    net: Network, out: list[list[int]], prefill_s: float, decode_s: float, stats: SpeculativeStats
+) -> GenerationResult:
     token_ids = tuple(tuple(r) for r in out)
     timings = Timings(
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
         new_tokens=sum(len(r) for r in token_ids),
         decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids),
     )
-    return GenerationResult(
-        token_ids=token_ids,
-        exit_layers=tuple((net.num_layers,) * len(r) for r in token_ids),
-        num_layers=net.num_layers,
-        timings=timings,
-        speculative=tally.stats(spec.draft_layer, spec.max_draft),
-    )
+    exit_layers = tuple((net.num_layers,) * len(r) for r in token_ids)
+    return GenerationResult(token_ids, exit_layers, net.num_layers, timings, speculative=stats)
 
 
 def _done(row: list[int], config: GenerationConfig) -> bool:

@@ -24,7 +24,7 @@ from calm.cli.options import (
 Examples:
   calm bench
   calm bench --batch-sizes 1,8,32 --new-tokens 32 --policy fixed:15 --policy softmax:0.9
-  calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out benchmarks/results
+  calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out build/bench-xsum
   calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
   calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
 """,
@@ -72,15 +72,16 @@ Examples:
     show_default=True,
     help="Also time transformers' own generate on the same prompts.",
 )
-@speculative_options
+@speculative_options("--policy MEASURE:λ specs")
 @doc_tokens_option
 @engine_option
 @click.option(
     "--out",
-    default="benchmarks/results",
+    default="build/bench",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Directory for bench.json and bench.md.",
+    help="Directory for bench.json and bench.md (a scratch directory by default; the committed reports in "
+    "benchmarks/results are written by make reports).",
 )
 def bench_command(
     model_name: str,

@@ -54,7 +54,7 @@ as several processes, it shards the documents; process 0 writes the report.
 @min_exit_option
 @decay_tau_option
 @run_options
-@speculative_options
+@speculative_options("--thresholds and --measure")
 @doc_tokens_option
 @click.option(
     "--out",
@@ -107,7 +107,7 @@ def eval_command(
         data=data,
         thresholds=thresholds,
         measure=measure,
-        min_exit_layer=min_exit_layer or 1,
+        min_exit_layer=min_exit_layer,
         decay_tau=decay_tau,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -200,6 +200,11 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
     show_default=True,
     help="Reuse outputs cached by an earlier (interrupted) run, or start over.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the calibration of a checkpoint that already has one (the shipped one included).",
+)
 def calibrate_command(
     model_name: str,
     device: str,
@@ -220,6 +225,7 @@ def calibrate_command(
     out: str,
     work_dir: str | None,
     resume: bool,
+    overwrite: bool,
 ) -> None:
     """Certify the fastest exit threshold with Learn-then-Test.
 
@@ -228,7 +234,7 @@ def calibrate_command(
     Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
     """
     from calm.data import read_jsonl
-    from calm.eval.calibrate import CalibrateConfig, calibrate
+    from calm.eval.calibrate import CalibrateConfig, calibrate, check_target
     from calm.eval.progress import progress_bar
     from calm.eval.sweep import eval_device
 
@@ -240,7 +246,7 @@ def calibrate_command(
         method=method,
         thresholds=thresholds,
         measure=measure,
-        min_exit_layer=min_exit_layer or 1,
+        min_exit_layer=min_exit_layer,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         document_field=field_document,
@@ -248,6 +254,7 @@ def calibrate_command(
         max_doc_tokens=max_doc_tokens,
         decay_tau=decay_tau,
     )
+    check_target(out, overwrite)
     records = read_jsonl(data, document_field=field_document, limit=limit)
     model = load_model(model_name, eval_device(device), dtype)
     with progress_bar("calibrating") as update:
@@ -256,6 +263,5 @@ def calibrate_command(
         return
     model.calibration = run.checkpoint_table(config)
     model.save_pretrained(out, extra={"calibrate_command": command_line()})
-    click.echo(run.table_markdown())
-    click.echo(run.summary)
+    click.echo(f"{run.table_markdown()}\n{run.summary}")
     click.echo(f"wrote {out}", err=True)

@@ -214,7 +214,7 @@ def _generate(
     """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
     from calm.eval.output import jsonl_output
     from calm.eval.progress import output_console, progress_bar
-    from calm.eval.render import SummaryPrinter, run_footer
+    from calm.eval.render import SummaryPrinter, measure_cost_note, run_footer
     from calm.eval.summarize import summarize_documents
 
     rows = min(run.batch_size, len(records))
@@ -236,6 +236,7 @@ def _generate(
             chat=chat,
             engine=run.engine,
             generate_kwargs=generate_kwargs,
+            text_field="summary" if noun == "document" else "text",
         ):
             for doc in batch:
                 printer.print(doc)
@@ -245,9 +246,10 @@ def _generate(
             update(len(docs), len(records))
     reference = _stored_full_rate(model, rows) if lossless else None
     footer_policy = None if lossless else policy
-    click.echo(run_footer(docs, footer_policy, source, run.max_new_tokens, noun, reference), err=True)
+    footer = run_footer(docs, footer_policy, source, run.max_new_tokens, noun, reference)
+    click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
     if run.output:
-        click.echo(f"wrote {len(docs)} rows to {run.output}", err=True)
+        click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
 
 
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:

@@ -3,10 +3,11 @@ is loaded, and turned into an ExitPolicy (by calm.knob) and a SamplingConfig aft
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from calm.errors import InputError
+from calm.errors import InputError, PolicyError
 from calm.policy import ExitPolicy
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class Knobs:
         """What can be checked without the model: at most one of threshold, speed and tolerance."""
         from calm.knob import check_knobs
 
-        check_knobs(self.threshold, self.speed, self.tolerance)
+        check_knobs(self.threshold, self.speed, self.tolerance, names=("--threshold", "--speed", "--tolerance"))
 
     def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
         """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
@@ -56,9 +57,12 @@ class Knobs:
                 "--decay-tau sets the schedule of an exit threshold, and this run has none (full "
                 "model); give --threshold too"
             )
-        resolved = resolve_policy(
-            model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance, self.decay_tau
-        )
+        try:
+            resolved = resolve_policy(
+                model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance, self.decay_tau
+            )
+        except (InputError, PolicyError) as exc:
+            raise type(exc)(flag_names(str(exc))) from None
         return resolved.policy, self._source(model, resolved.policy)
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
@@ -75,6 +79,17 @@ class Knobs:
         if policy.never_exits:
             return "default (the calibration certifies no threshold)"
         return f"default (speed {DEFAULT_SPEED:g} on the calibration)"
+
+
+# The library's names of the knobs (its keyword arguments) and the flags a command-line user typed.
+FLAGS = {"decay_tau": "--decay-tau", "min_exit_layer": "--min-exit-layer", "the measure": "--measure"}
+
+
+def flag_names(message: str) -> str:
+    """A library error message with the knobs named by their command-line flags."""
+    for name, flag in FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){name}\b", flag, message)
+    return message
 
 
 def sampling_config(

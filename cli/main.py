@@ -18,6 +18,7 @@ from calm import __version__
 from calm.cli.bench import bench_command
 from calm.cli.evaluate import calibrate_command, eval_command
 from calm.cli.generate import generate, summarize
+from calm.cli.options import threads_option
 from calm.errors import CalmError
 
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
@@ -109,6 +110,7 @@ Examples:
 """
 )
 @click.argument("model_name", default="smollm2", metavar="[MODEL]")
+@threads_option
 def info(model_name: str) -> None:
     """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter
     and the calibration table (threshold, mean D, p-value, certified at δ).

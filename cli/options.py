@@ -113,7 +113,32 @@ def output_file(ctx: click.Context, param: click.Parameter, value: str | None) -
 # ---- shared options ------------------------------------------------------------------------------
 
 
+DEFAULT_THREADS = 1  # measured: benchmarks/results/threads_cpu.md
+
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    from calm.devices import set_threads
+
+    set_threads(value)  # imports torch only when a value is given
+
+
+def threads_option(f: F) -> F:
+    """--threads, applied as soon as it is parsed (calm.set_threads). The default is measured: on the shared
+    2-core machine of the reports one thread decoded 2-7x faster than two (benchmarks/results/threads_cpu.md)."""
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=DEFAULT_THREADS,
+        show_default=True,
+        expose_value=False,
+        callback=_set_threads,
+        help="CPU threads for torch. 1 decoded 2-7x faster than 2 on a busy 2-core CPU "
+        "(benchmarks/results/threads_cpu.md); raise it on an idle machine with more cores.",
+    )(f)
+
+
 def model_options(f: F) -> F:
+    f = threads_option(f)
     f = click.option(
         "--dtype",
         type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -142,11 +167,15 @@ def min_exit_option(f: F) -> F:
         "--min-exit-layer",
         type=click.IntRange(min=1),
         default=None,
-        help="No token exits below this layer (default: 1).",
+        help="No token exits below this layer (default: the first layer with a trained exit head, else half "
+        "the depth; below that is refused).",
     )(f)
 
 
-DECAY_HELP = "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N) over N new tokens; 0 keeps λ fixed."
+DECAY_HELP = (
+    "τ of the threshold schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N) over N new tokens: it lowers λ along the "
+    "output, to about 0.9·λ at the end, so later tokens exit earlier; 0 keeps λ fixed. λ >= 1 never decays."
+)
 
 
 def decay_tau_option(f: F) -> F:
@@ -182,7 +211,8 @@ def knob_options(f: F) -> F:
         "--threshold",
         type=FiniteFloat(0.0, 1.0),
         default=None,
-        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier).",
+        help="Exit confidence λ in [0, 1]: lower exits earlier (faster, riskier); 1 is the full model (never "
+        "exits, whatever --decay-tau).",
     )(f)
 
 
@@ -247,7 +277,8 @@ def output_options(f: F) -> F:
         "--json",
         "as_json",
         is_flag=True,
-        help="Print one JSON object per line: id, summary, exit_layers, avg_layers, truncated, timings.",
+        help="Print one JSON object per line: id, summary (generate: text), finish_reason ('length' where the "
+        "output hit --max-new-tokens, 'stop' where the model ended it), exit_layers, avg_layers, truncated, timings.",
     )(f)
     return click.option(
         "--show-exits",
@@ -271,17 +302,19 @@ def engine_option(f: F) -> F:
     )(f)
 
 
-def speculative_options(f: F) -> F:
-    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless)."""
-    return _speculative_options(f, lossless_default=False)
+def speculative_options(controller: str) -> Callable[[F], F]:
+    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless); `controller`
+    names the options of this command that set the draft controller (they differ: --threshold, --thresholds,
+    --policy)."""
+    return lambda f: _speculative_options(f, controller, lossless_default=False)
 
 
 def generation_mode_options(f: F) -> F:
     """speculative_options for summarize and generate, where a run with no exit knob is lossless."""
-    return _speculative_options(f, lossless_default=True)
+    return _speculative_options(f, "--threshold and --measure", lossless_default=True)
 
 
-def _speculative_options(f: F, lossless_default: bool) -> F:
+def _speculative_options(f: F, controller: str, lossless_default: bool) -> F:
     f = click.option(
         "--max-draft",
         type=click.IntRange(min=1),
@@ -315,7 +348,7 @@ def _speculative_options(f: F, lossless_default: bool) -> F:
             help="lossless (the default unless --speed, --tolerance, --threshold, --measure, --min-exit-layer "
             "or --decay-tau is given): exactly the full model's output, as fast as this checkpoint measured. "
             "calm: early exit (approximate). speculative: early exits draft, the remaining layers verify "
-            "(lossless; --threshold and --measure control the draft length).",
+            f"(lossless; {controller} control the draft length).",
         )(f)
     return click.option(
         "--mode",
@@ -323,5 +356,5 @@ def _speculative_options(f: F, lossless_default: bool) -> F:
         default="calm",
         show_default=True,
         help="calm: early exit. speculative: early exits draft, the remaining layers verify "
-        "(lossless; --threshold and --measure control the draft length).",
+        f"(lossless; {controller} control the draft length).",
     )(f)

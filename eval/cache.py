@@ -47,11 +47,12 @@ class ResultCache:
         return cache
 
     def done(self, point: str) -> dict[str, dict]:
-        """Rows already computed for a point, by example id, from every process's file."""
+        """Rows already computed for a point, by example id, from every process's file; the latest row of an
+        example wins (one redone after an interruption, timed with the other points of its run)."""
         rows: dict[str, dict] = {}
         for path in sorted(self.directory.glob(f"{point}.jsonl")) + sorted(self.directory.glob(f"{point}.rank*.jsonl")):
             for row in _read_rows(path):
-                rows.setdefault(row["id"], row)
+                rows[row["id"]] = row
         return rows
 
     def append(self, point: str, rows: list[dict]) -> None:

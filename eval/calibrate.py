@@ -17,7 +17,8 @@ from statistics import fmean
 
 import numpy as np
 
-from calm.calibration import CalibrationTable, build_calibration_table, fixed_sequence_test
+from calm.calibration import MIN_CALIBRATION_DOCUMENTS, CalibrationTable, build_calibration_table, fixed_sequence_test
+from calm.checkpoint import is_checkpoint, read_config
 from calm.data import Record
 from calm.errors import InputError
 from calm.eval.grids import DEFAULT_GRID
@@ -39,7 +40,7 @@ class CalibrateConfig:
     method: str = "hb"
     thresholds: tuple[float, ...] = DEFAULT_GRID  # most conservative (highest λ) first
     measure: str | None = None
-    min_exit_layer: int = 1
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"
@@ -141,7 +142,24 @@ def _avg_layers(outputs: list[dict]) -> float:
     return fmean(layers) if layers else float("nan")
 
 
+def check_target(out: str | Path, overwrite: bool) -> None:
+    """Refuse to replace the calibration of the checkpoint in `out` (the shipped one included) unless asked."""
+    if overwrite or not is_checkpoint(out):
+        return
+    table = read_config(out).calibration
+    if table is not None:
+        raise InputError(
+            f"{out} already holds a calibration (n={table.n} documents); pass --overwrite to replace it, "
+            "or write to another --out"
+        )
+
+
 def _summary(table: CalibrationTable, measure: str, n: int) -> str:
+    if n < MIN_CALIBRATION_DOCUMENTS:
+        return (
+            f"only {n} calibration documents: a table from fewer than {MIN_CALIBRATION_DOCUMENTS} certifies "
+            "nothing, and the knob will run the full model; calibrate on more documents"
+        )
     if table.certified_threshold is None:
         return (
             f"no {measure} threshold is certified at δ={table.delta:g}, ε={table.epsilon:g} with n={n} "

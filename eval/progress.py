@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-ProgressCallback = Callable[[int, int], None]  # (completed, total)
+ProgressCallback = Callable[..., None]  # (completed, total, note=None): note names the work just finished
 
 
 def output_console() -> Console:
@@ -42,8 +43,10 @@ def bar_console(output: Console | None = None) -> Console:
 def progress_bar(
     description: str, total: int | None = None, output: Console | None = None
 ) -> Iterator[ProgressCallback]:
-    """Yields update(completed, total) for a bar (total may be unknown until the first update). Output
-    printed meanwhile must go through `output` (when given) to appear above the bar."""
+    """Yields update(completed, total, note=None) for a bar (total may be unknown until the first update).
+    Output printed meanwhile must go through `output` (when given) to appear above the bar. Off a terminal
+    (a pipe, a log file) there is no bar: each update with a note prints a line on stderr instead, so a
+    long run is not silent."""
     console = bar_console(output)
     columns = (
         TextColumn("{task.description}"),
@@ -57,8 +60,12 @@ def progress_bar(
         *columns, console=console, disable=not console.is_terminal, redirect_stdout=False, transient=True
     ) as progress:
         task = progress.add_task(description, total=total)
+        start = time.perf_counter()
 
-        def update(completed: int, total: int) -> None:
+        def update(completed: int, total: int, note: str | None = None) -> None:
             progress.update(task, completed=completed, total=total)
+            if note is not None and not console.is_terminal:
+                elapsed = time.perf_counter() - start
+                print(f"{description}: {note} ({completed}/{total}, {elapsed:.0f} s)", file=sys.stderr, flush=True)
 
         yield update

@@ -10,11 +10,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.text import Text
 
+from calm.confidence import check_overhead, softmax_check_layers
+from calm.decode import ExitPlan
 from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from calm.model import CalmModel
 
 RAMP = ((0x1A, 0x98, 0x50), (0xFE, 0xE0, 0x8B), (0xD7, 0x30, 0x27))  # early exit -> mid -> full depth
 LEGEND_BUCKETS = 6
@@ -163,8 +167,8 @@ def policy_text(policy: ExitPolicy, max_new_tokens: int) -> str:
     if policy.never_exits:
         return "full model"
     if policy.measure == "fixed":
-        return f"every token exits at layer {min(policy.exit_layers or (policy.min_exit_layer,))}"
-    floor = f" from layer {policy.min_exit_layer}" if policy.min_exit_layer > 1 else ""
+        return f"every token exits at layer {min(policy.exit_layers or (policy.min_exit_layer or 1,))}"
+    floor = f" from layer {policy.min_exit_layer}" if policy.min_exit_layer is not None else ""
     return f"{policy.measure} λ={policy.threshold:g}{floor}, {schedule_text(policy, max_new_tokens)}"
 
 
@@ -183,15 +187,47 @@ def run_footer(
     tokens/s stored with the checkpoint and where it was measured, which the decode rate is set against."""
     tokens = sum(len(d.exit_layers) for d in docs)
     layers = sum(sum(d.exit_layers) for d in docs) / tokens if tokens else float("nan")
-    decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs)
+    compile_tokens = sum(d.batch_timings.compile_tokens / d.batch_size for d in docs)  # static+compile
+    decode_tokens = sum(max(len(d.exit_layers) - 1, 0) for d in docs) - compile_tokens
     decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)  # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
+    compile_s = sum(d.batch_timings.compile_s / d.batch_size for d in docs)
     rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
     if rate and reference is not None:
         ratio = decode_tokens / decode_s / reference[0]
         rate += f" ({ratio:.2f}× the full model's {reference[0]:.1f} stored for this checkpoint, on {reference[1]})"
+    rate += f" (compiling apart: {compile_s:.1f} s)" if compile_s > 0 else ""
     return (
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "
         f"{docs[0].num_layers if docs else '?'}{rate}, prefill {prefill_s:.2f} s; "
         + (f"policy: {policy_text(policy, max_new_tokens)}; {source}" if policy is not None else source)
+        + _cut_note(docs, max_new_tokens)
+    )
+
+
+def _cut_note(docs: list[DocumentSummary], max_new_tokens: int) -> str:
+    """'; 2 of 3 outputs stopped at --max-new-tokens 64 (finish_reason "length", ...)' or nothing."""
+    cut = sum(d.finish_reason == "length" for d in docs)
+    if not cut:
+        return ""
+    return (
+        f"; {cut} of {len(docs)} output{'s' if len(docs) != 1 else ''} stopped at --max-new-tokens {max_new_tokens} "
+        '(finish_reason "length", likely mid-sentence)'
+    )
+
+
+def measure_cost_note(docs: list[DocumentSummary], policy: ExitPolicy | None, model: CalmModel) -> str:
+    """A footer warning, once, where the softmax measure's checks cost more layers of work than its exits saved
+    (each check runs the whole LM head); nothing otherwise."""
+    if policy is None or policy.measure != "softmax" or policy.never_exits or not docs:
+        return ""
+    allowed = sorted(ExitPlan.resolve(policy, model.network).allowed)
+    cost = softmax_check_layers(model.model, model.adapter.head_module, model.num_layers)
+    checks, spent, saved = check_overhead([list(d.exit_layers) for d in docs], allowed, model.num_layers, cost)
+    if spent <= saved:
+        return ""
+    return (
+        f"; warning: the softmax measure cost more than it saved: {checks:.1f} checks per token, each the whole "
+        f"LM head (≈{cost:.1f} layers of work), against {saved:.1f} layers saved; --measure state is cheap, "
+        "--measure classifier needs trained heads"
     )

@@ -29,6 +29,8 @@ class DocumentSummary:
     batch_timings: Timings
     document_tokens: int = 0  # the document's length in tokens, and how many the prompt held
     kept_tokens: int = 0
+    finish_reason: str = "stop"  # "stop": the model ended it (EOS); "length": it hit max_new_tokens
+    text_field: str = "summary"  # the output's JSON name: "summary" for documents, "text" for plain prompts
 
     @property
     def avg_layers(self) -> float:
@@ -42,7 +44,8 @@ class DocumentSummary:
         t = self.batch_timings
         return {
             "id": self.id,
-            "summary": self.summary,
+            self.text_field: self.summary,
+            "finish_reason": self.finish_reason,
             "avg_layers": self.avg_layers,
             "exit_layers": list(self.exit_layers),
             "num_layers": self.num_layers,
@@ -53,6 +56,7 @@ class DocumentSummary:
                 "batch_size": self.batch_size,
                 "batch_prefill_s": t.prefill_s,
                 "batch_decode_s": t.decode_s,
+                "batch_compile_s": t.compile_s,
                 "batch_new_tokens": t.new_tokens,
                 "batch_decode_tokens": t.decode_tokens,
                 "batch_tokens_per_s": t.tokens_per_s,
@@ -91,10 +95,12 @@ def summarize_documents(
     chat: bool | None = None,
     engine: str = "auto",
     generate_kwargs: dict | None = None,
+    text_field: str = "summary",
 ) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
-    engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative"."""
+    engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative". text_field: the
+    outputs' JSON name ("text" for plain prompts)."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
     for start in range(0, len(records), batch_size):
@@ -123,6 +129,8 @@ def summarize_documents(
                 batch_timings=result.timings,
                 document_tokens=p.document_tokens,
                 kept_tokens=p.kept_tokens,
+                finish_reason=result.finish_reasons[i] if result.finish_reasons else "stop",
+                text_field=text_field,
             )
             for i, (r, p) in enumerate(zip(batch, batch_prompts))
         ]

@@ -63,7 +63,7 @@ class EvalConfig:
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     measure: str | None = None  # None: the model's default (calm.knob.default_measure)
-    min_exit_layer: int = 1
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
     decay_tau: float = ExitPolicy.decay_tau  # τ of CALM's decaying threshold; 0: λ stays fixed
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -110,7 +110,7 @@ class EvalConfig:
         return config
 
     def points(self) -> tuple[Point, ...]:
-        suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer > 1 else ""
+        suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer is not None else ""
         if self.decay_tau != ExitPolicy.decay_tau:
             suffix += f"-tau{self.decay_tau:g}"
         early = tuple(
@@ -280,32 +280,26 @@ def _compute(
     cache: ResultCache,
     progress: ProgressCallback | None,
 ) -> None:
-    ids = {r.id for r in records}
-    pending = {p.name: ids - cache.done(p.name).keys() for p in points}
+    # An example counts as done once every point has it; one that an interruption left part-way is redone at
+    # every point, so that its timings were all taken in one run and pair up (report.timed_speedup): a resumed
+    # eval reports what an uninterrupted one does. ResultCache.done keeps the latest row of an example.
+    finished = set.intersection(*(set(cache.done(p.name)) for p in points)) if points else set()
+    todo_records = [r for r in records if r.id not in finished]
     total = len(records) * len(points)
-    completed = total - sum(len(v) for v in pending.values())
+    completed = total - len(todo_records) * len(points)
     if progress:
         progress(completed, total)
-    if completed == total:
+    if not todo_records:
         return
-    _warm_up(model, records[0])
-    for batch in batched(records, config.batch_size):
-        unfinished = [r for r in batch if any(r.id in left for left in pending.values())]
-        prompts = dict(
-            zip(
-                (r.id for r in unfinished),
-                document_prompts(model, unfinished, config.max_new_tokens, max_doc_tokens=config.max_doc_tokens),
-            )
-        )
+    _warm_up(model, todo_records[0])
+    for batch in batched(todo_records, config.batch_size):
+        prompts = document_prompts(model, batch, config.max_new_tokens, max_doc_tokens=config.max_doc_tokens)
         for point in points:
-            todo = [r for r in batch if r.id in pending[point.name]]
-            if todo:
-                cache.append(
-                    point.name, _run_point(model, point, todo, [prompts[r.id] for r in todo], config.max_new_tokens)
-                )
-                completed += len(todo)
-                if progress:
-                    progress(completed, total)
+            cache.append(point.name, _run_point(model, point, batch, prompts, config.max_new_tokens))
+            completed += len(batch)
+            if progress:
+                done = len(records) - len(todo_records) + todo_records.index(batch[-1]) + 1
+                progress(completed, total, f"{point.label}: {done} of {len(records)} documents done")
 
 
 def _run_point(

@@ -96,7 +96,7 @@ def test_bench_cli_writes_report(tiny_model, tmp_path):
     layers = {r["name"]: r["avg_layers"] for r in rows}
     assert layers["full"] == NUM_LAYERS and layers["transformers"] == NUM_LAYERS
     assert layers["fixed:2"] == pytest.approx((NUM_LAYERS + 3 * 2) / 4)  # first token from the prefill
-    assert layers["state:0"] == pytest.approx((NUM_LAYERS + 3 * 1) / 4)
+    assert layers["state:0"] == pytest.approx((NUM_LAYERS + 3 * 2) / 4)  # no exit below half the depth (no heads)
     markdown = (out / "bench.md").read_text()
     assert "| batch | config | tokens/s | ms/token | decode ms/token | prefill share | avg layers |" in markdown
     assert "| 2 | fixed:2 |" in markdown and "Command: `calm bench" in markdown

@@ -46,12 +46,12 @@ def test_calibrate_certifies_and_the_knob_uses_the_table(tiny_model, tmp_path):
     model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
     table = model.calibration
     assert isinstance(table, CalibrationTable) and table.measure == "softmax"
-    assert (table.max_new_tokens, table.min_exit_layer, table.data) == (6, 1, str(tmp_path / "calib.jsonl"))
+    assert (table.max_new_tokens, table.min_exit_layer, table.data) == (6, None, str(tmp_path / "calib.jsonl"))
     assert table.thresholds == (0.99, 0.9, 0.5, 0.2, 0.0) and table.n == 10 and table.certified_index is not None
     rows = table.rows
     assert all(0.0 <= r.mean_loss <= 1.0 and 1.0 <= r.avg_layers <= 4.0 for r in rows)
     assert rows[0].avg_layers >= rows[-1].avg_layers  # lower thresholds exit earlier
-    assert rows[-1].avg_layers < 2.0  # λ = 0: all but the prefill token exit at layer 1
+    assert rows[-1].avg_layers < 2.5  # λ = 0: all but the prefill token exit at layer 2 (half the depth)
     speed = invoke(
         "summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--speed", "1", "--max-new-tokens", 4
     )
@@ -71,7 +71,7 @@ def test_calibration_resumes_from_its_cache(tiny_model, tmp_path):
     assert calibrate(tiny_model, tmp_path, "--delta", "0.5").exit_code == 0
     cache = tmp_path / "ckpt" / "calibration-work" / "cache"
     before = {p.name: p.read_bytes() for p in cache.glob("*.jsonl")}
-    assert calibrate(tiny_model, tmp_path, "--delta", "0.4").exit_code == 0
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.4", "--overwrite").exit_code == 0
     assert {p.name: p.read_bytes() for p in cache.glob("*.jsonl")} == before  # nothing recomputed
 
 
@@ -113,3 +113,35 @@ def test_the_knob_keeps_the_threshold_schedule_it_was_calibrated_with(tiny_model
         model.calibration, decay_tau=None
     )  # a table from before τ was stored: the default decay
     assert resolve_policy(model, speed=1.0).policy.decay_tau == ExitPolicy.decay_tau
+
+
+# ---- issue 20, item 5: the shipped calibration is not replaced by accident -----------------------------
+
+
+def test_a_calibration_is_replaced_only_with_overwrite(tiny_model, tmp_path):
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.5").exit_code == 0
+    before = (tmp_path / "ckpt" / "calm_config.json").read_bytes()
+    assert_clean_error(calibrate(tiny_model, tmp_path, "--delta", "0.4"), "already holds a calibration", "--overwrite")
+    assert (tmp_path / "ckpt" / "calm_config.json").read_bytes() == before
+    assert calibrate(tiny_model, tmp_path, "--delta", "0.4", "--overwrite").exit_code == 0
+    assert CalmModel.from_pretrained(str(tmp_path / "ckpt")).calibration.delta == 0.4
+
+
+def test_the_shipped_checkpoint_refuses_a_new_calibration(tmp_path):
+    from calm.model import default_checkpoint
+
+    data = write_jsonl(tmp_path / "calib.jsonl", DOCS)
+    result = invoke("calibrate", "--data", data, "--out", default_checkpoint("smollm2"), "--limit", 1)
+    assert_clean_error(result, "already holds a calibration", "--overwrite")
+
+
+def test_a_table_from_too_few_documents_is_uncertified_and_the_knob_ignores_it(tiny_model, tmp_path):
+    result = calibrate(tiny_model, tmp_path, "--delta", "0.9", "--epsilon", "0.5", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert "only 3 calibration documents" in result.output
+    table = CalmModel.from_pretrained(str(tmp_path / "ckpt")).calibration
+    assert table.n == 3 and table.certified_index is None and table.threshold_for_tolerance(0.9) is None
+    plain = invoke("summarize", "--model", tmp_path / "ckpt", "--text", DOCS[0]["document"], "--max-new-tokens", 4)
+    assert plain.exit_code == 0 and "full model" in plain.stderr
+    loaded = CalibrationTable.from_dict({**table.to_dict(), "certified_index": 0})  # an older table
+    assert loaded.certified_index is None

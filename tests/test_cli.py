@@ -102,7 +102,7 @@ def test_summarize_json(tiny_model, tmp_path):
         assert all(1 <= k <= NUM_LAYERS for k in o["exit_layers"])
         assert o["avg_layers"] == pytest.approx(sum(o["exit_layers"]) / len(o["exit_layers"]))
         assert o["exit_layers"][0] == NUM_LAYERS  # the first token comes from the prefill
-        assert all(k == 1 for k in o["exit_layers"][1:])  # λ = 0: everything else exits at layer 1
+        assert all(k == 2 for k in o["exit_layers"][1:])  # λ = 0: everything else exits at the floor, half the depth
         assert o["timings"]["batch_size"] in (3, 1) and o["timings"]["batch_decode_s"] >= 0
     assert "state λ=0" in result.stderr
 
@@ -148,8 +148,8 @@ def test_summarize_show_exits_plain(tiny_model):
     assert result.exit_code == 0, result.output
     summary, exits, depth = result.stdout.splitlines()
     assert "\x1b[" not in result.stdout  # no colour codes off a terminal
-    assert exits.startswith("exits: ") and "[4]" in exits and "[1]" in exits
-    assert exits.replace("[4]", "").replace("[1]", "")[len("exits: ") :] == summary
+    assert exits.startswith("exits: ") and "[4]" in exits and "[2]" in exits
+    assert exits.replace("[4]", "").replace("[2]", "")[len("exits: ") :] == summary
     assert depth.startswith("avg layers: ") and "of 4" in depth
 
 
@@ -256,11 +256,11 @@ def test_bad_threshold(tiny_model, value):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (("--threshold", "0.9", "--speed", "0.5"), "give only one of threshold and speed"),
+        (("--threshold", "0.9", "--speed", "0.5"), "give only one of --threshold and --speed"),
         (("--speed", "0.5"), "no calibration for this model; run calm calibrate on it, or give a threshold"),
         (("--tolerance", "0.1"), "no calibration for this model"),
         (("--measure", "classifier", "--threshold", "0.5"), "classifier"),
-        (("--threshold", "0.5", "--min-exit-layer", "9"), "min_exit_layer 9"),
+        (("--threshold", "0.5", "--min-exit-layer", "9"), "--min-exit-layer 9"),
     ],
 )
 def test_bad_policy(tiny_model, args, fragment):
@@ -270,3 +270,45 @@ def test_bad_policy(tiny_model, args, fragment):
 def test_file_and_text_together_or_neither(tiny_model, docs_file):
     assert_clean_error(invoke("summarize", "--model", tiny_model, docs_file, "--text", "the cat"), "not both")
     assert_clean_error(invoke("summarize", "--model", tiny_model), "nothing to summarise")
+
+
+def test_min_exit_layer_below_the_floor_is_one_error_line(tiny_model):
+    """Issue 20, item 1: no trained heads, so the floor is half the depth (layer 2 of 4)."""
+    result = invoke(
+        "summarize", "--model", tiny_model, "--text", "the cat", "--threshold", "0.5", "--min-exit-layer", 1
+    )
+    assert_clean_error(result, "--min-exit-layer 1 is below layer 2")
+
+
+# ---- issue 20: wording (item 16), the bench scratch directory (item 15) ---------------------------------
+
+
+def test_errors_name_the_flags_the_user_typed(calibrated_model):
+    result = invoke("summarize", "--model", calibrated_model, "--text", "the cat", "--speed", "1", "--decay-tau", "0")
+    assert_clean_error(result, "not --decay-tau=0; drop --decay-tau")
+    assert "decay_tau" not in result.output
+    assert_clean_error(
+        invoke("summarize", "--text", "x", "--threshold", "0.5", "--speed", "1"), "--threshold and --speed"
+    )
+
+
+def test_one_row_is_one_row(tiny_model, tmp_path):
+    out = tmp_path / "one.jsonl"
+    result = invoke("generate", "--model", tiny_model, "the cat", "--max-new-tokens", 2, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 row to {out}" in result.stderr
+
+
+def test_mode_help_names_each_commands_own_options():
+    from calm.cli.main import cli
+
+    for command, controller in (("eval", "--thresholds and --measure"), ("bench", "--policy MEASURE:λ")):
+        mode = next(p for p in cli.commands[command].params if p.name == "mode")
+        assert controller in mode.help and "--threshold " not in mode.help
+
+
+def test_bench_writes_to_a_scratch_directory_by_default():
+    from calm.cli.main import cli
+
+    out = next(p for p in cli.commands["bench"].params if p.name == "out")
+    assert out.default == "build/bench"

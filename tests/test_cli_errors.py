@@ -237,3 +237,58 @@ def test_train_help_has_an_example_and_help_for_every_option():
     ctx = click.Context(cli)
     for param in cli.get_command(ctx, "train").params:
         assert isinstance(param, click.Option) and param.help, f"calm train {param.opts[0]} has no help"
+
+
+# ---- truncated or corrupt weights (issue 20, item 7) ----------------------------------------------------
+
+
+def _cut(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    cuts = {"half": data[: len(data) // 2], "header": data[:4], "empty": b"", "garbage": b"\x7f" * 64}
+    file.write_bytes(cuts[how])
+
+
+@pytest.fixture(scope="module")
+def damaged(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """A plain transformers folder, a self-contained checkpoint, a checkpoint's exit heads and a GGUF file,
+    each whole (cut per test from a fresh copy)."""
+    import shutil
+
+    from calm.checkpoint import CheckpointConfig, save_checkpoint
+    from calm.heads import ExitHeads, HeadsConfig
+    from calm.model import CalmModel
+
+    root = tmp_path_factory.mktemp("damaged")
+    plain = Path(shutil.copytree(tiny_model, root / "plain"))
+    CalmModel.from_pretrained(tiny_model).save_pretrained(root / "whole", include_backbone=True)
+    heads = HeadsConfig(num_layers=4, hidden_size=64, rank=4)
+    save_checkpoint(root / "heads", CheckpointConfig(backbone=tiny_model, heads=heads), heads=ExitHeads(heads))
+    (root / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    return {"plain": plain, "whole": root / "whole", "heads": root / "heads", "gguf": root / "model.gguf"}
+
+
+@pytest.mark.parametrize("how", ["half", "header", "empty", "garbage"])
+@pytest.mark.parametrize(
+    "target,file",
+    [("plain", "model.safetensors"), ("whole", "backbone/model.safetensors"), ("heads", "exit_heads.safetensors")],
+)
+@pytest.mark.parametrize("command", ["summarize", "generate", "info"])
+def test_truncated_weights_are_one_error_line(damaged, tmp_path, target, file, how, command):
+    import shutil
+
+    from calm.errors import CheckpointError
+    from calm.model import CalmModel
+
+    model = Path(shutil.copytree(damaged[target], tmp_path / target))
+    _cut(model / file, how)
+    args = {"summarize": ["--text", "the cat sat"], "generate": ["the cat"], "info": []}[command]
+    model_args = [str(model)] if command == "info" else ["--model", str(model)]
+    assert_clean_error(invoke(command, *model_args, *args), "corrupt")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        CalmModel.from_pretrained(str(model))
+
+
+def test_a_corrupt_gguf_file_is_one_error_line(damaged, tmp_path, monkeypatch):
+    monkeypatch.setenv("CALM_CACHE_DIR", str(tmp_path / "cache"))
+    for command in (["info", str(damaged["gguf"])], ["generate", "--model", str(damaged["gguf"]), "the cat"]):
+        assert_clean_error(invoke(*command), "not a readable GGUF file")

@@ -242,7 +242,7 @@ def test_generate(tiny_model):
     )
     assert result.exit_code == 0, result.output
     (row,) = json_rows(result.stdout)
-    assert row["exit_layers"][1:] == [1, 1, 1] and row["truncated"] is False
+    assert row["exit_layers"][1:] == [2, 2, 2] and row["truncated"] is False
     assert "policy: state λ=0, λ decays to 0 by token 4 (τ=4); from --threshold" in result.stderr
 
 
@@ -305,3 +305,27 @@ def test_shipped_model_threshold_0_97_with_tau_0_is_speed_1():
     assert (a["summary"], a["exit_layers"]) == (b["summary"], b["exit_layers"])
     assert "policy: classifier λ=0.97, λ fixed (τ=0); from --speed 1 and the calibration" in speed.stderr
     assert "policy: classifier λ=0.97, λ fixed (τ=0); from --threshold" in threshold.stderr
+
+
+# ---- issue 20: finish_reason (item 12), generate's text field (item 13) ---------------------------------
+
+
+def test_finish_reason_says_which_rows_hit_max_new_tokens(tiny_model):
+    model = CalmModel.from_pretrained(tiny_model)
+    result = model.generate(["the cat sat", "a dog ran in the park"], max_new_tokens=5)
+    eos = set(model.eos_token_ids)
+    expected = tuple("stop" if ids[-1] in eos else "length" for ids in result.token_ids)
+    assert result.finish_reasons == expected and len(expected) == 2
+    assert all(reason == "stop" for ids, reason in zip(result.token_ids, expected) if len(ids) < 5)
+    assert result.to_dict()["finish_reasons"] == list(expected)
+    cut = invoke("generate", "--model", tiny_model, "the cat sat", "--max-new-tokens", 1, "--json")
+    (row,) = json_rows(cut.stdout)
+    assert row["finish_reason"] == "length"
+    assert '1 of 1 output stopped at --max-new-tokens 1 (finish_reason "length"' in cut.stderr
+
+
+def test_generate_writes_text_and_summarize_writes_summary(tiny_model):
+    row = json_rows(invoke("generate", "--model", tiny_model, "the cat", "--max-new-tokens", 2, "--json").stdout)[0]
+    assert "text" in row and "summary" not in row
+    doc = invoke("summarize", "--model", tiny_model, "--text", "the cat sat", "--max-new-tokens", 2, "--json")
+    assert "summary" in json_rows(doc.stdout)[0]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from calm.confidence import softmax_margin, state_similarity
@@ -36,3 +37,36 @@ def test_layers_below_the_trained_range_are_never_confident():
     h = torch.randn(2, 8)
     assert torch.equal(heads.classify(h, 2), torch.zeros(2))
     assert torch.all(heads.classify(h, 3) > 0.99)
+
+
+# ---- issue 20, item 2: the softmax measure's cost, said once where it outweighs the saving ---------------
+
+
+def test_check_overhead_counts_checks_against_layers_saved():
+    from calm.confidence import check_overhead
+
+    # two rows; the first token of each comes from the prefill and is left out
+    checks, spent, saved = check_overhead([[4, 2, 4], [4, 3]], [2, 3], 4, check_layers=2.0)
+    assert (checks, saved) == pytest.approx(((1 + 2 + 2) / 3, (2 + 0 + 1) / 3))
+    assert spent == pytest.approx(checks * 2.0)
+
+
+def test_softmax_check_cost_is_the_head_over_one_layer(llama):
+    from calm.confidence import softmax_check_layers
+
+    head = llama.lm_head.weight.numel()
+    body = sum(p.numel() for p in llama.parameters()) - head - llama.model.embed_tokens.weight.numel()
+    assert softmax_check_layers(llama, llama.lm_head, 4) == pytest.approx(head / (body / 4))
+
+
+@pytest.mark.parametrize("cost, warned", [(8.0, True), (0.01, False)])
+def test_the_footer_warns_once_when_softmax_checks_cost_more_than_they_save(tiny_model, monkeypatch, cost, warned):
+    from helpers import invoke
+
+    monkeypatch.setattr("calm.eval.render.softmax_check_layers", lambda *args: cost)
+    args = ("summarize", "--model", tiny_model, "--text", "the cat sat on the mat", "--max-new-tokens", 4)
+    result = invoke(*args, "--measure", "softmax", "--threshold", "0")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("the softmax measure cost more than it saved") == (1 if warned else 0)
+    state = invoke(*args, "--measure", "state", "--threshold", "0.3")
+    assert "the softmax measure" not in state.stderr

@@ -119,3 +119,47 @@ def test_compacted_batches_give_each_row_what_it_gets_alone(llama):
         )
         assert alone.token_ids[0] == together.token_ids[row]
         assert alone.exit_layers[0] == together.exit_layers[row]
+
+
+# ---- issue 20, item 1: no exit below the first trained layer, whatever the measure ----------------------
+
+
+@pytest.mark.parametrize("measure", ["softmax", "state", "classifier"])
+def test_no_token_exits_below_the_first_layer_with_a_trained_head(llama, measure):
+    heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4, min_layer=3))
+    with torch.no_grad():
+        heads.cls_bias.fill_(10.0)  # the classifier is sure everywhere; below layer 3 it is untrained
+    net = Network.build(adapter_for(llama), heads)
+    res = generate_tokens(net, batch(), ExitPolicy(measure=measure, threshold=0.0, decay_tau=0), CONFIG)
+    assert {k for row in res.exit_layers for k in row[1:]} == {3}
+
+
+def test_without_heads_the_exit_floor_is_half_the_depth(llama):
+    from calm.decode import exit_floor
+
+    net = Network.build(adapter_for(llama))
+    assert exit_floor(net) == 2
+    res = generate_tokens(net, batch(), ExitPolicy(measure="softmax", threshold=0.0, decay_tau=0), CONFIG)
+    assert {k for row in res.exit_layers for k in row[1:]} == {2}
+
+
+def test_a_min_exit_layer_below_the_floor_is_refused_in_one_line(llama):
+    heads = ExitHeads(HeadsConfig(num_layers=4, hidden_size=64, rank=4, min_layer=3))
+    net = Network.build(adapter_for(llama), heads)
+    with pytest.raises(PolicyError, match="--min-exit-layer 2 is below layer 3") as info:
+        ExitPlan.resolve(ExitPolicy(measure="softmax", threshold=0.5, min_exit_layer=2), net)
+    assert "\n" not in str(info.value)
+    assert ExitPlan.resolve(ExitPolicy(measure="softmax", threshold=0.5, min_exit_layer=3), net).allowed == {3}
+
+
+# ---- issue 20, item 3: λ >= 1 never exits, under any decay ----------------------------------------------
+
+
+@pytest.mark.parametrize("measure", ["softmax", "state"])
+@pytest.mark.parametrize("tau", [0.0, 4.0, 50.0])
+def test_threshold_one_is_the_full_model_under_any_decay(llama, measure, tau):
+    net = Network.build(adapter_for(llama))
+    policy = ExitPolicy(measure=measure, threshold=1.0, decay_tau=tau)
+    assert policy.never_exits
+    res = generate_tokens(net, batch(), policy, CONFIG)
+    assert all(k == 4 for row in res.exit_layers for k in row)

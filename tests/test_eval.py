@@ -130,7 +130,8 @@ def test_eval_resumes_without_recomputing(tiny_model, data, tmp_path):
     first = {p: cache_lines(out, p) for p in POINTS}
     assert all(len(lines) == 2 for lines in first.values())
 
-    # an interruption cut the last line of one point short: only that example is redone
+    # an interruption cut the last line of one point short: only that example is redone, at every point (so
+    # that its timings pair up)
     partial = out / "cache" / "state@0.jsonl"
     partial.write_text(first["state@0"][0] + "\n" + first["state@0"][1][:25])
 
@@ -140,10 +141,9 @@ def test_eval_resumes_without_recomputing(tiny_model, data, tmp_path):
         lines = cache_lines(out, point)
         if point == "state@0":
             assert lines[0] == first[point][0] and lines[1] == first[point][1][:25]
-            assert sorted(json.loads(line)["id"] for line in lines[2:]) == ["b", "c"]
         else:
             assert lines[:2] == first[point]  # done examples kept, byte for byte
-            assert [json.loads(line)["id"] for line in lines[2:]] == ["c"]
+        assert sorted(json.loads(line)["id"] for line in lines[2:]) == ["b", "c"]
     assert json.loads((out / "eval.json").read_text())["n"] == 3
 
     before = {p: cache_lines(out, p) for p in POINTS}
@@ -261,8 +261,8 @@ def test_few_colours_get_a_ramp_that_reads_early_to_late(model):
     console = Console(file=io.StringIO(), force_terminal=True, color_system="standard", width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=console).print(doc)
     out = console.file.getvalue()
-    assert "\x1b[30;41m" in out and "\x1b[30;42m" in out  # black on red (layer 4), on green (layer 1)
-    assert "1–1" not in out and " 1  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
+    assert "\x1b[30;41m" in out and "\x1b[30;43m" in out  # black on red (layer 4), on yellow (layer 2, the floor)
+    assert "1–1" not in out and " 2–3  " in Text.from_ansi(out).plain and " 4  " in Text.from_ansi(out).plain
     no_colour = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
     SummaryPrinter(model.tokenizer, show_exits=True, console=no_colour).print(doc)
     assert "exits: " in no_colour.file.getvalue() and "[4]" in no_colour.file.getvalue()  # marks instead
@@ -345,3 +345,62 @@ def test_speedups_compare_only_rows_timed_in_the_same_run():
     rows = [{"seconds": 1.0, "run": "a"}, {"seconds": 1.0, "run": "a"}, {"seconds": 1.0}]
     assert timed_speedup(base, rows) == 2.0  # only the first pair shares a run
     assert math.isnan(timed_speedup(base[1:], rows[1:]))  # other runs, or no run recorded
+
+
+# ---- issue 20, item 4: a resumed eval reports what an uninterrupted one does ------------------------------
+
+
+def cache_lines_run(out: Path, point: str, example: str) -> str:
+    rows = [json.loads(line) for line in cache_lines(out, point)]
+    return [r for r in rows if r["id"] == example][-1]["run"]
+
+
+def _report_shape(out: Path) -> list[tuple]:
+    """Every point's quality figures, and which timing figures exist (their values differ run to run)."""
+    points = json.loads((out / "eval.json").read_text())["points"]
+    timed = ("speedup_vs_full", "speedup_vs_transformers", "seconds")
+    return [
+        tuple((k, v is not None and v == v) if k in timed else (k, v) for k, v in sorted(p.items())) for p in points
+    ]
+
+
+@pytest.mark.parametrize("batch_size,stop_after", [(4, 2), (4, 3), (4, 4), (2, 3), (2, 6)])
+def test_an_eval_interrupted_anywhere_resumes_to_the_same_report(
+    model, data, tmp_path, monkeypatch, batch_size, stop_after
+):
+    config = sweep.EvalConfig(
+        model="tiny", data=str(data), thresholds=(0.5, 0.0), measure="state", max_new_tokens=4, batch_size=batch_size
+    )
+    records = [Record(d["id"], d["document"], d["summary"]) for d in DOCS]
+    sweep.run_eval(model, records, config, tmp_path / "whole")
+
+    real, calls = sweep._run_point, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_run_point", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_eval(model, records, config, tmp_path / "resumed")
+    monkeypatch.setattr(sweep, "_run_point", real)
+    monkeypatch.setattr(sweep, "RUN_ID", "second-run")  # a new process
+    sweep.run_eval(model, records, config, tmp_path / "resumed")
+    assert _report_shape(tmp_path / "resumed") == _report_shape(tmp_path / "whole")
+    runs = {d["id"]: {cache_lines_run(tmp_path / "resumed", p, d["id"]) for p in POINTS} for d in DOCS}
+    assert all(len(r) == 1 for r in runs.values()), runs  # every example timed at every point in one run
+    resumed = json.loads((tmp_path / "resumed" / "eval.json").read_text())["points"]
+    assert all(p["speedup_vs_full"] == p["speedup_vs_full"] for p in resumed)  # no "–" in the table
+    table = [line for line in (tmp_path / "resumed" / "eval.md").read_text().splitlines() if line.startswith("| ")]
+    assert all("–" not in line.split("|")[-3:-1] for line in table[2:])  # both speedup columns everywhere
+
+
+def test_eval_prints_a_line_per_finished_point_off_a_terminal(tiny_model, data, tmp_path):
+    """Issue 20, item 14: no bar in a pipe, so a line per point and batch on stderr."""
+    result = run_eval_cli(tiny_model, data, tmp_path / "out", "--limit", 2)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("eval: ")]
+    assert len(lines) == 4 and lines[0].startswith("eval: full model: 2 of 2 documents done (2/8, ")
+    assert "eval: transformers generate: 2 of 2 documents done (8/8" in lines[-1]

@@ -41,3 +41,42 @@ def test_a_local_model_directory_loads(tmp_path, llama):
     llama.save_pretrained(tmp_path, safe_serialization=True)
     loaded = load_backbone(str(tmp_path))
     assert loaded.model.config.num_hidden_layers == 4 and loaded.tokenizer is None and loaded.source == str(tmp_path)
+
+
+# ---- issue 20, item 8: a hub id with no hub answers at once ---------------------------------------------
+
+
+def _unreachable(*args, **kwargs):
+    raise OSError(101, "Network is unreachable")
+
+
+@pytest.mark.parametrize("how", ["probe", "HF_HUB_OFFLINE"])
+def test_an_unreachable_hub_is_said_at_once(monkeypatch, tmp_path, how):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from helpers import assert_clean_error, invoke
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    if how == "probe":
+        monkeypatch.setattr(socket, "create_connection", _unreachable)
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed while offline"))
+    start = time.perf_counter()
+    result = invoke("info", "org/does-not-exist")
+    assert time.perf_counter() - start < 5
+    assert_clean_error(result, "the hub cannot be reached", "HF_HUB_OFFLINE" if how != "probe" else "unreachable")
+
+
+def test_the_gguf_cache_is_keyed_by_content_not_by_install(monkeypatch, tmp_path):
+    """Issue 20, item 11: two installs of the same GGUF file share one converted copy."""
+    monkeypatch.setenv("CALM_CACHE_DIR", str(tmp_path / "cache"))
+    first, second, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for file, content in ((first, b"same bytes"), (second, b"same bytes"), (other, b"other bytes")):
+        file.parent.mkdir()
+        file.write_bytes(content)
+    assert _gguf_cache_path(first) == _gguf_cache_path(second) != _gguf_cache_path(other)
+    assert _gguf_cache_path(first) == _gguf_cache_path(first)  # remembered, same answer

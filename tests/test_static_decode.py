@@ -9,6 +9,7 @@ One slow test runs the inductor backend end to end.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -267,3 +268,32 @@ def test_static_engine_refuses_sliding_windows(kind):
     batch = prompts()
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         calm.generate(batch.ids, max_new_tokens=3, attention_mask=batch.mask, engine="static")
+
+
+def test_compiling_steps_are_timed_apart_from_decoding(models, fresh_dynamo, monkeypatch):
+    """Issue 20, item 6: the step that compiles is compile_s; decode tokens/s counts the other steps only."""
+    import calm.generation as generation
+
+    real = generation.compiled_step
+
+    def slow_compile(backend):
+        step = real(backend)
+
+        def timed(*args):
+            graphs = counters["stats"]["unique_graphs"]
+            out = step(*args)
+            if counters["stats"]["unique_graphs"] != graphs:
+                time.sleep(0.5)  # a compile that takes a while
+            return out
+
+        return timed
+
+    monkeypatch.setattr(generation, "compiled_step", slow_compile)
+    net = network(models, "llama")
+    config = replace(gen_config(), engine="static", compile="eager", eos_token_ids=())
+    t = generate_tokens(net, prompts(), POLICIES["never"], config).timings
+    assert t.compile_s >= 0.5 and t.decode_s < 0.5 and t.compile_tokens > 0
+    assert t.decode_tokens_per_s == pytest.approx((t.decode_tokens - t.compile_tokens) / t.decode_s)
+    assert t.total_s == pytest.approx(t.prefill_s + t.compile_s + t.decode_s)
+    plain = generate_tokens(net, prompts(), POLICIES["never"], replace(config, compile=False)).timings
+    assert plain.compile_s == 0 and plain.compile_tokens == 0
