@@ -538,6 +538,7 @@ def _measured(b: dict | None, rows: list[dict], report_file: str, machine: str) 
         draft_layer=spec.draft_layer,
         max_draft=spec.max_draft,
         lookup=spec.lookup,
+        adaptive=spec.adaptive,
         measure=policy.measure,
         threshold=policy.threshold,
         speedup_vs_full=b["vs_full"],

@@ -31,10 +31,11 @@ def lossless_spec(model: CalmModel, batch_size: int) -> str | None:
     stored = MeasuredSetting.from_extra(model.extra, batch_size)
     if stored is None or not stored.beats_full_depth:
         return None
+    adaptive = ":adaptive" if stored.adaptive else ""
     if stored.draft_layer == 0:
-        return f"spec:0:{stored.max_draft}"
+        return f"spec:0:{stored.max_draft}{adaptive}"
     lookup = ":lookup" if stored.lookup else ""
-    return f"spec:{stored.draft_layer}:{stored.max_draft}:{stored.measure}:{stored.threshold:g}{lookup}"
+    return f"spec:{stored.draft_layer}:{stored.max_draft}:{stored.measure}:{stored.threshold:g}{lookup}{adaptive}"
 
 
 def main() -> None:

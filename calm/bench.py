@@ -38,11 +38,13 @@ DEFAULT_DOCUMENT = (
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
 )
 LOOKUP = "lookup"  # the spec suffix for drafts looked up in the context first
+ADAPTIVE = "adaptive"  # the spec suffix for context drafts whose length adapts per row
 POLICY_HELP = (
     "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-    "or spec:E:K[:MEASURE:THRESHOLD][:lookup] (lossless speculative decoding, drafts from layer E, up to K "
-    "per step, while the measure is confident; without one, always K; lookup: drafts looked up in the "
-    "context first; E = 0: only those)"
+    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive] (lossless speculative decoding, drafts from layer E, "
+    "up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up in "
+    "the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
+    "verification)"
 )
 SPEC = "spec"
 
@@ -101,10 +103,12 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
     if name != SPEC:
         return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
+    adaptive = parts[-1] == ADAPTIVE
+    parts = parts[:-1] if adaptive else parts
     lookup = parts[-1] == LOOKUP
     parts = parts[:-1] if lookup else parts
     try:
-        config = SpeculativeConfig(int(parts[0]), int(parts[1]), lookup=lookup)
+        config = SpeculativeConfig(int(parts[0]), int(parts[1]), lookup=lookup, adaptive=adaptive)
     except (ValueError, IndexError) as exc:
         raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc
     controller = ":".join(parts[2:])

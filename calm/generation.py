@@ -13,6 +13,7 @@ import torch
 
 from calm.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
 from calm.errors import InputError
+from calm.kernels import check_kernels, packed_linears
 from calm.kv_cache import KVCache
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, next_token
@@ -43,6 +44,7 @@ class GenerationConfig:
     compile: bool | str = False  # static engine: the step through torch.compile(fullgraph=True); a string
     # names the backend (True: inductor; "eager" checks capture without a compiler)
     sync_every: int = 8  # static engine: ask "have all rows finished?" every this many tokens
+    kernels: str = "auto"  # dynamic engine and speculative decoding: CPU matmuls (calm.kernels.KERNELS)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -52,6 +54,7 @@ class GenerationConfig:
                 "compile needs the static engine (engine='static' or 'auto'): the dynamic step "
                 "branches on which rows exited, which no graph can capture"
             )
+        check_kernels(self.kernels)
         if self.sync_every < 1:
             raise InputError(f"sync_every must be >= 1, got {self.sync_every}")
 
@@ -161,8 +164,10 @@ def generate_tokens(
     plan = ExitPlan.resolve(policy, net)
     device = prompts.ids.device
     decode = _decode_static if resolve_engine(config, device) == "static" else _decode_dynamic
+    kernels = config.kernels if decode is _decode_dynamic else "torch"  # the static step compiles torch's
     t0 = time.perf_counter()
-    out = decode(net, plan, policy, prompts, config)
+    with packed_linears(net.adapter.model, kernels):
+        out = decode(net, plan, policy, prompts, config)
     _sync(device)
     t2 = time.perf_counter()
     token_ids, exit_layers = _trim(

@@ -7,17 +7,16 @@ model work; verification then runs every layer over the pending token and the gu
 `NgramIndex` keeps, per n-gram, where its latest occurrence was followed, so no step rescans the context.
 
 The settings were chosen by replaying greedy outputs of the embedded model on XSum test documents
-(benchmarks/results/speculative_smollm2.md): suffixes of 4 tokens down to 1, where a 1-token match
-drafts a single token (a unigram match is right about a third of the time, a longer one about half),
-and a per-row draft length that adapts to the row's last verification (BatchLookup).
+(benchmarks/results/speculative_smollm2.md): suffixes of 4 tokens down to 1. Where verifying more
+positions costs next to nothing (calm.kernels), every match drafts its full length; BatchLookup can
+also adapt each row's draft length to its last verification (adaptive=True), which pays only where
+each verified position costs.
 """
 
 from __future__ import annotations
 
 LOOKUP_MAX_NGRAM = 4  # the longest suffix looked up first
 LOOKUP_MIN_NGRAM = 1  # the shortest one
-SHORT_MATCH = 1  # a match of this many tokens or fewer drafts at most SHORT_MATCH_DRAFT tokens
-SHORT_MATCH_DRAFT = 1  # past its first token, what follows a one-token match is rarely right
 
 
 class NgramIndex:
@@ -39,24 +38,23 @@ class NgramIndex:
 
     def draft(self, max_draft: int) -> list[int]:
         """Up to max_draft tokens that followed the most recent earlier occurrence of the list's last n
-        tokens, trying n = max_ngram down to min_ngram (a match of SHORT_MATCH tokens drafts at most
-        SHORT_MATCH_DRAFT); [] when no such suffix occurs before."""
+        tokens, trying n = max_ngram down to min_ngram; [] when no such suffix occurs before."""
         for n in range(min(self.max_ngram, len(self.tokens) - 1), self.min_ngram - 1, -1):
             at = self.follower.get(tuple(self.tokens[-n:]))
             if at is not None:
-                return self.tokens[at : at + (max_draft if n > SHORT_MATCH else min(max_draft, SHORT_MATCH_DRAFT))]
+                return self.tokens[at : at + max_draft]
         return []
 
 
 class BatchLookup:
     """One NgramIndex per row of a batch, over its prompt and then its output as it grows, and each row's
-    draft length: it starts at max_draft, drops by one after a verification that rejected one of the
-    row's drafts (down to 1) and grows by one after one that kept them all."""
+    draft length: max_draft, or with adaptive=True one that drops by one after a verification that
+    rejected one of the row's drafts (down to 1) and grows by one after one that kept them all."""
 
-    def __init__(self, prompts: list[list[int]], max_draft: int) -> None:
+    def __init__(self, prompts: list[list[int]], max_draft: int, adaptive: bool = False) -> None:
         self.indexes = [NgramIndex(p) for p in prompts]
         self.indexed = [0] * len(prompts)  # output tokens each index holds
-        self.max_draft = max_draft
+        self.max_draft, self.adaptive = max_draft, adaptive
         self.lengths = [max_draft] * len(prompts)  # each row's current draft length
 
     def drafts(self, outputs: list[list[int]], limits: list[int]) -> list[list[int]]:
@@ -70,6 +68,8 @@ class BatchLookup:
 
     def verified(self, drafted: list[int], kept: list[int]) -> None:
         """Adapt each row's draft length to its last verification: drafted[b] tokens, kept[b] of them."""
+        if not self.adaptive:
+            return
         for b, (d, k) in enumerate(zip(drafted, kept)):
             if d:
                 grown = self.lengths[b] + 1 if k == d else self.lengths[b] - 1

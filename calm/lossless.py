@@ -67,6 +67,7 @@ class MeasuredSetting:
     lookup: bool = False  # drafts looked up in the context first (older stored measurements lack it)
     full_decode_tokens_per_s: float = 0.0  # never-exit calm's decode rate in that run, per CPU second (0: unknown)
     machine: str = ""  # the CPU it was measured on
+    adaptive: bool = False  # context drafts whose length adapts per row (calm.lookup.BatchLookup)
 
     @property
     def beats_full_depth(self) -> bool:
@@ -159,6 +160,7 @@ def resolve_mode(
         draft_layer if draft_layer is not None else default_layer,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
         lookup or (stored is not None and stored.lookup and draft_layer is None),
+        adaptive=stored is not None and stored.adaptive and draft_layer is None and max_draft is None,
     )
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):

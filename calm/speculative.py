@@ -33,6 +33,7 @@ from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.errors import PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
+from calm.kernels import packed_linears
 from calm.lookup import BatchLookup
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
@@ -45,6 +46,7 @@ class SpeculativeConfig:
     draft_layer: int  # E: layers 1..E and the exit head of layer E draft (1..L-1); 0: the context drafts
     max_draft: int = 4  # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
     lookup: bool = False  # also draft from the context: a cycle where any row's lookup finds drafts uses those
+    adaptive: bool = False  # context drafts: each row's length follows its last verification (BatchLookup)
 
     @property
     def from_context(self) -> bool:
@@ -305,6 +307,13 @@ def generate_speculative(
 ) -> GenerationResult:
     """Generate with drafts from layer E checked by the full model: the full model's tokens (greedy:
     exactly; sampling: in distribution). policy's measure and λ (fixed, no decay) control draft length."""
+    with packed_linears(net.adapter.model, config.kernels):
+        return _speculative_loop(net, prompts, policy, config, spec)
+
+
+def _speculative_loop(
+    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
+) -> GenerationResult:
     plan = draft_plan(policy, net, spec)
     device = prompts.ids.device
     generator = config.sampling.generator(device)
@@ -318,7 +327,7 @@ def generate_speculative(
     tally = Tally()
     pending = first
     contexts = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]
-    lookup = BatchLookup(contexts, spec.max_draft) if spec.looks_up else None
+    lookup = BatchLookup(contexts, spec.max_draft, spec.adaptive) if spec.looks_up else None
     while True:
         live_rows = [not _done(r, config) for r in out]
         if not any(live_rows):

@@ -14,7 +14,7 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import Network
 from calm.errors import InputError, PolicyError
 from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, SHORT_MATCH, SHORT_MATCH_DRAFT, BatchLookup, NgramIndex
+from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, BatchLookup, NgramIndex
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig
 from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
@@ -32,8 +32,7 @@ def scan_draft(
         suffix = context[-n:]
         for start in range(len(context) - n - 1, -1, -1):
             if context[start : start + n] == suffix:
-                length = max_draft if n > SHORT_MATCH else min(max_draft, SHORT_MATCH_DRAFT)
-                return context[start + n : start + n + length]
+                return context[start + n : start + n + max_draft]
     return []
 
 
@@ -51,15 +50,18 @@ def test_lookup_takes_what_followed_the_latest_longest_match():
     assert lookup_draft([5, 6, 7, 5, 6], 4) == [7, 5, 6]  # stops at the context's end
     assert lookup_draft([1, 2, 3, 4], 2) == []  # no suffix occurs earlier
     assert lookup_draft([1, 2, 1, 3], 2) == []  # "3" never occurred before
-    assert lookup_draft([3, 8, 1, 3], 2) == [8]  # a 1-token match drafts one token
-    assert lookup_draft([3, 8, 1, 3], 2, min_ngram=2) == []  # ... or none at all when n >= 2 is asked
+    assert lookup_draft([3, 8, 1, 3], 2) == [8, 1]  # a 1-token match
+    assert lookup_draft([3, 8, 1, 3], 2, min_ngram=2) == []  # ... none when n >= 2 is asked
     assert lookup_draft([3, 8, 1, 2, 3, 8], 3) == [1, 2, 3]  # a 2-token match drafts up to max_draft
     assert lookup_draft([4, 4, 4], 2) == [4]  # overlapping: "4 4" at 0..1 is followed by one 4
     assert lookup_draft([], 2) == [] and lookup_draft([1], 2) == []
 
 
 def test_draft_length_adapts_to_each_rows_last_verification():
-    lookup = BatchLookup([[1, 2, 3, 4, 5, 6, 1, 2], [7, 8, 9, 7, 8]], max_draft=3)
+    fixed = BatchLookup([[1, 2, 3, 1, 2]], max_draft=3)
+    fixed.verified([3], [0])
+    assert fixed.lengths == [3]  # not adaptive: always max_draft
+    lookup = BatchLookup([[1, 2, 3, 4, 5, 6, 1, 2], [7, 8, 9, 7, 8]], max_draft=3, adaptive=True)
     outputs: list[list[int]] = [[], []]
     assert lookup.drafts(outputs, [5, 5]) == [[3, 4, 5], [9, 7, 8]]
     lookup.verified([3, 3], [1, 3])  # row 0 lost a draft: shorter; row 1 kept all: stays at the cap
@@ -85,9 +87,10 @@ def test_greedy_from_the_context_is_the_full_models_output(kind, batch):
     p = prompts() if batch == 4 else row(prompts(seed=2), 0)
     full = generate_tokens(net, p, ExitPolicy.never(), gen_config(24))
     assert full.token_ids == hf_greedy(model, p, 24)
-    for k in (1, 2, 4):
-        out = generate_speculative(net, p, ExitPolicy.never(), gen_config(24), SpeculativeConfig(0, k))
-        assert out.token_ids == full.token_ids, f"k={k}"
+    for k, adaptive in ((1, False), (2, False), (4, False), (3, True)):
+        spec = SpeculativeConfig(0, k, adaptive=adaptive)
+        out = generate_speculative(net, p, ExitPolicy.never(), gen_config(24), spec)
+        assert out.token_ids == full.token_ids, f"k={k} adaptive={adaptive}"
 
 
 def _draft_with(monkeypatch, lookup) -> None:

@@ -148,6 +148,11 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
             (ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0), SpeculativeConfig(3, 1, lookup=True)),
         ),
         ("spec:3:1:lookup", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(3, 1, lookup=True))),
+        ("spec:0:4:adaptive", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(0, 4, adaptive=True))),
+        (
+            "spec:3:1:lookup:adaptive",
+            (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(3, 1, lookup=True, adaptive=True)),
+        ),
     ],
 )
 def test_parse_run_spec(spec, expected):

@@ -1,0 +1,99 @@
+"""Packed CPU matmuls: the backbone's nn.Linear layers through oneDNN, each weight reordered once.
+
+On the AMD EPYC CPU of this project's machines, torch's default fp32 linear (MKL) costs 1.42× one
+position to run two and 1.64× to run three, so verifying drafted tokens costs almost what decoding them
+one by one costs. oneDNN's linear on a weight packed (reordered) for 4 rows runs 3 to 5 positions in
+0.94-0.97× the time of one (benchmarks/results/speculative_smollm2.md, "what verifying costs"): wide
+verification becomes as cheap as a decode step, and the whole forward gets a little faster.
+
+`packed_linears(model)` installs the packed forward on every plain fp32 CPU nn.Linear of the model for
+the duration of a generation, and removes it after, so the model outside calm (transformers' own
+`generate`, training) runs torch's kernels. A packed weight is cached per module and packed again when
+the weight changes (its storage or version). Costs: one extra copy of those weights in memory.
+
+Exactness: the packed kernel sums in another order than MKL, as MKL itself does for different row
+counts, so logits differ in the last bits (about 1e-5); greedy tokens differ only at a near-tie. calm's
+full model and its lossless mode run the same kernels, so they stay identical to each other.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from calm.errors import InputError
+
+KERNELS = ("auto", "torch", "onednn")  # auto: onednn where it applies (a CPU, fp32, inference), else torch
+PACK_ROWS = 4  # the row count weights are packed for: 3-5 rows then cost what one does (measured above)
+# linear -> (weight key, packed weight); kept off the module, so copying or saving a model never meets
+# oneDNN's opaque tensors, and dropped with the module
+_PACKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise InputError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packable(linear: torch.nn.Module) -> bool:
+    """A plain fp32 nn.Linear on the CPU (subclasses, such as peft's LoRA layers, keep their own forward)."""
+    return (
+        type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+    )
+
+
+def uses_onednn(kernels: str) -> bool:
+    """Whether `kernels` asks for the packed path here: 'onednn', or 'auto' where oneDNN is built in; never
+    where autograd records (the packed op has no backward)."""
+    check_kernels(kernels)
+    if kernels == "torch" or torch.is_grad_enabled():
+        return False
+    if kernels == "onednn" and not onednn_available():
+        raise InputError("kernels='onednn' needs a torch built with oneDNN (mkldnn); use kernels='torch'")
+    return onednn_available()
+
+
+@contextmanager
+def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[None]:
+    """Inside the block, every packable nn.Linear of `model` runs oneDNN's linear on its packed weight."""
+    if not uses_onednn(kernels):
+        yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
+    for linear in linears:
+        linear.forward = _packed_forward(linear)  # type: ignore[method-assign]  # this instance, this block only
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward  # the class's forward again
+
+
+def _version(weight: torch.Tensor) -> int:
+    """The weight's in-place change counter (an inference tensor has none: -1)."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return -1
+
+
+def _packed_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    weight, bias = linear.weight, linear.bias
+    key = (weight.data_ptr(), _version(weight))
+    cached = _PACKED.get(linear)
+    if cached is None or cached[0] != key:
+        cached = _PACKED[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+    packed = cached[1]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out], as nn.Linear."""
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return forward

@@ -1,0 +1,80 @@
+"""calm.kernels: the packed oneDNN linear is the same function as nn.Linear (to float rounding), is on only
+inside a generation, follows weight changes, and leaves generation's tokens unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from calm.adapters import adapter_for
+from calm.decode import Network
+from calm.errors import InputError
+from calm.generation import GenerationConfig, generate_tokens
+from calm.kernels import onednn_available, packed_linears, uses_onednn
+from calm.policy import ExitPolicy
+from calm.speculative import SpeculativeConfig, generate_speculative
+from test_adapters import KINDS, build, prompts
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not onednn_available(), reason="torch without oneDNN: kernels='auto' is torch's"),
+]
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+
+
+def test_packed_linear_computes_what_nn_linear_does_and_only_inside_the_block():
+    model, x = _model(), torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        _inside_the_block(model, x)
+
+
+def _inside_the_block(model: torch.nn.Module, x: torch.Tensor) -> None:
+    expected = model(x)
+    with packed_linears(model):
+        assert all("forward" in vars(m) for m in model if isinstance(m, torch.nn.Linear))
+        for rows in (1, 2, 3, 4, 7):
+            torch.testing.assert_close(model(x[:, :rows]), expected[:, :rows], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model)
+    with packed_linears(model, "torch"):
+        assert not any("forward" in vars(m) for m in model)
+
+
+def test_autograd_and_bad_names_keep_torchs_kernels():
+    model = _model()
+    with packed_linears(model):  # grad enabled: the packed op has no backward
+        assert not any("forward" in vars(m) for m in model)
+    assert uses_onednn("auto") is False  # grad enabled here
+    with pytest.raises(InputError, match="unknown kernels"):
+        uses_onednn("fast")
+    with pytest.raises(InputError, match="unknown kernels"):
+        GenerationConfig(kernels="fast")
+
+
+def test_a_changed_weight_is_packed_again_and_a_used_model_still_copies():
+    model, x = _model(), torch.randn(4, 16)
+    with torch.inference_mode(), packed_linears(model):
+        model(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in place: same storage, new version
+    with torch.inference_mode():
+        with packed_linears(model):
+            packed = model(x)
+        torch.testing.assert_close(packed, model(x), rtol=1e-5, atol=1e-5)  # the doubled weight, not the old one
+    copy.deepcopy(model)  # nothing opaque is left on the modules
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_with_packed_kernels_gives_torchs_tokens(kind):
+    net = Network.build(adapter_for(build(kind)))
+    p = prompts()
+    config = GenerationConfig(max_new_tokens=12, pad_token_id=0)
+    torch_kernels = generate_tokens(net, p, ExitPolicy.never(), GenerationConfig(12, pad_token_id=0, kernels="torch"))
+    assert generate_tokens(net, p, ExitPolicy.never(), config).token_ids == torch_kernels.token_ids
+    spec = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 3))
+    assert spec.token_ids == torch_kernels.token_ids
