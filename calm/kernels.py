@@ -68,7 +68,7 @@ def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[No
         return
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
     for linear in linears:
-        linear.forward = _packed_forward(linear)  # type: ignore[method-assign]  # this instance, this block only
+        linear.forward = _packed_forward(linear)  # type: ignore[method-assign,assignment]  # this instance, this block only
     try:
         yield
     finally:
