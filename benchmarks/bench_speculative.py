@@ -37,11 +37,13 @@ from calm.data import read_jsonl, summary_prompt, truncate_document
 from calm.decode import forward_layers, prefill
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
+from calm.kernels import packed_linears
 from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
 from calm.speculative import CONTEXT_DRAFT, generate_speculative, slot_context
 
 FULL, HF = "calm full", "transformers generate"
+TORCH_KERNELS = "calm full, torch kernels"
 
 
 @dataclass
@@ -59,11 +61,13 @@ class Config:
     identical: bool = True  # tokens equal the reference's in every run
 
 
-def calm_runner(model: CalmModel, spec: str | None):
+def calm_runner(model: CalmModel, spec: str | None, kernels: str = "auto"):
     policy, speculative = parse_run_spec(spec) if spec else (ExitPolicy.never(), None)
 
     def run(batch: PromptBatch, new_tokens: int):
-        config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id)
+        config = GenerationConfig(
+            max_new_tokens=new_tokens, eos_token_ids=(), pad_token_id=model.pad_token_id, kernels=kernels
+        )
         if speculative is None:
             result = generate_tokens(model.network, batch, policy, config)
         else:
@@ -133,10 +137,20 @@ def _agrees(tokens: tuple[int, ...], reference: tuple[int, ...], eos: tuple[int,
 
 @torch.inference_mode()
 def forward_cost(
-    model: CalmModel, batch: PromptBatch, widths: tuple[int, ...] = (1, 2, 3, 5, 7), reps: int = 12
+    model: CalmModel,
+    batch: PromptBatch,
+    widths: tuple[int, ...] = (1, 2, 3, 4, 5, 7),
+    reps: int = 12,
+    kernels: str = "auto",
 ) -> dict:
-    """CPU seconds of one forward over all layers for T new positions after the prompt (batch 1), median
-    of `reps` interleaved runs, relative to T = 1: what verifying T slots costs against one decode step."""
+    """CPU seconds of one forward over all layers for T new positions after the prompt, median of `reps`
+    interleaved runs, relative to T = 1: what verifying T slots costs against one decode step, on the
+    matmuls `kernels` picks (calm.kernels)."""
+    with packed_linears(model.model, kernels):
+        return _forward_cost(model, batch, widths, reps)
+
+
+def _forward_cost(model: CalmModel, batch: PromptBatch, widths: tuple[int, ...], reps: int) -> dict:
     net = model.network
     state, ids = _start(net, batch, max(widths))
     prefill(net, ids, state)
@@ -243,7 +257,10 @@ def run(args) -> dict:
     ]
     if args.context_drafts:  # E = 0: no controller, a lookup drafts whatever it finds
         specs = [f"spec:{CONTEXT_DRAFT}:{k}" for k in args.context_drafts] + specs
+    specs += args.specs
     configs = [Config(FULL, calm_runner(model, None)), Config(HF, hf_runner(model))]
+    if args.torch_kernels:  # the engine before calm.kernels: torch's (MKL) matmuls
+        configs.append(Config(TORCH_KERNELS, calm_runner(model, None, kernels="torch")))
     configs += [Config(f"speculative {s[5:]}", calm_runner(model, s), spec=s) for s in specs]
     eos = model.eos_token_ids
     t0 = time.perf_counter()
@@ -256,7 +273,9 @@ def run(args) -> dict:
         batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
     assistant = assistant_rows(model, args, single, configs)
     forward = forward_cost(model, next(iter(single.values())))
-    forward8 = forward_cost(model, model.encode_prompts(prompts[:8], args.new_tokens), (1, 2, 3, 4)) if batch8 else {}
+    forward_torch = forward_cost(model, next(iter(single.values())), kernels="torch")
+    eight = model.encode_prompts(prompts[:8], args.new_tokens)
+    forward8 = forward_cost(model, eight, (1, 2, 3, 4), reps=6) if args.batch8 else {}
     return {
         "benchmark": "speculative",
         "model": args.model,
@@ -275,6 +294,7 @@ def run(args) -> dict:
         "best": best(batch1),
         "forward_cost_vs_one_position": forward,
         "forward_cost_batch8": forward8,
+        "forward_cost_torch_kernels": forward_torch,
     }
 
 
@@ -411,6 +431,15 @@ def markdown(report: dict) -> str:
         "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
         "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items() if t != "head") + ".",
     ]
+    cost_torch = report.get("forward_cost_torch_kernels") or {}
+    if cost_torch:
+        lines += [
+            "",
+            "The same on torch's own matmuls (MKL; the engine before calm.kernels): "
+            + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost_torch.items() if t != "head")
+            + ". calm's generation runs oneDNN's linear on weights packed once (calm.kernels), as the rows "
+            "above do.",
+        ]
     cost8 = report.get("forward_cost_batch8") or {}
     if cost8:
         lines += [
@@ -576,6 +605,15 @@ def main() -> None:
         help="k values for drafts looked up in the context (draft layer 0); empty: none",
     )
     parser.add_argument("--assistant-docs", type=int, default=2)
+    parser.add_argument(
+        "--specs",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=[],
+        help="more speculative settings, comma-separated calm bench specs (e.g. spec:0:3:adaptive)",
+    )
+    parser.add_argument(
+        "--torch-kernels", action="store_true", help="also time never-exit calm on torch's matmuls (calm.kernels)"
+    )
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
