@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -28,6 +29,10 @@ from calm.errors import InputError
 
 KERNELS = ("auto", "torch", "onednn")  # auto: onednn where it applies (a CPU, fp32, inference), else torch
 PACK_ROWS = 4  # the row count weights are packed for: 3-5 rows then cost what one does (measured above)
+_ACTIVE: ContextVar[bool] = ContextVar("calm_packed_kernels", default=False)  # inside packed_linears
+# id(weight) -> (a weak reference to it, its packed copy), for calm's own weights (tensors compare by value,
+# so they cannot key a WeakKeyDictionary); an entry goes when its weight does
+_PACKED_WEIGHTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 # linear -> (weight key, packed weight); kept off the module, so copying or saving a model never meets
 # oneDNN's opaque tensors, and dropped with the module
 _PACKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -62,18 +67,34 @@ def uses_onednn(kernels: str) -> bool:
 
 @contextmanager
 def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[None]:
-    """Inside the block, every packable nn.Linear of `model` runs oneDNN's linear on its packed weight."""
+    """Inside the block, every packable nn.Linear of `model` runs oneDNN's linear on its packed weight,
+    and so does `linear` (calm's own matmuls, such as the bfloat16 LM head of calm.lm_head)."""
     if not uses_onednn(kernels):
         yield
         return
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
     for linear in linears:
         linear.forward = _packed_forward(linear)  # type: ignore[method-assign,assignment]  # this instance, this block only
+    token = _ACTIVE.set(True)
     try:
         yield
     finally:
+        _ACTIVE.reset(token)
         for linear in linears:
             del linear.forward  # the class's forward again
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in].T, through oneDNN on a packed copy of `weight` inside packed_linears
+    (bfloat16 included: oneDNN accumulates in float32 and rounds the output once, as torch's does)."""
+    if not _ACTIVE.get():
+        return torch.nn.functional.linear(x, weight)
+    key = id(weight)
+    entry = _PACKED_WEIGHTS.get(key)
+    if entry is None or entry[0]() is not weight:
+        gone = weakref.ref(weight, lambda _: _PACKED_WEIGHTS.pop(key, None))
+        entry = _PACKED_WEIGHTS[key] = (gone, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
 
 
 def _version(weight: torch.Tensor) -> int:

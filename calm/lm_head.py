@@ -11,7 +11,8 @@ is skipped only when its exact logit is provably below another's.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from calm.kernels import linear
 
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
 # of x (2^-8 each, relative), their product, and float32 accumulation over <= 8192 terms, with margin.
@@ -35,7 +36,7 @@ class CertifiedArgmax:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D]: the LM head's input (after the final norm) -> argmax of x @ weight.T, [R]."""
         x = x.float()
-        approx = F.linear(x.to(torch.bfloat16), self.low).float()  # [R, V]
+        approx = linear(x.to(torch.bfloat16), self.low).float()  # [R, V]
         bound = REL_ERROR * x.norm(dim=1, keepdim=True) * self.row_norms  # [R, V]
         best_floor = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = (approx + bound >= best_floor).nonzero(as_tuple=True)  # candidates

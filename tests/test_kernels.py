@@ -78,3 +78,16 @@ def test_generation_with_packed_kernels_gives_torchs_tokens(kind):
     assert generate_tokens(net, p, ExitPolicy.never(), config).token_ids == torch_kernels.token_ids
     spec = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 3))
     assert spec.token_ids == torch_kernels.token_ids
+
+
+def test_the_certified_head_on_packed_bfloat16_is_still_the_float32_argmax():
+    from calm.lm_head import CertifiedArgmax
+
+    torch.manual_seed(3)
+    weight = torch.randn(5000, 64)
+    weight[1] = weight[0] + 1e-4  # a near tie the bfloat16 scores cannot separate
+    head = CertifiedArgmax(weight)
+    x = torch.randn(9, 64)
+    x[0] = weight[0] * 3  # rows 0 and 1 of the head nearly tie for this input
+    with torch.inference_mode(), packed_linears(torch.nn.Linear(1, 1)):
+        assert torch.equal(head(x), (x @ weight.T).argmax(1))
