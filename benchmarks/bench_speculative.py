@@ -425,30 +425,22 @@ def markdown(report: dict) -> str:
             ]
             lines.append("")
     lines += _transformers_section(report["assistant"])
-    cost = report["forward_cost_vs_one_position"]
-    lines += [
-        "",
-        "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, "
-        "batch 1): " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items() if t != "head") + ".",
-    ]
-    cost_torch = report.get("forward_cost_torch_kernels") or {}
-    if cost_torch:
-        lines += [
-            "",
-            "The same on torch's own matmuls (MKL; the engine before calm.kernels): "
-            + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost_torch.items() if t != "head")
-            + ". calm's generation runs oneDNN's linear on weights packed once (calm.kernels), as the rows "
-            "above do.",
-        ]
-    cost8 = report.get("forward_cost_batch8") or {}
-    if cost8:
-        lines += [
-            "",
-            "The same for 8 rows (T positions each, against one position each): "
-            + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost8.items() if t != "head")
-            + ". Every row of a cycle is verified at the cycle's widest draft (masked slots still compute), "
-            "so a row that drafts nothing costs what one that drafts does.",
-        ]
+    lines += _cost_line(
+        report["forward_cost_vs_one_position"],
+        "What verifying costs here: one forward over all layers for T positions, against T = 1 (CPU time, batch 1)",
+        ".",
+    )
+    lines += _cost_line(
+        report.get("forward_cost_torch_kernels"),
+        "The same on torch's own matmuls (MKL; the engine before calm.kernels)",
+        ". calm's generation runs oneDNN's linear on weights packed once (calm.kernels), as the rows above do.",
+    )
+    lines += _cost_line(
+        report.get("forward_cost_batch8"),
+        "The same for 8 rows (T positions each, against one position each)",
+        ". Every row of a cycle is verified at the cycle's widest draft (masked slots still compute), so a row "
+        "that drafts nothing costs what one that drafts does.",
+    )
     lines += [
         "",
         "acceptance: drafted tokens the full model kept. drafted / kept per step: per row per verification "
@@ -459,6 +451,13 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _cost_line(cost: dict | None, title: str, after: str) -> list[str]:
+    """One paragraph of forward costs by width T (a dict from forward_cost), or nothing where not measured."""
+    if not cost:
+        return []
+    return ["", f"{title}: " + ", ".join(f"T={t}: {c:.2f}×" for t, c in cost.items() if t != "head") + after]
 
 
 def _headline(title: str, b: dict | None) -> list[str]:
