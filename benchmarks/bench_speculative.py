@@ -309,7 +309,9 @@ def assistant_rows(model: CalmModel, args, single: dict, configs: list[Config]) 
     rows = []
     layers = ([CONTEXT_DRAFT] if args.context_drafts else []) + [e for e in args.draft_layers if e != CONTEXT_DRAFT]
     for e in layers:
-        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e and not x.spec.endswith(":lookup")]
+        ours = [x for x in configs if x.spec and int(x.spec.split(":")[1]) == e and ":lookup" not in x.spec]
+        if not ours:  # only hybrids at this E: transformers has no like-for-like switch
+            continue
         best_ours = min(ours, key=lambda x: sum(statistics.median(x.cpu[k]) for k in keys))
         switch = _transformers_switch(e, best_ours.spec)
         c = Config(" ".join(f"{k}={v}" for k, v in switch.items()), hf_runner(model, **switch))
