@@ -60,9 +60,8 @@ class Run:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Run:
-        knobs = Knobs(
-            *(options.pop(k) for k in ("threshold", "measure", "min_exit_layer", "speed", "tolerance", "decay_tau"))
-        )
+        names = ("threshold", "measure", "min_exit_layer", "speed", "tolerance", "decay_tau", "consistency")
+        knobs = Knobs(*(options.pop(k) for k in names))
         knobs.check()
         sampling = sampling_config(*(options.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
         modes = ModeOptions(*(options.pop(k) for k in ("mode", "lossless", "draft_layer", "max_draft", "lookup")))

@@ -156,8 +156,25 @@ def decay_tau_option(f: F) -> F:
     )(f)
 
 
+CONSISTENCY_HELP = (
+    "The calibrated objective --speed and --tolerance follow: textual (the output stays within δ of the full "
+    "model's) or risk (its ROUGE-L against the references is no worse than the full model's by more than δ)."
+)
+
+
+def consistency_option(f: F, default: str | None = None) -> F:
+    return click.option(
+        "--consistency",
+        type=click.Choice(["textual", "risk"]),
+        default=default,
+        show_default=default is not None,
+        help=CONSISTENCY_HELP + ("" if default else " Default: textual."),
+    )(f)
+
+
 def knob_options(f: F) -> F:
-    """--threshold, --measure, --min-exit-layer, --speed, --tolerance and --decay-tau."""
+    """--threshold, --measure, --min-exit-layer, --speed, --tolerance, --consistency and --decay-tau."""
+    f = consistency_option(f)
     f = click.option(
         "--decay-tau",
         type=FiniteFloat(min=0.0),

@@ -193,14 +193,18 @@ def plot_rouge_vs_speedup(report: EvalReport) -> bytes:
     return _png(fig, ax)
 
 
-def timed_speedup(base: Sequence[dict], rows: Sequence[dict]) -> float:
+def timed_speedup(base: Sequence[dict], rows: Sequence[dict], key: str = "seconds") -> float:
     """Wall clock of `base` over that of `rows` (per-example outputs, paired), counting only the
     examples both timed in the same run: a resumed sweep must not compare timings taken by another
-    process, engine version or machine load. NaN where no example qualifies."""
-    pairs = [(b, r) for b, r in zip(base, rows) if b.get("run") is not None and b.get("run") == r.get("run")]
-    if not pairs:
-        return math.nan
-    return sum(b["seconds"] for b, _ in pairs) / sum(r["seconds"] for _, r in pairs)
+    process, engine version or machine load. key: "seconds" (the whole generate call), or
+    "decode_seconds" / "prefill_seconds" where the rows time them apart. NaN where no example qualifies."""
+    pairs = [
+        (b, r)
+        for b, r in zip(base, rows)
+        if b.get("run") is not None and b.get("run") == r.get("run") and key in b and key in r
+    ]
+    total = sum(r[key] for _, r in pairs)
+    return sum(b[key] for b, _ in pairs) / total if pairs and total > 0 else math.nan
 
 
 def _score(point: Point, outputs: list[dict], full: list[dict], references: list[str]) -> PointMetrics:

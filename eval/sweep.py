@@ -314,6 +314,7 @@ def _run_point(
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
     texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
+    split: dict[str, float] = {}  # prefill and decode seconds per example (calm's engines time them apart)
     if point.policy is None:
         token_ids = transformers_generate(model, model.encode_prompts(texts_in, max_new_tokens), max_new_tokens)
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
@@ -321,6 +322,8 @@ def _run_point(
     else:
         result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
+        t = result.timings
+        split = {"prefill_seconds": t.prefill_s / len(records), "decode_seconds": t.decode_s / len(records)}
     seconds = time.perf_counter() - t0
     return [
         {
@@ -333,6 +336,7 @@ def _run_point(
             "batch_seconds": seconds,
             "batch_size": len(records),
             "run": RUN_ID,
+            **split,
         }
         for i, r in enumerate(records)
     ]

@@ -175,7 +175,8 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
     [
         (
             ("--mode", "calm"),
-            "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration)",
+            "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration, textual "
+            "consistency)",
         ),
         (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); from --speed 1 and the calibration"),
         (
