@@ -8,9 +8,12 @@ import click
 from calm.cli.common import command_line, load_model
 from calm.cli.options import (
     FiniteFloat,
+    calibrated_decay_tau_option,
+    calibrated_knob_options,
     decay_tau_option,
     doc_tokens_option,
     float_list,
+    int_list,
     measure_option,
     min_exit_option,
     model_options,
@@ -28,6 +31,8 @@ from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
 Examples:
   calm eval --data test.jsonl --limit 100 --out results/eval
   calm eval --model ./my-checkpoint --data test.jsonl --measure classifier --thresholds 0.9,0.8,0.7
+  calm eval --data test.jsonl --limit 100 --static-layers 12,18,24 --out results/eval   # + static baselines
+  calm eval --data test.jsonl --tolerance 0.1 --consistency risk       # the knob's threshold only
   accelerate launch --multi_gpu --num_processes 2 -m calm.cli.main eval --data test.jsonl
   torchrun --nproc_per_node 2 -m calm.cli.main eval --data test.jsonl     # several CPU processes
 \b
@@ -50,9 +55,23 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Comma-separated thresholds λ in [0, 1] to sweep.",
 )
+@click.option(
+    "--static-layers",
+    callback=lambda ctx, param, value: int_list(ctx, param, value) if value else (),
+    default=None,
+    metavar="K,K,...",
+    help="Also run static exits: every token after the first leaves at layer K (a baseline at the same depth).",
+)
+@click.option(
+    "--lossless-point/--no-lossless-point",
+    default=True,
+    show_default=True,
+    help="Also run the lossless mode (exactly the full model's output) at its measured speed.",
+)
+@calibrated_knob_options
 @measure_option
 @min_exit_option
-@decay_tau_option
+@calibrated_decay_tau_option
 @run_options
 @speculative_options
 @doc_tokens_option
@@ -77,9 +96,14 @@ def eval_command(
     field_document: str,
     field_summary: str,
     thresholds: tuple[float, ...],
+    static_layers: tuple[int, ...],
+    lossless_point: bool,
+    speed: float | None,
+    tolerance: float | None,
+    consistency: str | None,
     measure: str | None,
     min_exit_layer: int | None,
-    decay_tau: float,
+    decay_tau: float | None,
     limit: int | None,
     max_new_tokens: int,
     batch_size: int,
@@ -94,13 +118,15 @@ def eval_command(
 ) -> None:
     """Sweep exit thresholds and score quality against speed.
 
-    For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
-    against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
-    wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
+    For the full model, each threshold (adaptive exits; the calibration's τ by default), each static exit,
+    the lossless mode and transformers' own generate, on the same batches: ROUGE-1/2/L against the
+    references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, prefill and decode time
+    and speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead."""
     from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
-    from calm.eval.sweep import EvalConfig, eval_device, run_eval
+    from calm.eval.shard import eval_device
+    from calm.eval.sweep import EvalConfig, run_eval
 
     config = EvalConfig(
         model=model_name,
@@ -109,6 +135,11 @@ def eval_command(
         measure=measure,
         min_exit_layer=min_exit_layer or 1,
         decay_tau=decay_tau,
+        static_layers=static_layers,
+        with_lossless=lossless_point,
+        speed=speed,
+        tolerance=tolerance,
+        consistency=consistency,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         document_field=field_document,
@@ -177,6 +208,15 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
     show_default=True,
     help="Threshold grid, most conservative (highest) first.",
 )
+@click.option(
+    "--consistency",
+    type=click.Choice(["textual", "risk"]),
+    default="textual",
+    show_default=True,
+    help="The objective the summary line reports: textual (D = 1 - ROUGE-L(early, full)) or risk "
+    "(max(0, R_full - R_early), R = ROUGE-L against the references). The table always holds both "
+    "(risk where every document has a reference summary).",
+)
 @measure_option
 @min_exit_option
 @decay_tau_option
@@ -210,6 +250,7 @@ def calibrate_command(
     epsilon: float,
     method: str,
     thresholds: tuple[float, ...],
+    consistency: str,
     measure: str | None,
     min_exit_layer: int | None,
     decay_tau: float,
@@ -224,13 +265,14 @@ def calibrate_command(
     """Certify the fastest exit threshold with Learn-then-Test.
 
     Runs the full model and every threshold of the grid on the calibration documents, measures per
-    example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
-    Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
+    example D = 1 - ROUGE-L(early, full) and, against the reference summaries, the risk loss
+    max(0, R_full - R_early), and tests from the most conservative threshold down with Hoeffding-Bentkus
+    p-values for each: the result holds mean loss <= δ with probability >= 1 - ε.
     """
     from calm.data import read_jsonl
     from calm.eval.calibrate import CalibrateConfig, calibrate
     from calm.eval.progress import progress_bar
-    from calm.eval.sweep import eval_device
+    from calm.eval.shard import eval_device
 
     config = CalibrateConfig(
         model=model_name,
@@ -247,6 +289,7 @@ def calibrate_command(
         limit=limit,
         max_doc_tokens=max_doc_tokens,
         decay_tau=decay_tau,
+        consistency=consistency,
     )
     records = read_jsonl(data, document_field=field_document, limit=limit)
     model = load_model(model_name, eval_device(device), dtype)

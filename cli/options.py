@@ -156,6 +156,35 @@ def decay_tau_option(f: F) -> F:
     )(f)
 
 
+def calibrated_decay_tau_option(f: F) -> F:
+    """--decay-tau for eval and bench: by default the schedule the model's calibration certified."""
+    return click.option(
+        "--decay-tau",
+        type=FiniteFloat(min=0.0),
+        default=None,
+        help=DECAY_HELP + f" Default: the calibration's τ where the model has one, else {ExitPolicy.decay_tau:g}.",
+    )(f)
+
+
+def calibrated_knob_options(f: F) -> F:
+    """--speed, --tolerance and --consistency for eval and bench: the knob's λ, read off the calibration."""
+    f = consistency_option(f)
+    f = click.option(
+        "--tolerance",
+        type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True),
+        default=None,
+        help="The calibrated knob: the threshold the calibration certifies at tolerance δ (eval: instead of "
+        "--thresholds; bench: a row beside the --policy ones).",
+    )(f)
+    return click.option(
+        "--speed",
+        type=FiniteFloat(0.0, 1.0, min_open=True),
+        default=None,
+        help="The calibrated knob: the threshold at this speed, 0 < speed <= 1 (1 = fastest certified; eval: "
+        "instead of --thresholds; bench: a row beside the --policy ones).",
+    )(f)
+
+
 CONSISTENCY_HELP = (
     "The calibrated objective --speed and --tolerance follow: textual (the output stays within δ of the full "
     "model's) or risk (its ROUGE-L against the references is no worse than the full model's by more than δ)."

@@ -19,7 +19,14 @@ from statistics import fmean
 
 import numpy as np
 
-from calm.calibration import CONSISTENCIES, RISK, TEXTUAL, CalibrationTable, build_calibration_table, fixed_sequence_test
+from calm.calibration import (
+    CONSISTENCIES,
+    RISK,
+    TEXTUAL,
+    CalibrationTable,
+    build_calibration_table,
+    fixed_sequence_test,
+)
 from calm.data import Record
 from calm.errors import InputError
 from calm.eval.grids import DEFAULT_GRID

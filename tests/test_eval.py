@@ -13,7 +13,7 @@ from rich.text import Text
 
 from calm.data import Record
 from calm.errors import InputError
-from calm.eval import sweep
+from calm.eval import shard, sweep
 from calm.eval.render import (
     STANDARD_PALETTE,
     SummaryPrinter,
@@ -90,7 +90,10 @@ def test_eval_writes_report(tiny_model, data, tmp_path):
     assert set(report["machine"]) >= {"platform", "cpu", "torch", "transformers", "command"}
     assert report["machine"]["command"].startswith("calm eval --model")
     points = {p["name"]: p for p in report["points"]}
-    assert list(points) == POINTS
+    assert list(points) == POINTS[:3] + ["lossless", "transformers"]
+    lossless = points["lossless"]  # no speculative measurement stored: lossless is the full model, not rerun
+    assert lossless["kind"] == "lossless" and lossless["same_as_full"] == 1.0
+    assert lossless["speedup_vs_full"] == pytest.approx(1.0) and not (out / "cache" / "lossless.jsonl").exists()
     keys = {
         "rouge1",
         "rouge2",
@@ -208,7 +211,7 @@ def test_eval_shards_and_rank0_merges(model, tmp_path, monkeypatch):
     )
     out = tmp_path / "out"
     for rank in (1, 0):  # rank 1 finishes first; rank 0 merges and reports
-        monkeypatch.setattr(sweep.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
+        monkeypatch.setattr(shard.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
         report = sweep.run_eval(model, records, config, out)
         assert (report is None) == (rank == 1)
     assert sorted(p.name for p in (out / "cache").glob("*.jsonl")) == sorted(
@@ -345,3 +348,46 @@ def test_speedups_compare_only_rows_timed_in_the_same_run():
     rows = [{"seconds": 1.0, "run": "a"}, {"seconds": 1.0, "run": "a"}, {"seconds": 1.0}]
     assert timed_speedup(base, rows) == 2.0  # only the first pair shares a run
     assert math.isnan(timed_speedup(base[1:], rows[1:]))  # other runs, or no run recorded
+
+
+def test_static_exits_count_the_first_token_at_full_depth(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval_cli(tiny_model, data, out, "--static-layers", "1,2", "--no-lossless-point")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    points = {p["name"]: p for p in report["points"]}
+    assert list(points) == ["full", "state@0.5", "state@0", "static@1", "static@2", "transformers"]
+    for k in (1, 2):
+        rows = [json.loads(line) for line in cache_lines(out, f"static@{k}")]
+        assert all(r["exit_layers"][0] == NUM_LAYERS and set(r["exit_layers"][1:]) <= {k} for r in rows)
+        tokens = sum(len(r["exit_layers"]) for r in rows)
+        expected = sum(NUM_LAYERS + k * (len(r["exit_layers"]) - 1) for r in rows) / tokens
+        assert points[f"static@{k}"]["kind"] == "static"
+        assert points[f"static@{k}"]["avg_layers"] == pytest.approx(expected) and expected > k
+    for p in points.values():  # time split into prefill and decode for calm's own engines
+        split = p["prefill_seconds"] + p["decode_seconds"] if p["kind"] != "transformers" else None
+        assert split is None or 0 < split <= p["seconds"] + 1e-6
+    markdown = (out / "eval.md").read_text()
+    assert "| static exit at layer 2 |" in markdown and "prefill s" in markdown and "decode speedup" in markdown
+
+
+def test_plot_labels_never_overlap():
+    from calm.eval.plots import _figure, place_labels
+
+    fig, ax = _figure()
+    items = [(29.9, 15.0, "λ=0.99"), (29.7, 15.02, "λ=0.98"), (29.5, 14.98, "λ=0.97"), (30.0, 15.0, "full")]
+    items += [(12.2, 5.0, "layer 12"), (18.2, 9.0, "layer 18"), (30.0, 15.01, "lossless")]
+    ax.plot([x for x, _, _ in items], [y for _, y, _ in items], "o")
+    ax.margins(0.15)
+    labels = place_labels(ax, items)
+    boxes = [a.get_window_extent(fig.canvas.get_renderer()) for a in labels]
+    assert len(boxes) == len(items)
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+
+
+def test_eval_config_static_layers_and_knob_checks():
+    with pytest.raises(InputError, match="static exit layers"):
+        sweep.EvalConfig(model="m", data="d.jsonl", static_layers=(0,))
+    config = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.9,), measure="state", static_layers=(2, 2))
+    static = [p for p in config.points() if p.kind == "static"]
+    assert [p.name for p in static] == ["static@2"] and static[0].policy == ExitPolicy.fixed(2)
