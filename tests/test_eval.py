@@ -391,3 +391,21 @@ def test_eval_config_static_layers_and_knob_checks():
     config = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.9,), measure="state", static_layers=(2, 2))
     static = [p for p in config.points() if p.kind == "static"]
     assert [p.name for p in static] == ["static@2"] and static[0].policy == ExitPolicy.fixed(2)
+
+
+def test_risk_loss_against_several_references():
+    from calm.eval.rouge import risk_loss, rouge_l_references, textual_loss
+
+    refs = ["the cat sat on the mat", "a cat was on the mat"]
+    full, early = "the cat sat on the mat", "the dog ran"
+    # ROUGE-L F1 by hand: full is ref 1 (1.0) and shares cat-on-the-mat with ref 2 (4 of 6 tokens: 2/3);
+    # early shares only "the" with each (P = 1/3, R = 1/6: F1 = 2/9)
+    assert rouge_l_references(full, refs) == pytest.approx((1.0 + 2 / 3) / 2)
+    assert rouge_l_references(early, refs) == pytest.approx(2 / 9)
+    assert risk_loss(early, full, refs) == pytest.approx((1.0 + 2 / 3) / 2 - 2 / 9)
+    assert risk_loss(full, early, refs) == 0.0  # better than the full model: clipped at 0
+    assert risk_loss(" the cat sat on the mat ", full, refs) == 0.0  # the same text
+    assert risk_loss(early, full, refs[:1]) == pytest.approx(1.0 - 2 / 9)  # one reference
+    assert textual_loss(early, full) == pytest.approx(1 - rouge_l_similarity(early, full))
+    with pytest.raises(ValueError, match="at least one reference"):
+        rouge_l_references(full, [])
