@@ -68,6 +68,13 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Also run the lossless mode (exactly the full model's output) at its measured speed.",
 )
+@click.option(
+    "--transformers/--no-transformers",
+    "with_transformers",
+    default=True,
+    show_default=True,
+    help="Also time transformers' own generate on the same batches (a baseline point).",
+)
 @calibrated_knob_options
 @measure_option
 @min_exit_option
@@ -98,6 +105,7 @@ def eval_command(
     thresholds: tuple[float, ...],
     static_layers: tuple[int, ...],
     lossless_point: bool,
+    with_transformers: bool,
     speed: float | None,
     tolerance: float | None,
     consistency: str | None,
@@ -137,6 +145,7 @@ def eval_command(
         decay_tau=decay_tau,
         static_layers=static_layers,
         with_lossless=lossless_point,
+        with_transformers=with_transformers,
         speed=speed,
         tolerance=tolerance,
         consistency=consistency,
