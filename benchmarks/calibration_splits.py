@@ -43,8 +43,11 @@ def settings(args) -> dict:
         "model": args.model,
         "thresholds": [r["threshold"] for r in config["rows"]],
         **{k: config.get(k) for k in keys},
-        "parts": {"calib": [args.calib, args.calib_limit, args.calib_dir], "test": [args.test, args.test_limit, args.test_dir]},
-    }  # fmt: skip
+        "parts": {
+            "calib": [args.calib, args.calib_limit, args.calib_dir],
+            "test": [args.test, args.test_limit, args.test_dir],
+        },
+    }
 
 
 def part_losses(model, records, meta: dict, work_dir: str) -> dict:
@@ -114,9 +117,11 @@ def pooled(cached: dict) -> dict[str, np.ndarray]:
         "layer_sum": np.array([e["layer_sum"] for e in examples], dtype=float).T,
         "tokens": np.array([e["tokens"] for e in examples], dtype=float).T,
         "full_tokens": np.array([e["full_tokens"] for e in examples], dtype=float),
-        "decode_s": np.array([e["decode_s"] if t else [math.nan] * len(e["textual"]) for e, t in zip(examples, timed)]).T,
+        "decode_s": np.array(
+            [e["decode_s"] if t else [math.nan] * len(e["textual"]) for e, t in zip(examples, timed)]
+        ).T,
         "full_decode_s": np.array([e["full_decode_s"] if t else math.nan for e, t in zip(examples, timed)]),
-    }  # fmt: skip
+    }
 
 
 def depth_and_speed(data: dict, index: int | None, idx: np.ndarray, num_layers: int) -> tuple[float, float]:
