@@ -261,10 +261,6 @@ class CalmModel:
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
         )
         run = resolve_mode(self, mode, False, draft_layer, max_draft, lookup=lookup, batch_size=batch.ids.shape[0])
-        if consistency is not None and speed is None and tolerance is None:
-            raise InputError(
-                "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
-            )
         policy = self._generation_policy(policy, speed, tolerance, run, consistency)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -291,6 +287,10 @@ class CalmModel:
     ) -> ExitPolicy:
         """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
         full model (lossless: its run's policy, or the draft controller given)."""
+        if consistency is not None and speed is None and tolerance is None:
+            raise InputError(
+                "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
+            )
         if speed is not None or tolerance is not None:
             if policy is not None:
                 raise InputError("give either policy= or a knob (speed= or tolerance=), not both")

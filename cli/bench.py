@@ -95,9 +95,6 @@ def bench_command(
     new_tokens: int,
     repeats: int,
     policies: tuple[str, ...],
-    speed: float | None,
-    tolerance: float | None,
-    consistency: str | None,
     decay_tau: float | None,
     with_transformers: bool,
     mode: str,
@@ -108,6 +105,7 @@ def bench_command(
     max_doc_tokens: int | None,
     engine: str,
     out: str,
+    **knob: float | str | None,  # --speed, --tolerance, --consistency
 ) -> None:
     """Measure tokens/s and ms/token per batch size.
 
@@ -122,7 +120,7 @@ def bench_command(
 
     documents = _documents(data, field_document, max(batch_sizes))
     model = load_model(model_name, device, dtype)
-    policies, decay_tau = knob_specs(model, policies, decay_tau, speed, tolerance, consistency)
+    policies, decay_tau = knob_specs(model, policies, decay_tau, **knob)  # type: ignore[arg-type]
     policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft, lookup)
     config = BenchConfig(
         model=model_name,

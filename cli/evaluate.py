@@ -3,6 +3,8 @@ calibration written into a checkpoint. The work is done by calm.eval, imported i
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from calm.cli.common import command_line, load_model
@@ -95,35 +97,7 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.",
 )
-def eval_command(
-    model_name: str,
-    device: str,
-    dtype: str | None,
-    data: str,
-    field_document: str,
-    field_summary: str,
-    thresholds: tuple[float, ...],
-    static_layers: tuple[int, ...],
-    lossless_point: bool,
-    with_transformers: bool,
-    speed: float | None,
-    tolerance: float | None,
-    consistency: str | None,
-    measure: str | None,
-    min_exit_layer: int | None,
-    decay_tau: float | None,
-    limit: int | None,
-    max_new_tokens: int,
-    batch_size: int,
-    mode: str,
-    lossless: bool,
-    draft_layer: int | None,
-    max_draft: int | None,
-    lookup: bool,
-    max_doc_tokens: int | None,
-    out: str,
-    resume: bool,
-) -> None:
+def eval_command(model_name: str, device: str, dtype: str | None, out: str, resume: bool, **options: Any) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold (adaptive exits; the calibration's τ by default), each static exit,
@@ -134,34 +108,15 @@ def eval_command(
     from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
     from calm.eval.shard import eval_device
-    from calm.eval.sweep import EvalConfig, run_eval
+    from calm.eval.sweep import run_eval
 
-    config = EvalConfig(
-        model=model_name,
-        data=data,
-        thresholds=thresholds,
-        measure=measure,
-        min_exit_layer=min_exit_layer or 1,
-        decay_tau=decay_tau,
-        static_layers=static_layers,
-        with_lossless=lossless_point,
-        with_transformers=with_transformers,
-        speed=speed,
-        tolerance=tolerance,
-        consistency=consistency,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        document_field=field_document,
-        summary_field=field_summary,
-        limit=limit,
-        max_doc_tokens=max_doc_tokens,
-        mode="speculative" if lossless else mode,
-        draft_layer=draft_layer,
-        max_draft=max_draft,
-        lookup=lookup,
-    )
+    config = _eval_config(model_name, options)
     records = read_jsonl(
-        data, document_field=field_document, summary_field=field_summary, require_summary=True, limit=limit
+        config.data,
+        document_field=config.document_field,
+        summary_field=config.summary_field,
+        require_summary=True,
+        limit=config.limit,
     )
     model = load_model(model_name, eval_device(device), dtype)
     with progress_bar("eval") as update:
@@ -169,6 +124,22 @@ def eval_command(
     if report is not None:
         click.echo(report.to_markdown())
         click.echo(f"wrote {out}/eval.json, eval.md, rouge_vs_layers.png, rouge_vs_speedup.png", err=True)
+
+
+def _eval_config(model_name: str, o: dict[str, Any]) -> Any:
+    """The EvalConfig of calm eval's options (renamed where the option and the field differ)."""
+    from calm.eval.sweep import EvalConfig
+
+    lossless = o.pop("lossless")
+    return EvalConfig(
+        model=model_name,
+        document_field=o.pop("field_document"),
+        summary_field=o.pop("field_summary"),
+        with_lossless=o.pop("lossless_point"),
+        min_exit_layer=o.pop("min_exit_layer") or 1,
+        mode="speculative" if lossless else o.pop("mode"),
+        **{k: v for k, v in o.items() if k != "mode"},
+    )
 
 
 # ---- calm calibrate ----------------------------------------------------------------------------
@@ -273,10 +244,9 @@ def calibrate_command(
 ) -> None:
     """Certify the fastest exit threshold with Learn-then-Test.
 
-    Runs the full model and every threshold of the grid on the calibration documents, measures per
-    example D = 1 - ROUGE-L(early, full) and, against the reference summaries, the risk loss
-    max(0, R_full - R_early), and tests from the most conservative threshold down with Hoeffding-Bentkus
-    p-values for each: the result holds mean loss <= δ with probability >= 1 - ε.
+    Runs the full model and every threshold of the grid on the calibration documents, measures per example
+    D = 1 - ROUGE-L(early, full) and the risk loss max(0, R_full - R_early) against the references, and tests
+    from the most conservative threshold down (Hoeffding-Bentkus): mean loss <= δ with probability >= 1 - ε.
     """
     from calm.data import read_jsonl
     from calm.eval.calibrate import CalibrateConfig, calibrate
@@ -308,6 +278,5 @@ def calibrate_command(
         return
     model.calibration = run.checkpoint_table(config)
     model.save_pretrained(out, extra={"calibrate_command": command_line()})
-    click.echo(run.table_markdown())
-    click.echo(run.summary)
+    click.echo(run.table_markdown() + "\n" + run.summary)
     click.echo(f"wrote {out}", err=True)
