@@ -110,6 +110,8 @@ class EvalReport:
             "(– where no batch was). The lossless point is exactly the full model's output.",
             "",
         ]
+        if c.get("lossless_run"):
+            lines += [f"Lossless at batch size {c['batch_size']}: {c['lossless_run']}.", ""]
         return "\n".join(lines + machine_markdown(self.machine))
 
 
