@@ -409,3 +409,25 @@ def test_risk_loss_against_several_references():
     assert textual_loss(early, full) == pytest.approx(1 - rouge_l_similarity(early, full))
     with pytest.raises(ValueError, match="at least one reference"):
         rouge_l_references(full, [])
+
+
+def test_eval_takes_the_knob_and_the_calibrations_schedule(model):
+    from dataclasses import replace
+
+    from calm.calibration import CalibrationRow, CalibrationTable
+
+    rows = tuple(
+        CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r in ((0.9, 0.01, 0.0), (0.5, 0.3, 0.02))
+    )
+    table = CalibrationTable(
+        rows, 0, delta=0.1, epsilon=0.1, n=200, method="hb", measure="state", decay_tau=0.0, risk_certified_index=1
+    )
+    calibrated = CalmModel(model.model, model.tokenizer, calibration=table)
+    base = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.7,), decay_tau=None, measure="state")
+    assert base.for_model(calibrated).decay_tau == 0.0 and base.for_model(model).decay_tau == ExitPolicy.decay_tau
+    knob = replace(base, tolerance=0.1, consistency="risk").for_model(calibrated)
+    assert knob.thresholds == (0.5,) and knob.decay_tau == 0.0 and knob.measure == "state"
+    assert replace(base, speed=1.0).for_model(calibrated).thresholds == (0.9,)
+    with pytest.raises(InputError, match="--consistency picks"):
+        replace(base, consistency="risk").for_model(calibrated)
