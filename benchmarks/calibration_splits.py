@@ -191,47 +191,68 @@ def threshold_rows(data: dict, thresholds: list[float], num_layers: int) -> list
     return rows
 
 
+SPLIT_COLUMNS = (
+    "objective", "δ", "violations", "rate", "≤ ε", "certified in", "mean λ", "mean test loss", "max test loss",
+    "avg layers", "decode speedup",
+)  # fmt: skip
+THRESHOLD_COLUMNS = ("λ", "mean D (textual)", "mean risk", "documents with risk > 0", "avg layers", "decode speedup")
+NOTE = (
+    "A violation: the test part's mean loss above δ. Layers and decode speedup (prefill excluded) are the "
+    "certified threshold's on each split's test part; where nothing is certified the knob runs the full "
+    "model (30 layers, 1×, loss 0). Decode speedups count only documents whose full-depth and threshold "
+    "outputs were timed in the same run (the same batch)."
+)
+
+
+def split_cells(r: dict) -> list[str]:
+    return [
+        r["consistency"],
+        f"{r['delta']:g}",
+        f"{r['violations']}/{r['splits']}",
+        f"{r['violation_rate']:.2f}",
+        "yes" if r["within_epsilon"] else "**no**",
+        f"{100 * r['certified_share']:.0f}%",
+        "–" if r["mean_lambda"] is None else f"{r['mean_lambda']:.3f}",
+        f"{r['mean_test_loss']:.4f}",
+        f"{r['max_test_loss']:.4f}",
+        f"{r['mean_layers']:.2f}",
+        format_speedup(r["mean_decode_speedup"] or math.nan),
+    ]
+
+
+def threshold_cells(r: dict) -> list[str]:
+    return [
+        f"{r['threshold']:g}",
+        f"{r['mean_textual']:.4f}",
+        f"{r['mean_risk']:.4f}",
+        f"{100 * r['risk_nonzero_share']:.0f}%",
+        f"{r['avg_layers']:.2f}",
+        format_speedup(r["decode_speedup"] or math.nan),
+    ]
+
+
+def table(columns: tuple[str, ...], cells: list[list[str]]) -> list[str]:
+    """A Markdown table: text columns left, numbers right."""
+    align = ["---" if i == 0 else "---:" for i in range(len(columns))]
+    return ["| " + " | ".join(row) + " |" for row in (list(columns), align, *cells)]
+
+
 def markdown(report: dict) -> str:
-    s = report["settings"]
-    lines = [
-        f"# Calibration splits: {s['model']}, textual and risk consistency",
-        "",
-        f"{report['splits']} random {round(100 * report['calib_share'])}/{round(100 - 100 * report['calib_share'])} "
-        f"splits of {report['n']} documents (calib ∪ test: {report['n_calib']} of `{s['parts']['calib'][0]}` and "
-        f"{report['n_test']} of `{s['parts']['test'][0]}`), measure {s['measure']} (τ={s['decay_tau']:g}), "
-        f"max {s['max_new_tokens']} new tokens, documents cut to {s['max_doc_tokens']} tokens, Learn-then-Test "
-        f"(hb, ε = {report['epsilon']:g}) over λ ∈ {{{', '.join(f'{t:g}' for t in s['thresholds'])}}}.",
-        "",
-        "| objective | δ | violations | rate | ≤ ε | certified in | mean λ | mean test loss | max test loss "
-        "| avg layers | decode speedup |",
-        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["rows"]:
-        lam = "–" if r["mean_lambda"] is None else f"{r['mean_lambda']:.3f}"
-        lines.append(
-            f"| {r['consistency']} | {r['delta']:g} | {r['violations']}/{r['splits']} | {r['violation_rate']:.2f} | "
-            f"{'yes' if r['within_epsilon'] else '**no**'} | {100 * r['certified_share']:.0f}% | {lam} | "
-            f"{r['mean_test_loss']:.4f} | {r['max_test_loss']:.4f} | {r['mean_layers']:.2f} | "
-            f"{format_speedup(r['mean_decode_speedup'] or math.nan)} |"
-        )
-    lines += [
-        "",
-        "A violation: the test part's mean loss above δ. Layers and decode speedup (prefill excluded) are the "
-        "certified threshold's on each split's test part; where nothing is certified the knob runs the full "
-        "model (30 layers, 1×, loss 0). Decode speedups count only documents whose full-depth and threshold "
-        "outputs were timed in the same run (the same batch).",
-        "",
-        "Per threshold, over all documents:",
-        "",
-        "| λ | mean D (textual) | mean risk | documents with risk > 0 | avg layers | decode speedup |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['threshold']:g} | {r['mean_textual']:.4f} | {r['mean_risk']:.4f} | {100 * r['risk_nonzero_share']:.0f}% "
-        f"| {r['avg_layers']:.2f} | {format_speedup(r['decode_speedup'] or math.nan)} |"
-        for r in report["thresholds"]
-    ]
-    return "\n".join(lines + ["", *machine_markdown(report["machine"])])
+    s, share = report["settings"], round(100 * report["calib_share"])
+    grid = ", ".join(f"{t:g}" for t in s["thresholds"])
+    intro = (
+        f"{report['splits']} random {share}/{100 - share} splits of {report['n']} documents (calib ∪ test: "
+        f"{report['n_calib']} of `{s['parts']['calib'][0]}` and {report['n_test']} of `{s['parts']['test'][0]}`), "
+        f"measure {s['measure']} (τ={s['decay_tau']:g}), max {s['max_new_tokens']} new tokens, documents cut to "
+        f"{s['max_doc_tokens']} tokens, Learn-then-Test (hb, ε = {report['epsilon']:g}) over λ ∈ {{{grid}}}."
+    )
+    return "\n".join(
+        [f"# Calibration splits: {s['model']}, textual and risk consistency", "", intro, ""]
+        + table(SPLIT_COLUMNS, [split_cells(r) for r in report["rows"]])
+        + ["", NOTE, "", "Per threshold, over all documents:", ""]
+        + table(THRESHOLD_COLUMNS, [threshold_cells(r) for r in report["thresholds"]])
+        + ["", *machine_markdown(report["machine"])]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
