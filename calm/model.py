@@ -240,11 +240,10 @@ class CalmModel:
         output, by speculative decoding with the setting this checkpoint measured fastest for the batch's
         row count, or the full model where no stored measurement pays (calm.lossless; `result.decoding`
         says which ran and why). "calm": early exits follow `policy`, or the calibrated knob `speed` or
-        `tolerance` (see `policy()`; `consistency` names the objective they follow); none: the full model.
-        "speculative": lossless, always speculative:
-        layers 1..draft_layer draft up to max_draft tokens (default: the stored measurement, else L/2
-        and 4) while the policy's measure is confident at its λ (default: the stored controller, the
-        classifier λ=0.7 with trained heads, else always), and the full model verifies them (see
+        `tolerance` (see `policy()`, also for `consistency`); none: the full model. "speculative": lossless,
+        always speculative: layers 1..draft_layer draft up to max_draft tokens (default: the stored
+        measurement, else L/2 and 4) while the policy's measure is confident at its λ (default: the stored
+        controller, the classifier λ=0.7 with trained heads, else always), and the full model verifies them (see
         calm.speculative). draft_layer=0: drafts are looked up in the prompt and output (calm.lookup) and
         every layer verifies them; lookup=True: such drafts first, from layer draft_layer in a step where
         no row's lookup finds any.

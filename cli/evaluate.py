@@ -15,10 +15,10 @@ from calm.cli.options import (
     decay_tau_option,
     doc_tokens_option,
     float_list,
-    int_list,
     measure_option,
     min_exit_option,
     model_options,
+    optional_int_list,
     run_options,
     speculative_options,
 )
@@ -59,7 +59,7 @@ as several processes, it shards the documents; process 0 writes the report.
 )
 @click.option(
     "--static-layers",
-    callback=lambda ctx, param, value: int_list(ctx, param, value) if value else (),
+    callback=optional_int_list,
     default=None,
     metavar="K,K,...",
     help="Also run static exits: every token after the first leaves at layer K (a baseline at the same depth).",

@@ -77,6 +77,11 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     return values
 
 
+def optional_int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """int_list for an option that may be left out (nothing: an empty tuple)."""
+    return () if value is None else int_list(ctx, param, value)
+
+
 def policy_specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     from calm.bench import parse_run_spec
 
