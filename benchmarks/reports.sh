@@ -10,6 +10,7 @@
 #   4c. the exit replay: the oracle's layers with these heads, layers vs token errors per measure, and
 #       whether richer head shapes (full-rank, MLP) would help, and what CALM fine-tuning costs here (issue 3)
 #   5. certified thresholds for δ in {0.05, 0.1, 0.2} checked on the test split           (issue 4)
+#   5b. adaptive vs static exits vs lossless on test; 50 calib/test splits, textual and risk consistency (issue 19)
 #   6. bench: tokens/s at batch sizes 1, 8, 32, full depth vs exit policies vs transformers (issue 5),
 #      on documents cut to 256 tokens and, at batch 1 and 8, to 1024 tokens
 #   7. the static decode path: host syncs per token, dynamic vs static, and dynamic vs static vs
@@ -40,6 +41,16 @@ cp build/eval-smollm2-test-tau0/eval.{json,md} build/eval-smollm2-test-tau0/roug
     --eval benchmarks/results/eval_smollm2_cpu_tau0/eval.json
 "$PY" benchmarks/head_capacity.py --layers 15,20
 "$PY" benchmarks/finetune_cost.py --steps 4
+# 5b. adaptive vs static exits vs lossless on test (the calibration's τ), then CALM's validation protocol:
+#     50 random 80/20 splits of calib ∪ test for textual and risk consistency, reusing both sweeps' caches (issue 19)
+"$CALM" eval --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 --max-doc-tokens 256 \
+    --max-new-tokens 32 --measure classifier --thresholds 0.99,0.98,0.97,0.96,0.95 --static-layers 12,18,24 \
+    --no-transformers --out build/eval-smollm2-test-risk
+mkdir -p benchmarks/results/eval_smollm2_static
+cp build/eval-smollm2-test-risk/eval.{json,md} build/eval-smollm2-test-risk/rouge_vs_*.png benchmarks/results/eval_smollm2_static/
+"$PY" benchmarks/calibration_splits.py --model calm/assets/smollm2 --calib "$DATA/calib.jsonl" --calib-limit 120 \
+    --calib-dir build/calibrate-smollm2 --test "$DATA/test.jsonl" --test-limit 100 \
+    --test-dir build/eval-smollm2-test-risk --out benchmarks/results
 "$PY" benchmarks/calibration_report.py --model calm/assets/smollm2 --data "$DATA/test.jsonl" --limit 100 \
     --deltas 0.05,0.1,0.2 --eval-dir build/eval-smollm2-test-tau0 --out benchmarks/results
 "$CALM" bench --model calm/assets/smollm2 --data "$DATA/test.jsonl" --batch-sizes 1,8,32 --new-tokens 32 \

@@ -146,6 +146,32 @@ def speculative_specs(
     return tuple(f"{SPEC}:{e}:{k}:{p}{suffix}" for p in policies)
 
 
+def knob_specs(
+    model: CalmModel,
+    policies: Sequence[str],
+    decay_tau: float | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    consistency: str | None = None,
+) -> tuple[tuple[str, ...], float]:
+    """The policy specs with the calibrated knob's own appended (where speed or tolerance is given), and the
+    schedule τ they run under: the one given, else the calibration's (so `classifier:λ` here is the knob's
+    policy at λ), else ExitPolicy's default."""
+    from calm.knob import calibrated_decay_tau, check_consistency_knob, resolve_policy
+
+    if speed is None and tolerance is None:
+        check_consistency_knob(consistency)
+        if consistency is not None:
+            raise InputError("--consistency picks the objective --speed or --tolerance follows; give one of them")
+        if decay_tau is None:
+            decay_tau = ExitPolicy.decay_tau if model.calibration is None else calibrated_decay_tau(model.calibration)
+        return tuple(policies), decay_tau
+    knob = resolve_policy(model, speed=speed, tolerance=tolerance, decay_tau=decay_tau, consistency=consistency).policy
+    if knob.never_exits:
+        return tuple(policies), knob.decay_tau if decay_tau is None else decay_tau
+    return (*policies, f"{knob.measure}:{knob.threshold!r}"), knob.decay_tau
+
+
 # ---- the benchmark ----------------------------------------------------------------------------
 
 

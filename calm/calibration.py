@@ -1,6 +1,11 @@
 """The calibration table: per-threshold statistics of a Learn-then-Test run (calm.ltt), stored in calm
 checkpoints, read by the speed and tolerance knobs.
 
+Each row holds the losses of two objectives (CALM's two consistencies): textual, D = 1 − ROUGE-L(early,
+full), and risk, max(0, R_full − R_early) with R the ROUGE-L F1 against the references. Tables made
+before risk consistency hold only the textual columns; they load, and asking them for risk is a
+CalibrationError.
+
 The Learn-then-Test names (p-values, fixed-sequence testing, ltt_calibrate) are re-exported here, so
 `from calm.calibration import ...` reaches the whole calibration.
 """
@@ -14,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.errors import CalibrationError
 from calm.ltt import (
     METHODS,
     CalibrationOutcome,
@@ -38,13 +44,27 @@ __all__ = [
     "fixed_sequence_test_means",
     "CalibrationOutcome",
     "ltt_calibrate",
+    "CONSISTENCIES",
     "CalibrationRow",
     "CalibrationTable",
     "build_calibration_table",
 ]
 
 _TABLE_FORMAT = "calm.calibration_table"
-_TABLE_VERSION = 1
+_TABLE_VERSION = 1  # risk columns are optional fields of version 1: older readers ignore them
+TEXTUAL, RISK = "textual", "risk"
+CONSISTENCIES = (TEXTUAL, RISK)
+NO_RISK = (
+    "this calibration table has no risk-consistency rows (it was made before calm calibrate computed risk "
+    "against the reference summaries); run calm calibrate again on documents with references, or use "
+    "consistency 'textual'"
+)
+
+
+def check_consistency(consistency: str) -> str:
+    if consistency not in CONSISTENCIES:
+        raise CalibrationError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}")
+    return consistency
 
 
 @dataclass(frozen=True)
@@ -59,24 +79,47 @@ class CalibrationRow:
     avg_layers: float
     speedup: float  # wall clock vs full depth; NaN where not timed in one run
     pvalue: float
+    # risk consistency: max(0, R_full − R_early) against the references; None in tables made without it
+    risk_mean_loss: float | None = None
+    risk_q90: float | None = None
+    risk_pvalue: float | None = None
 
     def __post_init__(self) -> None:
-        for name in _ROW_FIELDS:
+        for name in _ROW_FIELDS + _RISK_FIELDS:
             raw = getattr(self, name)
+            if raw is None and name in _RISK_FIELDS:
+                continue
             value = math.nan if raw is None and name == "speedup" else float(raw)
             if not math.isfinite(value) and not (name == "speedup" and math.isnan(value)):
                 raise ValueError(f"CalibrationRow.{name} must be finite, got {value!r}")
             object.__setattr__(self, name, value)
+        if len({getattr(self, name) is None for name in _RISK_FIELDS}) > 1:
+            raise ValueError("CalibrationRow needs all of risk_mean_loss, risk_q90 and risk_pvalue, or none")
+
+    @property
+    def has_risk(self) -> bool:
+        return self.risk_mean_loss is not None
+
+    def mean_for(self, consistency: str) -> float:
+        """The mean loss of one objective (risk: a CalibrationError where the row has none)."""
+        if check_consistency(consistency) == TEXTUAL:
+            return self.mean_loss
+        if self.risk_mean_loss is None:
+            raise CalibrationError(NO_RISK)
+        return self.risk_mean_loss
 
     def to_dict(self) -> dict[str, float | None]:
-        """Fields as floats; a speedup that was not measured (NaN) as None."""
+        """Fields as floats; a speedup that was not measured (NaN) as None; risk fields where present."""
         row: dict[str, float | None] = {name: float(getattr(self, name)) for name in _ROW_FIELDS}
         if math.isnan(self.speedup):
             row["speedup"] = None
+        if self.has_risk:
+            row.update({name: float(getattr(self, name)) for name in _RISK_FIELDS})
         return row
 
 
 _ROW_FIELDS = ("threshold", "mean_loss", "q50", "q90", "q95", "avg_layers", "speedup", "pvalue")
+_RISK_FIELDS = ("risk_mean_loss", "risk_q90", "risk_pvalue")
 
 
 _SETTING_FIELDS = ("measure", "min_exit_layer", "decay_tau", "max_new_tokens", "max_doc_tokens", "data")
@@ -110,6 +153,7 @@ class CalibrationTable:
     max_new_tokens: int | None = None
     max_doc_tokens: int | None = None
     data: str | None = None  # the calibration documents
+    risk_certified_index: int | None = None  # the row risk consistency certifies at delta (None: none, or no risk)
 
     def __post_init__(self) -> None:
         rows = tuple(self.rows)
@@ -117,9 +161,14 @@ class CalibrationTable:
         if not rows:
             raise ValueError("CalibrationTable needs at least one row")
         check_thresholds([r.threshold for r in rows], len(rows))
-        idx = self.certified_index
-        if idx is not None and (isinstance(idx, bool) or not 0 <= idx < len(rows)):
-            raise ValueError(f"certified_index must be None or in [0, {len(rows) - 1}], got {idx!r}")
+        for name in ("certified_index", "risk_certified_index"):
+            idx = getattr(self, name)
+            if idx is not None and (isinstance(idx, bool) or not 0 <= idx < len(rows)):
+                raise ValueError(f"{name} must be None or in [0, {len(rows) - 1}], got {idx!r}")
+        if len({r.has_risk for r in rows}) > 1:
+            raise ValueError("either every calibration row has risk-consistency losses or none has")
+        if self.risk_certified_index is not None and not self.has_risk:
+            raise ValueError("risk_certified_index needs rows with risk-consistency losses")
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -143,6 +192,25 @@ class CalibrationTable:
         return None if idx is None else self.rows[idx]
 
     @property
+    def has_risk(self) -> bool:
+        """Whether the rows hold risk-consistency losses (tables made before them do not)."""
+        return self.rows[0].has_risk
+
+    def require(self, consistency: str) -> str:
+        """The consistency, checked: a known name, and risk only where the table has its rows."""
+        if check_consistency(consistency) == RISK and not self.has_risk:
+            raise CalibrationError(NO_RISK)
+        return consistency
+
+    def certified_index_for(self, consistency: str = TEXTUAL) -> int | None:
+        """The row certified at the table's δ for one objective."""
+        return self.certified_index if self.require(consistency) == TEXTUAL else self.risk_certified_index
+
+    def mean_losses(self, consistency: str = TEXTUAL) -> tuple[float, ...]:
+        self.require(consistency)
+        return tuple(r.mean_for(consistency) for r in self.rows)
+
+    @property
     def thresholds(self) -> tuple[float, ...]:
         return tuple(r.threshold for r in self.rows)
 
@@ -151,27 +219,26 @@ class CalibrationTable:
         idx = self.certified_index
         return None if idx is None else self.rows[idx].threshold
 
-    def threshold_for_tolerance(self, delta: float) -> float | None:
-        """The least conservative threshold certified at risk tolerance delta (at the table's epsilon
-        and method), or None when none is."""
+    def threshold_for_tolerance(self, delta: float, consistency: str = TEXTUAL) -> float | None:
+        """The least conservative threshold certified at tolerance delta for one objective (at the
+        table's epsilon and method), or None when none is."""
         if self.n is None or self.epsilon is None:
             raise ValueError("this calibration table records no sample size or epsilon")
         if self.n < MIN_CALIBRATION_DOCUMENTS:
             return None
-        ltt = fixed_sequence_test_means(
-            [r.mean_loss for r in self.rows], self.n, delta, self.epsilon, self.method or "hb"
-        )
+        means = self.mean_losses(consistency)
+        ltt = fixed_sequence_test_means(means, self.n, delta, self.epsilon, self.method or "hb")
         return None if ltt.certified_index is None else self.rows[ltt.certified_index].threshold
 
-    def speed_to_threshold(self, speed: float) -> float:
+    def speed_to_threshold(self, speed: float, consistency: str = TEXTUAL) -> float:
         """Map a knob in [0, 1] to a threshold: 0 -> most conservative row,
-        1 -> certified row. In between, the target average depth is linearly
+        1 -> the row certified for `consistency`. In between, the target average depth is linearly
         interpolated and the row closest to it from the conservative side
         (avg_layers >= target) is returned."""
         speed = float(speed)
         if not (0.0 <= speed <= 1.0):  # also False for NaN
             raise ValueError(f"speed must be in [0, 1], got {speed!r}")
-        c = self.certified_index
+        c = self.certified_index_for(consistency)
         if c is None:
             raise ValueError(
                 "no threshold is certified in this calibration table; run the full model instead of early exiting"
@@ -199,6 +266,7 @@ class CalibrationTable:
             "method": self.method,
             "rows": [r.to_dict() for r in self.rows],
             **settings,
+            **({"risk_certified_index": self.risk_certified_index} if self.has_risk else {}),
         }
 
     @classmethod
@@ -210,16 +278,20 @@ class CalibrationTable:
         if "rows" not in data:
             raise ValueError("calibration table dict is missing 'rows'")
         try:
-            rows = tuple(CalibrationRow(**{k: row[k] for k in _ROW_FIELDS}) for row in data["rows"])
+            rows = tuple(
+                CalibrationRow(**{k: row[k] for k in _ROW_FIELDS}, **{k: row.get(k) for k in _RISK_FIELDS})
+                for row in data["rows"]
+            )
         except KeyError as exc:
             raise ValueError(f"calibration table row is missing field {exc}") from None
-        idx = data.get("certified_index")
+        idx, risk_idx = data.get("certified_index"), data.get("risk_certified_index")
         n = data.get("n")
         if n is not None and int(n) < MIN_CALIBRATION_DOCUMENTS:
             idx = None  # an older table from too few documents: never used by the knob
         return cls(
             rows=rows,
             certified_index=None if idx is None else int(idx),
+            risk_certified_index=None if risk_idx is None else int(risk_idx),
             delta=_optional_float(data.get("delta")),
             epsilon=_optional_float(data.get("epsilon")),
             n=None if n is None else int(n),
@@ -234,8 +306,10 @@ def build_calibration_table(
     avg_layers: Sequence[float],
     speedup: Sequence[float],
     ltt: LTTResult,
+    risk_losses: np.ndarray | None = None,
 ) -> CalibrationTable:
-    """Summarise per-threshold losses into a CalibrationTable using ``ltt``'s p-values."""
+    """Summarise per-threshold losses into a CalibrationTable using ``ltt``'s p-values; with
+    ``risk_losses`` ([K, n], the same examples), the risk columns too, tested at ``ltt``'s δ, ε and method."""
     arr = check_losses(losses)
     k = arr.shape[0]
     values = check_thresholds(thresholds, k)
@@ -248,9 +322,25 @@ def build_calibration_table(
         raise ValueError(f"ltt.n={ltt.n} but losses has n={arr.shape[1]} examples")
     q50, q90, q95 = np.quantile(arr, [0.5, 0.9, 0.95], axis=1)
     means = arr.mean(axis=1)
+    risk: list[dict[str, float]] = [{} for _ in range(k)]
+    risk_index = None
+    if risk_losses is not None:
+        risk_arr = check_losses(risk_losses)
+        if risk_arr.shape != arr.shape:
+            raise ValueError(f"risk_losses has shape {risk_arr.shape}, losses {arr.shape}; they must agree")
+        risk_ltt = fixed_sequence_test(risk_arr, ltt.delta, ltt.epsilon, ltt.method)
+        risk_q90 = np.quantile(risk_arr, 0.9, axis=1)
+        risk = [
+            {"risk_mean_loss": m, "risk_q90": q, "risk_pvalue": p}
+            for m, q, p in zip(risk_arr.mean(axis=1), risk_q90, risk_ltt.pvalues)
+        ]
+        risk_index = risk_ltt.certified_index
     rows = tuple(
-        CalibrationRow(values[i], means[i], q50[i], q90[i], q95[i], avg_layers[i], speedup[i], ltt.pvalues[i])
+        CalibrationRow(
+            values[i], means[i], q50[i], q90[i], q95[i], avg_layers[i], speedup[i], ltt.pvalues[i], **risk[i]
+        )
         for i in range(k)
     )
     certified = ltt.certified_index if ltt.n >= MIN_CALIBRATION_DOCUMENTS else None
-    return CalibrationTable(rows, certified, ltt.delta, ltt.epsilon, ltt.n, ltt.method)
+    risk_index = risk_index if ltt.n >= MIN_CALIBRATION_DOCUMENTS else None
+    return CalibrationTable(rows, certified, ltt.delta, ltt.epsilon, ltt.n, ltt.method, risk_certified_index=risk_index)

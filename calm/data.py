@@ -1,4 +1,5 @@
-"""Reading documents: JSONL records (`document`, optional `summary`) and plain text files, with
+"""Reading documents: JSONL records (`document`, optional `summary`: one reference summary, or a list of
+them) and plain text files, with
 clear errors for empty files, missing fields and bad encodings (prompts: calm.prompts)."""
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ __all__ = ["SUMMARY_PROMPT", "Record", "parse_jsonl", "read_jsonl", "read_text",
 class Record:
     id: str
     document: str
-    summary: str | None = None
+    summary: str | None = None  # the (first) reference summary
+    references: tuple[str, ...] = ()  # every reference, where the summary field holds a list of them
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        """The reference summaries: the list given, else the one summary (none: empty)."""
+        return self.references or ((self.summary,) if self.summary else ())
 
 
 def read_jsonl(
@@ -94,10 +101,14 @@ def _record(
     if not isinstance(document, str) or not document.strip():
         raise InputError(f"{where}: field {document_field!r} is empty or not text")
     summary = obj.get(summary_field) if summary_field else None
+    references: tuple[str, ...] = ()
+    if isinstance(summary, list):
+        references = tuple(s for s in summary if isinstance(s, str) and s.strip())
+        summary = references[0] if references else None
     summary = summary if isinstance(summary, str) else None
     if require_summary and (not isinstance(summary, str) or not summary.strip()):
         raise InputError(f"{where}: no reference summary in field {summary_field!r}; name it with --field-summary")
-    return Record(id=str(obj.get("id", number)), document=document, summary=summary)
+    return Record(id=str(obj.get("id", number)), document=document, summary=summary, references=references)
 
 
 def read_text(path: str | Path) -> str:

@@ -23,3 +23,7 @@ class CheckpointError(CalmError, ValueError):
 
 class UnsupportedModelError(CalmError, TypeError):
     """A transformers model whose architecture has no calm adapter."""
+
+
+class CalibrationError(CalmError, ValueError):
+    """A calibration table that cannot answer what was asked (e.g. risk consistency from a table without it)."""

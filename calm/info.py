@@ -156,32 +156,51 @@ def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]
         f"documents cut to {table.max_doc_tokens} tokens" if table.max_doc_tokens else None,
         f"data {table.data}" if table.data else None,
     ]
-    row = table.certified_row
-    certified = (
-        f"λ={row.threshold:g} at δ={_g(table.delta)} (ε={_g(table.epsilon)}): mean D {row.mean_loss:.3f}, "
-        f"{row.avg_layers:.2f} layers"
-        if row is not None
-        else f"no threshold at δ={_g(table.delta)} (the knob runs the full model)"
+    certified = [("certified", _certified_text(table, "textual"))]
+    if table.has_risk:
+        certified.append(("certified (risk)", _certified_text(table, "risk")))
+    else:
+        certified.append(("certified (risk)", "no risk-consistency rows (calibrated before they existed)"))
+    return [("calibration", ", ".join(item for item in settings if item)), *certified]
+
+
+def _certified_text(table: CalibrationTable, consistency: str) -> str:
+    """The row certified for one objective, and its loss there."""
+    index = table.certified_index_for(consistency)
+    if index is None:
+        return f"no threshold at δ={_g(table.delta)} for {consistency} consistency (the knob runs the full model)"
+    row = table.rows[index]
+    loss = "D" if consistency == "textual" else "risk"
+    return (
+        f"λ={row.threshold:g} at δ={_g(table.delta)} (ε={_g(table.epsilon)}) for {consistency} consistency: "
+        f"mean {loss} {row.mean_for(consistency):.3f}, {row.avg_layers:.2f} layers"
     )
-    return [("calibration", ", ".join(item for item in settings if item)), ("certified", certified)]
 
 
 def calibration_rows(table: CalibrationTable) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the calibration table: threshold, mean D, p-value, certified at δ."""
-    header = ["λ", "mean D", "D q90", "p-value", "avg layers", "speedup", f"certified at δ={_g(table.delta)}"]
-    rows = [
-        [
+    """Header and rows of the calibration table: threshold, mean D (and risk), p-value, certified at δ."""
+    header = ["λ", "mean D", "D q90", "p-value", "avg layers", "speedup"]
+    if table.has_risk:
+        header += ["mean risk", "risk p-value", f"certified at δ={_g(table.delta)} (risk)"]
+    header.append(f"certified at δ={_g(table.delta)}" + (" (textual)" if table.has_risk else ""))
+    rows = []
+    for i, r in enumerate(table.rows):
+        row = [
             f"{r.threshold:g}",
             f"{r.mean_loss:.3f}",
             f"{r.q90:.3f}",
             f"{r.pvalue:.3g}",
             f"{r.avg_layers:.2f}",
             format_speedup(r.speedup),
-            "yes" if table.certified_index is not None and i <= table.certified_index else "no",
         ]
-        for i, r in enumerate(table.rows)
-    ]
+        if r.risk_mean_loss is not None and r.risk_pvalue is not None:
+            row += [f"{r.risk_mean_loss:.3f}", f"{r.risk_pvalue:.3g}", _yes(table.risk_certified_index, i)]
+        rows.append(row + [_yes(table.certified_index, i)])
     return header, rows
+
+
+def _yes(certified: int | None, i: int) -> str:
+    return "yes" if certified is not None and i <= certified else "no"
 
 
 def _g(value: float | None) -> str:

@@ -1,5 +1,8 @@
 """An ExitPolicy from the user's knobs: an explicit threshold λ, or a speed in [0, 1] or a risk
-tolerance δ read off the model's calibration table, or (nothing given) the model's default.
+tolerance δ read off the model's calibration table, or (nothing given) the model's default. The
+calibrated knobs follow one of CALM's two objectives (`consistency`): textual (the default; the early
+output stays within δ of the full model's) or risk (its ROUGE-L against the references is no worse than
+the full model's by more than δ).
 
 One λ means one policy: an explicit threshold and the calibrated knob that lands on the same λ build
 the same ExitPolicy when they run the same decay schedule τ. The knob runs the schedule the table
@@ -13,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from calm.calibration import CalibrationTable
+from calm.calibration import CONSISTENCIES, TEXTUAL, CalibrationTable
 from calm.decode import ExitPlan, exit_floor
 from calm.errors import InputError
 from calm.policy import ExitPolicy
@@ -41,9 +44,11 @@ class Knobs:
     measure: str | None = None
     min_exit_layer: int | None = None
     decay_tau: float | None = None
+    consistency: str | None = None  # which calibrated objective speed and tolerance follow (None: textual)
 
     def __post_init__(self) -> None:
         check_knobs(self.threshold, self.speed, self.tolerance)
+        check_consistency_knob(self.consistency, self.threshold)
         _check_number("speed", self.speed, 0.0, 1.0, "in [0, 1]")
         _check_number("tolerance", self.tolerance, 0.0, 1.0, "in (0, 1)", open_interval=True)
         _check_number("threshold", self.threshold, 0.0, math.inf, ">= 0 (1 and above never exit)")
@@ -61,6 +66,19 @@ def check_knobs(
     given = [name for name, v in zip(names, (threshold, speed, tolerance)) if v is not None]
     if len(given) > 1:
         raise InputError(f"give only one of {' and '.join(given)}")
+
+
+def check_consistency_knob(consistency: str | None, threshold: float | None = None) -> None:
+    """A known objective, and not beside an explicit threshold (which no calibration chose)."""
+    if consistency is None:
+        return
+    if consistency not in CONSISTENCIES:
+        raise InputError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}")
+    if threshold is not None:
+        raise InputError(
+            "consistency picks which calibrated objective the speed or tolerance knob follows; an explicit "
+            "threshold follows none: drop one of them"
+        )
 
 
 def _check_number(
@@ -89,9 +107,10 @@ def resolve_policy(
     speed: float | None = None,
     tolerance: float | None = None,
     decay_tau: float | None = None,
+    consistency: str | None = None,
 ) -> ResolvedPolicy:
     """The exit policy the knobs ask for, checked against the model before any generation."""
-    knobs = Knobs(threshold, speed, tolerance, measure, min_exit_layer, decay_tau)
+    knobs = Knobs(threshold, speed, tolerance, measure, min_exit_layer, decay_tau, consistency)
     if knobs.threshold is not None:
         resolved = _explicit_policy(model, knobs.threshold, knobs)
     elif knobs.speed is None and knobs.tolerance is None:
@@ -108,17 +127,18 @@ def calibration_table(model: CalmModel) -> CalibrationTable:
     return model.calibration
 
 
-def tolerance_to_threshold(table: CalibrationTable, delta: float) -> float:
-    """The least conservative threshold that Learn-then-Test certifies at risk tolerance δ, from the
-    table's per-threshold mean losses (fixed-sequence testing at the table's ε, with its method)."""
+def tolerance_to_threshold(table: CalibrationTable, delta: float, consistency: str = TEXTUAL) -> float:
+    """The least conservative threshold that Learn-then-Test certifies at tolerance δ for one objective,
+    from the table's per-threshold mean losses (fixed-sequence testing at the table's ε, with its method)."""
+    table.require(consistency)  # a CalibrationError of its own where the table has no risk rows
     try:
-        certified = table.threshold_for_tolerance(delta)
+        certified = table.threshold_for_tolerance(delta, consistency)
     except ValueError as exc:
         raise InputError(f"{exc}, so a tolerance cannot be certified; give a speed or a threshold") from exc
     if certified is None:
         raise InputError(
-            f"no threshold is certified at tolerance δ={delta:g} (ε={table.epsilon:g}, "
-            f"n={table.n}); raise the tolerance or run the full model (no knob)"
+            f"no threshold is certified at tolerance δ={delta:g} for {consistency} consistency "
+            f"(ε={table.epsilon:g}, n={table.n}); raise the tolerance or run the full model (no knob)"
         )
     return certified
 
@@ -137,8 +157,10 @@ def _explicit_policy(model: CalmModel, threshold: float, knobs: Knobs) -> Resolv
 
 def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
     if model.calibration is None:
+        if knobs.consistency is not None:
+            raise InputError(NO_CALIBRATION)
         return ResolvedPolicy(ExitPolicy.never(), "full model (no calibration; pass --threshold to exit early)")
-    if model.calibration.certified_index is None:
+    if model.calibration.certified_index_for(knobs.consistency or TEXTUAL) is None:
         return ResolvedPolicy(ExitPolicy.never(), "full model (the calibration certifies no threshold)")
     return _calibrated_policy(model, knobs)  # no speed given: DEFAULT_SPEED
 
@@ -155,18 +177,20 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
             f"the calibration certifies its thresholds under the decay τ={tau:g}, not "
             f"decay_tau={knobs.decay_tau:g}; drop decay_tau or give a threshold"
         )
+    consistency = table.require(knobs.consistency or TEXTUAL)
     if knobs.tolerance is not None:
-        threshold, source = tolerance_to_threshold(table, knobs.tolerance), f"--tolerance {knobs.tolerance:g}"
+        threshold = tolerance_to_threshold(table, knobs.tolerance, consistency)
+        source = f"--tolerance {knobs.tolerance:g}"
     else:
         try:
-            threshold = table.speed_to_threshold(speed)
+            threshold = table.speed_to_threshold(speed, consistency)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
     min_exit_layer = knobs.min_exit_layer or _table_floor(model, table)
     return ResolvedPolicy(
         _policy(model, measure, threshold, min_exit_layer, tau),
-        f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration)",
+        f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration, {consistency} consistency)",
     )
 
 

@@ -173,13 +173,16 @@ class CalmModel:
         measure: str | None = None,
         min_exit_layer: int | None = None,
         decay_tau: float | None = None,
+        consistency: str | None = None,
     ) -> ExitPolicy:
         """The exit policy for a knob: a speed in [0, 1] (0 = full model, 1 = fastest certified) or a
         risk tolerance δ, both read off the calibration, or an explicit threshold λ (any model). With
         none of them, the model's default: speed 0.5 when it is calibrated, else the full model.
         A knob runs the decay schedule the calibration was certified with; a threshold runs
         `decay_tau` (default ExitPolicy.decay_tau), so threshold=λ with the table's τ is the same
-        policy as the knob that lands on λ."""
+        policy as the knob that lands on λ. consistency: the objective the knob follows, "textual" (the
+        default: the output stays within δ of the full model's) or "risk" (ROUGE-L against the references
+        no worse than the full model's by more than δ; needs a table calibrated with references)."""
         return resolve_policy(
             self,
             threshold=threshold,
@@ -188,6 +191,7 @@ class CalmModel:
             speed=speed,
             tolerance=tolerance,
             decay_tau=decay_tau,
+            consistency=consistency,
         ).policy
 
     # ---- properties ----------------------------------------------------------------------
@@ -212,6 +216,7 @@ class CalmModel:
         *,
         speed: float | None = None,
         tolerance: float | None = None,
+        consistency: str | None = None,
         attention_mask: torch.Tensor | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -235,7 +240,7 @@ class CalmModel:
         mode: "lossless" (the default with no policy, knob or engine): exactly the full model's output,
         by speculative decoding with the setting this checkpoint measured fastest for the row count, or the
         full model where nothing stored pays (calm.lossless; `result.decoding` says which ran and why).
-        "calm": exits follow `policy`, or the calibrated knob `speed` or `tolerance` (see `policy()`).
+        "calm": exits follow `policy`, or the calibrated knob `speed` or `tolerance` (`policy()`, `consistency`).
         "speculative": always speculative: layers 1..draft_layer (default: stored, else L/2) draft up to
         max_draft tokens (stored, else 4) while the policy's measure is confident (stored controller, else
         classifier λ=0.7 or always), and the full model verifies them (calm.speculative); draft_layer=0:
@@ -253,7 +258,7 @@ class CalmModel:
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
         )
         run = resolve_mode(self, mode, False, draft_layer, max_draft, lookup=lookup, batch_size=batch.ids.shape[0])
-        policy = self._generation_policy(policy, speed, tolerance, run)
+        policy = self._generation_policy(policy, speed, tolerance, run, consistency)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
         config = GenerationConfig(
             max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, engine, compile, sync_every
@@ -265,10 +270,19 @@ class CalmModel:
         return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
 
     def _generation_policy(
-        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, run: ModeRun | None
+        self,
+        policy: ExitPolicy | None,
+        speed: float | None,
+        tolerance: float | None,
+        run: ModeRun | None,
+        consistency: str | None = None,
     ) -> ExitPolicy:
         """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
         full model (lossless: its run's policy, or the draft controller given)."""
+        if consistency is not None and speed is None and tolerance is None:
+            raise InputError(
+                "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
+            )
         if speed is not None or tolerance is not None:
             if policy is not None:
                 raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
@@ -277,7 +291,7 @@ class CalmModel:
                     "speed= and tolerance= set calm's early exit; lossless and speculative decoding never exit "
                     "early (their policy= is the draft controller)"
                 )
-            policy = self.policy(speed=speed, tolerance=tolerance)
+            policy = self.policy(speed=speed, tolerance=tolerance, consistency=consistency)
         if run is not None:
             if run.spec is None:
                 return run.policy  # the full model: no draft controller to run

@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 
 from calm.cli.common import command_line, load_model
+from calm.cli.mode_options import engine_option, speculative_options
 from calm.cli.options import (
-    decay_tau_option,
+    calibrated_decay_tau_option,
+    calibrated_knob_options,
     doc_tokens_option,
-    engine_option,
     int_list,
     model_options,
     policy_specs,
-    speculative_options,
 )
 
 # ---- calm bench --------------------------------------------------------------------------------
@@ -27,6 +27,7 @@ Examples:
   calm bench --data xsum.jsonl --policy state:0.95,classifier:0.8 --out build/bench-xsum
   calm bench --batch-sizes 1 --policy spec:15:4:classifier:0.7 --policy spec:20:2
   calm bench --batch-sizes 1,8 --mode speculative --draft-layer 15 --max-draft 4 --policy classifier:0.5
+  calm bench --batch-sizes 1,8 --tolerance 0.1 --consistency risk     # the calibrated knob's policy
 """,
 )
 @model_options
@@ -64,7 +65,8 @@ Examples:
     "softmax:λ, state:λ or classifier:λ (λ on the schedule of --decay-tau); spec:E:K[:MEASURE:λ] "
     "for speculative decoding.",
 )
-@decay_tau_option
+@calibrated_knob_options
+@calibrated_decay_tau_option
 @click.option(
     "--transformers/--no-transformers",
     "with_transformers",
@@ -93,7 +95,7 @@ def bench_command(
     new_tokens: int,
     repeats: int,
     policies: tuple[str, ...],
-    decay_tau: float,
+    decay_tau: float | None,
     with_transformers: bool,
     mode: str,
     lossless: bool,
@@ -103,6 +105,7 @@ def bench_command(
     max_doc_tokens: int | None,
     engine: str,
     out: str,
+    **knob: float | str | None,  # --speed, --tolerance, --consistency
 ) -> None:
     """Measure tokens/s and ms/token per batch size.
 
@@ -110,13 +113,14 @@ def bench_command(
     median of --repeats runs after a warm-up, average layers per policy, and the machine. With --mode
     speculative (or --lossless) each --policy MEASURE:λ is the draft controller of a lossless run instead.
     """
-    from calm.bench import BenchConfig, bench_prompts, run_bench, speculative_specs
+    from calm.bench import BenchConfig, bench_prompts, knob_specs, run_bench, speculative_specs
     from calm.eval.bench_report import bench_markdown, write_bench
     from calm.eval.progress import progress_bar
     from calm.eval.reporting import machine_info
 
     documents = _documents(data, field_document, max(batch_sizes))
     model = load_model(model_name, device, dtype)
+    policies, decay_tau = knob_specs(model, policies, decay_tau, **knob)  # type: ignore[arg-type]
     policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft, lookup)
     config = BenchConfig(
         model=model_name,

@@ -3,19 +3,24 @@ calibration written into a checkpoint. The work is done by calm.eval, imported i
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from calm.cli.common import command_line, load_model
+from calm.cli.mode_options import speculative_options
 from calm.cli.options import (
     FiniteFloat,
+    calibrated_decay_tau_option,
+    calibrated_knob_options,
     decay_tau_option,
     doc_tokens_option,
     float_list,
     measure_option,
     min_exit_option,
     model_options,
+    optional_int_list,
     run_options,
-    speculative_options,
 )
 from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
 
@@ -28,6 +33,8 @@ from calm.eval.grids import DEFAULT_GRID, DEFAULT_THRESHOLDS
 Examples:
   calm eval --data test.jsonl --limit 100 --out results/eval
   calm eval --model ./my-checkpoint --data test.jsonl --measure classifier --thresholds 0.9,0.8,0.7
+  calm eval --data test.jsonl --limit 100 --static-layers 12,18,24 --out results/eval   # + static baselines
+  calm eval --data test.jsonl --tolerance 0.1 --consistency risk       # the knob's threshold only
   accelerate launch --multi_gpu --num_processes 2 -m calm.cli.main eval --data test.jsonl
   torchrun --nproc_per_node 2 -m calm.cli.main eval --data test.jsonl     # several CPU processes
 \b
@@ -50,9 +57,30 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Comma-separated thresholds λ in [0, 1] to sweep.",
 )
+@click.option(
+    "--static-layers",
+    callback=optional_int_list,
+    default=None,
+    metavar="K,K,...",
+    help="Also run static exits: every token after the first leaves at layer K (a baseline at the same depth).",
+)
+@click.option(
+    "--lossless-point/--no-lossless-point",
+    default=True,
+    show_default=True,
+    help="Also run the lossless mode (exactly the full model's output) at its measured speed.",
+)
+@click.option(
+    "--transformers/--no-transformers",
+    "with_transformers",
+    default=True,
+    show_default=True,
+    help="Also time transformers' own generate on the same batches (a baseline point).",
+)
+@calibrated_knob_options
 @measure_option
 @min_exit_option
-@decay_tau_option
+@calibrated_decay_tau_option
 @run_options
 @speculative_options("--thresholds and --measure")
 @doc_tokens_option
@@ -69,59 +97,26 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.",
 )
-def eval_command(
-    model_name: str,
-    device: str,
-    dtype: str | None,
-    data: str,
-    field_document: str,
-    field_summary: str,
-    thresholds: tuple[float, ...],
-    measure: str | None,
-    min_exit_layer: int | None,
-    decay_tau: float,
-    limit: int | None,
-    max_new_tokens: int,
-    batch_size: int,
-    mode: str,
-    lossless: bool,
-    draft_layer: int | None,
-    max_draft: int | None,
-    lookup: bool,
-    max_doc_tokens: int | None,
-    out: str,
-    resume: bool,
-) -> None:
+def eval_command(model_name: str, device: str, dtype: str | None, out: str, resume: bool, **options: Any) -> None:
     """Sweep exit thresholds and score quality against speed.
 
-    For the full model, each threshold and transformers' own generate, on the same batches: ROUGE-1/2/L
-    against the references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, and
-    wall-clock speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
+    For the full model, each threshold (adaptive exits; the calibration's τ by default), each static exit,
+    the lossless mode and transformers' own generate, on the same batches: ROUGE-1/2/L against the
+    references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, prefill and decode time
+    and speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead."""
     from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
-    from calm.eval.sweep import EvalConfig, eval_device, run_eval
+    from calm.eval.shard import eval_device
+    from calm.eval.sweep import run_eval
 
-    config = EvalConfig(
-        model=model_name,
-        data=data,
-        thresholds=thresholds,
-        measure=measure,
-        min_exit_layer=min_exit_layer,
-        decay_tau=decay_tau,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        document_field=field_document,
-        summary_field=field_summary,
-        limit=limit,
-        max_doc_tokens=max_doc_tokens,
-        mode="speculative" if lossless else mode,
-        draft_layer=draft_layer,
-        max_draft=max_draft,
-        lookup=lookup,
-    )
+    config = _eval_config(model_name, options)
     records = read_jsonl(
-        data, document_field=field_document, summary_field=field_summary, require_summary=True, limit=limit
+        config.data,
+        document_field=config.document_field,
+        summary_field=config.summary_field,
+        require_summary=True,
+        limit=config.limit,
     )
     model = load_model(model_name, eval_device(device), dtype)
     with progress_bar("eval") as update:
@@ -129,6 +124,22 @@ def eval_command(
     if report is not None:
         click.echo(report.to_markdown())
         click.echo(f"wrote {out}/eval.json, eval.md, rouge_vs_layers.png, rouge_vs_speedup.png", err=True)
+
+
+def _eval_config(model_name: str, o: dict[str, Any]) -> Any:
+    """The EvalConfig of calm eval's options (renamed where the option and the field differ)."""
+    from calm.eval.sweep import EvalConfig
+
+    lossless = o.pop("lossless")
+    return EvalConfig(
+        model=model_name,
+        document_field=o.pop("field_document"),
+        summary_field=o.pop("field_summary"),
+        with_lossless=o.pop("lossless_point"),
+        min_exit_layer=o.pop("min_exit_layer"),
+        mode="speculative" if lossless else o.pop("mode"),
+        **{k: v for k, v in o.items() if k != "mode"},
+    )
 
 
 # ---- calm calibrate ----------------------------------------------------------------------------
@@ -177,6 +188,15 @@ Stop it at any time: the same command resumes from the outputs cached in --work-
     show_default=True,
     help="Threshold grid, most conservative (highest) first.",
 )
+@click.option(
+    "--consistency",
+    type=click.Choice(["textual", "risk"]),
+    default="textual",
+    show_default=True,
+    help="The objective the summary line reports: textual (D = 1 - ROUGE-L(early, full)) or risk "
+    "(max(0, R_full - R_early), R = ROUGE-L against the references). The table always holds both "
+    "(risk where every document has a reference summary).",
+)
 @measure_option
 @min_exit_option
 @decay_tau_option
@@ -215,6 +235,7 @@ def calibrate_command(
     epsilon: float,
     method: str,
     thresholds: tuple[float, ...],
+    consistency: str,
     measure: str | None,
     min_exit_layer: int | None,
     decay_tau: float,
@@ -227,16 +248,13 @@ def calibrate_command(
     resume: bool,
     overwrite: bool,
 ) -> None:
-    """Certify the fastest exit threshold with Learn-then-Test.
-
-    Runs the full model and every threshold of the grid on the calibration documents, measures per
-    example D = 1 - ROUGE-L(early, full), and tests from the most conservative threshold down with
-    Hoeffding-Bentkus p-values: the result holds mean D <= δ with probability >= 1 - ε.
-    """
+    """Certify the fastest exit threshold with Learn-then-Test: per document D = 1 - ROUGE-L(early, full) and
+    the risk max(0, R_full - R_early) against the references, tested from the most conservative threshold
+    down (Hoeffding-Bentkus): mean loss <= δ with probability >= 1 - ε."""
     from calm.data import read_jsonl
     from calm.eval.calibrate import CalibrateConfig, calibrate, check_target
     from calm.eval.progress import progress_bar
-    from calm.eval.sweep import eval_device
+    from calm.eval.shard import eval_device
 
     config = CalibrateConfig(
         model=model_name,
@@ -253,6 +271,7 @@ def calibrate_command(
         limit=limit,
         max_doc_tokens=max_doc_tokens,
         decay_tau=decay_tau,
+        consistency=consistency,
     )
     check_target(out, overwrite)
     records = read_jsonl(data, document_field=field_document, limit=limit)

@@ -13,15 +13,8 @@ import click
 
 from calm.cli.common import load_model
 from calm.cli.knobs import Knobs, sampling_config
-from calm.cli.options import (
-    doc_tokens_option,
-    engine_option,
-    generation_mode_options,
-    knob_options,
-    model_options,
-    output_options,
-    sampling_options,
-)
+from calm.cli.mode_options import engine_option, generation_mode_options
+from calm.cli.options import doc_tokens_option, knob_options, model_options, output_options, sampling_options
 from calm.prompts import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
@@ -60,9 +53,8 @@ class Run:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Run:
-        knobs = Knobs(
-            *(options.pop(k) for k in ("threshold", "measure", "min_exit_layer", "speed", "tolerance", "decay_tau"))
-        )
+        names = ("threshold", "measure", "min_exit_layer", "speed", "tolerance", "decay_tau", "consistency")
+        knobs = Knobs(*(options.pop(k) for k in names))
         knobs.check()
         sampling = sampling_config(*(options.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
         modes = ModeOptions(*(options.pop(k) for k in ("mode", "lossless", "draft_layer", "max_draft", "lookup")))

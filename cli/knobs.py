@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Knobs:
-    """--threshold, --measure, --min-exit-layer, --speed, --tolerance, --decay-tau as given (None: not given)."""
+    """--threshold, --measure, --min-exit-layer, --speed, --tolerance, --decay-tau, --consistency as given
+    (None: not given)."""
 
     threshold: float | None = None
     measure: str | None = None
@@ -25,6 +26,7 @@ class Knobs:
     speed: float | None = None
     tolerance: float | None = None
     decay_tau: float | None = None
+    consistency: str | None = None  # counts only beside --speed or --tolerance (check() refuses it alone)
 
     @property
     def asks_for_exits(self) -> bool:
@@ -35,10 +37,16 @@ class Knobs:
         )
 
     def check(self) -> None:
-        """What can be checked without the model: at most one of threshold, speed and tolerance."""
+        """What can be checked without the model: at most one of threshold, speed and tolerance, and
+        --consistency only beside --speed or --tolerance."""
         from calm.knob import check_knobs
 
         check_knobs(self.threshold, self.speed, self.tolerance, names=("--threshold", "--speed", "--tolerance"))
+        if self.consistency is not None and self.speed is None and self.tolerance is None:
+            raise InputError(
+                "--consistency picks the calibrated objective that --speed or --tolerance follows; "
+                "give one of them too (without a knob the run is lossless; --threshold follows no calibration)"
+            )
 
     def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
         """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
@@ -59,7 +67,14 @@ class Knobs:
             )
         try:
             resolved = resolve_policy(
-                model, self.threshold, self.measure, self.min_exit_layer, self.speed, self.tolerance, self.decay_tau
+                model,
+                self.threshold,
+                self.measure,
+                self.min_exit_layer,
+                self.speed,
+                self.tolerance,
+                self.decay_tau,
+                self.consistency,
             )
         except (InputError, PolicyError) as exc:
             raise type(exc)(flag_names(str(exc))) from None
@@ -70,15 +85,16 @@ class Knobs:
 
         if self.threshold is not None:
             return "from --threshold"
+        objective = f", {self.consistency or 'textual'} consistency"
         if self.speed is not None:
-            return f"from --speed {self.speed:g} and the calibration"
+            return f"from --speed {self.speed:g} and the calibration{objective}"
         if self.tolerance is not None:
-            return f"from --tolerance {self.tolerance:g} and the calibration"
+            return f"from --tolerance {self.tolerance:g} and the calibration{objective}"
         if model.calibration is None:
             return "default (no calibration; pass --threshold to exit early)"
         if policy.never_exits:
             return "default (the calibration certifies no threshold)"
-        return f"default (speed {DEFAULT_SPEED:g} on the calibration)"
+        return f"default (speed {DEFAULT_SPEED:g} on the calibration, textual consistency)"
 
 
 # The library's names of the knobs (its keyword arguments) and the flags a command-line user typed.

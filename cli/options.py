@@ -77,6 +77,11 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
     return values
 
 
+def optional_int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """int_list for an option that may be left out (nothing: an empty tuple)."""
+    return () if value is None else int_list(ctx, param, value)
+
+
 def policy_specs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     from calm.bench import parse_run_spec
 
@@ -185,8 +190,54 @@ def decay_tau_option(f: F) -> F:
     )(f)
 
 
+def calibrated_decay_tau_option(f: F) -> F:
+    """--decay-tau for eval and bench: by default the schedule the model's calibration certified."""
+    return click.option(
+        "--decay-tau",
+        type=FiniteFloat(min=0.0),
+        default=None,
+        help=DECAY_HELP + f" Default: the calibration's τ where the model has one, else {ExitPolicy.decay_tau:g}.",
+    )(f)
+
+
+def calibrated_knob_options(f: F) -> F:
+    """--speed, --tolerance and --consistency for eval and bench: the knob's λ, read off the calibration."""
+    f = consistency_option(f)
+    f = click.option(
+        "--tolerance",
+        type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True),
+        default=None,
+        help="The calibrated knob: the threshold the calibration certifies at tolerance δ (eval: instead of "
+        "--thresholds; bench: a row beside the --policy ones).",
+    )(f)
+    return click.option(
+        "--speed",
+        type=FiniteFloat(0.0, 1.0, min_open=True),
+        default=None,
+        help="The calibrated knob: the threshold at this speed, 0 < speed <= 1 (1 = fastest certified; eval: "
+        "instead of --thresholds; bench: a row beside the --policy ones).",
+    )(f)
+
+
+CONSISTENCY_HELP = (
+    "The calibrated objective --speed and --tolerance follow: textual (the output stays within δ of the full "
+    "model's) or risk (its ROUGE-L against the references is no worse than the full model's by more than δ)."
+)
+
+
+def consistency_option(f: F, default: str | None = None) -> F:
+    return click.option(
+        "--consistency",
+        type=click.Choice(["textual", "risk"]),
+        default=default,
+        show_default=default is not None,
+        help=CONSISTENCY_HELP + ("" if default else " Default: textual."),
+    )(f)
+
+
 def knob_options(f: F) -> F:
-    """--threshold, --measure, --min-exit-layer, --speed, --tolerance and --decay-tau."""
+    """--threshold, --measure, --min-exit-layer, --speed, --tolerance, --consistency and --decay-tau."""
+    f = consistency_option(f)
     f = click.option(
         "--decay-tau",
         type=FiniteFloat(min=0.0),
@@ -285,76 +336,4 @@ def output_options(f: F) -> F:
         is_flag=True,
         help="Colour every token by its exit layer (plain [layer] marks when not on a colour "
         "terminal) and show the average depth.",
-    )(f)
-
-
-ENGINES = ("auto", "dynamic", "static", "static+compile")  # calm.generation.ENGINE_SPECS, without importing torch
-
-
-def engine_option(f: F) -> F:
-    return click.option(
-        "--engine",
-        type=click.Choice(ENGINES),
-        default="auto",
-        show_default=True,
-        help="Decode step: dynamic (skips exited rows' work; auto on CPU), static (no host sync "
-        "inside a step; auto on GPU), static+compile (the static step through torch.compile).",
-    )(f)
-
-
-def speculative_options(controller: str) -> Callable[[F], F]:
-    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless); `controller`
-    names the options of this command that set the draft controller (they differ: --threshold, --thresholds,
-    --policy)."""
-    return lambda f: _speculative_options(f, controller, lossless_default=False)
-
-
-def generation_mode_options(f: F) -> F:
-    """speculative_options for summarize and generate, where a run with no exit knob is lossless."""
-    return _speculative_options(f, "--threshold and --measure", lossless_default=True)
-
-
-def _speculative_options(f: F, controller: str, lossless_default: bool) -> F:
-    f = click.option(
-        "--max-draft",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Speculative: most tokens drafted per step (default: the stored measurement, else 4).",
-    )(f)
-    f = click.option(
-        "--draft-layer",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Speculative: layers 1..E draft; 0: drafts are looked up in the context (n-grams of the "
-        "prompt and output), and every layer verifies (default: the stored measurement, else half the layers).",
-    )(f)
-    f = click.option(
-        "--lookup",
-        is_flag=True,
-        help="Speculative: draft tokens looked up in the context (n-grams of the prompt and output) "
-        "first; a step where none is found drafts from layer E.",
-    )(f)
-    f = click.option(
-        "--lossless",
-        is_flag=True,
-        help="Exactly the full model's output: speculative decoding where this checkpoint measured it "
-        "faster, else the full model (with a note).",
-    )(f)
-    if lossless_default:
-        return click.option(
-            "--mode",
-            type=click.Choice(["calm", "speculative", "lossless"]),
-            default=None,
-            help="lossless (the default unless --speed, --tolerance, --threshold, --measure, --min-exit-layer "
-            "or --decay-tau is given): exactly the full model's output, as fast as this checkpoint measured. "
-            "calm: early exit (approximate). speculative: early exits draft, the remaining layers verify "
-            f"(lossless; {controller} control the draft length).",
-        )(f)
-    return click.option(
-        "--mode",
-        type=click.Choice(["calm", "speculative"]),
-        default="calm",
-        show_default=True,
-        help="calm: early exit. speculative: early exits draft, the remaining layers verify "
-        f"(lossless; {controller} control the draft length).",
     )(f)

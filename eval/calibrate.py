@@ -1,11 +1,13 @@
 """`calm calibrate`: choose the fastest threshold that Learn-then-Test certifies.
 
 Every calibration document is summarised at full depth and at each threshold of a grid (through the
-resumable sweep of calm.eval.sweep). The loss of an example at threshold λ is its textual
-inconsistency D = 1 − ROUGE-L(early output, full output). Fixed-sequence testing runs from the most
-conservative threshold down with Hoeffding–Bentkus p-values (calm.calibration), and the resulting
-table (mean and quantiles of D, average layers, measured speedup, p-values) is stored in the calm
-checkpoint, where the `speed` and `tolerance` knobs read it.
+resumable sweep of calm.eval.sweep). One sweep gives both of CALM's losses of an example at threshold λ:
+its textual inconsistency D = 1 − ROUGE-L(early output, full output), and, where the documents have
+reference summaries, its risk inconsistency max(0, R_full − R_early), R = ROUGE-L F1 against the
+references. Fixed-sequence testing runs from the most conservative threshold down with
+Hoeffding–Bentkus p-values (calm.calibration), for each objective, and the resulting table (mean and
+quantiles of both losses, average layers, measured speedup, p-values) is stored in the calm checkpoint,
+where the `speed` and `tolerance` knobs read it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from statistics import fmean
 
 import numpy as np
 
-from calm.calibration import MIN_CALIBRATION_DOCUMENTS, CalibrationTable, build_calibration_table, fixed_sequence_test
+from calm.calibration import (
+    CONSISTENCIES,
+    MIN_CALIBRATION_DOCUMENTS,
+    RISK,
+    TEXTUAL,
+    CalibrationTable,
+    build_calibration_table,
+    fixed_sequence_test,
+)
 from calm.checkpoint import is_checkpoint, read_config
 from calm.data import Record
 from calm.errors import InputError
@@ -25,7 +35,7 @@ from calm.eval.grids import DEFAULT_GRID
 from calm.eval.progress import ProgressCallback
 from calm.eval.report import FULL, timed_speedup
 from calm.eval.reporting import format_speedup
-from calm.eval.rouge import rouge_l_similarity
+from calm.eval.rouge import risk_loss, textual_loss
 from calm.eval.sweep import EvalConfig, run_sweep
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
@@ -47,8 +57,11 @@ class CalibrateConfig:
     limit: int | None = None
     max_doc_tokens: int | None = None
     decay_tau: float = ExitPolicy.decay_tau  # τ of CALM's decaying threshold; 0: λ stays fixed
+    consistency: str = TEXTUAL  # the objective the summary line reports (the table holds both)
 
     def __post_init__(self) -> None:
+        if self.consistency not in CONSISTENCIES:
+            raise InputError(f"consistency must be one of {', '.join(CONSISTENCIES)}, got {self.consistency!r}")
         if not self.decay_tau >= 0:
             raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
         if not (0 < self.delta < 1 and 0 < self.epsilon < 1):
@@ -86,16 +99,23 @@ class CalibrationRun:
 
     def table_markdown(self) -> str:
         t = self.table
+        risk = t.has_risk
+        head = "| λ | mean D | D q50 | D q90 | D q95 | avg layers | speedup | p-value | certified (textual) |"
         lines = [
-            "| λ | mean D | D q50 | D q90 | D q95 | avg layers | speedup | p-value | certified |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+            head + (" mean risk | risk q90 | risk p-value | certified (risk) |" if risk else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|---:|---:|:---:|" if risk else ""),
         ]
         for i, r in enumerate(t.rows):
-            mark = "yes" if t.certified_index is not None and i <= t.certified_index else ""
-            lines.append(
+            line = (
                 f"| {r.threshold:g} | {r.mean_loss:.3f} | {r.q50:.3f} | {r.q90:.3f} | {r.q95:.3f} | "
-                f"{r.avg_layers:.2f} | {format_speedup(r.speedup)} | {r.pvalue:.3g} | {mark} |"
+                f"{r.avg_layers:.2f} | {format_speedup(r.speedup)} | {r.pvalue:.3g} | {_mark(t.certified_index, i)} |"
             )
+            if r.risk_mean_loss is not None:
+                line += (
+                    f" {r.risk_mean_loss:.3f} | {r.risk_q90:.3f} | {r.risk_pvalue:.3g} | "
+                    f"{_mark(t.risk_certified_index, i)} |"
+                )
+            lines.append(line)
         return "\n".join(lines)
 
     def checkpoint_table(self, config: CalibrateConfig) -> CalibrationTable:
@@ -119,22 +139,67 @@ def calibrate(
     resume: bool = True,
     progress: ProgressCallback | None = None,
 ) -> CalibrationRun | None:
-    """Run the sweep on the calibration records and certify a threshold; None on non-main processes."""
+    """Run the sweep on the calibration records and certify a threshold for each objective (risk where
+    every record has a reference summary); None on non-main processes."""
+    with_risk = all(r.all_references for r in records)
+    if config.consistency == RISK and not with_risk:
+        raise InputError(
+            "risk consistency scores outputs against reference summaries, and some calibration documents have "
+            "none; give data with a 'summary' field (a string or a list of them) or use --consistency textual"
+        )
     sweep = config.sweep().for_model(model)
     rows = run_sweep(model, records, sweep, work_dir, resume, progress)
     if rows is None:
         return None
-    ids = [r.id for r in records]
-    full = rows[FULL]
     early = [p for p in sweep.points() if p.name != FULL]
-    losses = np.array(
-        [[1.0 - rouge_l_similarity(rows[p.name][i]["summary"], full[i]["summary"]) for i in ids] for p in early]
-    )  # [K, n]
-    avg_layers = [_avg_layers([rows[p.name][i] for i in ids]) for p in early]
-    speedup = [timed_speedup([full[i] for i in ids], [rows[p.name][i] for i in ids]) for p in early]
-    ltt = fixed_sequence_test(losses, config.delta, config.epsilon, config.method)
-    table = build_calibration_table([p.threshold for p in early], losses, avg_layers, speedup, ltt)
-    return CalibrationRun(table=table, measure=sweep.measure, summary=_summary(table, sweep.measure, len(ids)))
+    sweep_losses = consistency_losses(records, rows, [p.name for p in early], with_risk)
+    ltt = fixed_sequence_test(sweep_losses.textual, config.delta, config.epsilon, config.method)
+    table = build_calibration_table(
+        [p.threshold for p in early],
+        sweep_losses.textual,
+        sweep_losses.avg_layers,
+        sweep_losses.speedup,
+        ltt,
+        sweep_losses.risk,
+    )
+    summary = _summary(table, sweep.measure, len(records), config.consistency)
+    return CalibrationRun(table=table, measure=sweep.measure, summary=summary)
+
+
+@dataclass(frozen=True)
+class SweepLosses:
+    """Per-example losses of a sweep's early points ([K, n] each; risk None without references), and each
+    point's average layers, wall-clock speedup and decode-only speedup over the full model."""
+
+    textual: np.ndarray
+    risk: np.ndarray | None
+    avg_layers: tuple[float, ...]
+    speedup: tuple[float, ...]
+    decode_speedup: tuple[float, ...]
+
+
+def consistency_losses(
+    records: Sequence[Record], rows: dict[str, dict[str, dict]], points: Sequence[str], with_risk: bool = True
+) -> SweepLosses:
+    """Both of CALM's losses for every record at every named point, from one sweep's cached outputs."""
+    ids = [r.id for r in records]
+    refs = [r.all_references for r in records]
+    full = [rows[FULL][i]["summary"] for i in ids]
+    outputs = [[rows[p][i] for i in ids] for p in points]
+    textual = np.array([[textual_loss(o["summary"], f) for o, f in zip(out, full)] for out in outputs])
+    risk = (
+        np.array([[risk_loss(o["summary"], f, ref) for o, f, ref in zip(out, full, refs)] for out in outputs])
+        if with_risk
+        else None
+    )
+    base = [rows[FULL][i] for i in ids]
+    return SweepLosses(
+        textual,
+        risk,
+        tuple(_avg_layers(out) for out in outputs),
+        tuple(timed_speedup(base, out) for out in outputs),
+        tuple(timed_speedup(base, out, "decode_seconds") for out in outputs),
+    )
 
 
 def _avg_layers(outputs: list[dict]) -> float:
@@ -154,20 +219,27 @@ def check_target(out: str | Path, overwrite: bool) -> None:
         )
 
 
-def _summary(table: CalibrationTable, measure: str, n: int) -> str:
+def _mark(certified: int | None, i: int) -> str:
+    return "yes" if certified is not None and i <= certified else ""
+
+
+def _summary(table: CalibrationTable, measure: str, n: int, consistency: str = TEXTUAL) -> str:
+    loss = "D" if consistency == TEXTUAL else "risk"
     if n < MIN_CALIBRATION_DOCUMENTS:
         return (
             f"only {n} calibration documents: a table from fewer than {MIN_CALIBRATION_DOCUMENTS} certifies "
             "nothing, and the knob will run the full model; calibrate on more documents"
         )
-    if table.certified_threshold is None:
+    index = table.certified_index_for(consistency)
+    if index is None:
         return (
             f"no {measure} threshold is certified at δ={table.delta:g}, ε={table.epsilon:g} with n={n} "
-            "examples: the knob will run the full model"
+            f"examples ({consistency} consistency): the knob will run the full model"
         )
-    row = table.rows[table.certified_index]
+    row = table.rows[index]
     return (
-        f"certified {measure} threshold λ={row.threshold:g}: P(mean D ≤ {table.delta:g}) ≥ 1−{table.epsilon:g} "
-        f"over n={n} calibration examples; calibration-set mean D {row.mean_loss:.3f}, "
+        f"certified {measure} threshold λ={row.threshold:g} for {consistency} consistency: "
+        f"P(mean {loss} ≤ {table.delta:g}) ≥ 1−{table.epsilon:g} over n={n} calibration examples; "
+        f"calibration-set mean {loss} {row.mean_for(consistency):.3f}, "
         f"{row.avg_layers:.2f} layers on average, {format_speedup(row.speedup)} measured speedup"
     )

@@ -1,9 +1,9 @@
 """Scoring a sweep and writing it out: eval.json (every number, the machine and the command), eval.md
-(a Markdown table) and two plots, rouge_vs_layers.png and rouge_vs_speedup.png (matplotlib, Agg)."""
+(a Markdown table, time split into prefill and decode) and two plots, rouge_vs_layers.png and
+rouge_vs_speedup.png (calm.eval.plots)."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,8 +22,9 @@ from calm.policy import ExitPolicy
 if TYPE_CHECKING:
     from calm.eval.sweep import Point
 
-FULL = "full"  # the names of the two reference points of a sweep
+FULL = "full"  # the names of the reference points of a sweep
 TRANSFORMERS = "transformers"
+LOSSLESS = "lossless"
 FILES = ("eval.json", "eval.md", "rouge_vs_layers.png", "rouge_vs_speedup.png")
 COLUMNS = (
     "point",
@@ -34,6 +35,9 @@ COLUMNS = (
     "D",
     "ΔROUGE-L",
     "avg layers",
+    "prefill s",
+    "decode s",
+    "decode speedup vs full",
     "speedup vs full",
     "speedup vs transformers",
 )
@@ -55,6 +59,10 @@ class PointMetrics:
     speedup_vs_full: float = math.nan
     speedup_vs_transformers: float = math.nan
     delta_rougeL: float = math.nan  # R_early - R_full (ROUGE-L against the references)
+    kind: str = "adaptive"  # full, adaptive, static, lossless, speculative or transformers
+    prefill_seconds: float = math.nan  # of `seconds`: the prompts (NaN where not timed apart)
+    decode_seconds: float = math.nan  # the tokens after each output's first, where exits save layers
+    decode_speedup_vs_full: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -95,10 +103,15 @@ class EvalReport:
             "",
             "ROUGE: F1 × 100 against the reference summaries (rouge-score, stemmed). "
             "D = 1 − ROUGE-L(output, full model's output), mean over documents. "
-            "ΔROUGE-L = R_early − R_full. Speedups: wall clock over the same batches, timed in the same run "
-            "(– where no batch was).",
+            "ΔROUGE-L = R_early − R_full. Average layers count every token, the first (made by the prefill at "
+            "full depth) too, as it runs; a static exit at layer k therefore averages a little above k. "
+            "Time is split into prefill (the prompts and each output's first token) and decode (the rest, "
+            "where exits save layers); speedups: wall clock over the same batches, timed in the same run "
+            "(– where no batch was). The lossless point is exactly the full model's output.",
             "",
         ]
+        if c.get("lossless_run"):
+            lines += [f"Lossless at batch size {c['batch_size']}: {c['lossless_run']}.", ""]
         return "\n".join(lines + machine_markdown(self.machine))
 
 
@@ -133,6 +146,9 @@ def build_report(
             speedup_vs_transformers=(
                 timed_speedup([hf[i] for i in ids], [rows[s.name][i] for i in ids]) if hf else math.nan
             ),
+            decode_speedup_vs_full=timed_speedup(
+                [full[i] for i in ids], [rows[s.name][i] for i in ids], "decode_seconds"
+            ),
             delta_rougeL=s.rougeL - base.rougeL,
         )
         for s in scored
@@ -142,6 +158,8 @@ def build_report(
 
 def write_report(report: EvalReport, out_dir: str | Path) -> list[Path]:
     """eval.json, eval.md and the two plots, each written atomically."""
+    from calm.eval.plots import plot_rouge_vs_layers, plot_rouge_vs_speedup
+
     out = Path(out_dir)
     contents = (
         json.dumps(report.to_dict(), indent=2).encode(),
@@ -154,53 +172,18 @@ def write_report(report: EvalReport, out_dir: str | Path) -> list[Path]:
     return [out / name for name in FILES]
 
 
-def plot_rouge_vs_layers(report: EvalReport) -> bytes:
-    """ROUGE-1/2/L against average layers per token, one marker per threshold (PNG bytes)."""
-    fig, ax = _figure()
-    points = sorted(_engine_points(report), key=lambda p: p.avg_layers)
-    for key, name in zip(ROUGE_TYPES, ("ROUGE-1", "ROUGE-2", "ROUGE-L")):
-        ax.plot([p.avg_layers for p in points], [100 * getattr(p, key) for p in points], marker="o", label=name)
-    _annotate(ax, [(p.avg_layers, 100 * p.rougeL, p) for p in points])
-    ax.set_xlabel(f"average layers per token (of {report.num_layers})")
-    ax.set_ylabel("ROUGE F1 × 100")
-    ax.set_title(f"ROUGE vs depth ({report.config['measure']}, n={report.n})")
-    return _png(fig, ax)
-
-
-def plot_rouge_vs_speedup(report: EvalReport) -> bytes:
-    """ROUGE-L against wall-clock speedup, over full depth and over transformers generate (PNG bytes)."""
-    fig, ax = _figure()
-    points = sorted(_engine_points(report), key=lambda p: -p.avg_layers)  # from full depth to the earliest exits
-    ax.plot(
-        [p.speedup_vs_full for p in points],
-        [100 * p.rougeL for p in points],
-        marker="o",
-        label="speedup over full depth (same engine)",
-    )
-    if not math.isnan(points[0].speedup_vs_transformers):
-        ax.plot(
-            [p.speedup_vs_transformers for p in points],
-            [100 * p.rougeL for p in points],
-            marker="s",
-            linestyle="--",
-            label="speedup over transformers generate",
-        )
-    _annotate(ax, [(p.speedup_vs_full, 100 * p.rougeL, p) for p in points])
-    ax.axhline(100 * report.point(FULL).rougeL, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("speedup (×)")
-    ax.set_ylabel("ROUGE-L F1 × 100")
-    ax.set_title(f"ROUGE-L vs speedup ({report.config['measure']}, n={report.n})")
-    return _png(fig, ax)
-
-
-def timed_speedup(base: Sequence[dict], rows: Sequence[dict]) -> float:
+def timed_speedup(base: Sequence[dict], rows: Sequence[dict], key: str = "seconds") -> float:
     """Wall clock of `base` over that of `rows` (per-example outputs, paired), counting only the
     examples both timed in the same run: a resumed sweep must not compare timings taken by another
-    process, engine version or machine load. NaN where no example qualifies."""
-    pairs = [(b, r) for b, r in zip(base, rows) if b.get("run") is not None and b.get("run") == r.get("run")]
-    if not pairs:
-        return math.nan
-    return sum(b["seconds"] for b, _ in pairs) / sum(r["seconds"] for _, r in pairs)
+    process, engine version or machine load. key: "seconds" (the whole generate call), or
+    "decode_seconds" / "prefill_seconds" where the rows time them apart. NaN where no example qualifies."""
+    pairs = [
+        (b, r)
+        for b, r in zip(base, rows)
+        if b.get("run") is not None and b.get("run") == r.get("run") and key in b and key in r
+    ]
+    total = sum(r[key] for _, r in pairs)
+    return sum(b[key] for b, _ in pairs) / total if pairs and total > 0 else math.nan
 
 
 def _score(point: Point, outputs: list[dict], full: list[dict], references: list[str]) -> PointMetrics:
@@ -216,12 +199,15 @@ def _score(point: Point, outputs: list[dict], full: list[dict], references: list
         avg_layers=sum(sum(o["exit_layers"]) for o in outputs) / tokens if tokens else math.nan,
         new_tokens=tokens,
         seconds=sum(o["seconds"] for o in outputs),
+        kind=point.kind,
+        prefill_seconds=_total(outputs, "prefill_seconds"),
+        decode_seconds=_total(outputs, "decode_seconds"),
     )
 
 
-def _engine_points(report: EvalReport) -> list[PointMetrics]:
-    """The full model and the thresholds (transformers generate is a timing baseline, not a point)."""
-    return [p for p in report.points if p.name != TRANSFORMERS]
+def _total(outputs: list[dict], key: str) -> float:
+    """The sum of a timing every output has; NaN where one lacks it (transformers, older caches)."""
+    return sum(o[key] for o in outputs) if all(key in o for o in outputs) else math.nan
 
 
 def _markdown_row(p: PointMetrics) -> str:
@@ -234,34 +220,14 @@ def _markdown_row(p: PointMetrics) -> str:
         f"{p.dissimilarity:.3f}",
         f"{100 * p.delta_rougeL:+.2f}",
         f"{p.avg_layers:.2f}",
+        _seconds(p.prefill_seconds),
+        _seconds(p.decode_seconds),
+        format_speedup(p.decode_speedup_vs_full),
         format_speedup(p.speedup_vs_full),
         format_speedup(p.speedup_vs_transformers),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _figure():
-    from matplotlib.figure import Figure  # the object API renders with Agg; no pyplot, no global state
-
-    fig = Figure(figsize=(6.4, 4.4), dpi=110)
-    return fig, fig.add_subplot()
-
-
-def _annotate(ax, xy_points) -> None:
-    for x, y, p in xy_points:
-        ax.annotate(
-            "full" if p.threshold is None else f"λ={p.threshold:g}",
-            (x, y),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=7,
-        )
-
-
-def _png(fig, ax) -> bytes:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+def _seconds(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}"

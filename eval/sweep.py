@@ -1,6 +1,7 @@
 """The threshold sweep behind `calm eval`: every document summarised at full depth, at each threshold
-λ, and by transformers' own `generate`, batch by batch on the same batches, each point's
-per-example outputs cached as they finish (see calm.eval.cache), then scored (calm.eval.report).
+λ (adaptive exits), at each static exit layer, losslessly, and by transformers' own `generate`, batch
+by batch on the same batches, each point's per-example outputs cached as they finish (see
+calm.eval.cache), then scored (calm.eval.report).
 
 With several processes (`accelerate launch`), documents are sharded with accelerate's
 split_between_processes; each process caches its own share, and process 0 writes the report.
@@ -8,7 +9,6 @@ split_between_processes; each process caches its own share, and process 0 writes
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -22,11 +22,12 @@ from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
 from calm.eval.progress import ProgressCallback
-from calm.eval.report import FULL, TRANSFORMERS, EvalReport, build_report, write_report
+from calm.eval.report import FULL, LOSSLESS, TRANSFORMERS, EvalReport, build_report, write_report
 from calm.eval.reporting import machine_info
+from calm.eval.shard import Shard
 from calm.eval.summarize import batched, document_prompts
-from calm.knob import default_measure
-from calm.lossless import resolve_mode
+from calm.knob import calibrated_decay_tau, default_measure, resolve_policy
+from calm.lossless import ModeRun, resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
 from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
@@ -42,6 +43,8 @@ class Point:
     threshold: float | None = None
     policy: ExitPolicy | None = None  # None: transformers generate
     speculative: SpeculativeConfig | None = None  # the policy is then the draft controller (lossless)
+    kind: str = "adaptive"  # full, adaptive, static, lossless, speculative or transformers (plots' series)
+    alias: str | None = None  # the outputs are this other point's (a lossless run that is the full model)
 
     def generate_kwargs(self) -> dict:
         spec = self.speculative
@@ -64,7 +67,13 @@ class EvalConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     measure: str | None = None  # None: the model's default (calm.knob.default_measure)
     min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
-    decay_tau: float = ExitPolicy.decay_tau  # τ of CALM's decaying threshold; 0: λ stays fixed
+    decay_tau: float | None = ExitPolicy.decay_tau  # τ of the threshold schedule; 0: fixed; None: calibrated
+    static_layers: tuple[int, ...] = ()  # fixed-exit baselines: every token after the first exits there
+    with_lossless: bool = False  # a lossless point: calm.lossless's choice at this batch size
+    speed: float | None = None  # the calibrated knob: its λ replaces the thresholds (with tolerance, consistency)
+    tolerance: float | None = None
+    consistency: str | None = None
+    lossless_run: ModeRun | None = None  # set by for_model where with_lossless
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"
@@ -84,15 +93,27 @@ class EvalConfig:
             raise InputError(f"thresholds must lie in [0, 1], got {', '.join(f'{t:g}' for t in self.thresholds)}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise InputError("batch_size and max_new_tokens must be >= 1")
-        if not self.decay_tau >= 0:
+        if self.decay_tau is not None and not self.decay_tau >= 0:
             raise InputError(f"decay_tau must be >= 0, got {self.decay_tau}")
+        if any(layer < 1 for layer in self.static_layers):
+            raise InputError(f"static exit layers must be >= 1, got {', '.join(map(str, self.static_layers))}")
         if self.mode not in MODES:
             raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.mode == "calm" and (self.draft_layer is not None or self.max_draft is not None or self.lookup):
             raise InputError("--draft-layer, --max-draft and --lookup need --mode speculative or --lossless")
 
     def for_model(self, model: CalmModel) -> EvalConfig:
-        config = self if self.measure else replace(self, measure=default_measure(model))
+        """Every default filled in for this model: the measure, the calibration's τ (else CALM's τ=4), the
+        knob's λ, the lossless run and the speculative setting."""
+        config = self._with_knob(model)
+        config = config if config.measure else replace(config, measure=default_measure(model))
+        if config.decay_tau is None:
+            tau = ExitPolicy.decay_tau if model.calibration is None else calibrated_decay_tau(model.calibration)
+            config = replace(config, decay_tau=tau)
+        for layer in config.static_layers:
+            ExitPlan.resolve(ExitPolicy.fixed(layer), model.network)  # a layer out of range: fail now
+        if config.with_lossless and config.mode == "calm" and config.lossless_run is None:
+            config = replace(config, lossless_run=resolve_mode(model, "lossless", batch_size=config.batch_size))
         if config.mode == "speculative" and (config.draft_layer is None or config.max_draft is None):
             run = resolve_mode(
                 model,
@@ -109,18 +130,40 @@ class EvalConfig:
             config = replace(config, draft_layer=spec.draft_layer, max_draft=spec.max_draft, lookup=spec.lookup)
         return config
 
+    def _with_knob(self, model: CalmModel) -> EvalConfig:
+        """Where a speed or tolerance is given: the knob's one λ, measure, τ and floor instead of the grid."""
+        if self.speed is None and self.tolerance is None:
+            if self.consistency is not None:
+                raise InputError("--consistency picks the objective --speed or --tolerance follows; give one of them")
+            return self
+        tau = None if self.decay_tau == ExitPolicy.decay_tau else self.decay_tau  # the CLI default: not a choice
+        resolved = resolve_policy(
+            model, None, self.measure, None, self.speed, self.tolerance, tau, self.consistency
+        ).policy
+        if resolved.never_exits:
+            raise InputError("the knob asks for the full model (speed 0): there is no threshold to evaluate")
+        return replace(
+            self,
+            thresholds=(resolved.threshold,),
+            measure=resolved.measure,
+            decay_tau=resolved.decay_tau,
+            min_exit_layer=resolved.min_exit_layer,
+        )
+
+    @property
+    def tau(self) -> float:
+        return ExitPolicy.decay_tau if self.decay_tau is None else self.decay_tau
+
     def points(self) -> tuple[Point, ...]:
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer is not None else ""
-        if self.decay_tau != ExitPolicy.decay_tau:
-            suffix += f"-tau{self.decay_tau:g}"
+        if self.tau != ExitPolicy.decay_tau:
+            suffix += f"-tau{self.tau:g}"
         early = tuple(
             Point(
                 f"{self.measure}@{t:g}{suffix}",
                 f"{self.measure} λ={t:g}",
                 t,
-                ExitPolicy(
-                    measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer, decay_tau=self.decay_tau
-                ),
+                ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer, decay_tau=self.tau),
             )
             for t in dict.fromkeys(self.thresholds)
         )
@@ -129,13 +172,45 @@ class EvalConfig:
                 early = (self._context_point(),)
             else:
                 early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
-        baseline = (Point(TRANSFORMERS, "transformers generate"),) if self.with_transformers else ()
-        return (Point(FULL, "full model", policy=ExitPolicy.never()), *early, *baseline)
+        baseline = (
+            (Point(TRANSFORMERS, "transformers generate", kind="transformers"),) if self.with_transformers else ()
+        )
+        full = Point(FULL, "full model", policy=ExitPolicy.never(), kind="full")
+        return (full, *early, *self._static_points(), *self._lossless_point(), *baseline)
+
+    def _static_points(self) -> tuple[Point, ...]:
+        return tuple(
+            Point(f"static@{k}", f"static exit at layer {k}", None, ExitPolicy.fixed(k), kind="static")
+            for k in dict.fromkeys(self.static_layers)
+        )
+
+    def _lossless_point(self) -> tuple[Point, ...]:
+        run = self.lossless_run
+        if run is None:
+            return ()
+        if run.spec is None:  # the full model is what lossless runs here: its outputs and time, not a rerun
+            return (Point(LOSSLESS, "lossless (the full model here)", policy=run.policy, kind="lossless", alias=FULL),)
+        spec = run.spec
+        return (
+            Point(
+                f"{LOSSLESS}-E{spec.draft_layer}-k{spec.max_draft}{'-lookup' if spec.lookup else ''}",
+                f"lossless (speculative E={spec.draft_layer} k={spec.max_draft})",
+                None,
+                run.policy,
+                spec,
+                kind="lossless",
+            ),
+        )
 
     def _context_point(self) -> Point:
         spec = SpeculativeConfig(CONTEXT_DRAFT, self.max_draft)
         return Point(
-            f"spec-E0-k{spec.max_draft}", f"speculative, context drafts k={spec.max_draft}", None, ALWAYS_DRAFT, spec
+            f"spec-E0-k{spec.max_draft}",
+            f"speculative, context drafts k={spec.max_draft}",
+            None,
+            ALWAYS_DRAFT,
+            spec,
+            kind="speculative",
         )
 
     def _speculative_point(self, threshold: float) -> Point:
@@ -147,6 +222,7 @@ class EvalConfig:
             threshold,
             ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0),
             spec,
+            kind="speculative",
         )
 
     def cache_meta(self) -> dict:
@@ -163,51 +239,13 @@ class EvalConfig:
         }
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "thresholds": list(self.thresholds)}
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's place among `accelerate launch` processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    state: object = None  # accelerate.PartialState when world > 1
-
-    @classmethod
-    def current(cls) -> Shard:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True, CPU ranks would not sync
-        return cls(state.process_index, state.num_processes, state)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, requested: str | None) -> str | None:
-        """The device to load the model on: this process's own under accelerate, unless one is named."""
-        if self.state is not None and requested in (None, "auto"):
-            return str(self.state.device)
-        return requested
-
-    def split(self, records: list[Record]) -> list[Record]:
-        if self.state is None:
-            return records
-        with self.state.split_between_processes(records) as mine:
-            return list(mine)
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-
-def eval_device(requested: str | None) -> str | None:
-    """The device `calm eval` loads the model on: under accelerate, each process's own (unless named)."""
-    return Shard.current().device(requested)
+        run = self.lossless_run
+        return {
+            **asdict(replace(self, lossless_run=None)),
+            "thresholds": list(self.thresholds),
+            "static_layers": list(self.static_layers),
+            "lossless_run": None if run is None else run.description,
+        }
 
 
 def run_eval(
@@ -256,6 +294,7 @@ def run_sweep(
             ExitPlan.resolve(point.policy, model.network)  # bad layers / missing classifier: fail now
         if point.speculative is not None:
             point.speculative.check(model.num_layers)
+    computed = [p for p in points if p.alias is None]
     shard = Shard.current()
     cache = ResultCache.open(
         Path(out_dir) / "cache",
@@ -265,11 +304,11 @@ def run_sweep(
         is_main=shard.is_main,
     )
     shard.barrier()
-    _compute(model, shard.split(records), points, config, cache, progress)
+    _compute(model, shard.split(records), computed, config, cache, progress)
     shard.barrier()
     if not shard.is_main:
         return None
-    return {p.name: cache.done(p.name) for p in points}
+    return {p.name: cache.done(p.alias or p.name) for p in points}
 
 
 def _compute(
@@ -308,6 +347,7 @@ def _run_point(
     """Generate for one batch at one point; per-example rows with the batch's wall time shared out."""
     texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
+    split: dict[str, float] = {}  # prefill and decode seconds per example (calm's engines time them apart)
     if point.policy is None:
         token_ids = transformers_generate(model, model.encode_prompts(texts_in, max_new_tokens), max_new_tokens)
         texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
@@ -315,6 +355,8 @@ def _run_point(
     else:
         result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, **point.generate_kwargs())
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
+        t = result.timings
+        split = {"prefill_seconds": t.prefill_s / len(records), "decode_seconds": t.decode_s / len(records)}
     seconds = time.perf_counter() - t0
     return [
         {
@@ -327,6 +369,7 @@ def _run_point(
             "batch_seconds": seconds,
             "batch_size": len(records),
             "run": RUN_ID,
+            **split,
         }
         for i, r in enumerate(records)
     ]

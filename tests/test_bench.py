@@ -179,3 +179,26 @@ def test_bench_cli_runs_the_static_engine(tiny_model, tmp_path):
     assert report["config"]["engine"] == "static"
     assert [r["avg_layers"] for r in report["results"]] == [4.0, pytest.approx((4 + 3 * 2) / 4)]
     assert "engine static" in (out / "bench.md").read_text()
+
+
+def test_bench_runs_the_knobs_policy_on_the_calibrated_schedule(tiny_model):
+    from calm.bench import knob_specs
+    from calm.calibration import CalibrationRow, CalibrationTable
+
+    model = CalmModel.from_pretrained(tiny_model)
+    assert knob_specs(model, ("softmax:0.5",)) == (("softmax:0.5",), ExitPolicy.decay_tau)  # no calibration: τ=4
+    rows = tuple(
+        CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r in ((0.9, 0.01, 0.0), (0.5, 0.3, 0.02))
+    )
+    model.calibration = CalibrationTable(
+        rows, 0, delta=0.1, epsilon=0.1, n=200, method="hb", measure="softmax", decay_tau=0.0, risk_certified_index=1
+    )
+    assert knob_specs(model, ("softmax:0.5",)) == (("softmax:0.5",), 0.0)  # the calibration's τ by default
+    assert knob_specs(model, ("softmax:0.5",), decay_tau=4.0) == (("softmax:0.5",), 4.0)
+    assert knob_specs(model, (), tolerance=0.1, consistency="risk") == (("softmax:0.5",), 0.0)
+    assert knob_specs(model, (), tolerance=0.1) == (("softmax:0.9",), 0.0)
+    assert knob_specs(model, (), speed=1.0, consistency="risk")[0] == ("softmax:0.5",)
+    for bad in ({"consistency": "risk"}, {"tolerance": 0.1, "decay_tau": 4.0}):
+        with pytest.raises(InputError):
+            knob_specs(model, (), **bad)

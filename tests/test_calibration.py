@@ -125,3 +125,68 @@ def test_a_speedup_not_timed_is_stored_as_none_and_read_back_as_nan():
     assert math.isnan(CalibrationRow(**row.to_dict()).speedup)
     with pytest.raises(ValueError):
         CalibrationRow(**{**row.to_dict(), "avg_layers": math.nan})
+
+
+# --------------------------------------------------------------------------
+# risk consistency in the table
+# --------------------------------------------------------------------------
+
+# A table as calm wrote it before risk consistency (the shipped smollm2 table of that time, rows cut to 3).
+OLD_TABLE = {
+    "format": "calm.calibration_table",
+    "version": 1,
+    "certified_index": 1,
+    "delta": 0.1,
+    "epsilon": 0.05,
+    "n": 120,
+    "method": "hb",
+    "rows": [
+        {"threshold": 0.99, "mean_loss": 0.0041, "q50": 0.0, "q90": 0.0, "q95": 0.0, "avg_layers": 29.93,
+         "speedup": 0.998, "pvalue": 2.7e-05},
+        {"threshold": 0.97, "mean_loss": 0.0198, "q50": 0.0, "q90": 0.043, "q95": 0.113, "avg_layers": 29.53,
+         "speedup": None, "pvalue": 0.002},
+        {"threshold": 0.95, "mean_loss": 0.0917, "q50": 0.0, "q90": 0.335, "q95": 0.429, "avg_layers": 29.07,
+         "speedup": 0.992, "pvalue": 0.95},
+    ],
+    "measure": "classifier",
+    "decay_tau": 0.0,
+    "max_new_tokens": 32,
+}  # fmt: skip
+
+
+def test_a_table_without_risk_rows_loads_and_refuses_risk_clearly():
+    from calm.errors import CalibrationError
+
+    table = CalibrationTable.from_dict(OLD_TABLE)
+    assert not table.has_risk and table.certified_index == 1 and table.risk_certified_index is None
+    assert table.threshold_for_tolerance(0.1) == 0.97 and table.speed_to_threshold(1.0) == 0.97
+    assert table.to_dict() == {**OLD_TABLE, "rows": table.to_dict()["rows"]}  # written back without risk fields
+    for ask in (
+        lambda: table.threshold_for_tolerance(0.1, "risk"),
+        lambda: table.speed_to_threshold(1.0, "risk"),
+        lambda: table.certified_index_for("risk"),
+    ):
+        with pytest.raises(CalibrationError, match="no risk-consistency rows.*run calm calibrate again"):
+            ask()
+    with pytest.raises(CalibrationError, match="consistency must be one of textual, risk"):
+        table.certified_index_for("bleu")
+
+
+def test_both_objectives_from_one_sweep_and_their_round_trip():
+    rng = np.random.default_rng(3)
+    textual = np.clip(np.linspace(0.0, 0.5, 5)[:, None] + rng.normal(0, 0.01, (5, 400)), 0, 1)
+    risk = np.clip(np.linspace(0.0, 0.08, 5)[:, None] * rng.random((5, 400)) * 2, 0, 1)
+    thresholds = [0.99, 0.95, 0.9, 0.8, 0.7]
+    ltt_result = ltt.fixed_sequence_test(textual, 0.1, 0.05)
+    table = build_calibration_table(thresholds, textual, [30, 28, 25, 20, 15], [1.0] * 5, ltt_result, risk)
+    assert table.has_risk and table.certified_index == ltt_result.certified_index
+    assert table.risk_certified_index == ltt.fixed_sequence_test(risk, 0.1, 0.05).certified_index
+    assert table.risk_certified_index > table.certified_index  # risk is the looser objective here
+    assert table.rows[2].risk_mean_loss == pytest.approx(risk[2].mean())
+    assert table.speed_to_threshold(1.0, "risk") == thresholds[table.risk_certified_index]
+    assert table.threshold_for_tolerance(0.1, "risk") == thresholds[table.risk_certified_index]
+    assert CalibrationTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    with pytest.raises(ValueError, match="shape"):
+        build_calibration_table(thresholds, textual, [30] * 5, [1.0] * 5, ltt_result, risk[:, :10])
+    with pytest.raises(ValueError, match="every calibration row"):
+        CalibrationTable((table.rows[0], CalibrationTable.from_dict(OLD_TABLE).rows[1]), None)

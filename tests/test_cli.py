@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from calm import CalmModel
 from calm.calibration import CalibrationRow, CalibrationTable
 from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.errors import InputError
 from calm.static_decode import compiled_step
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
@@ -175,7 +177,8 @@ def calibrated_model(tiny_model, tmp_path_factory) -> str:
     [
         (
             ("--mode", "calm"),
-            "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration)",
+            "softmax λ=0.9, λ decays to 0.816 by token 3 (τ=4); default (speed 0.5 on the calibration, textual "
+            "consistency)",
         ),
         (("--speed", "1"), "softmax λ=0.5, λ decays to 0.453 by token 3 (τ=4); from --speed 1 and the calibration"),
         (
@@ -312,3 +315,65 @@ def test_bench_writes_to_a_scratch_directory_by_default():
 
     out = next(p for p in cli.commands["bench"].params if p.name == "out")
     assert out.default == "build/bench"
+
+
+# ---- risk consistency: the same policy from the API and the command line -------------------------
+
+
+@pytest.fixture(scope="module")
+def risk_model(tiny_model, tmp_path_factory) -> str:
+    """Textual consistency certifies only λ=0.9 at δ=0.1; risk consistency also λ=0.5."""
+    rows = [
+        CalibrationRow(t, d, d, d, d, layers, 4 / layers, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r, layers in ((0.9, 0.01, 0.0, 4.0), (0.5, 0.3, 0.02, 3.0), (0.0, 0.6, 0.3, 1.0))
+    ]
+    table = CalibrationTable(
+        tuple(rows), certified_index=0, delta=0.1, epsilon=0.1, n=200, method="hb", risk_certified_index=1
+    )
+    path = tmp_path_factory.mktemp("risk-calibrated")
+    save_checkpoint(path, CheckpointConfig(backbone=tiny_model, calibration=table), heads=None)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "knob, consistency, threshold",
+    [
+        (("--tolerance", "0.1"), "risk", 0.5),
+        (("--tolerance", "0.1"), "textual", 0.9),
+        (("--speed", "1"), "risk", 0.5),
+        (("--speed", "1"), "textual", 0.9),
+    ],
+)
+def test_the_api_and_the_cli_give_one_policy_per_tolerance_and_objective(risk_model, knob, consistency, threshold):
+    model = CalmModel.from_pretrained(risk_model)
+    kwargs = {"tolerance" if knob[0] == "--tolerance" else "speed": float(knob[1]), "consistency": consistency}
+    policy = model.policy(**kwargs)
+    assert policy.threshold == threshold
+    text = "the cat sat on the mat"
+    api = model.generate(text, max_new_tokens=3, **kwargs)
+    assert api.exit_layers == model.generate(text, max_new_tokens=3, policy=policy).exit_layers
+    cli = invoke(
+        "summarize", "--model", risk_model, "--text", text, "--max-new-tokens", 3, *knob, "--consistency", consistency
+    )
+    assert cli.exit_code == 0, cli.output
+    assert f"softmax λ={threshold:g}," in cli.stderr and f"{consistency} consistency" in cli.stderr
+
+
+def test_consistency_alone_and_risk_from_an_old_table_are_clear_errors(risk_model, calibrated_model):
+    from calm.errors import CalibrationError
+
+    alone = invoke("summarize", "--model", risk_model, "--text", "the cat", "--consistency", "risk")
+    assert_clean_error(alone, "--consistency picks", "--speed or --tolerance")
+    with_threshold = invoke(
+        "summarize", "--model", risk_model, "--text", "a", "--threshold", "0.5", "--consistency", "risk"
+    )
+    assert_clean_error(with_threshold, "--consistency picks")
+    old = invoke("summarize", "--model", calibrated_model, "--text", "the cat", "--speed", "1", "--consistency", "risk")
+    assert_clean_error(old, "no risk-consistency rows", "run calm calibrate again")
+    model = CalmModel.from_pretrained(calibrated_model)
+    with pytest.raises(CalibrationError, match="no risk-consistency rows"):
+        model.policy(tolerance=0.1, consistency="risk")
+    with pytest.raises(InputError, match="consistency= picks"):
+        model.generate("the cat", max_new_tokens=2, consistency="risk")
+    with pytest.raises(InputError, match="explicit threshold follows none"):
+        model.policy(threshold=0.5, consistency="risk")

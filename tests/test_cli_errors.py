@@ -56,6 +56,7 @@ TEXT: dict[str, Callable[[Files], list[str]]] = {
 CALLBACKS: dict[str, list[str]] = {
     "float_list": ["x", "nan", "0.5,inf", "1.5", "-0.5", ","],
     "int_list": ["x", "0", "1,-8", ""],
+    "optional_int_list": ["x", "0", "1,-8", ","],
     "policy_specs": ["bogus", "softmax:nan", "state:inf", "fixed:x", "classifier:2,x"],
     "output_file": ["<dir>", "<missing>"],
     "_template": ["Summarize:", "{document} {document}"],

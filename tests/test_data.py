@@ -59,3 +59,14 @@ def test_truncate_document_keeps_the_first_tokens(tiny_model):
     assert truncate_document(tok, doc, 4) == "the cat sat on"
     assert truncate_document(tok, doc, 100) == doc
     assert truncate_document(tok, " " + doc + " ", None) == doc
+
+
+def test_several_reference_summaries_in_one_field():
+    lines = [
+        {"id": "x", "document": "d1", "summary": ["first ref", "", "second ref"]},
+        {"id": "y", "document": "d2", "summary": "only ref"},
+        {"id": "z", "document": "d3"},
+    ]
+    records = parse_jsonl("\n".join(json.dumps(line) for line in lines), "mem")
+    assert records[0].summary == "first ref" and records[0].all_references == ("first ref", "second ref")
+    assert records[1].all_references == ("only ref",) and records[2].all_references == ()

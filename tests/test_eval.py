@@ -13,7 +13,7 @@ from rich.text import Text
 
 from calm.data import Record
 from calm.errors import InputError
-from calm.eval import sweep
+from calm.eval import shard, sweep
 from calm.eval.render import (
     STANDARD_PALETTE,
     SummaryPrinter,
@@ -90,7 +90,10 @@ def test_eval_writes_report(tiny_model, data, tmp_path):
     assert set(report["machine"]) >= {"platform", "cpu", "torch", "transformers", "command"}
     assert report["machine"]["command"].startswith("calm eval --model")
     points = {p["name"]: p for p in report["points"]}
-    assert list(points) == POINTS
+    assert list(points) == POINTS[:3] + ["lossless", "transformers"]
+    lossless = points["lossless"]  # no speculative measurement stored: lossless is the full model, not rerun
+    assert lossless["kind"] == "lossless" and lossless["same_as_full"] == 1.0
+    assert lossless["speedup_vs_full"] == pytest.approx(1.0) and not (out / "cache" / "lossless.jsonl").exists()
     keys = {
         "rouge1",
         "rouge2",
@@ -208,7 +211,7 @@ def test_eval_shards_and_rank0_merges(model, tmp_path, monkeypatch):
     )
     out = tmp_path / "out"
     for rank in (1, 0):  # rank 1 finishes first; rank 0 merges and reports
-        monkeypatch.setattr(sweep.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
+        monkeypatch.setattr(shard.Shard, "current", classmethod(lambda cls, r=rank: cls(r, 2, FakeState(r, 2))))
         report = sweep.run_eval(model, records, config, out)
         assert (report is None) == (rank == 1)
     assert sorted(p.name for p in (out / "cache").glob("*.jsonl")) == sorted(
@@ -358,7 +361,14 @@ def cache_lines_run(out: Path, point: str, example: str) -> str:
 def _report_shape(out: Path) -> list[tuple]:
     """Every point's quality figures, and which timing figures exist (their values differ run to run)."""
     points = json.loads((out / "eval.json").read_text())["points"]
-    timed = ("speedup_vs_full", "speedup_vs_transformers", "seconds")
+    timed = (
+        "speedup_vs_full",
+        "speedup_vs_transformers",
+        "seconds",
+        "prefill_seconds",
+        "decode_seconds",
+        "decode_speedup_vs_full",
+    )
     return [
         tuple((k, v is not None and v == v) if k in timed else (k, v) for k, v in sorted(p.items())) for p in points
     ]
@@ -404,3 +414,86 @@ def test_eval_prints_a_line_per_finished_point_off_a_terminal(tiny_model, data, 
     lines = [line for line in result.stderr.splitlines() if line.startswith("eval: ")]
     assert len(lines) == 4 and lines[0].startswith("eval: full model: 2 of 2 documents done (2/8, ")
     assert "eval: transformers generate: 2 of 2 documents done (8/8" in lines[-1]
+
+
+def test_static_exits_count_the_first_token_at_full_depth(tiny_model, data, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval_cli(tiny_model, data, out, "--static-layers", "1,2", "--no-lossless-point")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    points = {p["name"]: p for p in report["points"]}
+    assert list(points) == ["full", "state@0.5", "state@0", "static@1", "static@2", "transformers"]
+    for k in (1, 2):
+        rows = [json.loads(line) for line in cache_lines(out, f"static@{k}")]
+        assert all(r["exit_layers"][0] == NUM_LAYERS and set(r["exit_layers"][1:]) <= {k} for r in rows)
+        tokens = sum(len(r["exit_layers"]) for r in rows)
+        expected = sum(NUM_LAYERS + k * (len(r["exit_layers"]) - 1) for r in rows) / tokens
+        assert points[f"static@{k}"]["kind"] == "static"
+        assert points[f"static@{k}"]["avg_layers"] == pytest.approx(expected) and expected > k
+    for p in points.values():  # time split into prefill and decode for calm's own engines
+        split = p["prefill_seconds"] + p["decode_seconds"] if p["kind"] != "transformers" else None
+        assert split is None or 0 < split <= p["seconds"] + 1e-6
+    markdown = (out / "eval.md").read_text()
+    assert "| static exit at layer 2 |" in markdown and "prefill s" in markdown and "decode speedup" in markdown
+
+
+def test_plot_labels_never_overlap():
+    from calm.eval.plots import _figure, place_labels
+
+    fig, ax = _figure()
+    items = [(29.9, 15.0, "λ=0.99"), (29.7, 15.02, "λ=0.98"), (29.5, 14.98, "λ=0.97"), (30.0, 15.0, "full")]
+    items += [(12.2, 5.0, "layer 12"), (18.2, 9.0, "layer 18"), (30.0, 15.01, "lossless")]
+    ax.plot([x for x, _, _ in items], [y for _, y, _ in items], "o")
+    ax.margins(0.15)
+    labels = place_labels(ax, items)
+    boxes = [a.get_window_extent(fig.canvas.get_renderer()) for a in labels]
+    assert len(boxes) == len(items)
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+
+
+def test_eval_config_static_layers_and_knob_checks():
+    with pytest.raises(InputError, match="static exit layers"):
+        sweep.EvalConfig(model="m", data="d.jsonl", static_layers=(0,))
+    config = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.9,), measure="state", static_layers=(2, 2))
+    static = [p for p in config.points() if p.kind == "static"]
+    assert [p.name for p in static] == ["static@2"] and static[0].policy == ExitPolicy.fixed(2)
+
+
+def test_risk_loss_against_several_references():
+    from calm.eval.rouge import risk_loss, rouge_l_references, textual_loss
+
+    refs = ["the cat sat on the mat", "a cat was on the mat"]
+    full, early = "the cat sat on the mat", "the dog ran"
+    # ROUGE-L F1 by hand: full is ref 1 (1.0) and shares cat-on-the-mat with ref 2 (4 of 6 tokens: 2/3);
+    # early shares only "the" with each (P = 1/3, R = 1/6: F1 = 2/9)
+    assert rouge_l_references(full, refs) == pytest.approx((1.0 + 2 / 3) / 2)
+    assert rouge_l_references(early, refs) == pytest.approx(2 / 9)
+    assert risk_loss(early, full, refs) == pytest.approx((1.0 + 2 / 3) / 2 - 2 / 9)
+    assert risk_loss(full, early, refs) == 0.0  # better than the full model: clipped at 0
+    assert risk_loss(" the cat sat on the mat ", full, refs) == 0.0  # the same text
+    assert risk_loss(early, full, refs[:1]) == pytest.approx(1.0 - 2 / 9)  # one reference
+    assert textual_loss(early, full) == pytest.approx(1 - rouge_l_similarity(early, full))
+    with pytest.raises(ValueError, match="at least one reference"):
+        rouge_l_references(full, [])
+
+
+def test_eval_takes_the_knob_and_the_calibrations_schedule(model):
+    from dataclasses import replace
+
+    from calm.calibration import CalibrationRow, CalibrationTable
+
+    rows = tuple(
+        CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r in ((0.9, 0.01, 0.0), (0.5, 0.3, 0.02))
+    )
+    table = CalibrationTable(
+        rows, 0, delta=0.1, epsilon=0.1, n=200, method="hb", measure="state", decay_tau=0.0, risk_certified_index=1
+    )
+    calibrated = CalmModel(model.model, model.tokenizer, calibration=table)
+    base = sweep.EvalConfig(model="m", data="d.jsonl", thresholds=(0.7,), decay_tau=None, measure="state")
+    assert base.for_model(calibrated).decay_tau == 0.0 and base.for_model(model).decay_tau == ExitPolicy.decay_tau
+    knob = replace(base, tolerance=0.1, consistency="risk").for_model(calibrated)
+    assert knob.thresholds == (0.5,) and knob.decay_tau == 0.0 and knob.measure == "state"
+    assert replace(base, speed=1.0).for_model(calibrated).thresholds == (0.9,)
+    with pytest.raises(InputError, match="--consistency picks"):
+        replace(base, consistency="risk").for_model(calibrated)

@@ -72,7 +72,8 @@ def test_a_checkpoint_with_its_backbone_heads_and_calibration(checkpoint):
     assert any(
         line.startswith("calibration: measure classifier, decay τ=0, min exit layer 2, ε=0.05, n=200") for line in lines
     )
-    assert "certified: λ=0.5 at δ=0.1 (ε=0.05): mean D 0.050, 3.00 layers" in lines
+    assert "certified: λ=0.5 at δ=0.1 (ε=0.05) for textual consistency: mean D 0.050, 3.00 layers" in lines
+    assert "certified (risk): no risk-consistency rows (calibrated before they existed)" in lines
     table = lines[lines.index("| λ | mean D | D q90 | p-value | avg layers | speedup | certified at δ=0.1 |") :]
     assert table[2:] == [
         "| 0.9 | 0.010 | 0.010 | 1e-05 | 4.00 | 1.00× | yes |",

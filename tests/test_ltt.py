@@ -270,3 +270,41 @@ def test_increasing_thresholds_are_accepted():
 def test_ltt_calibrate_bad_inputs(thresholds, losses, delta, epsilon, method, match):
     with pytest.raises(ValueError, match=match):
         ltt_calibrate(thresholds, losses, delta, epsilon, method)
+
+
+# --------------------------------------------------------------------------
+# the same guarantee on risk-consistency losses
+# --------------------------------------------------------------------------
+
+RISK_DELTA, RISK_K, POPULATION = 0.05, 21, 200_000
+
+
+def _risk_population(rng: np.random.Generator) -> np.ndarray:
+    """[K, POPULATION] risk losses max(0, R_full − R_early) shaped like ROUGE-L's: R_full ~ Beta(2, 8); at
+    threshold k a nested share of examples (u < p_k) loses a Beta(2, 2) fraction of its R_full, and every
+    early output's R moves by a little noise either way (outputs better than the full one lose nothing)."""
+    r_full = rng.beta(2.0, 8.0, POPULATION)
+    u, severity = rng.random(POPULATION), rng.beta(2.0, 2.0, POPULATION)
+    noise = rng.normal(0.0, 0.03, POPULATION)
+    p = np.linspace(0.0, 1.0, RISK_K)[:, None]
+    r_early = np.clip(r_full - np.where(u < p, severity * r_full, 0.0) + np.where(p > 0, noise, 0.0), 0.0, 1.0)
+    return np.maximum(0.0, r_full - r_early)
+
+
+@pytest.mark.parametrize("method", ["hb", "hoeffding"])
+def test_ltt_risk_consistency_guarantee_on_risk_losses(method):
+    """1000 calibration draws of N examples from a population whose true mean risk per threshold is
+    known: the certified threshold's true risk exceeds δ in at most ε of them (within sampling error)."""
+    rng = np.random.default_rng(2024)
+    population = _risk_population(rng)
+    true_risks = population.mean(axis=1)
+    assert true_risks[0] == 0.0 and true_risks[-1] > 2 * RISK_DELTA  # the grid crosses δ
+    thresholds = np.linspace(0.99, 0.5, RISK_K)
+    chosen = np.full(DRAWS, -1)
+    for d in range(DRAWS):
+        sample = population[:, rng.integers(0, POPULATION, N)]
+        out = ltt_calibrate(thresholds, sample, RISK_DELTA, EPS, method)
+        chosen[d] = -1 if out.index is None else out.index
+    true_risk = np.where(chosen >= 0, true_risks[np.maximum(chosen, 0)], 0.0)
+    assert np.mean(true_risk > RISK_DELTA) <= _allowed_rate(EPS, DRAWS)
+    assert np.mean(chosen >= 1) >= 0.95 and np.median(true_risk) >= 0.3 * RISK_DELTA  # and not trivially safe
