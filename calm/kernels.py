@@ -30,9 +30,9 @@ from calm.errors import InputError
 KERNELS = ("auto", "torch", "onednn")  # auto: onednn where it applies (a CPU, fp32, inference), else torch
 PACK_ROWS = 4  # the row count weights are packed for: 3-5 rows then cost what one does (measured above)
 _ACTIVE: ContextVar[bool] = ContextVar("calm_packed_kernels", default=False)  # inside packed_linears
-# id(weight) -> (a weak reference to it, its packed copy), for calm's own weights (tensors compare by value,
-# so they cannot key a WeakKeyDictionary); an entry goes when its weight does
-_PACKED_WEIGHTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# id(weight) -> (a weak reference to it, its version, its packed copy), for calm's own weights (tensors
+# compare by value, so they cannot key a WeakKeyDictionary); an entry goes when its weight does
+_PACKED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 # linear -> (weight key, packed weight); kept off the module, so copying or saving a model never meets
 # oneDNN's opaque tensors, and dropped with the module
 _PACKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -48,17 +48,19 @@ def onednn_available() -> bool:
 
 
 def packable(linear: torch.nn.Module) -> bool:
-    """A plain fp32 nn.Linear on the CPU (subclasses, such as peft's LoRA layers, keep their own forward)."""
-    return (
-        type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
-    )
+    """A plain fp32 nn.Linear on the CPU without a forward of its own on the instance (subclasses such as
+    peft's LoRA layers, accelerate's hooked modules, or one already packed by an enclosing block keep theirs)."""
+    if type(linear) is not torch.nn.Linear or "forward" in vars(linear) or hasattr(linear, "_hf_hook"):
+        return False
+    weight = linear.weight
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() > 0
 
 
 def uses_onednn(kernels: str) -> bool:
     """Whether `kernels` asks for the packed path here: 'onednn', or 'auto' where oneDNN is built in; never
-    where autograd records (the packed op has no backward)."""
+    where autograd records (the packed op has no backward) or under autocast (it keeps its dtypes)."""
     check_kernels(kernels)
-    if kernels == "torch" or torch.is_grad_enabled():
+    if kernels == "torch" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     if kernels == "onednn" and not onednn_available():
         raise InputError("kernels='onednn' needs a torch built with oneDNN (mkldnn); use kernels='torch'")
@@ -68,33 +70,51 @@ def uses_onednn(kernels: str) -> bool:
 @contextmanager
 def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[None]:
     """Inside the block, every packable nn.Linear of `model` runs oneDNN's linear on its packed weight,
-    and so does `linear` (calm's own matmuls, such as the bfloat16 LM head of calm.lm_head)."""
-    if not uses_onednn(kernels):
+    and so does `linear` (calm's own matmuls, such as the bfloat16 LM head of calm.lm_head). A model with
+    nothing to pack (on a GPU, in half precision) runs as it is."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
+    if not linears or not uses_onednn(kernels):
         yield
         return
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
-    for linear in linears:
-        linear.forward = _packed_forward(linear)  # type: ignore[method-assign,assignment]  # this instance, this block only
     token = _ACTIVE.set(True)
+    installed: list[torch.nn.Linear] = []
     try:
+        for module in linears:
+            module.forward = _packed_forward(module)  # type: ignore[method-assign,assignment]  # this block only
+            installed.append(module)
         yield
     finally:
         _ACTIVE.reset(token)
-        for linear in linears:
-            del linear.forward  # the class's forward again
+        for module in installed:
+            del module.forward  # the class's forward again
+
+
+def clear_cache() -> None:
+    """Forget every packed weight. Needed only after a weight changed without its version counter
+    moving (a write through `weight.data`, as peft's unsafe merge does): calm packs again on next use."""
+    _PACKED.clear()
+    _PACKED_WEIGHTS.clear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T, through oneDNN on a packed copy of `weight` inside packed_linears
-    (bfloat16 included: oneDNN accumulates in float32 and rounds the output once, as torch's does)."""
-    if not _ACTIVE.get():
+    (bfloat16 included where the CPU has oneDNN's bf16 kernels: it accumulates in float32 and rounds the
+    output once, as torch's does); torch's linear anywhere else."""
+    if not _ACTIVE.get() or not _packs(x, weight):
         return torch.nn.functional.linear(x, weight)
     key = id(weight)
     entry = _PACKED_WEIGHTS.get(key)
-    if entry is None or entry[0]() is not weight:
+    if entry is None or entry[0]() is not weight or entry[1] != _version(weight):
         gone = weakref.ref(weight, lambda _: _PACKED_WEIGHTS.pop(key, None))
-        entry = _PACKED_WEIGHTS[key] = (gone, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        entry = _PACKED_WEIGHTS[key] = (gone, _version(weight), packed)
+    return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
+
+
+def _packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or x.dtype != weight.dtype or weight.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _version(weight: torch.Tensor) -> int:
@@ -114,7 +134,9 @@ def _packed_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
     packed = cached[1]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] -> [..., out], as nn.Linear."""
+        """x [..., in] -> [..., out], as nn.Linear; torch's own where this thread is not generating."""
+        if not _ACTIVE.get() or torch.is_grad_enabled() or x.dtype != torch.float32:
+            return torch.nn.functional.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     return forward

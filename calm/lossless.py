@@ -17,7 +17,7 @@ definition, so the fallback never changes the output, only the speed. Explicit -
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError
@@ -81,7 +81,7 @@ class MeasuredSetting:
         """The stored measurement nearest to batch_size rows: batch 1, or batch 8 from LARGE_BATCH_FROM."""
         data = dict((extra or {}).get(STORE_KEY) or {})
         large = data.pop(LARGE_BATCH_KEY, None)
-        if batch_size >= LARGE_BATCH_FROM and large:
+        if measured_batch(extra, batch_size) == 8:
             data = large
         if not data:
             return None
@@ -92,6 +92,13 @@ class MeasuredSetting:
                 f"the speculative measurement stored with this checkpoint is unreadable ({exc}); "
                 "run benchmarks/bench_speculative.py --store again"
             ) from exc
+
+
+def measured_batch(extra: dict | None, batch_size: int) -> int:
+    """The batch size of the stored measurement a run of batch_size rows follows: 8 from LARGE_BATCH_FROM
+    rows where a batch-8 measurement is stored, else 1."""
+    stored = (extra or {}).get(STORE_KEY) or {}
+    return 8 if batch_size >= LARGE_BATCH_FROM and stored.get(LARGE_BATCH_KEY) else 1
 
 
 @dataclass(frozen=True)
@@ -151,8 +158,8 @@ def resolve_mode(
             return ModeRun(
                 None,
                 ExitPolicy.never(),
-                f"full model (lossless; speculative decoding measured no gain on this checkpoint"
-                f"{' at batch 8' if batch_size >= LARGE_BATCH_FROM else ''}: best E={stored.draft_layer}, "
+                f"full model (lossless; speculative decoding measured no gain on this checkpoint at batch "
+                f"{measured_batch(model.extra, batch_size)}: best E={stored.draft_layer}, "
                 f"k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full depth, {stored.report})",
             )
     default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
@@ -160,15 +167,20 @@ def resolve_mode(
         draft_layer if draft_layer is not None else default_layer,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
         lookup or (stored is not None and stored.lookup and draft_layer is None),
-        adaptive=stored is not None and stored.adaptive and draft_layer is None and max_draft is None,
     )
+    if (
+        stored is not None
+        and stored.adaptive
+        and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft)
+    ):
+        spec = replace(spec, adaptive=True)  # the stored setting, named again or not
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
     policy = ALWAYS_DRAFT if spec.from_context else _controller(model, stored, measure, threshold)
     measured = ""
     if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
-        where = "batch 8" if batch_size >= LARGE_BATCH_FROM else "batch 1"
+        where = f"batch {measured_batch(model.extra, batch_size)}"
         measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
     return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}{measured}")
 

@@ -64,9 +64,14 @@ class Run:
     def mode(self) -> str:
         """calm.lossless.pick_mode: the mode named (--lossless names lossless), else lossless unless an exit
         option or an engine was given."""
+        from calm.errors import InputError
         from calm.lossless import LOSSLESS, pick_mode
 
-        named = LOSSLESS if self.modes.lossless else self.modes.mode
+        named = self.modes.mode
+        if self.modes.lossless:
+            if named == "calm":
+                raise InputError("--lossless runs the full model's output and --mode calm exits early: give one")
+            named = named or LOSSLESS
         return pick_mode(named, self.knobs.asks_for_exits or self.engine != "auto")
 
 
@@ -247,11 +252,13 @@ def _generate(
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
     """The full model's decode tokens/s stored with the checkpoint's speculative measurement for this many
     rows, and where it was measured (None: not stored)."""
-    from calm.lossless import MeasuredSetting
+    from calm.lossless import LARGE_BATCH_FROM, MeasuredSetting, measured_batch
 
     stored = MeasuredSetting.from_extra(model.extra, rows)
     if stored is None or stored.full_decode_tokens_per_s <= 0:
         return None
+    if rows >= LARGE_BATCH_FROM and measured_batch(model.extra, rows) == 1:
+        return None  # only a batch-1 rate is stored: no like-for-like reference
     return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
 
 
@@ -261,11 +268,14 @@ def _resolve(model: Any, run: Run, rows: int) -> tuple[bool, Any, str, dict]:
     and --threshold then set the draft controller)."""
     from calm.errors import InputError
     from calm.lossless import resolve_mode
+    from calm.policy import ExitPolicy
 
     knobs, m = run.knobs, run.modes
     lossless_run = resolve_mode(
-        model, run.mode, False, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
+        model, run.mode, m.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
+    if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
+        return False, ExitPolicy.never(), f"full model (exact) on the {run.engine} engine", {}
     if lossless_run is None:
         policy, source = knobs.resolve(model)
         return False, policy, source, {}

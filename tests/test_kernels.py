@@ -91,3 +91,51 @@ def test_the_certified_head_on_packed_bfloat16_is_still_the_float32_argmax():
     x[0] = weight[0] * 3  # rows 0 and 1 of the head nearly tie for this input
     with torch.inference_mode(), packed_linears(torch.nn.Linear(1, 1)):
         assert torch.equal(head(x), (x @ weight.T).argmax(1))
+
+
+def test_nested_blocks_and_modules_with_their_own_forward_are_left_alone():
+    model, x = _model(), torch.randn(2, 16)
+    hooked = model[2]
+    hooked.forward = lambda t: torch.zeros(t.shape[0], 8)  # e.g. an accelerate hook on the instance
+    with torch.inference_mode():
+        with packed_linears(model):
+            assert "forward" in vars(model[0])
+            with packed_linears(model):  # nested (a generate inside a generate): the outer packing stays
+                model(x)
+            assert "forward" in vars(model[0])
+            assert torch.equal(model(x), torch.zeros(2, 8))
+        assert "forward" not in vars(model[0]) and vars(hooked)["forward"] is not None
+
+
+def test_outside_the_block_a_packed_forward_is_torchs_and_a_failed_install_leaves_nothing(monkeypatch):
+    model, x = _model(), torch.randn(3, 16)
+    with torch.inference_mode(), packed_linears(model):
+        stray = model[0].forward
+    with torch.inference_mode():  # e.g. another thread, or after the block: torch's own linear
+        torch.testing.assert_close(stray(x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+    import calm.kernels as kernels
+
+    real, calls = kernels._packed_forward, []
+
+    def failing(module):
+        calls.append(module)
+        if len(calls) == 2:
+            raise RuntimeError("no primitive")
+        return real(module)
+
+    monkeypatch.setattr(kernels, "_packed_forward", failing)
+    with pytest.raises(RuntimeError, match="no primitive"), torch.inference_mode(), packed_linears(model):
+        pass
+    assert not any("forward" in vars(m) for m in model)
+
+
+def test_bfloat16_without_cpu_support_and_autocast_keep_torchs_kernels(monkeypatch):
+    from calm.kernels import linear
+
+    weight, x = torch.randn(32, 16).to(torch.bfloat16), torch.randn(4, 16).to(torch.bfloat16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with torch.inference_mode(), packed_linears(_model()):
+        assert torch.equal(linear(x, weight), torch.nn.functional.linear(x, weight))
+    model = _model()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model):
+        assert not any("forward" in vars(m) for m in model)

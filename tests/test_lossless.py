@@ -423,3 +423,26 @@ def test_default_summarize_is_the_full_models_output_on_the_real_model():
         lossless = model.generate([prompt], 32)
         assert lossless.speculative is not None, lossless.decoding
         assert lossless.token_ids == model.generate([prompt], 32, speed=0).token_ids
+
+
+def test_engine_alone_is_the_exact_full_model_and_contradicting_switches_are_refused(checkpoint, tiny_model):
+    base = ("summarize", "--model", tiny_model, "--text", DOCS[0]["document"], "--max-new-tokens", 4)
+    engine = invoke(*base, "--engine", "static")
+    assert engine.exit_code == 0, engine.output
+    assert "full model (exact) on the static engine" in engine.stderr
+    assert_clean_error(invoke(*base, "--lossless", "--mode", "calm"), "--lossless", "--mode calm")
+    store_extra(checkpoint, STORE_KEY, measured(0.9).to_dict())  # slower: --lossless alone runs the full model
+    ckpt = ("summarize", "--model", str(checkpoint), "--text", DOCS[0]["document"], "--max-new-tokens", 4)
+    assert "no gain" in invoke(*ckpt, "--lossless").stderr
+    assert "speculative (lossless)" in invoke(*ckpt, "--lossless", "--mode", "speculative").stderr
+
+
+def test_a_stored_adaptive_setting_survives_being_named_again(checkpoint):
+    store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True}))
+    model = CalmModel.from_pretrained(str(checkpoint))
+    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True)
+    again = resolve_mode(model, "speculative", draft_layer=0, max_draft=3)  # what generate_kwargs() passes on
+    assert again.spec.adaptive and not resolve_mode(model, "speculative", draft_layer=0, max_draft=2).spec.adaptive
+    batch8 = {STORE_KEY: measured(1.2).to_dict()}  # no batch-8 measurement: 8 rows follow batch 1's, said so
+    model.extra = batch8
+    assert "at batch 1" in resolve_mode(model, lossless=True, batch_size=8).description
