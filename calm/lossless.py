@@ -162,6 +162,22 @@ def resolve_mode(
                 f"{measured_batch(model.extra, batch_size)}: best E={stored.draft_layer}, "
                 f"k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full depth, {stored.report})",
             )
+    spec = _spec(model, stored, draft_layer, max_draft, lookup)
+    spec.check(model.num_layers)
+    if spec.from_context and (measure is not None or threshold is not None):
+        raise InputError(NO_CONTROLLER)
+    policy = ALWAYS_DRAFT if spec.from_context else _controller(model, stored, measure, threshold)
+    measured = ""
+    if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
+        where = f"batch {measured_batch(model.extra, batch_size)}"
+        measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
+    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}{measured}")
+
+
+def _spec(
+    model: CalmModel, stored: MeasuredSetting | None, draft_layer: int | None, max_draft: int | None, lookup: bool
+) -> SpeculativeConfig:
+    """E, k, lookup and adaptive: as given, else the stored measurement's, else L/2 and DEFAULT_MAX_DRAFT."""
     default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
     spec = SpeculativeConfig(
         draft_layer if draft_layer is not None else default_layer,
@@ -174,15 +190,7 @@ def resolve_mode(
         and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft)
     ):
         spec = replace(spec, adaptive=True)  # the stored setting, named again or not
-    spec.check(model.num_layers)
-    if spec.from_context and (measure is not None or threshold is not None):
-        raise InputError(NO_CONTROLLER)
-    policy = ALWAYS_DRAFT if spec.from_context else _controller(model, stored, measure, threshold)
-    measured = ""
-    if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
-        where = f"batch {measured_batch(model.extra, batch_size)}"
-        measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
-    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}{measured}")
+    return spec
 
 
 def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
