@@ -27,7 +27,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup       # ruff (lint and format) over the repo, mypy over calm/ (pyproject.toml configures both)
+lint: setup       # ruff (lint and format) over the repo, mypy over calm/, cli/, eval/ (pyproject.toml configures both)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from calm.errors import InputError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from calm.model import CalmModel
 
 PLACEHOLDER = "{document}"
@@ -115,6 +117,14 @@ def truncate_document(tokenizer: Any, document: str, max_tokens: int | None) -> 
     if max_tokens is None:
         return document.strip()
     return _first_tokens(tokenizer, document, document_ids(tokenizer, document), max_tokens)
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase | None, ids: Sequence[int]) -> str:
+    """One sequence of token ids as text, without special tokens. (transformers types `decode` as
+    str | list[str]: one sequence of ids decodes to one str.)"""
+    if tokenizer is None:
+        raise InputError("decoding token ids needs a tokenizer")
+    return cast(str, tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def summary_prompt(document: str) -> str:

@@ -30,6 +30,8 @@ def load_documents(
         )
     if text is not None:
         return [_single("text", text, "--text")]
+    if source is None:
+        raise AssertionError("the check above leaves exactly one of source and text")
     if source == STDIN:
         name, content = "<stdin>", (stdin or sys.stdin).read()
     elif source.endswith(".jsonl"):

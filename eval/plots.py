@@ -89,6 +89,8 @@ def place_labels(ax: Any, items: Sequence[tuple[float, float, str]], avoid: Sequ
                 ann.remove()
             if score == 0:
                 break
+        if best is None:
+            raise AssertionError("_offsets yields at least one offset, so each label is placed")
         taken.append(best.get_window_extent(renderer))
         placed.append(best)
     return placed

@@ -14,6 +14,7 @@ from calm.confidence import check_overhead, softmax_check_layers
 from calm.decode import ExitPlan
 from calm.eval.summarize import DocumentSummary
 from calm.policy import ExitPolicy
+from calm.prompts import decode_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +61,7 @@ def token_pieces(
     pieces: list[tuple[str, int]] = []
     shown = ""
     for i, layer in enumerate(exit_layers):
-        text = tokenizer.decode(list(token_ids[: i + 1]), skip_special_tokens=True)
+        text = decode_text(tokenizer, token_ids[: i + 1])
         if text.endswith("\ufffd") and i + 1 < len(exit_layers):
             continue
         piece = text[_common_prefix(shown, text) :]

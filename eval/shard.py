@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from calm.data import Record
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,7 @@ class Shard:
 
     rank: int = 0
     world: int = 1
-    state: object = None  # accelerate.PartialState when world > 1
+    state: PartialState | None = None  # set when world > 1
 
     @classmethod
     def current(cls) -> Shard:

@@ -30,7 +30,7 @@ from calm.knob import calibrated_decay_tau, default_measure, resolve_policy
 from calm.lossless import ModeRun, resolve_mode
 from calm.model import CalmModel
 from calm.policy import ExitPolicy
-from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, fit_prompt
+from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, decode_text, fit_prompt
 from calm.speculative import ALWAYS_DRAFT, CONTEXT_DRAFT, MODES, SpeculativeConfig
 
 
@@ -155,23 +155,29 @@ class EvalConfig:
         return ExitPolicy.decay_tau if self.decay_tau is None else self.decay_tau
 
     def points(self) -> tuple[Point, ...]:
+        measure = self.measure
+        if measure is None:
+            raise AssertionError("for_model fills in the measure before the points are built")
         suffix = f"-min{self.min_exit_layer}" if self.min_exit_layer is not None else ""
         if self.tau != ExitPolicy.decay_tau:
             suffix += f"-tau{self.tau:g}"
         early = tuple(
             Point(
-                f"{self.measure}@{t:g}{suffix}",
-                f"{self.measure} λ={t:g}",
+                f"{measure}@{t:g}{suffix}",
+                f"{measure} λ={t:g}",
                 t,
-                ExitPolicy(measure=self.measure, threshold=t, min_exit_layer=self.min_exit_layer, decay_tau=self.tau),
+                ExitPolicy(measure=measure, threshold=t, min_exit_layer=self.min_exit_layer, decay_tau=self.tau),
             )
             for t in dict.fromkeys(self.thresholds)
         )
         if self.mode == "speculative":
+            if self.draft_layer is None or self.max_draft is None:
+                raise AssertionError("for_model fills in the speculative setting before the points are built")
+            spec = SpeculativeConfig(self.draft_layer, self.max_draft, self.lookup)
             if self.draft_layer == CONTEXT_DRAFT:  # no controller: one point
-                early = (self._context_point(),)
+                early = (self._context_point(spec.max_draft),)
             else:
-                early = tuple(self._speculative_point(t) for t in dict.fromkeys(self.thresholds))
+                early = tuple(self._speculative_point(spec, measure, t) for t in dict.fromkeys(self.thresholds))
         baseline = (
             (Point(TRANSFORMERS, "transformers generate", kind="transformers"),) if self.with_transformers else ()
         )
@@ -202,8 +208,8 @@ class EvalConfig:
             ),
         )
 
-    def _context_point(self) -> Point:
-        spec = SpeculativeConfig(CONTEXT_DRAFT, self.max_draft)
+    def _context_point(self, max_draft: int) -> Point:
+        spec = SpeculativeConfig(CONTEXT_DRAFT, max_draft)
         return Point(
             f"spec-E0-k{spec.max_draft}",
             f"speculative, context drafts k={spec.max_draft}",
@@ -213,14 +219,13 @@ class EvalConfig:
             kind="speculative",
         )
 
-    def _speculative_point(self, threshold: float) -> Point:
-        spec = SpeculativeConfig(self.draft_layer, self.max_draft, self.lookup)
+    def _speculative_point(self, spec: SpeculativeConfig, measure: str, threshold: float) -> Point:
         lookup = ("-lookup", " + lookup") if spec.lookup else ("", "")
         return Point(
-            f"spec-E{spec.draft_layer}-k{spec.max_draft}-{self.measure}@{threshold:g}{lookup[0]}",
-            f"speculative E={spec.draft_layer} k={spec.max_draft} {self.measure} λ={threshold:g}{lookup[1]}",
+            f"spec-E{spec.draft_layer}-k{spec.max_draft}-{measure}@{threshold:g}{lookup[0]}",
+            f"speculative E={spec.draft_layer} k={spec.max_draft} {measure} λ={threshold:g}{lookup[1]}",
             threshold,
-            ExitPolicy(measure=self.measure, threshold=threshold, decay_tau=0.0),
+            ExitPolicy(measure=measure, threshold=threshold, decay_tau=0.0),
             spec,
             kind="speculative",
         )
@@ -348,9 +353,12 @@ def _run_point(
     texts_in = [p.text for p in prompts]
     t0 = time.perf_counter()
     split: dict[str, float] = {}  # prefill and decode seconds per example (calm's engines time them apart)
+    token_ids: Sequence[tuple[int, ...]]
+    texts: Sequence[str]
+    exit_layers: Sequence[Sequence[int]]
     if point.policy is None:
         token_ids = transformers_generate(model, model.encode_prompts(texts_in, max_new_tokens), max_new_tokens)
-        texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+        texts = [decode_text(model.tokenizer, ids).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
         result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, **point.generate_kwargs())
