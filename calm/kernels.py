@@ -8,7 +8,7 @@ verification becomes as cheap as a decode step, and the whole forward gets a lit
 
 `packed_linears(model)` installs the packed forward on every plain fp32 CPU nn.Linear of the model for
 the duration of a generation, and removes it after, so the model outside calm (transformers' own
-`generate`, training) runs torch's kernels. A packed weight is cached per module and packed again when
+`generate`, training) runs torch's kernels. A packed weight is cached per weight and packed again when
 the weight changes (its storage or version). Costs: one extra copy of those weights in memory.
 
 Exactness: the packed kernel sums in another order than MKL, as MKL itself does for different row
@@ -30,12 +30,10 @@ from calm.errors import InputError
 KERNELS = ("auto", "torch", "onednn")  # auto: onednn where it applies (a CPU, fp32, inference), else torch
 PACK_ROWS = 4  # the row count weights are packed for: 3-5 rows then cost what one does (measured above)
 _ACTIVE: ContextVar[bool] = ContextVar("calm_packed_kernels", default=False)  # inside packed_linears
-# id(weight) -> (a weak reference to it, its version, its packed copy), for calm's own weights (tensors
-# compare by value, so they cannot key a WeakKeyDictionary); an entry goes when its weight does
-_PACKED_WEIGHTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-# linear -> (weight key, packed weight); kept off the module, so copying or saving a model never meets
-# oneDNN's opaque tensors, and dropped with the module
-_PACKED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+# id(weight) -> (a weak reference to it, its storage and version when packed, the packed copy): tensors
+# compare by value, so they cannot key a WeakKeyDictionary; an entry goes when its weight does. Kept off
+# the modules, so copying or saving a model never meets oneDNN's opaque tensors.
+_PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
 
 
 def check_kernels(kernels: str) -> None:
@@ -93,7 +91,6 @@ def clear_cache() -> None:
     """Forget every packed weight. Needed only after a weight changed without its version counter
     moving (a write through `weight.data`, as peft's unsafe merge does): calm packs again on next use."""
     _PACKED.clear()
-    _PACKED_WEIGHTS.clear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -102,13 +99,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     output once, as torch's does); torch's linear anywhere else."""
     if not _ACTIVE.get() or not _packs(x, weight):
         return torch.nn.functional.linear(x, weight)
-    key = id(weight)
-    entry = _PACKED_WEIGHTS.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != _version(weight):
-        gone = weakref.ref(weight, lambda _: _PACKED_WEIGHTS.pop(key, None))
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-        entry = _PACKED_WEIGHTS[key] = (gone, _version(weight), packed)
-    return torch.ops.mkldnn._linear_pointwise(x, entry[2], None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), None, "none", [], "")
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """The weight reordered for oneDNN, packed once and again when its storage or version changes."""
+    key, state = id(weight), (weight.data_ptr(), _version(weight))
+    entry = _PACKED.get(key)
+    if entry is None or entry[0]() is not weight or entry[1] != state:
+        gone = weakref.ref(weight, lambda _: _PACKED.pop(key, None))
+        entry = _PACKED[key] = (gone, state, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+    return entry[2]
 
 
 def _packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -127,11 +128,7 @@ def _version(weight: torch.Tensor) -> int:
 
 def _packed_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     weight, bias = linear.weight, linear.bias
-    key = (weight.data_ptr(), _version(weight))
-    cached = _PACKED.get(linear)
-    if cached is None or cached[0] != key:
-        cached = _PACKED[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
-    packed = cached[1]
+    packed = _packed(weight)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], as nn.Linear; torch's own where this thread is not generating."""
