@@ -267,15 +267,14 @@ def run(args) -> dict:
     round_robin(configs, single, args.new_tokens, args.repeats, eos)
     batch1 = summary_rows(configs, list(single), 1, args.new_tokens)
     batch8 = []
-    if args.batch8:
-        eight = {"batch8": model.encode_prompts(prompts[:8], args.new_tokens)}
+    eight = {"batch8": model.encode_prompts(prompts[:8], args.new_tokens)} if args.batch8 else {}
+    if eight:
         round_robin(configs, eight, args.new_tokens, args.repeats, eos)
         batch8 = summary_rows(configs, ["batch8"], 8, args.new_tokens)
     assistant = assistant_rows(model, args, single, configs)
     forward = forward_cost(model, next(iter(single.values())))
     forward_torch = forward_cost(model, next(iter(single.values())), kernels="torch")
-    eight = model.encode_prompts(prompts[:8], args.new_tokens)
-    forward8 = forward_cost(model, eight, (1, 2, 3, 4), reps=6) if args.batch8 else {}
+    forward8 = forward_cost(model, eight["batch8"], (1, 2, 3, 4), reps=6) if eight else {}
     return {
         "benchmark": "speculative",
         "model": args.model,
