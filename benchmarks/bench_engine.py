@@ -20,10 +20,10 @@ import torch
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import transformers_generate
-from calm.confidence import softmax_check_layers
-from calm.data import read_jsonl
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
-from calm.prompts import PromptFormat, fit_prompts
+from calm.exits.confidence import softmax_check_layers
+from calm.prompts.documents import read_jsonl
+from calm.prompts.templates import PromptFormat, fit_prompts
 
 
 def time_hf(model: CalmModel, batch, new_tokens: int) -> tuple[float, tuple[int, ...]]:

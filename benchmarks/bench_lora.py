@@ -23,10 +23,10 @@ from pathlib import Path
 
 from calm import CalmModel
 from calm.bench import bench_prompts, transformers_generate
-from calm.data import read_jsonl
+from calm.engine.generation import GenerationConfig, generate_tokens
 from calm.eval.reporting import format_speedup, machine_info, machine_markdown, write_json_markdown
-from calm.generation import GenerationConfig, generate_tokens
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import read_jsonl
 
 
 def calm_run(model: CalmModel, batch, policy: ExitPolicy, new_tokens: int) -> float:

@@ -5,14 +5,14 @@ per row (EOS ignored, as calm bench), documents cut to --max-doc-tokens. Compare
 document after one short warm-up each, median of --repeats:
   - never-exit calm (full depth) and transformers `generate`;
   - calm speculative at every draft layer E x max draft k x draft controller, and with drafts looked
-    up in the context (E = 0, calm.lookup) at each of --context-drafts;
+    up in the context (E = 0, calm.speculative.lookup) at each of --context-drafts;
   - transformers `assistant_early_exit=E` (always drafts), and for E = 0 its prompt lookup
     (`prompt_lookup_num_tokens`, calm's best k): one timed run on the first --assistant-docs documents,
     at batch 1 only (transformers refuses assisted generation for batch > 1, recorded).
 Every speculative run's tokens are checked against full depth's. tokens/s include the prefill.
 
 With --store CHECKPOINT the best settings at batch 1 and at batch 8 and their measured speedups over full
-depth go into the checkpoint's config, where `calm summarize --lossless` reads them (calm.lossless).
+depth go into the checkpoint's config, where `calm summarize --lossless` reads them (calm.speculative.lossless).
 --from-json REPORT rewrites the Markdown (and --store) from a report's JSON without timing anything.
 
 Usage: python benchmarks/bench_speculative.py [--model smollm2] [--out benchmarks/results] [--store calm/assets/smollm2]
@@ -32,15 +32,15 @@ import torch
 
 from calm import CalmModel
 from calm.bench import parse_run_spec
-from calm.checkpoint import store_extra
-from calm.data import read_jsonl, summary_prompt, truncate_document
-from calm.decode import forward_layers, prefill
+from calm.checkpoints.checkpoint import store_extra
+from calm.engine.decode import forward_layers, prefill
+from calm.engine.generation import GenerationConfig, PromptBatch, _start, generate_tokens
+from calm.engine.kernels import packed_linears
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
-from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
-from calm.kernels import packed_linears
-from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
-from calm.policy import ExitPolicy
-from calm.speculative import CONTEXT_DRAFT, generate_speculative, slot_context
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
+from calm.speculative.drafting import CONTEXT_DRAFT, generate_speculative, slot_context
+from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
 
 FULL, HF = "calm full", "transformers generate"
 TORCH_KERNELS = "calm full, torch kernels"
@@ -145,7 +145,7 @@ def forward_cost(
 ) -> dict:
     """CPU seconds of one forward over all layers for T new positions after the prompt, median of `reps`
     interleaved runs, relative to T = 1: what verifying T slots costs against one decode step, on the
-    matmuls `kernels` picks (calm.kernels)."""
+    matmuls `kernels` picks (calm.engine.kernels)."""
     with packed_linears(model.model, kernels):
         return _forward_cost(model, batch, widths, reps)
 
@@ -259,7 +259,7 @@ def run(args) -> dict:
         specs = [f"spec:{CONTEXT_DRAFT}:{k}" for k in args.context_drafts] + specs
     specs += args.specs
     configs = [Config(FULL, calm_runner(model, None)), Config(HF, hf_runner(model))]
-    if args.torch_kernels:  # the engine before calm.kernels: torch's (MKL) matmuls
+    if args.torch_kernels:  # the engine before calm.engine.kernels: torch's (MKL) matmuls
         configs.append(Config(TORCH_KERNELS, calm_runner(model, None, kernels="torch")))
     configs += [Config(f"speculative {s[5:]}", calm_runner(model, s), spec=s) for s in specs]
     eos = model.eos_token_ids
@@ -545,7 +545,7 @@ def _pct(value) -> str:
 
 
 def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
-    """The best batch-1 setting, with the best batch-8 one inside it (calm.lossless.LARGE_BATCH_KEY), into
+    """The best batch-1 setting, with the best batch-8 one inside it (calm.speculative.lossless.LARGE_BATCH_KEY), into
     the checkpoint's config, each with never-exit calm's decode rate in the same run (for the footer)."""
     cpu = report["machine"].get("cpu") or report["machine"].get("processor") or ""
     setting = _measured(report["best"], report["batch1"], report_file, cpu)
@@ -612,7 +612,9 @@ def main() -> None:
         help="more speculative settings, comma-separated calm bench specs (e.g. spec:0:3:adaptive)",
     )
     parser.add_argument(
-        "--torch-kernels", action="store_true", help="also time never-exit calm on torch's matmuls (calm.kernels)"
+        "--torch-kernels",
+        action="store_true",
+        help="also time never-exit calm on torch's matmuls (calm.engine.kernels)",
     )
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")
     parser.add_argument("--threads", type=int, default=1)

@@ -17,11 +17,11 @@ import math
 import sys
 
 from calm import CalmModel
-from calm.data import read_jsonl
+from calm.calibration.knob import calibrated_decay_tau
 from calm.eval.reporting import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
 from calm.eval.sweep import EvalConfig, run_eval
-from calm.knob import calibrated_decay_tau
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import read_jsonl
 
 
 def run(args) -> dict:

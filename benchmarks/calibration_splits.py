@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from calm.calibration import CONSISTENCIES, fixed_sequence_test
-from calm.checkpoint import write_atomic
-from calm.data import read_jsonl
+from calm.calibration.table import CONSISTENCIES, fixed_sequence_test
+from calm.checkpoints.checkpoint import write_atomic
 from calm.eval.report import FULL
 from calm.eval.reporting import format_speedup, json_safe, machine_info, machine_markdown, write_json_markdown
+from calm.prompts.documents import read_jsonl
 
 
 def settings(args) -> dict:

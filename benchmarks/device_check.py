@@ -18,10 +18,10 @@ import torch
 
 from calm import CalmModel
 from calm.bench import BenchConfig, bench_prompts, run_bench
-from calm.data import read_jsonl
 from calm.eval.bench_report import bench_markdown
 from calm.eval.reporting import machine_info, write_json_markdown
-from calm.lossless import MeasuredSetting
+from calm.prompts.documents import read_jsonl
+from calm.speculative.lossless import MeasuredSetting
 
 DATA = "../shared/data/xsum/test.jsonl"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from calm.calibration import CalibrationTable
-from calm.checkpoint import read_config
+from calm.calibration.table import CalibrationTable
+from calm.checkpoints.checkpoint import read_config
 from calm.eval.reporting import write_json_markdown
 
 DELTAS = (0.05, 0.1, 0.2)

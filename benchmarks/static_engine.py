@@ -20,9 +20,9 @@ import torch
 
 from calm import CalmModel
 from calm.bench import bench_prompts, parse_policy_spec
-from calm.data import read_jsonl
+from calm.engine.generation import GenerationConfig, generate_tokens
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
-from calm.generation import GenerationConfig, generate_tokens
+from calm.prompts.documents import read_jsonl
 
 ENGINES = {
     "dynamic": {"engine": "dynamic"},

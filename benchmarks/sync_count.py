@@ -1,6 +1,6 @@
 """Host synchronisations per generated token, dynamic vs static decode path (issue 12), counted on CPU.
 
-calm.syncs.SyncCounter counts every operation that would make the host wait for a GPU: scalar reads
+calm.engine.syncs.SyncCounter counts every operation that would make the host wait for a GPU: scalar reads
 (item, bool), data-dependent shapes (nonzero, boolean-mask indexing) and copies to the host (tolist).
 Each configuration generates --short and --long tokens per row (EOS ignored) on the embedded model;
 the difference of the two counts, divided by the difference in tokens, is the per-token count
@@ -18,10 +18,10 @@ from collections import Counter
 
 from calm import CalmModel
 from calm.bench import bench_prompts, parse_policy_spec
-from calm.data import read_jsonl
+from calm.engine.generation import GenerationConfig, generate_tokens
+from calm.engine.syncs import SyncCounter
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
-from calm.generation import GenerationConfig, generate_tokens
-from calm.syncs import SyncCounter
+from calm.prompts.documents import read_jsonl
 
 
 def count(model: CalmModel, batch, spec: str, new_tokens: int, **engine) -> tuple[Counter, float]:

@@ -10,18 +10,18 @@ from typing import TYPE_CHECKING
 from calm.errors import CalmError, CheckpointError, InputError, ModelNotFoundError, PolicyError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from calm.devices import set_threads
-    from calm.generation import GenerationResult
+    from calm.checkpoints.devices import set_threads
+    from calm.engine.generation import GenerationResult
+    from calm.exits.policy import ExitPolicy
     from calm.model import CalmModel
-    from calm.policy import ExitPolicy
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "CalmModel": "calm.model",
-    "ExitPolicy": "calm.policy",
-    "GenerationResult": "calm.generation",
-    "set_threads": "calm.devices",
+    "ExitPolicy": "calm.exits.policy",
+    "GenerationResult": "calm.engine.generation",
+    "set_threads": "calm.checkpoints.devices",
 }
 
 __all__ = [

@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-from calm.decode import ExitPlan
+from calm.engine.decode import ExitPlan
+from calm.engine.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
+from calm.engine.speculative_stats import SpeculativeStats
 from calm.errors import InputError
-from calm.generation import GenerationConfig, PromptBatch, engine_settings, generate_tokens
-from calm.lossless import resolve_mode
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
-from calm.prompts import PromptFormat, fit_prompts
-from calm.speculative import ALWAYS_DRAFT, NO_CONTROLLER, SpeculativeConfig, SpeculativeStats, generate_speculative
+from calm.prompts.templates import PromptFormat, fit_prompts
+from calm.speculative.drafting import ALWAYS_DRAFT, NO_CONTROLLER, SpeculativeConfig, generate_speculative
+from calm.speculative.lossless import resolve_mode
 
 TRANSFORMERS = "transformers"
 FULL = "full"
@@ -157,7 +158,7 @@ def knob_specs(
     """The policy specs with the calibrated knob's own appended (where speed or tolerance is given), and the
     schedule τ they run under: the one given, else the calibration's (so `classifier:λ` here is the knob's
     policy at λ), else ExitPolicy's default."""
-    from calm.knob import calibrated_decay_tau, check_consistency_knob, resolve_policy
+    from calm.calibration.knob import calibrated_decay_tau, check_consistency_knob, resolve_policy
 
     if speed is None and tolerance is None:
         check_consistency_knob(consistency)

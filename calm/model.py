@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters import adapter_for
-from calm.calibration import CalibrationTable
-from calm.checkpoint import (
+from calm.calibration.knob import resolve_policy
+from calm.calibration.table import CalibrationTable
+from calm.checkpoints.checkpoint import (
     BACKBONE_DIR,
     INCLUDED,
     CheckpointConfig,
@@ -23,20 +24,19 @@ from calm.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from calm.checkpoint import backbone_kind as backbone_kind_of
-from calm.decode import ExitPlan, Network
-from calm.devices import parse_dtype, resolve_device, warn_slow_dtype
+from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
+from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
+from calm.checkpoints.loading import ALIASES, is_loadable, load_backbone
+from calm.engine.decode import ExitPlan, Network
+from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
+from calm.engine.lm_head import CertifiedArgmax
+from calm.engine.sampling import SamplingConfig
 from calm.errors import InputError
-from calm.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
-from calm.heads import ExitHeads
-from calm.knob import resolve_policy
-from calm.lm_head import CertifiedArgmax
-from calm.loading import ALIASES, is_loadable, load_backbone
-from calm.lossless import ModeRun, pick_mode, resolve_mode
-from calm.policy import ExitPolicy
-from calm.prompt_input import Prompts, encode_prompts
-from calm.sampling import SamplingConfig
-from calm.speculative import NO_CONTROLLER, generate_speculative
+from calm.exits.heads import ExitHeads
+from calm.exits.policy import ExitPolicy
+from calm.prompts.encoding import Prompts, encode_prompts
+from calm.speculative.drafting import NO_CONTROLLER, generate_speculative
+from calm.speculative.lossless import ModeRun, pick_mode, resolve_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -239,12 +239,12 @@ class CalmModel:
 
         mode: "lossless" (the default with no policy, knob or engine): exactly the full model's output,
         by speculative decoding with the setting this checkpoint measured fastest for the row count, or the
-        full model where nothing stored pays (calm.lossless; `result.decoding` says which ran and why).
+        full model where nothing stored pays (calm.speculative.lossless; `result.decoding` says which ran and why).
         "calm": exits follow `policy`, or the calibrated knob `speed` or `tolerance` (`policy()`, `consistency`).
         "speculative": always speculative: layers 1..draft_layer (default: stored, else L/2) draft up to
         max_draft tokens (stored, else 4) while the policy's measure is confident (stored controller, else
-        classifier λ=0.7 or always), and the full model verifies them (calm.speculative); draft_layer=0:
-        drafts looked up in the prompt and output (calm.lookup); lookup=True: those first, else layer E's.
+        classifier λ=0.7 or always), and the full model verifies them (calm.speculative.drafting); draft_layer=0:
+        drafts looked up in the prompt and output (calm.speculative.lookup); lookup=True: those first, else layer E's.
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
@@ -348,7 +348,7 @@ class CalmModel:
         truncate: bool = False,
         attention_mask: torch.Tensor | None = None,
     ) -> PromptBatch:
-        """Token ids of the prompts, left-padded into one batch (calm.prompt_input)."""
+        """Token ids of the prompts, left-padded into one batch (calm.prompts.encoding)."""
         return encode_prompts(self, prompts, max_new_tokens, chat, truncate, attention_mask)
 
 

@@ -149,7 +149,7 @@ def bench_command(
 
 def _documents(data: str | None, field_document: str, limit: int) -> list[str] | None:
     """The first `limit` documents of the --data file; None without one (the built-in paragraph)."""
-    from calm.data import read_jsonl
+    from calm.prompts.documents import read_jsonl
 
     if data is None:
         return None

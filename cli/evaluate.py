@@ -105,10 +105,10 @@ def eval_command(model_name: str, device: str, dtype: str | None, out: str, resu
     references, D = 1 - ROUGE-L(early, full), the ROUGE-L change, average layers, prefill and decode time
     and speedups. Writes eval.json, eval.md, rouge_vs_layers.png and rouge_vs_speedup.png to --out.
     With --mode speculative (or --lossless) each λ controls the drafts of a lossless point instead."""
-    from calm.data import read_jsonl
     from calm.eval.progress import progress_bar
     from calm.eval.shard import eval_device
     from calm.eval.sweep import run_eval
+    from calm.prompts.documents import read_jsonl
 
     config = _eval_config(model_name, options)
     records = read_jsonl(
@@ -251,10 +251,10 @@ def calibrate_command(
     """Certify the fastest exit threshold with Learn-then-Test: per document D = 1 - ROUGE-L(early, full) and
     the risk max(0, R_full - R_early) against the references, tested from the most conservative threshold
     down (Hoeffding-Bentkus): mean loss <= δ with probability >= 1 - ε."""
-    from calm.data import read_jsonl
     from calm.eval.calibrate import CalibrateConfig, calibrate, check_target
     from calm.eval.progress import progress_bar
     from calm.eval.shard import eval_device
+    from calm.prompts.documents import read_jsonl
 
     config = CalibrateConfig(
         model=model_name,

@@ -1,5 +1,5 @@
 """`calm summarize` and `calm generate`: documents or prompts in, text out, with the exit layer of every
-token. Arguments are checked here before the model is loaded; the work is done by calm.prompts and
+token. Arguments are checked here before the model is loaded; the work is done by calm.prompts.templates and
 calm.eval, imported inside the commands (they need torch)."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from calm.cli.common import load_model
 from calm.cli.knobs import Knobs, sampling_config
 from calm.cli.mode_options import engine_option, generation_mode_options
 from calm.cli.options import doc_tokens_option, knob_options, model_options, output_options, sampling_options
-from calm.prompts import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
+from calm.prompts.templates import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
-    from calm.data import Record
-    from calm.prompts import Prompt
-    from calm.sampling import SamplingConfig
+    from calm.engine.sampling import SamplingConfig
+    from calm.prompts.documents import Record
+    from calm.prompts.templates import Prompt
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ class Run:
 
     @property
     def mode(self) -> str:
-        """calm.lossless.pick_mode: the mode named (--lossless names lossless), else lossless unless an exit
+        """calm.speculative.lossless.pick_mode: the mode named (--lossless names lossless), else lossless unless an exit
         option or an engine was given."""
         from calm.errors import InputError
-        from calm.lossless import LOSSLESS, pick_mode
+        from calm.speculative.lossless import LOSSLESS, pick_mode
 
         named = self.modes.mode
         if self.modes.lossless:
@@ -184,8 +184,8 @@ def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> Non
     Each PROMPT is used as it is (in the chat template of instruct models); - reads one prompt from
     stdin. Several prompts are generated as a batch. A prompt too long for the context is an error.
     """
-    from calm.data import Record
-    from calm.prompts import PromptFormat, fit_prompts
+    from calm.prompts.documents import Record
+    from calm.prompts.templates import PromptFormat, fit_prompts
 
     run = Run.from_options(options)
     records = [Record(id=str(i + 1), document=_prompt_text(p)) for i, p in enumerate(prompts)]
@@ -252,7 +252,7 @@ def _generate(
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
     """The full model's decode tokens/s stored with the checkpoint's speculative measurement for this many
     rows, and where it was measured (None: not stored)."""
-    from calm.lossless import LARGE_BATCH_FROM, MeasuredSetting, measured_batch
+    from calm.speculative.lossless import LARGE_BATCH_FROM, MeasuredSetting, measured_batch
 
     stored = MeasuredSetting.from_extra(model.extra, rows)
     if stored is None or stored.full_decode_tokens_per_s <= 0:
@@ -264,11 +264,11 @@ def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
 
 def _resolve(model: Any, run: Run, rows: int) -> tuple[bool, Any, str, dict]:
     """Whether the run is lossless, the policy, its source for the footer, and generate()'s extra arguments:
-    calm's knob, or the lossless run of calm.lossless where the mode is lossless or speculative (--measure
+    calm's knob, or the lossless run of calm.speculative.lossless where the mode is lossless or speculative (--measure
     and --threshold then set the draft controller)."""
     from calm.errors import InputError
-    from calm.lossless import resolve_mode
-    from calm.policy import ExitPolicy
+    from calm.exits.policy import ExitPolicy
+    from calm.speculative.lossless import resolve_mode
 
     knobs, m = run.knobs, run.modes
     lossless_run = resolve_mode(

@@ -1,5 +1,5 @@
 """The exit-policy and sampling options of `calm summarize` and `calm generate`, checked before a model
-is loaded, and turned into an ExitPolicy (by calm.knob) and a SamplingConfig after."""
+is loaded, and turned into an ExitPolicy (by calm.calibration.knob) and a SamplingConfig after."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError, PolicyError
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 
 if TYPE_CHECKING:
+    from calm.engine.sampling import SamplingConfig
     from calm.model import CalmModel
-    from calm.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Knobs:
     def check(self) -> None:
         """What can be checked without the model: at most one of threshold, speed and tolerance, and
         --consistency only beside --speed or --tolerance."""
-        from calm.knob import check_knobs
+        from calm.calibration.knob import check_knobs
 
         check_knobs(self.threshold, self.speed, self.tolerance, names=("--threshold", "--speed", "--tolerance"))
         if self.consistency is not None and self.speed is None and self.tolerance is None:
@@ -52,7 +52,7 @@ class Knobs:
         """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
         threshold runs --decay-tau (CALM's τ=4 if not given); a calibrated one the schedule it was certified
         with, and another --decay-tau there is refused rather than run untested."""
-        from calm.knob import resolve_policy
+        from calm.calibration.knob import resolve_policy
 
         if (
             self.decay_tau is not None
@@ -81,7 +81,7 @@ class Knobs:
         return resolved.policy, self._source(model, resolved.policy)
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
-        from calm.knob import DEFAULT_SPEED
+        from calm.calibration.knob import DEFAULT_SPEED
 
         if self.threshold is not None:
             return "from --threshold"
@@ -113,7 +113,7 @@ def sampling_config(
 ) -> SamplingConfig:
     """The sampling settings; an error for a sampling option given without --do-sample, which would
     otherwise be ignored without a word."""
-    from calm.sampling import SamplingConfig
+    from calm.engine.sampling import SamplingConfig
 
     given = [
         name

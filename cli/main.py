@@ -121,7 +121,7 @@ def info(model_name: str) -> None:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from calm.info import describe, info_tables, info_text
+    from calm.cli.info import describe, info_tables, info_text
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

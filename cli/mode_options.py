@@ -1,5 +1,5 @@
 """The decoding options of calm's commands: --engine, and the lossless and speculative switches (--mode,
---lossless, --draft-layer, --max-draft, --lookup; calm.lossless decides what they run)."""
+--lossless, --draft-layer, --max-draft, --lookup; calm.speculative.lossless decides what they run)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import click
 
 from calm.cli.options import F
 
-ENGINES = ("auto", "dynamic", "static", "static+compile")  # calm.generation.ENGINE_SPECS, without importing torch
+# calm.engine.generation.ENGINE_SPECS, without importing torch
+ENGINES = ("auto", "dynamic", "static", "static+compile")
 
 
 def engine_option(f: F) -> F:
@@ -24,9 +25,9 @@ def engine_option(f: F) -> F:
 
 
 def speculative_options(controller: str) -> Callable[[F], F]:
-    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative, calm.lossless); `controller`
-    names the options of this command that set the draft controller (they differ: --threshold, --thresholds,
-    --policy)."""
+    """--mode, --lossless, --draft-layer, --max-draft, --lookup (calm.speculative.drafting and .lossless);
+    `controller` names the options of this command that set the draft controller (they differ: --threshold,
+    --thresholds, --policy)."""
     return lambda f: _speculative_options(f, controller, lossless_default=False)
 
 

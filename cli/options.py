@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from calm.devices import HELP as DEVICE_HELP
-from calm.devices import check_device
+from calm.checkpoints.devices import HELP as DEVICE_HELP
+from calm.checkpoints.devices import check_device
 from calm.errors import CalmError, InputError
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 
 F = Callable[..., Any]
 
@@ -122,7 +122,7 @@ DEFAULT_THREADS = 1  # measured: benchmarks/results/threads_cpu.md
 
 
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
-    from calm.devices import set_threads
+    from calm.checkpoints.devices import set_threads
 
     set_threads(value)  # imports torch only when a value is given
 

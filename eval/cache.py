@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from calm.checkpoint import write_atomic
+from calm.checkpoints.checkpoint import write_atomic
 from calm.errors import InputError
 
 META_FILE = "meta.json"

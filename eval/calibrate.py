@@ -5,7 +5,7 @@ resumable sweep of calm.eval.sweep). One sweep gives both of CALM's losses of an
 its textual inconsistency D = 1 − ROUGE-L(early output, full output), and, where the documents have
 reference summaries, its risk inconsistency max(0, R_full − R_early), R = ROUGE-L F1 against the
 references. Fixed-sequence testing runs from the most conservative threshold down with
-Hoeffding–Bentkus p-values (calm.calibration), for each objective, and the resulting table (mean and
+Hoeffding–Bentkus p-values (calm.calibration.table), for each objective, and the resulting table (mean and
 quantiles of both losses, average layers, measured speedup, p-values) is stored in the calm checkpoint,
 where the `speed` and `tolerance` knobs read it.
 """
@@ -19,7 +19,7 @@ from statistics import fmean
 
 import numpy as np
 
-from calm.calibration import (
+from calm.calibration.table import (
     CONSISTENCIES,
     MIN_CALIBRATION_DOCUMENTS,
     RISK,
@@ -28,8 +28,7 @@ from calm.calibration import (
     build_calibration_table,
     fixed_sequence_test,
 )
-from calm.checkpoint import is_checkpoint, read_config
-from calm.data import Record
+from calm.checkpoints.checkpoint import is_checkpoint, read_config
 from calm.errors import InputError
 from calm.eval.grids import DEFAULT_GRID
 from calm.eval.progress import ProgressCallback
@@ -37,8 +36,9 @@ from calm.eval.report import FULL, timed_speedup
 from calm.eval.reporting import format_speedup
 from calm.eval.rouge import risk_loss, textual_loss
 from calm.eval.sweep import EvalConfig, run_sweep
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
+from calm.prompts.documents import Record
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class CalibrateConfig:
     method: str = "hb"
     thresholds: tuple[float, ...] = DEFAULT_GRID  # most conservative (highest λ) first
     measure: str | None = None
-    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.engine.decode.exit_floor)
     max_new_tokens: int = 64
     batch_size: int = 8
     document_field: str = "document"

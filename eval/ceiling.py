@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters.base import Adapter
-from calm.confidence import softmax_margin
-from calm.heads import ExitHeads
+from calm.exits.confidence import softmax_margin
+from calm.exits.heads import ExitHeads
 
 if TYPE_CHECKING:
     from calm.training import Features

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from calm.adapters.base import Adapter
-from calm.heads import ExitHeads
+from calm.exits.heads import ExitHeads
 from calm.training.features import Features
 
 CHEAP = ("classifier_logit", "state_cosine", "layer")

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from calm.data import Record, parse_jsonl, read_jsonl, read_text
 from calm.errors import InputError
+from calm.prompts.documents import Record, parse_jsonl, read_jsonl, read_text
 
 STDIN = "-"
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from calm.checkpoint import _umask
+from calm.checkpoints.checkpoint import _umask
 
 logger = logging.getLogger("calm")
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 from rich.console import Console, Group
 from rich.text import Text
 
-from calm.confidence import check_overhead, softmax_check_layers
-from calm.decode import ExitPlan
+from calm.engine.decode import ExitPlan
 from calm.eval.summarize import DocumentSummary
-from calm.policy import ExitPolicy
-from calm.prompts import decode_text
+from calm.exits.confidence import check_overhead, softmax_check_layers
+from calm.exits.policy import ExitPolicy
+from calm.prompts.templates import decode_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,12 +12,12 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING
 
-from calm.checkpoint import write_atomic
-from calm.data import Record
+from calm.checkpoints.checkpoint import write_atomic
 from calm.errors import InputError
 from calm.eval.reporting import format_speedup, json_safe, machine_markdown
 from calm.eval.rouge import ROUGE_TYPES, rouge_f1, rouge_l_similarity
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import Record
 
 if TYPE_CHECKING:
     from calm.eval.sweep import Point

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from calm.checkpoint import write_atomic
+from calm.checkpoints.checkpoint import write_atomic
 
 
 def machine_info(device: torch.device | str | None = None, command: str | None = None) -> dict[str, Any]:

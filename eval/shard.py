@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from calm.data import Record
+from calm.prompts.documents import Record
 
 if TYPE_CHECKING:
     from accelerate import PartialState

@@ -7,12 +7,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from calm.data import Record
-from calm.generation import Timings, engine_settings
+from calm.engine.generation import Timings, engine_settings
+from calm.engine.sampling import SamplingConfig
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
-from calm.prompts import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
-from calm.sampling import SamplingConfig
+from calm.prompts.documents import Record
+from calm.prompts.templates import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
 
 T = TypeVar("T")
 GREEDY = SamplingConfig()
@@ -99,7 +99,7 @@ def summarize_documents(
 ) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
-    engine: an engine spec (calm.generation). generate_kwargs: e.g. mode="speculative". text_field: the
+    engine: an engine spec (calm.engine.generation). generate_kwargs: e.g. mode="speculative". text_field: the
     outputs' JSON name ("text" for plain prompts)."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)

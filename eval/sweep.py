@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from calm.bench import transformers_generate
-from calm.data import Record
-from calm.decode import ExitPlan
+from calm.calibration.knob import calibrated_decay_tau, default_measure, resolve_policy
+from calm.engine.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
@@ -26,12 +26,12 @@ from calm.eval.report import FULL, LOSSLESS, TRANSFORMERS, EvalReport, build_rep
 from calm.eval.reporting import machine_info
 from calm.eval.shard import Shard
 from calm.eval.summarize import batched, document_prompts
-from calm.knob import calibrated_decay_tau, default_measure, resolve_policy
-from calm.lossless import ModeRun, resolve_mode
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
-from calm.prompts import SUMMARY_TEMPLATE, Prompt, PromptFormat, decode_text, fit_prompt
-from calm.speculative import ALWAYS_DRAFT, CONTEXT_DRAFT, MODES, SpeculativeConfig
+from calm.prompts.documents import Record
+from calm.prompts.templates import SUMMARY_TEMPLATE, Prompt, PromptFormat, decode_text, fit_prompt
+from calm.speculative.drafting import ALWAYS_DRAFT, CONTEXT_DRAFT, MODES, SpeculativeConfig
+from calm.speculative.lossless import ModeRun, resolve_mode
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,11 @@ class EvalConfig:
     model: str
     data: str
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    measure: str | None = None  # None: the model's default (calm.knob.default_measure)
-    min_exit_layer: int | None = None  # None: the model's exit floor (calm.decode.exit_floor)
+    measure: str | None = None  # None: the model's default (calm.calibration.knob.default_measure)
+    min_exit_layer: int | None = None  # None: the model's exit floor (calm.engine.decode.exit_floor)
     decay_tau: float | None = ExitPolicy.decay_tau  # τ of the threshold schedule; 0: fixed; None: calibrated
     static_layers: tuple[int, ...] = ()  # fixed-exit baselines: every token after the first exits there
-    with_lossless: bool = False  # a lossless point: calm.lossless's choice at this batch size
+    with_lossless: bool = False  # a lossless point: calm.speculative.lossless's choice at this batch size
     speed: float | None = None  # the calibrated knob: its λ replaces the thresholds (with tolerance, consistency)
     tolerance: float | None = None
     consistency: str | None = None

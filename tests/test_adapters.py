@@ -35,10 +35,10 @@ from calm.adapters.base import RowAttention, attend, attention_mask, padding_fre
 from calm.adapters.gpt2 import GPT2Adapter
 from calm.adapters.llama import LlamaAdapter
 from calm.adapters.t5 import T5Adapter
-from calm.decode import ExitPlan, Network, decode_one_token, prefill
+from calm.engine.decode import ExitPlan, Network, decode_one_token, prefill
+from calm.engine.generation import GenerationConfig, PromptBatch, _start, generate_tokens
 from calm.errors import UnsupportedModelError
-from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 
 VOCAB, PAD, EOS = 128, 0, 1
 MAX_NEW = 10

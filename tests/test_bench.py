@@ -8,8 +8,8 @@ import pytest
 
 from calm.bench import BenchConfig, BenchRow, _round_robin, _Run, parse_policy_spec, transformers_generate
 from calm.errors import InputError
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +183,7 @@ def test_bench_cli_runs_the_static_engine(tiny_model, tmp_path):
 
 def test_bench_runs_the_knobs_policy_on_the_calibrated_schedule(tiny_model):
     from calm.bench import knob_specs
-    from calm.calibration import CalibrationRow, CalibrationTable
+    from calm.calibration.table import CalibrationRow, CalibrationTable
 
     model = CalmModel.from_pretrained(tiny_model)
     assert knob_specs(model, ("softmax:0.5",)) == (("softmax:0.5",), ExitPolicy.decay_tau)  # no calibration: τ=4

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 
 from calm import CalmModel, ExitPolicy
-from calm.calibration import CalibrationTable
-from calm.knob import resolve_policy
+from calm.calibration.knob import resolve_policy
+from calm.calibration.table import CalibrationTable
 from helpers import assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

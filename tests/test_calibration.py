@@ -1,4 +1,5 @@
-"""Tests for calm.calibration (the calibration table stored in checkpoints, built from a calm.ltt run)."""
+"""Tests for calm.calibration.table (the calibration table stored in checkpoints, built from a calm.calibration.ltt
+run)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from calm import calibration, ltt
-from calm.calibration import CalibrationRow, CalibrationTable, build_calibration_table, ltt_calibrate
+from calm.calibration import ltt
+from calm.calibration import table as calibration
+from calm.calibration.table import CalibrationRow, CalibrationTable, build_calibration_table, ltt_calibrate
 
 
 def test_the_learn_then_test_names_stay_importable_from_calm_calibration():

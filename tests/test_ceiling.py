@@ -5,7 +5,7 @@ import torch
 
 from calm.adapters import adapter_for
 from calm.eval.ceiling import ExitReplay, fewest_layers, first_exit, oracle_layers, replay_exits, replay_point, sweep
-from calm.heads import ExitHeads, HeadsConfig
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.training import Features
 from helpers import tiny_llama
 

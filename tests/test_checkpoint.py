@@ -7,8 +7,8 @@ import pytest
 
 import calm
 from calm import training
-from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import (
+from calm.calibration.table import CalibrationRow, CalibrationTable
+from calm.checkpoints.checkpoint import (
     CONFIG_FILE,
     CheckpointConfig,
     backbone_kind,
@@ -20,7 +20,7 @@ from calm.checkpoint import (
     write_atomic,
 )
 from calm.errors import CheckpointError
-from calm.heads import ExitHeads, HeadsConfig
+from calm.exits.heads import ExitHeads, HeadsConfig
 
 
 def test_write_atomic_replaces_whole_files_with_normal_permissions(tmp_path):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from calm import CalmModel
-from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.calibration.table import CalibrationRow, CalibrationTable
+from calm.checkpoints.checkpoint import CheckpointConfig, save_checkpoint
+from calm.engine.static_decode import compiled_step
 from calm.errors import InputError
-from calm.static_decode import compiled_step
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,7 +111,8 @@ def test_summarize_json(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("engine", ["static", "static+compile"])
 def test_summarize_engine_gives_the_dynamic_summary(tiny_model, tmp_path, engine, monkeypatch):
-    monkeypatch.setattr("calm.generation.compiled_step", lambda backend: compiled_step("eager"))  # no C++ compile
+    no_cpp_compile = lambda backend: compiled_step("eager")
+    monkeypatch.setattr("calm.engine.generation.compiled_step", no_cpp_compile)
     data = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     args = (
         "summarize",

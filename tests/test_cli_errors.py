@@ -147,7 +147,8 @@ def files(tiny_model, tmp_path_factory) -> Files:
 
 
 def test_every_option_of_every_command_refuses_bad_values(files, monkeypatch):
-    from calm import loading, model
+    from calm import model
+    from calm.checkpoints import loading
 
     loads: list[str] = []
     real_from_pretrained, real_load_backbone = model.CalmModel.from_pretrained.__func__, loading.load_backbone
@@ -255,8 +256,8 @@ def damaged(tiny_model, tmp_path_factory) -> dict[str, Path]:
     each whole (cut per test from a fresh copy)."""
     import shutil
 
-    from calm.checkpoint import CheckpointConfig, save_checkpoint
-    from calm.heads import ExitHeads, HeadsConfig
+    from calm.checkpoints.checkpoint import CheckpointConfig, save_checkpoint
+    from calm.exits.heads import ExitHeads, HeadsConfig
     from calm.model import CalmModel
 
     root = tmp_path_factory.mktemp("damaged")

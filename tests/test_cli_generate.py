@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import CheckpointConfig, save_checkpoint
+from calm.calibration.table import CalibrationRow, CalibrationTable
+from calm.checkpoints.checkpoint import CheckpointConfig, save_checkpoint
 from calm.cli.knobs import Knobs, sampling_config
 from calm.errors import InputError
 from calm.eval.output import jsonl_output
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from calm.confidence import softmax_margin, state_similarity
-from calm.heads import ExitHeads, HeadsConfig
+from calm.exits.confidence import softmax_margin, state_similarity
+from calm.exits.heads import ExitHeads, HeadsConfig
 
 
 def test_softmax_margin_is_top1_minus_top2_in_float32():
@@ -43,7 +43,7 @@ def test_layers_below_the_trained_range_are_never_confident():
 
 
 def test_check_overhead_counts_checks_against_layers_saved():
-    from calm.confidence import check_overhead
+    from calm.exits.confidence import check_overhead
 
     # two rows; the first token of each comes from the prefill and is left out
     checks, spent, saved = check_overhead([[4, 2, 4], [4, 3]], [2, 3], 4, check_layers=2.0)
@@ -52,7 +52,7 @@ def test_check_overhead_counts_checks_against_layers_saved():
 
 
 def test_softmax_check_cost_is_the_head_over_one_layer(llama):
-    from calm.confidence import softmax_check_layers
+    from calm.exits.confidence import softmax_check_layers
 
     head = llama.lm_head.weight.numel()
     body = sum(p.numel() for p in llama.parameters()) - head - llama.model.embed_tokens.weight.numel()

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from calm.data import parse_jsonl, read_jsonl, read_text, summary_prompt
 from calm.errors import InputError
+from calm.prompts.documents import parse_jsonl, read_jsonl, read_text, summary_prompt
 
 
 def write(tmp_path, name, content: bytes):
@@ -52,7 +52,7 @@ def test_summary_prompt_wraps_the_document():
 def test_truncate_document_keeps_the_first_tokens(tiny_model):
     from transformers import AutoTokenizer
 
-    from calm.data import truncate_document
+    from calm.prompts.documents import truncate_document
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     doc = "the cat sat on the mat . a dog ran in the park"

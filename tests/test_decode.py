@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from calm.adapters import adapter_for
-from calm.decode import ExitPlan, Network
+from calm.engine.decode import ExitPlan, Network
+from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.errors import PolicyError
-from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.heads import ExitHeads, HeadsConfig
-from calm.policy import ExitPolicy
+from calm.exits.heads import ExitHeads, HeadsConfig
+from calm.exits.policy import ExitPolicy
 
 
 def batch(seed=1, b=3, t=7):
@@ -103,7 +103,7 @@ def test_fused_kv_of_remaining_layers_matches_layer_by_layer(llama):
 
 
 def test_compacted_batches_give_each_row_what_it_gets_alone(llama):
-    from calm.decode import COMPACT_MIN_ROWS
+    from calm.engine.decode import COMPACT_MIN_ROWS
 
     net = Network.build(adapter_for(llama))
     prompts = batch(seed=5, b=COMPACT_MIN_ROWS, t=6)
@@ -135,7 +135,7 @@ def test_no_token_exits_below_the_first_layer_with_a_trained_head(llama, measure
 
 
 def test_without_heads_the_exit_floor_is_half_the_depth(llama):
-    from calm.decode import exit_floor
+    from calm.engine.decode import exit_floor
 
     net = Network.build(adapter_for(llama))
     assert exit_floor(net) == 2

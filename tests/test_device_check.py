@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from calm import CalmModel
-from calm.lossless import LARGE_BATCH_KEY, STORE_KEY
+from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY
 from test_lossless import measured
 
 ROOT = Path(__file__).resolve().parents[1]

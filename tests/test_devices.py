@@ -1,9 +1,9 @@
-"""calm.devices: device and dtype names as users write them, checked before anything is loaded."""
+"""calm.checkpoints.devices: device and dtype names as users write them, checked before anything is loaded."""
 
 import pytest
 import torch
 
-from calm.devices import check_device, parse_dtype, resolve_device
+from calm.checkpoints.devices import check_device, parse_dtype, resolve_device
 from calm.errors import InputError
 
 

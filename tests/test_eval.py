@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
-from calm.data import Record
+from calm.engine.generation import Timings
 from calm.errors import InputError
 from calm.eval import shard, sweep
 from calm.eval.render import (
@@ -28,9 +28,9 @@ from calm.eval.render import (
 from calm.eval.report import COLUMNS, FILES
 from calm.eval.rouge import rouge_f1, rouge_l_similarity
 from calm.eval.summarize import DocumentSummary, summarize_documents
-from calm.generation import Timings
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
+from calm.prompts.documents import Record
 from helpers import DOCS, NUM_LAYERS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -480,7 +480,7 @@ def test_risk_loss_against_several_references():
 def test_eval_takes_the_knob_and_the_calibrations_schedule(model):
     from dataclasses import replace
 
-    from calm.calibration import CalibrationRow, CalibrationTable
+    from calm.calibration.table import CalibrationRow, CalibrationTable
 
     rows = tuple(
         CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)

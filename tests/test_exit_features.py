@@ -6,7 +6,7 @@ import torch
 from calm.adapters import adapter_for
 from calm.eval.ceiling import replay_exits
 from calm.eval.exit_features import ALL, ExitFeatures, exit_features, fit_exit_model, score_exit_model
-from calm.heads import ExitHeads, HeadsConfig
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.training import Features
 from helpers import tiny_llama
 

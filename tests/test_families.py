@@ -22,10 +22,10 @@ from torch._dynamo.utils import counters
 
 from calm import CalmModel
 from calm.adapters import adapter_for
-from calm.decode import Network
+from calm.engine.decode import Network
+from calm.engine.generation import PromptBatch, generate_tokens
 from calm.errors import UnsupportedModelError
-from calm.generation import PromptBatch, generate_tokens
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 from test_adapters import _calm_logits, _check_propagation, gen_config, row
 from test_parity import VARIANTS, build, features, hf_greedy, prompts
 

@@ -1,15 +1,15 @@
-"""calm.info and `calm info`: the backbone, its source, the heads, the adapter and the calibration table."""
+"""calm.cli.info and `calm info`: the backbone, its source, the heads, the adapter and the calibration table."""
 
 import json
 
 import pytest
 from rich.console import Console
 
-from calm import lora
-from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import CONFIG_FILE, CheckpointConfig, save_checkpoint
-from calm.heads import ExitHeads, HeadsConfig
-from calm.info import describe, info_tables, info_text
+from calm.calibration.table import CalibrationRow, CalibrationTable
+from calm.checkpoints import lora
+from calm.checkpoints.checkpoint import CONFIG_FILE, CheckpointConfig, save_checkpoint
+from calm.cli.info import describe, info_tables, info_text
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.model import CalmModel
 from helpers import assert_clean_error, invoke
 

@@ -1,4 +1,4 @@
-"""calm.kernels: the packed oneDNN linear is the same function as nn.Linear (to float rounding), is on only
+"""calm.engine.kernels: the packed oneDNN linear is the same function as nn.Linear (to float rounding), is on only
 inside a generation, follows weight changes, and leaves generation's tokens unchanged."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from calm.adapters import adapter_for
-from calm.decode import Network
+from calm.engine.decode import Network
+from calm.engine.generation import GenerationConfig, generate_tokens
+from calm.engine.kernels import onednn_available, packed_linears, uses_onednn
 from calm.errors import InputError
-from calm.generation import GenerationConfig, generate_tokens
-from calm.kernels import onednn_available, packed_linears, uses_onednn
-from calm.policy import ExitPolicy
-from calm.speculative import SpeculativeConfig, generate_speculative
+from calm.exits.policy import ExitPolicy
+from calm.speculative.drafting import SpeculativeConfig, generate_speculative
 from test_adapters import KINDS, build, prompts
 
 pytestmark = [
@@ -81,7 +81,7 @@ def test_generation_with_packed_kernels_gives_torchs_tokens(kind):
 
 
 def test_the_certified_head_on_packed_bfloat16_is_still_the_float32_argmax():
-    from calm.lm_head import CertifiedArgmax
+    from calm.engine.lm_head import CertifiedArgmax
 
     torch.manual_seed(3)
     weight = torch.randn(5000, 64)
@@ -113,7 +113,7 @@ def test_outside_the_block_a_packed_forward_is_torchs_and_a_failed_install_leave
         stray = model[0].forward
     with torch.inference_mode():  # e.g. another thread, or after the block: torch's own linear
         torch.testing.assert_close(stray(x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
-    import calm.kernels as kernels
+    import calm.engine.kernels as kernels
 
     real, calls = kernels._packed_forward, []
 
@@ -130,7 +130,7 @@ def test_outside_the_block_a_packed_forward_is_torchs_and_a_failed_install_leave
 
 
 def test_bfloat16_without_cpu_support_and_autocast_keep_torchs_kernels(monkeypatch):
-    from calm.kernels import linear
+    from calm.engine.kernels import linear
 
     weight, x = torch.randn(32, 16).to(torch.bfloat16), torch.randn(4, 16).to(torch.bfloat16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)

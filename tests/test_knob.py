@@ -1,13 +1,13 @@
-"""calm.knob and the knob in the Python API: CalmModel.policy() and generate(speed=, tolerance=)."""
+"""calm.calibration.knob and the knob in the Python API: CalmModel.policy() and generate(speed=, tolerance=)."""
 
 from dataclasses import replace
 
 import pytest
 
 from calm import CalmModel, ExitPolicy
-from calm.calibration import CalibrationRow, CalibrationTable
+from calm.calibration.knob import default_measure, resolve_policy, tolerance_to_threshold
+from calm.calibration.table import CalibrationRow, CalibrationTable
 from calm.errors import InputError, PolicyError
-from calm.knob import default_measure, resolve_policy, tolerance_to_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["the cat sat on the mat", "the council said a new plan for the city school"]

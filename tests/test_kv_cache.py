@@ -1,6 +1,6 @@
 import torch
 
-from calm.kv_cache import KVCache
+from calm.engine.kv_cache import KVCache
 
 
 def test_allocate_write_and_read_back():

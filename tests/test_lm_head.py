@@ -1,6 +1,6 @@
 import torch
 
-from calm.lm_head import CertifiedArgmax
+from calm.engine.lm_head import CertifiedArgmax
 
 
 def test_certified_argmax_equals_the_float32_argmax():

@@ -1,7 +1,7 @@
 import pytest
 
+from calm.checkpoints.loading import HUB_ID, _gguf_cache_path, cache_dir, load_backbone, smollm2_gguf
 from calm.errors import ModelNotFoundError
-from calm.loading import HUB_ID, _gguf_cache_path, cache_dir, load_backbone, smollm2_gguf
 
 
 def test_the_embedded_gguf_is_found():

@@ -1,4 +1,4 @@
-"""Drafts from the context (calm.lookup, speculative decoding at draft layer E = 0): the n-gram lookup,
+"""Drafts from the context (calm.speculative.lookup, speculative decoding at draft layer E = 0): the n-gram lookup,
 and the full model's output token for token (greedy) and in distribution (sampling)."""
 
 from __future__ import annotations
@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm import CalmModel, speculative
+from calm import CalmModel
 from calm.adapters import adapter_for
-from calm.data import read_jsonl, summary_prompt, truncate_document
-from calm.decode import Network
+from calm.engine.decode import Network
+from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.engine.sampling import SamplingConfig
 from calm.errors import InputError, PolicyError
-from calm.generation import GenerationConfig, PromptBatch, generate_tokens
-from calm.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, BatchLookup, NgramIndex
-from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig
-from calm.speculative import SpeculativeConfig, default_draft_layer, generate_speculative
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
+from calm.speculative import drafting as speculative
+from calm.speculative.drafting import SpeculativeConfig, default_draft_layer, generate_speculative
+from calm.speculative.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, BatchLookup, NgramIndex
 from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
 from test_speculative import ALWAYS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
 
@@ -173,7 +174,7 @@ def _every_nth_cycle_finds_nothing(monkeypatch, n: int = 3) -> None:
         found = real(*args)
         return [[] for _ in found] if calls[0] % n == 0 else found
 
-    monkeypatch.setattr("calm.speculative.lookup_guesses", guesses)
+    monkeypatch.setattr("calm.speculative.drafting.lookup_guesses", guesses)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,5 +1,5 @@
-"""LoRA adapters of the backbone (calm.lora): saved by mode lora of calm.training, merged at load, on a tiny random
-Llama. The training itself: test_training_lora.py."""
+"""LoRA adapters of the backbone (calm.checkpoints.lora): saved by mode lora of calm.training, merged at load, on a
+tiny random Llama. The training itself: test_training_lora.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from calm import lora
+from calm.checkpoints import lora
+from calm.checkpoints.loading import load_backbone
 from calm.errors import CheckpointError
-from calm.loading import load_backbone
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
 from calm.training import train
 from helpers import DOCS, NUM_LAYERS, build_tiny_model
 from training_helpers import lora_config

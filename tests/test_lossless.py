@@ -1,4 +1,4 @@
-"""--lossless and --mode speculative: which run the switches choose (calm.lossless), the measurement
+"""--lossless and --mode speculative: which run the switches choose (calm.speculative.lossless), the measurement
 stored with a checkpoint, and the switches in calm summarize, calm eval and calm bench."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 
 from calm import CalmModel
 from calm.bench import parse_run_spec, speculative_specs
-from calm.checkpoint import read_config, store_extra
+from calm.checkpoints.checkpoint import read_config, store_extra
 from calm.errors import InputError, PolicyError
-from calm.heads import ExitHeads, HeadsConfig
-from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
-from calm.policy import ExitPolicy
-from calm.speculative import ALWAYS_DRAFT, SpeculativeConfig
+from calm.exits.heads import ExitHeads, HeadsConfig
+from calm.exits.policy import ExitPolicy
+from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
+from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

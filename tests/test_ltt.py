@@ -1,4 +1,4 @@
-"""Tests for calm.ltt (Learn-then-Test statistics: p-values, fixed-sequence testing, ltt_calibrate)."""
+"""Tests for calm.calibration.ltt (Learn-then-Test statistics: p-values, fixed-sequence testing, ltt_calibrate)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from calm import ltt
-from calm.ltt import (
+from calm.calibration import ltt
+from calm.calibration.ltt import (
     CalibrationOutcome,
     LTTResult,
     bentkus_pvalue,

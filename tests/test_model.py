@@ -6,10 +6,10 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from calm import CalmModel, ExitPolicy
-from calm.calibration import CalibrationRow, CalibrationTable
-from calm.checkpoint import CONFIG_FILE, HEADS_FILE
+from calm.calibration.table import CalibrationRow, CalibrationTable
+from calm.checkpoints.checkpoint import CONFIG_FILE, HEADS_FILE
 from calm.errors import CheckpointError, InputError, ModelNotFoundError, PolicyError
-from calm.heads import ExitHeads, HeadsConfig
+from calm.exits.heads import ExitHeads, HeadsConfig
 from helpers import tiny_llama
 
 
@@ -207,9 +207,9 @@ def test_the_calibration_is_typed_and_saved_as_its_dict(backbone_dir, tmp_path):
 
 def lora_checkpoint(tiny_model: str, path: Path) -> Path:
     """A calm checkpoint naming the tiny backbone, with a random (non-zero) LoRA adapter and exit heads."""
-    from calm import lora
-    from calm.checkpoint import CheckpointConfig, save_checkpoint
-    from calm.loading import load_backbone
+    from calm.checkpoints import lora
+    from calm.checkpoints.checkpoint import CheckpointConfig, save_checkpoint
+    from calm.checkpoints.loading import load_backbone
 
     torch.manual_seed(5)
     peft_model = lora.attach(load_backbone(tiny_model).model, lora.LoraSpec(rank=2), 4)
@@ -224,7 +224,7 @@ def lora_checkpoint(tiny_model: str, path: Path) -> Path:
 
 
 def test_a_merged_lora_adapter_goes_along_when_saved(tiny_model, tmp_path):
-    from calm import lora
+    from calm.checkpoints import lora
 
     adapted = CalmModel.from_pretrained(lora_checkpoint(tiny_model, tmp_path / "lora"))
     assert adapted.merged_adapter == tmp_path / "lora"

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from calm.errors import PolicyError
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 
 
 def test_threshold_decays_from_lambda_to_nine_tenths():

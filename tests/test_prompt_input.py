@@ -1,4 +1,4 @@
-"""calm.prompt_input: prompts as strings, token ids or a padded tensor with its attention mask, checked and
+"""calm.prompts.encoding: prompts as strings, token ids or a padded tensor with its attention mask, checked and
 left-padded into one batch (through CalmModel.generate, which reads them)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""calm.prompts: the template, the chat template, and cutting documents (never the instruction) to fit,
+"""calm.prompts.templates: the template, the chat template, and cutting documents (never the instruction) to fit,
 with every cut recorded and the context's cuts logged."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import logging
 import pytest
 from transformers import AutoTokenizer
 
-from calm.data import summary_prompt as data_summary_prompt
-from calm.data import truncate_document as data_truncate_document
 from calm.errors import InputError
-from calm.prompts import (
+from calm.prompts.documents import summary_prompt as data_summary_prompt
+from calm.prompts.documents import truncate_document as data_truncate_document
+from calm.prompts.templates import (
     CONTEXT,
     MAX_DOC_TOKENS,
     SUMMARY_TEMPLATE,

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from calm import CalmModel
+from calm.engine.sampling import SamplingConfig, filter_logits, next_token
 from calm.errors import InputError
-from calm.sampling import SamplingConfig, filter_logits, next_token
 
 
 def test_greedy_is_argmax():

@@ -6,8 +6,8 @@ import pytest
 
 from calm import CalmModel, ExitPolicy
 from calm.bench import transformers_generate
-from calm.data import read_jsonl
-from calm.prompts import summary_prompt
+from calm.prompts.documents import read_jsonl
+from calm.prompts.templates import summary_prompt
 
 SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")]

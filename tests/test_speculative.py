@@ -1,4 +1,4 @@
-"""Speculative decoding (calm.speculative): the full model's output, token for token (greedy) or in
+"""Speculative decoding (calm.speculative.drafting): the full model's output, token for token (greedy) or in
 distribution (sampling), whatever the exit layers draft; the draft controller; rollback of rejected slots.
 
 Tiny random models of each family, as in test_adapters: their early layers draft poorly, so most
@@ -16,14 +16,14 @@ import torch
 from calm import CalmModel
 from calm.adapters import adapter_for
 from calm.bench import transformers_generate
-from calm.data import read_jsonl, summary_prompt, truncate_document
-from calm.decode import Network, prefill
+from calm.engine.decode import Network, prefill
+from calm.engine.generation import GenerationConfig, PromptBatch, _start, generate_tokens
+from calm.engine.sampling import SamplingConfig, filter_logits
 from calm.errors import InputError, PolicyError
-from calm.generation import GenerationConfig, PromptBatch, _start, generate_tokens
-from calm.heads import ExitHeads, HeadsConfig
-from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig, filter_logits
-from calm.speculative import (
+from calm.exits.heads import ExitHeads, HeadsConfig
+from calm.exits.policy import ExitPolicy
+from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
+from calm.speculative.drafting import (
     SpeculativeConfig,
     SpeculativeStats,
     default_draft_policy,

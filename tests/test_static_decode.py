@@ -1,4 +1,4 @@
-"""The static decode path (calm.static_decode): same tokens and exits as the dynamic path, rows
+"""The static decode path (calm.engine.static_decode): same tokens and exits as the dynamic path, rows
 isolated, parity with transformers at full depth, at most one host sync per token, and a step that
 torch.compile captures as one graph (fullgraph=True: any host sync or graph break is an error).
 
@@ -19,13 +19,13 @@ from torch._dynamo.utils import counters
 
 from calm import CalmModel
 from calm.adapters import adapter_for
-from calm.decode import ExitPlan, Network, prefill
+from calm.engine.decode import ExitPlan, Network, prefill
+from calm.engine.generation import GenerationConfig, _start, generate_tokens, resolve_engine
+from calm.engine.static_decode import StaticState, full_depth, static_step
+from calm.engine.syncs import SyncCounter
 from calm.errors import InputError
-from calm.generation import GenerationConfig, _start, generate_tokens, resolve_engine
-from calm.heads import ExitHeads, HeadsConfig
-from calm.policy import ExitPolicy
-from calm.static_decode import StaticState, full_depth, static_step
-from calm.syncs import SyncCounter
+from calm.exits.heads import ExitHeads, HeadsConfig
+from calm.exits.policy import ExitPolicy
 from test_adapters import EOS, MAX_NEW, build, gen_config, hf_greedy, prompts, row
 from test_adapters import KINDS as ALL_KINDS
 
@@ -272,7 +272,7 @@ def test_static_engine_refuses_sliding_windows(kind):
 
 def test_compiling_steps_are_timed_apart_from_decoding(models, fresh_dynamo, monkeypatch):
     """Issue 20, item 6: the step that compiles is compile_s; decode tokens/s counts the other steps only."""
-    import calm.generation as generation
+    import calm.engine.generation as generation
 
     real = generation.compiled_step
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from calm.syncs import SyncCounter
+from calm.engine.syncs import SyncCounter
 
 HOST_READS = {
     "item": lambda t, m: t.sum().item(),

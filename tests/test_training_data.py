@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from calm.checkpoint import read_config
+from calm.checkpoints.checkpoint import read_config
 from calm.errors import InputError
 from calm.model import CalmModel
 from calm.training import TrainConfig, read_training_data, summary_sequence, text_chunks, train

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm.checkpoint import read_config
+from calm.checkpoints.checkpoint import read_config
 from calm.cli.train import train_command
+from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
-from calm.policy import ExitPolicy
 from calm.training import SUMMARIES_FILE, TrainConfig, learning_rate, train
 from training_helpers import training_config
 
@@ -37,17 +37,17 @@ def test_losses_decrease(training_setup, tmp_path):
 
 
 def test_frozen_backbone_gets_no_gradient(training_setup, tmp_path, monkeypatch):
-    import calm.loading
+    import calm.checkpoints.loading
 
     captured = {}
-    real = calm.loading.load_backbone
+    real = calm.checkpoints.loading.load_backbone
 
     def spy(*args, **kwargs):
         captured["loaded"] = real(*args, **kwargs)
         captured["before"] = {k: v.clone() for k, v in captured["loaded"].model.state_dict().items()}
         return captured["loaded"]
 
-    monkeypatch.setattr(calm.loading, "load_backbone", spy)
+    monkeypatch.setattr(calm.checkpoints.loading, "load_backbone", spy)
     result = train(training_config(training_setup, tmp_path / "out", steps=4), progress=False)
     model = captured["loaded"].model
     for name, param in model.named_parameters():

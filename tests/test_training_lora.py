@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from calm import lora
-from calm.checkpoint import HEADS_FILE, read_config
+from calm.checkpoints import lora
+from calm.checkpoints.checkpoint import HEADS_FILE, read_config
+from calm.checkpoints.loading import load_backbone
 from calm.errors import InputError
-from calm.heads import ExitHeads
-from calm.loading import load_backbone
+from calm.exits.heads import ExitHeads
 from calm.model import CalmModel
 from calm.training import STATE_FILE, TrainConfig, read_training_data, train
 from calm.training.data import lora_sequences

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calm import lora
 from calm.adapters import adapter_for
-from calm.heads import ExitHeads, HeadsConfig
-from calm.loading import load_backbone
+from calm.checkpoints import lora
+from calm.checkpoints.loading import load_backbone
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.training import (
     FinetuneObjective,
     HeadsObjective,

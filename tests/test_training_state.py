@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from calm.checkpoint import HEADS_FILE, read_config
+from calm.checkpoints.checkpoint import HEADS_FILE, read_config
 from calm.errors import InputError
 from calm.training import STATE_FILE, TrainConfig, check_fingerprint, load_state, save_state, train
 from calm.training.state import restore_state, state_meta

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from calm.data import Record
 from calm.errors import InputError
 from calm.model import CalmModel
+from calm.prompts.documents import Record
 from calm.training.summaries import read_summary_cache, summary_jobs, write_summary_cache
 from training_helpers import training_config
 

@@ -234,7 +234,7 @@ class Adapter(ABC):
         self, positions: torch.Tensor, key_mask: torch.Tensor, slot: torch.Tensor, encoder: EncoderMemory | None = None
     ) -> StepContext:
         """context() for one decode token at cache slot `slot` (long [1]) attending over every slot of
-        the cache: fixed shapes and no host sync, for the static path (calm.static_decode)."""
+        the cache: fixed shapes and no host sync, for the static path (calm.engine.static_decode)."""
         return StepContext(positions=positions, mask=slot_mask(key_mask), start=slot, encoder=encoder)
 
     @abstractmethod

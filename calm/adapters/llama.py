@@ -47,7 +47,7 @@ class Traits:
 class LogitHead(torch.nn.Module):
     """The LM head and its family's fixed logit transform (Granite's division, Gemma's tanh softcap).
 
-    Not an nn.Linear, so calm.lm_head's certified bfloat16 argmax is not used: a softcap that
+    Not an nn.Linear, so calm.engine.lm_head's certified bfloat16 argmax is not used: a softcap that
     saturates can tie logits the raw head keeps apart, and the argmax must be the model's own."""
 
     def __init__(self, head: torch.nn.Module, divisor: float, softcap: float | None) -> None:

@@ -3,7 +3,7 @@ or through LoRA adapters.
 
 Mode ``heads`` (default): the backbone stays frozen. Training positions are the predictions the
 model itself made while writing greedy summaries of training documents (prompt: the summary prompt
-of calm.data), plus random positions of plain-text chunks. The backbone runs once per sequence
+of calm.prompts.documents), plus random positions of plain-text chunks. The backbone runs once per sequence
 under no_grad with output_hidden_states=True and the hidden states of every layer at those
 positions are kept. Each step then samples a minibatch of positions and a few exit layers per
 position (the full-vocabulary LM head is the expensive part on CPU) and trains
@@ -35,8 +35,8 @@ state and resuming), loop (`train`: load, build, resume, the step loop, checkpoi
 (the per-layer agreement report).
 """
 
-from calm.checkpoint import BACKBONE_DIR
-from calm.checkpoint import save_backbone as _save_backbone
+from calm.checkpoints.checkpoint import BACKBONE_DIR
+from calm.checkpoints.checkpoint import save_backbone as _save_backbone
 from calm.training.agreement import (
     SummaryFeatures,
     agreement_markdown,

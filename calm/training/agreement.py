@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters.base import Adapter
-from calm.checkpoint import read_config
+from calm.checkpoints.checkpoint import read_config
 from calm.errors import InputError
-from calm.heads import ExitHeads
+from calm.exits.heads import ExitHeads
 from calm.training.config import TrainConfig
 from calm.training.data import encode_prompt, read_training_jsonl, summary_sequence
 from calm.training.features import Features, hidden_features, last_state_is_normed

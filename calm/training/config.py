@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from calm.errors import InputError
-from calm.heads import ExitHeads
+from calm.exits.heads import ExitHeads
 
 MODES = ("heads", "finetune", "lora")
 POSITIVE = (

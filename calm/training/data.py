@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from calm.data import Record, read_jsonl, read_text
 from calm.errors import InputError
+from calm.prompts.documents import Record, read_jsonl, read_text
 from calm.training.config import TrainConfig
 from calm.training.order import generator
 from calm.training.summaries import (
@@ -92,7 +92,7 @@ def read_training_data(paths: Sequence[str], max_docs: int | None = None) -> Tra
 def read_training_jsonl(path: Path) -> tuple[list[Record], list[int]]:
     """Records of a JSONL training file, and the line numbers of records skipped because their
     document is empty (XSum has a few: photo galleries). Everything else that is wrong with the
-    file is an InputError, as in calm.data.read_jsonl."""
+    file is an InputError, as in calm.prompts.documents.read_jsonl."""
     skipped: list[int] = []
     return read_jsonl(path, skipped=skipped), skipped
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from calm.adapters import adapter_for
-from calm.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint
+from calm.checkpoints.checkpoint import CheckpointConfig, is_checkpoint, read_config, save_checkpoint
 from calm.errors import CheckpointError, InputError, UnsupportedModelError
 from calm.training.config import TrainConfig, TrainResult
 from calm.training.data import Sequences, TrainingData, read_training_data, training_sequences
@@ -103,7 +103,7 @@ def backbone_ref(model_ref: str) -> str:
 def adapted_backbone(model_ref: str, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the model reference (a checkpoint, or an alias's
     shipped assets) merged in, as CalmModel.from_pretrained would load it."""
-    from calm.checkpoint import with_adapter
+    from calm.checkpoints.checkpoint import with_adapter
     from calm.model import default_checkpoint
 
     source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
@@ -113,7 +113,7 @@ def adapted_backbone(model_ref: str, model: PreTrainedModel) -> PreTrainedModel:
 def load(config: TrainConfig, accelerator: Accelerator) -> Loaded:
     """The backbone, frozen. Modes heads and finetune start from it as CalmModel loads it (with the
     reference's LoRA adapter merged); lora trains a fresh adapter on the plain backbone."""
-    from calm.loading import load_backbone
+    from calm.checkpoints.loading import load_backbone
     from calm.model import CalmModel
 
     load_ref = backbone_ref(config.model)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from calm import lora
-from calm.checkpoint import is_checkpoint, load_heads, name_backbone, read_config
-from calm.heads import ExitHeads, HeadsConfig
+from calm.checkpoints import lora
+from calm.checkpoints.checkpoint import is_checkpoint, load_heads, name_backbone, read_config
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.training.config import TrainConfig
 from calm.training.data import Sequences, TrainSequence
 from calm.training.modes import Loaded, Run, adamw

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from calm.checkpoint import BACKBONE_DIR, name_backbone, save_backbone
-from calm.heads import ExitHeads, HeadsConfig
+from calm.checkpoints.checkpoint import BACKBONE_DIR, name_backbone, save_backbone
+from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.training.config import TrainConfig
 from calm.training.data import Sequences, TrainSequence
 from calm.training.features import Features, hidden_features

@@ -22,7 +22,7 @@ from torch import nn
 
 from calm.adapters import adapter_for
 from calm.adapters.base import Adapter
-from calm.heads import ExitHeads
+from calm.exits.heads import ExitHeads
 from calm.training.config import TrainConfig
 from calm.training.data import TrainSequence
 from calm.training.features import forward_hidden

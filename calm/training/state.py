@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from calm.checkpoint import write_safetensors
+from calm.checkpoints.checkpoint import write_safetensors
 from calm.errors import InputError
 from calm.training.config import TrainConfig
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calm.checkpoint import write_atomic
-from calm.data import Record
+from calm.checkpoints.checkpoint import write_atomic
 from calm.errors import InputError
-from calm.prompts import summary_prompt, truncate_document
+from calm.prompts.documents import Record
+from calm.prompts.templates import summary_prompt, truncate_document
 from calm.training.config import TrainConfig
 from calm.training.order import mix
 
@@ -81,7 +81,7 @@ def generate_summaries(
 ) -> tuple[dict[str, dict], int]:
     """The model's own summaries for `jobs`, from the cache where it has them; the cache is
     rewritten (atomically) after every batch, so an interrupted run loses at most one batch."""
-    from calm.policy import ExitPolicy
+    from calm.exits.policy import ExitPolicy
 
     cache = read_summary_cache(cache_path)
     missing = [j for j in jobs if j.key not in cache]

@@ -24,7 +24,7 @@ class ExitPolicy:
     threshold: λ in [0, 1]; a token exits when its confidence reaches λ(t). λ >= 1 never exits, under any
         decay (the full model).
     exit_layers: layers allowed to exit (1..L-1); None means every layer from min_exit_layer.
-    min_exit_layer: no exit below this layer. None: the model's exit floor (calm.decode.exit_floor: the first
+    min_exit_layer: no exit below this layer. None: the model's exit floor (calm.engine.decode.exit_floor: the first
         layer with a trained exit head, or half the depth without heads); a value below the floor is refused.
     decay_tau: τ of CALM's schedule λ(t) = 0.9·λ + 0.1·λ·exp(−τ·t/N), which lowers λ over the output from λ
         at the first token to about 0.9·λ at the last (earlier exits late in the output); 0 keeps λ fixed.

@@ -9,7 +9,7 @@ with fixed-sequence testing at level ε, which controls the family-wise error
 rate, so the returned threshold satisfies P(E[D] ≤ δ) ≥ 1 − ε.
 
 Nothing here imports torch or model code; everything is numpy float64. The table
-the results are stored in is calm.calibration.
+the results are stored in is calm.calibration.table.
 """
 
 from __future__ import annotations

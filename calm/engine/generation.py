@@ -1,5 +1,5 @@
 """The generation loop: prefill, then decode steps until every row stops. It owns stopping,
-timing and bookkeeping; each step is a function of explicit state (calm.decode)."""
+timing and bookkeeping; each step is a function of explicit state (calm.engine.decode)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from calm.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
+from calm.engine.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
+from calm.engine.kernels import check_kernels, packed_linears
+from calm.engine.kv_cache import KVCache
+from calm.engine.sampling import SamplingConfig, next_token
+from calm.engine.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step
 from calm.errors import InputError
-from calm.kernels import check_kernels, packed_linears
-from calm.kv_cache import KVCache
-from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig, next_token
-from calm.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step
+from calm.exits.policy import ExitPolicy
 
 ENGINES = ("auto", "dynamic", "static")
 ENGINE_SPECS = (*ENGINES, "static+compile")  # what the command line takes
 
 if TYPE_CHECKING:
-    from calm.speculative_stats import SpeculativeStats
+    from calm.engine.speculative_stats import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class GenerationConfig:
     compile: bool | str = False  # static engine: the step through torch.compile(fullgraph=True); a string
     # names the backend (True: inductor; "eager" checks capture without a compiler)
     sync_every: int = 8  # static engine: ask "have all rows finished?" every this many tokens
-    kernels: str = "auto"  # dynamic engine and speculative decoding: CPU matmuls (calm.kernels.KERNELS)
+    kernels: str = "auto"  # dynamic engine and speculative decoding: CPU matmuls (calm.engine.kernels.KERNELS)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -228,7 +228,7 @@ def _decode_dynamic(
 def _decode_static(
     net: Network, plan: ExitPlan, policy: ExitPolicy, prompts: PromptBatch, config: GenerationConfig
 ) -> _Decoded:
-    """The static step (calm.static_decode): no host sync inside a step; between steps one, every
+    """The static step (calm.engine.static_decode): no host sync inside a step; between steps one, every
     `sync_every` steps, asks whether all rows have finished, and drops the finished ones from the batch."""
     a = net.adapter
     device = prompts.ids.device

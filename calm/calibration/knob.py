@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from calm.calibration import CONSISTENCIES, TEXTUAL, CalibrationTable
-from calm.decode import ExitPlan, exit_floor
+from calm.calibration.table import CONSISTENCIES, TEXTUAL, CalibrationTable
+from calm.engine.decode import ExitPlan, exit_floor
 from calm.errors import InputError
-from calm.policy import ExitPolicy
+from calm.exits.policy import ExitPolicy
 
 if TYPE_CHECKING:
     from calm.model import CalmModel

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError
-from calm.policy import ExitPolicy
-from calm.speculative import (
+from calm.exits.policy import ExitPolicy
+from calm.speculative.drafting import (
     ALWAYS_DRAFT,
     DEFAULT_DRAFT_THRESHOLD,
     DEFAULT_MAX_DRAFT,
@@ -67,7 +67,7 @@ class MeasuredSetting:
     lookup: bool = False  # drafts looked up in the context first (older stored measurements lack it)
     full_decode_tokens_per_s: float = 0.0  # never-exit calm's decode rate in that run, per CPU second (0: unknown)
     machine: str = ""  # the CPU it was measured on
-    adaptive: bool = False  # context drafts whose length adapts per row (calm.lookup.BatchLookup)
+    adaptive: bool = False  # context drafts whose length adapts per row (calm.speculative.lookup.BatchLookup)
 
     @property
     def beats_full_depth(self) -> bool:

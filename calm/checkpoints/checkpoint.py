@@ -6,7 +6,7 @@ unpickled and no code from a checkpoint is ever run. Files are written atomicall
 The backbone is named one of four ways (`backbone_kind` in the config): a calm alias ("smollm2"),
 a hub id, a local path, or "included" (a directory inside the checkpoint, relative to it). A
 checkpoint that names its backbone may hold a LoRA adapter for it (peft's `adapter_config.json` and
-`adapter_model.safetensors`, calm.lora), merged into the backbone at load.
+`adapter_model.safetensors`, calm.checkpoints.lora), merged into the backbone at load.
 
 Saving and loading run a list of steps over the parts a checkpoint holds (`SAVE_STEPS`, `LOAD_STEPS`),
 so a new part is one writer and one loader."""
@@ -27,12 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from calm import lora
 from calm.adapters import adapter_for
-from calm.calibration import CalibrationTable
+from calm.calibration.table import CalibrationTable
+from calm.checkpoints import lora
+from calm.checkpoints.loading import ALIASES, HUB_ID, load_backbone
 from calm.errors import CheckpointError
-from calm.heads import ExitHeads, HeadsConfig
-from calm.loading import ALIASES, HUB_ID, load_backbone
+from calm.exits.heads import ExitHeads, HeadsConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

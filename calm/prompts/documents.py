@@ -1,6 +1,6 @@
 """Reading documents: JSONL records (`document`, optional `summary`: one reference summary, or a list of
 them) and plain text files, with
-clear errors for empty files, missing fields and bad encodings (prompts: calm.prompts)."""
+clear errors for empty files, missing fields and bad encodings (prompts: calm.prompts.templates)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm.errors import InputError
-from calm.prompts import SUMMARY_TEMPLATE as SUMMARY_PROMPT
-from calm.prompts import summary_prompt, truncate_document
+from calm.prompts.templates import SUMMARY_TEMPLATE as SUMMARY_PROMPT
+from calm.prompts.templates import summary_prompt, truncate_document
 
-# summary_prompt and truncate_document live in calm.prompts; they are importable from here too.
+# summary_prompt and truncate_document live in calm.prompts.templates; they are importable from here too.
 __all__ = ["SUMMARY_PROMPT", "Record", "parse_jsonl", "read_jsonl", "read_text", "summary_prompt", "truncate_document"]
 
 

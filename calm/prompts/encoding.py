@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from calm.engine.generation import PromptBatch
 from calm.errors import InputError
-from calm.generation import PromptBatch
-from calm.prompts import prompt_ids, truncate_document, uses_chat
+from calm.prompts.templates import prompt_ids, truncate_document, uses_chat
 
 if TYPE_CHECKING:
     from calm.model import CalmModel

@@ -1,6 +1,6 @@
 """The static decode step: fixed shapes, exits as masks, no host synchronisation inside a step.
 
-The dynamic step (calm.decode) asks the host which rows exited at every allowed layer, so that it
+The dynamic step (calm.engine.decode) asks the host which rows exited at every allowed layer, so that it
 can skip their work: right on a CPU, where skipping compute is the point, but on a GPU each
 question stalls the device, and it rules out CUDA graphs and `torch.compile` of the whole step.
 This step never asks. Every row runs every layer; a row that has exited keeps its frozen hidden
@@ -24,7 +24,7 @@ from functools import cache
 import torch
 
 from calm.adapters.base import EncoderMemory
-from calm.decode import DecodeState, ExitPlan, Network, exit_decision
+from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision
 
 SLOT_MULTIPLE = 64  # cache slots are allocated in multiples of this, so prompts of similar length share a shape
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from calm.kernels import linear
+from calm.engine.kernels import linear
 
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
 # of x (2^-8 each, relative), their product, and float32 accumulation over <= 8192 terms, with margin.

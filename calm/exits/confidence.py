@@ -3,7 +3,7 @@
 softmax: top-1 minus top-2 probability of the exit layer's next-token distribution (needs the
     LM head: the costly measure, as the CALM paper notes; its logits are reused for the token).
 state: cosine similarity between a layer's output and its input (cheap: no vocabulary).
-classifier: the learned exit classifier of calm.heads (cheap: one dot product per row).
+classifier: the learned exit classifier of calm.exits.heads (cheap: one dot product per row).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The calibration table: per-threshold statistics of a Learn-then-Test run (calm.ltt), stored in calm
+"""The calibration table: per-threshold statistics of a Learn-then-Test run (calm.calibration.ltt), stored in calm
 checkpoints, read by the speed and tolerance knobs.
 
 Each row holds the losses of two objectives (CALM's two consistencies): textual, D = 1 − ROUGE-L(early,
@@ -7,7 +7,7 @@ before risk consistency hold only the textual columns; they load, and asking the
 CalibrationError.
 
 The Learn-then-Test names (p-values, fixed-sequence testing, ltt_calibrate) are re-exported here, so
-`from calm.calibration import ...` reaches the whole calibration.
+`from calm.calibration.table import ...` reaches the whole calibration.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from calm.errors import CalibrationError
-from calm.ltt import (
+from calm.calibration.ltt import (
     METHODS,
     CalibrationOutcome,
     LTTResult,
@@ -33,6 +32,7 @@ from calm.ltt import (
     hoeffding_pvalue,
     ltt_calibrate,
 )
+from calm.errors import CalibrationError
 
 __all__ = [
     "METHODS",
@@ -139,7 +139,7 @@ MIN_CALIBRATION_DOCUMENTS = 10
 class CalibrationTable:
     """Rows ordered from the most conservative threshold to the least, and how the thresholds ran
     when they were calibrated (the knob runs them the same way). A setting that was not recorded is
-    None; a table without ``decay_tau`` was made with the default decay of calm.policy.ExitPolicy."""
+    None; a table without ``decay_tau`` was made with the default decay of calm.exits.policy.ExitPolicy."""
 
     rows: tuple[CalibrationRow, ...]
     certified_index: int | None

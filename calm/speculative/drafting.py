@@ -17,7 +17,7 @@ One cycle, for every unfinished row of the batch at once:
 
 Every row drafts again in the next cycle from its own corrected token: no row sits a cycle out.
 
-Drafts from the context (calm.lookup, draft layer E = 0): no layer runs to draft, the slots hold the
+Drafts from the context (calm.speculative.lookup, draft layer E = 0): no layer runs to draft, the slots hold the
 embeddings of the looked-up tokens, and all L layers verify. With lookup=True a cycle drafts from the
 context when any row's lookup finds drafts, and from layer E otherwise.
 """
@@ -30,15 +30,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from calm.adapters.base import StepContext
-from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
+from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
+from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
+from calm.engine.kernels import packed_linears
+from calm.engine.sampling import SamplingConfig, filter_logits
+from calm.engine.speculative_stats import SpeculativeStats as SpeculativeStats  # re-exported
+from calm.engine.speculative_stats import Tally
 from calm.errors import PolicyError
-from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
-from calm.kernels import packed_linears
-from calm.lookup import BatchLookup
-from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig, filter_logits
-from calm.speculative_stats import SpeculativeStats as SpeculativeStats  # re-exported
-from calm.speculative_stats import Tally
+from calm.exits.policy import ExitPolicy
+from calm.speculative.lookup import BatchLookup
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class SpeculativeConfig:
 
     @property
     def from_context(self) -> bool:
-        """E = 0: no layer runs to draft; drafts are looked up in the row's own context (calm.lookup)."""
+        """E = 0: no layer runs to draft; drafts are looked up in the row's own context (calm.speculative.lookup)."""
         return self.draft_layer == CONTEXT_DRAFT
 
     @property

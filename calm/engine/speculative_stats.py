@@ -1,4 +1,4 @@
-"""What a speculative generation did (calm.speculative): drafts, acceptance, draft and verify time."""
+"""What a speculative generation did (calm.speculative.drafting): drafts, acceptance, draft and verify time."""
 
 from __future__ import annotations
 

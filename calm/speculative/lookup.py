@@ -8,7 +8,7 @@ model work; verification then runs every layer over the pending token and the gu
 
 The settings were chosen by replaying greedy outputs of the embedded model on XSum test documents
 (benchmarks/results/speculative_smollm2.md): suffixes of 4 tokens down to 1. Where verifying more
-positions costs next to nothing (calm.kernels), every match drafts its full length; BatchLookup can
+positions costs next to nothing (calm.engine.kernels), every match drafts its full length; BatchLookup can
 also adapt each row's draft length to its last verification (adaptive=True), which pays only where
 each verified position costs.
 """

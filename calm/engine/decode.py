@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from calm.adapters.base import Adapter, EncoderMemory, RowAttention, StepContext, pick
-from calm.confidence import softmax_margin, state_similarity
+from calm.engine.kv_cache import KVCache
+from calm.engine.lm_head import CertifiedArgmax
+from calm.engine.sampling import SamplingConfig, next_token
 from calm.errors import PolicyError
-from calm.heads import ExitHeads
-from calm.kv_cache import KVCache
-from calm.lm_head import CertifiedArgmax
-from calm.policy import ExitPolicy
-from calm.sampling import SamplingConfig, next_token
+from calm.exits.confidence import softmax_margin, state_similarity
+from calm.exits.heads import ExitHeads
+from calm.exits.policy import ExitPolicy
 
 COMPACT_MIN_ROWS = 16  # live rows from which layers run for the still-running rows only
 PER_ROW_MAX_ROWS = 8  # up to this many running rows attend one by one over cache views; more: one batched call

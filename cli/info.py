@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from calm import lora
 from calm.adapters import adapter_for
-from calm.calibration import CalibrationTable
-from calm.checkpoint import (
+from calm.calibration.table import CalibrationTable
+from calm.checkpoints import lora
+from calm.checkpoints.checkpoint import (
     INCLUDED,
     CheckpointConfig,
     backbone_kind,
@@ -23,10 +23,10 @@ from calm.checkpoint import (
     load_heads,
     read_config,
 )
+from calm.checkpoints.loading import load_backbone
 from calm.errors import CheckpointError
 from calm.eval.reporting import format_speedup
-from calm.heads import HeadsConfig
-from calm.loading import load_backbone
+from calm.exits.heads import HeadsConfig
 from calm.model import default_checkpoint
 
 if TYPE_CHECKING:
