@@ -17,6 +17,7 @@ from calm.checkpoints.checkpoint import (
     CheckpointConfig,
     Components,
     check_adapter_target,
+    default_checkpoint,
     is_checkpoint,
     load_checkpoint,
     load_parts,
@@ -26,17 +27,20 @@ from calm.checkpoints.checkpoint import (
 )
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
-from calm.checkpoints.loading import ALIASES, is_loadable, load_backbone
+from calm.checkpoints.loading import is_loadable, load_backbone
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
+from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
 from calm.errors import InputError
 from calm.exits.heads import ExitHeads
 from calm.exits.policy import ExitPolicy
+from calm.options import engine_options, sampling_options, speculative_options
 from calm.prompts.encoding import Prompts, encode_prompts
 from calm.speculative.drafting import NO_CONTROLLER, generate_speculative
 from calm.speculative.lossless import ModeRun, pick_mode, resolve_mode
+from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -208,7 +212,7 @@ class CalmModel:
         return Network(self.adapter, self.heads, self._argmax)
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(
+    def generate(  # long: one docstring for every option of generate
         self,
         prompts: Prompts,
         max_new_tokens: int = 64,
@@ -218,20 +222,22 @@ class CalmModel:
         tolerance: float | None = None,
         consistency: str | None = None,
         attention_mask: torch.Tensor | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
         chat: bool | None = None,
         truncate: bool = False,
-        engine: str = "auto",
-        compile: bool | str = False,
-        sync_every: int = 8,
+        sampling: SamplingConfig | None = None,
+        engine: str | EngineOptions = "auto",
+        speculative: SpeculativeOptions | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        compile: bool | str | None = None,
+        sync_every: int | None = None,
         mode: str | None = None,
         draft_layer: int | None = None,
         max_draft: int | None = None,
-        lookup: bool = False,
+        lookup: bool | None = None,
     ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
@@ -249,20 +255,27 @@ class CalmModel:
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
         torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
-        checks for finished rows every this many tokens (its one host sync)."""
+        checks for finished rows every this many tokens (its one host sync).
+
+        The options come in one object per concern, sampling= (SamplingConfig), engine= (EngineOptions, or
+        just its name) and speculative= (SpeculativeOptions), or as the keyword shortcuts above; a shortcut
+        given beside its object must agree with it (calm.options)."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        asked = policy is not None or speed is not None or tolerance is not None or engine != "auto" or bool(compile)
-        mode = pick_mode(mode, asked)
+        engine = engine_options(engine, compile=compile, sync_every=sync_every)
+        spec = speculative_options(speculative, mode=mode, draft_layer=draft_layer, max_draft=max_draft, lookup=lookup)
+        asked = policy is not None or speed is not None or tolerance is not None or engine.chosen
+        mode = pick_mode(spec.mode, asked)
         batch = self.encode_prompts(
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
         )
-        run = resolve_mode(self, mode, False, draft_layer, max_draft, lookup=lookup, batch_size=batch.ids.shape[0])
+        rows = batch.ids.shape[0]
+        run = resolve_mode(self, mode, False, spec.draft_layer, spec.max_draft, lookup=spec.lookup, batch_size=rows)
         policy = self._generation_policy(policy, speed, tolerance, run, consistency)
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
-        config = GenerationConfig(
-            max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, engine, compile, sync_every
+        sampling = sampling_options(
+            sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
+        config = GenerationConfig(max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, *engine.settings)
         if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
@@ -350,13 +363,3 @@ class CalmModel:
     ) -> PromptBatch:
         """Token ids of the prompts, left-padded into one batch (calm.prompts.encoding)."""
         return encode_prompts(self, prompts, max_new_tokens, chat, truncate, attention_mask)
-
-
-def default_checkpoint(name: str) -> Path | None:
-    """The shipped heads and calibration for a built-in alias, if any are packaged."""
-    from importlib.resources import files
-
-    if name not in ALIASES:
-        return None
-    path = Path(str(files("calm") / "assets" / name))
-    return path if is_checkpoint(path) else None

@@ -18,20 +18,12 @@ from calm.cli.options import doc_tokens_option, knob_options, model_options, out
 from calm.prompts.templates import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 
 if TYPE_CHECKING:
+    from calm.engine.options import EngineOptions
     from calm.engine.sampling import SamplingConfig
+    from calm.exits.policy import ExitPolicy
     from calm.prompts.documents import Record
     from calm.prompts.templates import Prompt
-
-
-@dataclass(frozen=True)
-class ModeOptions:
-    """--mode, --lossless, --draft-layer, --max-draft and --lookup as given (None: not given)."""
-
-    mode: str | None
-    lossless: bool
-    draft_layer: int | None
-    max_draft: int | None
-    lookup: bool
+    from calm.speculative.options import SpeculativeOptions
 
 
 @dataclass(frozen=True)
@@ -48,8 +40,9 @@ class Run:
     show_exits: bool
     as_json: bool
     output: str | None
-    engine: str
-    modes: ModeOptions
+    engine: EngineOptions  # --engine
+    speculative: SpeculativeOptions  # --mode, --draft-layer, --max-draft and --lookup as given (None: not given)
+    lossless: bool  # --lossless
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Run:
@@ -57,8 +50,12 @@ class Run:
         knobs = Knobs(*(options.pop(k) for k in names))
         knobs.check()
         sampling = sampling_config(*(options.pop(k) for k in ("do_sample", "temperature", "top_p", "top_k", "seed")))
-        modes = ModeOptions(*(options.pop(k) for k in ("mode", "lossless", "draft_layer", "max_draft", "lookup")))
-        return cls(knobs=knobs, sampling=sampling, modes=modes, **options)
+        from calm.engine.options import EngineOptions
+        from calm.speculative.options import SpeculativeOptions
+
+        engine = EngineOptions.from_spec(options.pop("engine"))
+        speculative = SpeculativeOptions(*(options.pop(k) for k in ("mode", "draft_layer", "max_draft", "lookup")))
+        return cls(knobs=knobs, sampling=sampling, engine=engine, speculative=speculative, **options)
 
     @property
     def mode(self) -> str:
@@ -67,12 +64,12 @@ class Run:
         from calm.errors import InputError
         from calm.speculative.lossless import LOSSLESS, pick_mode
 
-        named = self.modes.mode
-        if self.modes.lossless:
+        named = self.speculative.mode
+        if self.lossless:
             if named == "calm":
                 raise InputError("--lossless runs the full model's output and --mode calm exits early: give one")
             named = named or LOSSLESS
-        return pick_mode(named, self.knobs.asks_for_exits or self.engine != "auto")
+        return pick_mode(named, self.knobs.asks_for_exits or self.engine.chosen)
 
 
 def _shared_options(f: Any) -> Any:
@@ -215,7 +212,7 @@ def _generate(
     from calm.eval.summarize import summarize_documents
 
     rows = min(run.batch_size, len(records))
-    lossless, policy, source, generate_kwargs = _resolve(model, run, rows)
+    decoding = _resolve(model, run, rows)
     console = output_console()
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
@@ -225,14 +222,14 @@ def _generate(
         for batch in summarize_documents(
             model,
             records,
-            policy,
+            decoding.policy,
             run.max_new_tokens,
             run.batch_size,
             prompts,
             run.sampling,
             chat=chat,
             engine=run.engine,
-            generate_kwargs=generate_kwargs,
+            speculative=decoding.speculative,
             text_field="summary" if noun == "document" else "text",
         ):
             for doc in batch:
@@ -241,9 +238,9 @@ def _generate(
                     out.write(doc.to_dict())
             docs += batch
             update(len(docs), len(records))
-    reference = _stored_full_rate(model, rows) if lossless else None
-    footer_policy = None if lossless else policy
-    footer = run_footer(docs, footer_policy, source, run.max_new_tokens, noun, reference)
+    reference = _stored_full_rate(model, rows) if decoding.lossless else None
+    footer_policy = None if decoding.lossless else decoding.policy
+    footer = run_footer(docs, footer_policy, decoding.source, run.max_new_tokens, noun, reference)
     click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
@@ -262,26 +259,37 @@ def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
     return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
 
 
-def _resolve(model: Any, run: Run, rows: int) -> tuple[bool, Any, str, dict]:
-    """Whether the run is lossless, the policy, its source for the footer, and generate()'s extra arguments:
-    calm's knob, or the lossless run of calm.speculative.lossless where the mode is lossless or speculative (--measure
-    and --threshold then set the draft controller)."""
+@dataclass(frozen=True)
+class Decoding:
+    """What a run decodes with: whether it is lossless, the policy (lossless: the draft controller), where
+    that came from (for the footer), and generate()'s speculative options."""
+
+    lossless: bool
+    policy: ExitPolicy
+    source: str
+    speculative: SpeculativeOptions | None = None
+
+
+def _resolve(model: Any, run: Run, rows: int) -> Decoding:
+    """How the run decodes: calm's knob, or the lossless run of calm.speculative.lossless where the mode is
+    lossless or speculative (--measure and --threshold then set the draft controller)."""
     from calm.errors import InputError
     from calm.exits.policy import ExitPolicy
     from calm.speculative.lossless import resolve_mode
+    from calm.speculative.options import SpeculativeOptions
 
-    knobs, m = run.knobs, run.modes
+    knobs, m = run.knobs, run.speculative
     lossless_run = resolve_mode(
-        model, run.mode, m.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
+        model, run.mode, run.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
     if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
-        return False, ExitPolicy.never(), f"full model (exact) on the {run.engine} engine", {}
+        return Decoding(False, ExitPolicy.never(), f"full model (exact) on the {run.engine.spec} engine")
     if lossless_run is None:
-        policy, source = knobs.resolve(model)
-        return False, policy, source, {}
+        return Decoding(False, *knobs.resolve(model))
     if knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
-    return True, lossless_run.policy, lossless_run.description, lossless_run.generate_kwargs()
+    speculative = SpeculativeOptions.running(lossless_run.spec)
+    return Decoding(True, lossless_run.policy, lossless_run.description, speculative)

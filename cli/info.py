@@ -19,6 +19,7 @@ from calm.checkpoints.checkpoint import (
     CheckpointConfig,
     backbone_kind,
     backbone_location,
+    default_checkpoint,
     is_checkpoint,
     load_heads,
     read_config,
@@ -27,7 +28,6 @@ from calm.checkpoints.loading import load_backbone
 from calm.errors import CheckpointError
 from calm.eval.reporting import format_speedup
 from calm.exits.heads import HeadsConfig
-from calm.model import default_checkpoint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -4,15 +4,12 @@ rouge_vs_speedup.png (calm.eval.plots)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING
 
-from calm.checkpoints.checkpoint import write_atomic
 from calm.errors import InputError
 from calm.eval.reporting import format_speedup, json_safe, machine_markdown
 from calm.eval.rouge import ROUGE_TYPES, rouge_f1, rouge_l_similarity
@@ -20,7 +17,7 @@ from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import Record
 
 if TYPE_CHECKING:
-    from calm.eval.sweep import Point
+    from calm.eval.point import Point
 
 FULL = "full"  # the names of the reference points of a sweep
 TRANSFORMERS = "transformers"
@@ -154,22 +151,6 @@ def build_report(
         for s in scored
     ]
     return EvalReport(config=config, n=len(ids), num_layers=num_layers, machine=machine, points=tuple(scored))
-
-
-def write_report(report: EvalReport, out_dir: str | Path) -> list[Path]:
-    """eval.json, eval.md and the two plots, each written atomically."""
-    from calm.eval.plots import plot_rouge_vs_layers, plot_rouge_vs_speedup
-
-    out = Path(out_dir)
-    contents = (
-        json.dumps(report.to_dict(), indent=2).encode(),
-        report.to_markdown().encode(),
-        plot_rouge_vs_layers(report),
-        plot_rouge_vs_speedup(report),
-    )
-    for name, data in zip(FILES, contents):
-        write_atomic(out / name, data)
-    return [out / name for name in FILES]
 
 
 def timed_speedup(base: Sequence[dict], rows: Sequence[dict], key: str = "seconds") -> float:

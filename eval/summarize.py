@@ -7,15 +7,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from calm.engine.generation import Timings, engine_settings
+from calm.engine.generation import Timings
+from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from calm.prompts.documents import Record
 from calm.prompts.templates import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
+from calm.speculative.options import SpeculativeOptions
 
 T = TypeVar("T")
 GREEDY = SamplingConfig()
+AUTO_ENGINE = EngineOptions()
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,14 @@ def summarize_documents(
     prompts: Sequence[Prompt] | None = None,
     sampling: SamplingConfig = GREEDY,
     chat: bool | None = None,
-    engine: str = "auto",
-    generate_kwargs: dict | None = None,
+    engine: EngineOptions = AUTO_ENGINE,
+    speculative: SpeculativeOptions | None = None,
     text_field: str = "summary",
 ) -> Iterator[list[DocumentSummary]]:
     """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
     `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
-    engine: an engine spec (calm.engine.generation). generate_kwargs: e.g. mode="speculative". text_field: the
-    outputs' JSON name ("text" for plain prompts)."""
+    engine and speculative: generate()'s options objects (calm.engine.options, calm.speculative.options).
+    text_field: the outputs' JSON name ("text" for plain prompts)."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
     for start in range(0, len(records), batch_size):
@@ -109,14 +112,10 @@ def summarize_documents(
             [p.text for p in batch_prompts],
             max_new_tokens=max_new_tokens,
             policy=policy,
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
             chat=chat,
-            **engine_settings(engine),
-            **(generate_kwargs or {}),
+            sampling=sampling,
+            engine=engine,
+            speculative=speculative,
         )
         yield [
             DocumentSummary(

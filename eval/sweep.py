@@ -21,8 +21,10 @@ from calm.engine.decode import ExitPlan
 from calm.errors import InputError
 from calm.eval.cache import ResultCache
 from calm.eval.grids import DEFAULT_THRESHOLDS
+from calm.eval.point import Point
 from calm.eval.progress import ProgressCallback
-from calm.eval.report import FULL, LOSSLESS, TRANSFORMERS, EvalReport, build_report, write_report
+from calm.eval.report import FULL, LOSSLESS, TRANSFORMERS, EvalReport, build_report
+from calm.eval.report_files import write_report
 from calm.eval.reporting import machine_info
 from calm.eval.shard import Shard
 from calm.eval.summarize import batched, document_prompts
@@ -32,32 +34,7 @@ from calm.prompts.documents import Record
 from calm.prompts.templates import SUMMARY_TEMPLATE, Prompt, PromptFormat, decode_text, fit_prompt
 from calm.speculative.drafting import ALWAYS_DRAFT, CONTEXT_DRAFT, MODES, SpeculativeConfig
 from calm.speculative.lossless import ModeRun, resolve_mode
-
-
-@dataclass(frozen=True)
-class Point:
-    """One column of the sweep: a name (also its cache file), a label, and how it generates."""
-
-    name: str
-    label: str
-    threshold: float | None = None
-    policy: ExitPolicy | None = None  # None: transformers generate
-    speculative: SpeculativeConfig | None = None  # the policy is then the draft controller (lossless)
-    kind: str = "adaptive"  # full, adaptive, static, lossless, speculative or transformers (plots' series)
-    alias: str | None = None  # the outputs are this other point's (a lossless run that is the full model)
-
-    def generate_kwargs(self) -> dict:
-        spec = self.speculative
-        return (
-            {}
-            if spec is None
-            else {
-                "mode": "speculative",
-                "draft_layer": spec.draft_layer,
-                "max_draft": spec.max_draft,
-                "lookup": spec.lookup,
-            }
-        )
+from calm.speculative.options import SpeculativeOptions
 
 
 @dataclass(frozen=True)
@@ -361,7 +338,8 @@ def _run_point(
         texts = [decode_text(model.tokenizer, ids).strip() for ids in token_ids]
         exit_layers = [[model.num_layers] * len(ids) for ids in token_ids]
     else:
-        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, **point.generate_kwargs())
+        speculative = SpeculativeOptions.running(point.speculative)
+        result = model.generate(texts_in, max_new_tokens=max_new_tokens, policy=point.policy, speculative=speculative)
         token_ids, texts, exit_layers = result.token_ids, result.texts, result.exit_layers
         t = result.timings
         split = {"prefill_seconds": t.prefill_s / len(records), "decode_seconds": t.decode_s / len(records)}

@@ -128,7 +128,7 @@ def test_a_calibration_is_replaced_only_with_overwrite(tiny_model, tmp_path):
 
 
 def test_the_shipped_checkpoint_refuses_a_new_calibration(tmp_path):
-    from calm.model import default_checkpoint
+    from calm.checkpoints.checkpoint import default_checkpoint
 
     data = write_jsonl(tmp_path / "calib.jsonl", DOCS)
     result = invoke("calibrate", "--data", data, "--out", default_checkpoint("smollm2"), "--limit", 1)

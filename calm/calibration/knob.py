@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from calm.calibration.table import CONSISTENCIES, TEXTUAL, CalibrationTable
 from calm.engine.decode import ExitPlan, exit_floor
@@ -22,10 +22,25 @@ from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
 
 if TYPE_CHECKING:
-    from calm.model import CalmModel
+    from calm.engine.decode import Network
+    from calm.exits.heads import ExitHeads
 
 NO_CALIBRATION = "no calibration for this model; run calm calibrate on it, or give a threshold"
 DEFAULT_SPEED = 0.5
+
+
+class CalibratedModel(Protocol):
+    """What the knob reads off a model: its network and exit heads, and its calibration table (None: not
+    calibrated). CalmModel is one."""
+
+    @property
+    def network(self) -> Network: ...
+
+    @property
+    def heads(self) -> ExitHeads | None: ...
+
+    @property
+    def calibration(self) -> CalibrationTable | None: ...
 
 
 @dataclass(frozen=True)
@@ -93,14 +108,14 @@ def _check_number(
         raise InputError(f"{name} must be a number {expected}, got {value!r}")
 
 
-def default_measure(model: CalmModel) -> str:
+def default_measure(model: CalibratedModel) -> str:
     """'classifier' when the model has trained exit heads with a classifier, else 'softmax'."""
     heads = model.heads
     return "classifier" if heads is not None and heads.config.classifier else "softmax"
 
 
 def resolve_policy(
-    model: CalmModel,
+    model: CalibratedModel,
     threshold: float | None = None,
     measure: str | None = None,
     min_exit_layer: int | None = None,
@@ -121,7 +136,7 @@ def resolve_policy(
     return resolved
 
 
-def calibration_table(model: CalmModel) -> CalibrationTable:
+def calibration_table(model: CalibratedModel) -> CalibrationTable:
     if model.calibration is None:
         raise InputError(NO_CALIBRATION)
     return model.calibration
@@ -149,13 +164,13 @@ def calibrated_decay_tau(table: CalibrationTable) -> float:
     return ExitPolicy.decay_tau if table.decay_tau is None else table.decay_tau
 
 
-def _explicit_policy(model: CalmModel, threshold: float, knobs: Knobs) -> ResolvedPolicy:
+def _explicit_policy(model: CalibratedModel, threshold: float, knobs: Knobs) -> ResolvedPolicy:
     tau = ExitPolicy.decay_tau if knobs.decay_tau is None else knobs.decay_tau
     policy = _policy(model, knobs.measure, threshold, knobs.min_exit_layer, tau)
     return ResolvedPolicy(policy, f"{policy.measure} λ={threshold:g}{_schedule(tau)}")
 
 
-def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+def _default_policy(model: CalibratedModel, knobs: Knobs) -> ResolvedPolicy:
     if model.calibration is None:
         if knobs.consistency is not None:
             raise InputError(NO_CALIBRATION)
@@ -165,7 +180,7 @@ def _default_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
     return _calibrated_policy(model, knobs)  # no speed given: DEFAULT_SPEED
 
 
-def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
+def _calibrated_policy(model: CalibratedModel, knobs: Knobs) -> ResolvedPolicy:
     speed = DEFAULT_SPEED if knobs.speed is None else knobs.speed
     if knobs.speed == 0:
         return ResolvedPolicy(ExitPolicy.never(), "full model (--speed 0)")
@@ -194,7 +209,7 @@ def _calibrated_policy(model: CalmModel, knobs: Knobs) -> ResolvedPolicy:
     )
 
 
-def _calibrated_measure(model: CalmModel, table: CalibrationTable, measure: str | None) -> str:
+def _calibrated_measure(model: CalibratedModel, table: CalibrationTable, measure: str | None) -> str:
     if measure is not None and table.measure is not None and measure != table.measure:
         raise InputError(
             f"the calibration is for the {table.measure!r} measure, not {measure!r}; "
@@ -208,7 +223,7 @@ def _schedule(decay_tau: float) -> str:
 
 
 def _policy(
-    model: CalmModel, measure: str | None, threshold: float, min_exit_layer: int | None, decay_tau: float
+    model: CalibratedModel, measure: str | None, threshold: float, min_exit_layer: int | None, decay_tau: float
 ) -> ExitPolicy:
     return ExitPolicy(
         measure=measure or default_measure(model),
@@ -218,7 +233,7 @@ def _policy(
     )
 
 
-def _table_floor(model: CalmModel, table: CalibrationTable) -> int | None:
+def _table_floor(model: CalibratedModel, table: CalibrationTable) -> int | None:
     """The calibration's min exit layer, where it is above the model's exit floor (tables made before the
     floor existed say 1; None then stands for the floor)."""
     if table.min_exit_layer is None or table.min_exit_layer < exit_floor(model.network):

@@ -366,3 +366,13 @@ def load_checkpoint(
     location = backbone_location(path, config)
     loaded = load_backbone(location, dtype=dtype, device=device)
     return config, load_parts(path, config, Components(loaded.model, loaded.tokenizer)), location
+
+
+def default_checkpoint(name: str) -> Path | None:
+    """The shipped heads and calibration for a built-in alias, if any are packaged."""
+    from importlib.resources import files
+
+    if name not in ALIASES:
+        return None
+    path = Path(str(files("calm") / "assets" / name))
+    return path if is_checkpoint(path) else None

@@ -4,22 +4,19 @@ checked and tokenized into one left-padded PromptBatch."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from calm.engine.generation import PromptBatch
 from calm.errors import InputError
-from calm.prompts.templates import prompt_ids, truncate_document, uses_chat
-
-if TYPE_CHECKING:
-    from calm.model import CalmModel
+from calm.prompts.templates import PromptModel, prompt_ids, truncate_document, uses_chat
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 
 
 def encode_prompts(
-    model: CalmModel,
+    model: PromptModel,
     prompts: Prompts,
     max_new_tokens: int,
     chat: bool | None = None,
@@ -38,7 +35,7 @@ def encode_prompts(
 
 
 def token_rows(
-    model: CalmModel, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, chat: bool | None, truncate: bool
+    model: PromptModel, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, chat: bool | None, truncate: bool
 ) -> list[list[int]]:
     """Each prompt's token ids, checked: not empty, in the vocabulary, and within the context next to
     max_new_tokens (text prompts are cut to fit when truncate is set)."""
@@ -64,7 +61,7 @@ def token_rows(
 
 
 def _tokenize(
-    model: CalmModel, prompt: str | Sequence[int], chat: bool | None, truncate: bool, budget: int | None
+    model: PromptModel, prompt: str | Sequence[int], chat: bool | None, truncate: bool, budget: int | None
 ) -> list[int]:
     if not isinstance(prompt, str):
         return [int(t) for t in prompt]

@@ -13,20 +13,41 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from calm.errors import InputError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
-    from calm.model import CalmModel
+    from calm.adapters.base import Adapter
 
 PLACEHOLDER = "{document}"
 SUMMARY_TEMPLATE = "Summarize the following article in one sentence.\n\n{document}"
 CONTEXT, MAX_DOC_TOKENS = "context", "max_doc_tokens"  # what cut a document
 
 logger = logging.getLogger("calm")
+
+
+class PromptModel(Protocol):
+    """What prompts are encoded for: a model's tokenizer, adapter (encoder-decoder or not, vocabulary),
+    context length, pad token and device. CalmModel is one."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None: ...
+
+    @property
+    def adapter(self) -> Adapter: ...
+
+    @property
+    def max_context(self) -> int | None: ...
+
+    @property
+    def pad_token_id(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,7 @@ class PromptFormat:
     max_new_tokens: int = 0
 
     @classmethod
-    def for_model(cls, model: CalmModel, max_new_tokens: int, chat: bool | None = None) -> PromptFormat:
+    def for_model(cls, model: PromptModel, max_new_tokens: int, chat: bool | None = None) -> PromptFormat:
         if model.tokenizer is None:
             raise InputError("text prompts need a tokenizer: pass one to CalmModel.from_model, or give token ids")
         encoder_decoder = model.adapter.is_encoder_decoder

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
@@ -31,9 +31,25 @@ from calm.speculative.drafting import (
     default_draft_layer,
     default_draft_policy,
 )
+from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
-    from calm.model import CalmModel
+    from calm.engine.decode import Network
+
+
+class MeasuredModel(Protocol):
+    """What picking a lossless run reads off a model: the checkpoint metadata holding the stored
+    measurement (extra), its depth and its network. CalmModel is one."""
+
+    @property
+    def extra(self) -> dict: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def network(self) -> Network: ...
+
 
 STORE_KEY = "speculative"  # where a checkpoint's calm_config.json "extra" keeps the measurement
 MIN_GAIN = 1.05  # a measured speedup below this is within benchmark noise: no gain
@@ -108,20 +124,13 @@ class ModeRun:
     description: str
 
     def generate_kwargs(self) -> dict:
-        """What CalmModel.generate takes for this run besides the policy."""
-        if self.spec is None:
-            return {}
-        spec = self.spec
-        return {
-            "mode": "speculative",
-            "draft_layer": spec.draft_layer,
-            "max_draft": spec.max_draft,
-            "lookup": spec.lookup,
-        }
+        """What CalmModel.generate takes for this run besides the policy, as keywords."""
+        options = SpeculativeOptions.running(self.spec)
+        return {} if options is None else asdict(options)
 
 
 def resolve_mode(
-    model: CalmModel,
+    model: MeasuredModel,
     mode: str = "calm",
     lossless: bool = False,
     draft_layer: int | None = None,
@@ -175,7 +184,7 @@ def resolve_mode(
 
 
 def _spec(
-    model: CalmModel, stored: MeasuredSetting | None, draft_layer: int | None, max_draft: int | None, lookup: bool
+    model: MeasuredModel, stored: MeasuredSetting | None, draft_layer: int | None, max_draft: int | None, lookup: bool
 ) -> SpeculativeConfig:
     """E, k, lookup and adaptive: as given, else the stored measurement's, else L/2 and DEFAULT_MAX_DRAFT."""
     default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
@@ -202,7 +211,7 @@ def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
 
 
 def _controller(
-    model: CalmModel, stored: MeasuredSetting | None, measure: str | None, threshold: float | None
+    model: MeasuredModel, stored: MeasuredSetting | None, measure: str | None, threshold: float | None
 ) -> ExitPolicy:
     if measure is None and threshold is None:
         if stored is not None:

@@ -18,7 +18,7 @@ from calm.exits.heads import ExitHeads
 from calm.training.config import TrainConfig
 from calm.training.data import encode_prompt, read_training_jsonl, summary_sequence
 from calm.training.features import Features, hidden_features, last_state_is_normed
-from calm.training.loop import ProgressUi, progress_bar
+from calm.training.progress import ProgressUi, progress_bar
 from calm.training.summaries import SUMMARIES_FILE, generate_summaries, summary_jobs
 
 if TYPE_CHECKING:

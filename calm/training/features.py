@@ -12,7 +12,7 @@ from calm.adapters.base import Adapter
 
 if TYPE_CHECKING:
     from calm.training.data import TrainSequence
-    from calm.training.loop import ProgressUi
+    from calm.training.progress import ProgressUi
 
 
 def forward_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> Any:

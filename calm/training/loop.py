@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,15 +26,15 @@ from calm.training.data import Sequences, TrainingData, read_training_data, trai
 from calm.training.features import last_state_is_normed
 from calm.training.lora import build_lora
 from calm.training.modes import Loaded, Run, build_finetune, build_heads
+from calm.training.progress import ProgressUi, progress_bar
 from calm.training.state import STATE_FILE, Resumed, resume, save_state, state_meta
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from rich.progress import Progress, TaskID
     from transformers import PreTrainedModel
 
 
-# ---- set-up: accelerate, progress, the backbone ---------------------------------------------------
+# ---- set-up: accelerate, the backbone ---------------------------------------------------
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -44,50 +44,6 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda was asked for but torch sees no CUDA GPU")
     return Accelerator(cpu=not want_cuda, mixed_precision="bf16" if want_cuda else "no")
-
-
-def progress_bar(enabled: bool) -> Progress:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-
-
-class ProgressUi:
-    """rich Progress with a default 'info' field; a finished task's bar stays on screen."""
-
-    def __init__(self, progress: Progress):
-        self.p = progress
-        self.console = progress.console
-
-    def add_task(self, description: str, total: int, info: str = "") -> TaskID:
-        return self.p.add_task(description, total=total, info=info)
-
-    def advance(self, task: TaskID, n: int = 1) -> None:
-        self.p.advance(task, n)
-
-    def update(self, task: TaskID, **fields: Any) -> None:
-        self.p.update(task, **fields)
-
-    def remove_task(self, task: TaskID) -> None:
-        self.p.update(task, visible=True)
 
 
 def backbone_ref(model_ref: str) -> str:
@@ -103,8 +59,7 @@ def backbone_ref(model_ref: str) -> str:
 def adapted_backbone(model_ref: str, model: PreTrainedModel) -> PreTrainedModel:
     """The backbone with the LoRA adapter of the model reference (a checkpoint, or an alias's
     shipped assets) merged in, as CalmModel.from_pretrained would load it."""
-    from calm.checkpoints.checkpoint import with_adapter
-    from calm.model import default_checkpoint
+    from calm.checkpoints.checkpoint import default_checkpoint, with_adapter
 
     source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
     return with_adapter(source, model) if source is not None else model

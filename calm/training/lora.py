@@ -41,7 +41,7 @@ from calm.training.order import EpochSampler, generator
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from calm.training.loop import ProgressUi
+    from calm.training.progress import ProgressUi
 
 
 def lora_spec(config: TrainConfig) -> lora.LoraSpec:
@@ -66,7 +66,7 @@ class Trainable(nn.Module):
 def initial_heads(model_ref: str, num_layers: int, hidden: int, config: TrainConfig) -> ExitHeads:
     """Exit heads to start from: the model reference's own (a checkpoint, or an alias's shipped ones)
     when they fit, else fresh ones."""
-    from calm.model import default_checkpoint
+    from calm.checkpoints.checkpoint import default_checkpoint
 
     source = Path(model_ref) if is_checkpoint(model_ref) else default_checkpoint(model_ref)
     fresh = HeadsConfig(num_layers=num_layers, hidden_size=hidden, rank=config.rank, min_layer=config.min_exit_layer)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from calm.model import CalmModel
-    from calm.training.loop import ProgressUi
+    from calm.training.progress import ProgressUi
 
 Step = Callable[[int], "tuple[torch.Tensor, dict[str, float]]"]  # step index -> loss, metrics
 

@@ -20,7 +20,7 @@ from calm.training.order import mix
 
 if TYPE_CHECKING:
     from calm.model import CalmModel
-    from calm.training.loop import ProgressUi
+    from calm.training.progress import ProgressUi
 
 SUMMARIES_FILE = "summaries.jsonl"
 
