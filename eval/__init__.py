@@ -6,9 +6,12 @@
 - output: JSONL rows written atomically.
 - rouge: ROUGE-1/2/L F1 with rouge-score.
 - sweep: the threshold sweep of `calm eval` (resumable, shardable with accelerate).
-- report: eval.json, eval.md and the two plots.
+- point: one point of the sweep; report: its scores and eval.md; report_files: eval.json, eval.md and the
+  two plots (plots).
 - bench_report: calm bench's bench.json and bench.md.
 - reporting: what every report shares (machine info, number formats, the atomic JSON + Markdown writer).
+
+May import all of calm (the training package included), never calm.cli.
 
 The names below are imported on first use (they need torch), so the CLI starts at once.
 """

@@ -1,4 +1,6 @@
-"""Adapters: the one place per architecture family that knows transformers' model internals."""
+"""Adapters: the one place per architecture family that knows transformers' model internals.
+
+May import calm.errors only."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Lossless speculative decoding: drafting from the exit heads and verifying with the full model
-(drafting), drafts looked up in the context (lookup), and the rule that picks the lossless run (lossless).
+(drafting), drafts looked up in the context (lookup), the rule that picks the lossless run (lossless), and
+the options a caller asks for it with (options).
 
 May import calm.errors, calm.adapters, calm.exits, calm.engine and calm.calibration; never the model
 facade."""

@@ -31,8 +31,10 @@ The modules: config (TrainConfig, TrainResult), data (files, the sequences that 
 (the model's own summaries and their cache), order (seeded randomness, the data order), features
 (hidden states), objectives (the modes' objectives and losses), modes (what heads and finetune
 train, and their steps), lora (mode lora's peft wiring), state (the training
-state and resuming), loop (`train`: load, build, resume, the step loop, checkpoints) and agreement
-(the per-layer agreement report).
+state and resuming), progress (the progress display, below every other module), loop (`train`: load,
+build, resume, the step loop, checkpoints) and agreement (the per-layer agreement report).
+
+May import every floor of calm below it, the model facade and bench included; never calm.eval or calm.cli.
 """
 
 from calm.checkpoints.checkpoint import BACKBONE_DIR
