@@ -235,7 +235,9 @@ def upward_imports(graph: dict[str, set[str]], floors: tuple[tuple[str, ...], ..
 
 def test_no_import_circles() -> None:
     found = circles(import_graph(ROOT))
-    assert not found, "import circles:\n" + "\n".join(" -> ".join(group) for group in found)
+    assert not found, "import circles (each line: modules that import each other round):\n" + "\n".join(
+        ", ".join(group) for group in found
+    )
 
 
 def test_imports_run_down_the_floors() -> None:
