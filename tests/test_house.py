@@ -1,5 +1,5 @@
 """The house rules of calm/, cli/ and eval/: modules under 400 lines, functions under about 60, type hints
-on every public function.
+on every public function, and imports that run down the floors of FLOORS, never up and never in a circle.
 
 A function may run longer when its `def` line, or the line above it, carries a comment with `long:` and the
 reason. A function's lines are counted from its `def` line to the end of its body, decorators not included.
