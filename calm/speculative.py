@@ -33,7 +33,7 @@ from calm.adapters.base import StepContext
 from calm.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.errors import PolicyError
 from calm.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
-from calm.kernels import packed_linears
+from calm.kernels import only_slots, packed_linears
 from calm.lookup import BatchLookup
 from calm.policy import ExitPolicy
 from calm.sampling import SamplingConfig, filter_logits
@@ -238,19 +238,27 @@ def draft_positions(state: DecodeState, counts: torch.Tensor, width: int) -> tor
     return state.positions[:, None] + torch.minimum(steps[None], counts[:, None])
 
 
-def verify(net: Network, state: DecodeState, d: Draft) -> torch.Tensor:
+def verify(net: Network, state: DecodeState, d: Draft) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers E+1..L (E = d.layer) over every row's m+1 drafted slots, from their layer-E states.
-    -> [B*(m+1), D] full-depth states."""
-    ctx = slot_context(net, state, draft_positions(state, d.counts, d.hidden.shape[1]), d.start)
-    h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
-    return h.reshape(-1, h.shape[-1])
+    -> [B*(m+1), D] full-depth states, and the flattened slots that count [N]: each live row's pending
+    token and its own drafts. The matmuls run on those N slots only (calm.kernels.only_slots), so a row
+    pays for its own draft, not the cycle's widest."""
+    width = d.hidden.shape[1]
+    keep = state.cache.key_mask[:, d.start : d.start + width]  # [B, m+1]
+    ctx = slot_context(net, state, draft_positions(state, d.counts, width), d.start)
+    with only_slots(keep):
+        h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
+    return h.reshape(-1, h.shape[-1]), keep.reshape(-1).nonzero()[:, 0]
 
 
-def accept_greedy(net: Network, d: Draft, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The longest drafted prefix that equals the full model's argmax. -> accepted [B], next token [B]."""
+def accept_greedy(net: Network, d: Draft, h: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest drafted prefix that equals the full model's argmax, scored at the kept slots [N] of h
+    [B*(m+1), D] only. -> accepted [B], next token [B]."""
     b, m = d.tokens.shape
-    full = torch.full((h.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
-    targets = net.greedy_tokens(h, full).view(b, m + 1)  # [B, m+1]
+    full = torch.full((kept.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
+    scored = net.greedy_tokens(h.index_select(0, kept), full)  # [N]
+    targets = torch.zeros(b * (m + 1), dtype=torch.long, device=h.device).index_copy_(0, kept, scored)
+    targets = targets.view(b, m + 1)  # [B, m+1]; 0 at the slots no live row drafted
     drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
     accepted = ((d.tokens == targets[:, :m]) & drafted).long().cumprod(1).sum(1)
     return accepted, targets.gather(1, accepted[:, None])[:, 0]
@@ -344,11 +352,11 @@ def _speculative_loop(
             d = draft(net, spec, plan, state, pending, live, budget, threshold, config.sampling, generator)
         _sync(device)
         tb = time.perf_counter()
-        h = verify(net, state, d)
+        h, kept_slots = verify(net, state, d)
         if config.sampling.do_sample:
             accepted, following = accept_sampled(net, d, h, config.sampling, generator)
         else:
-            accepted, following = accept_greedy(net, d, h)
+            accepted, following = accept_greedy(net, d, h, kept_slots)
         rollback(state, d, accepted, live)
         kept = _commit(out, d, accepted, following, live_rows, config)
         if lookup is not None and d.layer == CONTEXT_DRAFT:
