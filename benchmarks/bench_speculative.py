@@ -40,7 +40,8 @@ from calm.generation import GenerationConfig, PromptBatch, _start, generate_toke
 from calm.kernels import only_slots, packed_linears
 from calm.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
 from calm.policy import ExitPolicy
-from calm.speculative import CONTEXT_DRAFT, generate_speculative, slot_context
+from calm.speculative import CONTEXT_DRAFT, generate_speculative
+from calm.verification import slot_context
 
 FULL, HF = "calm full", "transformers generate"
 TORCH_KERNELS = "calm full, torch kernels"
@@ -580,6 +581,7 @@ def _measured(b: dict | None, rows: list[dict], report_file: str, machine: str) 
         max_draft=spec.max_draft,
         lookup=spec.lookup,
         adaptive=spec.adaptive,
+        candidates=spec.candidates,
         measure=policy.measure,
         threshold=policy.threshold,
         speedup_vs_full=b["vs_full"],
@@ -621,7 +623,7 @@ def main() -> None:
         "--specs",
         type=lambda v: [x for x in v.split(",") if x],
         default=[],
-        help="more speculative settings, comma-separated calm bench specs (e.g. spec:0:3:adaptive)",
+        help="more speculative settings, comma-separated calm bench specs (e.g. spec:0:3:adaptive, spec:0:3:c2)",
     )
     parser.add_argument(
         "--torch-kernels", action="store_true", help="also time never-exit calm on torch's matmuls (calm.kernels)"

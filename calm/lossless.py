@@ -68,6 +68,7 @@ class MeasuredSetting:
     full_decode_tokens_per_s: float = 0.0  # never-exit calm's decode rate in that run, per CPU second (0: unknown)
     machine: str = ""  # the CPU it was measured on
     adaptive: bool = False  # context drafts whose length adapts per row (calm.lookup.BatchLookup)
+    candidates: int = 1  # candidate context drafts per row, verified as a tree (calm.draft_tree)
 
     @property
     def beats_full_depth(self) -> bool:
@@ -177,25 +178,23 @@ def resolve_mode(
 def _spec(
     model: CalmModel, stored: MeasuredSetting | None, draft_layer: int | None, max_draft: int | None, lookup: bool
 ) -> SpeculativeConfig:
-    """E, k, lookup and adaptive: as given, else the stored measurement's, else L/2 and DEFAULT_MAX_DRAFT."""
+    """E, k, lookup, adaptive and candidates: as given, else the stored measurement's, else L/2 and
+    DEFAULT_MAX_DRAFT."""
     default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
     spec = SpeculativeConfig(
         draft_layer if draft_layer is not None else default_layer,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
         lookup or (stored is not None and stored.lookup and draft_layer is None),
     )
-    if (
-        stored is not None
-        and stored.adaptive
-        and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft)
-    ):
-        spec = replace(spec, adaptive=True)  # the stored setting, named again or not
+    if stored is not None and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft):
+        spec = replace(spec, adaptive=stored.adaptive, candidates=stored.candidates)  # the stored setting, named or not
     return spec
 
 
 def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
-        return f"drafts looked up in the context, up to {spec.max_draft} per step"
+        several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
+        return f"drafts looked up in the context, up to {spec.max_draft} per step{several}"
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     first = "drafts looked up in the context where found, else " if spec.lookup else ""
     return f"{first}drafts from layer {spec.draft_layer}, up to {spec.max_draft} per step, controller {name}"

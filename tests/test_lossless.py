@@ -153,6 +153,14 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
             "spec:3:1:lookup:adaptive",
             (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(3, 1, lookup=True, adaptive=True)),
         ),
+        ("spec:0:3:c2", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(0, 3, candidates=2))),
+        (
+            "spec:3:2:classifier:0.7:c3:lookup",
+            (
+                ExitPolicy(measure="classifier", threshold=0.7, decay_tau=0.0),
+                SpeculativeConfig(3, 2, lookup=True, candidates=3),
+            ),
+        ),
     ],
 )
 def test_parse_run_spec(spec, expected):
@@ -438,11 +446,14 @@ def test_engine_alone_is_the_exact_full_model_and_contradicting_switches_are_ref
 
 
 def test_a_stored_adaptive_setting_survives_being_named_again(checkpoint):
-    store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True}))
+    store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True, "candidates": 2}))
     model = CalmModel.from_pretrained(str(checkpoint))
-    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True)
+    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True, candidates=2)
+    assert "2 candidates verified as a tree" in resolve_mode(model, lossless=True).description
     again = resolve_mode(model, "speculative", draft_layer=0, max_draft=3)  # what generate_kwargs() passes on
-    assert again.spec.adaptive and not resolve_mode(model, "speculative", draft_layer=0, max_draft=2).spec.adaptive
+    assert again.spec.adaptive and again.spec.candidates == 2
+    other = resolve_mode(model, "speculative", draft_layer=0, max_draft=2).spec
+    assert not other.adaptive and other.candidates == 1
     batch8 = {STORE_KEY: measured(1.2).to_dict()}  # no batch-8 measurement: 8 rows follow batch 1's, said so
     model.extra = batch8
     assert "at batch 1" in resolve_mode(model, lossless=True, batch_size=8).description
