@@ -9,6 +9,7 @@ for the whole call, prefill included. calm.eval.bench_report writes the report.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,10 +43,10 @@ LOOKUP = "lookup"  # the spec suffix for drafts looked up in the context first
 ADAPTIVE = "adaptive"  # the spec suffix for context drafts whose length adapts per row
 POLICY_HELP = (
     "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive] (lossless speculative decoding, drafts from layer E, "
-    "up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up in "
+    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN] (lossless speculative decoding, drafts from layer "
+    "E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up in "
     "the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
-    "verification)"
+    "verification; cN: N candidate context drafts per row, verified as a tree)"
 )
 SPEC = "spec"
 
@@ -104,12 +105,14 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
     if name != SPEC:
         return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
-    adaptive = parts[-1] == ADAPTIVE
-    parts = parts[:-1] if adaptive else parts
-    lookup = parts[-1] == LOOKUP
-    parts = parts[:-1] if lookup else parts
+    flags = []
+    while parts and (parts[-1] in (LOOKUP, ADAPTIVE) or re.fullmatch(r"c[0-9]+", parts[-1])):
+        flags.append(parts.pop())
+    candidates = next((int(f[1:]) for f in flags if f.startswith("c")), 1)
     try:
-        config = SpeculativeConfig(int(parts[0]), int(parts[1]), lookup=lookup, adaptive=adaptive)
+        config = SpeculativeConfig(
+            int(parts[0]), int(parts[1]), LOOKUP in flags, ADAPTIVE in flags, candidates=candidates
+        )
     except (ValueError, IndexError) as exc:
         raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc
     controller = ":".join(parts[2:])

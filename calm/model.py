@@ -250,7 +250,8 @@ class CalmModel:
         "speculative": always speculative: layers 1..draft_layer (default: stored, else L/2) draft up to
         max_draft tokens (stored, else 4) while the policy's measure is confident (stored controller, else
         classifier λ=0.7 or always), and the full model verifies them (calm.speculative.drafting); draft_layer=0:
-        drafts looked up in the prompt and output (calm.speculative.lookup); lookup=True: those first, else layer E's.
+        drafts looked up in the prompt and output (calm.speculative.lookup); lookup=True: those first, else layer E's;
+        SpeculativeOptions(candidates=N): N looked-up continuations per row verified at once (calm.speculative.tree).
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
@@ -270,7 +271,16 @@ class CalmModel:
             prompts, max_new_tokens, chat=chat, truncate=truncate, attention_mask=attention_mask
         )
         rows = batch.ids.shape[0]
-        run = resolve_mode(self, mode, False, spec.draft_layer, spec.max_draft, lookup=spec.lookup, batch_size=rows)
+        run = resolve_mode(
+            self,
+            mode,
+            False,
+            spec.draft_layer,
+            spec.max_draft,
+            lookup=spec.lookup,
+            batch_size=rows,
+            candidates=spec.candidates,
+        )
         policy = self._generation_policy(policy, speed, tolerance, run, consistency)
         sampling = sampling_options(
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed

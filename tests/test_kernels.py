@@ -11,7 +11,7 @@ import torch
 from calm.adapters import adapter_for
 from calm.engine.decode import Network
 from calm.engine.generation import GenerationConfig, generate_tokens
-from calm.engine.kernels import onednn_available, packed_linears, uses_onednn
+from calm.engine.kernels import onednn_available, only_slots, packed_linears, uses_onednn
 from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
 from calm.speculative.drafting import SpeculativeConfig, generate_speculative
@@ -139,3 +139,23 @@ def test_bfloat16_without_cpu_support_and_autocast_keep_torchs_kernels(monkeypat
     model = _model()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model):
         assert not any("forward" in vars(m) for m in model)
+
+
+def test_only_slots_computes_the_kept_token_slots_and_nothing_else():
+    """Inside only_slots, a packed linear over [B, T, in] runs on the kept slots only: their outputs are
+    nn.Linear's, the others are zero (not even the bias is added: nothing was computed there). Inputs of
+    another leading shape, and blocks outside packed_linears, are not narrowed."""
+    model, x = _model(), torch.randn(3, 4, 16)
+    keep = torch.tensor([[True, True, False, False], [True, False, False, False], [False, False, False, False]])
+    layer = model[0]
+    with torch.inference_mode():
+        expected, other = layer(x), torch.randn(3, 5, 16)
+        with only_slots(keep):  # outside packed_linears: no narrowing
+            torch.testing.assert_close(layer(x), expected)
+        with packed_linears(model), only_slots(keep):
+            out = layer(x)
+            torch.testing.assert_close(layer(other), torch.nn.functional.linear(other, layer.weight, layer.bias))
+        with packed_linears(model), only_slots(torch.ones_like(keep)):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[keep], expected[keep], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(out[~keep]) == 0

@@ -96,7 +96,12 @@ def test_greedy_from_the_context_is_the_full_models_output(kind, batch):
 
 def _draft_with(monkeypatch, lookup) -> None:
     """Every row's context drafts come from lookup(context tokens, max_draft) instead of the n-gram index."""
-    monkeypatch.setattr(NgramIndex, "draft", lambda index, max_draft: lookup(index.tokens, max_draft))
+
+    def candidates(index: NgramIndex, max_draft: int, count: int) -> list[list[int]]:
+        found = lookup(index.tokens, max_draft)
+        return [found] if found else []
+
+    monkeypatch.setattr(NgramIndex, "candidates", candidates)
 
 
 def _oracle_lookup(p: PromptBatch, reference: tuple[tuple[int, ...], ...], wrong: bool):
@@ -301,3 +306,47 @@ def test_the_index_drafts_what_the_scan_drafts_as_the_context_grows():
                 assert index.draft(k) == scan_draft(tokens[:end], k), (vocab, end, k)
             index.extend(tokens[end : end + 1])
         assert NgramIndex(tokens, 4, 1).draft(3) == scan_draft(tokens, 3, 4, 1)
+
+
+def test_candidates_are_the_latest_continuations_that_start_differently():
+    index = NgramIndex([5, 1, 3, 6, 1, 4, 7, 1])  # [7, 1] never occurred before; [1] was followed by 3, then 4
+    assert index.candidates(2, 3) == [[4, 7], [3, 6]]
+    assert index.candidates(2, 1) == [index.draft(2)] == [[4, 7]]
+    index = NgramIndex([5, 1, 3, 6, 1, 3, 8, 1])  # 3 followed [1] twice: its latest occurrence only
+    assert index.candidates(2, 2) == [[3, 8]]
+    lookup = BatchLookup([[5, 1, 3, 6, 1, 4, 7], [9, 9]], max_draft=2)
+    assert lookup.candidates([[1], [2]], [2, 2], 2) == [[[4, 7], [3, 6]], []]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_two_candidates_verified_as_a_tree_keep_the_right_one(kind, batch, monkeypatch):
+    """Each cycle every row drafts a wrong candidate and then the right one: the output is the full
+    model's, and all of the right candidate's tokens are kept (a tree in one pass). Where a tree cannot
+    be verified (sliding windows), only the first candidate is drafted, and all of it rejected."""
+    model = build(kind)
+    net = Network.build(adapter_for(model))
+    p, config = prompts(batch), GenerationConfig(max_new_tokens=13, pad_token_id=0)
+    full = generate_tokens(net, p, ExitPolicy.never(), config)
+    right, wrong = (_oracle_lookup(p, full.token_ids, wrong=w) for w in (False, True))
+
+    def both(index: NgramIndex, max_draft: int, count: int) -> list[list[int]]:
+        return [wrong(index.tokens, max_draft), right(index.tokens, max_draft)][:count]
+
+    monkeypatch.setattr(NgramIndex, "candidates", both)
+    out = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 3, candidates=2))
+    assert out.token_ids == full.token_ids
+    stats = out.speculative
+    tree = speculative.tree_candidates(net, SpeculativeConfig(0, 3, candidates=2), SamplingConfig()) == 2
+    assert tree == ("window" not in kind)
+    assert stats.accepted == (stats.drafted // 2 if tree else 0) and stats.drafted > 0
+    assert stats.cycles == (3 if tree else 12)  # 12 tokens after the first, 4 per cycle with the right candidate
+
+
+def test_sampling_drafts_one_candidate():
+    net = Network.build(adapter_for(build("llama")))
+    spec = SpeculativeConfig(0, 3, candidates=3)
+    assert speculative.tree_candidates(net, spec, SamplingConfig(do_sample=True)) == 1
+    assert speculative.tree_candidates(net, spec, SamplingConfig()) == 3
+    with pytest.raises(PolicyError, match="candidates"):
+        SpeculativeConfig(0, 3, candidates=0).check(4)

@@ -17,6 +17,7 @@ from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.exits.policy import ExitPolicy
 from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
 from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
+from calm.speculative.options import SpeculativeOptions
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +71,7 @@ def test_lossless_follows_the_stored_measurement(checkpoint):
     faster = resolve_mode(model, lossless=True)
     assert faster.spec == SpeculativeConfig(2, 3)
     assert faster.policy == ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0)
-    assert faster.generate_kwargs() == {"mode": "speculative", "draft_layer": 2, "max_draft": 3, "lookup": False}
+    assert faster.generate_kwargs() == {"speculative": SpeculativeOptions("speculative", 2, 3, False, 1)}
     # explicit switches win over the stored setting
     run = resolve_mode(model, lossless=True, max_draft=1, measure="classifier", threshold=0.9)
     assert run.spec == SpeculativeConfig(2, 1) and run.policy.measure == "classifier" and run.policy.threshold == 0.9
@@ -84,7 +85,8 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
     store_extra(checkpoint, STORE_KEY, measured(1.2, lookup=True).to_dict())
     model = CalmModel.from_pretrained(str(checkpoint))
     hybrid = resolve_mode(model, lossless=True)
-    assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True) and hybrid.generate_kwargs()["lookup"] is True
+    assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True)
+    assert hybrid.generate_kwargs()["speculative"].lookup is True
     assert "looked up in the context where found, else drafts from layer 2" in hybrid.description
     assert resolve_mode(model, lossless=True, draft_layer=1).spec == SpeculativeConfig(1, 3)
     context_only = resolve_mode(model, mode="speculative", draft_layer=0)  # the stored controller is softmax
@@ -152,6 +154,14 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
         (
             "spec:3:1:lookup:adaptive",
             (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(3, 1, lookup=True, adaptive=True)),
+        ),
+        ("spec:0:3:c2", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(0, 3, candidates=2))),
+        (
+            "spec:3:2:classifier:0.7:c3:lookup",
+            (
+                ExitPolicy(measure="classifier", threshold=0.7, decay_tau=0.0),
+                SpeculativeConfig(3, 2, lookup=True, candidates=3),
+            ),
         ),
     ],
 )
@@ -438,11 +448,14 @@ def test_engine_alone_is_the_exact_full_model_and_contradicting_switches_are_ref
 
 
 def test_a_stored_adaptive_setting_survives_being_named_again(checkpoint):
-    store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True}))
+    store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True, "candidates": 2}))
     model = CalmModel.from_pretrained(str(checkpoint))
-    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True)
+    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True, candidates=2)
+    assert "2 candidates verified as a tree" in resolve_mode(model, lossless=True).description
     again = resolve_mode(model, "speculative", draft_layer=0, max_draft=3)  # what generate_kwargs() passes on
-    assert again.spec.adaptive and not resolve_mode(model, "speculative", draft_layer=0, max_draft=2).spec.adaptive
+    assert again.spec.adaptive and again.spec.candidates == 2
+    other = resolve_mode(model, "speculative", draft_layer=0, max_draft=2).spec
+    assert not other.adaptive and other.candidates == 1
     batch8 = {STORE_KEY: measured(1.2).to_dict()}  # no batch-8 measurement: 8 rows follow batch 1's, said so
     model.extra = batch8
     assert "at batch 1" in resolve_mode(model, lossless=True, batch_size=8).description

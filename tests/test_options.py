@@ -7,6 +7,7 @@ from calm import CalmModel
 from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
 from calm.errors import InputError
+from calm.exits.policy import ExitPolicy
 from calm.options import engine_options, sampling_options, speculative_options, with_shortcuts
 from calm.speculative.drafting import SpeculativeConfig
 from calm.speculative.options import SpeculativeOptions
@@ -40,8 +41,19 @@ def test_engine_takes_a_name_or_an_object():
 def test_speculative_options_of_a_setting():
     assert SpeculativeOptions.running(None) is None
     assert SpeculativeOptions.running(SpeculativeConfig(2, 3, lookup=True)) == SpeculativeOptions(
-        "speculative", 2, 3, True
+        "speculative", 2, 3, True, 1
     )
+
+
+def test_candidate_context_drafts_through_the_options_object(llama):
+    """SpeculativeOptions(candidates=N) reaches the run: N looked-up continuations per row, verified as a
+    tree, and the output is still the full model's."""
+    model = CalmModel.from_model(llama)
+    prompt = [[5, 6, 7, 8, 5, 6, 9, 5, 6, 7, 5, 6]]  # [5, 6] was followed by 7 and by 9
+    full = model.generate(prompt, max_new_tokens=8, mode="calm", policy=ExitPolicy.never())
+    tree = model.generate(prompt, max_new_tokens=8, speculative=SpeculativeOptions("speculative", 0, 3, candidates=2))
+    assert tree.token_ids == full.token_ids
+    assert "2 candidates verified as a tree" in tree.decoding
 
 
 def test_objects_and_shortcuts_generate_the_same(llama):

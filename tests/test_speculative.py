@@ -30,8 +30,9 @@ from calm.speculative.drafting import (
     draft,
     draft_plan,
     generate_speculative,
-    rollback,
 )
+from calm.speculative.tree import Accepted
+from calm.speculative.verification import rollback
 from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row
 from test_parity import VARIANTS as PARITY_VARIANTS
 from test_parity import build as build_variant
@@ -185,7 +186,7 @@ def test_rows_draft_different_lengths_and_rollback_masks_rejected_slots(models):
     accepted = torch.tensor([2, 1, counts[2], 0])
     live = torch.tensor([True, True, True, False])
     with torch.inference_mode():
-        rollback(state, d, accepted, live)
+        rollback(state, d, Accepted(accepted, accepted, accepted), live)
     assert state.cache.length == start + 3  # the longest kept run: row 0's pending + 2
     for b in range(4):
         kept = int(accepted[b]) + 1 if live[b] else 0

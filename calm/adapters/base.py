@@ -140,6 +140,9 @@ def attend(
     return out
 
 
+FOLD_MAX_QUERIES = 8  # up to this many masked queries per row, grouped-query attention folds heads (_attend_grouped)
+
+
 def _attend_batch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,15 +159,27 @@ def _attend_batch(
     b, h, t, d = q.shape
     kv_heads = k.shape[1]
     causal = mask is None and t > 1  # None: no padding (see padding_free_mask)
-    if t == 1 and h != kv_heads:
-        # One decode query per head: a group's query heads become query rows over their shared K/V,
-        # so each K/V head is read once instead of once per query head.
-        out = F.scaled_dot_product_attention(q.view(b, kv_heads, h // kv_heads, d), k, v, attn_mask=mask, scale=scale)
-        return out.reshape(b, 1, h * d)
+    if h != kv_heads and (t == 1 or (mask is not None and mask.shape[1] == 1 and t <= FOLD_MAX_QUERIES)):
+        return _attend_grouped(q, k, v, mask, scale)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=h != kv_heads
     )
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _attend_grouped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """Grouped-query attention for a few queries per row (a decode token, or a verified draft): a group's
+    query heads become query rows over their shared K/V, so each K/V head is read once instead of once
+    per query head (SDPA's enable_gqa takes a slower path on the CPU). q [B, H, T, D], k/v [B, H_kv, S, D],
+    mask [B, 1, T, S] or None (T = 1) -> [B, T, H*D]."""
+    b, h, t, d = q.shape
+    kv_heads, group = k.shape[1], h // k.shape[1]
+    if mask is not None and t > 1:  # each group row (head j, query i) keeps query i's mask
+        mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * t, -1)
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, group * t, d), k, v, attn_mask=mask, scale=scale)
+    return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)  # [B, H_kv, G*T, D] -> [B, T, H*D]
 
 
 def _attend_softcapped(

@@ -11,6 +11,12 @@ the duration of a generation, and removes it after, so the model outside calm (t
 `generate`, training) runs torch's kernels. A packed weight is cached per weight and packed again when
 the weight changes (its storage or version). Costs: one extra copy of those weights in memory.
 
+`only_slots(keep)` narrows that further for a forward over B rows of T token slots where only some
+slots count (speculative verification: each row's pending token and its own drafts, not the cycle's
+widest draft): the packed linears then run on the kept slots alone, packed into one [N, in] matrix, and
+give zeros at the others, whose outputs nothing reads (their cache columns are masked). Attention,
+norms and the other per-token work still see the padded [B, T] layout.
+
 Exactness: the packed kernel sums in another order than MKL, as MKL itself does for different row
 counts, so logits differ in the last bits (about 1e-5); greedy tokens differ only at a near-tie. calm's
 full model and its lossless mode run the same kernels, so they stay identical to each other.
@@ -22,6 +28,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +41,17 @@ _ACTIVE: ContextVar[bool] = ContextVar("calm_packed_kernels", default=False)  # 
 # compare by value, so they cannot key a WeakKeyDictionary; an entry goes when its weight does. Kept off
 # the modules, so copying or saving a model never meets oneDNN's opaque tensors.
 _PACKED: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+
+@dataclass(frozen=True)
+class KeptSlots:
+    """The token slots of a [B, T] forward that count: index [N] into its B*T flattened slots."""
+
+    shape: torch.Size  # (B, T): a linear's input [B, T, in] of exactly this leading shape is narrowed
+    index: torch.Tensor  # [N] long
+
+
+_KEPT: ContextVar[KeptSlots | None] = ContextVar("calm_kept_slots", default=None)  # inside only_slots
 
 
 def check_kernels(kernels: str) -> None:
@@ -87,6 +105,22 @@ def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[No
             del module.forward  # the class's forward again
 
 
+@contextmanager
+def only_slots(keep: torch.Tensor) -> Iterator[None]:
+    """Inside packed_linears: packed linears over inputs [B, T, in] (keep's shape [B, T], bool) compute
+    the kept slots only and return zeros at the rest. Where every slot is kept, or outside
+    packed_linears, nothing changes. One host sync (the count of kept slots)."""
+    if not _ACTIVE.get():
+        yield
+        return
+    index = keep.reshape(-1).nonzero()[:, 0]  # [N]
+    token = _KEPT.set(None if index.numel() == keep.numel() else KeptSlots(keep.shape, index))
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
 def clear_cache() -> None:
     """Forget every packed weight. Needed only after a weight changed without its version counter
     moving (a write through `weight.data`, as peft's unsafe merge does): calm packs again on next use."""
@@ -134,6 +168,18 @@ def _packed_forward(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.T
         """x [..., in] -> [..., out], as nn.Linear; torch's own where this thread is not generating."""
         if not _ACTIVE.get() or torch.is_grad_enabled() or x.dtype != torch.float32:
             return torch.nn.functional.linear(x, weight, bias)
+        kept = _KEPT.get()
+        if kept is not None and x.shape[:-1] == kept.shape:
+            return _kept_only(
+                x, kept, lambda rows: torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+            )
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     return forward
+
+
+def _kept_only(x: torch.Tensor, kept: KeptSlots, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """op over the kept slots of x [B, T, in] only -> [B, T, out], zeros at the slots not kept."""
+    rows = op(x.reshape(-1, x.shape[-1]).index_select(0, kept.index))  # [N, out]
+    out = rows.new_zeros(x.shape[:-1].numel(), rows.shape[-1]).index_copy_(0, kept.index, rows)
+    return out.view(*x.shape[:-1], rows.shape[-1])

@@ -7,7 +7,9 @@ One cycle, for every unfinished row of the batch at once:
    layers. While the exit measure at layer E is confident at λ (CALM's signal, here a draft-length
    controller), the exit head proposes the next token, up to k per cycle;
 2. verify: layers E+1..L run once over the pending token and the drafts (m+1 slots) from the layer-E
-   states the draft left, and one LM-head call scores all of them;
+   states the draft left, and one LM-head call scores them. The matmuls and the LM head run on each
+   row's own slots only (calm.engine.kernels.only_slots): a row that drafted nothing verifies one position,
+   not the cycle's widest draft;
 3. accept: greedy keeps the longest drafted prefix equal to the full model's argmax and takes the
    full model's token at the first mismatch (the bonus token when all match); sampling uses
    speculative sampling's accept/reject rule, so tokens follow the full model's distribution;
@@ -29,7 +31,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from calm.adapters.base import StepContext
 from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
 from calm.engine.kernels import packed_linears
@@ -39,6 +40,16 @@ from calm.engine.speculative_stats import Tally
 from calm.errors import PolicyError
 from calm.exits.policy import ExitPolicy
 from calm.speculative.lookup import BatchLookup
+from calm.speculative.tree import chain
+from calm.speculative.verification import (
+    Draft,
+    accept_greedy,
+    accept_sampled,
+    draft_positions,
+    rollback,
+    slot_context,
+    verify,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class SpeculativeConfig:
     max_draft: int = 4  # k: most tokens drafted per cycle (DEFAULT_MAX_DRAFT)
     lookup: bool = False  # also draft from the context: a cycle where any row's lookup finds drafts uses those
     adaptive: bool = False  # context drafts: each row's length follows its last verification (BatchLookup)
+    candidates: int = 1  # context drafts: continuations verified at once per row, as a tree (calm.speculative.tree)
 
     @property
     def from_context(self) -> bool:
@@ -66,6 +78,8 @@ class SpeculativeConfig:
             )
         if self.max_draft < 1:
             raise PolicyError(f"max_draft must be >= 1, got {self.max_draft}")
+        if self.candidates < 1:
+            raise PolicyError(f"candidates must be >= 1, got {self.candidates}")
 
 
 CONTEXT_DRAFT = 0  # the draft layer that means "draft from the context by n-gram lookup"
@@ -94,30 +108,12 @@ def default_draft_policy(net: Network) -> ExitPolicy:
     return ALWAYS_DRAFT
 
 
-@dataclass(frozen=True)
-class Draft:
-    start: int  # cache column of the pending token
-    tokens: torch.Tensor  # [B, m] drafted tokens (0 past a row's count)
-    counts: torch.Tensor  # [B] long, tokens drafted per row (0..m)
-    hidden: torch.Tensor  # [B, m+1, D] layer-E states of the pending token and the drafts
-    probs: torch.Tensor | None  # [B, m, V] the distributions drafts were sampled from (sampling only)
-    layer: int  # the layer `hidden` comes out of: E, or 0 (embeddings) for drafts from the context
-
-
 def draft_plan(policy: ExitPolicy, net: Network, spec: SpeculativeConfig) -> ExitPlan:
     """The policy's measure as a draft controller at layer E (no allowed layer: it never drafts)."""
     spec.check(net.num_layers)
     if policy.never_exits or spec.from_context:
         return ExitPlan(measure=policy.measure, allowed=frozenset())
     return ExitPlan.resolve(replace(policy, exit_layers=(spec.draft_layer,), min_exit_layer=1), net)
-
-
-def slot_context(net: Network, state: DecodeState, positions: torch.Tensor, start: int) -> StepContext:
-    """The adapter's context for new tokens at positions [B, T] in cache columns start..; each slot's
-    position is the count of real slots before it (holes of rejected drafts are not counted)."""
-    mask = state.cache.key_mask
-    slot_positions = mask.long().cumsum(-1) - 1  # [B, S]
-    return net.adapter.context(positions, mask, start, state.encoder, slot_positions)
 
 
 def lower_step(
@@ -201,104 +197,64 @@ def draft(
         hidden=torch.stack(hidden, 1),
         probs=torch.stack(probs, 1) if probs else None,
         layer=spec.draft_layer,
+        parents=chain(b, drafted.shape[1] + 1, pending.device),
     )
 
 
 def lookup_guesses(
-    spec: SpeculativeConfig, lookup: BatchLookup, out: list[list[int]], live: list[bool], budget: list[int]
-) -> list[list[int]]:
-    """Each live row's drafts from its context (prompt and tokens so far, pending included): what followed
-    the last occurrence of its final n-gram, up to k and its budget - 1."""
-    return lookup.drafts(out, [min(spec.max_draft, n - 1) if is_live else 0 for n, is_live in zip(budget, live)])
+    spec: SpeculativeConfig, lookup: BatchLookup, out: list[list[int]], live: list[bool], budget: list[int], count: int
+) -> list[list[list[int]]]:
+    """Each live row's candidate drafts from its context (prompt and tokens so far, pending included): what
+    followed the latest occurrences of its final n-gram, up to `count` of them, each up to k and its budget - 1."""
+    limits = [min(spec.max_draft, n - 1) if is_live else 0 for n, is_live in zip(budget, live)]
+    return lookup.candidates(out, limits, count)
 
 
 def context_draft(
-    net: Network, state: DecodeState, pending: torch.Tensor, live: torch.Tensor, guesses: list[list[int]], sample: bool
+    net: Network,
+    state: DecodeState,
+    pending: torch.Tensor,
+    live: torch.Tensor,
+    guesses: list[list[list[int]]],
+    sample: bool,
 ) -> Draft:
     """Drafts from the context (lookup_guesses): no layer runs; the slots hold the token embeddings of the
-    pending token and the guesses, and verification runs every layer over them."""
-    width = max(map(len, guesses)) + 1
-    tokens = pending.new_zeros(len(guesses), width - 1)  # [B, m]
-    for b, g in enumerate(guesses):
-        tokens[b, : len(g)] = torch.tensor(g, dtype=tokens.dtype)
-    counts = torch.tensor([len(g) for g in guesses], device=pending.device)
+    pending token and each row's candidates one after another, each continuing the pending token (a tree,
+    calm.speculative.tree), and verification runs every layer over them."""
+    flat = [[t for c in row for t in c] for row in guesses]
+    width = max(map(len, flat)) + 1
+    tokens = pending.new_zeros(len(flat), width - 1)  # [B, m]
+    parents = chain(len(flat), width, pending.device).clone()  # [B, m]
+    for b, row in enumerate(guesses):
+        tokens[b, : len(flat[b])] = torch.tensor(flat[b], dtype=tokens.dtype)
+        first = 0
+        for c in row:  # a candidate's first token continues the pending token (slot 0)
+            parents[b, first] = 0
+            first += len(c)
+    counts = torch.tensor([len(f) for f in flat], device=pending.device)
     start, steps = state.cache.length, torch.arange(width, device=pending.device)
     state.cache.key_mask[:, start : start + width] = (steps[None] <= counts[:, None]) & live[:, None]
-    positions = draft_positions(state, counts, width)
+    positions = draft_positions(state, counts, parents)
     hidden = net.adapter.embed(torch.cat([pending[:, None], tokens], 1), positions)  # [B, m+1, D]
     probs = None
     if sample and width > 1:  # a lookup proposes one token for sure: q is one-hot
         probs = torch.nn.functional.one_hot(tokens, net.adapter.vocab_size).to(hidden.dtype)  # [B, m, V]
-    return Draft(start=start, tokens=tokens, counts=counts, hidden=hidden, probs=probs, layer=CONTEXT_DRAFT)
+    branched = any(len(row) > 1 for row in guesses)
+    return Draft(start, tokens, counts, hidden, probs, CONTEXT_DRAFT, parents, branched)
 
 
-def draft_positions(state: DecodeState, counts: torch.Tensor, width: int) -> torch.Tensor:
-    """Positions [B, width] of each row's pending token and drafts (masked slots past counts [B] repeat the last)."""
-    steps = torch.arange(width, device=counts.device)
-    return state.positions[:, None] + torch.minimum(steps[None], counts[:, None])
-
-
-def verify(net: Network, state: DecodeState, d: Draft) -> torch.Tensor:
-    """Layers E+1..L (E = d.layer) over every row's m+1 drafted slots, from their layer-E states.
-    -> [B*(m+1), D] full-depth states."""
-    ctx = slot_context(net, state, draft_positions(state, d.counts, d.hidden.shape[1]), d.start)
-    h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
-    return h.reshape(-1, h.shape[-1])
-
-
-def accept_greedy(net: Network, d: Draft, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The longest drafted prefix that equals the full model's argmax. -> accepted [B], next token [B]."""
-    b, m = d.tokens.shape
-    full = torch.full((h.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
-    targets = net.greedy_tokens(h, full).view(b, m + 1)  # [B, m+1]
-    drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
-    accepted = ((d.tokens == targets[:, :m]) & drafted).long().cumprod(1).sum(1)
-    return accepted, targets.gather(1, accepted[:, None])[:, 0]
-
-
-def accept_sampled(
-    net: Network, d: Draft, h: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling: draft i is kept with probability min(1, p_i/q_i); the first rejected one is
-    replaced by a sample of norm(max(p - q, 0)); when all are kept, the bonus token is a sample of p."""
-    b, m = d.tokens.shape
-    full = torch.full((h.shape[0],), net.num_layers, dtype=torch.long, device=h.device)
-    p = filter_logits(net.token_logits(h, full), sampling).softmax(-1).view(b, m + 1, -1)  # [B, m+1, V]
-    accepted = torch.zeros(b, dtype=torch.long, device=h.device)
-    rejected = torch.zeros(b, dtype=torch.bool, device=h.device)
-    residual = p[:, 0]
-    if m:
-        if d.probs is None:
-            raise ValueError("sampled drafts carry the distributions they were drawn from (Draft.probs)")
-        tok = d.tokens[..., None]
-        p_d, q_d = p[:, :m].gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]  # [B, m]
-        u = torch.rand(b, m, generator=generator, device=h.device)
-        drafted = torch.arange(m, device=h.device)[None] < d.counts[:, None]
-        accepted = ((u * q_d < p_d) & drafted).long().cumprod(1).sum(1)  # P = min(1, p/q); 0 where p = 0
-        rejected = accepted < d.counts
-        at = accepted.clamp(max=m - 1)[:, None, None].expand(-1, 1, p.shape[-1])
-        residual = (p.gather(1, at)[:, 0] - d.probs.gather(1, at)[:, 0]).clamp(min=0)
-    p_next = p.gather(1, accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]  # [B, V]
-    use_residual = rejected & (residual.sum(-1) > 0)
-    dist = torch.where(use_residual[:, None], residual, p_next)
-    return accepted, torch.multinomial(dist, 1, generator=generator)[:, 0]
-
-
-def rollback(state: DecodeState, d: Draft, accepted: torch.Tensor, live: torch.Tensor) -> None:
-    """Keep each live row's pending token and accepted drafts, mask its other drafted slots, and move
-    the shared write column past the longest kept run; positions advance per row."""
-    width = d.hidden.shape[1]
-    cols = torch.arange(width, device=accepted.device)
-    keep = (cols[None] <= accepted[:, None]) & live[:, None]  # [B, m+1]
-    state.cache.key_mask[:, d.start : d.start + width] = keep
-    state.cache.length = d.start + int(torch.where(live, accepted, 0).max()) + 1  # host sync
-    state.positions = state.positions + torch.where(live, accepted + 1, 0)
+def tree_candidates(net: Network, spec: SpeculativeConfig, sampling: SamplingConfig) -> int:
+    """The context candidates a cycle verifies per row: spec.candidates, or one where a tree cannot be
+    verified (sampling keeps speculative sampling's chain rule; sliding-window attention is by slot)."""
+    windowed = getattr(net.adapter, "window", None) is not None
+    return 1 if sampling.do_sample or windowed else spec.candidates
 
 
 def default_cache_slots(max_new_tokens: int, spec: SpeculativeConfig) -> int:
     """Cache columns after the prompt: each cycle commits at least one token per row and moves the
     write column by at most k+1."""
-    return max_new_tokens * (spec.max_draft + 1) + spec.max_draft + 1
+    width = spec.max_draft * spec.candidates + 1
+    return max_new_tokens * width + width
 
 
 @torch.inference_mode()
@@ -315,6 +271,7 @@ def _speculative_loop(
     net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
 ) -> GenerationResult:
     plan = draft_plan(policy, net, spec)
+    candidates = tree_candidates(net, spec, config.sampling)
     device = prompts.ids.device
     generator = config.sampling.generator(device)
     t0 = time.perf_counter()
@@ -335,7 +292,7 @@ def _speculative_loop(
         live = torch.tensor(live_rows, device=device)
         budget_left = [config.max_new_tokens - len(r) for r in out]
         ta = time.perf_counter()
-        guesses = lookup_guesses(spec, lookup, out, live_rows, budget_left) if lookup else []
+        guesses = lookup_guesses(spec, lookup, out, live_rows, budget_left, candidates) if lookup else []
         if spec.from_context or any(guesses):
             d = context_draft(net, state, pending, live, guesses, config.sampling.do_sample)
         else:
@@ -344,17 +301,16 @@ def _speculative_loop(
             d = draft(net, spec, plan, state, pending, live, budget, threshold, config.sampling, generator)
         _sync(device)
         tb = time.perf_counter()
-        h = verify(net, state, d)
+        h, kept_slots = verify(net, state, d)
         if config.sampling.do_sample:
-            accepted, following = accept_sampled(net, d, h, config.sampling, generator)
+            acc = accept_sampled(net, d, h, config.sampling, generator)
         else:
-            accepted, following = accept_greedy(net, d, h)
-        rollback(state, d, accepted, live)
-        kept = _commit(out, d, accepted, following, live_rows, config)
+            acc = accept_greedy(net, d, h, kept_slots)
+        kept = _commit(out, d, rollback(state, d, acc, live), acc.following, live_rows, config)
         if lookup is not None and d.layer == CONTEXT_DRAFT:
-            lookup.verified([len(g) for g in guesses], kept)
-        tally.add(d.counts, accepted, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
-        pending = torch.where(live, following, config.pad_token_id)
+            lookup.verified([sum(map(len, g)) for g in guesses], kept)
+        tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
+        pending = torch.where(live, acc.following, config.pad_token_id)
     _sync(device)
     return _result(net, out, t1 - t0, time.perf_counter() - t1, tally.stats(spec.draft_layer, spec.max_draft))
 
@@ -380,18 +336,21 @@ def _done(row: list[int], config: GenerationConfig) -> bool:
 def _commit(
     out: list[list[int]],
     d: Draft,
-    accepted: torch.Tensor,
+    keep: torch.Tensor,
     following: torch.Tensor,
     live_rows: list[bool],
     config: GenerationConfig,
 ) -> list[int]:
-    """Append each live row's accepted drafts and the full model's next token, up to its first EOS.
-    -> each row's count of kept drafts."""
-    drafted, kept, nxt = d.tokens.tolist(), accepted.tolist(), following.tolist()  # one sync
+    """Append each live row's accepted drafts (its kept slots [B, m+1] past the pending one) and the full
+    model's next token, up to its first EOS. -> each row's count of kept drafts."""
+    drafted, kept_slots, nxt = d.tokens.tolist(), keep[:, 1:].tolist(), following.tolist()  # one sync
+    kept = []
     for b, row in enumerate(out):
+        path_tokens = [t for t, on in zip(drafted[b], kept_slots[b]) if on]
+        kept.append(len(path_tokens))
         if not live_rows[b]:
             continue
-        for token in drafted[b][: kept[b]] + [nxt[b]]:
+        for token in path_tokens + [nxt[b]]:
             row.append(token)
             if token in config.eos_token_ids:
                 break

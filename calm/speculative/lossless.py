@@ -84,6 +84,7 @@ class MeasuredSetting:
     full_decode_tokens_per_s: float = 0.0  # never-exit calm's decode rate in that run, per CPU second (0: unknown)
     machine: str = ""  # the CPU it was measured on
     adaptive: bool = False  # context drafts whose length adapts per row (calm.speculative.lookup.BatchLookup)
+    candidates: int = 1  # candidate context drafts per row, verified as a tree (calm.speculative.tree)
 
     @property
     def beats_full_depth(self) -> bool:
@@ -124,9 +125,9 @@ class ModeRun:
     description: str
 
     def generate_kwargs(self) -> dict:
-        """What CalmModel.generate takes for this run besides the policy, as keywords."""
+        """What CalmModel.generate takes for this run besides the policy: its speculative= options."""
         options = SpeculativeOptions.running(self.spec)
-        return {} if options is None else asdict(options)
+        return {} if options is None else {"speculative": options}
 
 
 def resolve_mode(
@@ -139,10 +140,12 @@ def resolve_mode(
     threshold: float | None = None,
     lookup: bool = False,
     batch_size: int = 1,
+    candidates: int | None = None,
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
     measure and threshold set the draft controller; lookup: drafts looked up in the context first;
-    batch_size picks the stored measurement (MeasuredSetting.from_extra). The one rule for the command
+    batch_size picks the stored measurement (MeasuredSetting.from_extra); candidates: context drafts per
+    row verified at once (None: the stored setting's where E and k are its, else 1). The one rule for the command
     line and CalmModel.generate."""
     lossless = lossless or pick_mode(mode, False) == LOSSLESS
     mode = "calm" if mode == LOSSLESS else mode
@@ -172,6 +175,7 @@ def resolve_mode(
                 f"k={stored.max_draft} at {stored.speedup_vs_full:.2f}× full depth, {stored.report})",
             )
     spec = _spec(model, stored, draft_layer, max_draft, lookup)
+    spec = spec if candidates is None else replace(spec, candidates=candidates)
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
@@ -186,25 +190,23 @@ def resolve_mode(
 def _spec(
     model: MeasuredModel, stored: MeasuredSetting | None, draft_layer: int | None, max_draft: int | None, lookup: bool
 ) -> SpeculativeConfig:
-    """E, k, lookup and adaptive: as given, else the stored measurement's, else L/2 and DEFAULT_MAX_DRAFT."""
+    """E, k, lookup, adaptive and candidates: as given, else the stored measurement's, else L/2 and
+    DEFAULT_MAX_DRAFT."""
     default_layer = stored.draft_layer if stored else default_draft_layer(model.num_layers)
     spec = SpeculativeConfig(
         draft_layer if draft_layer is not None else default_layer,
         max_draft if max_draft is not None else stored.max_draft if stored else DEFAULT_MAX_DRAFT,
         lookup or (stored is not None and stored.lookup and draft_layer is None),
     )
-    if (
-        stored is not None
-        and stored.adaptive
-        and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft)
-    ):
-        spec = replace(spec, adaptive=True)  # the stored setting, named again or not
+    if stored is not None and (spec.draft_layer, spec.max_draft) == (stored.draft_layer, stored.max_draft):
+        spec = replace(spec, adaptive=stored.adaptive, candidates=stored.candidates)  # the stored setting, named or not
     return spec
 
 
 def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
-        return f"drafts looked up in the context, up to {spec.max_draft} per step"
+        several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
+        return f"drafts looked up in the context, up to {spec.max_draft} per step{several}"
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     first = "drafts looked up in the context where found, else " if spec.lookup else ""
     return f"{first}drafts from layer {spec.draft_layer}, up to {spec.max_draft} per step, controller {name}"

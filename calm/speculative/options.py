@@ -1,5 +1,5 @@
 """SpeculativeOptions: what a caller asks of lossless and speculative decoding (mode, draft layer, draft
-length, context lookup). calm.speculative.lossless resolves them, with the checkpoint's stored
+length, context lookup, candidates). calm.speculative.lossless resolves them, with the checkpoint's stored
 measurement, into the run itself (a SpeculativeConfig and its draft controller)."""
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ class SpeculativeOptions:
     draft_layer: int | None = None  # E (0: drafts from the context); None: the stored measurement's, else L/2
     max_draft: int | None = None  # k; None: the stored measurement's, else DEFAULT_MAX_DRAFT
     lookup: bool = False  # drafts looked up in the context first, else layer E's
+    candidates: int | None = None  # context drafts per row verified at once as a tree; None: stored, else 1
 
     @classmethod
     def running(cls, spec: SpeculativeConfig | None) -> SpeculativeOptions | None:
         """The options that ask generate() for exactly this speculative setting (None: none to run)."""
-        return None if spec is None else cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup)
+        if spec is None:
+            return None
+        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates)
