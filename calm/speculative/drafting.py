@@ -252,7 +252,7 @@ def tree_candidates(net: Network, spec: SpeculativeConfig, sampling: SamplingCon
 
 def default_cache_slots(max_new_tokens: int, spec: SpeculativeConfig) -> int:
     """Cache columns after the prompt: each cycle commits at least one token per row and moves the
-    write column by at most k+1."""
+    write column by at most its width, k × candidates + 1."""
     width = spec.max_draft * spec.candidates + 1
     return max_new_tokens * width + width
 
