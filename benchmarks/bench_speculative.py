@@ -372,7 +372,12 @@ def _source(row: dict) -> str | None:
         return None
     if _draft_layer(row) == CONTEXT_DRAFT:
         return "context"
-    return "both" if row["spec"].endswith(":lookup") else "exit"
+    return "both" if _looks_up(row) else "exit"
+
+
+def _looks_up(row: dict) -> bool:
+    """Whether a speculative row drafts from the context first (the spec's `lookup` flag)."""
+    return parse_run_spec(row["spec"])[1].lookup
 
 
 def _draft_layer(row: dict) -> int | None:
@@ -523,7 +528,7 @@ def _break_even(report: dict) -> list[str]:
     rows = [
         r
         for r in report["batch1"]
-        if r["spec"] and _draft_layer(r) and not r["spec"].endswith(":lookup") and r["acceptance_rate"] is not None
+        if r["spec"] and _draft_layer(r) and not _looks_up(r) and r["acceptance_rate"] is not None
     ]
     seen: dict[int, dict] = {}
     for r in rows:
@@ -534,6 +539,8 @@ def _break_even(report: dict) -> list[str]:
         f"E={e}: needs > {e / layers + cost['head']:.2f}, measured {r['acceptance_rate']:.2f} ({r['vs_full']:.2f}×)"
         for e, r in sorted(seen.items())
     ]
+    if not parts:  # no setting drafted from the exit heads alone
+        return [""]
     return [
         "",
         "Break-even for exit-head drafts: a drafted token costs layers 1..E and the exit head (one LM-head "
