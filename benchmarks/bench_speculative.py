@@ -640,7 +640,9 @@ def main() -> None:
     parser.add_argument("--no-batch8", dest="batch8", action="store_false")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--name", default=None, help="report file stem (default speculative_<model>)")
+    parser.add_argument(
+        "--name", default=None, help="report file stem (default speculative_<model>, or the --from-json file's)"
+    )
     parser.add_argument(
         "--store",
         default=None,
@@ -651,11 +653,12 @@ def main() -> None:
         "--from-json",
         default=None,
         metavar="REPORT",
-        help="no timing: rewrite the Markdown (and --store) from this report's JSON",
+        help="no timing: rewrite the Markdown (and --store) from this report's JSON, under its own name unless --name",
     )
     args = parser.parse_args()
     report = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
-    stem = args.name or f"speculative_{args.model.rstrip('/').split('/')[-1]}"
+    default = Path(args.from_json).stem if args.from_json else f"speculative_{args.model.rstrip('/').split('/')[-1]}"
+    stem = args.name or default  # a report rewritten from its JSON keeps its own name
     if args.store:
         report["stored"] = store(report, args.store, f"{args.out}/{stem}.md")
     write_json_markdown(args.out, stem, report, markdown(report))
