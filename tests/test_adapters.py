@@ -442,16 +442,18 @@ def test_llama_family_refuses_attention_layouts_it_does_not_implement(kwargs, me
 
 
 @pytest.mark.parametrize("queries", [1, 3, 8, 9])
-def test_grouped_query_attention_over_a_few_masked_queries_is_sdpas(queries):
-    """A few queries per row under a padding-and-holes mask (verifying drafts): folding each group's query
-    heads into query rows over their shared K/V gives what SDPA's own grouped-query attention gives."""
+@pytest.mark.parametrize("per_query", [True, False])
+def test_grouped_query_attention_over_a_few_masked_queries_is_sdpas(queries, per_query):
+    """A few queries per row under a padding-and-holes mask (verifying drafts), one mask row per query or
+    one broadcast over them: folding each group's query heads into query rows over their shared K/V gives
+    what SDPA's own grouped-query attention gives."""
     torch.manual_seed(0)
     batch, heads, kv_heads, slots, dim = 3, 6, 2, 12, 8
     q = torch.randn(batch, heads, queries, dim)
     k, v = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
     key_mask = torch.rand(batch, slots) > 0.3
     key_mask[:, 0] = True
-    mask = attention_mask(key_mask, slots - queries, queries)  # [B, 1, T, S]
+    mask = attention_mask(key_mask, slots - queries, queries) if per_query else key_mask[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True)
     expected = expected.transpose(1, 2).reshape(batch, queries, heads * dim)
     torch.testing.assert_close(attend(q, k, v, mask, 0.5), expected)

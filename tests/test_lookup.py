@@ -4,6 +4,7 @@ and the full model's output token for token (greedy) and in distribution (sampli
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
 from calm.speculative import drafting as speculative
 from calm.speculative.drafting import SpeculativeConfig, default_draft_layer, generate_speculative
 from calm.speculative.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, BatchLookup, NgramIndex
+from calm.speculative.verification import draft_positions
 from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
 from test_speculative import ALWAYS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
 
@@ -320,7 +322,8 @@ def test_candidates_are_the_latest_continuations_that_start_differently():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch", [1, 4])
-def test_two_candidates_verified_as_a_tree_keep_the_right_one(kind, batch, monkeypatch):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_two_candidates_verified_as_a_tree_keep_the_right_one(kind, batch, adaptive, monkeypatch):
     """Each cycle every row drafts a wrong candidate and then the right one: the output is the full
     model's, and all of the right candidate's tokens are kept (a tree in one pass). Where a tree cannot
     be verified (sliding windows), only the first candidate is drafted, and all of it rejected."""
@@ -334,7 +337,8 @@ def test_two_candidates_verified_as_a_tree_keep_the_right_one(kind, batch, monke
         return [wrong(index.tokens, max_draft), right(index.tokens, max_draft)][:count]
 
     monkeypatch.setattr(NgramIndex, "candidates", both)
-    out = generate_speculative(net, p, ExitPolicy.never(), config, SpeculativeConfig(0, 3, candidates=2))
+    spec = SpeculativeConfig(0, 3, adaptive=adaptive, candidates=2)  # adaptive: a kept path keeps the length
+    out = generate_speculative(net, p, ExitPolicy.never(), config, spec)
     assert out.token_ids == full.token_ids
     stats = out.speculative
     tree = speculative.tree_candidates(net, SpeculativeConfig(0, 3, candidates=2), SamplingConfig()) == 2
@@ -350,3 +354,16 @@ def test_sampling_drafts_one_candidate():
     assert speculative.tree_candidates(net, spec, SamplingConfig()) == 3
     with pytest.raises(PolicyError, match="candidates"):
         SpeculativeConfig(0, 3, candidates=0).check(4)
+
+
+def test_a_tree_keeps_its_masked_slots_inside_the_position_table():
+    """GPT-2's learned positions end at prompt + max_new_tokens. A row near its budget verifies two short
+    candidates in a cycle widened by another row's two long ones: its padding slots sit at its pending
+    token's position, never past the table (they used to sit at position + the row's total drafts)."""
+    state = SimpleNamespace(positions=torch.tensor([10, 4]))
+    parents = torch.tensor([[0, 1, 0, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 5, 6, 7]])  # [pending, a1 a2, b1 b2, pad..]
+    counts = torch.tensor([4, 8])
+    assert draft_positions(state, counts, parents).tolist() == [
+        [10, 11, 12, 11, 12, 10, 10, 10, 10],
+        [4, 5, 6, 7, 8, 5, 6, 7, 8],
+    ]

@@ -177,7 +177,11 @@ def _attend_grouped(
     b, h, t, d = q.shape
     kv_heads, group = k.shape[1], h // k.shape[1]
     if mask is not None and t > 1:  # each group row (head j, query i) keeps query i's mask
-        mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * t, -1)
+        mask = (
+            mask.expand(-1, -1, t, -1)[:, :, None]
+            .expand(-1, -1, group, -1, -1)
+            .reshape(mask.shape[0], 1, group * t, -1)
+        )
     out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, group * t, d), k, v, attn_mask=mask, scale=scale)
     return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)  # [B, H_kv, G*T, D] -> [B, T, H*D]
 

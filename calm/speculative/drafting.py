@@ -308,7 +308,7 @@ def _speculative_loop(
             acc = accept_greedy(net, d, h, kept_slots)
         kept = _commit(out, d, rollback(state, d, acc, live), acc.following, live_rows, config)
         if lookup is not None and d.layer == CONTEXT_DRAFT:
-            lookup.verified([sum(map(len, g)) for g in guesses], kept)
+            lookup.verified([max(map(len, g), default=0) for g in guesses], kept)  # the longest path, not the total
         tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
         pending = torch.where(live, acc.following, config.pad_token_id)
     _sync(device)

@@ -58,8 +58,11 @@ def slot_context(
 
 def draft_positions(state: DecodeState, counts: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
     """Positions [B, m+1] of each row's pending token and drafts: the row's position plus the slot's depth
-    in the tree (masked slots past counts [B] stay within the row's drafts)."""
-    return state.positions[:, None] + torch.minimum(depths(parents), counts[:, None])
+    in the tree (masked slots past counts [B] sit at the pending token's position: a tree's counts can
+    exceed its depth, and a position past the row's budget may be past the model's position table)."""
+    depth = depths(parents)
+    real = torch.arange(depth.shape[1], device=depth.device)[None] <= counts[:, None]
+    return state.positions[:, None] + torch.where(real, depth, 0)
 
 
 def verify(net: Network, state: DecodeState, d: Draft) -> tuple[torch.Tensor, torch.Tensor]:
