@@ -163,7 +163,8 @@ def _forward_cost(
     for _ in range(reps):
         for t in widths:
             keep = torch.ones(rows, t, dtype=torch.bool)
-            keep[drafting_rows:, 1:] = drafting_rows is None
+            if drafting_rows is not None:  # the other rows verify their pending token alone
+                keep[drafting_rows:, 1:] = False
             state.cache.key_mask[:, start : start + t] = keep
             positions = state.positions[:, None] + torch.arange(t)
             ctx = slot_context(net, state, positions, start)

@@ -152,8 +152,9 @@ def test_only_slots_computes_the_kept_token_slots_and_nothing_else():
         expected, other = layer(x), torch.randn(3, 5, 16)
         with only_slots(keep):  # outside packed_linears: no narrowing
             torch.testing.assert_close(layer(x), expected)
-        with packed_linears(model), only_slots(keep):
+        with packed_linears(model), only_slots(keep) as kept:
             out = layer(x)
+            assert kept.tolist() == [0, 1, 4]  # the kept slots, flattened
             torch.testing.assert_close(layer(other), torch.nn.functional.linear(other, layer.weight, layer.bias))
         with packed_linears(model), only_slots(torch.ones_like(keep)):
             torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

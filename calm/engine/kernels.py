@@ -106,17 +106,17 @@ def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[No
 
 
 @contextmanager
-def only_slots(keep: torch.Tensor) -> Iterator[None]:
+def only_slots(keep: torch.Tensor) -> Iterator[torch.Tensor]:
     """Inside packed_linears: packed linears over inputs [B, T, in] (keep's shape [B, T], bool) compute
     the kept slots only and return zeros at the rest. Where every slot is kept, or outside
-    packed_linears, nothing changes. One host sync (the count of kept slots)."""
-    if not _ACTIVE.get():
-        yield
-        return
+    packed_linears, nothing changes. Yields the kept slots' flattened indices [N] (one host sync)."""
     index = keep.reshape(-1).nonzero()[:, 0]  # [N]
+    if not _ACTIVE.get():
+        yield index
+        return
     token = _KEPT.set(None if index.numel() == keep.numel() else KeptSlots(keep.shape, index))
     try:
-        yield
+        yield index
     finally:
         _KEPT.reset(token)
 

@@ -17,6 +17,8 @@ each verified position costs.
 
 from __future__ import annotations
 
+from itertools import islice
+
 LOOKUP_MAX_NGRAM = 4  # the longest suffix looked up first
 LOOKUP_MIN_NGRAM = 1  # the shortest one
 
@@ -53,7 +55,7 @@ class NgramIndex:
         for n in range(min(self.max_ngram, len(self.tokens) - 1), self.min_ngram - 1, -1):
             seen = self.followers.get(tuple(self.tokens[-n:]))
             if seen:
-                starts = list(seen.values())[::-1][:count]
+                starts = islice(reversed(seen.values()), count)  # the latest first
                 return [self.tokens[at : at + max_draft] for at in starts]
         return []
 

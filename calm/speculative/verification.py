@@ -74,9 +74,9 @@ def verify(net: Network, state: DecodeState, d: Draft) -> tuple[torch.Tensor, to
     keep = state.cache.key_mask[:, d.start : d.start + width]  # [B, m+1]
     tree = ancestors(d.parents) if d.branched else None
     ctx = slot_context(net, state, draft_positions(state, d.counts, d.parents), d.start, tree)
-    with only_slots(keep):
+    with only_slots(keep) as kept:
         h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
-    return h.reshape(-1, h.shape[-1]), keep.reshape(-1).nonzero()[:, 0]
+    return h.reshape(-1, h.shape[-1]), kept
 
 
 def accept_greedy(net: Network, d: Draft, h: torch.Tensor, kept: torch.Tensor) -> Accepted:
