@@ -106,6 +106,7 @@ class DecodeState:
     positions: torch.Tensor  # [B] position id of the next token
     first_slots: tuple[int, ...]  # each row's first real cache slot (after its left padding)
     encoder: EncoderMemory | None = None
+    holes: bool = False  # some row's slots after its first hold rejected drafts (masked in key_mask)
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,15 @@ def exit_decision(
 
 # long: one pass down the layer stack; h, running, compute and layer_ctx change together at each exit layer
 def decode_one_token(
-    net: Network, plan: ExitPlan, tokens: torch.Tensor, state: DecodeState, threshold: float, rows: torch.Tensor
+    net: Network,
+    plan: ExitPlan,
+    tokens: torch.Tensor,
+    state: DecodeState,
+    threshold: float | torch.Tensor,
+    rows: torch.Tensor,
 ) -> StepOutput:
-    """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B].
+    """Advance the rows `rows` (long [R], the unfinished ones) by one token. tokens [B]; threshold: one
+    for every row, or each row's own [B] (a continuous batch's rows each follow their own policy).
 
     Exited rows keep their exit state in `h`. Below COMPACT_MIN_ROWS live rows the matmuls run for
     every row and exited rows' outputs are dropped: a decode matmul that small costs about the same
@@ -202,7 +209,7 @@ def decode_one_token(
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
     compute = None if rows.numel() == batch else rows  # None: every row
     compact = rows.numel() >= COMPACT_MIN_ROWS
-    layer_ctx = ctx if compute is None else _per_row(ctx, state.first_slots, compute, rows)
+    layer_ctx = ctx if compute is None else _per_row(ctx, state, compute, rows)
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
@@ -219,7 +226,8 @@ def decode_one_token(
         layer = i + 1
         if layer not in plan.allowed:
             continue
-        confident, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], threshold)
+        row_threshold = pick(threshold, compute) if isinstance(threshold, torch.Tensor) and threshold.dim() else threshold
+        confident, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], row_threshold)
         exits = confident & going
         ids = compute if compute is not None else torch.arange(batch, device=tokens.device)
         exited = ids[exits]  # host sync
@@ -237,20 +245,20 @@ def decode_one_token(
             break
         if compact:
             compute = still
-        layer_ctx = _per_row(ctx, state.first_slots, compute, still)
+        layer_ctx = _per_row(ctx, state, compute, still)
     cache.length = slot + 1
     state.positions = state.positions + 1
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
 
 
-def _per_row(
-    ctx: StepContext, first_slots: tuple[int, ...], compute: torch.Tensor | None, live: torch.Tensor
-) -> StepContext:
+def _per_row(ctx: StepContext, state: DecodeState, compute: torch.Tensor | None, live: torch.Tensor) -> StepContext:
     """ctx with self-attention for the `live` rows only, each over its own cache view; queries are
     the rows of `compute` (every row when None). Beyond PER_ROW_MAX_ROWS rows the per-call cost
-    outweighs the saving: then ctx itself, one batched call (over the computed rows' gathered K/V)."""
-    if live.numel() > PER_ROW_MAX_ROWS:
+    outweighs the saving, and a cache with holes (drafts rejected by speculative decoding) needs its
+    mask: then ctx itself, one batched call (over the computed rows' gathered K/V)."""
+    if live.numel() > PER_ROW_MAX_ROWS or state.holes:
         return ctx
+    first_slots = state.first_slots
     computed = range(len(first_slots)) if compute is None else compute.tolist()
     query_of = {row: j for j, row in enumerate(computed)}
     live_rows = live.tolist()

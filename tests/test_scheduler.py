@@ -1,0 +1,158 @@
+"""Continuous batching (calm.engine.scheduler): every request's output equals its solo run, with requests
+joining and leaving mid-run, on every decoder family, under mixed exit depths and per-row settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm.adapters import adapter_for
+from calm.engine.decode import Network
+from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.engine.sampling import SamplingConfig
+from calm.engine.scheduler import Request, Scheduler
+from calm.errors import InputError, PolicyError
+from calm.exits.policy import ExitPolicy
+from test_parity import EOS, PAD, VARIANTS, build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DECODERS = [n for n in VARIANTS if not n.startswith(("t5", "mt5"))]
+LENGTHS = (5, 9, 12, 3, 7, 11)  # prompt lengths: more requests than slots, rows of every length
+BUDGETS = (6, 3, 8, 5, 2, 7)  # each request's max_new_tokens: rows leave at different steps
+
+
+def prompts(vocab: int = 128) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def solo(net: Network, ids: list[int], max_new: int, policy: ExitPolicy, sampling: SamplingConfig = SamplingConfig()):
+    batch = PromptBatch(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
+    config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(EOS,), pad_token_id=PAD, sampling=sampling)
+    out = generate_tokens(net, batch, policy, config)
+    return out.token_ids[0], out.exit_layers[0]
+
+
+def run_all(net: Network, requests: list[Request], max_batch: int) -> dict[int, tuple]:
+    scheduler = Scheduler(net, max_batch=max_batch, eos_token_ids=(EOS,))
+    return {f.request_id: (f.token_ids, f.exit_layers) for f in scheduler.run(requests)}
+
+
+@pytest.fixture(scope="module")
+def nets() -> dict[str, Network]:
+    return {name: Network.build(adapter_for(build(name))) for name in DECODERS}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_rows_joining_and_leaving_equal_their_solo_runs(nets, name):
+    net = nets[name]
+    requests = [Request(tuple(p), n) for p, n in zip(prompts(), BUDGETS)]
+    together = run_all(net, requests, max_batch=2)
+    assert len(together) == len(requests)
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never()), f"request {i}"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied-bias-rope-scaled", "gemma2-window-softcap-untied", "gpt2-tied"])
+def test_rows_with_their_own_thresholds_equal_their_solo_runs(nets, name):
+    """Rows at different thresholds (some never exit) share steps; each exits as it would alone."""
+    net = nets[name]
+    thresholds = (0.9, 2.0, 0.5, 0.97, 0.8, 2.0)
+    policies = [ExitPolicy(measure="state", threshold=t) for t in thresholds]
+    requests = [Request(tuple(p), 8, policy) for p, policy in zip(prompts(), policies)]
+    together = run_all(net, requests, max_batch=3)
+    depths = {k for tokens, exits in together.values() for k in exits[1:]}
+    assert len(depths) >= 2, depths
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), 8, r.policy), f"request {i}"
+
+
+def test_rows_with_their_own_sampling_equal_their_solo_runs(nets):
+    net = nets["llama-mha-tied"]
+    settings = [
+        SamplingConfig(),
+        SamplingConfig(do_sample=True, temperature=0.7, seed=1),
+        SamplingConfig(do_sample=True, top_p=0.9, seed=2),
+        SamplingConfig(do_sample=True, temperature=1.3, top_k=20, seed=3),
+    ]
+    requests = [Request(tuple(p), 8, sampling=s) for p, s in zip(prompts(), settings)]
+    together = run_all(net, requests, max_batch=3)
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), 8, ExitPolicy.never(), r.sampling), f"request {i}"
+
+
+def test_more_slots_than_requests_and_one_slot(nets):
+    net = nets["llama-mha-tied"]
+    requests = [Request(tuple(p), 4) for p in prompts()[:3]]
+    assert run_all(net, requests, max_batch=8) == run_all(net, requests, max_batch=1)
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_are_unchanged(nets):
+    net = nets["llama-mha-tied"]
+    requests = [Request(tuple(p), 6) for p in prompts()[:4]]
+    scheduler = Scheduler(net, max_batch=2, eos_token_ids=(EOS,))
+    ids = [scheduler.add(r) for r in requests]
+    scheduler.step()
+    assert scheduler.cancel(ids[0]) and scheduler.live_rows == 1
+    assert not scheduler.cancel(ids[0])
+    done = {}
+    while scheduler.busy:
+        for event in scheduler.step():
+            if event.finish_reason is not None:
+                done[event.request_id] = scheduler.finished(event.request_id).token_ids
+    assert set(done) == set(ids[1:])
+    for i in ids[1:]:
+        assert done[i] == solo(net, list(requests[i].ids), 6, ExitPolicy.never())[0]
+
+
+def test_events_stream_each_token_once_and_say_why_a_request_ended(nets):
+    net = nets["llama-mha-tied"]
+    scheduler = Scheduler(net, max_batch=2, eos_token_ids=(EOS,))
+    requests = [Request(tuple(p), n) for p, n in zip(prompts(), BUDGETS)]
+    for r in requests:
+        scheduler.add(r)
+    streamed: dict[int, list[int]] = {}
+    reasons = {}
+    while scheduler.busy:
+        for event in scheduler.step():
+            streamed.setdefault(event.request_id, []).extend(event.tokens)
+            if event.finish_reason:
+                reasons[event.request_id] = event.finish_reason
+                assert tuple(streamed[event.request_id]) == scheduler.finished(event.request_id).token_ids
+    for i, r in enumerate(requests):
+        ended_by_eos = streamed[i][-1] == EOS
+        assert reasons[i] == ("stop" if ended_by_eos else "length")
+        assert len(streamed[i]) == r.max_new_tokens or ended_by_eos
+    stats = scheduler.stats
+    assert stats.prefill_tokens == stats.prompt_tokens == sum(LENGTHS)
+
+
+def test_the_cache_moves_left_and_grows_as_requests_come_and_go(nets, monkeypatch):
+    """A tiny initial cache: prompts longer than the columns written, compaction and growth, still exact."""
+    monkeypatch.setattr("calm.engine.scheduler.INITIAL_COLUMNS", 4)
+    net = nets["llama-mha-tied"]
+    requests = [Request(tuple(p), n) for p, n in zip(prompts(), BUDGETS)] * 2
+    together = run_all(net, requests, max_batch=2)
+    for i, r in enumerate(requests):
+        assert together[i][0] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0]
+
+
+def test_bad_requests_are_refused(nets):
+    net = nets["llama-mha-tied"]
+    with pytest.raises(InputError, match="at least one prompt token"):
+        Request((), 4)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        Request((5,), 0)
+    with pytest.raises(InputError, match="max_batch"):
+        Scheduler(net, max_batch=0)
+    scheduler = Scheduler(net, max_batch=2)
+    scheduler.add(Request((5, 6), 3, ExitPolicy(measure="state", threshold=0.9)))
+    with pytest.raises(PolicyError, match="share the exit measure"):
+        scheduler.add(Request((5, 6), 3, ExitPolicy(measure="softmax", threshold=0.9)))
+
+
+def test_encoder_decoders_are_refused():
+    net = Network.build(adapter_for(build("t5-deeper-decoder-tied")))
+    with pytest.raises(InputError, match="decoder-only"):
+        Scheduler(net).add(Request((5, 6), 3))
