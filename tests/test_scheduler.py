@@ -27,7 +27,10 @@ def prompts(vocab: int = 128) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def solo(net: Network, ids: list[int], max_new: int, policy: ExitPolicy, sampling: SamplingConfig = SamplingConfig()):
+GREEDY = SamplingConfig()
+
+
+def solo(net: Network, ids: list[int], max_new: int, policy: ExitPolicy, sampling: SamplingConfig = GREEDY):
     batch = PromptBatch(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
     config = GenerationConfig(max_new_tokens=max_new, eos_token_ids=(EOS,), pad_token_id=PAD, sampling=sampling)
     out = generate_tokens(net, batch, policy, config)

@@ -226,7 +226,9 @@ def decode_one_token(
         layer = i + 1
         if layer not in plan.allowed:
             continue
-        row_threshold = pick(threshold, compute) if isinstance(threshold, torch.Tensor) and threshold.dim() else threshold
+        row_threshold = threshold
+        if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:
+            row_threshold = pick(threshold, compute)
         confident, logits = exit_decision(net, plan, layer, h_out[:, 0], h_in[:, 0], row_threshold)
         exits = confident & going
         ids = compute if compute is not None else torch.arange(batch, device=tokens.device)

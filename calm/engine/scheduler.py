@@ -93,10 +93,7 @@ class SchedulerStats:
 
     def to_dict(self) -> dict:
         steps = self.decode_steps + self.speculative_steps
-        return {
-            **self.__dict__,
-            "mean_live_rows": self.slot_steps / steps if steps else 0.0,
-        }
+        return {**self.__dict__, "mean_live_rows": self.slot_steps / steps if steps else 0.0}
 
 
 class Drafter(Protocol):
@@ -166,9 +163,9 @@ class Scheduler:
 
     def cancel(self, request_id: int) -> bool:
         """Drop a request, waiting or running: its slot is free for the next step. -> whether it was there."""
-        for row in list(self.waiting):
-            if row.request_id == request_id:
-                self.waiting.remove(row)
+        for waiting in list(self.waiting):
+            if waiting.request_id == request_id:
+                self.waiting.remove(waiting)
                 return True
         for slot, row in enumerate(self.rows):
             if row is not None and row.request_id == request_id:
