@@ -213,11 +213,13 @@ def _generate(
 
     rows = min(run.batch_size, len(records))
     decoding = _resolve(model, run, rows)
+    continuous = _continuous(model, run, decoding, len(records))
     console = output_console()
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
     )
     docs: list = []
+    note = _progress_note(noun)
     with jsonl_output(run.output) as out, progress_bar(f"{noun}s", len(records), output=console) as update:
         for batch in summarize_documents(
             model,
@@ -231,19 +233,63 @@ def _generate(
             engine=run.engine,
             speculative=decoding.speculative,
             text_field="summary" if noun == "document" else "text",
+            lossless=continuous is not None and decoding.lossless,
         ):
             for doc in batch:
                 printer.print(doc)
                 if out is not None:
                     out.write(doc.to_dict())
             docs += batch
-            update(len(docs), len(records))
-    reference = _stored_full_rate(model, rows) if decoding.lossless else None
+            update(len(docs), len(records), note(docs))
+    reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None and rows == 1 else None
     footer_policy = None if decoding.lossless else decoding.policy
-    footer = run_footer(docs, footer_policy, decoding.source, run.max_new_tokens, noun, reference)
+    source = continuous or decoding.source
+    footer = run_footer(docs, footer_policy, source, run.max_new_tokens, noun, reference)
     click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
     if run.output:
         click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
+
+
+PROGRESS_EVERY_S = 5.0  # off a terminal, a progress line at most this often (a fast job prints none)
+
+
+def _progress_note(noun: str) -> Any:
+    """note(docs): the progress line's text when one is due (None otherwise): rows done, tokens per second."""
+    import time
+
+    start = last = time.perf_counter()
+
+    def note(docs: list) -> str | None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < PROGRESS_EVERY_S:
+            return None
+        last = now
+        tokens = sum(len(d.token_ids) for d in docs)
+        return f"{len(docs)} {noun}s done, {tokens / (now - start):.1f} new tokens/s"
+
+    return note
+
+
+def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str | None:
+    """What a continuous batch runs for this job (calm.continuous.runs_continuous), or None where batches run
+    one after another."""
+    from calm.continuous import continuous_description, runs_continuous
+    from calm.engine.generation import GenerationConfig
+    from calm.speculative.lossless import LOSSLESS
+
+    config = GenerationConfig(run.max_new_tokens, sampling=run.sampling, engine=run.engine.kind)
+    explicit = None if decoding.lossless and _stored_setting(run) else decoding.speculative
+    mode = LOSSLESS if decoding.lossless and _stored_setting(run) else "speculative" if decoding.lossless else "calm"
+    if not runs_continuous(model.network, records, config, mode, explicit):
+        return None
+    return continuous_description(model, mode == LOSSLESS, min(run.batch_size, records), decoding.policy)
+
+
+def _stored_setting(run: Run) -> bool:
+    """A lossless run with the checkpoint's stored setting: no mode, draft layer, length or lookup named."""
+    m = run.speculative
+    return m.mode in (None, "lossless") and (m.draft_layer, m.max_draft) == (None, None) and not m.lookup
 
 
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
