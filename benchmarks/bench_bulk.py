@@ -135,7 +135,7 @@ def timed(run: Run, model: CalmModel, prompts: list[list[int]], new_tokens: int)
     return out
 
 
-def workload(model: CalmModel, name: str, docs: int, max_doc_tokens: int | None, args) -> dict:
+def workload(model: CalmModel, name: str, docs: int, max_doc_tokens: int | None, args, save) -> dict:
     records = read_jsonl(args.data, limit=docs)
     prompts = document_prompts(model, records, args.new_tokens, max_doc_tokens=max_doc_tokens)
     ids = [model.encode_prompts([p.text], args.new_tokens).ids[0].tolist() for p in prompts]
@@ -147,11 +147,13 @@ def workload(model: CalmModel, name: str, docs: int, max_doc_tokens: int | None,
         r = results[variant]
         r["load_before_after"] = [load, os.getloadavg()[0]]
         print(f"  cpu {r['cpu_s']:.1f} s, wall {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        save(summary(name, ids, results, None, args))  # what is measured so far survives an interruption
     check = timed(batch1_full, model, ids[: args.check_docs], args.new_tokens)
     return summary(name, ids, results, check, args)
 
 
-def summary(name: str, ids: list[list[int]], results: dict, check: dict, args) -> dict:
+def summary(name: str, ids: list[list[int]], results: dict, check: dict | None, args) -> dict:
+    check = check or {"tokens": []}
     reference = results.get("batch1", check)["tokens"]
     real = sum(map(len, ids))
     rows = []
@@ -222,7 +224,7 @@ def main() -> None:
     parser.add_argument("--docs-1024", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--check-docs", type=int, default=16)
-    parser.add_argument("--variants", default="static8,batch1,ragged8,continuous8,continuous16")
+    parser.add_argument("--variants", default="continuous8,static8,batch1,continuous16,ragged8")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="bulk_smollm2")
     args = parser.parse_args()
@@ -230,12 +232,23 @@ def main() -> None:
     calm.set_threads(1)
     model = CalmModel.from_pretrained(args.model)
     model.generate(["Warm up: say hello.", "And once more, in a batch."], max_new_tokens=4)  # warm-up
-    workloads = []
+    workloads: list[dict] = []
+
+    def save(current: dict | None = None) -> None:
+        report = _report(workloads + ([current] if current else []))
+        for path in write_json_markdown(args.out, args.name, report, markdown(report)):
+            print(path, file=sys.stderr)
+
     if args.docs:
-        workloads.append(workload(model, "natural lengths", args.docs, None, args))
+        workloads.append(workload(model, "natural lengths", args.docs, None, args, save))
+        save()
     if args.docs_1024:
-        workloads.append(workload(model, "cut to 1,024 tokens", args.docs_1024, 1024, args))
-    report = {
+        workloads.append(workload(model, "cut to 1,024 tokens", args.docs_1024, 1024, args, save))
+        save()
+
+
+def _report(workloads: list[dict]) -> dict:
+    return {
         "machine": machine_info(command=" ".join(["python", *sys.argv])),
         "default_max_batch": DEFAULT_MAX_BATCH,
         "note": (
@@ -246,8 +259,6 @@ def main() -> None:
         ),
         "workloads": workloads,
     }
-    for path in write_json_markdown(args.out, args.name, report, markdown(report)):
-        print(path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from calm.engine.decode import ExitPlan, Network, StepOutput, decode_one_token
+from calm.engine.decode import PER_ROW_MAX_ROWS, ExitPlan, Network, StepOutput, decode_one_token
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.sampling import SamplingConfig
 from calm.engine.slots import SlotBatch
@@ -91,6 +91,8 @@ class SchedulerStats:
     speculative_steps: int = 0
     new_tokens: int = 0
     slot_steps: int = 0  # sum over steps of the rows that ran (mean batch = slot_steps / steps)
+    attended_keys: int = 0  # decode steps: keys each live row's query attended, padding and holes included
+    real_keys: int = 0  # of those, the row's own tokens (its prompt and outputs so far)
 
     def to_dict(self) -> dict:
         steps = self.decode_steps + self.speculative_steps
@@ -207,6 +209,7 @@ class Scheduler:
             if not live:
                 return events
             start = time.perf_counter()
+            self._count_keys(live)
             if self._drafts(live):
                 events += self._speculative_step(live)
             else:
@@ -214,6 +217,16 @@ class Scheduler:
             self.stats.decode_s += time.perf_counter() - start
             self.stats.slot_steps += len(live)
         return events
+
+    def _count_keys(self, live: list[int]) -> None:
+        """Attention's work in this step's first query per row: a row attends over its own slots where it attends
+        alone (decode.PER_ROW_MAX_ROWS rows or fewer, no holes), else over every column up to the write column."""
+        end = self.batch.cache.length + 1
+        alone = len(live) <= PER_ROW_MAX_ROWS and not self.batch.state.holes and not self._drafts(live)
+        for slot in live:
+            row = self._row(slot)
+            self.stats.real_keys += len(row.request.ids) + len(row.tokens)
+            self.stats.attended_keys += end - self.batch.state.first_slots[slot] if alone else end
 
     def _admit(self) -> list[TokenEvent]:
         events = []
