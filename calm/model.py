@@ -16,6 +16,7 @@ from calm.checkpoints.checkpoint import (
     INCLUDED,
     CheckpointConfig,
     Components,
+    backbone_location,
     check_adapter_target,
     default_checkpoint,
     is_checkpoint,
@@ -28,6 +29,7 @@ from calm.checkpoints.checkpoint import (
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.checkpoints.loading import is_loadable, load_backbone
+from calm.checkpoints.native import WeightsChoice, choose_weights, gguf_file, to_native
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
@@ -77,6 +79,8 @@ class CalmModel:
         self.calibration = calibration
         self.extra = dict(extra or {})  # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
+        dtype = str(self.adapter.dtype).removeprefix("torch.")
+        self.weights = WeightsChoice(dtype, self.adapter.dtype, "wrapped as loaded")  # from_pretrained: its choice
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -88,40 +92,50 @@ class CalmModel:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+        cls,
+        name_or_path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        weights: str | None = None,
     ) -> CalmModel:
-        """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
+        """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint.
+        weights: "auto" (the default: the format stored as fastest for this checkpoint, else float32),
+        "native" (compute on a GGUF file's own 4-bit blocks), "float32" or "bfloat16" (calm.checkpoints.native)."""
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
-        warn_slow_dtype(dtype, device)
         if is_checkpoint(name_or_path):
-            config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
-            return cls(
-                parts.backbone(),
-                parts.tokenizer,
-                heads=parts.heads,
-                backbone=location,
-                calibration=config.calibration,
-                extra=config.extra,
-                backbone_kind=config.backbone_kind,
-                merged_adapter=parts.adapter,
-            )
-        loaded = load_backbone(name_or_path, dtype=dtype, device=device)
-        default = default_checkpoint(name_or_path)
-        if default is None:
-            return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
-        config = read_config(default)
-        parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
-        return cls(
+            config = read_config(name_or_path)
+            location = backbone_location(name_or_path, config)
+        else:
+            default = default_checkpoint(name_or_path)
+            config = read_config(default) if default is not None else None
+            location = name_or_path
+        choice = choose_weights(weights, dtype, location, device, config.extra if config else None)
+        warn_slow_dtype(choice.dtype, device)
+        if is_checkpoint(name_or_path):
+            config, parts, location = load_checkpoint(name_or_path, dtype=choice.dtype, device=device)
+        else:
+            loaded = load_backbone(name_or_path, dtype=choice.dtype, device=device)
+            parts = Components(loaded.model, loaded.tokenizer)
+            if default is not None and config is not None:
+                parts = load_parts(default, config, parts)
+        if choice.weights == "native":
+            gguf = gguf_file(location)
+            assert gguf is not None  # choose_weights checked
+            to_native(parts.backbone(), gguf)
+        model = cls(
             parts.backbone(),
             parts.tokenizer,
             heads=parts.heads,
-            backbone=name_or_path,
-            calibration=config.calibration,
-            extra=config.extra,
+            backbone=location,
+            calibration=config.calibration if config else None,
+            extra=config.extra if config else None,
+            backbone_kind=config.backbone_kind if config and is_checkpoint(name_or_path) else None,
             merged_adapter=parts.adapter,
         )
+        model.weights = choice
+        return model
 
     def save_pretrained(
         self, save_directory: str | Path, *, include_backbone: bool = False, extra: dict | None = None
