@@ -33,6 +33,7 @@ class Run:
     model_name: str
     device: str
     dtype: str | None
+    weights: str | None
     knobs: Knobs
     sampling: SamplingConfig
     max_new_tokens: int
@@ -149,7 +150,7 @@ def summarize(
         raise InputError("--no-truncate refuses cut documents and --max-doc-tokens asks for cuts: give one of them")
     run = Run.from_options(options)
     records = load_documents(file, text, document_field=field_document, limit=limit)
-    model = load_model(run.model_name, run.device, run.dtype)
+    model = load_model(run.model_name, run.device, run.dtype, run.weights)
     try:
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
@@ -186,7 +187,7 @@ def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> Non
 
     run = Run.from_options(options)
     records = [Record(id=str(i + 1), document=_prompt_text(p)) for i, p in enumerate(prompts)]
-    model = load_model(run.model_name, run.device, run.dtype)
+    model = load_model(run.model_name, run.device, run.dtype, run.weights)
     fmt = PromptFormat.for_model(model, run.max_new_tokens, chat=chat)
     named = [(f"prompt {r.id}" if len(records) > 1 else "the prompt", r.document) for r in records]
     fitted = fit_prompts(fmt, named, PromptTemplate(PLACEHOLDER), truncate=False)

@@ -11,6 +11,7 @@ refuses a file where any differs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per 32 weights: fp16 d (an
 ROPE_PERMUTED = ("llama",)  # GGUF architectures whose attn_q / attn_k rows transformers un-permutes
 
 
-def read_blocks(gguf: Path, config: Any) -> dict[str, QuantBlocks]:
-    """The quantized weights of a GGUF file by the module name they load into in transformers'
-    model for `config` ('model.layers.0.self_attn.q_proj', 'model.embed_tokens', ...); tensors in other
-    formats (float32 norms, K-quants) are left out."""
+def read_blocks(gguf: Path, config: Any) -> Iterator[tuple[str, QuantBlocks]]:
+    """The quantized weights of a GGUF file, one at a time (a weight's unpacked codes take a byte per
+    weight), by the module name they load into in transformers' model for `config`
+    ('model.layers.0.self_attn.q_proj', 'model.embed_tokens', ...); tensors in other formats (float32
+    norms, K-quants) are left out."""
     from gguf import GGUFReader
 
     try:
@@ -36,15 +38,13 @@ def read_blocks(gguf: Path, config: Any) -> dict[str, QuantBlocks]:
         raise CheckpointError(f"{gguf} is not a readable GGUF file ({exc})") from exc
     arch = _architecture(reader)
     names = _module_names(arch, config)
-    found = {}
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         base = tensor.name.removesuffix(".weight")
         if kind not in FORMATS or not tensor.name.endswith(".weight") or base not in names:
             continue
         blocks = parse_blocks(kind, np.asarray(tensor.data), int(tensor.shape[0]))
-        found[names[base]] = _unpermute(arch, base, blocks, config)
-    return found
+        yield names[base], _unpermute(arch, base, blocks, config)
 
 
 def parse_blocks(kind: str, data: np.ndarray, width: int) -> QuantBlocks:

@@ -92,11 +92,7 @@ def gguf_file(name: str) -> Path | None:
 
 
 def choose_weights(  # long: one rule per case, each with its reason
-    weights: str | None,
-    dtype: torch.dtype | None,
-    source: str,
-    device: torch.device | None,
-    extra: dict | None,
+    weights: str | None, dtype: torch.dtype | None, source: str, device: torch.device | None, extra: dict | None
 ) -> WeightsChoice:
     """The format to load `source` in: weights as asked, checked against dtype= and the device."""
     weights = check_weights(weights)
@@ -126,35 +122,43 @@ def choose_weights(  # long: one rule per case, each with its reason
     usable = stored.fastest != "native" or (gguf_file(source) is not None and on_cpu and native_available())
     fastest = stored.fastest if usable else "float32"
     ms = ", ".join(f"{k} {v:.1f} ms" for k, v in stored.decode_ms.items())
-    return WeightsChoice(fastest, FLOAT_DTYPES.get(fastest), f"auto: measured fastest ({ms} per token, {stored.report})")
+    return WeightsChoice(
+        fastest, FLOAT_DTYPES.get(fastest), f"auto: measured fastest ({ms} per token, {stored.report})"
+    )
 
 
 def to_native(model: PreTrainedModel, gguf: Path) -> int:
     """Swap the model's linears (and a tied token embedding) whose weights the GGUF file holds as Q4_0, Q4_1
-    or Q8_0 blocks for modules computing on those blocks, in place; returns how many were swapped."""
-    blocks = read_blocks(gguf, model.config)
+    or Q8_0 blocks for modules computing on those blocks, in place, one weight at a time (each float32
+    weight is freed as its blocks replace it); returns how many modules were swapped."""
     modules = dict(model.named_modules())
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and embed is not None and head.weight is embed.weight
-    if tied and "lm_head" not in blocks and "model.embed_tokens" in blocks:
-        blocks["lm_head"] = blocks["model.embed_tokens"]  # one tensor in the file for both
-    swapped = {}
-    for name, block in blocks.items():
+    names = {name: module for name, module in modules.items() if module is embed or module is head}
+    swapped = 0
+    for name, blocks in read_blocks(gguf, model.config):
         module = modules.get(name)
-        if isinstance(module, torch.nn.Linear):
-            _check_same(name, block, module.weight)
-            swapped[name] = QuantizedLinear(block, module.bias)
-    if tied and "lm_head" in swapped and isinstance(embed, torch.nn.Embedding):
-        swapped["model.embed_tokens"] = QuantizedEmbedding(swapped["lm_head"], embed.padding_idx)  # shares its blocks
-    elif isinstance(embed, torch.nn.Embedding) and "model.embed_tokens" in blocks:
-        _check_same("model.embed_tokens", blocks["model.embed_tokens"], embed.weight)
-        swapped["model.embed_tokens"] = QuantizedEmbedding(QuantizedLinear(blocks["model.embed_tokens"]))
+        if module is embed and tied:  # one tensor in the file for both: the LM head, and the embedding reads it
+            name, module = next(n for n, m in names.items() if m is head), head
+        if not isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            continue
+        _check_same(name, blocks, module.weight)
+        if isinstance(module, torch.nn.Embedding):
+            new: torch.nn.Module = QuantizedEmbedding(QuantizedLinear(blocks), module.padding_idx)
+        else:
+            new = QuantizedLinear(blocks, module.bias)
+        _replace(model, name, new)
+        swapped += 1
+        if module is head and tied and isinstance(new, QuantizedLinear) and isinstance(embed, torch.nn.Embedding):
+            _replace(model, next(n for n, m in names.items() if m is embed), QuantizedEmbedding(new, embed.padding_idx))
     if not swapped:
         raise InputError(f"{gguf.name} holds no Q4_0, Q4_1 or Q8_0 weights of this model: use weights='float32'")
-    for name, new in swapped.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return len(swapped)
+    return swapped
+
+
+def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _check_same(name: str, blocks: QuantBlocks, weight: torch.Tensor) -> None:

@@ -168,16 +168,21 @@ class QuantizedLinear(torch.nn.Module):
         """The weight [out, in] in float32: exactly the values of gguf's dequantisation."""
         return _dequantize(self.kind, self.block_codes(), self.scales, self.mins)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The weight's rows [R] (long) dequantised: [R, in] float32."""
+        mins = None if self.mins is None else self.mins[rows]
+        return _dequantize(self.kind, self.block_codes(rows), self.scales[rows], mins)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         if rows >= FLOAT_FROM_ROWS:
             return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         kept = _KEPT.get()
         if kept is not None and x.shape[:-1] == kept.shape:
-            return _kept_only(x, kept, self._int4)
-        return self._int4(x)
+            return _kept_only(x, kept, self.int4)
+        return self.int4(x)
 
-    def _int4(self, x: torch.Tensor) -> torch.Tensor:
+    def int4(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] through the int4 kernel (bfloat16 activations, float32 accumulation)."""
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [R, K]
         if self.planes == 2:
@@ -228,8 +233,4 @@ class QuantizedEmbedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # [R]
-        t = self.table
-        codes = t.block_codes(flat)  # [R, D]
-        mins = None if t.mins is None else t.mins[flat]
-        rows = _dequantize(t.kind, codes, t.scales[flat], mins)  # [R, D]
-        return rows.view(*ids.shape, self.embedding_dim)
+        return self.table.dequantize_rows(flat).view(*ids.shape, self.embedding_dim)
