@@ -123,6 +123,11 @@ class CalmModel:
         if choice.weights == "native":
             gguf = gguf_file(location)
             assert gguf is not None  # choose_weights checked
+            if parts.adapter is not None:
+                raise InputError(
+                    "weights='native' computes on the GGUF file's blocks, which a merged LoRA adapter does not "
+                    "change; use weights='float32' for a checkpoint with an adapter"
+                )
             to_native(parts.backbone(), gguf)
         model = cls(
             parts.backbone(),

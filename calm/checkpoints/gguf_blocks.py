@@ -11,13 +11,17 @@ refuses a file where any differs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+from calm.checkpoints.checkpoint import write_safetensors
+from calm.checkpoints.loading import gguf_cache_path
 from calm.engine.quantized import FORMATS, GROUP, QuantBlocks
 from calm.errors import CheckpointError
 
@@ -100,3 +104,44 @@ def _unpermute(arch: str, base: str, blocks: QuantBlocks, config: Any) -> QuantB
     out = blocks.shape[0]
     order = torch.arange(out).view(heads, out // heads // 2, 2).transpose(1, 2).reshape(-1)  # [out]
     return blocks.permute_rows(order)
+
+
+# ---- the cache: blocks kept as safetensors beside the dequantised weights, read without the GGUF parser ----
+
+
+def block_cache_path(gguf: Path) -> Path:
+    """Where the blocks of a GGUF file are kept once read and checked: beside its dequantised weights,
+    keyed by the file's content (calm.checkpoints.loading.cache_dir; deleting that clears both)."""
+    float_dir = gguf_cache_path(gguf)
+    return float_dir.with_name(float_dir.name + ".native.safetensors")
+
+
+def write_block_cache(path: Path, blocks: list[tuple[str, QuantBlocks]]) -> None:
+    """The blocks as one safetensors file: 4-bit codes two to a byte, scales and minimums in fp16."""
+    tensors, kinds = {}, {}
+    for name, b in blocks:
+        codes = b.codes if b.kind == "Q8_0" else b.codes[:, 0::2] | (b.codes[:, 1::2] << 4)
+        tensors[f"{name}.codes"] = codes.contiguous()
+        tensors[f"{name}.scales"] = b.scales.contiguous()
+        if b.mins is not None:
+            tensors[f"{name}.mins"] = b.mins.contiguous()
+        kinds[name] = b.kind
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, tensors, {"format": "calm-gguf-blocks", "kinds": json.dumps(kinds)})
+
+
+def read_block_cache(path: Path) -> Iterator[tuple[str, QuantBlocks]]:
+    """The blocks written by write_block_cache, one weight at a time, in the order written."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kinds = json.loads((f.metadata() or {})["kinds"])
+            for name, kind in kinds.items():
+                codes = f.get_tensor(f"{name}.codes")
+                if kind != "Q8_0":
+                    codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+                mins = f.get_tensor(f"{name}.mins") if kind == "Q4_1" else None
+                yield name, QuantBlocks(kind, codes, f.get_tensor(f"{name}.scales"), mins)
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise CheckpointError(f"the block cache {path} is unreadable ({exc}); delete it to convert again") from exc

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from calm.checkpoints.gguf_blocks import read_blocks
+from calm.checkpoints.gguf_blocks import block_cache_path, read_block_cache, read_blocks, write_block_cache
 from calm.checkpoints.loading import ALIASES, smollm2_gguf
 from calm.engine.quantized import QuantBlocks, QuantizedEmbedding, QuantizedLinear, native_available
 from calm.errors import CheckpointError, InputError
@@ -130,30 +130,44 @@ def choose_weights(  # long: one rule per case, each with its reason
 def to_native(model: PreTrainedModel, gguf: Path) -> int:
     """Swap the model's linears (and a tied token embedding) whose weights the GGUF file holds as Q4_0, Q4_1
     or Q8_0 blocks for modules computing on those blocks, in place, one weight at a time (each float32
-    weight is freed as its blocks replace it); returns how many modules were swapped."""
-    modules = dict(model.named_modules())
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and embed is not None and head.weight is embed.weight
-    names = {name: module for name, module in modules.items() if module is embed or module is head}
+    weight is freed as its blocks replace it); returns how many modules were swapped. The first time, the
+    blocks are read from the file, checked against the float32 weights, and kept (block_cache_path); later
+    loads read them from there (the GGUF parser spends seconds on the tokenizer's fields)."""
+    cache = block_cache_path(gguf)
+    fresh = not cache.is_file()
+    kept: list[tuple[str, QuantBlocks]] = []
     swapped = 0
-    for name, blocks in read_blocks(gguf, model.config):
-        module = modules.get(name)
-        if module is embed and tied:  # one tensor in the file for both: the LM head, and the embedding reads it
-            name, module = next(n for n, m in names.items() if m is head), head
-        if not isinstance(module, torch.nn.Linear | torch.nn.Embedding):
-            continue
-        _check_same(name, blocks, module.weight)
-        if isinstance(module, torch.nn.Embedding):
-            new: torch.nn.Module = QuantizedEmbedding(QuantizedLinear(blocks), module.padding_idx)
-        else:
-            new = QuantizedLinear(blocks, module.bias)
-        _replace(model, name, new)
-        swapped += 1
-        if module is head and tied and isinstance(new, QuantizedLinear) and isinstance(embed, torch.nn.Embedding):
-            _replace(model, next(n for n, m in names.items() if m is embed), QuantizedEmbedding(new, embed.padding_idx))
+    for name, blocks in read_blocks(gguf, model.config) if fresh else read_block_cache(cache):
+        if _swap(model, name, blocks, check=fresh):
+            swapped += 1
+            kept += [(name, blocks)] if fresh else []
     if not swapped:
         raise InputError(f"{gguf.name} holds no Q4_0, Q4_1 or Q8_0 weights of this model: use weights='float32'")
+    if fresh:
+        write_block_cache(cache, kept)
     return swapped
+
+
+def _swap(model: PreTrainedModel, name: str, blocks: QuantBlocks, check: bool) -> bool:
+    """Replace module `name` by one over `blocks` (a tied embedding: the LM head, and the embedding reads it)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    modules = {m: n for n, m in model.named_modules() if m is embed or m is head}
+    module = model.get_submodule(name) if name in dict(model.named_modules()) else None
+    tied = head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    if module is embed and tied:
+        name, module = modules[head], head
+    if not isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+        return False
+    if check:
+        _check_same(name, blocks, module.weight)
+    if isinstance(module, torch.nn.Embedding):
+        _replace(model, name, QuantizedEmbedding(QuantizedLinear(blocks), module.padding_idx))
+        return True
+    new = QuantizedLinear(blocks, module.bias)
+    _replace(model, name, new)
+    if module is head and tied and isinstance(embed, torch.nn.Embedding):
+        _replace(model, modules[embed], QuantizedEmbedding(new, embed.padding_idx))
+    return True
 
 
 def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
@@ -179,5 +193,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    """This process's peak resident memory so far: Linux's VmHWM (its own, reset by exec), else getrusage's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

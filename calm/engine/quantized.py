@@ -46,6 +46,7 @@ GROUP = 32  # weights per GGUF block along the input dimension, and the kernel's
 FORMATS = ("Q4_0", "Q4_1", "Q8_0")
 PACK_N = 64  # the CPU int4 packing works in blocks of 64 output rows: [N/64, K, 32] bytes, lo nibble n, hi n + 32
 FLOAT_FROM_ROWS = 64  # from this many rows, dequantise and run the float32 GEMM (see the module docstring)
+PACK_ROWS = 64 * 64  # rows packed at a time: a multiple of PACK_N
 INNER_K_TILES = 2  # the packing argument of _convert_weight_to_int4pack_for_cpu (ignored by its CPU layout)
 
 
@@ -97,8 +98,14 @@ def _dequantize(kind: str, codes: torch.Tensor, scales: torch.Tensor, mins: torc
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """int4 codes [N, K] (0..15, N a multiple of PACK_N) -> the CPU kernel's packed [N, K/2] uint8."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INNER_K_TILES)
+    """int4 codes [N, K] (0..15, N a multiple of PACK_N) -> the CPU kernel's packed [N, K/2] uint8, PACK_ROWS
+    rows at a time (the op takes int32 codes: 4 bytes a weight for the chunk only; blocks of 64 rows pack alone)."""
+    chunks = codes.split(PACK_ROWS)
+    return torch.cat([_pack_op(c.to(torch.int32).contiguous()) for c in chunks])
+
+
+def _pack_op(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
 
 
 def _unpack(packed: torch.Tensor, rows: int, width: int) -> torch.Tensor:
@@ -114,7 +121,7 @@ def unpack_matches() -> bool:
     not, prompts run on the int4 kernel too, and embeddings from a kept copy."""
     codes = torch.randint(0, 16, (2 * PACK_N, 2 * GROUP), generator=torch.Generator().manual_seed(0))
     try:
-        packed = _pack(codes)
+        packed = _pack_op(codes.to(torch.int32))
     except RuntimeError:
         return False
     return packed.shape == (2 * PACK_N, GROUP) and torch.equal(_unpack(packed, 2 * PACK_N, 2 * GROUP), codes.byte())
