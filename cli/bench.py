@@ -85,7 +85,7 @@ Examples:
     help="Directory for bench.json and bench.md (a scratch directory by default; the committed reports in "
     "benchmarks/results are written by make reports).",
 )
-def bench_command(
+def bench_command(  # long: one parameter per option of calm bench
     model_name: str,
     device: str,
     dtype: str | None,
