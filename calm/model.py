@@ -104,6 +104,7 @@ class CalmModel:
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
+        config: CheckpointConfig | None
         if is_checkpoint(name_or_path):
             config = read_config(name_or_path)
             location = backbone_location(name_or_path, config)
@@ -309,7 +310,19 @@ class CalmModel:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
-        return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
+        decoding = run.description if run else policy.describe()
+        return replace(self._with_texts(result), decoding=decoding + self._format_note(run, speed, tolerance))
+
+    def _format_note(self, run: ModeRun | None, speed: float | None, tolerance: float | None) -> str:
+        """Where a stored measurement (the calibration table, the speculative setting) was taken on float32
+        weights and this model runs on others, the description says so (calm.checkpoints.native)."""
+        if self.weights.weights == "float32":
+            return ""
+        knob = speed is not None or tolerance is not None
+        if knob or (run is not None and run.spec is not None and "measured" in run.description):
+            what = "calibration" if knob else "speculative setting"
+            return f" [the stored {what} was measured on float32 weights; this run is on {self.weights.weights}]"
+        return ""
 
     def _generation_policy(
         self,

@@ -1,6 +1,6 @@
 import pytest
 
-from calm.checkpoints.loading import HUB_ID, gguf_cache_path, cache_dir, load_backbone, smollm2_gguf
+from calm.checkpoints.loading import HUB_ID, cache_dir, gguf_cache_path, load_backbone, smollm2_gguf
 from calm.errors import ModelNotFoundError
 
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
-from helpers import assert_clean_error, invoke, tiny_llama
 
 from calm import CalmModel
 from calm.checkpoints.checkpoint import store_extra
@@ -24,6 +23,7 @@ from calm.engine.lm_head import REL_ERROR
 from calm.engine.quantized import FLOAT_FROM_ROWS, FORMATS, QuantBlocks, QuantizedEmbedding, QuantizedLinear
 from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
+from helpers import assert_clean_error, invoke, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = {name: GGMLQuantizationType[name] for name in FORMATS}
@@ -184,7 +184,8 @@ def test_weights_and_dtype_must_agree(tiny_gguf):
 
 
 def _stored(fastest: str) -> dict:
-    return {WEIGHTS_KEY: {"cpu": {"fastest": fastest, "decode_ms": {"float32": 60.0, "native": 25.0}, "report": "r.md"}}}
+    measured = {"fastest": fastest, "decode_ms": {"float32": 60.0, "native": 25.0}, "report": "r.md"}
+    return {WEIGHTS_KEY: {"cpu": measured}}
 
 
 def test_auto_follows_the_stored_measurement(tiny_gguf, tiny_model):

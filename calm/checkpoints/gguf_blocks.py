@@ -83,7 +83,7 @@ def _module_names(arch: str, config: Any) -> dict[str, str]:
     layers = int(config.num_hidden_layers)
     name_map = get_tensor_name_map(archs[arch], layers)
     modules = ["model.embed_tokens", "lm_head"]
-    per_layer = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    per_layer: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     per_layer += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     modules += [f"model.layers.{i}.{part}" for i in range(layers) for part in per_layer]
     found = {}

@@ -136,6 +136,13 @@ class QuantizedLinear(torch.nn.Module):
     """A linear map over GGUF blocks: x [..., in] -> [..., out] (+ bias), through the int4 kernel for few
     rows and a float32 GEMM on the dequantised weight for many (module docstring)."""
 
+    packed: torch.Tensor  # buffers, typed for mypy (nn.Module's __getattr__ says Tensor | Module)
+    scales_zeros: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    bias: torch.Tensor | None
+    codes: torch.Tensor | None
+
     def __init__(self, blocks: QuantBlocks, bias: torch.Tensor | None = None):
         super().__init__()
         self.kind = blocks.kind
