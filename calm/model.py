@@ -29,7 +29,7 @@ from calm.checkpoints.checkpoint import (
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.checkpoints.loading import is_loadable, load_backbone
-from calm.checkpoints.native import WeightsChoice, choose_weights, gguf_file, to_native
+from calm.checkpoints.native import WeightsChoice, apply_weights, choose_weights, format_note
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
@@ -121,15 +121,7 @@ class CalmModel:
             parts = Components(loaded.model, loaded.tokenizer)
             if default is not None and config is not None:
                 parts = load_parts(default, config, parts)
-        if choice.weights == "native":
-            gguf = gguf_file(location)
-            assert gguf is not None  # choose_weights checked
-            if parts.adapter is not None:
-                raise InputError(
-                    "weights='native' computes on the GGUF file's blocks, which a merged LoRA adapter does not "
-                    "change; use weights='float32' for a checkpoint with an adapter"
-                )
-            to_native(parts.backbone(), gguf)
+        apply_weights(parts.backbone(), choice, location, merged_adapter=parts.adapter is not None)
         model = cls(
             parts.backbone(),
             parts.tokenizer,
@@ -311,18 +303,9 @@ class CalmModel:
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
         decoding = run.description if run else policy.describe()
-        return replace(self._with_texts(result), decoding=decoding + self._format_note(run, speed, tolerance))
-
-    def _format_note(self, run: ModeRun | None, speed: float | None, tolerance: float | None) -> str:
-        """Where a stored measurement (the calibration table, the speculative setting) was taken on float32
-        weights and this model runs on others, the description says so (calm.checkpoints.native)."""
-        if self.weights.weights == "float32":
-            return ""
-        knob = speed is not None or tolerance is not None
-        if knob or (run is not None and run.spec is not None and "measured" in run.description):
-            what = "calibration" if knob else "speculative setting"
-            return f" [the stored {what} was measured on float32 weights; this run is on {self.weights.weights}]"
-        return ""
+        stored = run is not None and run.spec is not None and "measured" in run.description
+        note = format_note(self.weights.weights, knob=speed is not None or tolerance is not None, stored_setting=stored)
+        return replace(self._with_texts(result), decoding=decoding + note)
 
     def _generation_policy(
         self,

@@ -127,6 +127,29 @@ def choose_weights(  # long: one rule per case, each with its reason
     )
 
 
+def apply_weights(model: PreTrainedModel, choice: WeightsChoice, source: str, merged_adapter: bool = False) -> None:
+    """Put the loaded backbone (of `source`) on the chosen weights: native swaps its modules in place."""
+    if choice.weights != "native":
+        return
+    gguf = gguf_file(source)
+    assert gguf is not None  # choose_weights checked
+    if merged_adapter:
+        raise InputError(
+            "weights='native' computes on the GGUF file's blocks, which a merged LoRA adapter does not "
+            "change; use weights='float32' for a checkpoint with an adapter"
+        )
+    to_native(model, gguf)
+
+
+def format_note(weights: str, knob: bool, stored_setting: bool) -> str:
+    """What a run's description adds where a stored measurement taken on float32 weights (the calibration
+    table behind a knob, the stored speculative setting) runs on other weights."""
+    if weights == "float32" or not (knob or stored_setting):
+        return ""
+    what = "calibration" if knob else "speculative setting"
+    return f" [the stored {what} was measured on float32 weights; this run is on {weights}]"
+
+
 def to_native(model: PreTrainedModel, gguf: Path) -> int:
     """Swap the model's linears (and a tied token embedding) whose weights the GGUF file holds as Q4_0, Q4_1
     or Q8_0 blocks for modules computing on those blocks, in place, one weight at a time (each float32
