@@ -203,7 +203,7 @@ def test_auto_on_a_checkpoint_with_a_stored_measurement(tiny_gguf, tmp_path):
     assert CalmModel.from_pretrained(tmp_path / "ckpt").weights.weights == "float32"
     store_extra(tmp_path / "ckpt", WEIGHTS_KEY, _stored("native")[WEIGHTS_KEY])
     model = CalmModel.from_pretrained(tmp_path / "ckpt")
-    assert model.weights.weights == "native" and "measured fastest" in model.weights.reason
+    assert model.weights.weights == "native" and "stored choice" in model.weights.reason
     assert isinstance(model.model.model.layers[0].mlp.up_proj, QuantizedLinear)
 
 
@@ -212,3 +212,32 @@ def test_info_reports_resident_weights(tiny_gguf):
     assert result.exit_code == 0, result.output
     assert "weights resident: float32" in result.output and ", native " in result.output
     assert "peak resident memory while loading" in result.output
+
+
+# ---- the embedded model ---------------------------------------------------------------------------------
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")
+def test_smollm2_native_blocks_are_its_float32_weights_and_lossless_stays_exact():
+    """Every Q4_1 / Q8_0 block of the shipped GGUF dequantises to the float32 weight transformers loads (bit
+    for bit: checked in to_native, cached after), and lossless decoding on native weights gives native
+    full depth's tokens."""
+    from calm.prompts.documents import read_jsonl
+    from calm.prompts.templates import summary_prompt, truncate_document
+
+    float32 = CalmModel.from_pretrained("smollm2", weights="float32")
+    native = CalmModel.from_pretrained("smollm2", weights="native")
+    swapped = {n: m for n, m in native.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(swapped) == 30 * 7 + 1 and swapped["lm_head"].kind == "Q8_0"
+    weights = dict(float32.model.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.self_attn.k_proj", "lm_head"):
+        assert torch.equal(swapped[name].dequantize(), weights[name].weight)
+    docs = read_jsonl(SMOKE, limit=2)
+    prompts = [summary_prompt(truncate_document(native.tokenizer, d.document, 256)) for d in docs]
+    for prompt in prompts:
+        full = native.generate([prompt], max_new_tokens=24, mode="calm")
+        lossless = native.generate([prompt], max_new_tokens=24)
+        assert lossless.speculative is not None and lossless.token_ids == full.token_ids

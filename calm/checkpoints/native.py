@@ -40,9 +40,9 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class StoredWeights:
-    """The fastest weight format measured for a checkpoint on one kind of device."""
+    """The weight format `auto` runs for a checkpoint on one kind of device, from benchmarks/bench_native.py."""
 
-    fastest: str  # "native" or "float32"
+    fastest: str  # what auto runs: native where faster and agreeing with float32 (bench_native), else float32
     decode_ms: dict  # format -> decode ms per token at batch 1
     report: str
     machine: str = ""
@@ -123,7 +123,7 @@ def choose_weights(  # long: one rule per case, each with its reason
     fastest = stored.fastest if usable else "float32"
     ms = ", ".join(f"{k} {v:.1f} ms" for k, v in stored.decode_ms.items())
     return WeightsChoice(
-        fastest, FLOAT_DTYPES.get(fastest), f"auto: measured fastest ({ms} per token, {stored.report})"
+        fastest, FLOAT_DTYPES.get(fastest), f"auto: the stored choice (decode {ms} per token, {stored.report})"
     )
 
 
