@@ -230,8 +230,10 @@ def test_smollm2_native_blocks_are_its_float32_weights_and_lossless_stays_exact(
 
     float32 = CalmModel.from_pretrained("smollm2", weights="float32")
     native = CalmModel.from_pretrained("smollm2", weights="native")
-    swapped = {n: m for n, m in native.model.named_modules() if isinstance(m, QuantizedLinear)}
-    assert len(swapped) == 30 * 7 + 1 and swapped["lm_head"].kind == "Q8_0"
+    modules = native.model.named_modules(remove_duplicate=False)  # the LM head is also the embedding's table
+    swapped = {n: m for n, m in modules if isinstance(m, QuantizedLinear)}
+    assert len({id(m) for m in swapped.values()}) == 30 * 7 + 1 and swapped["lm_head"].kind == "Q8_0"
+    assert native.model.get_input_embeddings().table is swapped["lm_head"]
     weights = dict(float32.model.named_modules())
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.self_attn.k_proj", "lm_head"):
         assert torch.equal(swapped[name].dequantize(), weights[name].weight)
