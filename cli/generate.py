@@ -274,6 +274,7 @@ class Decoding:
 def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     """How the run decodes: calm's knob, or the lossless run of calm.speculative.lossless where the mode is
     lossless or speculative (--measure and --threshold then set the draft controller)."""
+    from calm.checkpoints.native import format_note
     from calm.errors import InputError
     from calm.exits.policy import ExitPolicy
     from calm.speculative.lossless import resolve_mode
@@ -285,12 +286,17 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     )
     if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
         return Decoding(False, ExitPolicy.never(), f"full model (exact) on the {run.engine.spec} engine")
+    weights = model.weights.weights  # a stored measurement taken on float32 weights says so on others
     if lossless_run is None:
-        return Decoding(False, *knobs.resolve(model))
+        policy, source = knobs.resolve(model)
+        knob = knobs.speed is not None or knobs.tolerance is not None
+        return Decoding(False, policy, source + format_note(weights, knob=knob, stored_setting=False))
     if knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
     speculative = SpeculativeOptions.running(lossless_run.spec)
-    return Decoding(True, lossless_run.policy, lossless_run.description, speculative)
+    stored = lossless_run.spec is not None and "measured" in lossless_run.description
+    source = lossless_run.description + format_note(weights, knob=False, stored_setting=stored)
+    return Decoding(True, lossless_run.policy, source, speculative)

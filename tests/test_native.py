@@ -243,3 +243,12 @@ def test_smollm2_native_blocks_are_its_float32_weights_and_lossless_stays_exact(
         full = native.generate([prompt], max_new_tokens=24, mode="calm")
         lossless = native.generate([prompt], max_new_tokens=24)
         assert lossless.speculative is not None and lossless.token_ids == full.token_ids
+
+
+def test_float32_measurements_say_so_on_other_weights():
+    from calm.checkpoints.native import format_note
+
+    assert format_note("float32", knob=True, stored_setting=True) == ""
+    assert "calibration was measured on float32" in format_note("native", knob=True, stored_setting=False)
+    assert "speculative setting" in format_note("native", knob=False, stored_setting=True)
+    assert format_note("native", knob=False, stored_setting=False) == ""
