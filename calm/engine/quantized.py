@@ -11,8 +11,8 @@ it with bfloat16 activations, its fast path (float32 activations take its slow p
   output channel, Q8_0 one per 32 inputs. Its codes split exactly into two 4-bit planes,
   q + 128 = 16a + b, so w = (a - 8)*16d + b*d: one int4 matmul over [x, x] (2x the input width, 1 byte
   per weight in all). Measured on the 576 x 49152 LM head: 3.7 ms against 6.9 ms for the packed
-  float32 linear (one thread, AMD EPYC); bfloat16 dequantisation would read 2 bytes per weight and
-  round the products (18 significant bits) to 8.
+  float32 linear (one thread, the busy 2-core Intel Xeon of native_smollm2.md); bfloat16 dequantisation
+  would read 2 bytes per weight and round the products (18 significant bits) to 8.
 - The kernel takes its scales in bfloat16 (the activations' dtype), so the fp16 block scales lose 3
   bits there: outputs differ from the dequantised float32 matmul by about 2^-8 relative (the
   activations' rounding is of the same size). The fp16 originals are kept for dequantisation.
