@@ -43,13 +43,20 @@ def continuous_scheduler(
 
 
 def continuous_generate(
-    model: MeasuredModel, batch: PromptBatch, policy: ExitPolicy, config: GenerationConfig, mode: str, max_batch: int
+    model: MeasuredModel,
+    batch: PromptBatch,
+    policy: ExitPolicy,
+    config: GenerationConfig,
+    mode: str,
+    max_batch: int,
+    drafts: bool = True,
 ) -> tuple[GenerationResult, str]:
     """The prompts of `batch` (its real tokens only) through a continuous batch; lossless rows never exit, and
-    speculative cycles run while the stored measurement says drafting pays. -> the result and what ran."""
+    speculative cycles run while the stored measurement says drafting pays (drafts=False: never). -> the result
+    and what ran."""
     prompts = [ids[mask].tolist() for ids, mask in zip(batch.ids, batch.mask)]
     slots = min(max_batch, len(prompts))
-    drafter = lossless_drafter(model, slots) if mode == LOSSLESS else None
+    drafter = lossless_drafter(model, slots) if mode == LOSSLESS and drafts else None
     row_policy = ExitPolicy.never() if mode == LOSSLESS else policy
     result = generate_continuous(model.network, prompts, row_policy, config, slots, drafter)
     return result, describe(mode == LOSSLESS, slots, drafter, row_policy)

@@ -16,6 +16,7 @@ from calm.checkpoints.checkpoint import (
     INCLUDED,
     CheckpointConfig,
     Components,
+    backbone_location,
     check_adapter_target,
     default_checkpoint,
     is_checkpoint,
@@ -28,6 +29,7 @@ from calm.checkpoints.checkpoint import (
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.checkpoints.loading import is_loadable, load_backbone
+from calm.checkpoints.native import WeightsChoice, apply_weights, choose_weights, format_note, native_lossless
 from calm.continuous import DEFAULT_MAX_BATCH, continuous_generate, runs_continuous
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
@@ -78,6 +80,8 @@ class CalmModel:
         self.calibration = calibration
         self.extra = dict(extra or {})  # checkpoint metadata (training, calibration commands)
         self._argmax = CertifiedArgmax.for_head(self.adapter.head_module)
+        dtype = str(self.adapter.dtype).removeprefix("torch.")
+        self.weights = WeightsChoice(dtype, self.adapter.dtype, "wrapped as loaded")  # from_pretrained: its choice
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -89,40 +93,48 @@ class CalmModel:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+        cls,
+        name_or_path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        weights: str | None = None,
     ) -> CalmModel:
-        """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
+        """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint.
+        weights: "auto" (the default: the format stored as fastest for this checkpoint, else float32),
+        "native" (compute on a GGUF file's own 4-bit blocks), "float32" or "bfloat16" (calm.checkpoints.native)."""
         name_or_path = str(name_or_path)
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
-        warn_slow_dtype(dtype, device)
+        config: CheckpointConfig | None
         if is_checkpoint(name_or_path):
-            config, parts, location = load_checkpoint(name_or_path, dtype=dtype, device=device)
-            return cls(
-                parts.backbone(),
-                parts.tokenizer,
-                heads=parts.heads,
-                backbone=location,
-                calibration=config.calibration,
-                extra=config.extra,
-                backbone_kind=config.backbone_kind,
-                merged_adapter=parts.adapter,
-            )
-        loaded = load_backbone(name_or_path, dtype=dtype, device=device)
-        default = default_checkpoint(name_or_path)
-        if default is None:
-            return cls(loaded.model, loaded.tokenizer, backbone=name_or_path)
-        config = read_config(default)
-        parts = load_parts(default, config, Components(loaded.model, loaded.tokenizer))
-        return cls(
+            config = read_config(name_or_path)
+            location = backbone_location(name_or_path, config)
+        else:
+            default = default_checkpoint(name_or_path)
+            config = read_config(default) if default is not None else None
+            location = name_or_path
+        choice = choose_weights(weights, dtype, location, device, config.extra if config else None)
+        warn_slow_dtype(choice.dtype, device)
+        if is_checkpoint(name_or_path):
+            config, parts, location = load_checkpoint(name_or_path, dtype=choice.dtype, device=device)
+        else:
+            loaded = load_backbone(name_or_path, dtype=choice.dtype, device=device)
+            parts = Components(loaded.model, loaded.tokenizer)
+            if default is not None and config is not None:
+                parts = load_parts(default, config, parts)
+        apply_weights(parts.backbone(), choice, location, merged_adapter=parts.adapter is not None)
+        model = cls(
             parts.backbone(),
             parts.tokenizer,
             heads=parts.heads,
-            backbone=name_or_path,
-            calibration=config.calibration,
-            extra=config.extra,
+            backbone=location,
+            calibration=config.calibration if config else None,
+            extra=config.extra if config else None,
+            backbone_kind=config.backbone_kind if config and is_checkpoint(name_or_path) else None,
             merged_adapter=parts.adapter,
         )
+        model.weights = choice
+        return model
 
     def save_pretrained(
         self, save_directory: str | Path, *, include_backbone: bool = False, extra: dict | None = None
@@ -255,10 +267,9 @@ class CalmModel:
         drafts looked up in the prompt and output (calm.speculative.lookup); lookup=True: those first, else layer E's;
         SpeculativeOptions(candidates=N): N looked-up continuations per row verified at once (calm.speculative.tree).
 
-        Several prompts (decoder-only, dynamic engine, calm or lossless mode) run as a continuous batch of
-        max_batch slots (calm.engine.scheduler): each prompt is prefilled alone, at its own length, and the next
-        one takes the slot of a row that ended; each row's output is that of its solo run. Lossless rows draft
-        while the stored measurement says it pays for the rows live (calm.speculative.cycle).
+        Several prompts (dynamic engine, calm or lossless mode) run as one continuous batch of max_batch slots
+        (calm.engine.scheduler, calm.continuous): each prompt is prefilled alone and takes the slot of a row
+        that ended; each row's output is its solo run's.
 
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
@@ -288,19 +299,24 @@ class CalmModel:
             batch_size=rows,
             candidates=spec.candidates,
         )
+        run = native_lossless(self.weights.weights, mode, run)
         policy = self._generation_policy(policy, speed, tolerance, run, consistency)
         sampling = sampling_options(
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         config = GenerationConfig(max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, *engine.settings)
         if runs_continuous(self.network, rows, config, mode, spec):
-            result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch)
+            drafts = self.weights.weights != "native"  # as native_lossless
+            result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch, drafts)
             return replace(self._with_texts(result), decoding=decoding)
         if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
-        return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
+        decoding = run.description if run else policy.describe()
+        stored = run is not None and run.spec is not None and "measured" in run.description
+        note = format_note(self.weights.weights, knob=speed is not None or tolerance is not None, stored_setting=stored)
+        return replace(self._with_texts(result), decoding=decoding + note)
 
     def _generation_policy(
         self,

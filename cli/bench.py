@@ -85,10 +85,11 @@ Examples:
     help="Directory for bench.json and bench.md (a scratch directory by default; the committed reports in "
     "benchmarks/results are written by make reports).",
 )
-def bench_command(
+def bench_command(  # long: one parameter per option of calm bench
     model_name: str,
     device: str,
     dtype: str | None,
+    weights: str | None,
     data: str | None,
     field_document: str,
     batch_sizes: tuple[int, ...],
@@ -119,7 +120,7 @@ def bench_command(
     from calm.eval.reporting import machine_info
 
     documents = _documents(data, field_document, max(batch_sizes))
-    model = load_model(model_name, device, dtype)
+    model = load_model(model_name, device, dtype, weights)
     policies, decay_tau = knob_specs(model, policies, decay_tau, **knob)  # type: ignore[arg-type]
     policies = speculative_specs(model, policies, mode, lossless, draft_layer, max_draft, lookup)
     config = BenchConfig(

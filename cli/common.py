@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from calm.model import CalmModel
 
 
-def load_model(name: str, device: str | None, dtype: str | None) -> CalmModel:
+def load_model(name: str, device: str | None, dtype: str | None, weights: str | None = None) -> CalmModel:
     """CalmModel.from_pretrained(name) without transformers' warnings and progress bars."""
     from transformers.utils import logging as hf_logging
 
@@ -20,7 +20,7 @@ def load_model(name: str, device: str | None, dtype: str | None) -> CalmModel:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return CalmModel.from_pretrained(name, device=device, dtype=dtype)
+    return CalmModel.from_pretrained(name, device=device, dtype=dtype, weights=weights)
 
 
 def command_line() -> str:

@@ -97,7 +97,9 @@ as several processes, it shards the documents; process 0 writes the report.
     show_default=True,
     help="Reuse outputs cached in --out by an earlier (interrupted) run, or start over.",
 )
-def eval_command(model_name: str, device: str, dtype: str | None, out: str, resume: bool, **options: Any) -> None:
+def eval_command(
+    model_name: str, device: str, dtype: str | None, weights: str | None, out: str, resume: bool, **options: Any
+) -> None:
     """Sweep exit thresholds and score quality against speed.
 
     For the full model, each threshold (adaptive exits; the calibration's τ by default), each static exit,
@@ -118,7 +120,7 @@ def eval_command(model_name: str, device: str, dtype: str | None, out: str, resu
         require_summary=True,
         limit=config.limit,
     )
-    model = load_model(model_name, eval_device(device), dtype)
+    model = load_model(model_name, eval_device(device), dtype, weights)
     with progress_bar("eval") as update:
         report = run_eval(model, records, config, out, resume=resume, command=command_line(), progress=update)
     if report is not None:
@@ -229,6 +231,7 @@ def calibrate_command(
     model_name: str,
     device: str,
     dtype: str | None,
+    weights: str | None,
     data: str,
     field_document: str,
     delta: float,
@@ -275,7 +278,7 @@ def calibrate_command(
     )
     check_target(out, overwrite)
     records = read_jsonl(data, document_field=field_document, limit=limit)
-    model = load_model(model_name, eval_device(device), dtype)
+    model = load_model(model_name, eval_device(device), dtype, weights)
     with progress_bar("calibrating") as update:
         run = calibrate(model, records, config, work_dir or f"{out}/calibration-work", resume, update)
     if run is None:

@@ -34,6 +34,7 @@ class Run:
     model_name: str
     device: str
     dtype: str | None
+    weights: str | None
     knobs: Knobs
     sampling: SamplingConfig
     max_new_tokens: int
@@ -151,7 +152,7 @@ def summarize(
         raise InputError("--no-truncate refuses cut documents and --max-doc-tokens asks for cuts: give one of them")
     run = Run.from_options(options)
     records = load_documents(file, text, document_field=field_document, limit=limit)
-    model = load_model(run.model_name, run.device, run.dtype)
+    model = load_model(run.model_name, run.device, run.dtype, run.weights)
     try:
         prompts = document_prompts(model, records, run.max_new_tokens, template, max_doc_tokens, not no_truncate)
     except InputError as exc:
@@ -188,7 +189,7 @@ def generate(prompts: tuple[str, ...], chat: bool | None, **options: Any) -> Non
 
     run = Run.from_options(options)
     records = [Record(id=str(i + 1), document=_prompt_text(p)) for i, p in enumerate(prompts)]
-    model = load_model(run.model_name, run.device, run.dtype)
+    model = load_model(run.model_name, run.device, run.dtype, run.weights)
     fmt = PromptFormat.for_model(model, run.max_new_tokens, chat=chat)
     named = [(f"prompt {r.id}" if len(records) > 1 else "the prompt", r.document) for r in records]
     fitted = fit_prompts(fmt, named, PromptTemplate(PLACEHOLDER), truncate=False)
@@ -352,6 +353,7 @@ class Decoding:
 def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     """How the run decodes: calm's knob, or the lossless run of calm.speculative.lossless where the mode is
     lossless or speculative (--measure and --threshold then set the draft controller)."""
+    from calm.checkpoints.native import format_note
     from calm.errors import InputError
     from calm.exits.policy import ExitPolicy
     from calm.speculative.lossless import resolve_mode
@@ -363,12 +365,17 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     )
     if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
         return Decoding(False, ExitPolicy.never(), f"full model (exact) on the {run.engine.spec} engine")
+    weights = model.weights.weights  # a stored measurement taken on float32 weights says so on others
     if lossless_run is None:
-        return Decoding(False, *knobs.resolve(model))
+        policy, source = knobs.resolve(model)
+        knob = knobs.speed is not None or knobs.tolerance is not None
+        return Decoding(False, policy, source + format_note(weights, knob=knob, stored_setting=False))
     if knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
     speculative = SpeculativeOptions.running(lossless_run.spec)
-    return Decoding(True, lossless_run.policy, lossless_run.description, speculative)
+    stored = lossless_run.spec is not None and "measured" in lossless_run.description
+    source = lossless_run.description + format_note(weights, knob=False, stored_setting=stored)
+    return Decoding(True, lossless_run.policy, source, speculative)

@@ -5,7 +5,7 @@ adapter's config (the heads and adapter weights are not loaded)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,9 @@ from calm.checkpoints.checkpoint import (
     read_config,
 )
 from calm.checkpoints.loading import load_backbone
-from calm.errors import CheckpointError
+from calm.checkpoints.native import gguf_file, peak_rss_bytes, to_native, weight_bytes
+from calm.engine.quantized import native_available
+from calm.errors import CheckpointError, InputError
 from calm.eval.reporting import format_speedup
 from calm.exits.heads import HeadsConfig
 
@@ -51,6 +53,8 @@ class ModelInfo:
     heads: HeadsConfig | None = None
     calibration: CalibrationTable | None = None
     adapter: dict | None = None
+    memory: tuple[tuple[str, int], ...] = ()  # (weight format, bytes resident)
+    peak_rss: int = 0  # the process's peak resident memory after loading (and converting) the backbone
 
 
 def describe(name_or_path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
@@ -63,12 +67,28 @@ def describe(name_or_path: str | Path, device: str | torch.device | None = None)
             arch = adapter_for(model)
             load_heads(name, config.heads, arch.num_layers, arch.hidden_size)
         kind = config.backbone_kind or backbone_kind(config.backbone, name)
-        return _info(name, model, config.backbone, kind, Path(name), config)
+        info = _info(name, model, config.backbone, kind, Path(name), config)
+        return _with_memory(info, model, backbone_location(name, config))
     checkpoint = default_checkpoint(name)
     model = load_backbone(name, device=device).model
-    return _info(
+    info = _info(
         name, model, name, backbone_kind(name), checkpoint, read_config(checkpoint) if checkpoint is not None else None
     )
+    return _with_memory(info, model, name)
+
+
+def _with_memory(info: ModelInfo, model: PreTrainedModel, source: str) -> ModelInfo:
+    """The weights' resident bytes as loaded, and for a GGUF backbone also on its native blocks (the model
+    is converted in place), with the process's peak resident memory."""
+    memory = [(str(model.dtype).removeprefix("torch."), weight_bytes(model))]
+    gguf = gguf_file(source)
+    if gguf is not None and native_available() and model.device.type == "cpu":
+        try:
+            to_native(model, gguf)
+            memory.append(("native", weight_bytes(model)))
+        except (InputError, CheckpointError) as exc:
+            memory.append((f"native refused: {exc}", 0))
+    return replace(info, memory=tuple(memory), peak_rss=peak_rss_bytes())
 
 
 def _info(
@@ -123,8 +143,16 @@ def summary_fields(info: ModelInfo) -> list[tuple[str, str]]:
         ("checkpoint", info.checkpoint or "none (no exit heads, no calibration)"),
         ("exit heads", _heads_text(info.heads)),
         ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter)),
+        ("weights resident", _memory_text(info)),
     ]
     return rows + _calibration_fields(info.calibration)
+
+
+def _memory_text(info: ModelInfo) -> str:
+    """Each weight format's resident bytes, and the peak while loading."""
+    formats = [f"{name} {size / 1e6:.0f} MB" if size else name for name, size in info.memory]
+    peak = f"; peak resident memory while loading {info.peak_rss / 1e6:.0f} MB (this process)" if info.peak_rss else ""
+    return ", ".join(formats) + peak
 
 
 def _heads_text(heads: HeadsConfig | None) -> str:

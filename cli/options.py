@@ -151,6 +151,13 @@ def model_options(f: F) -> F:
         help="Weight dtype (default: float32).",
     )(f)
     f = click.option(
+        "--weights",
+        type=click.Choice(["auto", "native", "float32", "bfloat16"]),
+        default=None,
+        help="Weight format (default: auto, the format measured fastest for this checkpoint, else float32). "
+        "native: compute on a GGUF file's own 4-bit blocks (docs/weights.md).",
+    )(f)
+    f = click.option(
         "--device", type=Device(), default="auto", show_default=True, help=f"Torch device: {DEVICE_HELP}."
     )(f)
     return click.option(

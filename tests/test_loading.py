@@ -1,6 +1,6 @@
 import pytest
 
-from calm.checkpoints.loading import HUB_ID, _gguf_cache_path, cache_dir, load_backbone, smollm2_gguf
+from calm.checkpoints.loading import HUB_ID, cache_dir, gguf_cache_path, load_backbone, smollm2_gguf
 from calm.errors import ModelNotFoundError
 
 
@@ -14,8 +14,8 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x")
-    assert _gguf_cache_path(gguf) == _gguf_cache_path(gguf)  # stable key
-    assert _gguf_cache_path(gguf).parent == tmp_path / "gguf"
+    assert gguf_cache_path(gguf) == gguf_cache_path(gguf)  # stable key
+    assert gguf_cache_path(gguf).parent == tmp_path / "gguf"
 
 
 @pytest.mark.parametrize(
@@ -78,5 +78,5 @@ def test_the_gguf_cache_is_keyed_by_content_not_by_install(monkeypatch, tmp_path
     for file, content in ((first, b"same bytes"), (second, b"same bytes"), (other, b"other bytes")):
         file.parent.mkdir()
         file.write_bytes(content)
-    assert _gguf_cache_path(first) == _gguf_cache_path(second) != _gguf_cache_path(other)
-    assert _gguf_cache_path(first) == _gguf_cache_path(first)  # remembered, same answer
+    assert gguf_cache_path(first) == gguf_cache_path(second) != gguf_cache_path(other)
+    assert gguf_cache_path(first) == gguf_cache_path(first)  # remembered, same answer

@@ -299,8 +299,10 @@ class LlamaAdapter(Adapter):
 
     def kv_layers(self, first: int, x_source: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [n, B, H_kv, T, D_head] of layers first..L-1 from one hidden state, as one batched matmul."""
-        if not self.fuse_kv_layers or getattr(self.layers[0].self_attn, "k_norm", None) is not None:
-            return super().kv_layers(first, x_source, ctx)
+        attn = self.layers[0].self_attn if self.fuse_kv_layers else None
+        plain = all(type(getattr(attn, p, None)) is torch.nn.Linear for p in ("k_proj", "v_proj"))
+        if not plain or getattr(attn, "k_norm", None) is not None:
+            return super().kv_layers(first, x_source, ctx)  # layer by layer, through the modules as they are
         norm_w, kv_w, kv_b = self._stacked_kv()
         b, t, d = x_source.shape
         eps = self.layers[0].input_layernorm.variance_epsilon

@@ -185,7 +185,7 @@ def gguf_content_hash(gguf: Path) -> str:
     return key
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
+def gguf_cache_path(gguf: Path) -> Path:
     """The converted weights of a GGUF file, keyed by its content: every install of the same file (a second
         virtualenv, a copy elsewhere) shares one copy. To clear it, delete cache_dir()/gguf ($CALM_CACHE_DIR/gguf,
     else ~/.cache/calm/gguf on Linux): the next load converts again (a few seconds)."""
@@ -194,7 +194,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
 
 def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Dequantise a GGUF once (slow), keep it as safetensors, and load from there afterwards (fast)."""
-    cached = _gguf_cache_path(gguf)
+    cached = gguf_cache_path(gguf)
     if not (cached / "config.json").is_file():
         _convert_gguf(gguf, cached)
     try:

@@ -6,6 +6,11 @@ the argmax is needed, so `CertifiedArgmax` scores the vocabulary with a bfloat16
 (half the bytes), bounds each score's rounding error, and recomputes in float32 only the few
 tokens whose bound reaches the best guaranteed score. The result is the float32 argmax: a token
 is skipped only when its exact logit is provably below another's.
+
+A native head (calm.engine.quantized.QuantizedLinear) is scored the same way: its int4 kernel rounds the
+activations, the block scales and its output to bfloat16 (at most 2^-8 + 2^-9 of sum |w x| in all, under
+REL_ERROR), and the candidates are recomputed in float32 on their dequantised rows, the float32 weights
+themselves: the argmax is the float32 model's for the same final state.
 """
 
 from __future__ import annotations
@@ -13,34 +18,58 @@ from __future__ import annotations
 import torch
 
 from calm.engine.kernels import linear
+from calm.engine.quantized import QuantizedLinear
 
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
 # of x (2^-8 each, relative), their product, and float32 accumulation over <= 8192 terms, with margin.
 REL_ERROR = 0.0125
 
 
+NORM_CHUNK = 4096  # rows of a native head dequantised at a time for its row norms
+
+
 class CertifiedArgmax:
-    def __init__(self, weight: torch.Tensor):
-        """weight: the LM head [V, D] (float32); the head must be a plain linear map without bias."""
+    def __init__(self, weight: torch.Tensor | None, native: QuantizedLinear | None = None):
+        """weight: the LM head [V, D] (float32), or native: a QuantizedLinear head; without bias."""
         self.weight = weight
-        self.low = weight.detach().to(torch.bfloat16)  # [V, D]
-        self.row_norms = weight.detach().float().norm(dim=1)  # [V]
+        self.native = native
+        if native is not None:
+            chunks = range(0, native.out_features, NORM_CHUNK)
+            rows = [torch.arange(i, min(i + NORM_CHUNK, native.out_features)) for i in chunks]
+            self.row_norms = torch.cat([native.dequantize_rows(r).norm(dim=1) for r in rows])  # [V]
+        else:
+            assert weight is not None
+            self.low = weight.detach().to(torch.bfloat16)  # [V, D]
+            self.row_norms = weight.detach().float().norm(dim=1)  # [V]
 
     @classmethod
     def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:
-        """One for a float32 nn.Linear head without bias; None where it would not pay off."""
+        """One for a float32 nn.Linear or a native head without bias; None where it would not pay off."""
+        if isinstance(head, QuantizedLinear) and head.bias is None:
+            return cls(None, native=head)
         if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
             return None
         return cls(head.weight)
 
+    def _approx(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.int4(x)
+        return linear(x.to(torch.bfloat16), self.low).float()
+
+    def _rows(self, cols: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.dequantize_rows(cols)
+        assert self.weight is not None
+        return self.weight.index_select(0, cols)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D]: the LM head's input (after the final norm) -> argmax of x @ weight.T, [R]."""
         x = x.float()
-        approx = linear(x.to(torch.bfloat16), self.low).float()  # [R, V]
+        approx = self._approx(x)  # [R, V]
         bound = REL_ERROR * x.norm(dim=1, keepdim=True) * self.row_norms  # [R, V]
         best_floor = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = (approx + bound >= best_floor).nonzero(as_tuple=True)  # candidates
-        exact = (self.weight.index_select(0, cols) * x.index_select(0, rows)).sum(-1)  # [C]
+        exact = (self._rows(cols) * x.index_select(0, rows)).sum(-1)  # [C]
         scores = torch.full_like(approx, float("-inf"))
         scores[rows, cols] = exact
         return scores.argmax(dim=1)

@@ -1,0 +1,257 @@
+"""Native 4-bit weights: GGUF blocks (Q4_0, Q4_1, Q8_0) read, computed on, and loaded with weights="native".
+
+Tolerance of the int4 kernel: it rounds the activations, the block scales and its output to bfloat16, at most
+2^-8 + 2^-9 of sum_i |w_i x_i| in all; the tests allow REL_ERROR (0.0125, calm.engine.lm_head) of |w_row| |x|.
+Dequantisation, the embedding and the many-row (float32) path are exact up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from calm import CalmModel
+from calm.checkpoints.checkpoint import store_extra
+from calm.checkpoints.gguf_blocks import block_cache_path, parse_blocks
+from calm.checkpoints.native import WEIGHTS_KEY, choose_weights
+from calm.engine.lm_head import REL_ERROR
+from calm.engine.quantized import FLOAT_FROM_ROWS, FORMATS, QuantBlocks, QuantizedEmbedding, QuantizedLinear
+from calm.errors import InputError
+from calm.exits.policy import ExitPolicy
+from helpers import assert_clean_error, invoke, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = {name: GGMLQuantizationType[name] for name in FORMATS}
+
+
+def _blocks(kind: str, out: int, width: int, seed: int = 0) -> tuple[QuantBlocks, np.ndarray]:
+    """Random weights quantized by the gguf package, parsed back: (blocks, gguf's own dequantisation)."""
+    rng = np.random.default_rng(seed)
+    raw = quantize(rng.normal(0, 0.5, (out, width)).astype(np.float32), KINDS[kind])
+    return parse_blocks(kind, raw, width), dequantize(raw, KINDS[kind])
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+@pytest.mark.parametrize("shape", [(64, 32), (100, 96), (192, 64)])  # rows not a multiple of 64 are padded
+def test_native_matmul_equals_dequantised(kind, shape):
+    blocks, reference = _blocks(kind, *shape)
+    weight = blocks.dequantize()
+    assert torch.equal(weight, torch.from_numpy(reference))  # bit-exact with gguf's dequantisation
+    linear = QuantizedLinear(blocks)
+    assert torch.equal(linear.dequantize(), weight)
+    for rows in (1, 3, 5):
+        x = torch.randn(rows, shape[1])
+        exact = x @ weight.T
+        bound = REL_ERROR * x.norm(dim=1, keepdim=True) * weight.norm(dim=1)
+        assert ((linear(x) - exact).abs() <= bound).all()
+    x = torch.randn(2, FLOAT_FROM_ROWS, shape[1])  # many rows: float32 on the dequantised weight
+    torch.testing.assert_close(linear(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[0, shape[0] - 1], [33, 63]])
+    assert torch.equal(QuantizedEmbedding(linear)(ids), weight[ids])
+
+
+def test_block_rows_permute_whole():
+    blocks, _ = _blocks("Q4_1", 64, 64)
+    order = torch.randperm(64)
+    assert torch.equal(blocks.permute_rows(order).dequantize(), blocks.dequantize()[order])
+
+
+def test_blocks_refuse_bad_shapes():
+    with pytest.raises(InputError, match="split into 32s"):
+        QuantBlocks("Q4_0", torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.float16))
+    with pytest.raises(InputError, match="unsupported block format"):
+        QuantBlocks("Q5_K", torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 1, dtype=torch.float16))
+
+
+# ---- a tiny GGUF written here ----------------------------------------------------------------------
+
+
+def _rope_order(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (its converter's permute), which transformers undoes on load."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, layers: int = 2) -> Path:
+    """tiny_llama's weights as a llama GGUF, every format in play: Q8_0 embedding, Q4_0/Q4_1/Q8_0 layers."""
+    model = tiny_llama(layers=layers)
+    cfg, sd = model.config, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_scores([0.0] * cfg.vocab_size)
+    w.add_token_merges([])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(0)
+
+    def add(name: str, array: np.ndarray, kind: str) -> None:
+        w.add_tensor(name, quantize(array.astype(np.float32), KINDS[kind]), raw_dtype=KINDS[kind])
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"], "Q8_0")
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", _rope_order(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads), "Q4_1")
+        add(f"blk.{i}.attn_k.weight", _rope_order(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads), "Q4_0")
+        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], "Q8_0")
+        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], "Q4_1")
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], "Q4_0")
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], "Q4_1")
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], "Q8_0")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> str:
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.Q4.gguf"))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CALM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "calm-cache"))
+
+
+PROMPT = [[2, 5, 6, 7, 8, 9, 5, 6, 7]]
+
+
+def test_tiny_gguf_loads_native(tiny_gguf):
+    model = CalmModel.from_pretrained(tiny_gguf, weights="native")
+    assert model.weights.weights == "native"
+    layer = model.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear) and layer.self_attn.k_proj.kind == "Q4_0"
+    assert isinstance(model.model.get_input_embeddings(), QuantizedEmbedding)
+    assert block_cache_path(Path(tiny_gguf)).is_file()
+    again = CalmModel.from_pretrained(tiny_gguf, weights="native")  # from the block cache
+    for a, b in zip(model.model.modules(), again.model.modules()):
+        if isinstance(a, QuantizedLinear):
+            assert torch.equal(a.dequantize(), b.dequantize())
+
+
+def test_native_generates_on_every_engine(tiny_gguf):
+    model = CalmModel.from_pretrained(tiny_gguf, weights="native")
+    full = model.generate(PROMPT, max_new_tokens=10, mode="calm", engine="dynamic").token_ids
+    assert model.generate(PROMPT, max_new_tokens=10, mode="calm", engine="static").token_ids == full
+    assert model.generate(PROMPT, max_new_tokens=10, mode="calm", engine="static", compile="eager").token_ids == full
+    exits = model.generate(PROMPT, max_new_tokens=10, policy=ExitPolicy(measure="softmax", threshold=0.05))
+    assert len(exits.token_ids[0]) == 10 and min(exits.exit_layers[0][1:]) < model.num_layers
+    for options in ({"draft_layer": 1}, {"draft_layer": 1, "lookup": True}, {"draft_layer": 0}):
+        lossless = model.generate(PROMPT, max_new_tokens=10, mode="speculative", max_draft=3, **options)
+        assert lossless.token_ids == full, options  # lossless on native weights: the native full model's tokens
+    rows = model.generate([PROMPT[0], PROMPT[0][:4]], max_new_tokens=6, mode="calm").token_ids
+    assert rows[0] == full[0][:6]
+
+
+def test_native_agrees_with_float32_on_tiny(tiny_gguf):
+    native = CalmModel.from_pretrained(tiny_gguf, weights="native").generate(PROMPT, max_new_tokens=6, mode="calm")
+    exact = CalmModel.from_pretrained(tiny_gguf, weights="float32").generate(PROMPT, max_new_tokens=6, mode="calm")
+    assert native.token_ids[0][:3] == exact.token_ids[0][:3]  # the LM head's argmax is certified exact
+
+
+def test_native_refused_on_float_checkpoint(tiny_model):
+    with pytest.raises(InputError, match="16/32-bit checkpoint"):
+        CalmModel.from_pretrained(tiny_model, weights="native")
+    assert_clean_error(invoke("generate", "--model", tiny_model, "--weights", "native", "a cat"), "16/32-bit")
+
+
+def test_weights_and_dtype_must_agree(tiny_gguf):
+    with pytest.raises(InputError, match="disagree"):
+        CalmModel.from_pretrained(tiny_gguf, weights="float32", dtype="bfloat16")
+    with pytest.raises(InputError, match="unknown weights"):
+        CalmModel.from_pretrained(tiny_gguf, weights="int3")
+    with pytest.raises(InputError, match="drop dtype"):
+        CalmModel.from_pretrained(tiny_gguf, weights="native", dtype="bfloat16")
+
+
+def _stored(fastest: str) -> dict:
+    measured = {"fastest": fastest, "decode_ms": {"float32": 60.0, "native": 25.0}, "report": "r.md"}
+    return {WEIGHTS_KEY: {"cpu": measured}}
+
+
+def test_auto_follows_the_stored_measurement(tiny_gguf, tiny_model):
+    assert choose_weights("auto", None, tiny_gguf, None, _stored("native")).weights == "native"
+    assert choose_weights(None, None, tiny_gguf, None, _stored("float32")).weights == "float32"
+    assert choose_weights("auto", None, tiny_gguf, None, None).weights == "float32"  # nothing stored
+    assert choose_weights("auto", None, tiny_model, None, _stored("native")).weights == "float32"  # no blocks
+    assert choose_weights("auto", torch.bfloat16, tiny_gguf, None, _stored("native")).weights == "bfloat16"
+    with pytest.raises(InputError, match="unreadable"):
+        choose_weights("auto", None, tiny_gguf, None, {WEIGHTS_KEY: {"cpu": {"fastest": "native"}}})
+
+
+def test_auto_on_a_checkpoint_with_a_stored_measurement(tiny_gguf, tmp_path):
+    CalmModel.from_pretrained(tiny_gguf, weights="float32").save_pretrained(tmp_path / "ckpt")
+    assert CalmModel.from_pretrained(tmp_path / "ckpt").weights.weights == "float32"
+    store_extra(tmp_path / "ckpt", WEIGHTS_KEY, _stored("native")[WEIGHTS_KEY])
+    model = CalmModel.from_pretrained(tmp_path / "ckpt")
+    assert model.weights.weights == "native" and "stored choice" in model.weights.reason
+    assert isinstance(model.model.model.layers[0].mlp.up_proj, QuantizedLinear)
+
+
+def test_info_reports_resident_weights(tiny_gguf):
+    result = invoke("info", tiny_gguf)
+    assert result.exit_code == 0, result.output
+    assert "weights resident: float32" in result.output and ", native " in result.output
+    assert "peak resident memory while loading" in result.output
+
+
+# ---- the embedded model ---------------------------------------------------------------------------------
+
+SMOKE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "xsum" / "smoke.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOKE.is_file(), reason="../shared/data is not beside the repo")
+def test_smollm2_native_blocks_are_its_float32_weights_and_lossless_stays_exact():
+    """Every Q4_1 / Q8_0 block of the shipped GGUF dequantises to the float32 weight transformers loads (bit
+    for bit: checked in to_native, cached after); speculative decoding on native weights gives native full depth's
+    tokens on these two documents, and lossless (which does not draft on native weights) does too."""
+    from calm.prompts.documents import read_jsonl
+    from calm.prompts.templates import summary_prompt, truncate_document
+
+    float32 = CalmModel.from_pretrained("smollm2", weights="float32")
+    native = CalmModel.from_pretrained("smollm2", weights="native")
+    modules = native.model.named_modules(remove_duplicate=False)  # the LM head is also the embedding's table
+    swapped = {n: m for n, m in modules if isinstance(m, QuantizedLinear)}
+    assert len({id(m) for m in swapped.values()}) == 30 * 7 + 1 and swapped["lm_head"].kind == "Q8_0"
+    assert native.model.get_input_embeddings().table is swapped["lm_head"]
+    weights = dict(float32.model.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.29.self_attn.k_proj", "lm_head"):
+        assert torch.equal(swapped[name].dequantize(), weights[name].weight)
+    docs = read_jsonl(SMOKE, limit=2)
+    prompts = [summary_prompt(truncate_document(native.tokenizer, d.document, 256)) for d in docs]
+    for prompt in prompts:
+        full = native.generate([prompt], max_new_tokens=24, mode="calm")
+        drafted = native.generate([prompt], max_new_tokens=24, mode="speculative")  # exact here, not always
+        assert drafted.speculative is not None and drafted.token_ids == full.token_ids
+        lossless = native.generate([prompt], max_new_tokens=24)  # lossless does not draft on native weights
+        assert lossless.speculative is None and "native weights" in lossless.decoding
+        assert lossless.token_ids == full.token_ids
+
+
+def test_float32_measurements_say_so_on_other_weights():
+    from calm.checkpoints.native import format_note
+
+    assert format_note("float32", knob=True, stored_setting=True) == ""
+    assert "calibration was measured on float32" in format_note("native", knob=True, stored_setting=False)
+    assert "speculative setting" in format_note("native", knob=False, stored_setting=True)
+    assert format_note("native", knob=False, stored_setting=False) == ""
