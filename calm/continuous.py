@@ -67,7 +67,7 @@ def describe(lossless: bool, slots: int, drafter: LosslessDrafter | None, policy
     if not lossless:
         return f"{policy.describe()}; {batching}"
     if drafter is None:
-        return f"full model (lossless; no stored measurement finds speculative decoding faster); {batching}"
+        return f"full model (lossless: no stored speculative measurement pays for any row count); {batching}"
     rows = f"while at most {drafter.most_rows} rows are live, else the full model"
     return f"lossless: {drafter.describe()} {rows}; {batching}"
 

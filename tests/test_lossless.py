@@ -219,7 +219,7 @@ def test_summarize_lossless_and_speculative_give_the_full_models_summaries(tiny_
         assert "looked up in the context" in with_lookup.stderr
     lossless = invoke(*args, "--lossless")
     assert lossless.exit_code == 0 and lossless.stdout == full.stdout
-    assert "full model (lossless; no speculative measurement" in lossless.stderr
+    assert "full model (lossless: no stored speculative measurement pays" in lossless.stderr
 
 
 def test_summarize_lossless_bad_switches(tiny_model):
