@@ -180,5 +180,8 @@ class ChatRequest(Sampling):
 def field_name(loc: tuple | list) -> str:
     """A pydantic error location as a dotted field name (without "body" and the union branch names)."""
     parts = [str(p) for p in loc if p != "body"]
-    keep = [p for p in parts if not (p.startswith(("list[", "str", "int", "function-")) or p in ("TextPart",))]
+    keep = [p for p in parts if p not in UNION_TAGS and not p.startswith(("list[", "function-"))]
     return ".".join(keep) or "body"
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "TextPart"}  # the branch names pydantic puts in a union's location

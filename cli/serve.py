@@ -1,0 +1,62 @@
+"""`calm serve`: the OpenAI-compatible server (calm.serving) on a host and port."""
+
+from __future__ import annotations
+
+import click
+
+from calm.cli.common import load_model
+from calm.cli.options import model_options
+
+
+@click.command(
+    "serve",
+    epilog="""\b
+Examples:
+  calm serve                                   # smollm2 on http://127.0.0.1:8000/v1
+  calm serve --port 8080 --max-batch 16 --max-queue 128
+  calm serve --model ./my-heads --host 0.0.0.0 # listen on every interface (put a proxy in front)
+""",
+)
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests decoding together (continuous batching).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Requests waiting for a slot; beyond that a request gets 429 with Retry-After.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight requests get to finish on SIGTERM before they are cancelled.",
+)
+def serve_command(
+    model_name: str,
+    device: str,
+    dtype: str | None,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_queue: int,
+    shutdown_timeout: float,
+) -> None:
+    """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health)
+    with continuous batching; each request picks lossless or early-exit decoding in its `calm` object.
+    Docs: docs/serving.md."""
+    from calm.serving import ServeConfig, Server
+
+    config = ServeConfig(host, port, max_batch, max_queue, model_name, shutdown_timeout)
+    server = Server(load_model(model_name, device, dtype), config)
+    click.echo(f"calm serve: {model_name} on http://{host}:{port}/v1 (max batch {max_batch})", err=True)
+    server.run()
