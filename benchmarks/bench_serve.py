@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,8 @@ def markdown(report: dict) -> str:
         f"Load before: `{report['uptime_before']}`; after: `{report['uptime_after']}` (2 cores shared with other "
         "agents: absolute times are noisy, ratios within a rate less so).",
         "",
-        f"Requests per rate: {', '.join(str(r['requests']) for r in report['rates'])} (the first test documents), XSum test documents cut to {report['settings']['max_doc_tokens']} tokens in the summary prompt "
+        f"Requests per rate: {', '.join(str(r['requests']) for r in report['rates'])} (the first XSum test "
+        f"documents), documents cut to {report['settings']['max_doc_tokens']} tokens in the summary prompt "
         f"(chat template), {report['settings']['new_tokens']} new tokens at most, greedy, streamed. One request "
         f"alone took {report['solo_s']:.2f} s (median of 3) on the max-batch-1 server. Static batching is a "
         "client-side emulation: groups of 8 in arrival order, each sent when its last request has arrived and the "
@@ -284,7 +285,10 @@ def main() -> None:
                 started = time.perf_counter()
                 outcomes = asyncio.run(run_way(port, prompts[:n], arrivals, args.new_tokens, way == "static"))
                 ways[way] = summarize(outcomes)
-                print(f"rate {rate:.3f} {way}: {json.dumps(ways[way])} ({time.perf_counter() - started:.0f} s)", flush=True)
+                print(
+                    f"rate {rate:.3f} {way}: {json.dumps(ways[way])} ({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
             results.append({"rate": rate, "requests": n, "ways": ways})
     finally:
         for server in servers:

@@ -33,7 +33,7 @@ LAZY_COMMANDS = {
         "calm.cli.train",
         "train_command",
         "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint.",
-    )
+    ),
 }
 
 

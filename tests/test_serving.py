@@ -116,8 +116,7 @@ def solo_run(model, prompt: str, budget: int, calm: dict | None, seed: int | Non
 def test_16_concurrent_requests_each_equal_their_solo_run(server, model):
     """Requests with their own calm settings, budgets and (two of them) seeded sampling share the batch."""
     cases = [
-        (DOCS[i % 4]["document"], 4 + 3 * (i % 5), SETTINGS[i % 4], 7 + i if i in (5, 11) else None)
-        for i in range(16)
+        (DOCS[i % 4]["document"], 4 + 3 * (i % 5), SETTINGS[i % 4], 7 + i if i in (5, 11) else None) for i in range(16)
     ]
     solos = [solo_run(model, *case) for case in cases]
     assert {round(s.avg_layers, 2) for s in solos} != {4.0}, "no request exited early: the settings do not differ"

@@ -121,7 +121,8 @@ def test_a_full_queue_gets_429_with_retry_after_and_recovers(model):
         slow_down(server, 0.01)
         client = OpenAI(base_url=base_url(server), api_key="none", max_retries=0)
         streams = [
-            client.completions.create(model=MODEL, prompt="team won game", max_tokens=100, stream=True) for _ in range(2)
+            client.completions.create(model=MODEL, prompt="team won game", max_tokens=100, stream=True)
+            for _ in range(2)
         ]  # one running, one waiting: the server is full
         code, headers, body = post(server, "/v1/completions", GOOD)
         assert code == 429 and int(headers["retry-after"]) >= 1

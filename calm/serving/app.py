@@ -109,7 +109,9 @@ async def answer(
 ) -> Response:
     model, engine, name = app.state.model, app.state.engine, app.state.model_name
     if body.model is not None and body.model != name:
-        raise ServingError(f"model {body.model!r} is not served here; this server serves {name!r}", 404, "model", "not_found_error")
+        raise ServingError(
+            f"model {body.model!r} is not served here; this server serves {name!r}", 404, "model", "not_found_error"
+        )
     try:
         prepared = prepare(model, body, ids, default_budget)
     except CalmError as exc:

@@ -6,7 +6,7 @@ Everything a request can get wrong is found here, before it reaches the engine t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from calm.engine.sampling import SamplingConfig
 from calm.engine.scheduler import Request
@@ -33,15 +33,16 @@ class Prepared:
 
 def completion_ids(model: CalmModel, body: CompletionRequest) -> list[int]:
     """/v1/completions: the prompt as given (no chat template); token ids must be in the vocabulary."""
-    if isinstance(body.prompt, str):
+    prompt = body.one_prompt()
+    if isinstance(prompt, str):
         if model.tokenizer is None:
             raise ServingError("this model has no tokenizer: send the prompt as token ids", param="prompt")
-        return prompt_ids(model.tokenizer, body.prompt, chat=False)
+        return prompt_ids(model.tokenizer, prompt, chat=False)
     vocab = model.adapter.vocab_size
-    bad = [t for t in body.prompt if not 0 <= t < vocab]
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
         raise ServingError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", param="prompt")
-    return list(body.prompt)
+    return list(prompt)
 
 
 def chat_ids(model: CalmModel, body: ChatRequest) -> list[int]:
@@ -51,7 +52,7 @@ def chat_ids(model: CalmModel, body: ChatRequest) -> list[int]:
         raise ServingError("this model has no chat template: use /v1/completions", param="messages")
     messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as exc:  # the template's own checks (e.g. roles that must alternate)
         raise ServingError(f"the chat template refused the messages: {exc}", param="messages") from None
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -6,7 +6,7 @@ Unknown fields are refused (400 naming the field), and so are OpenAI parameters 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -140,6 +140,10 @@ class CompletionRequest(Sampling):
                 raise ValueError("calm serve takes one prompt per request (send one request each)")
             return prompt[0]
         return prompt
+
+    def one_prompt(self) -> str | list[int]:
+        """The prompt, as text or token ids (the validator took the one prompt out of a list of one)."""
+        return cast("str | list[int]", self.prompt)
 
 
 class TextPart(Strict):

@@ -38,7 +38,11 @@ class Progress:
 
     def usage(self) -> dict:
         prompt = self.prepared.prompt_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens, "total_tokens": prompt + self.completion_tokens}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+        }
 
     def calm(self) -> dict:
         tokens = self.completion_tokens

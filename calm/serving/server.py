@@ -51,7 +51,9 @@ class Server:
 
     def __init__(self, model: CalmModel, config: ServeConfig) -> None:
         if model.adapter.is_encoder_decoder:
-            raise InputError("calm serve runs decoder-only models (continuous batching); this one is an encoder-decoder")
+            raise InputError(
+                "calm serve runs decoder-only models (continuous batching); this one is an encoder-decoder"
+            )
         self.model, self.config = model, config
         self.engine = EngineLoop(lambda: build_scheduler(model, config.max_batch), config.max_batch, config.max_queue)
         self.app: FastAPI = create_app(model, self.engine, config.model_name)
