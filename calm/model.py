@@ -28,6 +28,7 @@ from calm.checkpoints.checkpoint import (
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
 from calm.checkpoints.loading import is_loadable, load_backbone
+from calm.continuous import DEFAULT_MAX_BATCH, continuous_generate, runs_continuous
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
@@ -238,6 +239,7 @@ class CalmModel:
         draft_layer: int | None = None,
         max_draft: int | None = None,
         lookup: bool | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> GenerationResult:
         """Generate for one prompt or a batch. Prompts are strings (the chat template is applied
         for instruct models unless chat=False), token ids (one list, or a list of lists), or a [B, T]
@@ -253,6 +255,11 @@ class CalmModel:
         drafts looked up in the prompt and output (calm.speculative.lookup); lookup=True: those first, else layer E's;
         SpeculativeOptions(candidates=N): N looked-up continuations per row verified at once (calm.speculative.tree).
 
+        Several prompts (decoder-only, dynamic engine, calm or lossless mode) run as a continuous batch of
+        max_batch slots (calm.engine.scheduler): each prompt is prefilled alone, at its own length, and the next
+        one takes the slot of a row that ended; each row's output is that of its solo run. Lossless rows draft
+        while the stored measurement says it pays for the rows live (calm.speculative.cycle).
+
         engine: "dynamic" (the host skips exited rows' work; the CPU default), "static" (no host sync
         inside a decode step; the GPU default) or "auto". compile: run the static step through
         torch.compile(fullgraph=True) (a string names the backend). sync_every: the static engine
@@ -261,8 +268,8 @@ class CalmModel:
         The options come in one object per concern, sampling= (SamplingConfig), engine= (EngineOptions, or
         just its name) and speculative= (SpeculativeOptions), or as the keyword shortcuts above; a shortcut
         given beside its object must agree with it (calm.options)."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_new_tokens < 1 or max_batch < 1:
+            raise InputError(f"max_new_tokens and max_batch must be >= 1, got {max_new_tokens} and {max_batch}")
         engine = engine_options(engine, compile=compile, sync_every=sync_every)
         spec = speculative_options(speculative, mode=mode, draft_layer=draft_layer, max_draft=max_draft, lookup=lookup)
         asked = policy is not None or speed is not None or tolerance is not None or engine.chosen
@@ -286,6 +293,9 @@ class CalmModel:
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         config = GenerationConfig(max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, *engine.settings)
+        if runs_continuous(self.network, batch, config, mode, spec):
+            result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch)
+            return replace(self._with_texts(result), decoding=decoding)
         if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)
         else:

@@ -132,7 +132,12 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("calm.speculative.*",),
     ("calm.checkpoints.*",),
     ("calm.prompts.*",),
-    ("calm.model", "calm.options", "calm"),  # the facade, its options, and the package root that exports it
+    (
+        "calm.continuous",
+        "calm.model",
+        "calm.options",
+        "calm",
+    ),  # the facade, its options, and the package root that exports it
     ("calm.bench",),
     ("calm.serving.*",),  # calm serve: the HTTP layer over the model facade and the scheduler
     ("calm.training.*",),

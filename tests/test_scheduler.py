@@ -13,6 +13,8 @@ from calm.engine.sampling import SamplingConfig
 from calm.engine.scheduler import Request, Scheduler
 from calm.errors import InputError, PolicyError
 from calm.exits.policy import ExitPolicy
+from calm.speculative.cycle import LosslessDrafter
+from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
 from test_parity import EOS, PAD, VARIANTS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,3 +161,57 @@ def test_encoder_decoders_are_refused():
     net = Network.build(adapter_for(build("t5-deeper-decoder-tied")))
     with pytest.raises(InputError, match="decoder-only"):
         Scheduler(net).add(Request((5, 6), 3))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied-bias-rope-scaled", "gpt_neox-sequential-tied", "gpt2-tied"])
+@pytest.mark.parametrize(
+    "spec", [SpeculativeConfig(0, 3), SpeculativeConfig(2, 2, lookup=True)], ids=["context", "hybrid"]
+)
+def test_speculative_cycles_while_few_rows_are_live_keep_every_row_exact(nets, name, spec):
+    """Drafting runs while at most 2 of 3 slots are live, the full model's step otherwise: every row is
+    still its solo full-model run, with rows joining and leaving between the two kinds of step."""
+    net = nets[name]
+    repetitive = [p + p[:4] + p for p in prompts()]  # something to look up
+    requests = [Request(tuple(p), n + 3 * i) for i, (p, n) in enumerate(zip(repetitive, BUDGETS))]  # a long tail
+    drafter = LosslessDrafter(net, spec, ALWAYS_DRAFT, slots=3, most_rows=2)
+    scheduler = Scheduler(net, max_batch=3, eos_token_ids=(EOS,), drafter=drafter)
+    together = {f.request_id: f.token_ids for f in scheduler.run(requests)}
+    assert scheduler.stats.speculative_steps > 0 and scheduler.stats.decode_steps > 0
+    assert drafter.stats().drafted > 0
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
+
+
+def test_sampling_or_exiting_rows_turn_drafting_off(nets):
+    net = nets["llama-mha-tied"]
+    drafter = LosslessDrafter(net, SpeculativeConfig(0, 3), ALWAYS_DRAFT, slots=2, most_rows=2)
+    scheduler = Scheduler(net, max_batch=2, eos_token_ids=(EOS,), drafter=drafter)
+    sampled = Request(tuple(prompts()[0]), 5, sampling=SamplingConfig(do_sample=True, seed=0))
+    exiting = Request(tuple(prompts()[1]), 5, ExitPolicy(measure="state", threshold=0.9))
+    list(scheduler.run([sampled, exiting]))
+    assert scheduler.stats.speculative_steps == 0
+
+
+def test_full_model_steps_after_rejected_drafts_keep_rows_exact(nets):
+    """Two rows draft (rejected drafts leave masked holes in the cache), then a third joins and the batch
+    runs the full model's step, which must attend around the holes."""
+    net = nets["gpt2-tied"]
+    drafter = LosslessDrafter(net, SpeculativeConfig(0, 3), ALWAYS_DRAFT, slots=3, most_rows=2)
+    scheduler = Scheduler(net, max_batch=3, eos_token_ids=(EOS,), drafter=drafter)
+    repetitive = [p + p for p in prompts()[:3]]
+    requests = [Request(tuple(p), 12) for p in repetitive]
+    scheduler.add(requests[0])
+    scheduler.add(requests[1])
+    streamed: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for _ in range(3):
+        for event in scheduler.step():
+            streamed[event.request_id] += event.tokens
+    assert scheduler.stats.speculative_steps == 3 and drafter.stats().drafted > drafter.stats().accepted
+    assert scheduler.batch.state.holes
+    scheduler.add(requests[2])
+    while scheduler.busy:
+        for event in scheduler.step():
+            streamed[event.request_id] += event.tokens
+    assert scheduler.stats.decode_steps > 0
+    for i, r in enumerate(requests):
+        assert tuple(streamed[i]) == solo(net, list(r.ids), 12, ExitPolicy.never())[0], f"request {i}"

@@ -25,9 +25,11 @@ from typing import Protocol
 import torch
 
 from calm.engine.decode import ExitPlan, Network, StepOutput, decode_one_token
+from calm.engine.generation import GenerationConfig, GenerationResult, Timings, resolve_engine
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.sampling import SamplingConfig
 from calm.engine.slots import SlotBatch
+from calm.engine.speculative_stats import SpeculativeStats
 from calm.errors import InputError, PolicyError
 from calm.exits.policy import ExitPolicy
 
@@ -104,10 +106,12 @@ class Drafter(Protocol):
 
     def wants(self, live_rows: int) -> bool: ...
 
+    def stats(self) -> SpeculativeStats: ...
+
     def joined(self, slot: int, prompt: list[int]) -> None: ...
 
     def cycle(
-        self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None]
+        self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
     ) -> list[list[int]]: ...
 
 
@@ -256,7 +260,8 @@ class Scheduler:
         assert self.drafter is not None
         self.batch.make_room(self.drafter.width)
         outputs = [row.tokens if row is not None else None for row in self.rows]
-        new = self.drafter.cycle(self.net, self.batch, self.pending, outputs)
+        budgets = [row.budget if row is not None else 0 for row in self.rows]
+        new = self.drafter.cycle(self.net, self.batch, self.pending, outputs, budgets)
         self.stats.speculative_steps += 1
         return [self._append(slot, new[slot], [self.net.num_layers] * len(new[slot])) for slot in live]
 
@@ -329,3 +334,38 @@ class Scheduler:
                 f"{sorted(self.plan.allowed)}"
             )
         self.plan = plan
+
+
+@torch.inference_mode()
+def generate_continuous(
+    net: Network,
+    prompts: list[list[int]],
+    policy: ExitPolicy,
+    config: GenerationConfig,
+    max_batch: int,
+    drafter: Drafter | None = None,
+) -> GenerationResult:
+    """Many prompts through one continuous batch of `max_batch` slots; the result in input order, as
+    generate_tokens gives it (timings: the scheduler's prefill and step time)."""
+    if resolve_engine(config, net.adapter.device) != "dynamic" or config.compile:
+        raise InputError("continuous batching runs the dynamic engine; the static engine batches with generate_tokens")
+    scheduler = Scheduler(
+        net, max_batch=max_batch, eos_token_ids=config.eos_token_ids, drafter=drafter, kernels=config.kernels
+    )
+    requests = [Request(tuple(p), config.max_new_tokens, policy, config.sampling) for p in prompts]
+    done = {f.request_id: f for f in scheduler.run(requests)}
+    rows = [done[i] for i in range(len(prompts))]
+    stats = scheduler.stats
+    timings = Timings(
+        prefill_s=stats.prefill_s,
+        decode_s=stats.decode_s,
+        new_tokens=sum(len(r.token_ids) for r in rows),
+        decode_tokens=sum(max(len(r.token_ids) - 1, 0) for r in rows),
+    )
+    return GenerationResult(
+        token_ids=tuple(r.token_ids for r in rows),
+        exit_layers=tuple(r.exit_layers for r in rows),
+        num_layers=net.num_layers,
+        timings=timings,
+        speculative=drafter.stats() if drafter is not None and stats.speculative_steps else None,
+    )

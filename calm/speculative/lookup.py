@@ -71,6 +71,12 @@ class BatchLookup:
         self.max_draft, self.adaptive = max_draft, adaptive
         self.lengths = [max_draft] * len(prompts)  # each row's current draft length
 
+    def reset(self, row: int, prompt: list[int]) -> None:
+        """A new request took row `row` (a continuous batch's slot): index its prompt, from the full draft length."""
+        self.indexes[row] = NgramIndex(prompt)
+        self.indexed[row] = 0
+        self.lengths[row] = self.max_draft
+
     def drafts(self, outputs: list[list[int]], limits: list[int]) -> list[list[int]]:
         """Each row's drafts, at most min(its draft length, limits[b]) tokens (0: none), from its prompt
         and outputs[b]."""

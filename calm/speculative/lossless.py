@@ -184,7 +184,7 @@ def resolve_mode(
     if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
         where = f"batch {measured_batch(model.extra, batch_size)}"
         measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
-    return ModeRun(spec, policy, f"speculative (lossless): {_drafts(spec, policy)}{measured}")
+    return ModeRun(spec, policy, f"speculative (lossless): {drafts_description(spec, policy)}{measured}")
 
 
 def _spec(
@@ -203,7 +203,7 @@ def _spec(
     return spec
 
 
-def _drafts(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
+def drafts_description(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
         several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
         return f"drafts looked up in the context, up to {spec.max_draft} per step{several}"

@@ -125,4 +125,5 @@ def rollback(state: DecodeState, d: Draft, acc: Accepted, live: torch.Tensor) ->
     state.cache.key_mask[:, d.start : d.start + keep.shape[1]] = keep
     state.cache.length = d.start + int(torch.where(live, acc.last, 0).max()) + 1  # host sync
     state.positions = state.positions + torch.where(live, acc.count + 1, 0)
+    state.holes = True
     return keep
