@@ -38,8 +38,11 @@ class EngineFailed(Exception):
     """The engine ended a request with an error (a failed step, or shutdown)."""
 
 
-def create_app(model: CalmModel, engine: EngineLoop, model_name: str) -> FastAPI:
-    """The FastAPI app over a model and its engine loop; the app starts and stops the loop."""
+def create_app(
+    model: CalmModel, engine: EngineLoop, model_name: str, lossless: str = "lossless: full model"
+) -> FastAPI:
+    """The FastAPI app over a model and its engine loop; the app starts and stops the loop. lossless: what a
+    lossless request runs, in words (calm.serving.server.lossless_decoding)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -49,6 +52,7 @@ def create_app(model: CalmModel, engine: EngineLoop, model_name: str) -> FastAPI
 
     app = FastAPI(title="calm serve", lifespan=lifespan)
     app.state.model, app.state.engine, app.state.model_name = model, engine, model_name
+    app.state.lossless = lossless
 
     @app.exception_handler(ServingError)
     async def refused(request: HttpRequest, exc: ServingError) -> JSONResponse:
@@ -113,7 +117,7 @@ async def answer(
             f"model {body.model!r} is not served here; this server serves {name!r}", 404, "model", "not_found_error"
         )
     try:
-        prepared = prepare(model, body, ids, default_budget)
+        prepared = prepare(model, body, ids, default_budget, app.state.lossless)
     except CalmError as exc:
         raise exc if isinstance(exc, ServingError) else ServingError(str(exc)) from None
     try:

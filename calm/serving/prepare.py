@@ -18,6 +18,7 @@ from calm.serving.protocol import ChatRequest, CompletionRequest, Sampling, Serv
 if TYPE_CHECKING:
     from calm.model import CalmModel
 
+LOSSLESS = "lossless: full model (exact)"
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -58,9 +59,11 @@ def chat_ids(model: CalmModel, body: ChatRequest) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def prepare(model: CalmModel, body: Sampling, ids: list[int], default_budget: int | None) -> Prepared:
+def prepare(
+    model: CalmModel, body: Sampling, ids: list[int], default_budget: int | None, lossless: str = LOSSLESS
+) -> Prepared:
     """The engine request for a body whose prompt is `ids`. default_budget: max_tokens when the body has
-    none (None: the rest of the context)."""
+    none (None: the rest of the context). lossless: what a lossless request runs, in words."""
     asked = body.budget() if isinstance(body, ChatRequest) else body.max_tokens
     prompt_field = "messages" if isinstance(body, ChatRequest) else "prompt"
     ids, budget = fit_context(
@@ -68,7 +71,7 @@ def prepare(model: CalmModel, body: Sampling, ids: list[int], default_budget: in
     )
     if not ids:
         raise ServingError(f"the {prompt_field} is empty (no tokens)", param=prompt_field)
-    policy, mode, decoding = exit_policy(model, body)
+    policy, mode, decoding = exit_policy(model, body, lossless)
     return Prepared(Request(tuple(ids), budget, policy, sampling(body)), mode, decoding, len(ids))
 
 
@@ -109,13 +112,14 @@ def sampling(body: Sampling) -> SamplingConfig:
     return SamplingConfig(do_sample=True, temperature=body.temperature, top_p=body.top_p or 1.0, seed=body.seed)
 
 
-def exit_policy(model: CalmModel, body: Sampling) -> tuple[ExitPolicy, str, str]:
+def exit_policy(model: CalmModel, body: Sampling, lossless: str = LOSSLESS) -> tuple[ExitPolicy, str, str]:
     """The `calm` object's policy, its mode, and what runs in words: lossless is the full model (the
     scheduler may draft and verify, with the same output); calm exits early at the knob's threshold."""
     options = body.calm
     mode = options.resolved_mode()
     if mode == "lossless":
-        return ExitPolicy.never(), mode, "lossless: full model (exact)"
+        sampled = body.temperature is not None and body.temperature > 0
+        return ExitPolicy.never(), mode, "lossless: full model (exact), sampled" if sampled else lossless
     try:
         policy = model.policy(speed=options.speed, tolerance=options.tolerance, threshold=options.threshold)
     except CalmError as exc:

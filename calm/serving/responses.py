@@ -52,20 +52,18 @@ class Progress:
             "avg_layers": round(sum(self.exit_layers) / tokens, 3) if tokens else None,
             "num_layers": self.num_layers,
         }
-        if self.cycles:
+        if self.cycles:  # each cycle gives the full model's next token and the drafts it accepted
             out["speculative"] = {
                 "cycles": self.cycles,
                 "tokens": self.cycle_tokens,
+                "accepted_drafts": self.cycle_tokens - self.cycles,
                 "tokens_per_cycle": round(self.cycle_tokens / self.cycles, 3),
             }
         return out
 
     def decoding(self) -> str:
-        if self.cycles:
-            return (
-                f"lossless: speculative cycles (drafts verified by the full model) made {self.cycle_tokens} of "
-                f"{self.completion_tokens} tokens, the full model the rest (exact)"
-            )
+        if self.prepared.mode == "lossless" and not self.cycles and "speculative" in self.prepared.decoding:
+            return self.prepared.decoding + " (no cycle ran for this request: the full model made every token)"
         return self.prepared.decoding
 
 

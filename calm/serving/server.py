@@ -15,6 +15,7 @@ from calm.engine.scheduler import Scheduler
 from calm.errors import InputError
 from calm.serving.app import create_app
 from calm.serving.engine_loop import EngineLoop
+from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 
 if TYPE_CHECKING:
     import uvicorn
@@ -42,8 +43,18 @@ class ServeConfig:
 
 
 def build_scheduler(model: CalmModel, max_batch: int) -> Scheduler:
-    """The one place the server builds its scheduler."""
-    return Scheduler(model.network, max_batch=max_batch, eos_token_ids=model.eos_token_ids)
+    """The one place the server builds its scheduler: lossless rows draft while the stored measurement says
+    drafting pays for the rows live (calm.speculative.cycle), the full model's step runs otherwise."""
+    drafter = lossless_drafter(model, max_batch)
+    return Scheduler(model.network, max_batch=max_batch, eos_token_ids=model.eos_token_ids, drafter=drafter)
+
+
+def lossless_decoding(scheduler: Scheduler) -> str:
+    """What a lossless request runs, in words."""
+    drafter = scheduler.drafter
+    if not isinstance(drafter, LosslessDrafter):
+        return "lossless: full model (exact; no stored measurement finds speculative decoding faster)"
+    return f"lossless: {drafter.describe()} while at most {drafter.most_rows} rows are live, else the full model"
 
 
 class Server:
@@ -56,7 +67,7 @@ class Server:
             )
         self.model, self.config = model, config
         self.engine = EngineLoop(lambda: build_scheduler(model, config.max_batch), config.max_batch, config.max_queue)
-        self.app: FastAPI = create_app(model, self.engine, config.model_name)
+        self.app: FastAPI = create_app(model, self.engine, config.model_name, lossless_decoding(self.engine.scheduler))
         self.uvicorn = uvicorn_server(self.app, config)
 
     def run(self) -> None:
