@@ -64,7 +64,11 @@ def test_calm_serve_answers_and_shuts_down_cleanly_on_sigterm(tiny_model):
         assert done.usage.completion_tokens >= 1
         chunks: list = []
         stream = client.completions.create(
-            model=tiny_model, prompt="team won game", max_tokens=200, stream=True, stream_options={"include_usage": True}
+            model=tiny_model,
+            prompt="team won game",
+            max_tokens=200,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         reader = threading.Thread(target=lambda: chunks.extend(stream))
         reader.start()

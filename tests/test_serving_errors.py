@@ -132,3 +132,20 @@ def test_a_full_queue_gets_429_with_retry_after_and_recovers(model):
             stream.close()
         assert wait_until(lambda: server.engine.in_flight == 0, 3)
         assert post(server, "/v1/completions", GOOD)[0] == 200
+
+
+def test_a_failing_step_ends_its_requests_with_500_and_the_engine_recovers(model):
+    with running(model, max_batch=2) as server:
+        scheduler = server.engine.scheduler
+
+        def broken() -> list:
+            raise RuntimeError("a step that fails")
+
+        scheduler.step = broken  # type: ignore[method-assign]
+        code, _, body = post(server, "/v1/completions", GOOD)
+        assert code == 500 and "a step that fails" in body["error"]["message"], body
+        assert body["error"]["type"] == "server_error"
+        assert server.engine.scheduler is not scheduler  # built afresh
+        assert get(server, "/health")[0] == 200
+        assert post(server, "/v1/completions", GOOD)[0] == 200
+        assert wait_until(lambda: server.engine.in_flight == 0)

@@ -168,7 +168,7 @@ async def until_disconnected(request: HttpRequest, work: Any) -> str:
             try:
                 return task.result()
             except EngineFailed as exc:
-                raise ServingError(str(exc), 503, kind="server_error") from None
+                raise ServingError(str(exc), 500, kind="server_error") from None
         if await request.is_disconnected():
             task.cancel()
             raise asyncio.CancelledError

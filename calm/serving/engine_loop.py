@@ -175,8 +175,8 @@ class EngineLoop:
             events = self.scheduler.step()
         except Exception as exc:
             logger.exception("a scheduler step failed; its requests end with an error")
-            self._end_all(f"the engine failed: {type(exc).__name__}: {exc}")
             self.scheduler = self.make_scheduler()
+            self._end_all(f"the engine failed: {type(exc).__name__}: {exc}")
             return
         self.steps += 1
         speculative = self.scheduler.stats.speculative_steps > before
