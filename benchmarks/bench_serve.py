@@ -62,6 +62,22 @@ def serve_process(max_batch: int, port: int, model: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env=env)
 
 
+def server_stats(port: int) -> dict:
+    """The server's scheduler counters (/health): what its engine spent."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        health = json.loads(r.read())
+    return {**health["scheduler"], "cache_columns": health["cache_columns"]}
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    delta = {k: after[k] - before[k] for k in after if k not in ("mean_live_rows", "cache_columns")}
+    steps = delta["decode_steps"] + delta["speculative_steps"]
+    delta["mean_live_rows"] = delta["slot_steps"] / steps if steps else 0.0
+    delta["s_per_step"] = delta["decode_s"] / steps if steps else float("nan")
+    delta["cache_columns_after"] = after["cache_columns"]
+    return delta
+
+
 def wait_healthy(port: int, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -219,6 +235,21 @@ def markdown(report: dict) -> str:
                 f"{r['ttft_p50_s']:.2f} s | {r['ttft_p99_s']:.2f} s | {r['latency_p50_s']:.2f} s | "
                 f"{r['latency_p99_s']:.2f} s | {r['failed']} |"
             )
+    lines += [
+        "",
+        "## What the server's engine spent (its scheduler's counters over each run)",
+        "",
+        "| rate (req/s) | way | prefill s | step s | steps | of them speculative | mean live rows | s per step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rate in report["rates"]:
+        for way in WAYS:
+            e = rate["ways"][way]["server"]
+            lines.append(
+                f"| {rate['rate']:.3f} | {way} | {e['prefill_s']:.1f} | {e['decode_s']:.1f} | "
+                f"{e['decode_steps'] + e['speculative_steps']} | {e['speculative_steps']} | "
+                f"{e['mean_live_rows']:.2f} | {e['s_per_step']:.3f} |"
+            )
     lines += ["", "## Against the targets", ""] + [f"- {line}" for line in report["verdict"]]
     return "\n".join(lines) + "\n"
 
@@ -282,9 +313,9 @@ def main() -> None:
             ways = {}
             for way in WAYS:
                 port = ports[1] if way == "one-at-a-time" else ports[8]
-                started = time.perf_counter()
+                started, before = time.perf_counter(), server_stats(port)
                 outcomes = asyncio.run(run_way(port, prompts[:n], arrivals, args.new_tokens, way == "static"))
-                ways[way] = summarize(outcomes)
+                ways[way] = {**summarize(outcomes), "server": stats_delta(before, server_stats(port))}
                 print(
                     f"rate {rate:.3f} {way}: {json.dumps(ways[way])} ({time.perf_counter() - started:.0f} s)",
                     flush=True,

@@ -48,7 +48,9 @@ def streamed(stream) -> tuple[str, str | None, object, dict | None]:
 
 
 def test_health_and_models(client, server):
-    assert get(server, "/health") == (200, {"status": "ok", "in_flight": 0, "steps": server.engine.steps})
+    code, health = get(server, "/health")
+    assert code == 200 and health["status"] == "ok" and health["in_flight"] == 0
+    assert health["steps"] == server.engine.steps and "decode_s" in health["scheduler"]
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 

@@ -68,7 +68,7 @@ def create_app(
     async def health() -> JSONResponse:
         if not engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return JSONResponse({"status": "ok", "in_flight": engine.in_flight, "steps": engine.steps})
+        return JSONResponse({"status": "ok", "in_flight": engine.in_flight, "steps": engine.steps, **engine.stats()})
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -113,6 +113,12 @@ class EngineLoop:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def stats(self) -> dict:
+        """The scheduler's counters (prefill and step time, steps, speculative cycles, mean live rows) and
+        its cache's write column: read from another thread, so a snapshot that may be one step old."""
+        scheduler = self.scheduler
+        return {"scheduler": scheduler.stats.to_dict(), "cache_columns": int(scheduler.batch.cache.length)}
+
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         while True:
