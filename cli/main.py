@@ -24,11 +24,7 @@ from calm.errors import CalmError
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
 # `calm --help`; tests/test_cli_errors.py checks that it matches the command's own.
 LAZY_COMMANDS = {
-    "serve": (
-        "calm.cli.serve",
-        "serve_command",
-        "Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health)",
-    ),
+    "serve": ("calm.cli.serve", "serve_command", "Serve MODEL over the OpenAI API with continuous batching."),
     "train": (
         "calm.cli.train",
         "train_command",

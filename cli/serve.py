@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from calm.cli.common import load_model
-from calm.cli.options import model_options
+from calm.cli.options import FiniteFloat, model_options
+
+
+def host_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An address or host name to bind: not empty, no spaces, no URL."""
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise click.BadParameter(f"expected an address such as 127.0.0.1, 0.0.0.0 or localhost, got {value!r}")
+    return value
 
 
 @click.command(
@@ -18,7 +25,7 @@ Examples:
 """,
 )
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True, callback=host_name, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option(
     "--max-batch",
@@ -36,7 +43,7 @@ Examples:
 )
 @click.option(
     "--shutdown-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0.0),
     default=30.0,
     show_default=True,
     help="Seconds in-flight requests get to finish on SIGTERM before they are cancelled.",
@@ -51,8 +58,10 @@ def serve_command(
     max_queue: int,
     shutdown_timeout: float,
 ) -> None:
-    """Serve MODEL over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health)
-    with continuous batching; each request picks lossless or early-exit decoding in its `calm` object.
+    """Serve MODEL over the OpenAI API with continuous batching.
+
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models and /health. Each request picks lossless
+    (the default) or early-exit decoding in its `calm` object. SIGTERM lets in-flight requests finish.
     Docs: docs/serving.md."""
     from calm.serving import ServeConfig, Server
 
