@@ -62,7 +62,7 @@ class Progress:
         return out
 
     def decoding(self) -> str:
-        if self.prepared.mode == "lossless" and not self.cycles and "speculative" in self.prepared.decoding:
+        if not self.cycles and self.prepared.decoding.startswith("lossless: speculative"):
             return self.prepared.decoding + " (no cycle ran for this request: the full model made every token)"
         return self.prepared.decoding
 
