@@ -1,11 +1,12 @@
-"""When CalmModel.generate runs many prompts through one continuous batch (calm.engine.scheduler), and with
-which drafter: the facade's rule, in one place."""
+"""When CalmModel.generate and the bulk commands run many prompts through one continuous batch
+(calm.engine.scheduler), and with which drafter: the facade's rule, in one place."""
 
 from __future__ import annotations
 
+from calm.engine.bulk import generate_continuous
 from calm.engine.decode import Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, resolve_engine
-from calm.engine.scheduler import generate_continuous
+from calm.engine.scheduler import Scheduler
 from calm.exits.policy import ExitPolicy
 from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 from calm.speculative.lossless import LOSSLESS, MeasuredModel
@@ -15,19 +16,31 @@ DEFAULT_MAX_BATCH = 8  # slots of a continuous batch: generate()'s and the comma
 
 
 def runs_continuous(
-    net: Network, batch: PromptBatch, config: GenerationConfig, mode: str, spec: SpeculativeOptions
+    net: Network, rows: int, config: GenerationConfig, mode: str, spec: SpeculativeOptions | None
 ) -> bool:
     """Several prompts of a decoder-only model on the dynamic engine, in calm's mode or lossless without an
     explicit speculative setting: those run through the scheduler. The rest batch as before (one prompt; the
     static engine; encoder-decoders; `mode="speculative"` or a named draft layer, length or lookup)."""
-    explicit = (spec.draft_layer, spec.max_draft, spec.candidates) != (None, None, None) or spec.lookup
+    explicit = spec is not None and (
+        (spec.draft_layer, spec.max_draft, spec.candidates) != (None, None, None) or spec.lookup
+    )
     return (
-        batch.ids.shape[0] > 1
+        rows > 1
         and not net.adapter.is_encoder_decoder
-        and resolve_engine(config, batch.ids.device) == "dynamic"
+        and resolve_engine(config, net.adapter.device) == "dynamic"
+        and not config.compile
         and mode in ("calm", LOSSLESS)
         and not explicit
     )
+
+
+def continuous_scheduler(
+    model: MeasuredModel, lossless: bool, slots: int, eos_token_ids: tuple[int, ...], kernels: str = "auto"
+) -> tuple[Scheduler, LosslessDrafter | None]:
+    """A scheduler of `slots` rows over the model; lossless: with the drafter its stored measurement asks for."""
+    drafter = lossless_drafter(model, slots) if lossless else None
+    scheduler = Scheduler(model.network, max_batch=slots, eos_token_ids=eos_token_ids, drafter=drafter, kernels=kernels)
+    return scheduler, drafter
 
 
 def continuous_generate(
@@ -40,14 +53,20 @@ def continuous_generate(
     drafter = lossless_drafter(model, slots) if mode == LOSSLESS else None
     row_policy = ExitPolicy.never() if mode == LOSSLESS else policy
     result = generate_continuous(model.network, prompts, row_policy, config, slots, drafter)
-    return result, describe(mode, slots, drafter, row_policy)
+    return result, describe(mode == LOSSLESS, slots, drafter, row_policy)
 
 
-def describe(mode: str, slots: int, drafter: LosslessDrafter | None, policy: ExitPolicy) -> str:
+def describe(lossless: bool, slots: int, drafter: LosslessDrafter | None, policy: ExitPolicy) -> str:
     batching = f"continuous batching, {slots} slots"
-    if mode != LOSSLESS:
+    if not lossless:
         return f"{policy.describe()}; {batching}"
     if drafter is None:
         return f"full model (lossless; no stored measurement finds speculative decoding faster); {batching}"
     rows = f"while at most {drafter.most_rows} rows are live, else the full model"
     return f"lossless: {drafter.describe()} {rows}; {batching}"
+
+
+def continuous_description(model: MeasuredModel, lossless: bool, slots: int, policy: ExitPolicy) -> str:
+    """What a continuous batch of `slots` rows runs, for a footer (as continuous_generate's result says)."""
+    drafter = lossless_drafter(model, slots) if lossless else None
+    return describe(lossless, slots, drafter, ExitPolicy.never() if lossless else policy)

@@ -20,6 +20,7 @@ from calm.prompts.templates import PLACEHOLDER, SUMMARY_TEMPLATE, PromptTemplate
 if TYPE_CHECKING:
     from calm.engine.options import EngineOptions
     from calm.engine.sampling import SamplingConfig
+    from calm.eval.bulk_output import BulkJob
     from calm.exits.policy import ExitPolicy
     from calm.prompts.documents import Record
     from calm.prompts.templates import Prompt
@@ -40,6 +41,7 @@ class Run:
     show_exits: bool
     as_json: bool
     output: str | None
+    resume: bool  # --resume: rows an interrupted run left in --output's partial file are kept, not run again
     engine: EngineOptions  # --engine
     speculative: SpeculativeOptions  # --mode, --draft-layer, --max-draft and --lookup as given (None: not given)
     lossless: bool  # --lossless
@@ -205,20 +207,43 @@ def _prompt_text(prompt: str) -> str:
 def _generate(
     model: Any, run: Run, records: Sequence[Record], prompts: Sequence[Prompt], noun: str, chat: bool | None = None
 ) -> None:
-    """Generate in batches, print each output as it is done (and write it to --output), then the footer."""
-    from calm.eval.output import jsonl_output
-    from calm.eval.progress import output_console, progress_bar
-    from calm.eval.render import SummaryPrinter, measure_cost_note, run_footer
+    """Generate, print each output as it is done (and write it to --output), then the footer. Rows an interrupted
+    run wrote to --output are not run again; under accelerate launch each process runs its share."""
+    from calm.eval.bulk_output import BulkJob
+    from calm.eval.progress import output_console
+
+    job = BulkJob(run.output, [r.id for r in records], run.resume)
+    todo = job.todo(len(records))
+    if job.resumed:
+        click.echo(f"resuming: {job.resumed} rows are already in {job.out.partial if job.out else ''}", err=True)
+    try:
+        mine = [records[i] for i in todo], [prompts[i] for i in todo]
+        docs = _run_rows(model, run, *mine, noun, chat, output_console(), job)
+    except BaseException:
+        partial = job.abandon()
+        if partial is not None:
+            click.echo(f"stopped: the rows written so far are in {partial}; run the same command to resume", err=True)
+        raise
+    _footer(model, run, docs, noun, len(todo))
+    written = job.finish()
+    if written is not None:
+        click.echo(f"wrote {written} row{'' if written == 1 else 's'} to {run.output}", err=True)
+
+
+def _run_rows(
+    model: Any, run: Run, records: list, prompts: list, noun: str, chat: bool | None, console: Any, job: BulkJob
+) -> list:
+    from calm.eval.progress import progress_bar
+    from calm.eval.render import SummaryPrinter
     from calm.eval.summarize import summarize_documents
 
-    rows = min(run.batch_size, len(records))
-    decoding = _resolve(model, run, rows)
-    console = output_console()
+    decoding, continuous = _decoding(model, run, len(records))
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
     )
     docs: list = []
-    with jsonl_output(run.output) as out, progress_bar(f"{noun}s", len(records), output=console) as update:
+    note = _progress_note(noun)
+    with progress_bar(f"{noun}s", len(records), output=console) as update:
         for batch in summarize_documents(
             model,
             records,
@@ -231,19 +256,73 @@ def _generate(
             engine=run.engine,
             speculative=decoding.speculative,
             text_field="summary" if noun == "document" else "text",
+            lossless=continuous is not None and decoding.lossless,
         ):
             for doc in batch:
                 printer.print(doc)
-                if out is not None:
-                    out.write(doc.to_dict())
+                job.write(doc.to_dict())
             docs += batch
-            update(len(docs), len(records))
-    reference = _stored_full_rate(model, rows) if decoding.lossless else None
+            update(len(docs), len(records), note(docs))
+    return docs
+
+
+def _decoding(model: Any, run: Run, records: int) -> tuple[Decoding, str | None]:
+    rows = max(1, min(run.batch_size, records))
+    decoding = _resolve(model, run, rows)
+    return decoding, _continuous(model, run, decoding, records)
+
+
+def _footer(model: Any, run: Run, docs: list, noun: str, records: int) -> None:
+    from calm.eval.render import measure_cost_note, run_footer
+
+    decoding, continuous = _decoding(model, run, records)
+    rows = max(1, min(run.batch_size, records))
+    reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None and rows == 1 else None
     footer_policy = None if decoding.lossless else decoding.policy
-    footer = run_footer(docs, footer_policy, decoding.source, run.max_new_tokens, noun, reference)
+    footer = run_footer(docs, footer_policy, continuous or decoding.source, run.max_new_tokens, noun, reference)
     click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
-    if run.output:
-        click.echo(f"wrote {len(docs)} row{'' if len(docs) == 1 else 's'} to {run.output}", err=True)
+
+
+PROGRESS_EVERY_S = 5.0  # off a terminal, a progress line at most this often (a fast job prints none)
+
+
+def _progress_note(noun: str) -> Any:
+    """note(docs): the progress line's text when one is due (None otherwise): rows done, tokens per second."""
+    import time
+
+    start = last = time.perf_counter()
+
+    def note(docs: list) -> str | None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < PROGRESS_EVERY_S:
+            return None
+        last = now
+        tokens = sum(len(d.token_ids) for d in docs)
+        return f"{len(docs)} {noun}s done, {tokens / (now - start):.1f} new tokens/s"
+
+    return note
+
+
+def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str | None:
+    """What a continuous batch runs for this job (calm.continuous.runs_continuous), or None where batches run
+    one after another."""
+    from calm.continuous import continuous_description, runs_continuous
+    from calm.engine.generation import GenerationConfig
+    from calm.speculative.lossless import LOSSLESS
+
+    config = GenerationConfig(run.max_new_tokens, sampling=run.sampling, engine=run.engine.kind)
+    explicit = None if decoding.lossless and _stored_setting(run) else decoding.speculative
+    mode = LOSSLESS if decoding.lossless and _stored_setting(run) else "speculative" if decoding.lossless else "calm"
+    if not runs_continuous(model.network, records, config, mode, explicit):
+        return None
+    return continuous_description(model, mode == LOSSLESS, min(run.batch_size, records), decoding.policy)
+
+
+def _stored_setting(run: Run) -> bool:
+    """A lossless run with the checkpoint's stored setting: no mode, draft layer, length or lookup named."""
+    m = run.speculative
+    return m.mode in (None, "lossless") and (m.draft_layer, m.max_draft) == (None, None) and not m.lookup
 
 
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:

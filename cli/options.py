@@ -322,7 +322,14 @@ def output_options(f: F) -> F:
         metavar="FILE.jsonl",
         default=None,
         help="Also write one JSON object per line (as --json) to FILE, atomically: it appears "
-        "whole when the run ends; an interrupted run leaves its rows in FILE.partial.",
+        "whole, in input order, when the run ends; an interrupted run leaves its rows in FILE.partial, and the same "
+        "command resumes from them. Under accelerate launch each process runs its share and process 0 writes FILE.",
+    )(f)
+    f = click.option(
+        "--resume/--no-resume",
+        default=True,
+        show_default=True,
+        help="Keep the rows an interrupted run left in --output's FILE.partial and run only the rest.",
     )(f)
     f = click.option(
         "--json",

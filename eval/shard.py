@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from calm.prompts.documents import Record
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -41,7 +41,7 @@ class Shard:
             return str(self.state.device)
         return requested
 
-    def split(self, records: list[Record]) -> list[Record]:
+    def split(self, records: list[T]) -> list[T]:
         if self.state is None:
             return records
         with self.state.split_between_processes(records) as mine:

@@ -4,16 +4,20 @@ generated token and how much of each document the prompt held."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from calm.engine.generation import Timings
+from calm.continuous import continuous_scheduler, runs_continuous
+from calm.engine.bulk import in_order, timings_since
+from calm.engine.generation import GenerationConfig, Timings
 from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
+from calm.engine.scheduler import Request
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from calm.prompts.documents import Record
 from calm.prompts.templates import DEFAULT_TEMPLATE, Prompt, PromptFormat, PromptTemplate, fit_prompts
+from calm.speculative.lossless import LOSSLESS
 from calm.speculative.options import SpeculativeOptions
 
 T = TypeVar("T")
@@ -68,6 +72,52 @@ class DocumentSummary:
         }
 
 
+def _continuous(
+    model: CalmModel,
+    records: Sequence[Record],
+    prompts: Sequence[Prompt],
+    policy: ExitPolicy,
+    config: GenerationConfig,
+    lossless: bool,
+    batch_size: int,
+    chat: bool | None,
+    text_field: str,
+) -> Iterator[list[DocumentSummary]]:
+    ids = [model.encode_prompts([p.text], config.max_new_tokens, chat=chat).ids[0].tolist() for p in prompts]
+    slots = min(batch_size, len(ids))
+    scheduler, _ = continuous_scheduler(model, lossless, slots, model.eos_token_ids, config.kernels)
+    row_policy = ExitPolicy.never() if lossless else policy
+    requests = [Request(tuple(i), config.max_new_tokens, row_policy, config.sampling) for i in ids]
+    before, at = replace(scheduler.stats), 0
+    for ready in in_order(scheduler, requests):
+        timings, before = timings_since(scheduler.stats, before, ready), replace(scheduler.stats)
+        texts = _texts(model, [r.token_ids for r in ready])
+        yield [
+            DocumentSummary(
+                id=records[at + i].id,
+                summary=texts[i],
+                token_ids=r.token_ids,
+                exit_layers=r.exit_layers,
+                num_layers=model.num_layers,
+                batch_size=len(ready),
+                batch_timings=timings,
+                document_tokens=prompts[at + i].document_tokens,
+                kept_tokens=prompts[at + i].kept_tokens,
+                finish_reason=r.finish_reason,
+                text_field=text_field,
+            )
+            for i, r in enumerate(ready)
+        ]
+        at += len(ready)
+
+
+def _texts(model: CalmModel, token_ids: list[tuple[int, ...]]) -> list[str]:
+    if model.tokenizer is None:
+        return [""] * len(token_ids)
+    decoded = model.tokenizer.batch_decode([list(t) for t in token_ids], skip_special_tokens=True)
+    return [text.strip() for text in decoded]
+
+
 def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
@@ -99,13 +149,23 @@ def summarize_documents(
     engine: EngineOptions = AUTO_ENGINE,
     speculative: SpeculativeOptions | None = None,
     text_field: str = "summary",
+    lossless: bool = False,
 ) -> Iterator[list[DocumentSummary]]:
-    """Summarise records in batches of `batch_size`; yields each batch's summaries as soon as it is done.
-    `prompts` (one per record, from document_prompts) default to the summary prompt, documents cut to fit.
-    engine and speculative: generate()'s options objects (calm.engine.options, calm.speculative.options).
-    text_field: the outputs' JSON name ("text" for plain prompts)."""
+    """Summarise records; yields summaries in input order as soon as they and all before them are done.
+    Where calm.continuous.runs_continuous says so (several records, a decoder-only model, the dynamic engine),
+    one continuous batch of `batch_size` slots runs them all (calm.engine.scheduler); otherwise batches of
+    `batch_size` run one after another. `prompts` (one per record, from document_prompts) default to the summary
+    prompt, documents cut to fit. engine and speculative: generate()'s options objects (calm.engine.options,
+    calm.speculative.options). lossless: the rows want the full model's output, and `speculative` is the
+    checkpoint's stored setting: a continuous batch then drafts per step, while the stored measurement says it
+    pays for the rows live. text_field: the outputs' JSON name ("text" for plain prompts)."""
     if prompts is None:
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
+    config = GenerationConfig(max_new_tokens, model.eos_token_ids, model.pad_token_id, sampling, *engine.settings)
+    mode = LOSSLESS if lossless else "calm"
+    if runs_continuous(model.network, len(records), config, mode, None if lossless else speculative):
+        yield from _continuous(model, records, prompts, policy, config, lossless, batch_size, chat, text_field)
+        return
     for start in range(0, len(records), batch_size):
         batch, batch_prompts = records[start : start + batch_size], prompts[start : start + batch_size]
         result = model.generate(

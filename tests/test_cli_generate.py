@@ -15,7 +15,6 @@ from calm.calibration.table import CalibrationRow, CalibrationTable
 from calm.checkpoints.checkpoint import CheckpointConfig, save_checkpoint
 from calm.cli.knobs import Knobs, sampling_config
 from calm.errors import InputError
-from calm.eval.output import jsonl_output
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
@@ -124,18 +123,22 @@ def test_output_file_holds_the_json_rows(tiny_model, docs_file, tmp_path):
 
 
 def test_output_is_atomic_and_keeps_the_rows_of_an_interrupted_run(tmp_path):
+    from calm.eval.bulk_output import BulkOutput
+
     target = tmp_path / "out.jsonl"
     target.write_text("previous run\n")
-    with pytest.raises(KeyboardInterrupt), jsonl_output(target) as out:
-        out.write({"id": "a"})
-        assert target.read_text() == "previous run\n"  # untouched while the run goes on
-        raise KeyboardInterrupt
-    assert target.read_text() == "previous run\n"
+    out = BulkOutput(target)
+    out.write({"id": "a"})
+    out.close()  # the run stopped here
+    assert target.read_text() == "previous run\n"  # untouched until the run completes
     assert json_rows((tmp_path / "out.jsonl.partial").read_text()) == [{"id": "a"}]
-    with jsonl_output(target) as out:
-        out.write({"id": "b"})
-    assert json_rows(target.read_text()) == [{"id": "b"}]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]  # no temporary left
+    out = BulkOutput(target)
+    assert out.done == {"a"}
+    out.write({"id": "b"})
+    out.close()
+    assert out.merge(["b", "a"]) == 2
+    assert json_rows(target.read_text()) == [{"id": "b"}, {"id": "a"}]  # in input order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no partial or temporary left
 
 
 # ---- sampling ------------------------------------------------------------------------------------

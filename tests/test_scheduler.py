@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from calm.adapters import adapter_for
+from calm.engine.bulk import generate_continuous
 from calm.engine.decode import Network
 from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.engine.sampling import SamplingConfig
@@ -131,6 +132,7 @@ def test_events_stream_each_token_once_and_say_why_a_request_ended(nets):
         assert len(streamed[i]) == r.max_new_tokens or ended_by_eos
     stats = scheduler.stats
     assert stats.prefill_tokens == stats.prompt_tokens == sum(LENGTHS)
+    assert stats.attended_keys == stats.real_keys  # 2 rows attend each over its own slots: no padding
 
 
 def test_the_cache_moves_left_and_grows_as_requests_come_and_go(nets, monkeypatch):
@@ -215,3 +217,20 @@ def test_full_model_steps_after_rejected_drafts_keep_rows_exact(nets):
     assert scheduler.stats.decode_steps > 0
     for i, r in enumerate(requests):
         assert tuple(streamed[i]) == solo(net, list(r.ids), 12, ExitPolicy.never())[0], f"request {i}"
+
+
+def test_sliding_window_models_run_the_full_models_step_in_a_continuous_batch(nets):
+    net = nets["mistral-gqa-window-untied"]
+    drafter = LosslessDrafter(net, SpeculativeConfig(0, 3), ALWAYS_DRAFT, slots=2, most_rows=2)
+    scheduler = Scheduler(net, max_batch=2, eos_token_ids=(EOS,), drafter=drafter)
+    requests = [Request(tuple(p + p), 8) for p in prompts()[:3]]
+    together = {f.request_id: f.token_ids for f in scheduler.run(requests)}
+    assert scheduler.stats.speculative_steps == 0
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), 8, ExitPolicy.never())[0]
+
+
+def test_continuous_batching_refuses_the_static_engine(nets):
+    config = GenerationConfig(max_new_tokens=4, eos_token_ids=(EOS,), engine="static")
+    with pytest.raises(InputError, match="dynamic engine"):
+        generate_continuous(nets["llama-mha-tied"], [[5, 6], [7, 8, 9]], ExitPolicy.never(), config, 2)

@@ -24,8 +24,7 @@ from typing import Protocol
 
 import torch
 
-from calm.engine.decode import ExitPlan, Network, StepOutput, decode_one_token
-from calm.engine.generation import GenerationConfig, GenerationResult, Timings, resolve_engine
+from calm.engine.decode import PER_ROW_MAX_ROWS, ExitPlan, Network, StepOutput, decode_one_token
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.sampling import SamplingConfig
 from calm.engine.slots import SlotBatch
@@ -92,6 +91,8 @@ class SchedulerStats:
     speculative_steps: int = 0
     new_tokens: int = 0
     slot_steps: int = 0  # sum over steps of the rows that ran (mean batch = slot_steps / steps)
+    attended_keys: int = 0  # decode steps: keys each live row's query attended, padding and holes included
+    real_keys: int = 0  # of those, the row's own tokens (its prompt and outputs so far)
 
     def to_dict(self) -> dict:
         steps = self.decode_steps + self.speculative_steps
@@ -208,6 +209,7 @@ class Scheduler:
             if not live:
                 return events
             start = time.perf_counter()
+            self._count_keys(live)
             if self._drafts(live):
                 events += self._speculative_step(live)
             else:
@@ -215,6 +217,16 @@ class Scheduler:
             self.stats.decode_s += time.perf_counter() - start
             self.stats.slot_steps += len(live)
         return events
+
+    def _count_keys(self, live: list[int]) -> None:
+        """Attention's work in this step's first query per row: a row attends over its own slots where it attends
+        alone (decode.PER_ROW_MAX_ROWS rows or fewer, no holes), else over every column up to the write column."""
+        end = self.batch.cache.length + 1
+        alone = len(live) <= PER_ROW_MAX_ROWS and not self.batch.state.holes and not self._drafts(live)
+        for slot in live:
+            row = self._row(slot)
+            self.stats.real_keys += len(row.request.ids) + len(row.tokens)
+            self.stats.attended_keys += end - self.batch.state.first_slots[slot] if alone else end
 
     def _admit(self) -> list[TokenEvent]:
         events = []
@@ -334,38 +346,3 @@ class Scheduler:
                 f"{sorted(self.plan.allowed)}"
             )
         self.plan = plan
-
-
-@torch.inference_mode()
-def generate_continuous(
-    net: Network,
-    prompts: list[list[int]],
-    policy: ExitPolicy,
-    config: GenerationConfig,
-    max_batch: int,
-    drafter: Drafter | None = None,
-) -> GenerationResult:
-    """Many prompts through one continuous batch of `max_batch` slots; the result in input order, as
-    generate_tokens gives it (timings: the scheduler's prefill and step time)."""
-    if resolve_engine(config, net.adapter.device) != "dynamic" or config.compile:
-        raise InputError("continuous batching runs the dynamic engine; the static engine batches with generate_tokens")
-    scheduler = Scheduler(
-        net, max_batch=max_batch, eos_token_ids=config.eos_token_ids, drafter=drafter, kernels=config.kernels
-    )
-    requests = [Request(tuple(p), config.max_new_tokens, policy, config.sampling) for p in prompts]
-    done = {f.request_id: f for f in scheduler.run(requests)}
-    rows = [done[i] for i in range(len(prompts))]
-    stats = scheduler.stats
-    timings = Timings(
-        prefill_s=stats.prefill_s,
-        decode_s=stats.decode_s,
-        new_tokens=sum(len(r.token_ids) for r in rows),
-        decode_tokens=sum(max(len(r.token_ids) - 1, 0) for r in rows),
-    )
-    return GenerationResult(
-        token_ids=tuple(r.token_ids for r in rows),
-        exit_layers=tuple(r.exit_layers for r in rows),
-        num_layers=net.num_layers,
-        timings=timings,
-        speculative=drafter.stats() if drafter is not None and stats.speculative_steps else None,
-    )

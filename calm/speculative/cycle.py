@@ -46,9 +46,12 @@ class LosslessDrafter:
         self.width = default_cache_slots(0, spec)  # one cycle's columns
         self.lookup = BatchLookup([[] for _ in range(slots)], spec.max_draft, spec.adaptive) if spec.looks_up else None
         self.tally = Tally()
+        # a sliding window masks by slot distance, which rejected drafts' holes would stretch: such models draft
+        # alone (generate_speculative), and in a continuous batch run the full model's step
+        self.windowed = getattr(net.adapter, "window", None) is not None
 
     def wants(self, live_rows: int) -> bool:
-        return live_rows <= self.most_rows
+        return live_rows <= self.most_rows and not self.windowed
 
     def joined(self, slot: int, prompt: list[int]) -> None:
         if self.lookup is not None:
