@@ -63,7 +63,10 @@ def serve_command(
     Endpoints: /v1/completions, /v1/chat/completions, /v1/models and /health. Each request picks lossless
     (the default) or early-exit decoding in its `calm` object. SIGTERM lets in-flight requests finish.
     Docs: docs/serving.md."""
-    from calm.serving import ServeConfig, Server
+    try:
+        from calm.serving import ServeConfig, Server
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(f"calm serve needs {exc.name}: pip install 'calm[serve]'") from None
 
     config = ServeConfig(host, port, max_batch, max_queue, model_name, shutdown_timeout)
     server = Server(load_model(model_name, device, dtype), config)
