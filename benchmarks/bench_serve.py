@@ -216,13 +216,15 @@ def markdown(report: dict) -> str:
         *machine_markdown(report["machine"]),
         f"Load before: `{report['uptime_before']}`; after: `{report['uptime_after']}` (2 cores shared with other "
         "agents: absolute times are noisy, ratios within a rate less so).",
+        *([f"Note: {report['note']}"] if report.get("note") else []),
         "",
         f"Requests per rate: {', '.join(str(r['requests']) for r in report['rates'])} (the first XSum test "
         f"documents), documents cut to {report['settings']['max_doc_tokens']} tokens in the summary prompt "
         f"(chat template), {report['settings']['new_tokens']} new tokens at most, greedy, streamed. One request "
         f"alone took {report['solo_s']:.2f} s (median of 3) on the max-batch-1 server. Static batching is a "
         "client-side emulation: groups of 8 in arrival order, each sent when its last request has arrived and the "
-        "previous group has finished, to the max-batch-8 server.",
+        "previous group has finished (the last group may be smaller), to the max-batch-8 server. TTFT and latency "
+        "count from each request's scheduled arrival, so they include the client-side wait of static batching.",
         "",
         "| rate (req/s) | way | req/s | output tok/s | TTFT p50 | TTFT p99 | latency p50 | latency p99 | failed |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -251,6 +253,8 @@ def markdown(report: dict) -> str:
                 f"{e['mean_live_rows']:.2f} | {e['s_per_step']:.3f} |"
             )
     lines += ["", "## Against the targets", ""] + [f"- {line}" for line in report["verdict"]]
+    if report.get("analysis"):
+        lines += ["", "## Why", ""] + [f"- {line}" for line in report["analysis"]]
     return "\n".join(lines) + "\n"
 
 
@@ -281,9 +285,17 @@ def main() -> None:
     parser.add_argument("--solo-only", action="store_true", help="measure one request's time and stop")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="serve_smollm2")
+    parser.add_argument("--from-json", default=None, help="rewrite the Markdown of this report's JSON; time nothing")
     args = parser.parse_args()
     import calm
     from calm.eval.reporting import machine_info, write_json_markdown
+
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report["verdict"] = verdict(report["rates"])
+        for path in write_json_markdown(args.out, Path(args.from_json).stem, report, markdown(report)):
+            print(path)
+        return
 
     calm.set_threads(1)
     before = uptime()
@@ -313,9 +325,9 @@ def main() -> None:
             ways = {}
             for way in WAYS:
                 port = ports[1] if way == "one-at-a-time" else ports[8]
-                started, before = time.perf_counter(), server_stats(port)
+                started, counters = time.perf_counter(), server_stats(port)
                 outcomes = asyncio.run(run_way(port, prompts[:n], arrivals, args.new_tokens, way == "static"))
-                ways[way] = {**summarize(outcomes), "server": stats_delta(before, server_stats(port))}
+                ways[way] = {**summarize(outcomes), "server": stats_delta(counters, server_stats(port))}
                 print(
                     f"rate {rate:.3f} {way}: {json.dumps(ways[way])} ({time.perf_counter() - started:.0f} s)",
                     flush=True,
