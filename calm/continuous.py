@@ -20,13 +20,12 @@ def runs_continuous(
 ) -> bool:
     """Several prompts of a decoder-only model on the dynamic engine, in calm's mode or lossless without an
     explicit speculative setting: those run through the scheduler. The rest batch as before (one prompt; the
-    static engine; encoder-decoders; `mode="speculative"` or a named draft layer, length or lookup)."""
+    static engine; `mode="speculative"` or a named draft layer, length or lookup)."""
     explicit = spec is not None and (
         (spec.draft_layer, spec.max_draft, spec.candidates) != (None, None, None) or spec.lookup
     )
     return (
         rows > 1
-        and not net.adapter.is_encoder_decoder
         and resolve_engine(config, net.adapter.device) == "dynamic"
         and not config.compile
         and mode in ("calm", LOSSLESS)

@@ -193,10 +193,10 @@ def run_footer(
     decode_s = sum(d.batch_timings.decode_s / d.batch_size for d in docs)  # each batch's time, once
     prefill_s = sum(d.batch_timings.prefill_s / d.batch_size for d in docs)
     compile_s = sum(d.batch_timings.compile_s / d.batch_size for d in docs)
-    rate = f", decode {decode_tokens / decode_s:.1f} tokens/s" if decode_s > 0 else ""
+    rate = f", decode {decode_tokens / decode_s:.1f} tokens/s ({decode_s:.2f} s)" if decode_s > 0 else ""
     if rate and reference is not None:
         ratio = decode_tokens / decode_s / reference[0]
-        rate += f" ({ratio:.2f}× the full model's {reference[0]:.1f} stored for this checkpoint, on {reference[1]})"
+        rate += f" ({ratio:.2f}× the full model's {reference[0]:.1f} at batch 1, stored: measured on {reference[1]})"
     rate += f" (compiling apart: {compile_s:.1f} s)" if compile_s > 0 else ""
     return (
         f"{len(docs)} {noun}{'s' if len(docs) != 1 else ''}, avg layers {layers:.2f} of "

@@ -313,7 +313,7 @@ def test_run_footer_reports_decode_rate_and_prefill_apart():
     docs = [doc(0, 6, 2, first), doc(1, 4, 2, first), doc(2, 5, 1, second)]
     footer = run_footer(docs, ExitPolicy(measure="state", threshold=0.9), "from --threshold", 4)
     assert footer == (
-        "3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s, prefill 0.75 s; "
+        "3 documents, avg layers 2.00 of 4, decode 4.0 tokens/s (3.00 s), prefill 0.75 s; "
         "policy: state λ=0.9, λ decays to 0.814 by token 4 (τ=4); from --threshold"
     )
     lossless = run_footer(docs, None, "speculative (lossless): drafts from layer 2", 4)

@@ -20,7 +20,7 @@ from test_parity import EOS, PAD, VARIANTS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DECODERS = [n for n in VARIANTS if not n.startswith(("t5", "mt5"))]
+DECODERS = list(VARIANTS)  # every family, the encoder-decoders (T5, mT5) included
 LENGTHS = (5, 9, 12, 3, 7, 11)  # prompt lengths: more requests than slots, rows of every length
 BUDGETS = (6, 3, 8, 5, 2, 7)  # each request's max_new_tokens: rows leave at different steps
 
@@ -159,15 +159,21 @@ def test_bad_requests_are_refused(nets):
         scheduler.add(Request((5, 6), 3, ExitPolicy(measure="softmax", threshold=0.9)))
 
 
-def test_encoder_decoders_are_refused():
-    net = Network.build(adapter_for(build("t5-deeper-decoder-tied")))
-    with pytest.raises(InputError, match="decoder-only"):
-        Scheduler(net).add(Request((5, 6), 3))
+def test_encoder_memory_widens_for_a_longer_document(nets):
+    """T5 rows whose encoder inputs grow: the batch's encoder memory widens, padding masked, rows exact."""
+    net = nets["t5-deeper-decoder-tied"]
+    requests = [Request(tuple(p), 5) for p in sorted(prompts(), key=len)]
+    together = run_all(net, requests, max_batch=2)
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), 5, ExitPolicy.never()), f"request {i}"
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied-bias-rope-scaled", "gpt_neox-sequential-tied", "gpt2-tied"])
 @pytest.mark.parametrize(
-    "spec", [SpeculativeConfig(0, 3), SpeculativeConfig(2, 2, lookup=True)], ids=["context", "hybrid"]
+    "name",
+    ["llama-gqa-untied-bias-rope-scaled", "gpt_neox-sequential-tied", "gpt2-tied", "t5-shallower-decoder-gated-untied"],
+)
+@pytest.mark.parametrize(
+    "spec", [SpeculativeConfig(0, 3), SpeculativeConfig(1, 2, lookup=True)], ids=["context", "hybrid"]
 )
 def test_speculative_cycles_while_few_rows_are_live_keep_every_row_exact(nets, name, spec):
     """Drafting runs while at most 2 of 3 slots are live, the full model's step otherwise: every row is

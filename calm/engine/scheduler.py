@@ -123,6 +123,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    cached_prompt: int = 0  # the slots its prompt fills (an encoder-decoder's: the decoder's start tokens)
 
     @property
     def budget(self) -> int:
@@ -158,8 +159,6 @@ class Scheduler:
     # ---- requests ----------------------------------------------------------------------------
     def add(self, request: Request) -> int:
         """Queue a request; -> its id. Rows that may exit share one measure and set of exit layers."""
-        if self.net.adapter.is_encoder_decoder:
-            raise InputError("continuous batching runs decoder-only models; encoder-decoders batch with generate()")
         self._check_plan(request.policy)
         row = _Row(self._next_id, request, generator=request.sampling.generator(self.net.adapter.device))
         self._next_id += 1
@@ -225,7 +224,7 @@ class Scheduler:
         alone = len(live) <= PER_ROW_MAX_ROWS and not self.batch.state.holes and not self._drafts(live)
         for slot in live:
             row = self._row(slot)
-            self.stats.real_keys += len(row.request.ids) + len(row.tokens)
+            self.stats.real_keys += row.cached_prompt + len(row.tokens)
             self.stats.attended_keys += end - self.batch.state.first_slots[slot] if alone else end
 
     def _admit(self) -> list[TokenEvent]:
@@ -236,7 +235,7 @@ class Scheduler:
             row = self.waiting.popleft()
             start = time.perf_counter()
             ids = list(row.request.ids)
-            out = self.batch.admit(self.net, slot, ids)
+            out, row.cached_prompt = self.batch.admit(self.net, slot, ids)
             self.rows[slot] = row
             if self.drafter is not None:
                 self.drafter.joined(slot, ids)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calm.adapters.base import EncoderMemory
 from calm.engine.decode import DecodeState, Network, StepOutput, prefill
 from calm.engine.kv_cache import KVCache
 
@@ -45,9 +46,15 @@ class SlotBatch:
     def free_slots(self) -> list[int]:
         return [b for b, used in enumerate(self.live) if not used]
 
-    def admit(self, net: Network, slot: int, ids: list[int]) -> StepOutput:
-        """Prefill the prompt ids (T tokens) into the free `slot`, ending at the write column. -> its
-        full-depth output for the last prompt token (hidden [1, D])."""
+    def admit(self, net: Network, slot: int, ids: list[int]) -> tuple[StepOutput, int]:
+        """Prefill the prompt ids into the free `slot`, ending at the write column (an encoder-decoder: the
+        encoder reads ids, and the decoder's start tokens go in the slot). -> its full-depth output for the last
+        prompt token (hidden [1, D]), and the slots the row's cache now holds."""
+        a = net.adapter
+        encoder = None
+        if a.is_encoder_decoder:
+            encoder = self._encode(net, slot, ids)
+            ids = a.decoder_start_ids(1)[0].tolist()
         t = len(ids)
         if t > self.cache.length:
             self._shift_right(t - self.cache.length)
@@ -60,12 +67,54 @@ class SlotBatch:
             key_mask=cache.key_mask[slot : slot + 1, end - t : end],
         )
         view.key_mask.fill_(True)
-        row = DecodeState(cache=view, positions=self.state.positions[:1].clone(), first_slots=(0,))
+        row = DecodeState(cache=view, positions=self.state.positions[:1].clone(), first_slots=(0,), encoder=encoder)
         out = prefill(net, torch.tensor([ids], dtype=torch.long, device=cache.k.device), row)
         self.state.positions[slot] = t
         self._set_first(slot, end - t)
         self.live[slot] = True
-        return out
+        return out, t
+
+    def _encode(self, net: Network, slot: int, ids: list[int]) -> EncoderMemory:
+        """Run the encoder over ids and place its memory in the slot's row of the batch's, which widens (padding
+        masked) when ids are longer than any before. -> the slot's row of it (views)."""
+        device = self.cache.k.device
+        memory = net.adapter.encode(
+            torch.tensor([ids], device=device), torch.ones(1, len(ids), dtype=torch.bool, device=device)
+        )
+        t, batch = len(ids), self.state.encoder
+        if batch is None or batch.mask.shape[1] < t:
+            batch = self._widened(memory, t)
+            self.state.encoder = batch
+        batch.mask[slot] = False
+        batch.mask[slot, :t] = True
+        for big, row in zip((*batch.cross_k, *batch.cross_v), (*memory.cross_k, *memory.cross_v)):
+            big[slot, :, :t] = row[0]
+        pick = slice(slot, slot + 1)
+        return EncoderMemory(
+            tuple(k[pick] for k in batch.cross_k), tuple(v[pick] for v in batch.cross_v), batch.mask[pick]
+        )
+
+    def _widened(self, like: EncoderMemory, columns: int) -> EncoderMemory:
+        """The batch's encoder memory with `columns` columns: the old one's rows copied, padding masked."""
+        old, slots = self.state.encoder, len(self.live)
+
+        def grow(
+            tensors: tuple[torch.Tensor, ...], before: tuple[torch.Tensor, ...] | None
+        ) -> tuple[torch.Tensor, ...]:
+            out = []
+            for i, x in enumerate(tensors):
+                new = x.new_zeros(slots, x.shape[1], columns, x.shape[3])
+                if before is not None:
+                    new[:, :, : before[i].shape[2]] = before[i]
+                out.append(new)
+            return tuple(out)
+
+        mask = torch.zeros(slots, columns, dtype=torch.bool, device=like.mask.device)
+        if old is not None:
+            mask[:, : old.mask.shape[1]] = old.mask
+        return EncoderMemory(
+            grow(like.cross_k, old.cross_k if old else None), grow(like.cross_v, old.cross_v if old else None), mask
+        )
 
     def release(self, slot: int) -> None:
         """The slot's request left: its cache row holds nothing from now on."""
