@@ -242,3 +242,29 @@ def test_shutdown_cancels_what_outlives_the_grace_period(model):
         server.stop()
     assert time.time() - start < 8, "the server waited for the request instead of cancelling it"
     assert server.engine.in_flight == 0
+
+
+def test_an_encoder_decoder_is_served_and_equals_its_solo_runs(tiny_model):
+    """A tiny T5 (the word-level tokenizer): its prompts go to the encoder, rows join and leave the batch."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from calm import CalmModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = T5Config(
+        d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=3, vocab_size=len(tokenizer),
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, initializer_factor=5.0,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    model = CalmModel.from_model(T5ForConditionalGeneration(config).eval(), tokenizer)
+    prompts = [d["document"] for d in DOCS]
+    solos = [model.generate(p, max_new_tokens=6) for p in prompts]
+    with running(model, max_batch=2) as server:
+        cases = [(p, 6, None, None) for p in prompts]
+        results = together(server, cases)
+    for i, (result, solo) in enumerate(zip(results, solos)):
+        assert result.choices[0].text.strip() == solo.texts[0], f"request {i}"
+        assert result.usage.completion_tokens == len(solo.token_ids[0]), f"request {i}"

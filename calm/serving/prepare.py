@@ -79,8 +79,9 @@ def fit_context(
     model: CalmModel, ids: list[int], budget: int | None, truncate: bool, prompt_field: str = "prompt"
 ) -> tuple[list[int], int]:
     """The prompt and the budget within the context: a prompt that leaves no room for max_tokens is a 400,
-    or keeps its last tokens when the request asks for truncation (calm.truncate)."""
-    context = model.max_context
+    or keeps its last tokens when the request asks for truncation (calm.truncate). An encoder-decoder's
+    prompt goes to its encoder: no shared context to fit (as calm.prompts.encoding)."""
+    context = None if model.adapter.is_encoder_decoder else model.max_context
     if context is None:
         if budget is None:
             raise ServingError("this model has no context length: give max_tokens", param="max_tokens")

@@ -61,10 +61,8 @@ class Server:
     """A model behind the OpenAI API: the app, its engine loop, and the uvicorn server that runs them."""
 
     def __init__(self, model: CalmModel, config: ServeConfig) -> None:
-        if model.adapter.is_encoder_decoder:
-            raise InputError(
-                "calm serve runs decoder-only models (continuous batching); this one is an encoder-decoder"
-            )
+        if model.tokenizer is None:
+            raise InputError("calm serve answers with text: load the model with its tokenizer")
         self.model, self.config = model, config
         self.engine = EngineLoop(lambda: build_scheduler(model, config.max_batch), config.max_batch, config.max_queue)
         self.app: FastAPI = create_app(model, self.engine, config.model_name, lossless_decoding(self.engine.scheduler))
