@@ -251,8 +251,9 @@ def markdown(report: dict) -> str:
     for rate in report["rates"]:
         for way in WAYS:
             e = rate["ways"][way]["server"]
+            per_token = 1000 * e["prefill_s"] / e["prompt_tokens"]
             lines.append(
-                f"| {rate['rate']:.3f} | {way} | {e['prefill_s']:.1f} | {1000 * e['prefill_s'] / e['prompt_tokens']:.2f} | "
+                f"| {rate['rate']:.3f} | {way} | {e['prefill_s']:.1f} | {per_token:.2f} | "
                 f"{e['decode_s']:.1f} | "
                 f"{e['decode_steps'] + e['speculative_steps']} | {e['speculative_steps']} | "
                 f"{e['mean_live_rows']:.2f} | {e['s_per_step']:.3f} |"
