@@ -132,7 +132,8 @@ def test_events_stream_each_token_once_and_say_why_a_request_ended(nets):
         assert len(streamed[i]) == r.max_new_tokens or ended_by_eos
     stats = scheduler.stats
     assert stats.prefill_tokens == stats.prompt_tokens == sum(LENGTHS)
-    assert stats.attended_keys == stats.real_keys  # 2 rows attend each over its own slots: no padding
+    # both slots running: one batched call over the shared columns, padding included; one row left: its own slots
+    assert stats.attended_keys > stats.real_keys
 
 
 def test_the_cache_moves_left_and_grows_as_requests_come_and_go(nets, monkeypatch):

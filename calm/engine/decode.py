@@ -209,7 +209,7 @@ def decode_one_token(
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
     compute = None if rows.numel() == batch else rows  # None: every row
     compact = rows.numel() >= COMPACT_MIN_ROWS
-    layer_ctx = ctx if compute is None else _per_row(ctx, state, compute, rows)
+    layer_ctx = _per_row(ctx, state, compute, rows) if per_row_attention(state, rows.numel()) else ctx
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits)
     for i in range(a.num_layers):
         x = a.attn_input(i, h)
@@ -251,6 +251,14 @@ def decode_one_token(
     cache.length = slot + 1
     state.positions = state.positions + 1
     return StepOutput(hidden=h[:, 0], exit_layers=exit_layers, decided=tuple(decided))
+
+
+def per_row_attention(state: DecodeState, live: int) -> bool:
+    """Whether a step's `live` running rows attend each alone over its own slots: up to PER_ROW_MAX_ROWS rows, in
+    a cache without holes, where some row is not running. With every row running, one batched call is faster
+    even over a continuous batch's padding (measured on SmolLM2-135M, 8 rows of 100-1,100 tokens: 0.18 s a
+    step batched over 2.4x the real keys, 0.21 s one by one)."""
+    return live <= PER_ROW_MAX_ROWS and not state.holes and live < len(state.first_slots)
 
 
 def _per_row(ctx: StepContext, state: DecodeState, compute: torch.Tensor | None, live: torch.Tensor) -> StepContext:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from calm.engine.decode import PER_ROW_MAX_ROWS, ExitPlan, Network, StepOutput, decode_one_token
+from calm.engine.decode import ExitPlan, Network, StepOutput, decode_one_token, per_row_attention
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.sampling import SamplingConfig
 from calm.engine.slots import SlotBatch
@@ -219,9 +219,9 @@ class Scheduler:
 
     def _count_keys(self, live: list[int]) -> None:
         """Attention's work in this step's first query per row: a row attends over its own slots where it attends
-        alone (decode.PER_ROW_MAX_ROWS rows or fewer, no holes), else over every column up to the write column."""
+        alone (decode.per_row_attention), else over every column up to the write column."""
         end = self.batch.cache.length + 1
-        alone = len(live) <= PER_ROW_MAX_ROWS and not self.batch.state.holes and not self._drafts(live)
+        alone = per_row_attention(self.batch.state, len(live)) and not self._drafts(live)
         for slot in live:
             row = self._row(slot)
             self.stats.real_keys += row.cached_prompt + len(row.tokens)
