@@ -24,11 +24,12 @@ from calm.errors import CalmError
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
 # `calm --help`; tests/test_cli_errors.py checks that it matches the command's own.
 LAZY_COMMANDS = {
+    "serve": ("calm.cli.serve", "serve_command", "Serve MODEL over the OpenAI API with continuous batching."),
     "train": (
         "calm.cli.train",
         "train_command",
         "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint.",
-    )
+    ),
 }
 
 

@@ -38,6 +38,7 @@ BASE: dict[str, Callable[[Files], list[str]]] = {
     "bench": lambda f: ["--model", f.model, "--data", f.docs, "--out", f.out],
     "train": lambda f: ["--model", f.model, "--data", f.docs, "--out", f.out],
     "info": lambda f: [],
+    "serve": lambda f: ["--model", f.model],
 }
 
 # Bad values of free-text options, by parameter name (types and callbacks cover the rest).
@@ -51,6 +52,7 @@ TEXT: dict[str, Callable[[Files], list[str]]] = {
     "file": lambda f: [f.missing, f.dir],
     "prompts": lambda f: ["", " \n "],
     "lora_layers": lambda f: ["x", "a-b", "-3", "5-2"],
+    "host": lambda f: ["", "local host", "http://127.0.0.1"],
 }
 
 CALLBACKS: dict[str, list[str]] = {

@@ -139,6 +139,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "calm",
     ),  # the facade, its options, and the package root that exports it
     ("calm.bench",),
+    ("calm.serving.*",),  # calm serve: the HTTP layer over the model facade and the scheduler
     ("calm.training.*",),
     ("calm.eval.*",),
     ("calm.cli.*", "calm.training.__main__"),  # `python -m calm.training` is a command
