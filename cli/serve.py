@@ -52,6 +52,7 @@ def serve_command(
     model_name: str,
     device: str,
     dtype: str | None,
+    weights: str | None,
     host: str,
     port: int,
     max_batch: int,
@@ -69,6 +70,6 @@ def serve_command(
         raise click.ClickException(f"calm serve needs {exc.name}: pip install 'calm[serve]'") from None
 
     config = ServeConfig(host, port, max_batch, max_queue, model_name, shutdown_timeout)
-    server = Server(load_model(model_name, device, dtype), config)
+    server = Server(load_model(model_name, device, dtype, weights), config)
     click.echo(f"calm serve: {model_name} on http://{host}:{port}/v1 (max batch {max_batch})", err=True)
     server.run()
