@@ -326,8 +326,8 @@ class CalmModel:
         run: ModeRun | None,
         consistency: str | None = None,
     ) -> ExitPolicy:
-        """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
-        full model (lossless: its run's policy, or the draft controller given)."""
+        """The policy generate() runs, range-checked: the one given, the knob's, else the full model (lossless: its
+        run's policy, or the draft controller given)."""
         if consistency is not None and speed is None and tolerance is None:
             raise InputError(
                 "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
@@ -352,8 +352,7 @@ class CalmModel:
         return policy
 
     def _with_texts(self, result: GenerationResult) -> GenerationResult:
-        """The result with each row's finish reason and text, decoded without special tokens (when there is a
-        tokenizer)."""
+        """The result with each row's finish reason and text (decoded without special tokens, given a tokenizer)."""
         eos = set(self.eos_token_ids)
         reasons = tuple("stop" if ids and ids[-1] in eos else "length" for ids in result.token_ids)
         result = replace(result, finish_reasons=reasons)

@@ -241,3 +241,18 @@ def test_continuous_batching_refuses_the_static_engine(nets):
     config = GenerationConfig(max_new_tokens=4, eos_token_ids=(EOS,), engine="static")
     with pytest.raises(InputError, match="dynamic engine"):
         generate_continuous(nets["llama-mha-tied"], [[5, 6], [7, 8, 9]], ExitPolicy.never(), config, 2)
+
+
+def test_sampled_rows_beside_rows_decided_at_an_exit_check_equal_their_solo_runs(nets):
+    """Rows that exit at a softmax check get their tokens from the check's logits; a seeded sampling row in the
+    same step draws from its own generator for itself only."""
+    net = nets["llama-mha-tied"]
+    exiting = ExitPolicy(measure="softmax", threshold=0.1)
+    requests = [
+        Request(tuple(p), 8, exiting) if i % 2 else Request(tuple(p), 8, sampling=SamplingConfig(True, seed=i))
+        for i, p in enumerate(prompts())
+    ]
+    together = run_all(net, requests, max_batch=3)
+    assert any(k < net.num_layers for _, exits in together.values() for k in exits)
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), 8, r.policy, r.sampling), f"request {i}"

@@ -123,7 +123,9 @@ class StepOutput:
         tokens = torch.zeros(self.hidden.shape[0], dtype=torch.long, device=self.hidden.device)
         pending = torch.zeros_like(tokens, dtype=torch.bool).index_fill_(0, rows, True)
         for decided_rows, logits in self.decided:
-            tokens[decided_rows] = next_token(logits, sampling, generator)
+            mine = pending[decided_rows]  # only the rows asked for draw from this generator
+            if bool(mine.any()):
+                tokens[decided_rows[mine]] = next_token(logits[mine], sampling, generator)
             pending[decided_rows] = False
         todo = rows if not self.decided else pending.nonzero()[:, 0]
         if todo.numel():
