@@ -27,7 +27,7 @@ from calm.checkpoints.checkpoint import (
 )
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
-from calm.checkpoints.loading import is_loadable, load_backbone
+from calm.checkpoints.loading import check_model_name, is_loadable, load_backbone
 from calm.engine.decode import ExitPlan, Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
@@ -91,7 +91,7 @@ class CalmModel:
         cls, name_or_path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
     ) -> CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint."""
-        name_or_path = str(name_or_path)
+        name_or_path = check_model_name(str(name_or_path))
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
         warn_slow_dtype(dtype, device)

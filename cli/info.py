@@ -24,7 +24,7 @@ from calm.checkpoints.checkpoint import (
     load_heads,
     read_config,
 )
-from calm.checkpoints.loading import load_backbone
+from calm.checkpoints.loading import check_model_name, load_backbone
 from calm.errors import CheckpointError
 from calm.eval.reporting import format_speedup
 from calm.exits.heads import HeadsConfig
@@ -55,7 +55,7 @@ class ModelInfo:
 
 def describe(name_or_path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
     """Load the backbone that `name_or_path` names and read its calm checkpoint, if it has one."""
-    name = str(name_or_path)
+    name = check_model_name(str(name_or_path))
     if is_checkpoint(name):
         config = read_config(name)
         model = load_backbone(backbone_location(name, config), device=device).model

@@ -138,6 +138,28 @@ def test_output_is_atomic_and_keeps_the_rows_of_an_interrupted_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.partial"]  # no temporary left
 
 
+def test_ctrl_c_exits_130_and_says_where_the_partial_rows_are(tiny_model, docs_file, tmp_path, monkeypatch):
+    # issue 29, item 7: Ctrl-C exited 1 with click's "Aborted!"
+    from calm.eval import summarize as summarize_module
+
+    real = summarize_module.summarize_documents
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(summarize_module, "summarize_documents", interrupted)
+    out = tmp_path / "rows.jsonl"
+    args = ["--json", "--output", out, "--max-new-tokens", 2, "--batch-size", 1]
+    result = invoke("summarize", "--model", tiny_model, docs_file, *args)
+    assert result.exit_code == 130, result.output
+    assert "Aborted!" not in result.output
+    assert f"the 1 rows written so far are in {out}.partial" in result.output
+    assert not out.exists() and len(json_rows((tmp_path / "rows.jsonl.partial").read_text())) == 1
+
+
 # ---- sampling ------------------------------------------------------------------------------------
 
 
