@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters import adapter_for
-from calm.calibration.knob import resolve_policy
+from calm.calibration.knob import calm_mode_policy, resolve_policy
 from calm.calibration.table import CalibrationTable
 from calm.checkpoints.checkpoint import (
     BACKBONE_DIR,
@@ -281,7 +281,7 @@ class CalmModel:
             batch_size=rows,
             candidates=spec.candidates,
         )
-        policy = self._generation_policy(policy, speed, tolerance, run, consistency)
+        policy = self._generation_policy(policy, speed, tolerance, run, consistency, spec.mode == "calm")
         sampling = sampling_options(
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
@@ -299,9 +299,11 @@ class CalmModel:
         tolerance: float | None,
         run: ModeRun | None,
         consistency: str | None = None,
+        mode_named: bool = False,
     ) -> ExitPolicy:
-        """The policy generate() runs, range-checked up front: the one given, the knob's, or by default the
-        full model (lossless: its run's policy, or the draft controller given)."""
+        """The policy generate() runs, range-checked up front: the one given, the knob's, or with none in
+        calm's mode the rule of calm_mode_policy (mode_named: mode="calm" was given; lossless: its run's
+        policy, or the draft controller given)."""
         if consistency is not None and speed is None and tolerance is None:
             raise InputError(
                 "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
@@ -321,7 +323,8 @@ class CalmModel:
             if run.spec.from_context and policy is not None and policy.measure != "fixed":
                 raise InputError(NO_CONTROLLER)
             policy = policy or run.policy
-        policy = policy or ExitPolicy.never()
+        if policy is None:  # calm's mode and no knob: the command line's rule too
+            policy = calm_mode_policy(self, mode_named).policy
         ExitPlan.resolve(policy, self.network)  # layer range and exit floor, up front
         return policy
 

@@ -273,8 +273,8 @@ class Decoding:
 def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     """How the run decodes: calm's knob, or the lossless run of calm.speculative.lossless where the mode is
     lossless or speculative (--measure and --threshold then set the draft controller)."""
+    from calm.calibration.knob import FULL_MODEL_ENGINE
     from calm.errors import InputError
-    from calm.exits.policy import ExitPolicy
     from calm.speculative.lossless import resolve_mode
     from calm.speculative.options import SpeculativeOptions
 
@@ -282,10 +282,11 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     lossless_run = resolve_mode(
         model, run.mode, run.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
-    if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
-        return Decoding(False, ExitPolicy.never(), f"full model (exact) on the {run.engine.spec} engine")
-    if lossless_run is None:
-        return Decoding(False, *knobs.resolve(model))
+    if lossless_run is None:  # calm's early exit: the knobs, else calm_mode_policy's rule (as generate())
+        policy, source = knobs.resolve(model, mode_named=m.mode is not None)
+        if source == FULL_MODEL_ENGINE:  # only --engine: that engine, exact
+            source = f"full model (exact) on the {run.engine.spec} engine"
+        return Decoding(False, policy, source)
     if knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "

@@ -48,11 +48,12 @@ class Knobs:
                 "give one of them too (without a knob the run is lossless; --threshold follows no calibration)"
             )
 
-    def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
+    def resolve(self, model: CalmModel, mode_named: bool = True) -> tuple[ExitPolicy, str]:
         """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
         threshold runs --decay-tau (CALM's τ=4 if not given); a calibrated one the schedule it was certified
-        with, and another --decay-tau there is refused rather than run untested."""
-        from calm.calibration.knob import resolve_policy
+        with, and another --decay-tau there is refused rather than run untested. No knob: the rule of
+        calm.calibration.knob.calm_mode_policy (mode_named: --mode calm was given, not only --engine)."""
+        from calm.calibration.knob import FULL_MODEL_ENGINE, calm_mode_policy
 
         if (
             self.decay_tau is not None
@@ -66,8 +67,9 @@ class Knobs:
                 "model); give --threshold too"
             )
         try:
-            resolved = resolve_policy(
+            resolved = calm_mode_policy(
                 model,
+                mode_named,
                 self.threshold,
                 self.measure,
                 self.min_exit_layer,
@@ -78,6 +80,8 @@ class Knobs:
             )
         except (InputError, PolicyError) as exc:
             raise type(exc)(flag_names(str(exc))) from None
+        if resolved.description == FULL_MODEL_ENGINE:
+            return resolved.policy, resolved.description
         return resolved.policy, self._source(model, resolved.policy)
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:

@@ -132,3 +132,28 @@ def test_tolerance_to_threshold():
     assert tolerance_to_threshold(table, 0.2) == 0.5
     with pytest.raises(InputError, match="no threshold is certified"):
         tolerance_to_threshold(table, 1e-4)
+
+
+def test_mode_calm_without_a_knob_runs_one_rule_in_the_api_and_on_the_command_line(calibrated, tmp_path):
+    # issue 29, item 5: `--mode calm` ran the knob at speed 0.5 while generate(mode="calm") ran the full model
+    from calm.calibration.knob import FULL_MODEL_ENGINE, calm_mode_policy
+    from helpers import invoke
+
+    default = calibrated.policy()  # speed 0.5 on the calibration
+    assert not default.never_exits
+    assert calm_mode_policy(calibrated, mode_named=True).policy == default
+    assert calm_mode_policy(calibrated, mode_named=False) == calm_mode_policy(calibrated, False)
+    assert calm_mode_policy(calibrated, mode_named=False).description == FULL_MODEL_ENGINE
+    api = calibrated.generate(PROMPTS, 6, mode="calm")
+    assert api.token_ids == calibrated.generate(PROMPTS, 6, default).token_ids
+    assert api.exit_layers == calibrated.generate(PROMPTS, 6, default).exit_layers
+    assert api.decoding == default.describe() and api.avg_layers < 4
+    assert calibrated.generate(PROMPTS, 6, engine="dynamic").avg_layers == 4  # an engine alone: the full model
+    calibrated.save_pretrained(tmp_path / "ckpt")
+    result = invoke("generate", "--model", tmp_path / "ckpt", "--no-chat", "--mode", "calm", "--json",
+                    "--max-new-tokens", 6, PROMPTS[0])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "default (speed 0.5 on the calibration" in result.stderr
+    row = __import__("json").loads(result.stdout.splitlines()[0])
+    solo = calibrated.generate(PROMPTS[:1], 6, mode="calm", chat=False)
+    assert tuple(row["exit_layers"]) == solo.exit_layers[0]

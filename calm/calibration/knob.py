@@ -136,6 +136,30 @@ def resolve_policy(
     return resolved
 
 
+FULL_MODEL_ENGINE = "full model (exact; an engine was named, no exit knob)"
+
+
+def calm_mode_policy(
+    model: CalibratedModel,
+    mode_named: bool,
+    threshold: float | None = None,
+    measure: str | None = None,
+    min_exit_layer: int | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    decay_tau: float | None = None,
+    consistency: str | None = None,
+) -> ResolvedPolicy:
+    """What a run in calm's early-exit mode runs: the knobs' policy (resolve_policy). With no knob at all, the
+    model's default (speed DEFAULT_SPEED when it is calibrated, else the full model) where the caller named
+    mode "calm"; the full model where the mode only followed from a named engine. The one rule for the
+    command line (`--mode calm`, `--engine`) and CalmModel.generate (mode="calm", engine=)."""
+    knobs = (threshold, measure, min_exit_layer, speed, tolerance, decay_tau, consistency)
+    if not mode_named and all(k is None for k in knobs):
+        return ResolvedPolicy(ExitPolicy.never(), FULL_MODEL_ENGINE)
+    return resolve_policy(model, *knobs)
+
+
 def calibration_table(model: CalibratedModel) -> CalibrationTable:
     if model.calibration is None:
         raise InputError(NO_CALIBRATION)
