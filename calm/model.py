@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters import adapter_for
-from calm.calibration.knob import calm_mode_policy, resolve_policy
+from calm.calibration.knob import ResolvedPolicy, calm_mode_policy, resolve_policy, warn_outside_calibration
 from calm.calibration.table import CalibrationTable
 from calm.checkpoints.checkpoint import (
     BACKBONE_DIR,
@@ -39,7 +39,7 @@ from calm.exits.policy import ExitPolicy
 from calm.options import engine_options, sampling_options, speculative_options
 from calm.prompts.encoding import Prompts, encode_prompts
 from calm.speculative.drafting import NO_CONTROLLER, generate_speculative
-from calm.speculative.lossless import ModeRun, pick_mode, resolve_mode
+from calm.speculative.lossless import LOSSLESS, ModeRun, pick_mode, resolve_mode
 from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
@@ -265,6 +265,13 @@ class CalmModel:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         engine = engine_options(engine, compile=compile, sync_every=sync_every)
         spec = speculative_options(speculative, mode=mode, draft_layer=draft_layer, max_draft=max_draft, lookup=lookup)
+        knob = self._knob(policy, speed, tolerance, consistency, spec.mode)
+        if knob is not None:  # the calibrated knob: its policy, or lossless where no certified threshold pays
+            speed = tolerance = consistency = None
+            spec = replace(spec, mode=LOSSLESS) if knob.lossless else spec
+            policy = None if knob.lossless else knob.policy
+            if knob.calibrated:
+                warn_outside_calibration(self.calibration, max_new_tokens)
         asked = policy is not None or speed is not None or tolerance is not None or engine.chosen
         mode = pick_mode(spec.mode, asked)
         batch = self.encode_prompts(
@@ -291,6 +298,20 @@ class CalmModel:
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
         return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
+
+    def _knob(
+        self,
+        policy: ExitPolicy | None,
+        speed: float | None,
+        tolerance: float | None,
+        consistency: str | None,
+        mode: str | None,
+    ) -> ResolvedPolicy | None:
+        """What the calibrated knob resolves to where generate() runs one: speed= or tolerance= in calm's mode,
+        or mode="calm" with no policy (calm_mode_policy, the command line's rule); None otherwise."""
+        if policy is not None or mode not in (None, "calm") or (mode is None and speed is None and tolerance is None):
+            return None
+        return calm_mode_policy(self, mode == "calm", speed=speed, tolerance=tolerance, consistency=consistency)
 
     def _generation_policy(
         self,

@@ -213,6 +213,11 @@ def _generate(
 
     rows = min(run.batch_size, len(records))
     decoding = _resolve(model, run, rows)
+    if decoding.calibrated:  # one line where the run leaves what the calibration certified
+        from calm.calibration.knob import warn_outside_calibration
+
+        documents = [p.kept_tokens for p in prompts] if noun == "document" else []
+        warn_outside_calibration(model.calibration, run.max_new_tokens, documents)
     console = output_console()
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
@@ -268,6 +273,7 @@ class Decoding:
     policy: ExitPolicy
     source: str
     speculative: SpeculativeOptions | None = None
+    calibrated: bool = False  # the threshold comes from the calibration table: its conditions apply
 
 
 def _resolve(model: Any, run: Run, rows: int) -> Decoding:
@@ -275,7 +281,7 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     lossless or speculative (--measure and --threshold then set the draft controller)."""
     from calm.calibration.knob import FULL_MODEL_ENGINE
     from calm.errors import InputError
-    from calm.speculative.lossless import resolve_mode
+    from calm.speculative.lossless import LOSSLESS, resolve_mode
     from calm.speculative.options import SpeculativeOptions
 
     knobs, m = run.knobs, run.speculative
@@ -283,14 +289,18 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
         model, run.mode, run.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
     if lossless_run is None:  # calm's early exit: the knobs, else calm_mode_policy's rule (as generate())
-        policy, source = knobs.resolve(model, mode_named=m.mode is not None)
-        if source == FULL_MODEL_ENGINE:  # only --engine: that engine, exact
-            source = f"full model (exact) on the {run.engine.spec} engine"
-        return Decoding(False, policy, source)
-    if knobs.speed is not None or knobs.tolerance is not None:
+        resolved = knobs.resolve(model, mode_named=m.mode is not None)
+        if resolved.description == FULL_MODEL_ENGINE:  # only --engine: that engine, exact
+            return Decoding(False, resolved.policy, f"full model (exact) on the {run.engine.spec} engine")
+        if not resolved.lossless:
+            return Decoding(False, resolved.policy, resolved.description, calibrated=resolved.calibrated)
+        lossless_run = resolve_mode(model, LOSSLESS, batch_size=rows)  # no certified threshold pays (one warning)
+    elif knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
+    if lossless_run is None:
+        raise AssertionError("mode lossless always resolves to a run")
     speculative = SpeculativeOptions.running(lossless_run.spec)
     return Decoding(True, lossless_run.policy, lossless_run.description, speculative)

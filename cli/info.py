@@ -124,7 +124,8 @@ def summary_fields(info: ModelInfo) -> list[tuple[str, str]]:
         ("exit heads", _heads_text(info.heads)),
         ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter)),
     ]
-    return rows + _calibration_fields(info.calibration)
+    floor = info.heads.min_layer if info.heads is not None else max(1, info.num_layers // 2)  # exit_floor's rule
+    return rows + _calibration_fields(info.calibration, floor)
 
 
 def _heads_text(heads: HeadsConfig | None) -> str:
@@ -141,14 +142,16 @@ def _mapping_text(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]:
+def _calibration_fields(table: CalibrationTable | None, floor: int = 1) -> list[tuple[str, str]]:
+    """The calibration's settings (its min exit layer as it applies: never below the model's exit floor,
+    `floor`), the certified rows and what the knob runs."""
     if table is None:
         return [("calibration", "none (run calm calibrate; --threshold works without it)")]
     tau = "decay τ not recorded (the default decay)" if table.decay_tau is None else f"decay τ={table.decay_tau:g}"
     settings = [
         f"measure {table.measure}" if table.measure else None,
         tau,
-        f"min exit layer {table.min_exit_layer}" if table.min_exit_layer else None,
+        f"min exit layer {max(table.min_exit_layer or floor, floor)}",
         f"ε={_g(table.epsilon)}",
         f"n={table.n}",
         f"method {table.method}" if table.method else None,
@@ -161,7 +164,19 @@ def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]
         certified.append(("certified (risk)", _certified_text(table, "risk")))
     else:
         certified.append(("certified (risk)", "no risk-consistency rows (calibrated before they existed)"))
-    return [("calibration", ", ".join(item for item in settings if item)), *certified]
+    return [("calibration", ", ".join(item for item in settings if item)), *certified, ("knob", _knob_text(table))]
+
+
+def _knob_text(table: CalibrationTable) -> str:
+    """The certified thresholds --speed runs (measured faster than the full model and than every more
+    careful one), or that it runs lossless."""
+    if table.certified_index is None:
+        return "runs the full model (nothing certified)"
+    paying = [table.rows[i] for i in table.paying_indexes()]
+    if not paying:
+        return "no certified threshold was measured faster than the full model: --speed and --tolerance run lossless"
+    runs = ", ".join(f"λ={r.threshold:g} ({format_speedup(r.speedup)})" for r in paying)
+    return f"--speed 0–1 runs {runs}; certified thresholds measured slower are skipped"  # textual consistency
 
 
 def _certified_text(table: CalibrationTable, consistency: str) -> str:
