@@ -39,7 +39,7 @@ from calm.exits.policy import ExitPolicy
 from calm.options import engine_options, sampling_options, speculative_options
 from calm.prompts.encoding import Prompts, encode_prompts
 from calm.speculative.drafting import NO_CONTROLLER, generate_speculative
-from calm.speculative.lossless import LOSSLESS, ModeRun, pick_mode, resolve_mode
+from calm.speculative.lossless import LOSSLESS, ModeRun, pick_mode, resolve_mode, run_description
 from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
@@ -287,6 +287,7 @@ class CalmModel:
             lookup=spec.lookup,
             batch_size=rows,
             candidates=spec.candidates,
+            goodput=spec.goodput,
         )
         policy = self._generation_policy(policy, speed, tolerance, run, consistency, spec.mode == "calm")
         sampling = sampling_options(
@@ -297,7 +298,8 @@ class CalmModel:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
-        return replace(self._with_texts(result), decoding=run.description if run else policy.describe())
+        decoding = run_description(run, result.speculative, policy.describe())
+        return replace(self._with_texts(result), decoding=decoding)
 
     def _knob(
         self,
