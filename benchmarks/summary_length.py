@@ -41,6 +41,37 @@ def first_sentence_tokens(tokenizer, ids: tuple[int, ...], eos: set[int]) -> int
 BUDGETS = (32, 48, 64, 80, 96, 112, 128, 160)
 
 
+def first_sentence_from_text(tokenizer, row: dict) -> int | None:
+    """first_sentence_tokens for a report row that kept only the text: the first sentence's text (an end mark
+    followed by a space or newline, or the end of an output the model ended) re-encoded; a one-sentence output
+    the model ended takes its whole length with EOS. None: no sentence ended within the output."""
+    text = row["summary"]
+    match = re.search(r"[.!?][\"')\]]*(\s|$)", text)
+    if match is None:
+        return row["tokens"] if row["finish_reason"] == "stop" else None
+    if match.end() == len(text) and row["finish_reason"] == "stop":
+        return row["tokens"]
+    return len(tokenizer.encode(text[: match.start(1)], add_special_tokens=False))
+
+
+def recompute(report: dict, model_name: str) -> dict:
+    """A report from before first-sentence lengths were measured, with them (re-encoded from its texts)."""
+    from calm.cli.common import load_model
+
+    tokenizer = load_model(model_name, "cpu", None).tokenizer
+    rows = [{**r, "first_sentence_tokens": first_sentence_from_text(tokenizer, r)} for r in report["rows"]]
+    budget = report["max_new_tokens"]
+    first = np.array([r["first_sentence_tokens"] or budget + 1 for r in rows])
+    return {
+        **report,
+        "rows": rows,
+        "first_sentence_quantiles": _quantiles(first),
+        "first_sentence_covered_at": {str(n): float((first <= n).mean()) for n in BUDGETS if n <= budget},
+        "first_sentence_note": "first-sentence lengths re-encoded from the stored texts: "
+        + " ".join(["python", *sys.argv]),
+    }
+
+
 def length_report(model_name: str, data: str, docs: int, max_new_tokens: int, batch_size: int) -> dict:
     import calm
     from calm.cli.common import load_model
@@ -99,7 +130,9 @@ def length_report(model_name: str, data: str, docs: int, max_new_tokens: int, ba
 
 
 def _quantiles(values: np.ndarray) -> dict[str, int]:
-    return {f"q{round(q * 100)}": int(math.ceil(np.quantile(values, q, method="higher"))) for q in QUANTILES}
+    """For each q, the smallest budget that holds at least the share q of them."""
+    ordered = np.sort(values)
+    return {f"q{round(q * 100)}": int(ordered[math.ceil(q * len(ordered)) - 1]) for q in QUANTILES}
 
 
 def length_markdown(report: dict) -> str:
@@ -118,12 +151,16 @@ def length_markdown(report: dict) -> str:
         "",
         f"Load average at the end: {', '.join(map(str, report['load_average']))} (the CPU is shared).",
         "",
+        *([f"Note: {report['first_sentence_note']}.", ""] if report.get("first_sentence_note") else []),
         f"- {report['stopped']} of {report['docs']} ended with EOS within {report['max_new_tokens']} tokens; "
         f"mean length {report['mean_tokens']:.1f} tokens, longest that ended {report['max_tokens_stopped']}.",
         f"- Budget the whole output needs to end with EOS: median {q['q50']}, 90% {q['q90']}, 95% {q['q95']}, "
         f"99% {q['q99']} tokens (budget + 1 = not ended within the budget).",
         f"- Budget the first sentence needs (its tokens up to its end mark, or up to EOS): median {f['q50']}, "
-        f"90% {f['q90']}, **95% {f['q95']}**, 99% {f['q99']} tokens.",
+        f"90% {f['q90']}, **95% {f['q95']}**, 99% {f['q99']} tokens (each: the smallest budget that holds that "
+        "share). `calm summarize`'s default --max-new-tokens 64 holds "
+        f"{report['first_sentence_covered_at'].get('64', float('nan')):.0%} of the first sentences; most outputs go "
+        "on past their first sentence, and those stop at the budget whatever it is.",
         "",
         "| budget (--max-new-tokens) | outputs that end with EOS within it | first sentences that end within it |",
         "|---:|---:|---:|",
@@ -153,10 +190,18 @@ def length_markdown(report: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, help="As calm summarize's default.")
 @click.option("--name", default="summary_length_smollm2")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=str(RESULTS))
-def main(model_name: str, data: str, docs: int, max_new_tokens: int, batch_size: int, name: str, out_dir: str) -> None:
+@click.option("--from-json", "from_json", default=None, help="Add first-sentence lengths to an older report's JSON.")
+def main(
+    model_name: str, data: str, docs: int, max_new_tokens: int, batch_size: int, name: str, out_dir: str, from_json
+) -> None:
+    import json
+
     from calm.eval.reporting import json_safe, write_json_markdown
 
-    report = length_report(model_name, data, docs, max_new_tokens, batch_size)
+    if from_json:
+        report = recompute(json.loads(Path(from_json).read_text()), model_name)
+    else:
+        report = length_report(model_name, data, docs, max_new_tokens, batch_size)
     markdown = length_markdown(report)
     files = write_json_markdown(out_dir, name, json_safe(report), markdown)
     click.echo(markdown)

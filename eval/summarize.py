@@ -10,6 +10,7 @@ from typing import TypeVar
 from calm.engine.generation import Timings
 from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
+from calm.engine.speculative_stats import SpeculativeStats
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from calm.prompts.documents import Record
@@ -34,6 +35,7 @@ class DocumentSummary:
     kept_tokens: int = 0
     finish_reason: str = "stop"  # "stop": the model ended it (EOS); "length": it hit max_new_tokens
     text_field: str = "summary"  # the output's JSON name: "summary" for documents, "text" for plain prompts
+    speculative: SpeculativeStats | None = None  # what the batch's speculative decoding did (lossless), else None
 
     @property
     def avg_layers(self) -> float:
@@ -130,6 +132,7 @@ def summarize_documents(
                 kept_tokens=p.kept_tokens,
                 finish_reason=result.finish_reasons[i] if result.finish_reasons else "stop",
                 text_field=text_field,
+                speculative=result.speculative,
             )
             for i, (r, p) in enumerate(zip(batch, batch_prompts))
         ]

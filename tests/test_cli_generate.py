@@ -352,3 +352,37 @@ def test_generate_writes_text_and_summarize_writes_summary(tiny_model):
     assert "text" in row and "summary" not in row
     doc = invoke("summarize", "--model", tiny_model, "--text", "the cat sat", "--max-new-tokens", 2, "--json")
     assert "summary" in json_rows(doc.stdout)[0]
+
+
+def test_summarize_default_budget_holds_95_percent_of_the_measured_first_sentences():
+    # issue 29, item 4: the default comes from benchmarks/results/summary_length_smollm2.json and says so
+    import json
+
+    from calm.cli.generate import SUMMARY_TOKENS
+    from calm.cli.main import cli
+
+    report = json.loads((Path(__file__).parents[1] / "benchmarks/results/summary_length_smollm2.json").read_text())
+    first = [r["first_sentence_tokens"] for r in report["rows"]]
+    assert report["docs"] >= 40 and report["max_new_tokens"] >= 160
+    held = sum(n is not None and n <= SUMMARY_TOKENS for n in first)
+    assert held >= 0.95 * len(first) and sum(n is not None and n <= SUMMARY_TOKENS - 8 for n in first) < held
+    option = next(p for p in cli.commands["summarize"].params if p.name == "max_new_tokens")
+    assert option.default == SUMMARY_TOKENS and "95%" in option.help and "summary_length_smollm2" in option.help
+    help_text = invoke("summarize", "--help").output
+    assert "first sentence of 95%" in " ".join(help_text.split())
+
+
+def test_the_cut_note_says_when_an_output_went_on_past_a_complete_sentence():
+    from calm.engine.generation import Timings
+    from calm.eval.render import _cut_note
+    from calm.eval.summarize import DocumentSummary
+
+    def doc(text: str, reason: str) -> DocumentSummary:
+        return DocumentSummary("a", text, (1,) * 4, (4,) * 4, 4, 1, Timings(0.1, 0.1, 4, 3), finish_reason=reason)
+
+    docs = [doc("One sentence. And then more", "length"), doc("no end", "length"), doc("Done.", "stop")]
+    note = _cut_note(docs, 4)
+    assert note == (
+        '; 2 of 3 outputs stopped at --max-new-tokens 4 (finish_reason "length", likely mid-sentence; 1 of them after '
+        "a complete sentence: the model went on past it)"
+    )

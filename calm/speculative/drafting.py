@@ -307,7 +307,7 @@ def _speculative_loop(
         drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
         if lookup is not None and d.layer == CONTEXT_DRAFT:
             lookup.verified(drafted, kept)
-        context = d.layer == CONTEXT_DRAFT and d.tokens.shape[1] > 0
+        context = d.layer == CONTEXT_DRAFT and (gate is None or step.kind == CONTEXT)  # not the gate's plain steps
         tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), context)
         if gate is not None:
             gate.timed(step.kind, d.tokens.shape[1] + 1, time.process_time() - cpu)

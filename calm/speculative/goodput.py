@@ -7,6 +7,7 @@ expected tokens committed per step over the step's cost:
 
     goodput(d) = (1 + α + α² + … + α^d) / cost(d + 1),   d = 0 (no draft) … what the lookup found,
 
+(a draft must beat the plain step by GAIN_MARGIN, 2%: smaller expected gains are within timing noise)
 with α the row's own recent acceptance of a drafted token (an exponential moving average over the
 tokens it verified: each kept draft is a success, the first rejected one a failure). d = 0 is a plain
 step, goodput 1 / cost(1): a row whose drafts are below break-even stops drafting.
@@ -31,12 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALPHA_PRIOR = 0.5  # a row's acceptance before it has verified anything: drafting starts on
-ALPHA_RATE = 0.2  # weight of each new verified token in the moving average
+ALPHA_PRIOR = 0.4  # a row's acceptance before it has verified anything: drafting starts on
+ALPHA_RATE = 0.25  # weight of each new verified token in the moving average
 COST_RATE = 0.2  # weight of each new step time in the moving average of its kind
 PRIOR_WIDTH_COST = 0.05  # an extra verified position, in plain steps, until measured
-LAYER_GAIN_PRIOR = 1.3  # tokens a layer-E step commits, before it is measured
-PROBE_EVERY = 16  # plain steps after which a row tries layer-E drafts again
+LAYER_GAIN_PRIOR = 1.2  # tokens a layer-E step commits, before it is measured
+PROBE_EVERY = 24  # plain steps after which a row tries layer-E drafts again
+GAIN_MARGIN = 0.02  # a draft must beat a plain step's goodput by this much: smaller gains are within timing noise
 PLAIN, CONTEXT, LAYER = "plain", "context", "layer"
 
 
@@ -107,7 +109,7 @@ class GoodputGate:
 
     def context_length(self, b: int, found: int) -> int:
         """How many of the `found` looked-up tokens row b drafts: the goodput-maximising count (0: none)."""
-        best, best_goodput = 0, 1.0  # a plain step: one token per plain step
+        best, best_goodput = 0, 1.0 + GAIN_MARGIN  # a plain step: one token per plain step, and the margin
         for d in range(1, found + 1):
             goodput = self.expected_tokens(b, d) / self.cost(CONTEXT, d + 1)
             if goodput > best_goodput:
@@ -119,7 +121,7 @@ class GoodputGate:
         try them again."""
         if self.plain_steps[b] >= PROBE_EVERY:
             return True
-        return self.layer_gain[b] / self.cost(LAYER) > 1.0
+        return self.layer_gain[b] / self.cost(LAYER) > 1.0 + GAIN_MARGIN
 
     def plan(self, b: int, found: list[int], layer_source: bool) -> RowPlan:
         """Row b's step, from the lengths of its looked-up candidates (found) and whether drafts from layer E

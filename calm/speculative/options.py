@@ -23,4 +23,4 @@ class SpeculativeOptions:
         """The options that ask generate() for exactly this speculative setting (None: none to run)."""
         if spec is None:
             return None
-        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates, spec.goodput)
+        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates, spec.goodput or None)
