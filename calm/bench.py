@@ -39,15 +39,12 @@ DEFAULT_DOCUMENT = (
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
 )
-LOOKUP = "lookup"  # the spec suffix for drafts looked up in the context first
-ADAPTIVE = "adaptive"  # the spec suffix for context drafts whose length adapts per row
-GOODPUT = "goodput"  # the spec suffix for drafting that stops per row where it does not pay
+LOOKUP, ADAPTIVE, GOODPUT = "lookup", "adaptive", "goodput"  # spec suffixes, as POLICY_HELP says
 POLICY_HELP = (
     "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
     "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN][:goodput] (lossless speculative decoding, drafts "
-    "from layer "
-    "E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up in "
-    "the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
+    "from layer E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up "
+    "in the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
     "verification; cN: N candidate context drafts per row, verified as a tree; goodput: each row drafts only "
     "where its goodput beats a plain step, calm.speculative.goodput)"
 )

@@ -302,12 +302,7 @@ class CalmModel:
         return replace(self._with_texts(result), decoding=decoding)
 
     def _knob(
-        self,
-        policy: ExitPolicy | None,
-        speed: float | None,
-        tolerance: float | None,
-        consistency: str | None,
-        mode: str | None,
+        self, policy: ExitPolicy | None, speed: float | None, tolerance: float | None, consistency: str | None, mode
     ) -> ResolvedPolicy | None:
         """What the calibrated knob resolves to where generate() runs one: speed= or tolerance= in calm's mode,
         or mode="calm" with no policy (calm_mode_policy, the command line's rule); None otherwise."""

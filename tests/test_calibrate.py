@@ -111,6 +111,8 @@ def test_the_knob_keeps_the_threshold_schedule_it_was_calibrated_with(tiny_model
     assert calibrate(tiny_model, tmp_path, "--delta", "0.5", "--epsilon", "0.1", "--decay-tau", "0").exit_code == 0
     model = CalmModel.from_pretrained(str(tmp_path / "ckpt"))
     assert model.calibration.decay_tau == 0
+    timed = tuple(replace(r, speedup=1.1 + 0.1 * i) for i, r in enumerate(model.calibration.rows))  # all pay
+    model.calibration = replace(model.calibration, rows=timed)
     resolved = resolve_policy(model, speed=1.0)
     assert resolved.policy.decay_tau == 0 and "τ=0" in resolved.description
     model.calibration = replace(

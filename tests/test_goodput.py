@@ -75,17 +75,19 @@ def test_a_row_that_stopped_drafts_again_when_its_lookups_match():
     assert 1 <= steps <= 10 and gate_step(gate, looked_up, [True], False)[0][0][0][0] == 7
 
 
-def test_layer_drafts_stop_below_break_even_and_are_tried_again():
+def test_layer_drafts_start_off_are_probed_and_stop_below_break_even():
     gate = GoodputGate(1, draft_fraction=0.4)
     gate.timed(PLAIN, 1, 0.10)
     gate.timed(LAYER, 2, 0.11)
-    assert gate.layer_pays(0)  # the prior 1.2 tokens per step, at 1.1 plain steps' cost
-    for _ in range(10):
-        gate.layer_step(0, 1)  # nothing kept: one token for 1.1 steps' cost
-    assert not gate.layer_pays(0)
+    assert not gate.layer_pays(0)  # no layer-E step measured yet: off
     for _ in range(PROBE_EVERY):
         gate.plain_step(0)
     assert gate.layer_pays(0)  # a probe
+    gate.layer_step(0, 3)  # it kept two drafts: 1.4 tokens per step on average now, at 1.1 steps' cost
+    assert gate.layer_pays(0)
+    for _ in range(10):
+        gate.layer_step(0, 1)  # nothing kept: one token for 1.1 steps' cost
+    assert not gate.layer_pays(0)
 
 
 def _stored(model: CalmModel, checkpoint, setting: MeasuredSetting) -> CalmModel:

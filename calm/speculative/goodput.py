@@ -16,9 +16,9 @@ Restart: a row that does not draft still looks its context up, and whether the l
 matches the token the full model then commits updates its α at no model cost ("shadow" acceptance). Once
 lookups match again, its goodput rises above break-even and it drafts again.
 
-Drafts from layer E (where the lookup found nothing) have no shadow: a row keeps the tokens per step its
-layer-E steps committed (moving average) and drafts from layer E while that beats a plain step at their
-measured cost, else stops, and tries again after PROBE_EVERY plain steps.
+Drafts from layer E (where the lookup found nothing) have no shadow: they start off, a row tries them after
+PROBE_EVERY plain steps, keeps the tokens per step its layer-E steps committed (moving average) and drafts
+from layer E while that beats a plain step at their measured cost.
 
 Cost: a simple cost model measured in the run itself, not assumed. Every step's CPU time
 (time.process_time: other processes sharing the CPU do not inflate it) is averaged per kind of step:
@@ -36,7 +36,7 @@ ALPHA_PRIOR = 0.4  # a row's acceptance before it has verified anything: draftin
 ALPHA_RATE = 0.25  # weight of each new verified token in the moving average
 COST_RATE = 0.2  # weight of each new step time in the moving average of its kind
 PRIOR_WIDTH_COST = 0.05  # an extra verified position, in plain steps, until measured
-LAYER_GAIN_PRIOR = 1.2  # tokens a layer-E step commits, before it is measured
+LAYER_GAIN_PRIOR = 1.0  # tokens a layer-E step commits before it is measured: off until a probe shows they pay
 PROBE_EVERY = 24  # plain steps after which a row tries layer-E drafts again
 GAIN_MARGIN = 0.02  # a draft must beat a plain step's goodput by this much: smaller gains are within timing noise
 PLAIN, CONTEXT, LAYER = "plain", "context", "layer"
