@@ -39,14 +39,14 @@ DEFAULT_DOCUMENT = (
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
 )
-LOOKUP = "lookup"  # the spec suffix for drafts looked up in the context first
-ADAPTIVE = "adaptive"  # the spec suffix for context drafts whose length adapts per row
+LOOKUP, ADAPTIVE, GOODPUT = "lookup", "adaptive", "goodput"  # spec suffixes, as POLICY_HELP says
 POLICY_HELP = (
     "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN] (lossless speculative decoding, drafts from layer "
-    "E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up in "
-    "the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
-    "verification; cN: N candidate context drafts per row, verified as a tree)"
+    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN][:goodput] (lossless speculative decoding, drafts "
+    "from layer E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up "
+    "in the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
+    "verification; cN: N candidate context drafts per row, verified as a tree; goodput: each row drafts only "
+    "where its goodput beats a plain step, calm.speculative.goodput)"
 )
 SPEC = "spec"
 
@@ -106,12 +106,12 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
         return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
     flags = []
-    while parts and (parts[-1] in (LOOKUP, ADAPTIVE) or re.fullmatch(r"c[0-9]+", parts[-1])):
+    while parts and (parts[-1] in (LOOKUP, ADAPTIVE, GOODPUT) or re.fullmatch(r"c[0-9]+", parts[-1])):
         flags.append(parts.pop())
     candidates = next((int(f[1:]) for f in flags if f.startswith("c")), 1)
     try:
         config = SpeculativeConfig(
-            int(parts[0]), int(parts[1]), LOOKUP in flags, ADAPTIVE in flags, candidates=candidates
+            int(parts[0]), int(parts[1]), LOOKUP in flags, ADAPTIVE in flags, candidates, GOODPUT in flags
         )
     except (ValueError, IndexError) as exc:
         raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc

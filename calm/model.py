@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from calm.adapters import adapter_for
-from calm.calibration.knob import resolve_policy
+from calm.calibration.knob import resolve_policy, warn_outside_calibration
 from calm.calibration.table import CalibrationTable
 from calm.checkpoints.checkpoint import (
     BACKBONE_DIR,
@@ -28,10 +28,10 @@ from calm.checkpoints.checkpoint import (
 )
 from calm.checkpoints.checkpoint import backbone_kind as backbone_kind_of
 from calm.checkpoints.devices import parse_dtype, resolve_device, warn_slow_dtype
-from calm.checkpoints.loading import is_loadable, load_backbone
+from calm.checkpoints.loading import check_model_name, is_loadable, load_backbone
 from calm.checkpoints.native import WeightsChoice, apply_weights, choose_weights, format_note, native_lossless
 from calm.continuous import DEFAULT_MAX_BATCH, continuous_generate, runs_continuous
-from calm.engine.decode import ExitPlan, Network
+from calm.engine.decode import Network
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, generate_tokens
 from calm.engine.lm_head import CertifiedArgmax
 from calm.engine.options import EngineOptions
@@ -39,10 +39,11 @@ from calm.engine.sampling import SamplingConfig
 from calm.errors import InputError
 from calm.exits.heads import ExitHeads
 from calm.exits.policy import ExitPolicy
+from calm.generate_policy import generation_policy, knob_for
 from calm.options import engine_options, sampling_options, speculative_options
 from calm.prompts.encoding import Prompts, encode_prompts
-from calm.speculative.drafting import NO_CONTROLLER, generate_speculative
-from calm.speculative.lossless import ModeRun, pick_mode, resolve_mode
+from calm.speculative.drafting import generate_speculative
+from calm.speculative.lossless import LOSSLESS, pick_mode, resolve_mode, run_description
 from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class CalmModel:
         """Load 'smollm2', a .gguf file, a local transformers directory, a hub id, or a calm checkpoint.
         weights: "auto" (the default: the format stored as fastest for this checkpoint, else float32),
         "native" (compute on a GGUF file's own 4-bit blocks), "float32" or "bfloat16" (calm.checkpoints.native)."""
-        name_or_path = str(name_or_path)
+        name_or_path = check_model_name(str(name_or_path))
         dtype = parse_dtype(dtype)
         device = resolve_device(device)
         config: CheckpointConfig | None
@@ -283,6 +284,13 @@ class CalmModel:
             raise InputError(f"max_new_tokens and max_batch must be >= 1, got {max_new_tokens} and {max_batch}")
         engine = engine_options(engine, compile=compile, sync_every=sync_every)
         spec = speculative_options(speculative, mode=mode, draft_layer=draft_layer, max_draft=max_draft, lookup=lookup)
+        knob = knob_for(self, policy, speed, tolerance, consistency, spec.mode)
+        if knob is not None:  # the calibrated knob: its policy, or lossless where no certified threshold pays
+            speed = tolerance = consistency = None
+            spec = replace(spec, mode=LOSSLESS) if knob.lossless else spec
+            policy = None if knob.lossless else knob.policy
+            if knob.calibrated:
+                warn_outside_calibration(self.calibration, max_new_tokens)
         asked = policy is not None or speed is not None or tolerance is not None or engine.chosen
         mode = pick_mode(spec.mode, asked)
         batch = self.encode_prompts(
@@ -298,9 +306,10 @@ class CalmModel:
             lookup=spec.lookup,
             batch_size=rows,
             candidates=spec.candidates,
+            goodput=spec.goodput,
         )
         run = native_lossless(self.weights.weights, mode, run)
-        policy = self._generation_policy(policy, speed, tolerance, run, consistency)
+        policy = generation_policy(self, policy, speed, tolerance, run, consistency, spec.mode == "calm")
         sampling = sampling_options(
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
@@ -313,43 +322,12 @@ class CalmModel:
             result = generate_tokens(self.network, batch, policy, config)
         else:
             result = generate_speculative(self.network, batch, policy, config, run.spec)
-        decoding = run.description if run else policy.describe()
         stored = run is not None and run.spec is not None and "measured" in run.description
-        note = format_note(self.weights.weights, knob=speed is not None or tolerance is not None, stored_setting=stored)
-        return replace(self._with_texts(result), decoding=decoding + note)
-
-    def _generation_policy(
-        self,
-        policy: ExitPolicy | None,
-        speed: float | None,
-        tolerance: float | None,
-        run: ModeRun | None,
-        consistency: str | None = None,
-    ) -> ExitPolicy:
-        """The policy generate() runs, range-checked: the one given, the knob's, else the full model (lossless: its
-        run's policy, or the draft controller given)."""
-        if consistency is not None and speed is None and tolerance is None:
-            raise InputError(
-                "consistency= picks the calibrated objective that speed= or tolerance= follows; give one of them"
-            )
-        if speed is not None or tolerance is not None:
-            if policy is not None:
-                raise InputError("give either policy= or a knob (speed= or tolerance=), not both")
-            if run is not None:
-                raise InputError(
-                    "speed= and tolerance= set calm's early exit; lossless and speculative decoding never exit "
-                    "early (their policy= is the draft controller)"
-                )
-            policy = self.policy(speed=speed, tolerance=tolerance, consistency=consistency)
-        if run is not None:
-            if run.spec is None:
-                return run.policy  # the full model: no draft controller to run
-            if run.spec.from_context and policy is not None and policy.measure != "fixed":
-                raise InputError(NO_CONTROLLER)
-            policy = policy or run.policy
-        policy = policy or ExitPolicy.never()
-        ExitPlan.resolve(policy, self.network)  # layer range and exit floor, up front
-        return policy
+        knobbed = knob is not None and not knob.lossless
+        note = format_note(self.weights.weights, knob=knobbed, stored_setting=stored)
+        return replace(
+            self._with_texts(result), decoding=run_description(run, result.speculative, policy.describe()) + note
+        )
 
     def _with_texts(self, result: GenerationResult) -> GenerationResult:
         """The result with each row's finish reason and text (decoded without special tokens, given a tokenizer)."""

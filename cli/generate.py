@@ -75,15 +75,33 @@ class Run:
         return pick_mode(named, self.knobs.asks_for_exits or self.engine.chosen)
 
 
-def _shared_options(f: Any) -> Any:
+# summarize's default budget: the smallest that holds the first sentence of 95% of the embedded model's
+# summaries of XSum calib documents (61 tokens; 64 holds 38 of 40), benchmarks/results/summary_length_smollm2.md
+SUMMARY_TOKENS = 64
+SUMMARY_TOKENS_HELP = (
+    "Longest output, in tokens. The default holds the first sentence of 95% of the embedded model's "
+    "one-sentence summaries of XSum documents (benchmarks/results/summary_length_smollm2.md); the model often "
+    "goes on past that sentence, and such outputs stop here (the footer counts them)."
+)
+
+
+def _shared_options(f: Any, max_new_tokens_help: str = "Longest output, in tokens.") -> Any:
     f = output_options(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Inputs generated together."
     )(f)
     f = click.option(
-        "--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Longest output, in tokens."
+        "--max-new-tokens",
+        type=click.IntRange(min=1),
+        default=SUMMARY_TOKENS,
+        show_default=True,
+        help=max_new_tokens_help,
     )(f)
     return engine_option(generation_mode_options(model_options(knob_options(sampling_options(f)))))
+
+
+def _summary_options(f: Any) -> Any:
+    return _shared_options(f, SUMMARY_TOKENS_HELP)
 
 
 def _template(ctx: click.Context, param: click.Parameter, value: str | None) -> PromptTemplate:
@@ -126,7 +144,7 @@ Examples:
     help="Refuse a document that does not fit the context instead of keeping its first tokens "
     "(by default a cut is reported on stderr and in the JSON field 'truncated').",
 )
-@_shared_options
+@_summary_options
 def summarize(
     file: str | None,
     text: str | None,
@@ -239,6 +257,11 @@ def _run_rows(
     from calm.eval.summarize import summarize_documents
 
     decoding, continuous = _decoding(model, run, len(records))
+    if decoding.calibrated:  # one line where the run leaves what the calibration certified
+        from calm.calibration.knob import warn_outside_calibration
+
+        documents = [p.kept_tokens for p in prompts] if noun == "document" else []
+        warn_outside_calibration(model.calibration, run.max_new_tokens, documents)
     printer = SummaryPrinter(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
     )
@@ -348,33 +371,40 @@ class Decoding:
     policy: ExitPolicy
     source: str
     speculative: SpeculativeOptions | None = None
+    calibrated: bool = False  # the threshold comes from the calibration table: its conditions apply
 
 
 def _resolve(model: Any, run: Run, rows: int) -> Decoding:
     """How the run decodes: calm's knob, or the lossless run of calm.speculative.lossless where the mode is
     lossless or speculative (--measure and --threshold then set the draft controller)."""
-    from calm.checkpoints.native import format_note
+    from calm.calibration.knob import FULL_MODEL_ENGINE
+    from calm.checkpoints.native import format_note, native_lossless
     from calm.errors import InputError
-    from calm.exits.policy import ExitPolicy
-    from calm.speculative.lossless import resolve_mode
+    from calm.speculative.lossless import LOSSLESS, resolve_mode
     from calm.speculative.options import SpeculativeOptions
 
     knobs, m = run.knobs, run.speculative
     lossless_run = resolve_mode(
         model, run.mode, run.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
     )
-    if lossless_run is None and m.mode is None and not knobs.asks_for_exits:  # only --engine: that engine, exact
-        return Decoding(False, ExitPolicy.never(), f"full model (exact) on the {run.engine.spec} engine")
     weights = model.weights.weights  # a stored measurement taken on float32 weights says so on others
-    if lossless_run is None:
-        policy, source = knobs.resolve(model)
-        knob = knobs.speed is not None or knobs.tolerance is not None
-        return Decoding(False, policy, source + format_note(weights, knob=knob, stored_setting=False))
-    if knobs.speed is not None or knobs.tolerance is not None:
+    if lossless_run is None:  # calm's early exit: the knobs, else calm_mode_policy's rule (as generate())
+        resolved = knobs.resolve(model, mode_named=m.mode is not None)
+        if resolved.description == FULL_MODEL_ENGINE:  # only --engine: that engine, exact
+            return Decoding(False, resolved.policy, f"full model (exact) on the {run.engine.spec} engine")
+        if not resolved.lossless:
+            knob = knobs.speed is not None or knobs.tolerance is not None
+            note = format_note(weights, knob=knob, stored_setting=False)
+            return Decoding(False, resolved.policy, resolved.description + note, calibrated=resolved.calibrated)
+        lossless_run = resolve_mode(model, LOSSLESS, batch_size=rows)  # no certified threshold pays (one warning)
+    elif knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "
             "early (use --threshold for its draft controller)"
         )
+    lossless_run = native_lossless(weights, run.mode, lossless_run)
+    if lossless_run is None:
+        raise AssertionError("mode lossless always resolves to a run")
     speculative = SpeculativeOptions.running(lossless_run.spec)
     stored = lossless_run.spec is not None and "measured" in lossless_run.description
     source = lossless_run.description + format_note(weights, knob=False, stored_setting=stored)

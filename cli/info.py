@@ -24,7 +24,7 @@ from calm.checkpoints.checkpoint import (
     load_heads,
     read_config,
 )
-from calm.checkpoints.loading import load_backbone
+from calm.checkpoints.loading import check_model_name, load_backbone
 from calm.checkpoints.native import gguf_file, peak_rss_bytes, to_native, weight_bytes
 from calm.engine.quantized import native_available
 from calm.errors import CheckpointError, InputError
@@ -59,7 +59,7 @@ class ModelInfo:
 
 def describe(name_or_path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
     """Load the backbone that `name_or_path` names and read its calm checkpoint, if it has one."""
-    name = str(name_or_path)
+    name = check_model_name(str(name_or_path))
     if is_checkpoint(name):
         config = read_config(name)
         model = load_backbone(backbone_location(name, config), device=device).model
@@ -145,7 +145,8 @@ def summary_fields(info: ModelInfo) -> list[tuple[str, str]]:
         ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter)),
         ("weights resident", _memory_text(info)),
     ]
-    return rows + _calibration_fields(info.calibration)
+    floor = info.heads.min_layer if info.heads is not None else max(1, info.num_layers // 2)  # exit_floor's rule
+    return rows + _calibration_fields(info.calibration, floor)
 
 
 def _memory_text(info: ModelInfo) -> str:
@@ -169,14 +170,16 @@ def _mapping_text(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]:
+def _calibration_fields(table: CalibrationTable | None, floor: int = 1) -> list[tuple[str, str]]:
+    """The calibration's settings (its min exit layer as it applies: never below the model's exit floor,
+    `floor`), the certified rows and what the knob runs."""
     if table is None:
         return [("calibration", "none (run calm calibrate; --threshold works without it)")]
     tau = "decay τ not recorded (the default decay)" if table.decay_tau is None else f"decay τ={table.decay_tau:g}"
     settings = [
         f"measure {table.measure}" if table.measure else None,
         tau,
-        f"min exit layer {table.min_exit_layer}" if table.min_exit_layer else None,
+        f"min exit layer {max(table.min_exit_layer or floor, floor)}",
         f"ε={_g(table.epsilon)}",
         f"n={table.n}",
         f"method {table.method}" if table.method else None,
@@ -189,7 +192,19 @@ def _calibration_fields(table: CalibrationTable | None) -> list[tuple[str, str]]
         certified.append(("certified (risk)", _certified_text(table, "risk")))
     else:
         certified.append(("certified (risk)", "no risk-consistency rows (calibrated before they existed)"))
-    return [("calibration", ", ".join(item for item in settings if item)), *certified]
+    return [("calibration", ", ".join(item for item in settings if item)), *certified, ("knob", _knob_text(table))]
+
+
+def _knob_text(table: CalibrationTable) -> str:
+    """The certified thresholds --speed runs (measured faster than the full model and than every more
+    careful one), or that it runs lossless."""
+    if table.certified_index is None:
+        return "runs the full model (nothing certified)"
+    paying = [table.rows[i] for i in table.paying_indexes()]
+    if not paying:
+        return "no certified threshold was measured faster than the full model: --speed and --tolerance run lossless"
+    runs = ", ".join(f"λ={r.threshold:g} ({format_speedup(r.speedup)})" for r in paying)
+    return f"--speed 0–1 runs {runs}; certified thresholds measured slower are skipped"  # textual consistency
 
 
 def _certified_text(table: CalibrationTable, consistency: str) -> str:

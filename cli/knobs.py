@@ -4,13 +4,14 @@ is loaded, and turned into an ExitPolicy (by calm.calibration.knob) and a Sampli
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from calm.errors import InputError, PolicyError
 from calm.exits.policy import ExitPolicy
 
 if TYPE_CHECKING:
+    from calm.calibration.knob import ResolvedPolicy
     from calm.engine.sampling import SamplingConfig
     from calm.model import CalmModel
 
@@ -48,11 +49,13 @@ class Knobs:
                 "give one of them too (without a knob the run is lossless; --threshold follows no calibration)"
             )
 
-    def resolve(self, model: CalmModel) -> tuple[ExitPolicy, str]:
-        """The policy these knobs ask for on this model, and where it came from, for the footer. An explicit
+    def resolve(self, model: CalmModel, mode_named: bool = True) -> ResolvedPolicy:
+        """The policy these knobs ask for on this model, its description where it came from, for the footer
+        (and whether it is the calibration's, or lossless because no certified threshold pays). An explicit
         threshold runs --decay-tau (CALM's τ=4 if not given); a calibrated one the schedule it was certified
-        with, and another --decay-tau there is refused rather than run untested."""
-        from calm.calibration.knob import resolve_policy
+        with, and another --decay-tau there is refused rather than run untested. No knob: the rule of
+        calm.calibration.knob.calm_mode_policy (mode_named: --mode calm was given, not only --engine)."""
+        from calm.calibration.knob import FULL_MODEL_ENGINE, calm_mode_policy
 
         if (
             self.decay_tau is not None
@@ -66,8 +69,9 @@ class Knobs:
                 "model); give --threshold too"
             )
         try:
-            resolved = resolve_policy(
+            resolved = calm_mode_policy(
                 model,
+                mode_named,
                 self.threshold,
                 self.measure,
                 self.min_exit_layer,
@@ -78,7 +82,9 @@ class Knobs:
             )
         except (InputError, PolicyError) as exc:
             raise type(exc)(flag_names(str(exc))) from None
-        return resolved.policy, self._source(model, resolved.policy)
+        if resolved.description == FULL_MODEL_ENGINE or resolved.lossless:
+            return resolved
+        return replace(resolved, description=self._source(model, resolved.policy))
 
     def _source(self, model: CalmModel, policy: ExitPolicy) -> str:
         from calm.calibration.knob import DEFAULT_SPEED

@@ -18,7 +18,7 @@ from calm import __version__
 from calm.cli.bench import bench_command
 from calm.cli.evaluate import calibrate_command, eval_command
 from calm.cli.generate import generate, summarize
-from calm.cli.options import threads_option
+from calm.cli.options import model_name_option, threads_option
 from calm.errors import CalmError
 
 # Commands whose module is imported only when they run. Their one-line help is repeated here for
@@ -31,6 +31,9 @@ LAZY_COMMANDS = {
         "Train exit heads by self-distillation (or CALM-fine-tune the backbone) and write a calm checkpoint.",
     ),
 }
+
+
+INTERRUPTED = 130  # 128 + SIGINT
 
 
 class StderrHandler(logging.Handler):
@@ -73,6 +76,9 @@ class CalmGroup(click.Group):
         logger.addHandler(handler)
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT, not click's 1 and "Aborted!"
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
         except CalmError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -110,7 +116,7 @@ Examples:
   calm info HuggingFaceTB/SmolLM2-135M-Instruct
 """
 )
-@click.argument("model_name", default="smollm2", metavar="[MODEL]")
+@click.argument("model_name", default="smollm2", metavar="[MODEL]", callback=model_name_option)
 @threads_option
 def info(model_name: str) -> None:
     """Show what MODEL is: the backbone and where it comes from, the exit heads, the LoRA adapter

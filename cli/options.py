@@ -142,6 +142,13 @@ def threads_option(f: F) -> F:
     )(f)
 
 
+def model_name_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--model, refused when empty before anything is loaded (an empty path would name the current directory)."""
+    if not value.strip():
+        raise click.BadParameter("empty model name: give 'smollm2', a .gguf file, a local directory or a hub id")
+    return value
+
+
 def model_options(f: F) -> F:
     f = threads_option(f)
     f = click.option(
@@ -161,7 +168,13 @@ def model_options(f: F) -> F:
         "--device", type=Device(), default="auto", show_default=True, help=f"Torch device: {DEVICE_HELP}."
     )(f)
     return click.option(
-        "--model", "model_name", default="smollm2", show_default=True, metavar="MODEL", help=MODEL_HELP + "."
+        "--model",
+        "model_name",
+        default="smollm2",
+        show_default=True,
+        metavar="MODEL",
+        callback=model_name_option,
+        help=MODEL_HELP + ".",
     )(f)
 
 

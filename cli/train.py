@@ -8,7 +8,7 @@ from typing import Any
 import click
 import torch
 
-from calm.cli.options import Device, FiniteFloat
+from calm.cli.options import Device, FiniteFloat, model_name_option
 from calm.errors import CalmError
 from calm.training import MODES, TrainConfig, train
 
@@ -52,6 +52,7 @@ Then: calm calibrate --model my-heads --data calib.jsonl --out my-heads
     "--model",
     default="smollm2",
     metavar="MODEL",
+    callback=model_name_option,
     help="Backbone: 'smollm2', a local model dir, .gguf, hub id, or a calm checkpoint.",
 )
 @click.option(

@@ -13,6 +13,7 @@ from calm.engine.generation import GenerationConfig, Timings
 from calm.engine.options import EngineOptions
 from calm.engine.sampling import SamplingConfig
 from calm.engine.scheduler import Request
+from calm.engine.speculative_stats import SpeculativeStats
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from calm.prompts.documents import Record
@@ -38,6 +39,7 @@ class DocumentSummary:
     kept_tokens: int = 0
     finish_reason: str = "stop"  # "stop": the model ended it (EOS); "length": it hit max_new_tokens
     text_field: str = "summary"  # the output's JSON name: "summary" for documents, "text" for plain prompts
+    speculative: SpeculativeStats | None = None  # what the batch's speculative decoding did (lossless), else None
 
     @property
     def avg_layers(self) -> float:
@@ -190,6 +192,7 @@ def summarize_documents(
                 kept_tokens=p.kept_tokens,
                 finish_reason=result.finish_reasons[i] if result.finish_reasons else "stop",
                 text_field=text_field,
+                speculative=result.speculative,
             )
             for i, (r, p) in enumerate(zip(batch, batch_prompts))
         ]

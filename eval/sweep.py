@@ -118,7 +118,10 @@ class EvalConfig:
             model, None, self.measure, None, self.speed, self.tolerance, tau, self.consistency
         ).policy
         if resolved.never_exits:
-            raise InputError("the knob asks for the full model (speed 0): there is no threshold to evaluate")
+            raise InputError(
+                "the knob asks for the full model (speed 0, or no certified threshold was measured faster than it): "
+                "there is no threshold to evaluate"
+            )
         return replace(
             self,
             thresholds=(resolved.threshold,),

@@ -188,8 +188,8 @@ def test_bench_runs_the_knobs_policy_on_the_calibrated_schedule(tiny_model):
     model = CalmModel.from_pretrained(tiny_model)
     assert knob_specs(model, ("softmax:0.5",)) == (("softmax:0.5",), ExitPolicy.decay_tau)  # no calibration: τ=4
     rows = tuple(
-        CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
-        for t, d, r in ((0.9, 0.01, 0.0), (0.5, 0.3, 0.02))
+        CalibrationRow(t, d, d, d, d, 3.0, speedup, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r, speedup in ((0.9, 0.01, 0.0, 1.1), (0.5, 0.3, 0.02, 1.3))
     )
     model.calibration = CalibrationTable(
         rows, 0, delta=0.1, epsilon=0.1, n=200, method="hb", measure="softmax", decay_tau=0.0, risk_certified_index=1

@@ -77,18 +77,49 @@ def test_table_validation():
 
 
 def test_speed_to_threshold_endpoints_and_interpolation():
-    table = _table()
-    assert table.speed_to_threshold(0.0) == table.rows[0].threshold
+    table = _table()  # speed-ups 1.0, 1.2, 1.5, 2.0 (certified), 3.0
+    assert table.paying_indexes() == (1, 2, 3)  # row 0 is measured no faster than the full model
     assert table.speed_to_threshold(1.0) == table.rows[3].threshold
-    # layers 24 -> 12 between speed 0 and 1: target = 24 - 12 * speed
-    assert table.speed_to_threshold(1 / 3) == table.rows[1].threshold  # target 20 exactly
-    assert table.speed_to_threshold(0.5) == table.rows[1].threshold  # target 18 -> row with 20
-    assert table.speed_to_threshold(0.7) == table.rows[2].threshold  # target 15.6 -> row with 16
-    # never returns a threshold past the certified one
+    # speed-ups 1 -> 2.0 between speed 0 and 1: target = 1 + speed, the most careful row that reaches it
+    assert table.speed_to_threshold(0.0) == table.rows[1].threshold
+    assert table.speed_to_threshold(0.2) == table.rows[1].threshold  # target 1.2 exactly
+    assert table.speed_to_threshold(0.5) == table.rows[2].threshold  # target 1.5
+    assert table.speed_to_threshold(0.7) == table.rows[3].threshold  # target 1.7 -> row with 2.0
+    # never returns a threshold past the certified one, and more speed never picks a slower row
     speeds = np.linspace(0.0, 1.0, 101)
     chosen = [table.thresholds.index(table.speed_to_threshold(s)) for s in speeds]
-    assert all(0 <= c <= 3 for c in chosen)
+    assert all(1 <= c <= 3 for c in chosen)
     assert chosen == sorted(chosen)
+
+
+def _measured(speedups: list[float], certified_index: int | None = None) -> CalibrationTable:
+    rows = tuple(
+        CalibrationRow(0.99 - 0.01 * i, 0.01 * i, 0.0, 0.0, 0.0, 29.9 - 0.2 * i, speedup, 1e-4)
+        for i, speedup in enumerate(speedups)
+    )
+    return CalibrationTable(rows, len(rows) - 1 if certified_index is None else certified_index, 0.1, 0.05, 120, "hb")
+
+
+def test_the_knob_never_picks_a_certified_threshold_measured_slower_than_a_more_careful_one():
+    # issue 29, item 2: the shipped table measured λ 0.99 -> 1.09×, 0.98 -> 0.99×, 0.97 -> 0.90×, and speed 1
+    # picked 0.97, the slowest
+    shipped = _measured([1.09, 0.99, 0.90])
+    assert shipped.paying_indexes() == (0,)
+    assert [shipped.speed_to_threshold(s) for s in (0.0, 0.5, 1.0)] == [0.99, 0.99, 0.99]
+    assert shipped.fastest_paying(0.97) == 0.99 and shipped.fastest_paying(0.98) == 0.99
+    zigzag = _measured([1.1, 1.4, 1.2, 1.6, 1.5])
+    assert zigzag.paying_indexes() == (0, 1, 3)
+    assert zigzag.speed_to_threshold(1.0) == zigzag.rows[3].threshold
+    assert zigzag.fastest_paying(zigzag.rows[2].threshold) == zigzag.rows[1].threshold
+
+
+def test_where_no_certified_threshold_is_faster_than_the_full_model_the_knob_says_none():
+    slow = _measured([1.0, 0.99, 0.9, 1.3], certified_index=2)  # 1.3× is not certified
+    assert slow.paying_indexes() == () and slow.speed_to_threshold(1.0) is None
+    assert slow.fastest_paying(0.97) is None and slow.fastest_certified().threshold == 0.99
+    assert _measured([1.02, 1.04]).speed_to_threshold(1.0) is None  # within noise (MIN_SPEEDUP) of the full model
+    untimed = _measured([float("nan"), float("nan")])
+    assert untimed.speed_to_threshold(0.5) is None and untimed.fastest_certified() is None
 
 
 def test_speed_to_threshold_errors():
@@ -161,7 +192,7 @@ def test_a_table_without_risk_rows_loads_and_refuses_risk_clearly():
 
     table = CalibrationTable.from_dict(OLD_TABLE)
     assert not table.has_risk and table.certified_index == 1 and table.risk_certified_index is None
-    assert table.threshold_for_tolerance(0.1) == 0.97 and table.speed_to_threshold(1.0) == 0.97
+    assert table.threshold_for_tolerance(0.1) == 0.97 and table.speed_to_threshold(1.0) is None  # 0.998×: none pays
     assert table.to_dict() == {**OLD_TABLE, "rows": table.to_dict()["rows"]}  # written back without risk fields
     for ask in (
         lambda: table.threshold_for_tolerance(0.1, "risk"),
@@ -180,7 +211,8 @@ def test_both_objectives_from_one_sweep_and_their_round_trip():
     risk = np.clip(np.linspace(0.0, 0.08, 5)[:, None] * rng.random((5, 400)) * 2, 0, 1)
     thresholds = [0.99, 0.95, 0.9, 0.8, 0.7]
     ltt_result = ltt.fixed_sequence_test(textual, 0.1, 0.05)
-    table = build_calibration_table(thresholds, textual, [30, 28, 25, 20, 15], [1.0] * 5, ltt_result, risk)
+    speedups = [1.0, 1.1, 1.2, 1.5, 2.0]
+    table = build_calibration_table(thresholds, textual, [30, 28, 25, 20, 15], speedups, ltt_result, risk)
     assert table.has_risk and table.certified_index == ltt_result.certified_index
     assert table.risk_certified_index == ltt.fixed_sequence_test(risk, 0.1, 0.05).certified_index
     assert table.risk_certified_index > table.certified_index  # risk is the looser objective here

@@ -43,8 +43,8 @@ BASE: dict[str, Callable[[Files], list[str]]] = {
 
 # Bad values of free-text options, by parameter name (types and callbacks cover the rest).
 TEXT: dict[str, Callable[[Files], list[str]]] = {
-    "model_name": lambda f: [f.missing, f.docs],
-    "model": lambda f: [f.missing, f.docs],
+    "model_name": lambda f: [f.missing, f.docs, "", " "],
+    "model": lambda f: [f.missing, f.docs, ""],
     "data": lambda f: [f.missing, f.dir],
     "field_document": lambda f: ["nope"],
     "field_summary": lambda f: ["nope"],
@@ -212,6 +212,34 @@ def test_devices_are_checked_before_loading():
 
     if not torch.cuda.is_available():
         assert_clean_error(invoke("summarize", "--text", "the cat", "--device", "cuda"), "--device", "no CUDA GPU")
+
+
+def test_a_directory_given_as_file_is_called_a_directory(tmp_path):
+    # issue 29, item 6: it said "file not found: DIR", though the directory exists
+    for name in ("plain", "docs.jsonl"):
+        (tmp_path / name).mkdir()
+        result = invoke("summarize", str(tmp_path / name))
+        assert_clean_error(result, "is a directory")
+        assert "not found" not in result.output
+
+
+@pytest.mark.parametrize("command", [["summarize", "--text", "the cat"], ["generate", "the cat"], ["info"]])
+def test_an_empty_model_name_is_refused_as_such(command, tmp_path, monkeypatch):
+    # issue 29, item 6: --model "" tried the current directory (". is a directory but holds no config.json")
+    monkeypatch.chdir(tmp_path)
+    args = [*command, ""] if command == ["info"] else [*command, "--model", ""]
+    result = invoke(*args)
+    assert_clean_error(result, "empty model name")
+    assert "config.json" not in result.output
+
+
+def test_the_library_refuses_an_empty_model_name(tmp_path, monkeypatch):
+    from calm import CalmModel
+    from calm.errors import ModelNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="empty model name"):
+        CalmModel.from_pretrained("")
 
 
 def test_lazy_commands_have_their_own_short_help():

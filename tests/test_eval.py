@@ -483,8 +483,8 @@ def test_eval_takes_the_knob_and_the_calibrations_schedule(model):
     from calm.calibration.table import CalibrationRow, CalibrationTable
 
     rows = tuple(
-        CalibrationRow(t, d, d, d, d, 3.0, 1.0, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
-        for t, d, r in ((0.9, 0.01, 0.0), (0.5, 0.3, 0.02))
+        CalibrationRow(t, d, d, d, d, 3.0, speedup, 0.0, risk_mean_loss=r, risk_q90=r, risk_pvalue=0.0)
+        for t, d, r, speedup in ((0.9, 0.01, 0.0, 1.1), (0.5, 0.3, 0.02, 1.3))
     )
     table = CalibrationTable(
         rows, 0, delta=0.1, epsilon=0.1, n=200, method="hb", measure="state", decay_tau=0.0, risk_certified_index=1

@@ -116,3 +116,19 @@ def test_calm_info_bad_input(tmp_path):
         json.dumps({"format": "calm-checkpoint", "version": 1, "backbone": "x", "calibration": {"rows": []}})
     )
     assert_clean_error(invoke("info", tmp_path), "unreadable calibration table")
+
+
+def test_info_shows_the_min_exit_layer_that_applies_and_what_the_knob_runs(checkpoint):
+    # issue 29, items 2 and 3: it printed the calibration's min exit layer 1 beside the heads' "min layer 10"
+    from dataclasses import replace
+
+    info = describe(checkpoint)
+    table = replace(info.calibration, min_exit_layer=1)
+    lines = info_text(replace(info, calibration=table)).splitlines()
+    calibration = next(line for line in lines if line.startswith("calibration:"))
+    assert "min exit layer 2," in calibration and "min exit layer 1" not in calibration
+    assert "knob: --speed 0–1 runs λ=0.5 (1.33×); certified thresholds measured slower are skipped" in lines
+    slow = replace(table, rows=tuple(replace(r, speedup=0.95) for r in table.rows))
+    assert "knob: no certified threshold was measured faster than the full model: --speed and --tolerance run " in (
+        info_text(replace(info, calibration=slow))
+    )

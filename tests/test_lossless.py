@@ -69,31 +69,37 @@ def test_lossless_follows_the_stored_measurement(checkpoint):
     model = CalmModel.from_pretrained(str(checkpoint))
     assert MeasuredSetting.from_extra(model.extra) == measured(1.2)
     faster = resolve_mode(model, lossless=True)
-    assert faster.spec == SpeculativeConfig(2, 3)
+    assert faster.spec == SpeculativeConfig(2, 3, goodput=True)
     assert faster.policy == ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0)
-    assert faster.generate_kwargs() == {"speculative": SpeculativeOptions("speculative", 2, 3, False, 1)}
+    assert faster.generate_kwargs() == {"speculative": SpeculativeOptions("speculative", 2, 3, False, 1, True)}
     # explicit switches win over the stored setting
     run = resolve_mode(model, lossless=True, max_draft=1, measure="classifier", threshold=0.9)
-    assert run.spec == SpeculativeConfig(2, 1) and run.policy.measure == "classifier" and run.policy.threshold == 0.9
+    assert (
+        run.spec == SpeculativeConfig(2, 1, goodput=True)
+        and run.policy.measure == "classifier"
+        and run.policy.threshold == 0.9
+    )
 
 
 def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpoint):
     store_extra(checkpoint, STORE_KEY, measured(1.2, e=0, k=2).to_dict())
     model = CalmModel.from_pretrained(str(checkpoint))
     context = resolve_mode(model, lossless=True)
-    assert context.spec == SpeculativeConfig(0, 2) and "looked up in the context" in context.description
+    assert context.spec == SpeculativeConfig(0, 2, goodput=True) and "looked up in the context" in context.description
     store_extra(checkpoint, STORE_KEY, measured(1.2, lookup=True).to_dict())
     model = CalmModel.from_pretrained(str(checkpoint))
     hybrid = resolve_mode(model, lossless=True)
-    assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True)
+    assert hybrid.spec == SpeculativeConfig(2, 3, lookup=True, goodput=True)
     assert hybrid.generate_kwargs()["speculative"].lookup is True
     assert "looked up in the context where found, else drafts from layer 2" in hybrid.description
-    assert resolve_mode(model, lossless=True, draft_layer=1).spec == SpeculativeConfig(1, 3)
+    assert resolve_mode(model, lossless=True, draft_layer=1).spec == SpeculativeConfig(1, 3, goodput=True)
     context_only = resolve_mode(model, mode="speculative", draft_layer=0)  # the stored controller is softmax
     assert context_only.policy == ALWAYS_DRAFT
     out = model.generate("a b a b a", max_new_tokens=4, policy=context_only.policy, **context_only.generate_kwargs())
     assert out.speculative.draft_layer == 0
-    assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(1, 3, True)
+    assert resolve_mode(model, lossless=True, draft_layer=1, lookup=True).spec == SpeculativeConfig(
+        1, 3, True, goodput=True
+    )
     with pytest.raises(InputError, match="--lookup"):
         resolve_mode(model, lookup=True)
     with pytest.raises(InputError, match="takes no draft controller"):
@@ -102,7 +108,7 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
 
 def test_lookup_without_a_stored_measurement_is_speculative_at_half_depth(tiny_model):
     run = resolve_mode(CalmModel.from_pretrained(tiny_model), lossless=True, lookup=True)
-    assert run.spec == SpeculativeConfig(2, 4, lookup=True)
+    assert run.spec == SpeculativeConfig(2, 4, lookup=True, goodput=True)
 
 
 def test_large_batches_follow_the_batch_8_measurement(checkpoint):
@@ -112,12 +118,12 @@ def test_large_batches_follow_the_batch_8_measurement(checkpoint):
     assert MeasuredSetting.from_extra(model.extra) == measured(1.2)
     assert MeasuredSetting.from_extra(model.extra, 8) == measured(0.9, e=1, k=1)
     for rows in (1, 4):
-        assert resolve_mode(model, lossless=True, batch_size=rows).spec == SpeculativeConfig(2, 3)
+        assert resolve_mode(model, lossless=True, batch_size=rows).spec == SpeculativeConfig(2, 3, goodput=True)
     large = resolve_mode(model, lossless=True, batch_size=5)
     assert large.spec is None and "no gain on this checkpoint at batch 8" in large.description
     store_extra(checkpoint, STORE_KEY, measured(1.2).to_dict())  # no batch-8 measurement: batch 1's
     model = CalmModel.from_pretrained(str(checkpoint))
-    assert resolve_mode(model, lossless=True, batch_size=8).spec == SpeculativeConfig(2, 3)
+    assert resolve_mode(model, lossless=True, batch_size=8).spec == SpeculativeConfig(2, 3, goodput=True)
 
 
 def test_speculative_mode_defaults_and_errors(tiny_model):
@@ -377,7 +383,9 @@ def test_lossless_mode_is_the_full_models_output_on_every_family(kind, batch):
     assert out.decoding.startswith("speculative (lossless)" if batch == 1 or kind == "t5" else "lossless: speculative")
     assert full.decoding.startswith("full model (exact)")
     default = model.generate(p.ids, 12, attention_mask=p.mask.long())  # no knob: lossless
-    assert default.token_ids == full.token_ids and default.decoding == out.decoding
+    assert default.token_ids == full.token_ids
+    run = out.decoding.split("; this run:")[0]  # this run's counts follow the measured step costs
+    assert default.decoding.split("; this run:")[0] == run and "tokens per step" in out.decoding
 
 
 def test_lossless_mode_follows_the_measurement_for_the_row_count(checkpoint):
@@ -453,7 +461,7 @@ def test_engine_alone_is_the_exact_full_model_and_contradicting_switches_are_ref
 def test_a_stored_adaptive_setting_survives_being_named_again(checkpoint):
     store_extra(checkpoint, STORE_KEY, (measured(1.2, e=0, k=3).to_dict() | {"adaptive": True, "candidates": 2}))
     model = CalmModel.from_pretrained(str(checkpoint))
-    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True, candidates=2)
+    assert resolve_mode(model, lossless=True).spec == SpeculativeConfig(0, 3, adaptive=True, candidates=2, goodput=True)
     assert "2 candidates verified as a tree" in resolve_mode(model, lossless=True).description
     again = resolve_mode(model, "speculative", draft_layer=0, max_draft=3)  # what generate_kwargs() passes on
     assert again.spec.adaptive and again.spec.candidates == 2

@@ -12,7 +12,9 @@ was calibrated with (a threshold is certified only for that one); an explicit th
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from calm.engine.decode import Network
     from calm.exits.heads import ExitHeads
 
+logger = logging.getLogger(__name__)
 NO_CALIBRATION = "no calibration for this model; run calm calibrate on it, or give a threshold"
 DEFAULT_SPEED = 0.5
 
@@ -47,6 +50,8 @@ class CalibratedModel(Protocol):
 class ResolvedPolicy:
     policy: ExitPolicy
     description: str  # e.g. "softmax λ=0.9 (from --speed 0.5 and the calibration)", for the user
+    calibrated: bool = False  # the threshold comes from the calibration table (its conditions apply)
+    lossless: bool = False  # no certified threshold pays: run the full model's exact output (lossless) instead
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,30 @@ def resolve_policy(
     return resolved
 
 
+FULL_MODEL_ENGINE = "full model (exact; an engine was named, no exit knob)"
+
+
+def calm_mode_policy(
+    model: CalibratedModel,
+    mode_named: bool,
+    threshold: float | None = None,
+    measure: str | None = None,
+    min_exit_layer: int | None = None,
+    speed: float | None = None,
+    tolerance: float | None = None,
+    decay_tau: float | None = None,
+    consistency: str | None = None,
+) -> ResolvedPolicy:
+    """What a run in calm's early-exit mode runs: the knobs' policy (resolve_policy). With no knob at all, the
+    model's default (speed DEFAULT_SPEED when it is calibrated, else the full model) where the caller named
+    mode "calm"; the full model where the mode only followed from a named engine. The one rule for the
+    command line (`--mode calm`, `--engine`) and CalmModel.generate (mode="calm", engine=)."""
+    knobs = (threshold, measure, min_exit_layer, speed, tolerance, decay_tau, consistency)
+    if not mode_named and all(k is None for k in knobs):
+        return ResolvedPolicy(ExitPolicy.never(), FULL_MODEL_ENGINE)
+    return resolve_policy(model, *knobs)
+
+
 def calibration_table(model: CalibratedModel) -> CalibrationTable:
     if model.calibration is None:
         raise InputError(NO_CALIBRATION)
@@ -193,8 +222,11 @@ def _calibrated_policy(model: CalibratedModel, knobs: Knobs) -> ResolvedPolicy:
             f"decay_tau={knobs.decay_tau:g}; drop decay_tau or give a threshold"
         )
     consistency = table.require(knobs.consistency or TEXTUAL)
+    threshold: float | None
+    loosest: float | None = None  # the loosest threshold the knob may run (a tolerance's; None: the certified one)
     if knobs.tolerance is not None:
-        threshold = tolerance_to_threshold(table, knobs.tolerance, consistency)
+        loosest = tolerance_to_threshold(table, knobs.tolerance, consistency)
+        threshold = table.fastest_paying(loosest, consistency)
         source = f"--tolerance {knobs.tolerance:g}"
     else:
         try:
@@ -202,11 +234,52 @@ def _calibrated_policy(model: CalibratedModel, knobs: Knobs) -> ResolvedPolicy:
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         source = f"--speed {speed:g}"
+    if threshold is None:
+        return _nothing_pays(table, consistency, loosest)
     min_exit_layer = knobs.min_exit_layer or _table_floor(model, table)
     return ResolvedPolicy(
         _policy(model, measure, threshold, min_exit_layer, tau),
         f"{measure} λ={threshold:g}{_schedule(tau)} (from {source} and the calibration, {consistency} consistency)",
+        calibrated=True,
     )
+
+
+def _nothing_pays(table: CalibrationTable, consistency: str, loosest: float | None) -> ResolvedPolicy:
+    """No certified threshold was measured faster than the full model: say so in one line and run the full
+    model's exact output (lossless), which is no slower and loses nothing."""
+    fastest = table.fastest_certified(consistency, loosest)
+    measured = f" (fastest certified: λ={fastest.threshold:g} at {fastest.speedup:.2f}×)" if fastest else ""
+    message = (
+        f"no threshold the calibration certifies was measured faster than the full model{measured}; "
+        "running the full model's exact output (lossless) instead of early exits"
+    )
+    logger.warning(message)
+    return ResolvedPolicy(ExitPolicy.never(), "lossless (no certified threshold is faster than the full model)",
+                          lossless=True)  # fmt: skip
+
+
+def warn_outside_calibration(
+    table: CalibrationTable | None, max_new_tokens: int, document_tokens: Sequence[int] = ()
+) -> str | None:
+    """One warning line where a run of a calibrated threshold leaves the conditions its table certified:
+    a longer budget than its max_new_tokens, or documents longer than its max_doc_tokens (the guarantee
+    holds for the distribution it was measured on). -> the line (None: inside them, or not recorded)."""
+    if table is None:
+        return None
+    outside = []
+    if table.max_new_tokens is not None and max_new_tokens > table.max_new_tokens:
+        outside.append(f"{max_new_tokens} new tokens (certified at up to {table.max_new_tokens})")
+    longest = max(document_tokens, default=0)
+    if table.max_doc_tokens is not None and longest > table.max_doc_tokens:
+        outside.append(f"documents of up to {longest} tokens (certified on documents cut to {table.max_doc_tokens})")
+    if not outside:
+        return None
+    message = (
+        f"this run is outside what the calibration certified: {' and '.join(outside)}; "
+        "its guarantee was not measured there"
+    )
+    logger.warning(message)
+    return message
 
 
 def _calibrated_measure(model: CalibratedModel, table: CalibrationTable, measure: str | None) -> str:

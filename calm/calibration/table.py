@@ -133,6 +133,9 @@ def _optional_float(value: Any) -> float | None:
 # uncertified, and the knob runs the full model on it. At the shipped δ=0.1, ε=0.05 Hoeffding-Bentkus needs
 # 38 loss-free documents to pass anything; this floor stops a loose δ on a handful of documents too.
 MIN_CALIBRATION_DOCUMENTS = 10
+# A threshold whose measured speed-up is below this is within timing noise of the full model (as lossless's
+# calm.speculative.lossless.MIN_GAIN): the knob never runs it.
+MIN_SPEEDUP = 1.05
 
 
 @dataclass(frozen=True)
@@ -230,28 +233,55 @@ class CalibrationTable:
         ltt = fixed_sequence_test_means(means, self.n, delta, self.epsilon, self.method or "hb")
         return None if ltt.certified_index is None else self.rows[ltt.certified_index].threshold
 
-    def speed_to_threshold(self, speed: float, consistency: str = TEXTUAL) -> float:
-        """Map a knob in [0, 1] to a threshold: 0 -> most conservative row,
-        1 -> the row certified for `consistency`. In between, the target average depth is linearly
-        interpolated and the row closest to it from the conservative side
-        (avg_layers >= target) is returned."""
+    def paying_indexes(self, consistency: str = TEXTUAL, last: int | None = None) -> tuple[int, ...]:
+        """The certified rows (up to `last`, else the certified one) worth running: each measured at least
+        MIN_SPEEDUP times the full model's speed and faster than every more careful certified row. A row
+        measured slower than a more careful one, or not timed (NaN), is never among them: it would cost
+        quality without buying speed."""
+        c = self.certified_index_for(consistency)
+        if c is None:
+            return ()
+        best, paying = 1.0, []
+        for i in range(min(c, c if last is None else last) + 1):
+            speedup = self.rows[i].speedup
+            if math.isfinite(speedup) and speedup >= MIN_SPEEDUP and speedup > best:
+                best = speedup
+                paying.append(i)
+        return tuple(paying)
+
+    def speed_to_threshold(self, speed: float, consistency: str = TEXTUAL) -> float | None:
+        """Map a knob in [0, 1] onto the measured speed-ups of the paying certified rows (paying_indexes):
+        the target speed-up 1 + speed × (fastest − 1), and the most careful paying row that reaches it;
+        1 -> the fastest certified row. None where no certified row was measured faster than the full model
+        (the caller runs the full model's exact output instead); a ValueError where nothing is certified."""
         speed = float(speed)
         if not (0.0 <= speed <= 1.0):  # also False for NaN
             raise ValueError(f"speed must be in [0, 1], got {speed!r}")
-        c = self.certified_index_for(consistency)
-        if c is None:
+        if self.certified_index_for(consistency) is None:
             raise ValueError(
                 "no threshold is certified in this calibration table; run the full model instead of early exiting"
             )
-        if speed == 0.0:
-            return self.rows[0].threshold
-        if speed == 1.0:
-            return self.rows[c].threshold
-        layers = np.array([r.avg_layers for r in self.rows[: c + 1]])
-        target = layers[0] + speed * (layers[c] - layers[0])
-        tol = 1e-9 * max(1.0, abs(target))
-        gaps = np.where(layers >= target - tol, layers - target, np.inf)
-        return self.rows[int(np.argmin(gaps))].threshold  # ties -> most conservative
+        paying = self.paying_indexes(consistency)
+        if not paying:
+            return None
+        speedups = [self.rows[i].speedup for i in paying]
+        target = 1.0 + speed * (speedups[-1] - 1.0)
+        tol = 1e-9 * max(1.0, target)
+        return self.rows[next(i for i, s in zip(paying, speedups) if s >= target - tol)].threshold
+
+    def fastest_paying(self, threshold: float, consistency: str = TEXTUAL) -> float | None:
+        """The fastest paying row at most as loose as `threshold` (a certified one, e.g. what a tolerance
+        certifies); None where none pays."""
+        paying = self.paying_indexes(consistency, last=self.thresholds.index(threshold))
+        return self.rows[paying[-1]].threshold if paying else None
+
+    def fastest_certified(self, consistency: str = TEXTUAL, last: float | None = None) -> CalibrationRow | None:
+        """The certified row (at most as loose as the threshold `last`) measured fastest, for the message that
+        none pays; None: nothing certified or timed."""
+        c = self.certified_index_for(consistency)
+        c = c if c is None or last is None else min(c, self.thresholds.index(last))
+        timed = [r for r in self.rows[: (c if c is not None else -1) + 1] if math.isfinite(r.speedup)]
+        return max(timed, key=lambda r: r.speedup, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in calm checkpoints; settings that were not recorded are left out."""

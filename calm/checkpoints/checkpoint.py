@@ -31,6 +31,7 @@ from calm.adapters import adapter_for
 from calm.calibration.table import CalibrationTable
 from calm.checkpoints import lora
 from calm.checkpoints.loading import ALIASES, HUB_ID, load_backbone
+from calm.checkpoints.quiet import quiet_transformers
 from calm.errors import CheckpointError
 from calm.exits.heads import ExitHeads, HeadsConfig
 
@@ -120,6 +121,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     write_atomic(path, save_tensors(tensors, metadata=metadata))
 
 
+@quiet_transformers()
 def save_backbone(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, target: Path) -> None:
     """Replace target with the model (and tokenizer) saved by transformers in safetensors."""
     target.parent.mkdir(parents=True, exist_ok=True)

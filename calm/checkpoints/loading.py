@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from calm.checkpoints.quiet import quiet_transformers
 from calm.errors import CheckpointError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -68,10 +69,21 @@ def is_loadable(name_or_path: str) -> bool:
     )
 
 
+def check_model_name(name_or_path: str) -> str:
+    """The model name, refused when empty (Path("") is the current directory, which would be tried instead)."""
+    if not str(name_or_path).strip():
+        raise ModelNotFoundError(
+            "empty model name: give 'smollm2', a .gguf file, a local model or calm checkpoint directory, or a hub id"
+        )
+    return name_or_path
+
+
+@quiet_transformers()
 def load_backbone(
     name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> LoadedBackbone:
     """Load a transformers model and tokenizer from an alias, a .gguf file, a directory or a hub id."""
+    check_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if name_or_path in ALIASES:
         model, tok = _load_gguf(smollm2_gguf(), dtype)
@@ -205,6 +217,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
         return _load_transformers(str(cached), dtype)
 
 
+@quiet_transformers()
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
+from calm.checkpoints.quiet import quiet_transformers
 from calm.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def has_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+@quiet_transformers()
 def save_adapter(peft_model: PeftModel, path: str | Path, base_ref: str | None = None) -> None:
     """peft's adapter-only files (safetensors), written into a temporary directory and moved into
     place. base_ref: the backbone as the calm checkpoint names it (instead of a local cache path)."""
@@ -96,6 +98,7 @@ def save_adapter(peft_model: PeftModel, path: str | Path, base_ref: str | None =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@quiet_transformers()
 def merge_adapter(model: PreTrainedModel, path: str | Path) -> PreTrainedModel:
     """The backbone with the checkpoint's adapter merged into its weights (plain transformers model)."""
     from peft import PeftModel

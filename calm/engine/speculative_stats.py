@@ -22,6 +22,7 @@ class SpeculativeStats:
     context_cycles: int = 0  # passes whose drafts came from the context (lookup), all layers verified
     context_drafted: int = 0  # of `drafted`, the tokens looked up in the context
     context_accepted: int = 0  # of `accepted`, the tokens looked up in the context
+    drafting_off: int = 0  # row-cycles whose drafting the goodput rule turned off (calm.speculative.goodput)
 
     @property
     def acceptance_rate(self) -> float:
@@ -33,6 +34,11 @@ class SpeculativeStats:
         return self.accepted / self.row_cycles if self.row_cycles else float("nan")
 
     @property
+    def tokens_per_step(self) -> float:
+        """Tokens committed per row per verification pass: the kept drafts and the full model's own token."""
+        return 1.0 + self.mean_accepted_length if self.row_cycles else float("nan")
+
+    @property
     def mean_draft_length(self) -> float:
         return self.drafted / self.row_cycles if self.row_cycles else float("nan")
 
@@ -42,6 +48,7 @@ class SpeculativeStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "mean_draft_length": self.mean_draft_length,
+            "tokens_per_step": self.tokens_per_step,
         }
 
 

@@ -120,6 +120,8 @@ def read_text(path: str | Path) -> str:
 
 
 def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a file in it (JSONL or plain text)")
     if not path.is_file():
         raise InputError(f"file not found: {path}")
     try:

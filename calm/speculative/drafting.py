@@ -39,13 +39,16 @@ from calm.engine.speculative_stats import SpeculativeStats as SpeculativeStats  
 from calm.engine.speculative_stats import Tally
 from calm.errors import PolicyError
 from calm.exits.policy import ExitPolicy
+from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
 from calm.speculative.tree import chain
 from calm.speculative.verification import (
     Draft,
     accept_greedy,
     accept_sampled,
+    commit,
     draft_positions,
+    finished,
     rollback,
     slot_context,
     verify,
@@ -59,6 +62,7 @@ class SpeculativeConfig:
     lookup: bool = False  # also draft from the context: a cycle where any row's lookup finds drafts uses those
     adaptive: bool = False  # context drafts: each row's length follows its last verification (BatchLookup)
     candidates: int = 1  # context drafts: continuations verified at once per row, as a tree (calm.speculative.tree)
+    goodput: bool = False  # each row drafts only where its goodput beats a plain step (calm.speculative.goodput)
 
     @property
     def from_context(self) -> bool:
@@ -270,49 +274,102 @@ def generate_speculative(
 def _speculative_loop(
     net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
 ) -> GenerationResult:
-    plan = draft_plan(policy, net, spec)
-    candidates = tree_candidates(net, spec, config.sampling)
-    device = prompts.ids.device
-    generator = config.sampling.generator(device)
+    loop = _Loop(net, policy, config, spec)
     t0 = time.perf_counter()
     state, first_ids = _start(net, prompts, default_cache_slots(config.max_new_tokens, spec))
-    rows = torch.arange(first_ids.shape[0], device=device)
-    first = prefill(net, first_ids, state).tokens(net, rows, config.sampling, generator)
+    rows = torch.arange(first_ids.shape[0], device=loop.device)
+    first = prefill(net, first_ids, state).tokens(net, rows, config.sampling, loop.generator)
     out = [[t] for t in first.tolist()]
-    _sync(device)
+    _sync(loop.device)
     t1 = time.perf_counter()
     tally = Tally()
     pending = first
     contexts = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]
     lookup = BatchLookup(contexts, spec.max_draft, spec.adaptive) if spec.looks_up else None
+    gate = GoodputGate(len(out), spec.draft_layer / net.num_layers) if spec.goodput else None
     while True:
-        live_rows = [not _done(r, config) for r in out]
+        live_rows = [not finished(r, config) for r in out]
         if not any(live_rows):
             break
-        live = torch.tensor(live_rows, device=device)
-        budget_left = [config.max_new_tokens - len(r) for r in out]
-        ta = time.perf_counter()
-        guesses = lookup_guesses(spec, lookup, out, live_rows, budget_left, candidates) if lookup else []
-        if spec.from_context or any(guesses):
-            d = context_draft(net, state, pending, live, guesses, config.sampling.do_sample)
-        else:
-            budget = torch.tensor(budget_left, device=device)
-            threshold = float(policy.threshold)
-            d = draft(net, spec, plan, state, pending, live, budget, threshold, config.sampling, generator)
-        _sync(device)
+        live = torch.tensor(live_rows, device=loop.device)
+        ta, cpu = time.perf_counter(), time.process_time()
+        step = loop.draft(state, pending, live, live_rows, out, lookup, gate)
+        d = step.draft
+        _sync(loop.device)
         tb = time.perf_counter()
         h, kept_slots = verify(net, state, d)
         if config.sampling.do_sample:
-            acc = accept_sampled(net, d, h, config.sampling, generator)
+            acc = accept_sampled(net, d, h, config.sampling, loop.generator)
         else:
             acc = accept_greedy(net, d, h, kept_slots)
-        kept = _commit(out, d, rollback(state, d, acc, live), acc.following, live_rows, config)
+        before = [len(r) for r in out]
+        kept = commit(out, d, rollback(state, d, acc, live), acc.following, live_rows, config)
+        drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
         if lookup is not None and d.layer == CONTEXT_DRAFT:
-            lookup.verified([max(map(len, g), default=0) for g in guesses], kept)  # the longest path, not the total
-        tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), d.layer == CONTEXT_DRAFT)
+            lookup.verified(drafted, kept)
+        context = d.layer == CONTEXT_DRAFT and (gate is None or step.kind == CONTEXT)  # not the gate's plain steps
+        tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), context)
+        if gate is not None:
+            gate.timed(step.kind, d.tokens.shape[1] + 1, time.process_time() - cpu)
+            committed = [r[n] if len(r) > n else None for r, n in zip(out, before)]
+            gate_verified(gate, step.plans, step.looked_up, drafted, kept, committed, step.kind)
         pending = torch.where(live, acc.following, config.pad_token_id)
-    _sync(device)
-    return _result(net, out, t1 - t0, time.perf_counter() - t1, tally.stats(spec.draft_layer, spec.max_draft))
+    _sync(loop.device)
+    stats = tally.stats(spec.draft_layer, spec.max_draft)
+    stats = stats if gate is None else replace(stats, drafting_off=gate.off)
+    return _result(net, out, t1 - t0, time.perf_counter() - t1, stats)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's drafts, its kind (calm.speculative.goodput: plain, context or layer), the looked-up
+    candidates it drafts (guesses) and all it looked up (looked_up), and each row's goodput plan."""
+
+    draft: Draft
+    kind: str
+    guesses: list[list[list[int]]]
+    looked_up: list[list[list[int]]]
+    plans: list[RowPlan]
+
+
+class _Loop:
+    """What every step of a speculative generation shares: the network, the draft controller and its plan,
+    the generation settings and the tree candidates."""
+
+    def __init__(self, net: Network, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig) -> None:
+        self.net, self.policy, self.config, self.spec = net, policy, config, spec
+        self.plan = draft_plan(policy, net, spec)
+        self.candidates = tree_candidates(net, spec, config.sampling)
+        self.device = net.adapter.device
+        self.generator = config.sampling.generator(self.device)
+
+    def draft(
+        self,
+        state: DecodeState,
+        pending: torch.Tensor,
+        live: torch.Tensor,
+        live_rows: list[bool],
+        out: list[list[int]],
+        lookup: BatchLookup | None,
+        gate: GoodputGate | None,
+    ) -> Step:
+        """This step's drafts: looked up in the context where any row drafts them, else from layer E, else
+        (the goodput gate turned every row's drafting off) none."""
+        spec, config = self.spec, self.config
+        budget_left = [config.max_new_tokens - len(r) for r in out]
+        looked_up = lookup_guesses(spec, lookup, out, live_rows, budget_left, self.candidates) if lookup else []
+        guesses, plans = looked_up, [RowPlan(layer=True) for _ in out]
+        if gate is not None:
+            guesses, plans = gate_step(gate, looked_up, live_rows, layer_source=not spec.from_context)
+        if spec.from_context or any(guesses) or not any(p.layer for p in plans):
+            kind = CONTEXT if any(guesses) else PLAIN
+            empty = guesses if any(guesses) else [[] for _ in out]
+            return Step(context_draft(self.net, state, pending, live, empty, config.sampling.do_sample),
+                        kind, empty, looked_up, plans)  # fmt: skip
+        budget = torch.tensor([n if p.layer else 1 for n, p in zip(budget_left, plans)], device=self.device)
+        d = draft(self.net, spec, self.plan, state, pending, live, budget, float(self.policy.threshold),
+                  config.sampling, self.generator)  # fmt: skip
+        return Step(d, LAYER, [[] for _ in out], looked_up, plans)
 
 
 def _result(
@@ -327,31 +384,3 @@ def _result(
     )
     exit_layers = tuple((net.num_layers,) * len(r) for r in token_ids)
     return GenerationResult(token_ids, exit_layers, net.num_layers, timings, speculative=stats)
-
-
-def _done(row: list[int], config: GenerationConfig) -> bool:
-    return len(row) >= config.max_new_tokens or row[-1] in config.eos_token_ids
-
-
-def _commit(
-    out: list[list[int]],
-    d: Draft,
-    keep: torch.Tensor,
-    following: torch.Tensor,
-    live_rows: list[bool],
-    config: GenerationConfig,
-) -> list[int]:
-    """Append each live row's accepted drafts (its kept slots [B, m+1] past the pending one) and the full
-    model's next token, up to its first EOS. -> each row's count of kept drafts."""
-    drafted, kept_slots, nxt = d.tokens.tolist(), keep[:, 1:].tolist(), following.tolist()  # one sync
-    kept = []
-    for b, row in enumerate(out):
-        path_tokens = [t for t, on in zip(drafted[b], kept_slots[b]) if on]
-        kept.append(len(path_tokens))
-        if not live_rows[b]:
-            continue
-        for token in path_tokens + [nxt[b]]:
-            row.append(token)
-            if token in config.eos_token_ids:
-                break
-    return kept

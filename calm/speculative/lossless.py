@@ -35,6 +35,7 @@ from calm.speculative.options import SpeculativeOptions
 
 if TYPE_CHECKING:
     from calm.engine.decode import Network
+    from calm.engine.speculative_stats import SpeculativeStats
 
 
 class MeasuredModel(Protocol):
@@ -141,12 +142,14 @@ def resolve_mode(
     lookup: bool = False,
     batch_size: int = 1,
     candidates: int | None = None,
+    goodput: bool | None = None,
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
     measure and threshold set the draft controller; lookup: drafts looked up in the context first;
     batch_size picks the stored measurement (MeasuredSetting.from_extra); candidates: context drafts per
-    row verified at once (None: the stored setting's where E and k are its, else 1). The one rule for the command
-    line and CalmModel.generate."""
+    row verified at once (None: the stored setting's where E and k are its, else 1); goodput: each row drafts only
+    where its goodput beats a plain step (calm.speculative.goodput; None: in lossless mode, not in mode
+    "speculative", which always drafts). The one rule for the command line and CalmModel.generate."""
     lossless = lossless or pick_mode(mode, False) == LOSSLESS
     mode = "calm" if mode == LOSSLESS else mode
     if mode == "calm" and not lossless:
@@ -176,6 +179,7 @@ def resolve_mode(
             )
     spec = _spec(model, stored, draft_layer, max_draft, lookup)
     spec = spec if candidates is None else replace(spec, candidates=candidates)
+    spec = replace(spec, goodput=lossless if goodput is None else goodput)
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
@@ -184,7 +188,20 @@ def resolve_mode(
     if stored is not None and (draft_layer, max_draft, lookup) == (None, None, False):
         where = f"batch {measured_batch(model.extra, batch_size)}"
         measured = f"; measured {stored.speedup_vs_full:.2f}× full depth at {where} ({stored.report})"
-    return ModeRun(spec, policy, f"speculative (lossless): {drafts_description(spec, policy)}{measured}")
+    gated = "; drafting stops per row where it does not pay (goodput)" if spec.goodput else ""
+    return ModeRun(spec, policy, f"speculative (lossless): {drafts_description(spec, policy)}{gated}{measured}")
+
+
+def run_description(run: ModeRun | None, stats: SpeculativeStats | None, fallback: str) -> str:
+    """What a run decoded with, and for a speculative one what this run's drafts did: tokens committed per
+    step, acceptance of drafted tokens, and the steps whose drafting the goodput rule turned off."""
+    if run is None:
+        return fallback
+    if stats is None or not stats.row_cycles:
+        return run.description
+    acceptance = f"acceptance {stats.acceptance_rate:.2f}" if stats.drafted else "nothing drafted"
+    off = f", drafting off in {stats.drafting_off} of {stats.row_cycles} steps" if run.spec and run.spec.goodput else ""
+    return f"{run.description}; this run: {stats.tokens_per_step:.2f} tokens per step, {acceptance}{off}"
 
 
 def _spec(

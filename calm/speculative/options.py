@@ -16,10 +16,11 @@ class SpeculativeOptions:
     max_draft: int | None = None  # k; None: the stored measurement's, else DEFAULT_MAX_DRAFT
     lookup: bool = False  # drafts looked up in the context first, else layer E's
     candidates: int | None = None  # context drafts per row verified at once as a tree; None: stored, else 1
+    goodput: bool | None = None  # drafting stops per row where it does not pay; None: in lossless mode only
 
     @classmethod
     def running(cls, spec: SpeculativeConfig | None) -> SpeculativeOptions | None:
         """The options that ask generate() for exactly this speculative setting (None: none to run)."""
         if spec is None:
             return None
-        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates)
+        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates, spec.goodput or None)

@@ -18,6 +18,7 @@ import torch
 
 from calm.adapters.base import StepContext, attention_mask
 from calm.engine.decode import DecodeState, Network, forward_layers
+from calm.engine.generation import GenerationConfig
 from calm.engine.kernels import only_slots
 from calm.engine.sampling import SamplingConfig, filter_logits
 from calm.errors import PolicyError
@@ -127,3 +128,31 @@ def rollback(state: DecodeState, d: Draft, acc: Accepted, live: torch.Tensor) ->
     state.positions = state.positions + torch.where(live, acc.count + 1, 0)
     state.holes = True
     return keep
+
+
+def finished(row: list[int], config: GenerationConfig) -> bool:
+    return len(row) >= config.max_new_tokens or row[-1] in config.eos_token_ids
+
+
+def commit(
+    out: list[list[int]],
+    d: Draft,
+    keep: torch.Tensor,
+    following: torch.Tensor,
+    live_rows: list[bool],
+    config: GenerationConfig,
+) -> list[int]:
+    """Append each live row's accepted drafts (its kept slots [B, m+1] past the pending one) and the full
+    model's next token, up to its first EOS. -> each row's count of kept drafts."""
+    drafted, kept_slots, nxt = d.tokens.tolist(), keep[:, 1:].tolist(), following.tolist()  # one sync
+    kept = []
+    for b, row in enumerate(out):
+        path_tokens = [t for t, on in zip(drafted[b], kept_slots[b]) if on]
+        kept.append(len(path_tokens))
+        if not live_rows[b]:
+            continue
+        for token in path_tokens + [nxt[b]]:
+            row.append(token)
+            if token in config.eos_token_ids:
+                break
+    return kept
