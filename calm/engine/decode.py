@@ -149,9 +149,12 @@ def prefill(net: Network, ids: torch.Tensor, state: DecodeState) -> StepOutput:
     return StepOutput(hidden=h[:, -1], exit_layers=full, decided=())
 
 
-def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+def forward_layers(
+    net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Layers `layers` (0-based) over T new tokens h [B, T, D] at cache slots ctx.start..ctx.start+T-1: each
-    layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. -> [B, T, D]."""
+    layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. rows [R]: the
+    rest of each layer (attention included) runs for those rows only, the others' outputs stay h. -> [B, T, D]."""
     if not isinstance(ctx.start, int):
         raise TypeError("forward_layers writes at a slot the host knows: ctx.start must be an int (dynamic path)")
     a, start = net.adapter, ctx.start
@@ -161,7 +164,11 @@ def forward_layers(net: Network, h: torch.Tensor, layers: range, ctx: StepContex
         k, v = a.kv(i, x, ctx)
         cache.write(i, start, k, v)
         kc, vc = cache.keys_values(i, end)
-        h = a.finish_layer(i, h, x, kc, vc, ctx)
+        if rows is None:
+            h = a.finish_layer(i, h, x, kc, vc, ctx)
+            continue
+        kc, vc = kc.index_select(0, rows), vc.index_select(0, rows)
+        h = h.index_copy(0, rows, a.finish_layer(i, pick(h, rows), pick(x, rows), kc, vc, ctx, rows))
     return h
 
 

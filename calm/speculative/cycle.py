@@ -74,7 +74,10 @@ class LosslessDrafter:
         start = time.perf_counter()
         d, guesses = self._draft(net, batch, pending, live, rows, budgets)
         drafted = time.perf_counter()
-        h, kept_slots = verify(net, batch.state, d)
+        # free slots skip attention (T5's relative bias broadcasts over every row: it attends all of them)
+        whole = all(live_rows) or net.adapter.is_encoder_decoder
+        attending = None if whole else live.nonzero()[:, 0]
+        h, kept_slots = verify(net, batch.state, d, attending)
         acc = accept_greedy(net, d, h, kept_slots)
         keep = rollback(batch.state, d, acc, live)[:, 1:].tolist()
         tokens, following = d.tokens.tolist(), acc.following.tolist()

@@ -66,17 +66,20 @@ def draft_positions(state: DecodeState, counts: torch.Tensor, parents: torch.Ten
     return state.positions[:, None] + torch.where(real, depth, 0)
 
 
-def verify(net: Network, state: DecodeState, d: Draft) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    net: Network, state: DecodeState, d: Draft, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers E+1..L (E = d.layer) over every row's m+1 drafted slots, from their layer-E states.
     -> [B*(m+1), D] full-depth states, and the flattened slots that count [N]: each live row's pending
     token and its own drafts. The matmuls run on those N slots only (calm.engine.kernels.only_slots), so a row
-    pays for its own draft, not the cycle's widest."""
+    pays for its own draft, not the cycle's widest; rows [R]: attention too runs for those rows only (a
+    continuous batch's free slots cost nothing)."""
     width = d.hidden.shape[1]
     keep = state.cache.key_mask[:, d.start : d.start + width]  # [B, m+1]
     tree = ancestors(d.parents) if d.branched else None
     ctx = slot_context(net, state, draft_positions(state, d.counts, d.parents), d.start, tree)
     with only_slots(keep) as kept:
-        h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache)
+        h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache, rows)
     return h.reshape(-1, h.shape[-1]), kept
 
 
