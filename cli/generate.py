@@ -252,7 +252,7 @@ def _generate(
 def _run_rows(
     model: Any, run: Run, records: list, prompts: list, noun: str, chat: bool | None, console: Any, job: BulkJob
 ) -> list:
-    from calm.eval.progress import progress_bar
+    from calm.eval.progress import progress_bar, rows_done_note
     from calm.eval.render import SummaryPrinter
     from calm.eval.summarize import summarize_documents
 
@@ -266,7 +266,7 @@ def _run_rows(
         model.tokenizer, show_exits=run.show_exits, as_json=run.as_json, titled=len(records) > 1, console=console
     )
     docs: list = []
-    note = _progress_note(noun)
+    note = rows_done_note(noun)
     with progress_bar(f"{noun}s", len(records), output=console) as update:
         for batch in summarize_documents(
             model,
@@ -301,31 +301,10 @@ def _footer(model: Any, run: Run, docs: list, noun: str, records: int) -> None:
 
     decoding, continuous = _decoding(model, run, records)
     rows = max(1, min(run.batch_size, records))
-    reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None and rows == 1 else None
+    reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None else None
     footer_policy = None if decoding.lossless else decoding.policy
     footer = run_footer(docs, footer_policy, continuous or decoding.source, run.max_new_tokens, noun, reference)
     click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
-
-
-PROGRESS_EVERY_S = 5.0  # off a terminal, a progress line at most this often (a fast job prints none)
-
-
-def _progress_note(noun: str) -> Any:
-    """note(docs): the progress line's text when one is due (None otherwise): rows done, tokens per second."""
-    import time
-
-    start = last = time.perf_counter()
-
-    def note(docs: list) -> str | None:
-        nonlocal last
-        now = time.perf_counter()
-        if now - last < PROGRESS_EVERY_S:
-            return None
-        last = now
-        tokens = sum(len(d.token_ids) for d in docs)
-        return f"{len(docs)} {noun}s done, {tokens / (now - start):.1f} new tokens/s"
-
-    return note
 
 
 def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str | None:
@@ -350,15 +329,13 @@ def _stored_setting(run: Run) -> bool:
 
 
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
-    """The full model's decode tokens/s stored with the checkpoint's speculative measurement for this many
-    rows, and where it was measured (None: not stored)."""
-    from calm.speculative.lossless import LARGE_BATCH_FROM, MeasuredSetting, measured_batch
+    """The full model's decode tokens/s stored with the checkpoint's batch-1 speculative measurement, and where
+    it was measured (None: not stored, or a run of several rows: no like-for-like reference)."""
+    from calm.speculative.lossless import MeasuredSetting
 
-    stored = MeasuredSetting.from_extra(model.extra, rows)
+    stored = MeasuredSetting.from_extra(model.extra, rows) if rows == 1 else None
     if stored is None or stored.full_decode_tokens_per_s <= 0:
         return None
-    if rows >= LARGE_BATCH_FROM and measured_batch(model.extra, rows) == 1:
-        return None  # only a batch-1 rate is stored: no like-for-like reference
     return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
 
 

@@ -69,3 +69,23 @@ def progress_bar(
                 print(f"{description}: {note} ({completed}/{total}, {elapsed:.0f} s)", file=sys.stderr, flush=True)
 
         yield update
+
+
+PROGRESS_EVERY_S = 5.0  # off a terminal, a progress line at most this often (a fast job prints none)
+
+
+def rows_done_note(noun: str) -> Callable[[list], str | None]:
+    """note(docs): the progress line's text when one is due (None otherwise): rows done, new tokens per second
+    (each doc has token_ids)."""
+    start = last = time.perf_counter()
+
+    def note(docs: list) -> str | None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last < PROGRESS_EVERY_S:
+            return None
+        last = now
+        tokens = sum(len(d.token_ids) for d in docs)
+        return f"{len(docs)} {noun}s done, {tokens / (now - start):.1f} new tokens/s"
+
+    return note

@@ -92,7 +92,7 @@ def test_no_resume_starts_over(tiny_model, docs, tmp_path):
 
 
 def test_progress_lines_off_a_terminal(tiny_model, docs, monkeypatch):
-    monkeypatch.setattr("calm.cli.generate.PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr("calm.eval.progress.PROGRESS_EVERY_S", 0.0)
     result = summarize(tiny_model, docs)
     lines = [line for line in result.stderr.splitlines() if line.startswith("documents: ")]
     assert lines and "documents done" in lines[-1] and f"({len(MORE)}/{len(MORE)}," in lines[-1]

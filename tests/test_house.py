@@ -134,6 +134,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("calm.prompts.*",),
     (
         "calm.continuous",
+        "calm.generate_policy",
         "calm.model",
         "calm.options",
         "calm",
