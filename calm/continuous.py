@@ -16,16 +16,16 @@ DEFAULT_MAX_BATCH = 8  # slots of a continuous batch: generate()'s and the comma
 
 
 def runs_continuous(
-    net: Network, rows: int, config: GenerationConfig, mode: str, spec: SpeculativeOptions | None
+    net: Network, slots: int, config: GenerationConfig, mode: str, spec: SpeculativeOptions | None
 ) -> bool:
-    """Several prompts of a decoder-only model on the dynamic engine, in calm's mode or lossless without an
-    explicit speculative setting: those run through the scheduler. The rest batch as before (one prompt; the
-    static engine; `mode="speculative"` or a named draft layer, length or lookup)."""
+    """Several prompts at once (slots: the batch size, at most the prompts) on the dynamic engine, in calm's mode
+    or lossless without an explicit speculative setting: those run through the scheduler. The rest batch as
+    before (one at a time; the static engine; `mode="speculative"` or a named draft layer, length or lookup)."""
     explicit = spec is not None and (
         (spec.draft_layer, spec.max_draft, spec.candidates) != (None, None, None) or spec.lookup
     )
     return (
-        rows > 1
+        slots > 1
         and resolve_engine(config, net.adapter.device) == "dynamic"
         and not config.compile
         and mode in ("calm", LOSSLESS)
@@ -59,7 +59,11 @@ def continuous_generate(
     drafter = lossless_drafter(model, slots) if mode == LOSSLESS and drafts else None
     row_policy = ExitPolicy.never() if mode == LOSSLESS else policy
     result = generate_continuous(model.network, prompts, row_policy, config, slots, drafter)
-    return result, describe(mode == LOSSLESS, slots, drafter, row_policy)
+    ran = describe(mode == LOSSLESS, slots, drafter, row_policy)
+    s = result.speculative
+    if s is not None and s.row_cycles:
+        ran += f"; this run: {s.tokens_per_step:.2f} tokens per step, acceptance {s.acceptance_rate:.2f}"
+    return result, ran
 
 
 def describe(lossless: bool, slots: int, drafter: LosslessDrafter | None, policy: ExitPolicy) -> str:

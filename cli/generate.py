@@ -235,28 +235,37 @@ def _generate(
     todo = job.todo(len(records))
     if job.resumed:
         click.echo(f"resuming: {job.resumed} rows are already in {job.out.partial if job.out else ''}", err=True)
+    resolved = _decoding(model, run, len(todo))  # once: resolving a knob may warn
     try:
         mine = [records[i] for i in todo], [prompts[i] for i in todo]
-        docs = _run_rows(model, run, *mine, noun, chat, output_console(), job)
+        docs = _run_rows(model, run, *mine, noun, chat, output_console(), job, resolved)
     except BaseException:
         partial = job.abandon()
         if partial is not None:
-            click.echo(f"stopped: the rows written so far are in {partial}; run the same command to resume", err=True)
+            click.echo(f"stopped: {partial}; run the same command to resume", err=True)
         raise
-    _footer(model, run, docs, noun, len(todo))
+    _footer(model, run, docs, noun, len(todo), resolved)
     written = job.finish()
     if written is not None:
         click.echo(f"wrote {written} row{'' if written == 1 else 's'} to {run.output}", err=True)
 
 
 def _run_rows(
-    model: Any, run: Run, records: list, prompts: list, noun: str, chat: bool | None, console: Any, job: BulkJob
+    model: Any,
+    run: Run,
+    records: list,
+    prompts: list,
+    noun: str,
+    chat: bool | None,
+    console: Any,
+    job: BulkJob,
+    resolved: tuple[Decoding, str | None],
 ) -> list:
     from calm.eval.progress import progress_bar, rows_done_note
     from calm.eval.render import SummaryPrinter
     from calm.eval.summarize import summarize_documents
 
-    decoding, continuous = _decoding(model, run, len(records))
+    decoding, continuous = resolved
     if decoding.calibrated:  # one line where the run leaves what the calibration certified
         from calm.calibration.knob import warn_outside_calibration
 
@@ -296,10 +305,10 @@ def _decoding(model: Any, run: Run, records: int) -> tuple[Decoding, str | None]
     return decoding, _continuous(model, run, decoding, records)
 
 
-def _footer(model: Any, run: Run, docs: list, noun: str, records: int) -> None:
+def _footer(model: Any, run: Run, docs: list, noun: str, records: int, resolved: tuple[Decoding, str | None]) -> None:
     from calm.eval.render import measure_cost_note, run_footer
 
-    decoding, continuous = _decoding(model, run, records)
+    decoding, continuous = resolved
     rows = max(1, min(run.batch_size, records))
     reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None else None
     footer_policy = None if decoding.lossless else decoding.policy
@@ -317,7 +326,7 @@ def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str |
     config = GenerationConfig(run.max_new_tokens, sampling=run.sampling, engine=run.engine.kind)
     explicit = None if decoding.lossless and _stored_setting(run) else decoding.speculative
     mode = LOSSLESS if decoding.lossless and _stored_setting(run) else "speculative" if decoding.lossless else "calm"
-    if not runs_continuous(model.network, records, config, mode, explicit):
+    if not runs_continuous(model.network, min(run.batch_size, records), config, mode, explicit):
         return None
     return continuous_description(model, mode == LOSSLESS, min(run.batch_size, records), decoding.policy)
 

@@ -43,13 +43,14 @@ class BulkOutput:
         self.partial = partial_path(self.path, rank, world)
         kept = read_rows(self.partial) if resume and self.partial.is_file() else []
         self.done = {str(row.get("id")) for row in kept}
-        self.resumed = len(kept)
+        self.resumed = self.rows = len(kept)
         self.file: IO[str] = self.partial.open("w", encoding="utf-8")
         for row in kept:  # rewritten whole, so a cut last line does not stay in the file
             self._write(row)
 
     def write(self, row: dict) -> None:
         self._write(row)
+        self.rows += 1
 
     def _write(self, row: dict) -> None:
         self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -129,4 +130,4 @@ class BulkJob:
         if self.out is None:
             return None
         self.out.close()
-        return str(self.out.partial)
+        return f"the {self.out.rows} rows written so far are in {self.out.partial}"

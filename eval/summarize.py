@@ -165,7 +165,7 @@ def summarize_documents(
         prompts = document_prompts(model, records, max_new_tokens, chat=chat)
     config = GenerationConfig(max_new_tokens, model.eos_token_ids, model.pad_token_id, sampling, *engine.settings)
     mode = LOSSLESS if lossless else "calm"
-    if runs_continuous(model.network, len(records), config, mode, None if lossless else speculative):
+    if runs_continuous(model.network, min(batch_size, len(records)), config, mode, None if lossless else speculative):
         yield from _continuous(model, records, prompts, policy, config, lossless, batch_size, chat, text_field)
         return
     for start in range(0, len(records), batch_size):

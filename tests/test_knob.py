@@ -148,7 +148,7 @@ def test_mode_calm_without_a_knob_runs_one_rule_in_the_api_and_on_the_command_li
     api = calibrated.generate(PROMPTS, 6, mode="calm")
     assert api.token_ids == calibrated.generate(PROMPTS, 6, default).token_ids
     assert api.exit_layers == calibrated.generate(PROMPTS, 6, default).exit_layers
-    assert api.decoding == default.describe() and api.avg_layers < 4
+    assert api.decoding.startswith(default.describe()) and api.avg_layers < 4
     assert calibrated.generate(PROMPTS, 6, engine="dynamic").avg_layers == 4  # an engine alone: the full model
     calibrated.save_pretrained(tmp_path / "ckpt")
     result = invoke("generate", "--model", tmp_path / "ckpt", "--no-chat", "--mode", "calm", "--json",

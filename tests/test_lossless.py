@@ -379,8 +379,14 @@ def test_lossless_mode_is_the_full_models_output_on_every_family(kind, batch):
     full = model.generate(p.ids, 12, ExitPolicy.never(), attention_mask=p.mask.long())
     out = model.generate(p.ids, 12, attention_mask=p.mask.long(), mode="lossless")
     assert out.token_ids == full.token_ids
+    assert out.decoding.startswith("speculative (lossless)" if batch == 1 else "lossless: speculative")
+    if batch == 4 and kind == "mistral-window":  # a sliding window runs full-model steps in a continuous batch
+        assert (
+            out.speculative is None
+            and model.generate(p.ids, 12, attention_mask=p.mask.long()).token_ids == full.token_ids
+        )
+        return
     assert out.speculative is not None
-    assert out.decoding.startswith("speculative (lossless)" if batch == 1 or kind == "t5" else "lossless: speculative")
     assert full.decoding.startswith("full model (exact)")
     default = model.generate(p.ids, 12, attention_mask=p.mask.long())  # no knob: lossless
     assert default.token_ids == full.token_ids
