@@ -12,7 +12,7 @@ from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 from calm.speculative.lossless import LOSSLESS, MeasuredModel
 from calm.speculative.options import SpeculativeOptions
 
-DEFAULT_MAX_BATCH = 8  # slots of a continuous batch: generate()'s and the commands' default
+DEFAULT_MAX_BATCH = 16  # slots of a continuous batch: the fastest measured (benchmarks/results/bulk_smollm2.md)
 
 
 def runs_continuous(

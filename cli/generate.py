@@ -87,9 +87,8 @@ SUMMARY_TOKENS_HELP = (
 
 def _shared_options(f: Any, max_new_tokens_help: str = "Longest output, in tokens.") -> Any:
     f = output_options(f)
-    f = click.option(
-        "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Inputs generated together."
-    )(f)
+    batch = "Rows decoded together: one continuous batch's slots (the fastest measured); 1: one input at a time."
+    f = click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help=batch)(f)
     f = click.option(
         "--max-new-tokens",
         type=click.IntRange(min=1),
