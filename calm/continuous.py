@@ -67,7 +67,7 @@ def continuous_generate(
 
 
 def describe(lossless: bool, slots: int, drafter: LosslessDrafter | None, policy: ExitPolicy) -> str:
-    batching = f"continuous batching, {slots} slots"
+    batching = f"continuous batching, {slots} slot{'s' if slots != 1 else ''}"
     if not lossless:
         return f"{policy.describe()}; {batching}"
     if drafter is None:

@@ -314,7 +314,7 @@ class CalmModel:
             sampling, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         )
         config = GenerationConfig(max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, *engine.settings)
-        if runs_continuous(self.network, min(rows, max_batch), config, mode, spec):
+        if runs_continuous(self.network, rows, config, mode, spec):  # max_batch=1: one prompt at a time
             drafts = self.weights.weights != "native"  # as native_lossless
             result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch, drafts)
             return replace(self._with_texts(result), decoding=decoding)

@@ -256,3 +256,17 @@ def test_sampled_rows_beside_rows_decided_at_an_exit_check_equal_their_solo_runs
     assert any(k < net.num_layers for _, exits in together.values() for k in exits)
     for i, r in enumerate(requests):
         assert together[i] == solo(net, list(r.ids), 8, r.policy, r.sampling), f"request {i}"
+
+
+def test_generate_runs_several_prompts_as_one_continuous_batch():
+    from calm import CalmModel
+
+    model = CalmModel.from_model(build("llama-mha-tied"))
+    ps = prompts()[:3]
+    many = model.generate(ps, max_new_tokens=5)
+    one_by_one = model.generate(ps, max_new_tokens=5, max_batch=1)
+    assert "continuous batching, 3 slots" in many.decoding and "continuous batching, 1 slot" in one_by_one.decoding
+    alone = tuple(model.generate([p], max_new_tokens=5).token_ids[0] for p in ps)
+    assert many.token_ids == one_by_one.token_ids == alone
+    with pytest.raises(InputError, match="max_batch"):
+        model.generate(ps, max_new_tokens=5, max_batch=0)
