@@ -71,12 +71,12 @@ class LosslessDrafter:
         live_rows = [o is not None for o in outputs]
         rows = [o if o is not None else [] for o in outputs]
         live = torch.tensor(live_rows, device=pending.device)
-        start = time.perf_counter()
-        d, guesses = self._draft(net, batch, pending, live, rows, budgets)
-        drafted = time.perf_counter()
         # free slots skip attention (T5's relative bias broadcasts over every row: it attends all of them)
         whole = all(live_rows) or net.adapter.is_encoder_decoder
         attending = None if whole else live.nonzero()[:, 0]
+        start = time.perf_counter()
+        d, guesses = self._draft(net, batch, pending, live, rows, budgets, attending)
+        drafted = time.perf_counter()
         h, kept_slots = verify(net, batch.state, d, attending)
         acc = accept_greedy(net, d, h, kept_slots)
         keep = rollback(batch.state, d, acc, live)[:, 1:].tolist()
@@ -98,6 +98,7 @@ class LosslessDrafter:
         live: torch.Tensor,
         rows: list[list[int]],
         budget: list[int],
+        attending: torch.Tensor | None,
     ) -> tuple[Draft, list[list[list[int]]]]:
         """The cycle's drafts: looked up in each row's context where any row finds some (or always, E = 0), else
         from layer E under the draft controller. Each row drafts at most its budget - 1."""
@@ -109,7 +110,8 @@ class LosslessDrafter:
             return context_draft(net, batch.state, pending, live, guesses, False), guesses
         budgets = torch.tensor(budget, device=pending.device)
         threshold = float(self.policy.threshold)
-        return draft(net, self.spec, self.plan, batch.state, pending, live, budgets, threshold, GREEDY, None), guesses
+        d = draft(net, self.spec, self.plan, batch.state, pending, live, budgets, threshold, GREEDY, None, attending)
+        return d, guesses
 
 
 def lossless_drafter(model: MeasuredModel, slots: int) -> LosslessDrafter | None:

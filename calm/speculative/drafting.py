@@ -128,16 +128,18 @@ def lower_step(
     valid: torch.Tensor,
     column: int,
     offset: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers 1..E over tokens [B] at cache column `column`, position state.positions + offset [B];
-    only `valid` rows [B] keep the slot. -> the states after layers E-1 and E, [B, D] each."""
+    only `valid` rows [B] keep the slot; rows [R]: attention runs for those only (forward_layers). -> the states
+    after layers E-1 and E, [B, D] each."""
     state.cache.key_mask[:, column] = valid
     positions = (state.positions + offset)[:, None]  # [B, 1]
     ctx = slot_context(net, state, positions, column)
     h = net.adapter.embed(tokens[:, None], positions)
     e = spec.draft_layer
-    h_in = forward_layers(net, h, range(e - 1), ctx, state.cache)
-    h_out = forward_layers(net, h_in, range(e - 1, e), ctx, state.cache)
+    h_in = forward_layers(net, h, range(e - 1), ctx, state.cache, rows)
+    h_out = forward_layers(net, h_in, range(e - 1, e), ctx, state.cache, rows)
     return h_in[:, 0], h_out[:, 0]
 
 
@@ -169,16 +171,18 @@ def draft(
     threshold: float,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
+    rows: torch.Tensor | None = None,
 ) -> Draft:
     """Layers 1..E over each live row's pending token [B], then over each token drafted after it while
-    the row is confident and has budget [B] (tokens it may still commit) left; at most k drafts."""
+    the row is confident and has budget [B] (tokens it may still commit) left; at most k drafts. rows [R]:
+    attention runs for those only (a continuous batch's live slots)."""
     start = state.cache.length
     valid, inputs = live, pending
     counts = torch.zeros_like(pending)
     hidden, tokens, probs = [], [], []
     for s in range(spec.max_draft + 1):
         offset = torch.where(valid, s, 0)  # rows not feeding a token stay at a real position
-        h_in, h = lower_step(net, spec, state, inputs, valid, start + s, offset)
+        h_in, h = lower_step(net, spec, state, inputs, valid, start + s, offset, rows)
         hidden.append(h)
         if s == spec.max_draft or spec.draft_layer not in plan.allowed:
             break
