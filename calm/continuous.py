@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from calm.engine.bulk import generate_continuous
+from calm.engine.bulk import generate_continuous, runs_dynamic
 from calm.engine.decode import Network
-from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, resolve_engine
+from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch
 from calm.engine.scheduler import Scheduler
 from calm.exits.policy import ExitPolicy
 from calm.speculative.cycle import LosslessDrafter, lossless_drafter
@@ -24,13 +24,7 @@ def runs_continuous(
     explicit = spec is not None and (
         (spec.draft_layer, spec.max_draft, spec.candidates) != (None, None, None) or spec.lookup
     )
-    return (
-        slots > 1
-        and resolve_engine(config, net.adapter.device) == "dynamic"
-        and not config.compile
-        and mode in ("calm", LOSSLESS)
-        and not explicit
-    )
+    return slots > 1 and runs_dynamic(config, net.adapter.device) and mode in ("calm", LOSSLESS) and not explicit
 
 
 def continuous_scheduler(

@@ -53,8 +53,13 @@ def timings_since(stats: SchedulerStats, before: SchedulerStats, rows: list[Fini
     )
 
 
+def runs_dynamic(config: GenerationConfig, device: torch.device) -> bool:
+    """Whether the config runs the dynamic step, the one a continuous batch runs."""
+    return resolve_engine(config, device) == "dynamic" and not config.compile
+
+
 def check_engine(config: GenerationConfig, device: torch.device) -> None:
-    if resolve_engine(config, device) != "dynamic" or config.compile:
+    if not runs_dynamic(config, device):
         raise InputError("continuous batching runs the dynamic engine; the static engine batches with generate_tokens")
 
 

@@ -275,7 +275,7 @@ def _per_row(ctx: StepContext, state: DecodeState, compute: torch.Tensor | None,
     the rows of `compute` (every row when None). Beyond PER_ROW_MAX_ROWS rows the per-call cost
     outweighs the saving, and a cache with holes (drafts rejected by speculative decoding) needs its
     mask: then ctx itself, one batched call (over the computed rows' gathered K/V)."""
-    if live.numel() > PER_ROW_MAX_ROWS or state.holes:
+    if not per_row_attention(state, live.numel()):
         return ctx
     first_slots = state.first_slots
     computed = range(len(first_slots)) if compute is None else compute.tolist()

@@ -208,8 +208,9 @@ class Scheduler:
             if not live:
                 return events
             start = time.perf_counter()
-            self._count_keys(live)
-            if self._drafts(live):
+            drafts = self._drafts(live)
+            self._count_keys(live, drafts)
+            if drafts:
                 events += self._speculative_step(live)
             else:
                 events += self._decode_step(live)
@@ -217,11 +218,11 @@ class Scheduler:
             self.stats.slot_steps += len(live)
         return events
 
-    def _count_keys(self, live: list[int]) -> None:
+    def _count_keys(self, live: list[int], drafts: bool) -> None:
         """Attention's work in this step's first query per row: a row attends over its own slots where it attends
         alone (decode.per_row_attention), else over every column up to the write column."""
         end = self.batch.cache.length + 1
-        alone = per_row_attention(self.batch.state, len(live)) and not self._drafts(live)
+        alone = per_row_attention(self.batch.state, len(live)) and not drafts
         for slot in live:
             row = self._row(slot)
             self.stats.real_keys += row.cached_prompt + len(row.tokens)
