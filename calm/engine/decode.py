@@ -264,9 +264,10 @@ def decode_one_token(
 
 def per_row_attention(state: DecodeState, live: int) -> bool:
     """Whether a step's `live` running rows attend each alone over its own slots: up to PER_ROW_MAX_ROWS rows, in
-    a cache without holes, where some row is not running. With every row running, one batched call is faster
-    even over a continuous batch's padding (measured on SmolLM2-135M, 8 rows of 100-1,100 tokens: 0.18 s a
-    step batched over 2.4x the real keys, 0.21 s one by one)."""
+    a cache without holes, where some row is not running. With every row running, one batched call reads a
+    continuous batch's padding too (2.4x the real keys on 8 SmolLM2 rows of 100-1,100 tokens); whether one call
+    per row pays then is not settled: benchmarks/results/slots_smollm2.md measured it 1.13x faster at low load,
+    an earlier run under heavy load 1.17x slower, so the rule stays the engine's old one."""
     return live <= PER_ROW_MAX_ROWS and not state.holes and live < len(state.first_slots)
 
 
