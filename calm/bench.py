@@ -26,11 +26,11 @@ from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
 from calm.model import CalmModel
 from calm.prompts.templates import PromptFormat, fit_prompts
-from calm.speculative.drafting import ALWAYS_DRAFT, NO_CONTROLLER, SpeculativeConfig, generate_speculative
+from calm.speculative.drafting import ALWAYS_DRAFT, NO_CONTROLLER, SpeculativeConfig
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import resolve_mode
 
-TRANSFORMERS = "transformers"
-FULL = "full"
+TRANSFORMERS, FULL = "transformers", "full"
 MEASURE_SPECS = ("softmax", "state", "classifier")
 DEFAULT_DOCUMENT = (
     "The city council has approved a plan to build three new primary schools over the next five years. "

@@ -42,7 +42,7 @@ from calm.exits.policy import ExitPolicy
 from calm.generate_policy import generation_policy, knob_for
 from calm.options import engine_options, sampling_options, speculative_options
 from calm.prompts.encoding import Prompts, encode_prompts
-from calm.speculative.drafting import generate_speculative
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import LOSSLESS, pick_mode, resolve_mode, run_description
 from calm.speculative.options import SpeculativeOptions
 

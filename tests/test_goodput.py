@@ -126,6 +126,21 @@ def test_lossless_with_the_goodput_rule_is_the_full_models_output_and_drafts_les
     assert sum(d[0] for d in drafted) < sum(d[1] for d in drafted)
 
 
+def test_steps_where_no_row_drafts_run_the_full_models_decode_step(hybrid, monkeypatch):
+    """A step the goodput rule leaves without drafts costs a plain decode step, not a verification of one slot."""
+    import calm.speculative.loop as loop
+
+    plain, real = [], loop.decode_one_token
+    monkeypatch.setattr(loop, "decode_one_token", lambda *args: plain.append(1) or real(*args))
+    for prompt in PROMPTS:
+        full = hybrid.generate([prompt], 24, ExitPolicy.never(), chat=False)
+        count = len(plain)
+        gated = hybrid.generate([prompt], 24, chat=False)
+        assert gated.token_ids == full.token_ids
+        assert len(plain) - count <= gated.speculative.drafting_off
+    assert len(plain) > 0
+
+
 def test_the_footer_reports_this_runs_drafts(hybrid, tmp_path):
     from helpers import invoke
 

@@ -14,7 +14,8 @@ from calm.engine.generation import GenerationConfig, generate_tokens
 from calm.engine.kernels import onednn_available, only_slots, packed_linears, uses_onednn
 from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
-from calm.speculative.drafting import SpeculativeConfig, generate_speculative
+from calm.speculative.drafting import SpeculativeConfig
+from calm.speculative.loop import generate_speculative
 from test_adapters import KINDS, build, prompts
 
 pytestmark = [

@@ -18,8 +18,9 @@ from calm.errors import InputError, PolicyError
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
 from calm.speculative import drafting as speculative
-from calm.speculative.drafting import SpeculativeConfig, default_draft_layer, generate_speculative
+from calm.speculative.drafting import SpeculativeConfig, default_draft_layer
 from calm.speculative.lookup import LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM, BatchLookup, NgramIndex
+from calm.speculative.loop import generate_speculative
 from calm.speculative.verification import draft_positions
 from test_adapters import KINDS, build, gen_config, hf_greedy, prompts, row
 from test_speculative import ALWAYS, PROMPT, SAMPLES, chi_square_pvalue, exact_distribution
@@ -181,7 +182,7 @@ def _every_nth_cycle_finds_nothing(monkeypatch, n: int = 3) -> None:
         found = real(*args)
         return [[] for _ in found] if calls[0] % n == 0 else found
 
-    monkeypatch.setattr("calm.speculative.drafting.lookup_guesses", guesses)
+    monkeypatch.setattr("calm.speculative.loop.lookup_guesses", guesses)
 
 
 @pytest.mark.parametrize("kind", KINDS)

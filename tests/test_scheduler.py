@@ -191,6 +191,34 @@ def test_speculative_cycles_while_few_rows_are_live_keep_every_row_exact(nets, n
         assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
 
 
+@pytest.mark.parametrize(
+    "spec", [None, SpeculativeConfig(0, 3), SpeculativeConfig(1, 2, lookup=True)], ids=["full", "context", "hybrid"]
+)
+def test_free_slots_compute_nothing_and_never_reach_live_rows(nets, spec):
+    """Free slots' cache rows are poisoned with NaN before every step: no step writes them (the layers, their K/V
+    and drafts run for live rows only, consecutive or not), and no live row reads them (outputs equal solo runs)."""
+    net = nets["llama-gqa-untied-bias-rope-scaled"]
+    drafter = None if spec is None else LosslessDrafter(net, spec, ALWAYS_DRAFT, slots=4, most_rows=4)
+    scheduler = Scheduler(net, max_batch=4, eos_token_ids=(EOS,), drafter=drafter)
+    repetitive = [p + p for p in prompts()[:3]]
+    requests = [Request(tuple(repetitive[0]), 9), Request(tuple(repetitive[1]), 1), Request(tuple(repetitive[2]), 9)]
+    streamed: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+    for r in requests:
+        scheduler.add(r)
+    cache, free_sets, free = scheduler.batch.cache, [], []  # the first step admits every request
+    while scheduler.busy:
+        cache.k[:, free], cache.v[:, free] = torch.nan, torch.nan
+        for event in scheduler.step():
+            streamed[event.request_id] += event.tokens
+        assert cache.k[:, free].isnan().all() and cache.v[:, free].isnan().all()
+        free_sets.append(free)
+        free = [slot for slot, row in enumerate(scheduler.rows) if row is None]
+    assert [1, 3] in free_sets  # live rows 0 and 2: not consecutive
+    assert spec is None or scheduler.stats.speculative_steps > 0
+    for i, r in enumerate(requests):
+        assert tuple(streamed[i]) == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
+
+
 def test_sampling_or_exiting_rows_turn_drafting_off(nets):
     net = nets["llama-mha-tied"]
     drafter = LosslessDrafter(net, SpeculativeConfig(0, 3), ALWAYS_DRAFT, slots=2, most_rows=2)

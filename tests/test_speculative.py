@@ -23,14 +23,8 @@ from calm.errors import InputError, PolicyError
 from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
-from calm.speculative.drafting import (
-    SpeculativeConfig,
-    SpeculativeStats,
-    default_draft_policy,
-    draft,
-    draft_plan,
-    generate_speculative,
-)
+from calm.speculative.drafting import SpeculativeConfig, SpeculativeStats, default_draft_policy, draft, draft_plan
+from calm.speculative.loop import generate_speculative
 from calm.speculative.tree import Accepted
 from calm.speculative.verification import rollback
 from test_adapters import EOS, KINDS, build, gen_config, hf_greedy, prompts, row

@@ -261,8 +261,11 @@ class Adapter(ABC):
         """The normalised input of layer's self-attention, [B, T, D]."""
 
     @abstractmethod
-    def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention K, V [B, H_kv, T, D_head] of attn_input x (positions applied)."""
+    def kv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention K, V [R, H_kv, T, D_head] of attn_input x [R, T, D] (positions applied): x holds the
+        rows `rows` of ctx's batch (all of them when None)."""
 
     @abstractmethod
     def finish_layer(

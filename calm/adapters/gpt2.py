@@ -72,7 +72,9 @@ class GPT2Adapter(Adapter):
         y = torch.addmm(c_attn.bias[cols], x.reshape(b * t, d), c_attn.weight[:, cols])
         return y.view(b, t, count * self.num_heads, self.head_dim).transpose(1, 2)
 
-    def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self._project(layer, x, 1, 2)  # k | v
         return kv[:, : self.num_heads], kv[:, self.num_heads :]
 

@@ -256,10 +256,12 @@ class LlamaAdapter(Adapter):
         y = y.view(b, t, n, self.head_dim).transpose(1, 2)
         return norm(y) if norm is not None and not over_projection else y
 
-    def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._kv(layer, x)
         k = self._heads(k, self.num_kv_heads, self._qk_norms(layer)[1])
-        return self._rope(layer, k, ctx, None), self._heads(v, self.num_kv_heads, None)
+        return self._rope(layer, k, ctx, rows), self._heads(v, self.num_kv_heads, None)
 
     def finish_layer(
         self,

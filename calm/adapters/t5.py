@@ -142,7 +142,9 @@ class T5Adapter(Adapter):
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].layer[0].layer_norm(h)
 
-    def kv(self, layer: int, x: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         attn = self.layers[layer].layer[0].SelfAttention
         return self._heads(attn.k, x), self._heads(attn.v, x)
 

@@ -153,23 +153,29 @@ def forward_layers(
     net: Network, h: torch.Tensor, layers: range, ctx: StepContext, cache: KVCache, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Layers `layers` (0-based) over T new tokens h [B, T, D] at cache slots ctx.start..ctx.start+T-1: each
-    layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. rows [R]: the
-    rest of each layer (attention included) runs for those rows only, the others' outputs stay h. -> [B, T, D]."""
+    layer writes their K/V there, then every row attends over slots 0..start+T-1 under ctx.mask. rows [R]: each
+    layer runs for those rows only (their K/V written, their attention); the others' outputs stay h, their cache
+    untouched. -> [B, T, D]."""
     if not isinstance(ctx.start, int):
         raise TypeError("forward_layers writes at a slot the host knows: ctx.start must be an int (dynamic path)")
     a, start = net.adapter, ctx.start
     end = start + h.shape[1]
+    sel = None if rows is None else row_selector(rows)
+    out = pick(h, rows)  # [R, T, D]
     for i in layers:
-        x = a.attn_input(i, h)
-        k, v = a.kv(i, x, ctx)
-        cache.write(i, start, k, v)
-        kc, vc = cache.keys_values(i, end)
-        if rows is None:
-            h = a.finish_layer(i, h, x, kc, vc, ctx)
-            continue
-        kc, vc = kc.index_select(0, rows), vc.index_select(0, rows)
-        h = h.index_copy(0, rows, a.finish_layer(i, pick(h, rows), pick(x, rows), kc, vc, ctx, rows))
-    return h
+        x = a.attn_input(i, out)
+        k, v = a.kv(i, x, ctx, rows)
+        cache.write(i, start, k, v, sel)
+        kc, vc = cache.keys_values(i, end, sel)
+        out = a.finish_layer(i, out, x, kc, vc, ctx, rows)
+    return out if rows is None else h.index_copy(0, rows, out)
+
+
+def row_selector(rows: torch.Tensor) -> slice | torch.Tensor:
+    """rows [R] (long, ascending) as a slice where they are consecutive, so their cache rows are read as views,
+    not copied; else rows itself. One host sync."""
+    ids = rows.tolist()
+    return slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else rows
 
 
 def exit_decision(
@@ -206,7 +212,8 @@ def decode_one_token(
     the still-running rows only. Self-attention, whose cost grows with the rows and their context,
     runs for all rows at once while every row runs, and then, for up to PER_ROW_MAX_ROWS running
     rows, for each alone over its own view of the cache (calm.adapters.base.RowAttention): no keys
-    or values are copied. More running rows attend in one call over their gathered K/V."""
+    or values are copied. More running rows attend in one call over their gathered K/V. Rows not in
+    `rows` (finished rows, a continuous batch's free slots) compute nothing, their K/V included."""
     a, cache = net.adapter, state.cache
     slot = cache.length
     batch = tokens.shape[0]
@@ -217,13 +224,16 @@ def decode_one_token(
     exit_layers = torch.full((batch,), a.num_layers, dtype=torch.long, device=tokens.device)
     running = torch.zeros(batch, dtype=torch.bool, device=tokens.device).index_fill_(0, rows, True)
     compute = None if rows.numel() == batch else rows  # None: every row
+    live = compute  # the rows whose K/V each layer writes: free slots of a continuous batch write none
+    sel = None if live is None else row_selector(live)
     compact = rows.numel() >= COMPACT_MIN_ROWS
     layer_ctx = _per_row(ctx, state, compute, rows) if per_row_attention(state, rows.numel()) else ctx
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits)
     for i in range(a.num_layers):
-        x = a.attn_input(i, h)
-        k, v = a.kv(i, x, ctx)
-        cache.write(i, slot, k, v)
+        x = a.attn_input(i, pick(h, live))  # [R, 1, D]
+        k, v = a.kv(i, x, ctx, live)
+        cache.write(i, slot, k, v, sel)
+        x = x if live is None else torch.zeros_like(h).index_copy(0, live, x)  # [B, 1, D]
         kc, vc = cache.keys_values(i, slot + 1)
         if layer_ctx.row_attention is None and compute is not None:
             kc, vc = kc.index_select(0, compute), vc.index_select(0, compute)

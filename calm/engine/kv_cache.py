@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+Rows = slice | torch.Tensor | None  # some rows of the batch: consecutive ones as a slice, others as long [R]; None: all
+
 
 @dataclass
 class KVCache:
@@ -41,11 +43,12 @@ class KVCache:
     def max_slots(self) -> int:
         return self.k.shape[3]
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, H_kv, T, D_head] of every row at slots start..start+T-1."""
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, rows: Rows = None) -> None:
+        """Store k, v [R, H_kv, T, D_head] of the rows `rows` (every row when None) at slots start..start+T-1."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        sel = slice(None) if rows is None else rows
+        self.k[layer, sel, :, start:end] = k
+        self.v[layer, sel, :, start:end] = v
 
     def write_layers(self, first: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, B, H_kv, T, D_head] for layers first..first+n-1 in one copy."""
@@ -54,9 +57,14 @@ class KVCache:
         self.k[first:last, :, :, start:end] = k
         self.v[first:last, :, :, start:end] = v
 
-    def keys_values(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [B, H_kv, end, D_head] of slots 0..end-1: views, no copies."""
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def keys_values(self, layer: int, end: int, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [R, H_kv, end, D_head] of slots 0..end-1 of the rows `rows` (every row when None): views where
+        rows is None or a slice, copies for an index tensor."""
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if isinstance(rows, torch.Tensor):
+            return k.index_select(0, rows), v.index_select(0, rows)
+        sel = slice(None) if rows is None else rows
+        return k[sel], v[sel]
 
     def first_slots(self) -> list[int]:
         """Each row's first real slot (host ints; one sync)."""

@@ -26,33 +26,19 @@ context when any row's lookup finds drafts, and from layer E otherwise.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 import torch
 
-from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers, prefill
-from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
-from calm.engine.kernels import packed_linears
+from calm.adapters.base import pick
+from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision, forward_layers
 from calm.engine.sampling import SamplingConfig, filter_logits
 from calm.engine.speculative_stats import SpeculativeStats as SpeculativeStats  # re-exported
-from calm.engine.speculative_stats import Tally
 from calm.errors import PolicyError
 from calm.exits.policy import ExitPolicy
-from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
 from calm.speculative.tree import chain
-from calm.speculative.verification import (
-    Draft,
-    accept_greedy,
-    accept_sampled,
-    commit,
-    draft_positions,
-    finished,
-    rollback,
-    slot_context,
-    verify,
-)
+from calm.speculative.verification import Draft, draft_positions, slot_context
 
 
 @dataclass(frozen=True)
@@ -175,8 +161,8 @@ def draft(
 ) -> Draft:
     """Layers 1..E over each live row's pending token [B], then over each token drafted after it while
     the row is confident and has budget [B] (tokens it may still commit) left; at most k drafts. rows [R]:
-    attention runs for those only (a continuous batch's live slots)."""
-    start = state.cache.length
+    the layers, the exit check and the head run for those only (a continuous batch's live slots)."""
+    start, b = state.cache.length, pending.shape[0]
     valid, inputs = live, pending
     counts = torch.zeros_like(pending)
     hidden, tokens, probs = [], [], []
@@ -186,17 +172,17 @@ def draft(
         hidden.append(h)
         if s == spec.max_draft or spec.draft_layer not in plan.allowed:
             break
-        confident, logits = exit_decision(net, plan, spec.draft_layer, h, h_in, threshold)
-        go = valid & confident & (budget > s + 1)
+        confident, logits = exit_decision(net, plan, spec.draft_layer, pick(h, rows), pick(h_in, rows), threshold)
+        go = valid & spread(confident, rows, b) & (budget > s + 1)
         if not bool(go.any()):  # host sync, once per draft step
             break
-        proposal, q = propose(net, spec, h, logits, sampling, generator)
+        proposal, q = propose(net, spec, pick(h, rows), logits, sampling, generator)
+        proposal, q = spread(proposal, rows, b), None if q is None else spread(q, rows, b)
         tokens.append(torch.where(go, proposal, 0))
         if q is not None:
             probs.append(q)
         counts += go
         valid, inputs = go, proposal
-    b = pending.shape[0]
     drafted = torch.stack(tokens, 1) if tokens else pending.new_zeros(b, 0)  # [B, m]
     return Draft(
         start=start,
@@ -207,6 +193,11 @@ def draft(
         layer=spec.draft_layer,
         parents=chain(b, drafted.shape[1] + 1, pending.device),
     )
+
+
+def spread(t: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Values t [R, ...] of the rows `rows` as [batch, ...], zeros (False) at the others; t itself when rows is None."""
+    return t if rows is None else t.new_zeros(batch, *t.shape[1:]).index_copy(0, rows, t)
 
 
 def lookup_guesses(
@@ -263,128 +254,3 @@ def default_cache_slots(max_new_tokens: int, spec: SpeculativeConfig) -> int:
     write column by at most its width, k × candidates + 1."""
     width = spec.max_draft * spec.candidates + 1
     return max_new_tokens * width + width
-
-
-@torch.inference_mode()
-def generate_speculative(
-    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
-) -> GenerationResult:
-    """Generate with drafts from layer E checked by the full model: the full model's tokens (greedy:
-    exactly; sampling: in distribution). policy's measure and λ (fixed, no decay) control draft length."""
-    with packed_linears(net.adapter.model, config.kernels):
-        return _speculative_loop(net, prompts, policy, config, spec)
-
-
-def _speculative_loop(
-    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
-) -> GenerationResult:
-    loop = _Loop(net, policy, config, spec)
-    t0 = time.perf_counter()
-    state, first_ids = _start(net, prompts, default_cache_slots(config.max_new_tokens, spec))
-    rows = torch.arange(first_ids.shape[0], device=loop.device)
-    first = prefill(net, first_ids, state).tokens(net, rows, config.sampling, loop.generator)
-    out = [[t] for t in first.tolist()]
-    _sync(loop.device)
-    t1 = time.perf_counter()
-    tally = Tally()
-    pending = first
-    contexts = [ids[m].tolist() for ids, m in zip(prompts.ids, prompts.mask)]
-    lookup = BatchLookup(contexts, spec.max_draft, spec.adaptive) if spec.looks_up else None
-    gate = GoodputGate(len(out), spec.draft_layer / net.num_layers) if spec.goodput else None
-    while True:
-        live_rows = [not finished(r, config) for r in out]
-        if not any(live_rows):
-            break
-        live = torch.tensor(live_rows, device=loop.device)
-        ta, cpu = time.perf_counter(), time.process_time()
-        step = loop.draft(state, pending, live, live_rows, out, lookup, gate)
-        d = step.draft
-        _sync(loop.device)
-        tb = time.perf_counter()
-        h, kept_slots = verify(net, state, d)
-        if config.sampling.do_sample:
-            acc = accept_sampled(net, d, h, config.sampling, loop.generator)
-        else:
-            acc = accept_greedy(net, d, h, kept_slots)
-        before = [len(r) for r in out]
-        kept = commit(out, d, rollback(state, d, acc, live), acc.following, live_rows, config)
-        drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
-        if lookup is not None and d.layer == CONTEXT_DRAFT:
-            lookup.verified(drafted, kept)
-        context = d.layer == CONTEXT_DRAFT and (gate is None or step.kind == CONTEXT)  # not the gate's plain steps
-        tally.add(d.counts, acc.count, live_rows, (tb - ta, time.perf_counter() - tb), context)
-        if gate is not None:
-            gate.timed(step.kind, d.tokens.shape[1] + 1, time.process_time() - cpu)
-            committed = [r[n] if len(r) > n else None for r, n in zip(out, before)]
-            gate_verified(gate, step.plans, step.looked_up, drafted, kept, committed, step.kind)
-        pending = torch.where(live, acc.following, config.pad_token_id)
-    _sync(loop.device)
-    stats = tally.stats(spec.draft_layer, spec.max_draft)
-    stats = stats if gate is None else replace(stats, drafting_off=gate.off)
-    return _result(net, out, t1 - t0, time.perf_counter() - t1, stats)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step's drafts, its kind (calm.speculative.goodput: plain, context or layer), the looked-up
-    candidates it drafts (guesses) and all it looked up (looked_up), and each row's goodput plan."""
-
-    draft: Draft
-    kind: str
-    guesses: list[list[list[int]]]
-    looked_up: list[list[list[int]]]
-    plans: list[RowPlan]
-
-
-class _Loop:
-    """What every step of a speculative generation shares: the network, the draft controller and its plan,
-    the generation settings and the tree candidates."""
-
-    def __init__(self, net: Network, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig) -> None:
-        self.net, self.policy, self.config, self.spec = net, policy, config, spec
-        self.plan = draft_plan(policy, net, spec)
-        self.candidates = tree_candidates(net, spec, config.sampling)
-        self.device = net.adapter.device
-        self.generator = config.sampling.generator(self.device)
-
-    def draft(
-        self,
-        state: DecodeState,
-        pending: torch.Tensor,
-        live: torch.Tensor,
-        live_rows: list[bool],
-        out: list[list[int]],
-        lookup: BatchLookup | None,
-        gate: GoodputGate | None,
-    ) -> Step:
-        """This step's drafts: looked up in the context where any row drafts them, else from layer E, else
-        (the goodput gate turned every row's drafting off) none."""
-        spec, config = self.spec, self.config
-        budget_left = [config.max_new_tokens - len(r) for r in out]
-        looked_up = lookup_guesses(spec, lookup, out, live_rows, budget_left, self.candidates) if lookup else []
-        guesses, plans = looked_up, [RowPlan(layer=True) for _ in out]
-        if gate is not None:
-            guesses, plans = gate_step(gate, looked_up, live_rows, layer_source=not spec.from_context)
-        if spec.from_context or any(guesses) or not any(p.layer for p in plans):
-            kind = CONTEXT if any(guesses) else PLAIN
-            empty = guesses if any(guesses) else [[] for _ in out]
-            return Step(context_draft(self.net, state, pending, live, empty, config.sampling.do_sample),
-                        kind, empty, looked_up, plans)  # fmt: skip
-        budget = torch.tensor([n if p.layer else 1 for n, p in zip(budget_left, plans)], device=self.device)
-        d = draft(self.net, spec, self.plan, state, pending, live, budget, float(self.policy.threshold),
-                  config.sampling, self.generator)  # fmt: skip
-        return Step(d, LAYER, [[] for _ in out], looked_up, plans)
-
-
-def _result(
-    net: Network, out: list[list[int]], prefill_s: float, decode_s: float, stats: SpeculativeStats
-) -> GenerationResult:
-    token_ids = tuple(tuple(r) for r in out)
-    timings = Timings(
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        new_tokens=sum(len(r) for r in token_ids),
-        decode_tokens=sum(max(len(r) - 1, 0) for r in token_ids),
-    )
-    exit_layers = tuple((net.num_layers,) * len(r) for r in token_ids)
-    return GenerationResult(token_ids, exit_layers, net.num_layers, timings, speculative=stats)

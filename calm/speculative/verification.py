@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from calm.adapters.base import StepContext, attention_mask
+from calm.adapters.base import StepContext, attention_mask, pick
 from calm.engine.decode import DecodeState, Network, forward_layers
 from calm.engine.generation import GenerationConfig
 from calm.engine.kernels import only_slots
@@ -78,8 +78,10 @@ def verify(
     keep = state.cache.key_mask[:, d.start : d.start + width]  # [B, m+1]
     tree = ancestors(d.parents) if d.branched else None
     ctx = slot_context(net, state, draft_positions(state, d.counts, d.parents), d.start, tree)
-    with only_slots(keep) as kept:
+    with only_slots(pick(keep, rows)) as kept:  # the slots of the rows that run: [R, m+1]
         h = forward_layers(net, d.hidden, range(d.layer, net.num_layers), ctx, state.cache, rows)
+    if rows is not None:
+        kept = keep.reshape(-1).nonzero()[:, 0]  # in the whole batch's [B*(m+1)] slots
     return h.reshape(-1, h.shape[-1]), kept
 
 
