@@ -39,7 +39,7 @@ from calm.eval.summarize import document_prompts
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl
 from calm.speculative.cycle import lossless_drafter
-from calm.speculative.drafting import generate_speculative
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import LOSSLESS, resolve_mode
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "xsum" / "test.jsonl"

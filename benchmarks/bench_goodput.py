@@ -34,7 +34,7 @@ from calm.engine.generation import GenerationConfig, PromptBatch, generate_token
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
-from calm.speculative.drafting import generate_speculative
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import LOSSLESS, resolve_mode
 
 OPEN_PROMPTS = (  # the four of issue 29, then more with nothing to copy

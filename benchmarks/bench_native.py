@@ -45,7 +45,7 @@ from calm.eval.reporting import machine_info, machine_markdown, write_json_markd
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl
 from calm.prompts.templates import summary_prompt
-from calm.speculative.drafting import generate_speculative
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import resolve_mode
 
 CHAT_PROMPTS = (

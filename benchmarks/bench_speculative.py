@@ -39,7 +39,8 @@ from calm.engine.kernels import only_slots, packed_linears
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
-from calm.speculative.drafting import CONTEXT_DRAFT, generate_speculative
+from calm.speculative.drafting import CONTEXT_DRAFT
+from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting
 from calm.speculative.verification import slot_context
 

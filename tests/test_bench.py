@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +204,12 @@ def test_bench_runs_the_knobs_policy_on_the_calibrated_schedule(tiny_model):
     for bad in ({"consistency": "risk"}, {"tolerance": 0.1, "decay_tau": 4.0}):
         with pytest.raises(InputError):
             knob_specs(model, (), **bad)
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.stem for p in (Path(__file__).parent.parent / "benchmarks").glob("bench_*.py"))
+)
+def test_every_benchmark_script_imports(script, monkeypatch):
+    """The committed reports' scripts keep up with the library (a moved function breaks them silently otherwise)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    importlib.import_module(script)
