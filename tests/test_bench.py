@@ -206,10 +206,11 @@ def test_bench_runs_the_knobs_policy_on_the_calibrated_schedule(tiny_model):
             knob_specs(model, (), **bad)
 
 
-@pytest.mark.parametrize(
-    "script", sorted(p.stem for p in (Path(__file__).parent.parent / "benchmarks").glob("bench_*.py"))
-)
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_script_imports(script, monkeypatch):
     """The committed reports' scripts keep up with the library (a moved function breaks them silently otherwise)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     importlib.import_module(script)
