@@ -191,6 +191,19 @@ def test_speculative_cycles_while_few_rows_are_live_keep_every_row_exact(nets, n
         assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
 
 
+def test_events_say_how_many_drafts_each_request_had_verified(nets):
+    """A speculative step's event carries its request's own drafts: they sum to the drafter's count, and no
+    request kept more tokens than its drafts plus the full model's one."""
+    net = nets["gpt2-tied"]
+    drafter = LosslessDrafter(net, SpeculativeConfig(0, 3), ALWAYS_DRAFT, slots=3, most_rows=3)
+    scheduler = Scheduler(net, max_batch=3, eos_token_ids=(EOS,), drafter=drafter)
+    for p in prompts()[:3]:
+        scheduler.add(Request(tuple(p + p), 10))
+    events = [e for _ in range(40) if scheduler.busy for e in scheduler.step()]
+    assert sum(e.drafted for e in events) == drafter.stats().drafted > 0
+    assert all(len(e.tokens) <= e.drafted + 1 for e in events if e.drafted)
+
+
 @pytest.mark.parametrize(
     "spec", [None, SpeculativeConfig(0, 3), SpeculativeConfig(1, 2, lookup=True)], ids=["full", "context", "hybrid"]
 )

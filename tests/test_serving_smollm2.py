@@ -47,7 +47,10 @@ def test_lossless_and_calm_requests_together_equal_their_solo_runs(model, prompt
         client = OpenAI(base_url=base_url(server), api_key="none", max_retries=0)
         alone = ask(client, prompts[0])  # one live row: lossless drafts
         calm = alone.model_extra["calm"]
-        assert calm["speculative"]["cycles"] < alone.usage.completion_tokens, calm
+        spec = calm["speculative"]
+        assert spec["cycles"] < alone.usage.completion_tokens, calm
+        assert spec["drafted"] >= spec["accepted_drafts"] > 0, calm
+        assert spec["acceptance"] == pytest.approx(spec["accepted_drafts"] / spec["drafted"], abs=1e-3), calm
         assert "speculative" in calm["decoding"]
         assert alone.choices[0].message.content.strip() == solos[0].texts[0]
         streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, prompts[0], stream=True) if c.choices)

@@ -19,7 +19,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -66,6 +66,7 @@ class TokenEvent:
     tokens: tuple[int, ...]
     exit_layers: tuple[int, ...]
     finish_reason: str | None = None  # "stop" (EOS), "length" (its budget) or "cancelled"
+    drafted: int = 0  # drafts a speculative cycle verified for it (tokens - 1 of them were accepted)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,16 @@ class Drafter(Protocol):
 
     def cycle(
         self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
-    ) -> list[list[int]]: ...
+    ) -> Cycle: ...
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """What a speculative cycle committed per slot (empty for free slots): its accepted drafts and the full
+    model's next token, and how many drafts it verified."""
+
+    tokens: list[list[int]]
+    drafted: list[int]
 
 
 @dataclass
@@ -273,9 +283,14 @@ class Scheduler:
         self.batch.make_room(self.drafter.width)
         outputs = [row.tokens if row is not None else None for row in self.rows]
         budgets = [row.budget if row is not None else 0 for row in self.rows]
-        new = self.drafter.cycle(self.net, self.batch, self.pending, outputs, budgets)
+        cycle = self.drafter.cycle(self.net, self.batch, self.pending, outputs, budgets)
         self.stats.speculative_steps += 1
-        return [self._append(slot, new[slot], [self.net.num_layers] * len(new[slot])) for slot in live]
+        events = []
+        for slot in live:
+            new = cycle.tokens[slot]
+            event = self._append(slot, new, [self.net.num_layers] * len(new))
+            events.append(replace(event, drafted=cycle.drafted[slot]))
+        return events
 
     def _choose(self, out: StepOutput, at: dict[int, int]) -> dict[int, int]:
         """The next token of each slot in `at` (slot -> its row in out), by the slot's own sampling settings:

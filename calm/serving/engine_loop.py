@@ -36,13 +36,15 @@ class ShuttingDown(Exception):
 @dataclass(frozen=True)
 class Update:
     """What one step gave one request: new tokens, their exit layers, and why it ended (None: it goes on).
-    speculative: the tokens came from a speculative cycle. error: the request failed (finish_reason "error")."""
+    speculative: the tokens came from a speculative cycle, which verified `drafted` drafts for it. error: the
+    request failed (finish_reason "error")."""
 
     tokens: tuple[int, ...]
     exit_layers: tuple[int, ...]
     finish_reason: str | None = None
     speculative: bool = False
     error: str | None = None
+    drafted: int = 0
 
 
 @dataclass(eq=False)
@@ -191,7 +193,9 @@ class EngineLoop:
             if job is None:
                 continue
             # a request's first event is its prefill token, never drafted
-            update = Update(event.tokens, event.exit_layers, event.finish_reason, speculative and job.started)
+            update = Update(
+                event.tokens, event.exit_layers, event.finish_reason, speculative and job.started, drafted=event.drafted
+            )
             job.started = True
             if event.finish_reason is None:
                 job.send(update)

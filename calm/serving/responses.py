@@ -21,6 +21,7 @@ class Progress:
     exit_layers: list[int] = field(default_factory=list)
     cycles: int = 0  # speculative cycles that gave this request tokens
     cycle_tokens: int = 0
+    drafted: int = 0  # drafts those cycles verified for it
     finish_reason: str | None = None
 
     def record(self, update: Update, counted: int) -> None:
@@ -31,6 +32,7 @@ class Progress:
         if update.speculative and layers:
             self.cycles += 1
             self.cycle_tokens += len(layers)
+            self.drafted += update.drafted
 
     @property
     def completion_tokens(self) -> int:
@@ -53,10 +55,13 @@ class Progress:
             "num_layers": self.num_layers,
         }
         if self.cycles:  # each cycle gives the full model's next token and the drafts it accepted
+            accepted = self.cycle_tokens - self.cycles
             out["speculative"] = {
                 "cycles": self.cycles,
                 "tokens": self.cycle_tokens,
-                "accepted_drafts": self.cycle_tokens - self.cycles,
+                "drafted": self.drafted,
+                "accepted_drafts": accepted,
+                "acceptance": round(accepted / self.drafted, 3) if self.drafted else None,
                 "tokens_per_cycle": round(self.cycle_tokens / self.cycles, 3),
             }
         return out

@@ -16,6 +16,7 @@ import torch
 
 from calm.engine.decode import Network
 from calm.engine.sampling import SamplingConfig
+from calm.engine.scheduler import Cycle
 from calm.engine.slots import SlotBatch
 from calm.engine.speculative_stats import SpeculativeStats, Tally
 from calm.exits.policy import ExitPolicy
@@ -65,9 +66,9 @@ class LosslessDrafter:
 
     def cycle(
         self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
-    ) -> list[list[int]]:
+    ) -> Cycle:
         """One cycle over the live slots (outputs[b] not None; budgets[b] >= 1 tokens left). -> each slot's
-        committed tokens: its accepted drafts and the full model's next token (empty for free slots)."""
+        committed tokens (its accepted drafts and the full model's next token; empty for free slots) and drafts."""
         live_rows = [o is not None for o in outputs]
         rows = [o if o is not None else [] for o in outputs]
         live = torch.tensor(live_rows, device=pending.device)
@@ -88,7 +89,7 @@ class LosslessDrafter:
         if self.lookup is not None and d.layer == CONTEXT_DRAFT:
             self.lookup.verified([max(map(len, g), default=0) for g in guesses], [max(len(n) - 1, 0) for n in new])
         self.tally.add(d.counts, acc.count, live_rows, (drafted - start, time.perf_counter() - drafted), d.layer == 0)
-        return new
+        return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
 
     def _draft(
         self,
