@@ -3,7 +3,7 @@
 1. attention with every one of 8 slots running, rows of 100-1,100 tokens: one batched call over the shared
    columns (padding included: calm.engine.decode.per_row_attention's rule) against one call per row;
 2. a lossless speculative cycle with one live row, in a 1-slot and in an 8-slot batch (free slots should cost
-   nothing: calm.speculative.cycle attends for the live rows only).
+   nothing: a continuous batch computes for its live rows only), and with two live rows in an 8-slot batch.
 
 Usage: python benchmarks/bench_slots.py [--repeats 3] [--out benchmarks/results]
 """
@@ -53,12 +53,13 @@ def attention_step(model: CalmModel, ids: list[list[int]], one_by_one: bool) -> 
         decode.per_row_attention = rule
 
 
-def cycle_cost(model: CalmModel, ids: list[int], slots: int) -> float:
-    """CPU seconds per speculative cycle of one request alone in a batch of `slots`."""
+def cycle_cost(model: CalmModel, requests: list[list[int]], slots: int) -> float:
+    """CPU seconds per speculative cycle of the requests (one or two) in a batch of `slots`."""
     s = Scheduler(
         model.network, max_batch=slots, eos_token_ids=model.eos_token_ids, drafter=lossless_drafter(model, slots)
     )
-    s.add(Request(tuple(ids), 32))
+    for ids in requests:
+        s.add(Request(tuple(ids), 32))
     s._admit()
     start = time.process_time()
     while s.busy:
@@ -76,13 +77,14 @@ def main() -> None:
     eight = prompt_ids(model, 8, 8, None)
     short = prompt_ids(model, 0, args.repeats, 256)
     attention: dict[str, list] = {"batched": [], "one by one": []}
-    cycles: dict[str, list] = {"1 slot": [], "8 slots": []}
+    cycles: dict[str, list] = {"1 slot": [], "8 slots": [], "8 slots, 2 requests": []}
     load = os.getloadavg()[0]
     for rep in range(args.repeats):
         for name in attention:
             attention[name].append(attention_step(model, eight, name == "one by one"))
         for name, slots in (("1 slot", 1), ("8 slots", 8)):
-            cycles[name].append(cycle_cost(model, short[rep], slots))
+            cycles[name].append(cycle_cost(model, [short[rep]], slots))
+        cycles["8 slots, 2 requests"].append(cycle_cost(model, [short[rep], short[(rep + 1) % len(short)]], 8))
         print(f"repeat {rep + 1} done", file=sys.stderr, flush=True)
     report = {
         "machine": machine_info(command=" ".join(["python", *sys.argv])),
@@ -113,6 +115,9 @@ def markdown(r: dict) -> str:
         f"| in a 1-slot batch | {c['1 slot']:.3f} |",
         f"| in an 8-slot batch | {c['8 slots']:.3f} ({c['8 slots'] / c['1 slot']:.2f}×) |",
     ]
+    if "8 slots, 2 requests" in c:
+        two = c["8 slots, 2 requests"]
+        lines.append(f"| two requests in an 8-slot batch (cycles of both rows) | {two:.3f} ({two / c['1 slot']:.2f}×) |")
     return "\n".join(lines) + "\n"
 
 
