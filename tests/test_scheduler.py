@@ -146,6 +146,32 @@ def test_the_cache_moves_left_and_grows_as_requests_come_and_go(nets, monkeypatc
         assert together[i][0] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0]
 
 
+def test_moving_the_cache_copies_the_live_slots_only(nets, monkeypatch):
+    """Free slots' rows hold a marker; when the cache grows, the new cache gets none of it (only live rows are
+    copied), and the live rows stay exact."""
+    monkeypatch.setattr("calm.engine.scheduler.INITIAL_COLUMNS", 4)
+    net = nets["llama-mha-tied"]
+    scheduler = Scheduler(net, max_batch=4, eos_token_ids=(EOS,))
+    requests = [Request(tuple(p), 8) for p in prompts()[1:3]]
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    for r in requests:
+        scheduler.add(r)
+    grew, free = 0, [2, 3]  # the first step admits both requests into slots 0 and 1
+    while scheduler.busy:
+        cache = scheduler.batch.cache
+        with torch.inference_mode():  # the cache is made in inference mode
+            cache.k[:, free], cache.v[:, free] = 7.0, 7.0
+        for event in scheduler.step():
+            streamed[event.request_id] += event.tokens
+        if scheduler.batch.cache is not cache:
+            grew += 1
+            assert not (scheduler.batch.cache.k[:, free] == 7.0).any()
+        free = [slot for slot, row in enumerate(scheduler.rows) if row is None]
+    assert grew > 0
+    for i, r in enumerate(requests):
+        assert tuple(streamed[i]) == solo(net, list(r.ids), 8, ExitPolicy.never())[0], f"request {i}"
+
+
 def test_bad_requests_are_refused(nets):
     net = nets["llama-mha-tied"]
     with pytest.raises(InputError, match="at least one prompt token"):

@@ -3,9 +3,10 @@
 All slots share the write column (cache.length), as in a left-padded batch: a request that joins is
 prefilled alone, at its own length, straight into the slots length-T..length-1 of its cache row, so it
 looks like a row that was left-padded from the start and the decode step needs nothing new. No prompt
-token is padded or computed twice. A prompt longer than the columns written so far moves every row right
-first; when the columns run out, the batch moves left by the padding every live row has in common (the
-slots before the earliest first slot), and the cache grows only when that frees too little.
+token is padded or computed twice. A prompt longer than the columns written so far moves every live row
+right first; when the columns run out, the batch moves left by the padding every live row has in common (the
+slots before the earliest first slot), and the cache grows only when that frees too little. Moves copy the
+live rows only: a free slot's row holds nothing anyone reads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from calm.adapters.base import EncoderMemory
-from calm.engine.decode import DecodeState, Network, StepOutput, prefill
+from calm.engine.decode import DecodeState, Network, StepOutput, prefill, row_selector
 from calm.engine.kv_cache import KVCache
 
 GROW_FACTOR = 1.5  # a full cache grows to this many times the columns it needs
@@ -136,8 +137,7 @@ class SlotBatch:
 
     def _shift_left(self, shift: int) -> None:
         cache, n = self.cache, self.cache.length - shift
-        cache.k[:, :, :, :n] = cache.k[:, :, :, shift : shift + n].clone()
-        cache.v[:, :, :, :n] = cache.v[:, :, :, shift : shift + n].clone()
+        self._copy_live(cache, slice(shift, shift + n), cache, slice(0, n))
         cache.key_mask[:, :n] = cache.key_mask[:, shift : shift + n].clone()
         cache.key_mask[:, n:] = False
         cache.length = n
@@ -148,8 +148,7 @@ class SlotBatch:
         if n + shift > cache.max_slots:
             self._grow(int((n + shift) * GROW_FACTOR))
             cache = self.cache
-        cache.k[:, :, :, shift : shift + n] = cache.k[:, :, :, :n].clone()
-        cache.v[:, :, :, shift : shift + n] = cache.v[:, :, :, :n].clone()
+        self._copy_live(cache, slice(0, n), cache, slice(shift, shift + n))
         cache.key_mask[:, shift : shift + n] = cache.key_mask[:, :n].clone()
         cache.key_mask[:, :shift] = False
         cache.length = n + shift
@@ -160,11 +159,20 @@ class SlotBatch:
         layers, slots, heads, _, dim = old.k.shape
         new = KVCache.allocate(layers, slots, heads, columns, dim, old.k.dtype, old.k.device)
         n = old.length
-        new.k[:, :, :, :n] = old.k[:, :, :, :n]
-        new.v[:, :, :, :n] = old.v[:, :, :, :n]
+        self._copy_live(old, slice(0, n), new, slice(0, n))
         new.key_mask[:, :n] = old.key_mask[:, :n]
         new.length = n
         self.state.cache = new
+
+    def _copy_live(self, source: KVCache, columns: slice, target: KVCache, to: slice) -> None:
+        """K/V of the live slots' cache rows at `columns` of source into `to` of target: a free slot's row holds
+        nothing anyone reads, so moving the cache costs what its requests hold, not what the batch could."""
+        rows = [b for b, used in enumerate(self.live) if used]
+        if not rows:
+            return
+        sel = row_selector(torch.tensor(rows))
+        for src, dst in ((source.k, target.k), (source.v, target.v)):
+            dst[:, sel, :, to] = src[:, sel, :, columns].clone()
 
     def _set_first(self, slot: int, first: int) -> None:
         firsts = list(self.state.first_slots)
