@@ -117,7 +117,7 @@ def markdown(r: dict) -> str:
     ]
     if "8 slots, 2 requests" in c:
         two = c["8 slots, 2 requests"]
-        lines.append(f"| two requests in an 8-slot batch (cycles of both rows) | {two:.3f} ({two / c['1 slot']:.2f}×) |")
+        lines.append(f"| two requests in an 8-slot batch (both rows) | {two:.3f} ({two / c['1 slot']:.2f}×) |")
     return "\n".join(lines) + "\n"
 
 
