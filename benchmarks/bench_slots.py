@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 
+import torch
+
 import calm
 import calm.engine.decode as decode
 from calm import CalmModel
@@ -34,6 +36,7 @@ def prompt_ids(model: CalmModel, first: int, count: int, max_doc_tokens: int | N
     return [model.encode_prompts([p.text], 32).ids[0].tolist() for p in prompts]
 
 
+@torch.inference_mode()  # _admit is called directly (Scheduler.step runs in inference mode itself)
 def attention_step(model: CalmModel, ids: list[list[int]], one_by_one: bool) -> tuple[float, int, int]:
     """CPU seconds per decode step with all 8 slots running (up to 24 steps), attended and real keys."""
     rule = decode.per_row_attention
@@ -53,6 +56,7 @@ def attention_step(model: CalmModel, ids: list[list[int]], one_by_one: bool) -> 
         decode.per_row_attention = rule
 
 
+@torch.inference_mode()
 def cycle_cost(model: CalmModel, requests: list[list[int]], slots: int) -> float:
     """CPU seconds per speculative cycle of the requests (one or two) in a batch of `slots`."""
     s = Scheduler(
