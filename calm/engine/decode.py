@@ -276,8 +276,9 @@ def per_row_attention(state: DecodeState, live: int) -> bool:
     """Whether a step's `live` running rows attend each alone over its own slots: up to PER_ROW_MAX_ROWS rows, in
     a cache without holes, where some row is not running. With every row running, one batched call reads a
     continuous batch's padding too (2.4x the real keys on 8 SmolLM2 rows of 100-1,100 tokens); whether one call
-    per row pays then is not settled: benchmarks/results/slots_smollm2.md measured it 1.13x faster at low load,
-    an earlier run under heavy load 1.17x slower, so the rule stays the engine's old one."""
+    per row pays then is not settled: benchmarks/results/slots_smollm2.md measured it 1.16x faster at low load (a
+    run before, 1.13x), an earlier run under heavy load 1.17x slower, and a static batch of equal lengths has no
+    padding to skip, so the rule stays the engine's old one."""
     return live <= PER_ROW_MAX_ROWS and not state.holes and live < len(state.first_slots)
 
 
