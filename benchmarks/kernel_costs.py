@@ -26,14 +26,12 @@ import torch
 
 import calm
 from calm import CalmModel
-from calm.engine.decode import ExitPlan, decode_one_token, forward_layers, prefill
+from calm.engine.decode import NO_EXITS, decode_one_token, forward_layers, prefill
 from calm.engine.generation import PromptBatch, _start
 from calm.engine.kernels import only_slots, packed_linears
 from calm.engine.quantized import QuantBlocks, QuantizedLinear
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.speculative.verification import slot_context
-
-FULL = ExitPlan(measure="softmax", allowed=frozenset())
 
 
 def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -76,7 +74,7 @@ def verification(model: CalmModel, repeats: int) -> dict[str, float]:
         end, positions = state.cache.length, state.positions.clone()
 
         def plain() -> None:
-            decode_one_token(net, FULL, torch.tensor([5]), state, math.inf, torch.tensor([0]))
+            decode_one_token(net, NO_EXITS, torch.tensor([5]), state, math.inf, torch.tensor([0]))
             state.cache.length, state.positions = end, positions.clone()
 
         def verify(width: int) -> Callable[[], None]:

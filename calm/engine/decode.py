@@ -98,6 +98,9 @@ class ExitPlan:
         return cls(measure=policy.measure, allowed=allowed)
 
 
+NO_EXITS = ExitPlan(measure="softmax", allowed=frozenset())  # a step at full depth: no row may exit
+
+
 @dataclass
 class DecodeState:
     """What one decode step reads and advances, besides the tokens themselves."""

@@ -19,12 +19,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from calm.engine.decode import ExitPlan, Network, StepOutput, decode_one_token, per_row_attention
+from calm.engine.decode import NO_EXITS, ExitPlan, Network, StepOutput, decode_one_token, per_row_attention
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.sampling import SamplingConfig
 from calm.engine.slots import SlotBatch
@@ -271,7 +271,7 @@ class Scheduler:
             policy = row.request.policy
             if not policy.never_exits:
                 thresholds[slot] = policy.threshold_at(len(row.tokens), row.request.max_new_tokens)
-        plan = self.plan or ExitPlan(measure="softmax", allowed=frozenset())
+        plan = self.plan or NO_EXITS
         out = decode_one_token(self.net, plan, self.pending, self.batch.state, thresholds, rows)
         self.stats.decode_steps += 1
         chosen = self._choose(out, {slot: slot for slot in live})
@@ -285,12 +285,11 @@ class Scheduler:
         budgets = [row.budget if row is not None else 0 for row in self.rows]
         cycle = self.drafter.cycle(self.net, self.batch, self.pending, outputs, budgets)
         self.stats.speculative_steps += 1
-        events = []
-        for slot in live:
-            new = cycle.tokens[slot]
-            event = self._append(slot, new, [self.net.num_layers] * len(new))
-            events.append(replace(event, drafted=cycle.drafted[slot]))
-        return events
+        full = self.net.num_layers
+        return [
+            self._append(slot, cycle.tokens[slot], [full] * len(cycle.tokens[slot]), cycle.drafted[slot])
+            for slot in live
+        ]
 
     def _choose(self, out: StepOutput, at: dict[int, int]) -> dict[int, int]:
         """The next token of each slot in `at` (slot -> its row in out), by the slot's own sampling settings:
@@ -312,8 +311,9 @@ class Scheduler:
             raise RuntimeError(f"slot {slot} holds no request")
         return row
 
-    def _append(self, slot: int, tokens: list[int], exits: list[int]) -> TokenEvent:
-        """Commit a row's new tokens up to its first EOS and its budget; free its slot when it ends."""
+    def _append(self, slot: int, tokens: list[int], exits: list[int], drafted: int = 0) -> TokenEvent:
+        """Commit a row's new tokens up to its first EOS and its budget; free its slot when it ends. drafted: the
+        drafts a speculative cycle verified for it."""
         row = self._row(slot)
         kept, reason = [], None
         for token in tokens:
@@ -332,7 +332,7 @@ class Scheduler:
             self.pending[slot] = kept[-1]
         if reason is not None:
             self._finish(slot, reason)
-        return TokenEvent(row.request_id, tuple(kept), tuple(exits[: len(kept)]), reason)
+        return TokenEvent(row.request_id, tuple(kept), tuple(exits[: len(kept)]), reason, drafted)
 
     def _finish(self, slot: int, reason: str) -> None:
         row = self._row(slot)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from calm.engine.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
+from calm.engine.decode import NO_EXITS, DecodeState, Network, decode_one_token, prefill
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
 from calm.engine.kernels import packed_linears
 from calm.engine.speculative_stats import SpeculativeStats, Tally
@@ -38,9 +38,6 @@ def generate_speculative(
     exactly; sampling: in distribution). policy's measure and λ (fixed, no decay) control draft length."""
     with packed_linears(net.adapter.model, config.kernels):
         return _speculative_loop(net, prompts, policy, config, spec)
-
-
-FULL_DEPTH = ExitPlan(measure="softmax", allowed=frozenset())  # a plain step: no row exits
 
 
 def _speculative_loop(
@@ -177,7 +174,7 @@ class _Loop:
         """The full model's greedy decode step, where no row drafts: it costs less than verifying one slot (no
         drafted columns, no mask of holes to build where none were left)."""
         rows = live.nonzero()[:, 0]
-        following = decode_one_token(self.net, FULL_DEPTH, pending, state, math.inf, rows).tokens(
+        following = decode_one_token(self.net, NO_EXITS, pending, state, math.inf, rows).tokens(
             self.net, rows, self.config.sampling, None
         )
         for b, token in enumerate(following.tolist()):
