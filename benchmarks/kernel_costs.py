@@ -5,7 +5,9 @@
 2. a speculative verification of 1-4 positions from the embeddings against one plain decode step, at full depth,
    after a 256-token XSum prompt (what decides whether drafts pay: on the AMD EPYC of speculative_smollm2.md 3-5
    positions cost 0.94-0.97x one);
-3. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native
+3. the LM head's greedy argmax at 1, 2, 4 and 8 rows (calm.engine.lm_head): its bfloat16 copy and the packed float32
+   head, what certifying costs scored either way, and what calm runs;
+4. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native
    weights) against a float32 dequantise-and-dot that torch.compile fuses into one kernel per linear (exact to
    float32 rounding, unlike the int4 kernel's bfloat16).
 
@@ -28,7 +30,7 @@ import calm
 from calm import CalmModel
 from calm.engine.decode import NO_EXITS, decode_one_token, forward_layers, prefill
 from calm.engine.generation import PromptBatch, _start
-from calm.engine.kernels import only_slots, packed_linears
+from calm.engine.kernels import linear, only_slots, packed_linears
 from calm.engine.quantized import QuantBlocks, QuantizedLinear
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.speculative.verification import slot_context
@@ -73,8 +75,9 @@ def verification(model: CalmModel, repeats: int) -> dict[str, float]:
         prefill(net, first, state)
         end, positions = state.cache.length, state.positions.clone()
 
-        def plain() -> None:
-            decode_one_token(net, NO_EXITS, torch.tensor([5]), state, math.inf, torch.tensor([0]))
+        def plain() -> None:  # the step and its token, as the verification below scores its positions' tokens
+            step = decode_one_token(net, NO_EXITS, torch.tensor([5]), state, math.inf, torch.tensor([0]))
+            net.greedy_tokens(step.hidden, step.exit_layers)
             state.cache.length, state.positions = end, positions.clone()
 
         def verify(width: int) -> Callable[[], None]:
@@ -90,7 +93,23 @@ def verification(model: CalmModel, repeats: int) -> dict[str, float]:
 
             return run
 
-        return medians({"plain decode step": plain, **{f"verify {w}": verify(w) for w in (1, 2, 3, 4)}}, repeats)
+        widths = (1, 2, 3, 4, 6, 8)
+        return medians({"plain decode step": plain, **{f"verify {w}": verify(w) for w in widths}}, repeats)
+
+
+def lm_head(model: CalmModel, repeats: int) -> dict[str, float]:
+    net = model.network
+    argmax, weight = net.argmax, net.adapter.head_module.weight.detach()
+    if argmax is None or argmax.weight is None:
+        raise SystemExit("the model's LM head has no certified float32 argmax")
+    fns: dict[str, Callable[[], object]] = {}
+    with packed_linears(net.adapter.model, "auto"):
+        for rows in (1, 2, 4, 8):
+            x = torch.randn(rows, weight.shape[1])
+            fns[f"bfloat16 copy, {rows} rows"] = lambda x=x: linear(x.bfloat16(), argmax.low)
+            fns[f"float32 packed, {rows} rows"] = lambda x=x: linear(x, weight)
+            fns[f"certified argmax, {rows} rows"] = lambda x=x: argmax(x)
+        return medians(fns, repeats)
 
 
 def q4_1_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -150,8 +169,13 @@ def markdown(r: dict) -> str:
         cells = [f"{1000 * lin[f'{name}, {n} rows']:.1f} ms" for n in (1, 2, 4, 8)]
         lines.append(f"| {name}{' (packed for 4 rows: calm)' if name == 'oneDNN' else ''} | {' | '.join(cells)} |")
     plain = ver["plain decode step"]
-    lines += ["", "| full depth after a 256-token prompt | ms | vs the plain step |", "|---|---|---|"]
+    lines += ["", "| full depth after a 256-token prompt, with its tokens | ms | vs the plain step |", "|---|---|---|"]
     lines += [f"| {k} | {1000 * v:.1f} | {v / plain:.2f}× |" for k, v in ver.items()]
+    head = r["lm_head_s"]
+    lines += ["", "| the LM head (49152 x 576) | 1 row | 2 rows | 4 rows | 8 rows |", "|---|---|---|---|---|"]
+    for name in ("bfloat16 copy", "float32 packed", "certified argmax"):
+        cells = [f"{1000 * head[name + f', {n} rows']:.1f} ms" for n in (1, 2, 4, 8)]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "| the 210 linear shapes on random Q4_1 blocks, 1 row | ms |", "|---|---|"]
     lines += [f"| {k} | {1000 * v:.1f} |" for k, v in nat["seconds"].items()]
     lines += [
@@ -178,6 +202,7 @@ def main() -> None:
             "machine": machine_info(command=" ".join(["python", *sys.argv])),
             "linears_s": linears(model, args.repeats),
             "verification_s": verification(model, args.repeats),
+            "lm_head_s": lm_head(model, args.repeats),
             "native_s": native(model, args.repeats),
         }
     report["load"] = [load, os.getloadavg()[0]]

@@ -27,3 +27,40 @@ def test_only_plain_float32_linear_heads_get_one():
     assert CertifiedArgmax.for_head(torch.nn.Linear(8, 16, bias=False)) is not None
     assert CertifiedArgmax.for_head(torch.nn.Linear(8, 16, bias=True)) is None
     assert CertifiedArgmax.for_head(torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)) is None
+
+
+def _near_tied(rows: int, gap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    weight, x = torch.randn(3000, 64, generator=g), torch.randn(rows, 64, generator=g)
+    for row in range(rows):
+        best = int((x[row] @ weight.T).argmax())
+        weight[(best + 7) % 3000] = weight[best] + gap * x[row] / x[row].norm()
+    return weight, x
+
+
+def test_several_rows_are_scored_by_the_packed_float32_head_and_one_row_by_bfloat16(monkeypatch):
+    from calm.engine import kernels, lm_head
+
+    head = torch.nn.Linear(64, 3000, bias=False)
+    head.weight.data, x = _near_tied(4, 1e-4)
+    argmax = CertifiedArgmax(head.weight)
+    dtypes = []
+    monkeypatch.setattr(lm_head, "linear", lambda a, w: dtypes.append(w.dtype) or kernels.linear(a, w))
+    with torch.inference_mode(), kernels.packed_linears(head):
+        together = argmax(x)
+        alone = torch.cat([argmax(x[i : i + 1]) for i in range(4)])
+    if kernels.onednn_available():
+        assert dtypes == [torch.float32] + [torch.bfloat16] * 4
+    assert torch.equal(together, alone)
+    assert torch.equal(together, (x @ head.weight.T).argmax(1))
+
+
+def test_float32_scores_settle_ties_closer_than_float32_rounding_by_recomputing_them():
+    head = torch.nn.Linear(64, 3000, bias=False)
+    head.weight.data, x = _near_tied(4, 1e-6)
+    from calm.engine.kernels import packed_linears
+
+    with torch.inference_mode(), packed_linears(head):
+        together = CertifiedArgmax(head.weight)(x)
+    alone = torch.cat([CertifiedArgmax(head.weight)(x[i : i + 1]) for i in range(4)])
+    assert torch.equal(together, alone)
