@@ -368,13 +368,3 @@ def test_a_tree_keeps_its_masked_slots_inside_the_position_table():
         [10, 11, 12, 11, 12, 10, 10, 10, 10],
         [4, 5, 6, 7, 8, 5, 6, 7, 8],
     ]
-
-
-def test_each_rows_lookup_says_how_long_a_suffix_it_matched():
-    lookup = BatchLookup([[1, 2, 3, 4, 9, 2, 3, 4], [5, 6]], max_draft=2)
-    assert lookup.candidates([[], []], [2, 2], 1) == [[[9, 2]], []]
-    assert lookup.matched == [3, 0]  # row 0's last 3 tokens (2 3 4) occurred before; row 1 has nothing
-    lookup.candidates([[7], []], [2, 0], 1)
-    assert lookup.matched == [0, 0]  # 7 never occurred; a row without budget looks nothing up
-    lookup.reset(0, [1, 1])
-    assert lookup.matched[0] == 0

@@ -9,12 +9,8 @@ expected tokens committed per step over the step's cost:
 
 (a draft must beat the plain step by GAIN_MARGIN, 2%: smaller expected gains are within timing noise)
 with α the row's own recent acceptance of a drafted token (an exponential moving average over the
-tokens it verified: each kept draft is a success, the first rejected one a failure), kept apart for each
-length of the suffix its lookup matched (calm.speculative.lookup): a draft that continues a 4-gram seen before
-is a copy far more often than one that continues a single token (replaying the embedded model's greedy summaries
-of 40 XSum calib documents: the first drafted token was kept at 24% of 1-token matches, 51% of 2-, 62% of 3- and
-80% of 4-token matches), so one average would stop a row's copies with its guesses. d = 0 is a plain step,
-goodput 1 / cost(1): a row whose drafts are below break-even stops drafting.
+tokens it verified: each kept draft is a success, the first rejected one a failure). d = 0 is a plain
+step, goodput 1 / cost(1): a row whose drafts are below break-even stops drafting.
 
 Restart: a row that does not draft still looks its context up, and whether the lookup's first token
 matches the token the full model then commits updates its α at no model cost ("shadow" acceptance). Once
@@ -36,8 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from calm.speculative.lookup import LOOKUP_MAX_NGRAM
-
 ALPHA_PRIOR = 0.4  # a row's acceptance before it has verified anything: drafting starts on
 ALPHA_RATE = 0.25  # weight of each new verified token in the moving average
 COST_RATE = 0.2  # weight of each new step time in the moving average of its kind
@@ -56,14 +50,13 @@ class RowPlan:
     context: int = 0
     layer: bool = False
     shadow: bool = False
-    matched: int = 0  # the suffix length its lookup matched: which of its acceptances the step informs
 
 
 class GoodputGate:
     """Per-row acceptance, the run's measured step costs, and each row's goodput-maximising draft."""
 
     def __init__(self, rows: int, draft_fraction: float) -> None:
-        self.alpha = [[ALPHA_PRIOR] * (LOOKUP_MAX_NGRAM + 1) for _ in range(rows)]  # [row][matched suffix length]
+        self.alpha = [ALPHA_PRIOR] * rows
         self.layer_gain = [LAYER_GAIN_PRIOR] * rows
         self.plain_steps = [0] * rows  # plain steps since the row's last layer-E step
         self.draft_fraction = draft_fraction  # E / L: a layer-E draft's share of a plain step
@@ -109,18 +102,16 @@ class GoodputGate:
         self.seconds[key] = seconds if old is None else old + COST_RATE * (seconds - old)
 
     # ---- decisions ------------------------------------------------------------------------------
-    def expected_tokens(self, b: int, drafted: int, matched: int) -> float:
-        """Tokens a step commits for row b with `drafted` tokens looked up after a `matched`-token suffix:
-        1 + α + … + α^drafted."""
-        a = self.alpha[b][matched]
+    def expected_tokens(self, b: int, drafted: int) -> float:
+        """Tokens a step commits for row b with `drafted` looked-up tokens: 1 + α + … + α^drafted."""
+        a = self.alpha[b]
         return 1.0 + sum(a**i for i in range(1, drafted + 1))
 
-    def context_length(self, b: int, found: int, matched: int) -> int:
-        """How many of the `found` tokens looked up after a `matched`-token suffix row b drafts: the
-        goodput-maximising count (0: none)."""
+    def context_length(self, b: int, found: int) -> int:
+        """How many of the `found` looked-up tokens row b drafts: the goodput-maximising count (0: none)."""
         best, best_goodput = 0, 1.0 + GAIN_MARGIN  # a plain step: one token per plain step, and the margin
         for d in range(1, found + 1):
-            goodput = self.expected_tokens(b, d, matched) / self.cost(CONTEXT, d + 1)
+            goodput = self.expected_tokens(b, d) / self.cost(CONTEXT, d + 1)
             if goodput > best_goodput:
                 best, best_goodput = d, goodput
         return best
@@ -132,31 +123,30 @@ class GoodputGate:
             return True
         return self.layer_gain[b] / self.cost(LAYER) > 1.0 + GAIN_MARGIN
 
-    def plan(self, b: int, found: list[int], layer_source: bool, matched: int = 0) -> RowPlan:
-        """Row b's step, from the lengths of its looked-up candidates (found), the suffix length they continue
-        (matched) and whether drafts from layer E are the fallback."""
+    def plan(self, b: int, found: list[int], layer_source: bool) -> RowPlan:
+        """Row b's step, from the lengths of its looked-up candidates (found) and whether drafts from layer E
+        are the fallback."""
         longest = max(found, default=0)
-        context = self.context_length(b, longest, matched) if longest else 0
+        context = self.context_length(b, longest) if longest else 0
         if context:
-            return RowPlan(context=context, matched=matched)
+            return RowPlan(context=context)
         layer = layer_source and self.layer_pays(b)
         if not layer and (longest or layer_source):
             self.off += 1
-        return RowPlan(layer=layer, shadow=longest > 0, matched=matched)
+        return RowPlan(layer=layer, shadow=longest > 0)
 
     # ---- what verification found --------------------------------------------------------------
-    def verified(self, b: int, drafted: int, kept: int, matched: int = 0) -> None:
-        """Row b drafted `drafted` tokens looked up after a `matched`-token suffix and the full model kept
-        `kept`: kept successes, then one failure where it rejected one."""
+    def verified(self, b: int, drafted: int, kept: int) -> None:
+        """Row b drafted `drafted` looked-up tokens and the full model kept `kept`: kept successes, then one
+        failure where it rejected one."""
         for _ in range(kept):
-            self._trial(b, matched, 1.0)
+            self._trial(b, 1.0)
         if kept < drafted:
-            self._trial(b, matched, 0.0)
+            self._trial(b, 0.0)
 
-    def shadow(self, b: int, hit: bool, matched: int = 0) -> None:
-        """Row b did not draft; its lookup after a `matched`-token suffix named (hit) or did not name the token
-        the full model committed."""
-        self._trial(b, matched, 1.0 if hit else 0.0)
+    def shadow(self, b: int, matched: bool) -> None:
+        """Row b did not draft; its lookup's first token was (or was not) the token the full model committed."""
+        self._trial(b, 1.0 if matched else 0.0)
 
     def layer_step(self, b: int, committed: int) -> None:
         """Row b drafted from layer E and the step committed `committed` tokens."""
@@ -166,22 +156,18 @@ class GoodputGate:
     def plain_step(self, b: int) -> None:
         self.plain_steps[b] += 1
 
-    def _trial(self, b: int, matched: int, outcome: float) -> None:
-        self.alpha[b][matched] += ALPHA_RATE * (outcome - self.alpha[b][matched])
+    def _trial(self, b: int, outcome: float) -> None:
+        self.alpha[b] += ALPHA_RATE * (outcome - self.alpha[b])
 
 
 def gate_step(
-    gate: GoodputGate, guesses: list[list[list[int]]], live: list[bool], layer_source: bool, matched: list[int]
+    gate: GoodputGate, guesses: list[list[list[int]]], live: list[bool], layer_source: bool
 ) -> tuple[list[list[list[int]]], list[RowPlan]]:
-    """Each live row's plan for this step, and its looked-up candidates (continuing suffixes of matched[b]
-    tokens) cut to what it drafts (none where its goodput says a plain step or a layer-E draft pays more)."""
+    """Each live row's plan for this step, and its looked-up candidates cut to what it drafts (none where
+    its goodput says a plain step or a layer-E draft pays more)."""
     rows = len(live)
     guesses = guesses or [[] for _ in range(rows)]
-    matched = matched or [0] * rows
-    plans = [
-        gate.plan(b, [len(c) for c in guesses[b]], layer_source, matched[b]) if live[b] else RowPlan()
-        for b in range(rows)
-    ]
+    plans = [gate.plan(b, [len(c) for c in guesses[b]], layer_source) if live[b] else RowPlan() for b in range(rows)]
     cut = [[c[: p.context] for c in row] if p.context else [] for row, p in zip(guesses, plans)]
     return cut, plans
 
@@ -201,10 +187,10 @@ def gate_verified(
         if first_committed[b] is None:
             continue
         if plan.context:
-            gate.verified(b, drafted[b], kept[b], plan.matched)
+            gate.verified(b, drafted[b], kept[b])
         elif plan.layer and kind == LAYER:
             gate.layer_step(b, kept[b] + 1)
         else:
             gate.plain_step(b)
         if plan.shadow and looked_up[b] and looked_up[b][0]:
-            gate.shadow(b, any(c and c[0] == first_committed[b] for c in looked_up[b]), plan.matched)
+            gate.shadow(b, any(c and c[0] == first_committed[b] for c in looked_up[b]))

@@ -30,7 +30,6 @@ class NgramIndex:
     def __init__(self, tokens: list[int], max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.tokens: list[int] = []
-        self.matched = 0  # the suffix length the last `candidates` call found (0: none occurred before)
         # n-gram -> {following token: index of its latest occurrence after the n-gram}, oldest first
         self.followers: dict[tuple[int, ...], dict[int, int]] = {}
         self.extend(tokens)
@@ -52,14 +51,12 @@ class NgramIndex:
 
     def candidates(self, max_draft: int, count: int) -> list[list[int]]:
         """Up to `count` continuations of the longest suffix (max_ngram down to min_ngram) that occurred
-        before, each from the latest occurrence followed by a different token, most recent first. Sets `matched`."""
+        before, each from the latest occurrence followed by a different token, most recent first."""
         for n in range(min(self.max_ngram, len(self.tokens) - 1), self.min_ngram - 1, -1):
             seen = self.followers.get(tuple(self.tokens[-n:]))
             if seen:
-                self.matched = n
                 starts = islice(reversed(seen.values()), count)  # the latest first
                 return [self.tokens[at : at + max_draft] for at in starts]
-        self.matched = 0
         return []
 
 
@@ -73,14 +70,12 @@ class BatchLookup:
         self.indexed = [0] * len(prompts)  # output tokens each index holds
         self.max_draft, self.adaptive = max_draft, adaptive
         self.lengths = [max_draft] * len(prompts)  # each row's current draft length
-        self.matched = [0] * len(prompts)  # the suffix length each row's last lookup matched (0: none or no lookup)
 
     def reset(self, row: int, prompt: list[int]) -> None:
         """A new request took row `row` (a continuous batch's slot): index its prompt, from the full draft length."""
         self.indexes[row] = NgramIndex(prompt)
         self.indexed[row] = 0
         self.lengths[row] = self.max_draft
-        self.matched[row] = 0
 
     def drafts(self, outputs: list[list[int]], limits: list[int]) -> list[list[int]]:
         """Each row's drafts, at most min(its draft length, limits[b]) tokens (0: none), from its prompt
@@ -94,9 +89,7 @@ class BatchLookup:
             index.extend(output[self.indexed[b] :])
             self.indexed[b] = len(output)
         caps = [min(n, length) for n, length in zip(limits, self.lengths)]
-        found = [index.candidates(n, count) if n > 0 else [] for index, n in zip(self.indexes, caps)]
-        self.matched = [index.matched if n > 0 else 0 for index, n in zip(self.indexes, caps)]
-        return found
+        return [index.candidates(n, count) if n > 0 else [] for index, n in zip(self.indexes, caps)]
 
     def verified(self, drafted: list[int], kept: list[int]) -> None:
         """Adapt each row's draft length to its last verification: drafted[b] tokens, kept[b] of them."""

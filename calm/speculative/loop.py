@@ -139,8 +139,7 @@ class _Loop:
         looked_up = lookup_guesses(spec, lookup, out, live_rows, budget_left, self.candidates) if lookup else []
         guesses, plans = looked_up, [RowPlan(layer=True) for _ in out]
         if gate is not None:
-            matched = lookup.matched if lookup else []
-            guesses, plans = gate_step(gate, looked_up, live_rows, not spec.from_context, matched)
+            guesses, plans = gate_step(gate, looked_up, live_rows, layer_source=not spec.from_context)
         if spec.from_context or any(guesses) or not any(p.layer for p in plans):
             kind = CONTEXT if any(guesses) else PLAIN
             empty = guesses if any(guesses) else [[] for _ in out]
