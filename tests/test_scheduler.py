@@ -16,6 +16,7 @@ from calm.errors import InputError, PolicyError
 from calm.exits.policy import ExitPolicy
 from calm.speculative.cycle import LosslessDrafter
 from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
+from calm.speculative.goodput import ALPHA_PRIOR, LAYER_GAIN_PRIOR
 from test_parity import EOS, PAD, VARIANTS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,6 +216,37 @@ def test_speculative_cycles_while_few_rows_are_live_keep_every_row_exact(nets, n
     assert drafter.stats().drafted > 0
     for i, r in enumerate(requests):
         assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-untied-bias-rope-scaled", "gpt2-tied"])
+@pytest.mark.parametrize(
+    "spec",
+    [SpeculativeConfig(0, 3, goodput=True), SpeculativeConfig(1, 2, lookup=True, goodput=True)],
+    ids=["context", "hybrid"],
+)
+def test_served_rows_whose_drafts_do_not_pay_run_the_plain_step_and_stay_exact(nets, name, spec, monkeypatch):
+    """Lossless mode's goodput gate in a continuous batch: rows start with drafting off (a prior acceptance of 0),
+    so cycles are handed back and the scheduler runs the full model's plain step, until a row's lookups name
+    the committed tokens; rows joining start from the priors again. Every row is still its solo run."""
+    monkeypatch.setattr("calm.speculative.goodput.ALPHA_PRIOR", 0.0)
+    net = nets[name]
+    repetitive = [p + p[:4] + p for p in prompts()]
+    requests = [Request(tuple(p), n + 3) for p, n in zip(repetitive, BUDGETS)]
+    drafter = LosslessDrafter(net, spec, ALWAYS_DRAFT, slots=3, most_rows=3)
+    scheduler = Scheduler(net, max_batch=3, eos_token_ids=(EOS,), drafter=drafter)
+    together = {f.request_id: f.token_ids for f in scheduler.run(requests)}
+    assert drafter.gate is not None and drafter.stats().drafting_off > 0
+    assert scheduler.stats.decode_steps > 0 and "plain" in {kind for kind, _ in drafter.gate.seconds}
+    for i, r in enumerate(requests):
+        assert together[i] == solo(net, list(r.ids), r.max_new_tokens, ExitPolicy.never())[0], f"request {i}"
+
+
+def test_a_request_joining_a_slot_starts_from_the_gates_priors(nets):
+    drafter = LosslessDrafter(nets["gpt2-tied"], SpeculativeConfig(0, 3, goodput=True), ALWAYS_DRAFT, 2, 2)
+    assert drafter.gate is not None
+    drafter.gate.alpha[1], drafter.gate.layer_gain[1] = 0.0, 3.0
+    drafter.joined(1, [5, 6, 7])
+    assert drafter.gate.alpha == [ALPHA_PRIOR] * 2 and drafter.gate.layer_gain == [LAYER_GAIN_PRIOR] * 2
 
 
 def test_events_say_how_many_drafts_each_request_had_verified(nets):

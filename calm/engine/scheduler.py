@@ -114,7 +114,9 @@ class Drafter(Protocol):
 
     def cycle(
         self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
-    ) -> Cycle: ...
+    ) -> Cycle | None: ...  # None: no live row drafts this step; the scheduler runs the plain step and calls plain
+
+    def plain(self, committed: list[int | None], seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -284,12 +286,25 @@ class Scheduler:
         outputs = [row.tokens if row is not None else None for row in self.rows]
         budgets = [row.budget if row is not None else 0 for row in self.rows]
         cycle = self.drafter.cycle(self.net, self.batch, self.pending, outputs, budgets)
+        if cycle is None:
+            return self._undrafted_step(live)
         self.stats.speculative_steps += 1
         full = self.net.num_layers
         return [
             self._append(slot, cycle.tokens[slot], [full] * len(cycle.tokens[slot]), cycle.drafted[slot])
             for slot in live
         ]
+
+    def _undrafted_step(self, live: list[int]) -> list[TokenEvent]:
+        """The full model's plain step where the drafter's goodput gate turned every live row's drafting off."""
+        assert self.drafter is not None
+        cpu = time.process_time()
+        events = self._decode_step(live)
+        committed: list[int | None] = [None] * len(self.rows)
+        for slot, event in zip(live, events):
+            committed[slot] = event.tokens[0]
+        self.drafter.plain(committed, time.process_time() - cpu)
+        return events
 
     def _choose(self, out: StepOutput, at: dict[int, int]) -> dict[int, int]:
         """The next token of each slot in `at` (slot -> its row in out), by the slot's own sampling settings:

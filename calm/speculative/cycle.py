@@ -6,11 +6,17 @@ LARGE_BATCH_FROM rows), as vLLM turns speculation off under load. A cycle is the
 calm.speculative.drafting (draft from the context or layer E, verify with the full model, accept, roll back) run
 over the batch's slots: each row's drafts are looked up in its own prompt and output, and a row that
 joins gets a fresh index.
+
+In lossless mode each slot drafts only where its goodput says drafting pays (calm.speculative.goodput, as in
+generate_speculative): a cycle where no live row drafts is handed back (None), the scheduler runs the full
+model's plain decode step, and tells the drafter what it committed and cost (`plain`). A request that joins
+starts from the gate's priors.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -30,6 +36,7 @@ from calm.speculative.drafting import (
     lookup_guesses,
     tree_candidates,
 )
+from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
 from calm.speculative.lossless import LOSSLESS, MeasuredModel, drafts_description, resolve_mode
 from calm.speculative.verification import Draft, accept_greedy, rollback, verify
@@ -47,6 +54,8 @@ class LosslessDrafter:
         self.width = default_cache_slots(0, spec)  # one cycle's columns
         self.lookup = BatchLookup([[] for _ in range(slots)], spec.max_draft, spec.adaptive) if spec.looks_up else None
         self.tally = Tally()
+        self.gate = GoodputGate(slots, spec.draft_layer / net.num_layers) if spec.goodput else None
+        self._undrafted: tuple[list[RowPlan], list[list[list[int]]]] | None = None  # a cycle handed back: its plans
         # a sliding window masks by slot distance, which rejected drafts' holes would stretch: such models draft
         # alone (generate_speculative), and in a continuous batch run the full model's step
         self.windowed = getattr(net.adapter, "window", None) is not None
@@ -57,26 +66,35 @@ class LosslessDrafter:
     def joined(self, slot: int, prompt: list[int]) -> None:
         if self.lookup is not None:
             self.lookup.reset(slot, prompt)
+        if self.gate is not None:
+            self.gate.reset(slot)
 
     def describe(self) -> str:
         return f"speculative ({drafts_description(self.spec, self.policy)})"
 
     def stats(self) -> SpeculativeStats:
-        return self.tally.stats(self.spec.draft_layer, self.spec.max_draft)
+        stats = self.tally.stats(self.spec.draft_layer, self.spec.max_draft)
+        return stats if self.gate is None else replace(stats, drafting_off=self.gate.off)
 
     def cycle(
         self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
-    ) -> Cycle:
+    ) -> Cycle | None:
         """One cycle over the live slots (outputs[b] not None; budgets[b] >= 1 tokens left). -> each slot's
-        committed tokens (its accepted drafts and the full model's next token; empty for free slots) and drafts."""
+        committed tokens (its accepted drafts and the full model's next token; empty for free slots) and drafts.
+        None: the goodput gate turned every live slot's drafting off; the caller runs the plain step (`plain`)."""
         live_rows = [o is not None for o in outputs]
         rows = [o if o is not None else [] for o in outputs]
+        cpu = time.process_time()
+        looked_up, guesses, plans = self._lookups(rows, budgets, live_rows)
+        if self.gate is not None and not any(guesses) and not any(p.layer for p in plans):
+            self._undrafted = (plans, looked_up)
+            return None
         live = torch.tensor(live_rows, device=pending.device)
         # free slots skip attention (T5's relative bias broadcasts over every row: it attends all of them)
         whole = all(live_rows) or net.adapter.is_encoder_decoder
         attending = None if whole else live.nonzero()[:, 0]
         start = time.perf_counter()
-        d, guesses = self._draft(net, batch, pending, live, rows, budgets, attending)
+        d = self._draft(net, batch, pending, live, guesses, plans, budgets, attending)
         drafted = time.perf_counter()
         h, kept_slots = verify(net, batch.state, d, attending)
         acc = accept_greedy(net, d, h, kept_slots)
@@ -86,10 +104,40 @@ class LosslessDrafter:
             [t for t, on in zip(tokens[b], keep[b]) if on] + [following[b]] if live_rows[b] else []
             for b in range(len(rows))
         ]
+        longest = [max(map(len, g), default=0) for g in guesses]
+        kept = [max(len(n) - 1, 0) for n in new]
         if self.lookup is not None and d.layer == CONTEXT_DRAFT:
-            self.lookup.verified([max(map(len, g), default=0) for g in guesses], [max(len(n) - 1, 0) for n in new])
+            self.lookup.verified(longest, kept)
         self.tally.add(d.counts, acc.count, live_rows, (drafted - start, time.perf_counter() - drafted), d.layer == 0)
+        if self.gate is not None:
+            kind = CONTEXT if d.layer == CONTEXT_DRAFT else LAYER
+            self.gate.timed(kind, d.tokens.shape[1] + 1, time.process_time() - cpu)
+            gate_verified(self.gate, plans, looked_up, longest, kept, [n[0] if n else None for n in new], kind)
         return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
+
+    def plain(self, committed: list[int | None], seconds: float) -> None:
+        """The plain step that ran for a cycle handed back: each slot's committed token (None: free slot) and
+        the step's CPU seconds, for the goodput gate."""
+        if self.gate is None or self._undrafted is None:
+            return
+        plans, looked_up = self._undrafted
+        self._undrafted = None
+        self.gate.timed(PLAIN, 1, seconds)
+        none = [0] * len(plans)
+        gate_verified(self.gate, plans, looked_up, none, none, committed, PLAIN)
+
+    def _lookups(
+        self, rows: list[list[int]], budgets: list[int], live_rows: list[bool]
+    ) -> tuple[list[list[list[int]]], list[list[list[int]]], list[RowPlan]]:
+        """What each live row's lookup found, what of it the row drafts, and its plan (the goodput gate's, or
+        drafting everything found and else from layer E)."""
+        looked_up: list[list[list[int]]] = []
+        if self.lookup is not None:
+            looked_up = lookup_guesses(self.spec, self.lookup, rows, live_rows, budgets, self.candidates)
+        if self.gate is None:
+            return looked_up, looked_up, [RowPlan(layer=True) for _ in rows]
+        guesses, plans = gate_step(self.gate, looked_up, live_rows, layer_source=not self.spec.from_context)
+        return looked_up, guesses, plans
 
     def _draft(
         self,
@@ -97,22 +145,18 @@ class LosslessDrafter:
         batch: SlotBatch,
         pending: torch.Tensor,
         live: torch.Tensor,
-        rows: list[list[int]],
+        guesses: list[list[list[int]]],
+        plans: list[RowPlan],
         budget: list[int],
         attending: torch.Tensor | None,
-    ) -> tuple[Draft, list[list[list[int]]]]:
-        """The cycle's drafts: looked up in each row's context where any row finds some (or always, E = 0), else
-        from layer E under the draft controller. Each row drafts at most its budget - 1."""
-        guesses: list[list[list[int]]] = []
-        if self.lookup is not None:
-            live_rows = [b > 0 for b in budget]
-            guesses = lookup_guesses(self.spec, self.lookup, rows, live_rows, budget, self.candidates)
+    ) -> Draft:
+        """The cycle's drafts: the looked-up ones where any row drafts some (or always, E = 0), else from layer E
+        under the draft controller, for the rows whose plan says so. Each row drafts at most its budget - 1."""
         if self.spec.from_context or any(guesses):
-            return context_draft(net, batch.state, pending, live, guesses, False), guesses
-        budgets = torch.tensor(budget, device=pending.device)
+            return context_draft(net, batch.state, pending, live, guesses or [[] for _ in budget], False)
+        budgets = torch.tensor([n if p.layer else 1 for n, p in zip(budget, plans)], device=pending.device)
         threshold = float(self.policy.threshold)
-        d = draft(net, self.spec, self.plan, batch.state, pending, live, budgets, threshold, GREEDY, None, attending)
-        return d, guesses
+        return draft(net, self.spec, self.plan, batch.state, pending, live, budgets, threshold, GREEDY, None, attending)
 
 
 def lossless_drafter(model: MeasuredModel, slots: int) -> LosslessDrafter | None:

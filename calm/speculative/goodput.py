@@ -63,6 +63,11 @@ class GoodputGate:
         self.seconds: dict[tuple[str, int], float] = {}  # (kind, width) -> moving average CPU seconds
         self.off = 0  # row-steps that drafted nothing although a draft source was there
 
+    def reset(self, b: int) -> None:
+        """A new request took row b (a continuous batch's slot): its acceptance starts again from the priors; the
+        measured step costs stay."""
+        self.alpha[b], self.layer_gain[b], self.plain_steps[b] = ALPHA_PRIOR, LAYER_GAIN_PRIOR, 0
+
     # ---- costs ------------------------------------------------------------------------------
     def _prior(self, kind: str, width: int) -> float:
         if kind == LAYER:  # a layer-E step, whatever it drafted: about one draft's layers and a wider pass
