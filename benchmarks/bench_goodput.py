@@ -13,7 +13,12 @@ Three engines per prompt, round robin after a warm-up, median of --repeats:
   - always drafting: the stored setting as it ran before the goodput rule.
 Every lossless run's tokens are checked against the full model's.
 
+With --served the three run inside calm serve's continuous batch instead (calm.engine.scheduler, SERVED_SLOTS
+slots, one request at a time): the drafter the server builds (calm.speculative.cycle.lossless_drafter), the same
+drafter without the goodput gate, and no drafter.
+
     python benchmarks/bench_goodput.py --repeats 3
+    python benchmarks/bench_goodput.py --repeats 3 --served --name lossless_served
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import torch
 
 from calm import CalmModel
 from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.engine.scheduler import Request, Scheduler
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
+from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 from calm.speculative.loop import generate_speculative
 from calm.speculative.lossless import LOSSLESS, resolve_mode
 
@@ -49,6 +56,7 @@ OPEN_PROMPTS = (  # the four of issue 29, then more with nothing to copy
     "What is the difference between weather and climate?",
 )
 FULL, LOSSLESS_NAME, ALWAYS = "full", "lossless (goodput)", "always drafting"
+SERVED_SLOTS = 8  # calm serve's default --max-batch
 
 
 def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
@@ -71,6 +79,28 @@ def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
 
     engines = {FULL: engine(None), LOSSLESS_NAME: engine(gated), ALWAYS: engine(always)}
     return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, run.description
+
+
+def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
+    """runners' three engines inside a continuous batch of SERVED_SLOTS slots, a fresh one per request."""
+    served = lossless_drafter(model, SERVED_SLOTS)
+    if served is None:
+        raise SystemExit("the checkpoint's stored measurement gives the server no drafter")
+
+    def engine(gated: bool | None):
+        def go(batch: PromptBatch, new_tokens: int, eos: tuple[int, ...]):
+            drafter = None
+            if gated is not None:
+                spec = replace(served.spec, goodput=gated)
+                drafter = LosslessDrafter(model.network, spec, served.policy, SERVED_SLOTS, served.most_rows)
+            scheduler = Scheduler(model.network, max_batch=SERVED_SLOTS, eos_token_ids=eos, drafter=drafter)
+            (done,) = scheduler.run([Request(tuple(batch.ids[0][batch.mask[0]].tolist()), new_tokens)])
+            return list(done.token_ids), None if drafter is None else drafter.stats()
+
+        return go
+
+    engines = {FULL: engine(None), LOSSLESS_NAME: engine(True), ALWAYS: engine(False)}
+    return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, f"served: {served.describe()}"
 
 
 def measure(model: CalmModel, engines: dict, prompts: list[tuple[str, PromptBatch]], new_tokens: int, eos, repeats):
@@ -122,7 +152,7 @@ def _line(row: dict) -> str:
 def run(args) -> dict:
     torch.set_num_threads(1)
     model = CalmModel.from_pretrained(args.model)
-    engines, description = runners(model, not args.no_always)
+    engines, description = (served_runners if args.served else runners)(model, not args.no_always)
     eos = model.eos_token_ids
     open_prompts = [(p, model.encode_prompts(p, args.open_tokens)) for p in OPEN_PROMPTS[: args.open_prompts]]
     docs = read_jsonl(args.data, limit=args.docs)
@@ -139,6 +169,7 @@ def run(args) -> dict:
         "xsum_tokens": args.xsum_tokens,
         "max_doc_tokens": args.max_doc_tokens,
         "repeats": args.repeats,
+        "served": args.served,
         "open": measure(model, engines, open_prompts, args.open_tokens, eos, args.repeats),
         "xsum": measure(model, engines, xsum, args.xsum_tokens, (), args.repeats),
     }
@@ -187,6 +218,16 @@ def markdown(report: dict) -> str:
             else []
         ),
         "- **full**: never-exit calm, the full model.",
+        *(
+            [
+                "",
+                f"All three ran inside calm serve's continuous batch ({SERVED_SLOTS} slots, one request at a time, a "
+                "fresh scheduler per request), the drafter the server builds with and without its goodput gate; "
+                "identical means equal to the served full model's tokens.",
+            ]
+            if report.get("served")
+            else []
+        ),
         "",
         _headline("Open prompts (nothing to copy)", report["open_summary"], report["open_tokens"], "EOS ends them"),
         _headline(
@@ -261,6 +302,7 @@ def main() -> None:
     parser.add_argument("--max-doc-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-always", action="store_true", help="Leave out the always-drafting engine (time).")
+    parser.add_argument("--served", action="store_true", help="Run the engines inside calm serve's continuous batch.")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="lossless_open_prompts")
     parser.add_argument("--from-json", default=None, help="Rewrite the Markdown from a report's JSON, timing nothing.")
