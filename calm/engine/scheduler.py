@@ -116,7 +116,7 @@ class Drafter(Protocol):
         self, net: Network, batch: SlotBatch, pending: torch.Tensor, outputs: list[list[int] | None], budgets: list[int]
     ) -> Cycle | None: ...  # None: no live row drafts this step; the scheduler runs the plain step and calls plain
 
-    def plain(self, committed: list[int | None], seconds: float) -> None: ...
+    def plain(self, committed: list[int | None], cpu_s: float, wall_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -298,12 +298,12 @@ class Scheduler:
     def _undrafted_step(self, live: list[int]) -> list[TokenEvent]:
         """The full model's plain step where the drafter's goodput gate turned every live row's drafting off."""
         assert self.drafter is not None
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.perf_counter()
         events = self._decode_step(live)
         committed: list[int | None] = [None] * len(self.rows)
         for slot, event in zip(live, events):
             committed[slot] = event.tokens[0]
-        self.drafter.plain(committed, time.process_time() - cpu)
+        self.drafter.plain(committed, time.process_time() - cpu, time.perf_counter() - wall)
         return events
 
     def _choose(self, out: StepOutput, at: dict[int, int]) -> dict[int, int]:

@@ -70,7 +70,8 @@ class LosslessDrafter:
             self.gate.reset(slot)
 
     def describe(self) -> str:
-        return f"speculative ({drafts_description(self.spec, self.policy)})"
+        gated = "; each row drafts only where it pays (goodput)" if self.gate is not None else ""
+        return f"speculative ({drafts_description(self.spec, self.policy)}{gated})"
 
     def stats(self) -> SpeculativeStats:
         stats = self.tally.stats(self.spec.draft_layer, self.spec.max_draft)
@@ -115,16 +116,18 @@ class LosslessDrafter:
             gate_verified(self.gate, plans, looked_up, longest, kept, [n[0] if n else None for n in new], kind)
         return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
 
-    def plain(self, committed: list[int | None], seconds: float) -> None:
-        """The plain step that ran for a cycle handed back: each slot's committed token (None: free slot) and
-        the step's CPU seconds, for the goodput gate."""
+    def plain(self, committed: list[int | None], cpu_s: float, wall_s: float) -> None:
+        """The plain step that ran for a cycle handed back: each slot's committed token (None: free slot) and the
+        step's CPU and wall seconds. It counts as a step without drafts, as in generate_speculative's stats."""
         if self.gate is None or self._undrafted is None:
             return
         plans, looked_up = self._undrafted
         self._undrafted = None
-        self.gate.timed(PLAIN, 1, seconds)
+        self.gate.timed(PLAIN, 1, cpu_s)
         none = [0] * len(plans)
         gate_verified(self.gate, plans, looked_up, none, none, committed, PLAIN)
+        zeros = torch.zeros(len(plans), dtype=torch.long)
+        self.tally.add(zeros, zeros, [c is not None for c in committed], (0.0, wall_s), False)
 
     def _lookups(
         self, rows: list[list[int]], budgets: list[int], live_rows: list[bool]
