@@ -108,7 +108,8 @@ PROMPTS = ["the cat sat on the mat and the cat", "a council plan for the city sc
 
 
 def test_lossless_with_the_goodput_rule_is_the_full_models_output_and_drafts_less(hybrid):
-    """One prompt at a time (several prompts run a continuous batch, which drafts without the goodput rule)."""
+    """One prompt at a time, through generate_speculative (several prompts run a continuous batch, whose drafter
+    runs the same rule per slot: tests/test_scheduler.py)."""
     offs, drafted = [], []
     for prompt in PROMPTS:
         full = hybrid.generate([prompt], 24, ExitPolicy.never(), chat=False)
