@@ -64,3 +64,28 @@ def test_float32_scores_settle_ties_closer_than_float32_rounding_by_recomputing_
         together = CertifiedArgmax(head.weight)(x)
     alone = torch.cat([CertifiedArgmax(head.weight)(x[i : i + 1]) for i in range(4)])
     assert torch.equal(together, alone)
+
+
+def _recomputing(argmax: CertifiedArgmax, monkeypatch) -> list[int]:
+    """The candidate counts each call recomputes in float32."""
+    counts: list[int] = []
+    rows = argmax._rows
+    monkeypatch.setattr(argmax, "_rows", lambda cols: counts.append(len(cols)) or rows(cols))
+    return counts
+
+
+def test_rows_whose_best_float32_score_is_clear_skip_the_recomputation(monkeypatch):
+    from calm.engine.kernels import onednn_available, packed_linears
+
+    g = torch.Generator().manual_seed(3)
+    clear = torch.nn.Linear(64, 3000, bias=False)
+    clear.weight.data, x = torch.randn(3000, 64, generator=g), torch.randn(4, 64, generator=g) * 3
+    tied = torch.nn.Linear(64, 3000, bias=False)
+    tied.weight.data, y = _near_tied(4, 1e-6)
+    clear_argmax, tied_argmax = CertifiedArgmax(clear.weight), CertifiedArgmax(tied.weight)
+    clear_counts, tied_counts = _recomputing(clear_argmax, monkeypatch), _recomputing(tied_argmax, monkeypatch)
+    with torch.inference_mode(), packed_linears(torch.nn.Sequential(clear, tied)):
+        assert torch.equal(clear_argmax(x), (x @ clear.weight.T).argmax(1))
+        assert torch.equal(tied_argmax(y), (y @ tied.weight.T).argmax(1))
+    if onednn_available():
+        assert clear_counts == [] and len(tied_counts) == 1 and tied_counts[0] >= 8  # two candidates per tied row
