@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +26,7 @@ from calm.engine.scheduler import Request, Scheduler
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.eval.summarize import document_prompts
 from calm.prompts.documents import read_jsonl
-from calm.speculative.cycle import lossless_drafter
+from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 
 DATA = "../shared/data/xsum/test.jsonl"
 
@@ -58,10 +59,13 @@ def attention_step(model: CalmModel, ids: list[list[int]], one_by_one: bool) -> 
 
 @torch.inference_mode()
 def cycle_cost(model: CalmModel, requests: list[list[int]], slots: int) -> float:
-    """CPU seconds per speculative cycle of the requests (one or two) in a batch of `slots`."""
-    s = Scheduler(
-        model.network, max_batch=slots, eos_token_ids=model.eos_token_ids, drafter=lossless_drafter(model, slots)
-    )
+    """CPU seconds per speculative cycle of the requests (one or two) in a batch of `slots`: the server's drafter
+    without its goodput gate, so every step is a cycle (the gate would hand some back as plain steps)."""
+    served = lossless_drafter(model, slots)
+    assert served is not None, "the checkpoint's stored measurement gives the server no drafter"
+    ungated = replace(served.spec, goodput=False)
+    drafter = LosslessDrafter(model.network, ungated, served.policy, slots, served.most_rows)
+    s = Scheduler(model.network, max_batch=slots, eos_token_ids=model.eos_token_ids, drafter=drafter)
     for ids in requests:
         s.add(Request(tuple(ids), 32))
     s._admit()

@@ -2,9 +2,9 @@
 
 1. its 210 backbone linears at 1, 2, 4 and 8 rows: torch's float32 linear (MKL) against oneDNN on weights
    packed for 4 rows (calm.engine.kernels, what calm runs);
-2. a speculative verification of 1-4 positions from the embeddings against one plain decode step, at full depth,
-   after a 256-token XSum prompt (what decides whether drafts pay: on the AMD EPYC of speculative_smollm2.md 3-5
-   positions cost 0.94-0.97x one);
+2. a speculative verification of 1-8 positions from the embeddings against one plain decode step, at full depth,
+   both scoring their tokens, after a 256-token XSum prompt (what decides whether drafts pay: on the AMD EPYC of
+   speculative_smollm2.md 3-5 positions cost 0.94-0.97x one);
 3. the LM head's greedy argmax at 1, 2, 4 and 8 rows (calm.engine.lm_head): its bfloat16 copy and the packed float32
    head, what certifying costs scored either way, and what calm runs;
 4. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native

@@ -46,12 +46,11 @@ class CertifiedArgmax:
             chunks = range(0, native.out_features, NORM_CHUNK)
             rows = [torch.arange(i, min(i + NORM_CHUNK, native.out_features)) for i in chunks]
             self.row_norms = torch.cat([native.dequantize_rows(r).norm(dim=1) for r in rows])  # [V]
-            self.max_norm = float(self.row_norms.max())
         else:
             assert weight is not None
             self.low = weight.detach().to(torch.bfloat16)  # [V, D]
             self.row_norms = weight.detach().float().norm(dim=1)  # [V]
-            self.max_norm = float(self.row_norms.max())
+        self.max_norm = float(self.row_norms.max())
 
     @classmethod
     def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:

@@ -10,7 +10,8 @@ A step is one of two kinds, decided from the live rows each time:
 - calm's decode step (calm.engine.decode), each row at its own exit threshold (the full model for rows
   that never exit);
 - a speculative cycle (a `Drafter`, given by the speculative floor), when every live row wants the full
-  model's greedy output and the drafter says drafting pays for that many rows.
+  model's greedy output and the drafter says drafting pays for that many rows. A drafter whose goodput gate
+  leaves every live row without drafts hands the cycle back, and the step is the full model's plain step.
 """
 
 from __future__ import annotations
