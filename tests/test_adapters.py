@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from calm.adapters import adapter_for
 from calm.adapters.base import RowAttention, attend, attention_mask, padding_free_mask
 from calm.adapters.gpt2 import GPT2Adapter
-from calm.adapters.llama import LlamaAdapter
+from calm.adapters.llama import LlamaAdapter, apply_ready_rope, ready_rope
 from calm.adapters.t5 import T5Adapter
 from calm.engine.decode import ExitPlan, Network, decode_one_token, prefill
 from calm.engine.generation import GenerationConfig, PromptBatch, _start, generate_tokens
@@ -457,3 +457,15 @@ def test_grouped_query_attention_over_a_few_masked_queries_is_sdpas(queries, per
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5, enable_gqa=True)
     expected = expected.transpose(1, 2).reshape(batch, queries, heads * dim)
     torch.testing.assert_close(attend(q, k, v, mask, 0.5), expected)
+
+
+def test_rotary_from_ready_tables_is_transformers_rotary_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64)
+    positions = torch.arange(3, 10)[None].repeat(2, 1)  # [B, T]
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.empty(0), positions)  # [B, T, D]
+    q, k = torch.randn(2, 4, 7, 16) * 30, torch.randn(2, 2, 7, 16) * 30
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    ready = ready_rope(cos, sin)
+    assert torch.equal(apply_ready_rope(q, *ready), q_ref) and torch.equal(apply_ready_rope(k, *ready), k_ref)

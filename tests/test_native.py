@@ -14,8 +14,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from calm import CalmModel
+from calm.adapters.base import joint, project
 from calm.checkpoints.checkpoint import store_extra
 from calm.checkpoints.gguf_blocks import block_cache_path, parse_blocks
 from calm.checkpoints.native import WEIGHTS_KEY, choose_weights
@@ -76,8 +78,9 @@ def _rope_order(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, layers: int = 2) -> Path:
-    """tiny_llama's weights as a llama GGUF, every format in play: Q8_0 embedding, Q4_0/Q4_1/Q8_0 layers."""
+def write_tiny_gguf(path: Path, layers: int = 2, mlp: tuple[str, str, str] = ("Q4_0", "Q4_1", "Q8_0")) -> Path:
+    """tiny_llama's weights as a llama GGUF, every format in play: Q8_0 embedding, Q4_0/Q4_1/Q8_0 layers
+    (mlp: the gate, up and down projections' formats)."""
     model = tiny_llama(layers=layers)
     cfg, sd = model.config, {k: v.detach().numpy() for k, v in model.state_dict().items()}
     w = GGUFWriter(str(path), "llama")
@@ -112,9 +115,9 @@ def write_tiny_gguf(path: Path, layers: int = 2) -> Path:
         add(f"blk.{i}.attn_k.weight", _rope_order(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads), "Q4_0")
         add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"], "Q8_0")
         add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], "Q4_1")
-        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], "Q4_0")
-        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], "Q4_1")
-        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], "Q8_0")
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"], mlp[0])
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"], mlp[1])
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], mlp[2])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -255,3 +258,52 @@ def test_float32_measurements_say_so_on_other_weights():
     assert "calibration was measured on float32" in format_note("native", knob=True, stored_setting=False)
     assert "speculative setting" in format_note("native", knob=False, stored_setting=True)
     assert format_note("native", knob=False, stored_setting=False) == ""
+
+
+class _KernelCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten._weight_int4pack_mm_for_cpu.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_projections_of_one_input_run_as_one_kernel_call_with_the_weights_held_once():
+    members = tuple(QuantizedLinear(_blocks("Q4_1", out, 96, seed)[0]) for seed, out in enumerate((128, 64, 64)))
+    xs = [torch.randn(rows, 96) for rows in (1, 3, FLOAT_FROM_ROWS)]
+    alone = [[m(x) for m in members] for x in xs]  # before they stack
+    run = joint(members)
+    assert run is not None and joint(members) is run  # stacked once
+    for x, outputs in zip(xs, alone):
+        assert all(torch.equal(a, b) for a, b in zip(run(x), outputs))  # bit for bit
+        assert all(torch.equal(m(x), a) for m, a in zip(members, outputs))  # and each member alone still
+    assert len({m.packed.untyped_storage().data_ptr() for m in members}) == 1  # views of the stack's codes
+    with _KernelCalls() as kernel:
+        run(xs[0])
+    assert kernel.calls == 1
+
+
+def test_projections_that_do_not_stack_run_one_by_one():
+    q4_1, q4_0 = (QuantizedLinear(_blocks(kind, 64, 64)[0]) for kind in ("Q4_1", "Q4_0"))
+    odd = QuantizedLinear(_blocks("Q4_1", 96, 64)[0])  # rows not whole packing blocks
+    biased = QuantizedLinear(_blocks("Q4_1", 64, 64, seed=1)[0], bias=torch.randn(64))
+    plain = torch.nn.Linear(64, 64)
+    x = torch.randn(2, 64)
+    for members in ((q4_1, q4_0), (q4_1, odd), (q4_1, biased), (q4_1, plain), (plain, q4_1)):
+        assert joint(members) is None
+        assert all(torch.equal(y, m(x)) for y, m in zip(project(members, x), members))
+
+
+def test_a_native_decode_step_runs_k_v_and_gate_up_jointly_and_keeps_its_tokens(tmp_path, monkeypatch):
+    gguf = str(write_tiny_gguf(tmp_path / "same-mlp.Q4.gguf", mlp=("Q4_1", "Q4_1", "Q8_0")))
+    joint_tokens = CalmModel.from_pretrained(gguf, weights="native")
+    with _KernelCalls() as two, torch.inference_mode():
+        short = joint_tokens.generate(PROMPT, max_new_tokens=2, mode="calm").token_ids
+    with _KernelCalls() as three, torch.inference_mode():
+        longer = joint_tokens.generate(PROMPT, max_new_tokens=3, mode="calm").token_ids
+    assert three.calls - two.calls == 2 * 6 + 1  # per layer q, k, v, o, gate|up, down; and the head
+    monkeypatch.setattr(QuantizedLinear, "joint", lambda self, members: None)
+    alone = CalmModel.from_pretrained(gguf, weights="native")
+    assert alone.generate(PROMPT, max_new_tokens=3, mode="calm").token_ids == longer and longer[0][:2] == short[0]

@@ -9,6 +9,7 @@ the only modules that touch transformers' model internals.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, overload
 
@@ -138,6 +139,20 @@ def attend(
             0
         ]
     return out
+
+
+def joint(modules: tuple[torch.nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    """One call running `modules` (projections of one input: K and V, gate and up) together, where the first
+    module's type offers it (a `joint(modules)` method; calm's native 4-bit linears stack their blocks); None
+    where it does not."""
+    offer = getattr(modules[0], "joint", None)
+    return offer(modules) if callable(offer) else None
+
+
+def project(modules: tuple[torch.nn.Module, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of `modules` applied to x: jointly where they run so (`joint`), else one by one."""
+    run = joint(modules)
+    return run(x) if run is not None else tuple(m(x) for m in modules)
 
 
 FOLD_MAX_QUERIES = 8  # up to this many masked queries per row, grouped-query attention folds heads (_attend_grouped)

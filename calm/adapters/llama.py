@@ -20,8 +20,10 @@ from calm.adapters.base import (
     StepContext,
     attend,
     attention_mask,
+    joint,
     padding_free_mask,
     pick,
+    project,
     slot_mask,
 )
 from calm.errors import UnsupportedModelError
@@ -78,6 +80,19 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot * cos + rotate_half(rot) * sin, t[..., r:]), dim=-1)
 
 
+def ready_rope(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, D] as apply_ready_rope reads them, built once per forward: [B, 1, T, D] each, the sine's
+    first half negated (so rotate_half becomes one roll)."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+
+
+def apply_ready_rope(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope with full-width tables from ready_rope, bit for bit: rotate_half(t) * sin is
+    roll(t) * signed_sin, since -a * b == a * -b exactly; four ops instead of nine."""
+    return t * cos + t.roll(t.shape[-1] // 2, dims=-1) * signed_sin
+
+
 def layer_windows(cfg: Any, num_layers: int, everywhere: bool = False) -> tuple[int | None, ...]:
     """Each layer's sliding attention window (None: full causal attention), as transformers masks it.
 
@@ -103,6 +118,9 @@ def rope_layers(cfg: Any, num_layers: int) -> tuple[bool, ...]:
     return tuple(bool(f) for f in flags) if flags is not None else (True,) * num_layers
 
 
+READY_ROPE = "ready_rope"  # StepContext.extras: the context's own tables through ready_rope (decode contexts)
+
+
 def rope_tables(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, R] of the context; a Llama-family context always has them (LlamaAdapter.context)."""
     if ctx.rope is None:
@@ -124,6 +142,7 @@ class LlamaAdapter(Adapter):
         self.traits = self.read_traits(cfg)
         self.inner: Any = getattr(model, self.inner_name)  # transformers' modules: see Adapter
         self.layers: Any = self.inner.layers
+        self.blocks: tuple[Any, ...] = tuple(self.layers)  # indexing a ModuleList costs microseconds, 30 times a token
         self.num_layers = len(self.layers)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -169,14 +188,15 @@ class LlamaAdapter(Adapter):
                 == torch.arange(start, start + t, device=positions.device)[:, None]
             )
             window_mask = attention_mask(key_mask, start, t) & (reach | own)  # [B, 1, T, S]
+        rope = self._rope_tables(positions)
         return StepContext(
             positions=positions,
             mask=padding_free_mask(key_mask, start, t),
             start=start,
-            rope=self._rope_tables(positions),
+            rope=rope,
             window=self.window,
             window_mask=window_mask,
-            extras=self._extras(positions),
+            extras={**self._extras(positions), READY_ROPE: ready_rope(*rope)},
         )
 
     def static_context(
@@ -209,13 +229,18 @@ class LlamaAdapter(Adapter):
 
     def _rope(self, layer: int, t: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None) -> torch.Tensor:
         tables = self._layer_rope(layer, ctx)
-        return t if tables is None else apply_rope(t, pick(tables[0], rows), pick(tables[1], rows))
+        if tables is None:
+            return t
+        ready = ctx.extras.get(READY_ROPE)  # None in a static (compiled) context
+        if ready is not None and tables is ctx.rope and ready[0].shape[-1] == t.shape[-1]:
+            return apply_ready_rope(t, pick(ready[0], rows), pick(ready[1], rows))
+        return apply_rope(t, pick(tables[0], rows), pick(tables[1], rows))
 
     def attn_input(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        return self.layers[layer].input_layernorm(h)
+        return self.blocks[layer].input_layernorm(h)
 
     def _attention(self, layer: int) -> Any:
-        return self.layers[layer].self_attn
+        return self.blocks[layer].self_attn
 
     def _qkv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A fused q|k|v projection's weight [(H + 2*H_kv)*D_head, D] and bias, rows in that order; None: separate."""
@@ -235,7 +260,8 @@ class LlamaAdapter(Adapter):
         fused = self._qkv_weights(layer)
         if fused is None:
             attn = self._attention(layer)
-            return attn.k_proj(x), attn.v_proj(x)
+            k, v = project((attn.k_proj, attn.v_proj), x)
+            return k, v
         w, b = fused
         n = self.num_heads * self.head_dim
         kv = F.linear(x, w[n:], None if b is None else b[n:])
@@ -289,15 +315,26 @@ class LlamaAdapter(Adapter):
 
     def _residual(self, layer: int, h: torch.Tensor, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The layer output from its input h, normalised input x and attention output o, all [B, T, D]."""
-        block = self.layers[layer]
+        block = self.blocks[layer]
         if self.traits.post_norms:
             h = h + block.post_attention_layernorm(o)
             pre = getattr(block, "pre_feedforward_layernorm", None)  # Gemma 2/3 have it, OLMo-2 not
             return h + block.post_feedforward_layernorm(block.mlp(h if pre is None else pre(h)))
         m = self.traits.residual_multiplier
         h = h + (o if m == 1.0 else o * m)
-        f = block.mlp(block.post_attention_layernorm(h))
+        f = self._mlp(block.mlp, block.post_attention_layernorm(h))
         return h + (f if m == 1.0 else f * m)
+
+    @staticmethod
+    def _mlp(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP down(act(gate(x)) * up(x)), with gate and up in one call where they run jointly
+        (calm.adapters.base.project); the module itself otherwise (fused or unusual MLPs included)."""
+        gate = getattr(mlp, "gate_proj", None)
+        run = None if gate is None else joint((gate, mlp.up_proj))
+        if run is None:
+            return mlp(x)
+        g, u = run(x)
+        return mlp.down_proj(mlp.act_fn(g) * u)
 
     def kv_layers(self, first: int, x_source: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [n, B, H_kv, T, D_head] of layers first..L-1 from one hidden state, as one batched matmul."""

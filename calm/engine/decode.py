@@ -232,6 +232,7 @@ def decode_one_token(
     compact = rows.numel() >= COMPACT_MIN_ROWS
     layer_ctx = _per_row(ctx, state, compute, rows) if per_row_attention(state, rows.numel()) else ctx
     decided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, logits)
+    exited_any = False
     for i in range(a.num_layers):
         x = a.attn_input(i, pick(h, live))  # [R, 1, D]
         k, v = a.kv(i, x, ctx, live)
@@ -243,7 +244,7 @@ def decode_one_token(
         h_in = pick(h, compute)
         h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute)
         going = pick(running, compute)  # [C]
-        h_new = torch.where(going[:, None, None], h_out, h_in)
+        h_new = torch.where(going[:, None, None], h_out, h_in) if exited_any else h_out  # until an exit: all going
         h = h_new if compute is None else h.index_copy(0, compute, h_new)
         layer = i + 1
         if layer not in plan.allowed:
@@ -259,6 +260,7 @@ def decode_one_token(
             continue
         exit_layers[exited] = layer
         running[exited] = False
+        exited_any = True
         if logits is not None:
             decided.append((exited, logits[exits]))
         still = running.nonzero()[:, 0]

@@ -43,12 +43,24 @@ class KVCache:
     def max_slots(self) -> int:
         return self.k.shape[3]
 
+    def layer_views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each layer's K and V [B, H_kv, S_max, D_head], as views made once: picking a layer from a tuple
+        runs no torch op, where indexing k by layer runs one per call (a decode step makes four per layer)."""
+        views = self.__dict__.get("_views")
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = self.__dict__["_views"] = (self.k, self.v, self.k.unbind(0), self.v.unbind(0))
+        return views[2], views[3]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, rows: Rows = None) -> None:
         """Store k, v [R, H_kv, T, D_head] of the rows `rows` (every row when None) at slots start..start+T-1."""
         end = start + k.shape[2]
-        sel = slice(None) if rows is None else rows
-        self.k[layer, sel, :, start:end] = k
-        self.v[layer, sel, :, start:end] = v
+        ks, vs = self.layer_views()
+        if rows is None:
+            ks[layer][:, :, start:end] = k
+            vs[layer][:, :, start:end] = v
+            return
+        ks[layer][rows, :, start:end] = k
+        vs[layer][rows, :, start:end] = v
 
     def write_layers(self, first: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [n, B, H_kv, T, D_head] for layers first..first+n-1 in one copy."""
@@ -60,11 +72,11 @@ class KVCache:
     def keys_values(self, layer: int, end: int, rows: Rows = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [R, H_kv, end, D_head] of slots 0..end-1 of the rows `rows` (every row when None): views where
         rows is None or a slice, copies for an index tensor."""
-        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        ks, vs = self.layer_views()
+        k, v = ks[layer][:, :, :end], vs[layer][:, :, :end]
         if isinstance(rows, torch.Tensor):
             return k.index_select(0, rows), v.index_select(0, rows)
-        sel = slice(None) if rows is None else rows
-        return k[sel], v[sel]
+        return (k, v) if rows is None else (k[rows], v[rows])
 
     def first_slots(self) -> list[int]:
         """Each row's first real slot (host ints; one sync)."""

@@ -33,7 +33,9 @@ Only CPU tensors: torch's CUDA int4 kernel packs differently (unmeasured here; n
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +189,43 @@ class QuantizedLinear(torch.nn.Module):
         mins = None if self.mins is None else self.mins[rows]
         return _dequantize(self.kind, self.block_codes(rows), self.scales[rows], mins)
 
+    def joint(self, members: tuple[torch.nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+        """One call for `members` (this module first) over one input, where their blocks stack: a decode
+        step's K and V, or gate and up, through one kernel call instead of one each; None where they do not.
+        Built on first use and kept while the members are these modules (see `stack`)."""
+        cached = self.__dict__.get("_joint")
+        if cached is None or cached[0] != members:
+            stacked = QuantizedLinear.stack(members)
+            cached = (members, None if stacked is None else _joint_call(stacked, members))
+            self.__dict__["_joint"] = cached  # a plain attribute: no submodule, nothing saved twice
+        return cached[1]
+
+    @staticmethod
+    def stack(members: tuple[torch.nn.Module, ...]) -> QuantizedLinear | None:
+        """The members' weights as one [sum out, in] module, or None where they do not stack (other types,
+        formats, widths or biases, or rows not whole packing blocks). Its outputs are the members' side by
+        side, bit for bit: the kernel computes each output row alone. The members' packed codes and block
+        scales become views of the stack's, so the weights are held once (the bfloat16 scale-and-zero
+        tables, 1/8 of the codes' bytes, twice)."""
+        if len(members) < 2 or not all(_stackable(m, members[0]) for m in members):
+            return None
+        parts: list[QuantizedLinear] = list(members)  # type: ignore[arg-type]  # checked by _stackable
+        stack = copy.copy(parts[0])  # a shallow copy: the module's settings; every tensor is replaced below
+        stack._buffers = dict(stack._buffers)
+        stack.__dict__.pop("_joint", None)
+        stack.out_features = sum(m.out_features for m in parts)
+        for name, dim in (("packed", 0), ("scales", 0), ("mins", 0), ("bias", 0), ("scales_zeros", 1)):
+            tensors = [getattr(m, name) for m in parts]
+            stack._buffers[name] = None if tensors[0] is None else torch.cat(tensors, dim=dim)
+        start = 0
+        for m in parts:
+            rows = slice(start, start + m.out_features)
+            for name in ("packed", "scales", "mins"):
+                if m._buffers[name] is not None:
+                    m._buffers[name] = stack._buffers[name][rows]  # type: ignore[index]
+            start += m.out_features
+        return stack
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
         if rows >= FLOAT_FROM_ROWS:
@@ -202,10 +241,37 @@ class QuantizedLinear(torch.nn.Module):
         if self.planes == 2:
             flat = torch.cat([flat, flat], dim=-1)  # [R, 2K]: the high and the low plane
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)  # [R, N']
-        y = y[:, : self.out_features].to(x.dtype)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]  # [R, N]: the packing's zero rows off
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def _stackable(m: torch.nn.Module, first: torch.nn.Module) -> bool:
+    if type(m) is not QuantizedLinear or type(first) is not QuantizedLinear or m.keep_codes:
+        return False
+
+    def form(q: QuantizedLinear) -> tuple:
+        return (q.kind, q.in_features, q.planes, q.bias is None)
+
+    return form(m) == form(first) and m.out_features % PACK_N == 0 and m.packed.shape[0] == m.out_features
+
+
+def _joint_call(
+    stack: QuantizedLinear, members: tuple[torch.nn.Module, ...]
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    sizes = [m.out_features for m in members]  # type: ignore[misc]
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., in] -> each member's output [..., out_i]: one int4 call for few rows; a prompt's many rows
+        run member by member (each dequantised alone, as without the stack)."""
+        if x.shape[:-1].numel() >= FLOAT_FROM_ROWS:
+            return tuple(m(x) for m in members)
+        return stack(x).split(sizes, dim=-1)
+
+    return run
 
 
 def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
