@@ -307,3 +307,43 @@ def test_a_native_decode_step_runs_k_v_and_gate_up_jointly_and_keeps_its_tokens(
     monkeypatch.setattr(QuantizedLinear, "joint", lambda self, members: None)
     alone = CalmModel.from_pretrained(gguf, weights="native")
     assert alone.generate(PROMPT, max_new_tokens=3, mode="calm").token_ids == longer and longer[0][:2] == short[0]
+
+
+def _q4_1_llama(layers: int = 2) -> torch.nn.Module:
+    """A tiny Llama whose every layer linear computes on Q4_1 blocks of its weight, K and V 64 rows each."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    raw = quantize(child.weight.detach().numpy(), KINDS["Q4_1"])
+                    setattr(parent, name, QuantizedLinear(parse_blocks("Q4_1", raw, child.in_features)))
+    return model
+
+
+def test_queries_keys_and_values_of_a_step_come_from_one_kernel_call():
+    from calm.adapters import adapter_for
+    from calm.engine.decode import Network
+    from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+
+    prompt = PromptBatch(torch.tensor([[2, 5, 6, 7, 8]]), torch.ones(1, 5, dtype=torch.bool))
+
+    def run(model: torch.nn.Module, steps: int) -> tuple[list[int], int]:
+        config = GenerationConfig(max_new_tokens=steps, eos_token_ids=(), pad_token_id=0)
+        with _KernelCalls() as kernel, torch.inference_mode():
+            out = generate_tokens(Network.build(adapter_for(model)), prompt, ExitPolicy.never(), config)
+        return list(out.token_ids[0]), kernel.calls
+
+    tokens, calls = run(_q4_1_llama(), 4)
+    assert calls - run(_q4_1_llama(), 3)[1] == 2 * 4  # per layer: q|k|v, o, gate|up, down
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(QuantizedLinear, "joint", lambda self, members: None)
+        alone, alone_calls = run(_q4_1_llama(), 4)
+    assert alone == tokens and alone_calls > calls  # the same tokens, bit for bit, in more calls

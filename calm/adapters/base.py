@@ -282,6 +282,14 @@ class Adapter(ABC):
         """Self-attention K, V [R, H_kv, T, D_head] of attn_input x [R, T, D] (positions applied): x holds the
         rows `rows` of ctx's batch (all of them when None)."""
 
+    def qkv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """kv's K and V, with the queries [R, H, T, D_head] that finish_layer would make of the same x and rows,
+        where one call projects all three; None for the queries where not (finish_layer projects them)."""
+        k, v = self.kv(layer, x, ctx, rows)
+        return None, k, v
+
     @abstractmethod
     def finish_layer(
         self,
@@ -292,9 +300,11 @@ class Adapter(ABC):
         v: torch.Tensor,
         ctx: StepContext,
         rows: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The rest of the layer for `rows` (all when None): h, x [R, T, D]; k, v the cache
-        [R, H_kv, S, D_head] including the new slots. Returns the layer output [R, T, D]."""
+        [R, H_kv, S, D_head] including the new slots; q: qkv's queries of the same x and rows, if it made
+        them. Returns the layer output [R, T, D]."""
 
     @abstractmethod
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:

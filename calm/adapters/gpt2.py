@@ -87,6 +87,7 @@ class GPT2Adapter(Adapter):
         v: torch.Tensor,
         ctx: StepContext,
         rows: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,  # never made: this family's qkv is kv's
     ) -> torch.Tensor:
         block = self.layers[layer]
         q = self._project(layer, x, 0, 1)

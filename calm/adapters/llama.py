@@ -289,6 +289,19 @@ class LlamaAdapter(Adapter):
         k = self._heads(k, self.num_kv_heads, self._qk_norms(layer)[1])
         return self._rope(layer, k, ctx, rows), self._heads(v, self.num_kv_heads, None)
 
+    def qkv(
+        self, layer: int, x: torch.Tensor, ctx: StepContext, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        attn = self._attention(layer)
+        run = joint((attn.q_proj, attn.k_proj, attn.v_proj)) if self._qkv_weights(layer) is None else None
+        if run is None:
+            return super().qkv(layer, x, ctx, rows)
+        q, k, v = run(x)
+        q_norm, k_norm = self._qk_norms(layer)
+        q = self._rope(layer, self._heads(q, self.num_heads, q_norm), ctx, rows)
+        k = self._rope(layer, self._heads(k, self.num_kv_heads, k_norm), ctx, rows)
+        return q, k, self._heads(v, self.num_kv_heads, None)
+
     def finish_layer(
         self,
         layer: int,
@@ -298,9 +311,11 @@ class LlamaAdapter(Adapter):
         v: torch.Tensor,
         ctx: StepContext,
         rows: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        q = self._heads(self._q(layer, x), self.num_heads, self._qk_norms(layer)[0])
-        q = self._rope(layer, q, ctx, rows)
+        if q is None:
+            q = self._heads(self._q(layer, x), self.num_heads, self._qk_norms(layer)[0])
+            q = self._rope(layer, q, ctx, rows)
         window = self.windows[layer]
         mask = ctx.mask if window is None else ctx.window_mask
         scale = self._attention(layer).scaling

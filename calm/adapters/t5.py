@@ -157,6 +157,7 @@ class T5Adapter(Adapter):
         v: torch.Tensor,
         ctx: StepContext,
         rows: torch.Tensor | None = None,
+        q: torch.Tensor | None = None,  # never made: this family's qkv is kv's
     ) -> torch.Tensor:
         block = self.layers[layer]
         self_attn = block.layer[0].SelfAttention

@@ -167,10 +167,10 @@ def forward_layers(
     out = pick(h, rows)  # [R, T, D]
     for i in layers:
         x = a.attn_input(i, out)
-        k, v = a.kv(i, x, ctx, rows)
+        q, k, v = a.qkv(i, x, ctx, rows)
         cache.write(i, start, k, v, sel)
         kc, vc = cache.keys_values(i, end, sel)
-        out = a.finish_layer(i, out, x, kc, vc, ctx, rows)
+        out = a.finish_layer(i, out, x, kc, vc, ctx, rows, q)
     return out if rows is None else h.index_copy(0, rows, out)
 
 
@@ -235,14 +235,14 @@ def decode_one_token(
     exited_any = False
     for i in range(a.num_layers):
         x = a.attn_input(i, pick(h, live))  # [R, 1, D]
-        k, v = a.kv(i, x, ctx, live)
+        q, k, v = a.qkv(i, x, ctx, live) if compute is live else (None, *a.kv(i, x, ctx, live))  # q: compute's
         cache.write(i, slot, k, v, sel)
         x = x if live is None else torch.zeros_like(h).index_copy(0, live, x)  # [B, 1, D]
         kc, vc = cache.keys_values(i, slot + 1)
         if layer_ctx.row_attention is None and compute is not None:
             kc, vc = kc.index_select(0, compute), vc.index_select(0, compute)
         h_in = pick(h, compute)
-        h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute)
+        h_out = a.finish_layer(i, h_in, pick(x, compute), kc, vc, layer_ctx, compute, q)
         going = pick(running, compute)  # [C]
         h_new = torch.where(going[:, None, None], h_out, h_in) if exited_any else h_out  # until an exit: all going
         h = h_new if compute is None else h.index_copy(0, compute, h_new)
