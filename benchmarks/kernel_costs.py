@@ -5,8 +5,8 @@
 2. a speculative verification of 1-8 positions from the embeddings against one plain decode step, at full depth,
    both scoring their tokens, after a 256-token XSum prompt (what decides whether drafts pay: on the AMD EPYC of
    speculative_smollm2.md 3-5 positions cost 0.94-0.97x one);
-3. the LM head's greedy argmax at 1, 2, 4 and 8 rows (calm.engine.lm_head): its bfloat16 copy and the packed float32
-   head, what certifying costs scored either way, and what calm runs;
+3. the LM head's greedy argmax at 1-16 rows of real final states (calm.engine.lm_head): its int8 copy and the packed
+   float32 head, and the certified argmax as calm runs it (int8 up to 8 rows, float32 beyond);
 4. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native
    weights) against a float32 dequantise-and-dot that torch.compile fuses into one kernel per linear (exact to
    float32 rounding, unlike the int4 kernel's bfloat16).
@@ -34,6 +34,8 @@ from calm.engine.kernels import linear, only_slots, packed_linears
 from calm.engine.quantized import QuantBlocks, QuantizedLinear
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.speculative.verification import slot_context
+
+HEAD_ROWS = (1, 2, 4, 8, 16)
 
 
 def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -63,13 +65,18 @@ def linears(model: CalmModel, repeats: int) -> dict[str, float]:
     return medians(fns, repeats)
 
 
-def verification(model: CalmModel, repeats: int) -> dict[str, float]:
+def xsum_ids(model: CalmModel) -> torch.Tensor:
+    """The first XSum test document cut to 256 tokens, in the summary prompt: ids [T]."""
     from calm.eval.summarize import document_prompts
     from calm.prompts.documents import read_jsonl
 
-    net = model.network
     prompt = document_prompts(model, read_jsonl("../shared/data/xsum/test.jsonl", limit=1), 32, max_doc_tokens=256)
-    ids = model.encode_prompts([prompt[0].text], 32).ids[0]
+    return model.encode_prompts([prompt[0].text], 32).ids[0]
+
+
+def verification(model: CalmModel, repeats: int) -> dict[str, float]:
+    net = model.network
+    ids = xsum_ids(model)
     with packed_linears(net.adapter.model, "auto"):
         state, first = _start(net, PromptBatch(ids[None], torch.ones(1, ids.shape[0], dtype=torch.bool)), 64)
         prefill(net, first, state)
@@ -97,16 +104,23 @@ def verification(model: CalmModel, repeats: int) -> dict[str, float]:
         return medians({"plain decode step": plain, **{f"verify {w}": verify(w) for w in widths}}, repeats)
 
 
+def final_states(model: CalmModel, rows: int) -> torch.Tensor:
+    """Real inputs of the LM head: the final (normed) states [rows, D] of an XSum prompt's last positions."""
+    ids = xsum_ids(model)
+    return model.model(ids[None], output_hidden_states=True).hidden_states[-1][0, -rows:]
+
+
 def lm_head(model: CalmModel, repeats: int) -> dict[str, float]:
     net = model.network
     argmax, weight = net.argmax, net.adapter.head_module.weight.detach()
-    if argmax is None or argmax.weight is None:
-        raise SystemExit("the model's LM head has no certified float32 argmax")
+    if argmax is None or argmax.weight is None or argmax.int8 is None:
+        raise SystemExit("the model's LM head has no certified float32 argmax with an int8 copy")
+    int8, states = argmax.int8, final_states(model, 16)
     fns: dict[str, Callable[[], object]] = {}
     with packed_linears(net.adapter.model, "auto"):
-        for rows in (1, 2, 4, 8):
-            x = torch.randn(rows, weight.shape[1])
-            fns[f"bfloat16 copy, {rows} rows"] = lambda x=x: linear(x.bfloat16(), argmax.low)
+        for rows in HEAD_ROWS:
+            x = states[:rows]
+            fns[f"int8 copy, {rows} rows"] = lambda x=x: int8.scores(x)
             fns[f"float32 packed, {rows} rows"] = lambda x=x: linear(x, weight)
             fns[f"certified argmax, {rows} rows"] = lambda x=x: argmax(x)
         return medians(fns, repeats)
@@ -172,9 +186,10 @@ def markdown(r: dict) -> str:
     lines += ["", "| full depth after a 256-token prompt, with its tokens | ms | vs the plain step |", "|---|---|---|"]
     lines += [f"| {k} | {1000 * v:.1f} | {v / plain:.2f}× |" for k, v in ver.items()]
     head = r["lm_head_s"]
-    lines += ["", "| the LM head (49152 x 576) | 1 row | 2 rows | 4 rows | 8 rows |", "|---|---|---|---|---|"]
-    for name in ("bfloat16 copy", "float32 packed", "certified argmax"):
-        cells = [f"{1000 * head[name + f', {n} rows']:.1f} ms" for n in (1, 2, 4, 8)]
+    lines += ["", f"| the LM head (49152 x 576), on real final states | {' | '.join(f'{n} rows' for n in HEAD_ROWS)} |"]
+    lines += ["|---" * (len(HEAD_ROWS) + 1) + "|"]
+    for name in ("int8 copy", "float32 packed", "certified argmax"):
+        cells = [f"{1000 * head[name + f', {n} rows']:.1f} ms" for n in HEAD_ROWS]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "| the 210 linear shapes on random Q4_1 blocks, 1 row | ms |", "|---|---|"]
     lines += [f"| {k} | {1000 * v:.1f} |" for k, v in nat["seconds"].items()]

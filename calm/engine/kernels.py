@@ -86,8 +86,8 @@ def uses_onednn(kernels: str) -> bool:
 @contextmanager
 def packed_linears(model: torch.nn.Module, kernels: str = "auto") -> Iterator[None]:
     """Inside the block, every packable nn.Linear of `model` runs oneDNN's linear on its packed weight,
-    and so does `linear` (calm's own matmuls, such as the bfloat16 LM head of calm.engine.lm_head). A model with
-    nothing to pack (on a GPU, in half precision) runs as it is."""
+    and so does `linear` (calm's own matmuls, such as calm.engine.lm_head's float32 head scoring many rows).
+    A model with nothing to pack (on a GPU, in half precision) runs as it is."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and packable(m)]
     if not linears or not uses_onednn(kernels):
         yield

@@ -2,55 +2,50 @@
 
 On a CPU the LM head (49152 x 576 floats for SmolLM2, 113 MB) costs as much as ten decoder
 layers, and it is paid for every token however early the token exits. For greedy decoding only
-the argmax is needed, so `CertifiedArgmax` scores the vocabulary with a bfloat16 copy of the head
-(half the bytes), bounds each score's rounding error, and recomputes in float32 only the few
-tokens whose bound reaches the best guaranteed score. The result is the float32 argmax: a token
-is skipped only when its exact logit is provably below another's.
+the argmax is needed, so `CertifiedArgmax` scores the vocabulary approximately, bounds each score's
+error, and recomputes in float32 only the few tokens whose bound reaches the best guaranteed score.
+The result is the float32 argmax: a token is skipped only when its exact logit is provably below another's.
 
-A native head (calm.engine.quantized.QuantizedLinear) is scored the same way: its int4 kernel rounds the
-activations, the block scales and its output to bfloat16 (at most 2^-8 + 2^-9 of sum |w x| in all, under
-REL_ERROR), and the candidates are recomputed in float32 on their dequantised rows, the float32 weights
-themselves: the argmax is the float32 model's for the same final state.
+The approximate scores, for up to INT8_MAX_ROWS rows (a decode step, a verification's slots), come from an
+int8 copy of the head: each row w requantised to codes q with one bfloat16 scale s, through torch's int8
+weight-only kernel with bfloat16 activations (SmolLM2's head on an AVX-512 Xeon: 3.1 ms for 1-2 rows, 4.4 for
+4, against 7.8 for a bfloat16 copy and 8.9-11.1 for the packed float32 head). Its error is bounded per row:
+the requantisation's exactly (|w - s q| is stored per row: Cauchy-Schwarz against |x|), the activations' and
+the output's bfloat16 rounding and float32 accumulation relative to |s q| |x| (`int8_error`). A native head
+(calm.engine.quantized.QuantizedLinear) gets its int8 copy from its dequantised rows, the float32 weights.
 
-Several rows at once (a verification's drafted slots, a batch) are scored with the float32 head itself where
-it runs packed (calm.engine.kernels): on a CPU without native bfloat16 arithmetic oneDNN's bfloat16 matmul is
-compute-bound and costs about the rows times one row's (SmolLM2 on an AVX-512 Xeon: 13.2 ms for 4 rows against
-8.7 ms in float32), while the packed float32 head costs about the same for 1 to 8 rows. Its bound is float32
-accumulation's, so the candidates are as few as ever and the recomputed argmax is the same as one row's.
-That bound is tight enough that each row's best score nearly always clears its second by more than twice the
-widest bound; then the best is the only candidate, and it is returned without the candidates' bookkeeping.
+More rows (a batch of 16) are scored by the float32 head itself (packed where calm.engine.kernels packs it:
+18.7 ms for 16 rows against the int8 copy's 25.5), whose bound is float32 accumulation's; a native head keeps
+the int8 copy (27 ms for 16 rows against its int4 kernel's 38, whose looser bound leaves more candidates), and
+scores on its int4 kernel (REL_ERROR) only where torch lacks the int8 kernel. Where a row's best
+score clears its second by more than twice the widest bound, the best is the only candidate and is returned
+without the candidates' bookkeeping: nearly always under float32's tight bound.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from calm.engine.kernels import linear, packing
+from calm.engine.kernels import linear
 from calm.engine.quantized import QuantizedLinear
 
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
 # of x (2^-8 each, relative), their product, and float32 accumulation over <= 8192 terms, with margin.
 REL_ERROR = 0.0125
-
-
-FLOAT32_MIN_ROWS = 2  # rows from which a packed float32 head scores faster than the bfloat16 copy
-NORM_CHUNK = 4096  # rows of a native head dequantised at a time for its row norms
+INT8_MAX_ROWS = 8  # rows up to which the int8 copy scores a float32 head (8 rows: 11 ms, the packed float32 head 14)
+ROW_CHUNK = 4096  # head rows requantised at a time (a native head's are dequantised first)
 
 
 class CertifiedArgmax:
     def __init__(self, weight: torch.Tensor | None, native: QuantizedLinear | None = None):
         """weight: the LM head [V, D] (float32), or native: a QuantizedLinear head; without bias."""
-        self.weight = weight
+        self.weight = weight.detach() if weight is not None else None
         self.native = native
-        if native is not None:
-            chunks = range(0, native.out_features, NORM_CHUNK)
-            rows = [torch.arange(i, min(i + NORM_CHUNK, native.out_features)) for i in chunks]
-            self.row_norms = torch.cat([native.dequantize_rows(r).norm(dim=1) for r in rows])  # [V]
-        else:
-            assert weight is not None
-            self.low = weight.detach().to(torch.bfloat16)  # [V, D]
-            self.row_norms = weight.detach().float().norm(dim=1)  # [V]
-        self.max_norm = float(self.row_norms.max())
+        vocab = native.out_features if native is not None else weight.shape[0]  # type: ignore[union-attr]
+        self.int8 = Int8Rows.build(self._rows, vocab) if int8_available() else None
+        self.float_widths = self._row_norms(vocab)  # [V]: |w_v|, times the float scorers' relative error
 
     @classmethod
     def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:
@@ -61,15 +56,24 @@ class CertifiedArgmax:
             return None
         return cls(head.weight)
 
-    def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Scores [R, V] of x [R, D] and their error relative to |w| |x|."""
+    def _row_norms(self, vocab: int) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight.float().norm(dim=1)
+        chunks = [torch.arange(i, min(i + ROW_CHUNK, vocab)) for i in range(0, vocab, ROW_CHUNK)]
+        return torch.cat([self._rows(rows).norm(dim=1) for rows in chunks])
+
+    def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Scores [R, V] of x [R, D], each token's bound per unit |x| [V], and whether that bound is float32's
+        (tight: the best score nearly always clears the rest)."""
+        if self.int8 is not None and (x.shape[0] <= INT8_MAX_ROWS or self.native is not None):
+            return self.int8.scores(x), self.int8.widths, False
         if self.native is not None:
-            return self.native.int4(x), REL_ERROR
-        if self.weight is not None and x.shape[0] >= FLOAT32_MIN_ROWS and packing():
-            return linear(x, self.weight), float32_error(x.shape[1])
-        return linear(x.to(torch.bfloat16), self.low).float(), REL_ERROR
+            return self.native.int4(x), REL_ERROR * self.float_widths, False
+        assert self.weight is not None
+        return linear(x, self.weight), float32_error(x.shape[1]) * self.float_widths, True
 
     def _rows(self, cols: torch.Tensor) -> torch.Tensor:
+        """The head's rows `cols` [C] in float32 [C, D]: the weight's, or a native head's dequantised."""
         if self.native is not None:
             return self.native.dequantize_rows(cols)
         assert self.weight is not None
@@ -78,19 +82,63 @@ class CertifiedArgmax:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D]: the LM head's input (after the final norm) -> argmax of x @ weight.T, [R]."""
         x = x.float()
-        approx, rel_error = self._approx(x)  # [R, V]
-        if rel_error < REL_ERROR and approx.shape[1] > 1:  # float32 scores: the best is nearly always clear
+        approx, widths, tight = self._approx(x)  # [R, V], [V]
+        norms = x.norm(dim=1, keepdim=True)  # [R, 1]
+        if tight and approx.shape[1] > 1:
             top = approx.topk(2, dim=1)  # [R, 2]
-            widest = rel_error * x.norm(dim=1) * self.max_norm  # [R]: no token's bound is wider
+            widest = norms[:, 0] * widths.max()  # [R]: no token's bound is wider
             if bool((top.values[:, 0] - top.values[:, 1] > 2 * widest).all()):  # one host sync
                 return top.indices[:, 0]  # each row's best scores clear of every other token's: no candidate else
-        bound = rel_error * x.norm(dim=1, keepdim=True) * self.row_norms  # [R, V]
+        bound = norms * widths  # [R, V]
         best_floor = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = (approx + bound >= best_floor).nonzero(as_tuple=True)  # candidates
         exact = (self._rows(cols) * x.index_select(0, rows)).sum(-1)  # [C]
         scores = torch.full_like(approx, float("-inf"))
         scores[rows, cols] = exact
         return scores.argmax(dim=1)
+
+
+class Int8Rows:
+    """A head's rows as int8 codes with one bfloat16 scale each, and each row's bound per unit |x|."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, widths: torch.Tensor) -> None:
+        self.codes = codes  # [V, D] int8
+        self.scales = scales  # [V] bfloat16
+        self.widths = widths  # [V] float32: |w - s q| + int8_error(D) |s q|
+
+    @classmethod
+    def build(cls, rows_of: Callable[[torch.Tensor], torch.Tensor], vocab: int) -> Int8Rows:
+        """From rows_of(cols [C]) -> float32 rows [C, D], ROW_CHUNK rows at a time."""
+        chunks = [torch.arange(i, min(i + ROW_CHUNK, vocab)) for i in range(0, vocab, ROW_CHUNK)]
+        codes, scales, widths = (torch.cat(p) for p in zip(*(_requantise(rows_of(c)) for c in chunks)))
+        return cls(codes, scales, widths)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [R, D] float32 -> approximate logits [R, V] float32."""
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales).float()
+
+
+def _requantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows w [C, D] float32 -> codes [C, D] int8, scales [C] bfloat16, widths [C]: s = max|w| / 127 in
+    bfloat16, q = round(w / s). s q is exact in float32 (8 + 7 significant bits), and so is w - s q (within a
+    factor of 2 of each other where q != 0, Sterbenz); the norms' float32 rounding is covered by `margin`."""
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)  # [C]
+    s = scales.float()[:, None]
+    codes = (w / s).round().clamp(-127, 127)  # [C, D]
+    requantised = s * codes
+    margin = 1 + 2 * w.shape[1] * 2.0**-24 + 1e-6
+    widths = (w - requantised).norm(dim=1) * margin + int8_error(w.shape[1]) * requantised.norm(dim=1) * margin
+    return codes.to(torch.int8), scales, widths * margin
+
+
+def int8_error(terms: int) -> float:
+    """The int8 kernel's error relative to |s q| |x|: bfloat16 rounding of the activations (2^-9) and of the
+    output (2^-9 of at most (1 + 2^-9) |s q| |x|), float32 accumulation over `terms` products (doubled), margin."""
+    return 2.0**-8 + 2.0**-12 + 4 * terms * 2.0**-24
+
+
+def int8_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def float32_error(terms: int) -> float:
