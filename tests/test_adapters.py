@@ -469,3 +469,18 @@ def test_rotary_from_ready_tables_is_transformers_rotary_bit_for_bit():
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
     ready = ready_rope(cos, sin)
     assert torch.equal(apply_ready_rope(q, *ready), q_ref) and torch.equal(apply_ready_rope(k, *ready), k_ref)
+
+
+def test_queries_with_ends_attend_as_one_token_steps_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    cache_k, cache_v = torch.randn(1, 3, 200, 64, generator=g), torch.randn(1, 3, 200, 64, generator=g)
+    q = torch.randn(1, 4, 9, 64, generator=g).transpose(1, 2)  # [1, H, T, D], as a projection gives it
+    masked_differs = False
+    for end in range(20, 140):  # the T = 4 new slots end..end+3 cross multiples of 16 keys
+        ends = tuple(range(end - 3, end + 1))
+        k, v = cache_k[:, :, :end], cache_v[:, :, :end]
+        alone = [attend(q[:, :, t : t + 1], k[:, :, :e], v[:, :, :e], None, 0.125) for t, e in enumerate(ends)]
+        assert torch.equal(attend(q, k, v, None, 0.125, ends=ends), torch.cat(alone, dim=1))
+        mask = attention_mask(torch.ones(1, end, dtype=torch.bool), end - 4, 4)
+        masked_differs |= not torch.equal(attend(q, k, v, mask, 0.125), torch.cat(alone, dim=1))
+    assert masked_differs  # what ends is for: one masked call is not bit for bit one-token steps

@@ -55,6 +55,9 @@ class StepContext:
     encoder: EncoderMemory | None = None
     extras: dict = field(default_factory=dict)
     row_attention: RowAttention | None = None  # None: every query row attends at once
+    # one row's T > 1 new tokens, each attending slots 0..query_ends[t]-1 and no others (a verified chain, no
+    # holes): attention runs query by query without a mask, bit for bit what a one-token step computes
+    query_ends: tuple[int, ...] | None = None
     window: int | None = None  # sliding-window layers: keys within `window` slots
     window_mask: torch.Tensor | None = None  # their [B, 1, T, S] mask; None: every key is in reach
 
@@ -118,13 +121,21 @@ def attend(
     per_row: RowAttention | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    ends: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D].
+
+    With ends (B = 1, no window or bias), query t attends keys 0..ends[t]-1, one call each without a mask:
+    exactly what a one-token step computes for it. One masked call over all T rounds differently where the
+    keys' count crosses a vector width (SDPA's CPU kernel: 1e-7 apart, enough to flip a bfloat16 rounding).
 
     With per_row, k and v are the whole batch's cache and only the listed queries attend (see
     RowAttention); mask is then not used (the slices hold real slots only, and for a sliding
     `window` only the last `window` of them: per-row attention is for one decode query, T = 1).
     With softcap, scores s become softcap * tanh(s / softcap) before the softmax (Gemma 2)."""
+    if ends is not None and window is None and bias is None and q.shape[0] == 1 and per_row is None:
+        return torch.cat([_attend_batch(q[:, :, t : t + 1], k[:, :, :e], v[:, :, :e], None, scale, None, softcap)
+                          for t, e in enumerate(ends)], dim=1)  # fmt: skip
     if per_row is None:
         return _attend_batch(q, k, v, mask, scale, bias, softcap)
     b, h, t, d = q.shape

@@ -93,7 +93,8 @@ class GPT2Adapter(Adapter):
         q = self._project(layer, x, 0, 1)
         if self.upcast and q.dtype != torch.float32:
             q, k, v = q.float(), k.float(), v.float()
-        out = attend(q, k, v, pick(ctx.mask, rows), self.scales[layer], per_row=ctx.row_attention).to(h.dtype)
+        out = attend(q, k, v, pick(ctx.mask, rows), self.scales[layer], per_row=ctx.row_attention, ends=ctx.query_ends)
+        out = out.to(h.dtype)
         h = h + block.attn.c_proj(out)
         return h + block.mlp(block.ln_2(h))
 

@@ -320,7 +320,15 @@ class LlamaAdapter(Adapter):
         mask = ctx.mask if window is None else ctx.window_mask
         scale = self._attention(layer).scaling
         out = attend(
-            q, k, v, pick(mask, rows), scale, per_row=ctx.row_attention, window=window, softcap=self.traits.attn_softcap
+            q,
+            k,
+            v,
+            pick(mask, rows),
+            scale,
+            per_row=ctx.row_attention,
+            window=window,
+            softcap=self.traits.attn_softcap,
+            ends=ctx.query_ends,
         )
         return self._residual(layer, h, x, self._attn_out(layer, out))
 

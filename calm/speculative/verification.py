@@ -46,7 +46,8 @@ def slot_context(
     mask = state.cache.key_mask
     slot_positions = mask.long().cumsum(-1) - 1  # [B, S]
     if tree is None:
-        return net.adapter.context(positions, mask, start, state.encoder, slot_positions)
+        ctx = net.adapter.context(positions, mask, start, state.encoder, slot_positions)
+        return replace(ctx, query_ends=chain_ends(mask, start, positions.shape[1]))
     t = positions.shape[1]
     slot_positions[:, start : start + t] = positions
     ctx = net.adapter.context(positions, mask, start, state.encoder, slot_positions)
@@ -55,6 +56,15 @@ def slot_context(
     tree_mask = attention_mask(mask, start, t) if ctx.mask is None else ctx.mask.clone()  # [B, 1, T, S]
     tree_mask[..., start : start + t] &= tree[:, None]
     return replace(ctx, mask=tree_mask)
+
+
+def chain_ends(key_mask: torch.Tensor, start: int, t: int) -> tuple[int, ...] | None:
+    """Each new slot's key count where one row's T > 1 new slots follow real slots only (no padding, no holes):
+    slot start+j attends slots 0..start+j, as the one-token step there would (calm.adapters.base.attend);
+    None otherwise (one host sync)."""
+    if key_mask.shape[0] != 1 or t < 2 or not bool(key_mask[0, :start].all()):
+        return None
+    return tuple(range(start + 1, start + t + 1))
 
 
 def draft_positions(state: DecodeState, counts: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
