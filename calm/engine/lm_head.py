@@ -8,14 +8,14 @@ The result is the float32 argmax: a token is skipped only when its exact logit i
 
 The approximate scores, for up to INT8_MAX_ROWS rows (a decode step, a verification's slots), come from an
 int8 copy of the head: each row w requantised to codes q with one bfloat16 scale s, through torch's int8
-weight-only kernel with bfloat16 activations (SmolLM2's head on an AVX-512 Xeon: 3.1 ms for 1-2 rows, 4.4 for
-4, against 7.8 for a bfloat16 copy and 8.9-11.1 for the packed float32 head). Its error is bounded per row:
+weight-only kernel with bfloat16 activations (SmolLM2's head on an AVX-512 Xeon, kernel_costs_smollm2.md:
+4.1-4.9 ms for 1-4 rows against 7.7-9.0 for the packed float32 head; a bfloat16 copy cost 7.8 for one row). Its error is bounded per row:
 the requantisation's exactly (|w - s q| is stored per row: Cauchy-Schwarz against |x|), the activations' and
 the output's bfloat16 rounding and float32 accumulation relative to |s q| |x| (`int8_error`). A native head
 (calm.engine.quantized.QuantizedLinear) gets its int8 copy from its dequantised rows, the float32 weights.
 
-More rows (a batch of 16) are scored by the float32 head itself (packed where calm.engine.kernels packs it:
-18.7 ms for 16 rows against the int8 copy's 25.5), whose bound is float32 accumulation's; a native head keeps
+More rows (a batch of 8 or 16) are scored by the float32 head itself (packed where calm.engine.kernels packs
+it: 13.0 ms for 16 rows against the int8 copy's 17.3), whose bound is float32 accumulation's; a native head keeps
 the int8 copy (27 ms for 16 rows against its int4 kernel's 38, whose looser bound leaves more candidates), and
 scores on its int4 kernel (REL_ERROR) only where torch lacks the int8 kernel. Where a row's best
 score clears its second by more than twice the widest bound, the best is the only candidate and is returned
@@ -34,7 +34,8 @@ from calm.engine.quantized import QuantizedLinear
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
 # of x (2^-8 each, relative), their product, and float32 accumulation over <= 8192 terms, with margin.
 REL_ERROR = 0.0125
-INT8_MAX_ROWS = 8  # rows up to which the int8 copy scores a float32 head (8 rows: 11 ms, the packed float32 head 14)
+INT8_MAX_ROWS = 4  # rows up to which the int8 copy scores a float32 head (kernel_costs_smollm2.md: 6.7 ms certified
+# at 4 rows against 9.0 for the packed float32 head alone; at 8 rows 13.1 against 10.5)
 ROW_CHUNK = 4096  # head rows requantised at a time (a native head's are dequantised first)
 
 
