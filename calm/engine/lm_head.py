@@ -9,10 +9,11 @@ The result is the float32 argmax: a token is skipped only when its exact logit i
 The approximate scores, for up to INT8_MAX_ROWS rows (a decode step, a verification's slots), come from an
 int8 copy of the head: each row w requantised to codes q with one bfloat16 scale s, through torch's int8
 weight-only kernel with bfloat16 activations (SmolLM2's head on an AVX-512 Xeon, kernel_costs_smollm2.md:
-4.1-4.9 ms for 1-4 rows against 7.7-9.0 for the packed float32 head; a bfloat16 copy cost 7.8 for one row). Its error is bounded per row:
-the requantisation's exactly (|w - s q| is stored per row: Cauchy-Schwarz against |x|), the activations' and
-the output's bfloat16 rounding and float32 accumulation relative to |s q| |x| (`int8_error`). A native head
-(calm.engine.quantized.QuantizedLinear) gets its int8 copy from its dequantised rows, the float32 weights.
+4.1-4.9 ms for 1-4 rows against 7.7-9.0 for the packed float32 head; a bfloat16 copy cost 7.8 for one row).
+Its error is bounded per row: the requantisation's exactly (|w - s q| is stored per row: Cauchy-Schwarz against
+|x|), the activations' and the output's bfloat16 rounding and float32 accumulation relative to |s q| |x|
+(`int8_error`). A native head (calm.engine.quantized.QuantizedLinear) gets its int8 copy from its dequantised
+rows, the float32 weights.
 
 More rows (a batch of 8 or 16) are scored by the float32 head itself (packed where calm.engine.kernels packs
 it: 13.0 ms for 16 rows against the int8 copy's 17.3), whose bound is float32 accumulation's; a native head keeps
