@@ -33,7 +33,6 @@ Only CPU tensors: torch's CUDA int4 kernel packs differently (unmeasured here; n
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,13 +209,16 @@ class QuantizedLinear(torch.nn.Module):
         if len(members) < 2 or not all(_stackable(m, members[0]) for m in members):
             return None
         parts: list[QuantizedLinear] = list(members)  # type: ignore[arg-type]  # checked by _stackable
-        stack = copy.copy(parts[0])  # a shallow copy: the module's settings; every tensor is replaced below
-        stack._buffers = dict(stack._buffers)
-        stack.__dict__.pop("_joint", None)
+        stack = QuantizedLinear.__new__(QuantizedLinear)  # built from the parts' tensors, not from blocks
+        torch.nn.Module.__init__(stack)
+        first = parts[0]
+        stack.kind, stack.in_features, stack.planes, stack.keep_codes = (
+            first.kind, first.in_features, first.planes, first.keep_codes
+        )  # fmt: skip
         stack.out_features = sum(m.out_features for m in parts)
-        for name, dim in (("packed", 0), ("scales", 0), ("mins", 0), ("bias", 0), ("scales_zeros", 1)):
+        for name, dim in (("packed", 0), ("scales", 0), ("mins", 0), ("bias", 0), ("scales_zeros", 1), ("codes", 0)):
             tensors = [getattr(m, name) for m in parts]
-            stack._buffers[name] = None if tensors[0] is None else torch.cat(tensors, dim=dim)
+            stack.register_buffer(name, None if tensors[0] is None else torch.cat(tensors, dim=dim))
         start = 0
         for m in parts:
             rows = slice(start, start + m.out_features)
