@@ -104,3 +104,10 @@ def test_rows_whose_best_float32_score_is_clear_skip_the_recomputation(monkeypat
         assert torch.equal(tied_argmax(y), (y @ tied.weight.T).argmax(1))
     if onednn_available():
         assert clear_counts == [] and len(tied_counts) == 1 and tied_counts[0] >= 24  # two candidates per tied row
+
+
+def test_heads_whose_width_the_int8_kernel_cannot_step_through_keep_float32_scores():
+    g = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(500, 40, generator=g), torch.randn(3, 40, generator=g)  # 40: not a multiple of 16
+    argmax = CertifiedArgmax(weight)
+    assert argmax.int8 is None and torch.equal(argmax(x), (x @ weight.T).argmax(1))

@@ -46,7 +46,8 @@ class CertifiedArgmax:
         self.weight = weight.detach() if weight is not None else None
         self.native = native
         vocab = native.out_features if native is not None else weight.shape[0]  # type: ignore[union-attr]
-        self.int8 = Int8Rows.build(self._rows, vocab) if int8_available() else None
+        width = native.in_features if native is not None else weight.shape[1]  # type: ignore[union-attr]
+        self.int8 = Int8Rows.build(self._rows, vocab) if int8_available(width) else None
         self.float_widths = self._row_norms(vocab)  # [V]: |w_v|, times the float scorers' relative error
 
     @classmethod
@@ -117,7 +118,8 @@ class Int8Rows:
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D] float32 -> approximate logits [R, V] float32."""
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.codes, self.scales).float()
+        x16 = x.to(torch.bfloat16).contiguous()  # [R, D]: rows 32-byte aligned (D % 16 == 0)
+        return torch.ops.aten._weight_int8pack_mm(x16, self.codes, self.scales).float()
 
 
 def _requantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,8 +141,10 @@ def int8_error(terms: int) -> float:
     return 2.0**-8 + 2.0**-12 + 4 * terms * 2.0**-24
 
 
-def int8_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+def int8_available(width: int) -> bool:
+    """Whether torch has the int8 kernel for rows of `width`: its x86 paths load 16 (AVX-512) or 8 (AVX2)
+    activations at a time, aligned, with no tail."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm") and width % 16 == 0
 
 
 def float32_error(terms: int) -> float:
