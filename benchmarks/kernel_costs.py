@@ -6,7 +6,7 @@
    both scoring their tokens, after a 256-token XSum prompt (what decides whether drafts pay: on the AMD EPYC of
    speculative_smollm2.md 3-5 positions cost 0.94-0.97x one);
 3. the LM head's greedy argmax at 1-16 rows of real final states (calm.engine.lm_head): its int8 copy and the packed
-   float32 head, and the certified argmax as calm runs it (int8 up to 8 rows, float32 beyond);
+   float32 head, and the certified argmax as calm runs it (int8 up to lm_head.INT8_MAX_ROWS rows, float32 beyond);
 4. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native
    weights) against a float32 dequantise-and-dot that torch.compile fuses into one kernel per linear (exact to
    float32 rounding, unlike the int4 kernel's bfloat16).

@@ -111,3 +111,13 @@ def test_heads_whose_width_the_int8_kernel_cannot_step_through_keep_float32_scor
     weight, x = torch.randn(500, 40, generator=g), torch.randn(3, 40, generator=g)  # 40: not a multiple of 16
     argmax = CertifiedArgmax(weight)
     assert argmax.int8 is None and torch.equal(argmax(x), (x @ weight.T).argmax(1))
+
+
+def test_the_int8_copy_follows_the_head_changed_in_place():
+    g = torch.Generator().manual_seed(7)
+    weight, x = torch.randn(500, 64, generator=g), torch.randn(3, 64, generator=g)
+    argmax = CertifiedArgmax(weight)
+    assert argmax.int8 is not None and torch.equal(argmax(x), (x @ weight.T).argmax(1))
+    with torch.no_grad():
+        weight.mul_(-1)  # every row's best is now its worst
+    assert torch.equal(argmax(x), (x @ weight.T).argmax(1))

@@ -347,3 +347,30 @@ def test_queries_keys_and_values_of_a_step_come_from_one_kernel_call():
         patch.setattr(QuantizedLinear, "joint", lambda self, members: None)
         alone, alone_calls = run(_q4_1_llama(), 4)
     assert alone == tokens and alone_calls > calls  # the same tokens, bit for bit, in more calls
+
+
+def test_stacked_weights_compile_stay_single_and_outlive_inference_mode():
+    """The static step compiles with the members one by one (stacks are built eagerly, never under
+    torch.compile); a member joins one stack only, so K and V are held once; stacks built inside inference
+    mode leave normal tensors behind (the weights still load), and a copy does not share its original's stack."""
+    import copy
+
+    from calm.adapters import adapter_for
+    from calm.engine.decode import Network
+    from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+
+    model = _q4_1_llama()
+    net = Network.build(adapter_for(model))
+    prompt = PromptBatch(torch.tensor([[2, 5, 6, 7, 8]]), torch.ones(1, 5, dtype=torch.bool))
+    outputs = {}
+    for engine in ({}, {"engine": "static", "compile": "eager"}):
+        config = GenerationConfig(max_new_tokens=5, eos_token_ids=(), pad_token_id=0, **engine)
+        with torch.inference_mode():
+            outputs[bool(engine)] = generate_tokens(net, prompt, ExitPolicy.never(), config).token_ids
+    assert outputs[True] == outputs[False]
+    attn = model.model.layers[0].self_attn
+    assert joint((attn.q_proj, attn.k_proj, attn.v_proj)) is not None and joint((attn.k_proj, attn.v_proj)) is None
+    assert not attn.k_proj.packed.is_inference()
+    model.load_state_dict(model.state_dict())
+    clone = copy.deepcopy(model)
+    assert "_joint" not in clone.model.layers[0].self_attn.q_proj.__dict__

@@ -25,11 +25,12 @@ without the candidates' bookkeeping: nearly always under float32's tight bound.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
-from calm.engine.kernels import linear
+from calm.engine.kernels import _version, linear
 from calm.engine.quantized import QuantizedLinear
 
 # |exact - approx| <= REL_ERROR * sum_i |w_i x_i| <= REL_ERROR * |w| |x|: bfloat16 rounding of w and
@@ -49,6 +50,7 @@ class CertifiedArgmax:
         width = native.in_features if native is not None else weight.shape[1]  # type: ignore[union-attr]
         self.int8 = Int8Rows.build(self._rows, vocab) if int8_available(width) else None
         self.float_widths = self._row_norms(vocab)  # [V]: |w_v|, times the float scorers' relative error
+        self.version = _version(self.weight) if self.weight is not None else -1  # a native head's blocks do not change
 
     @classmethod
     def for_head(cls, head: torch.nn.Module) -> CertifiedArgmax | None:
@@ -64,6 +66,15 @@ class CertifiedArgmax:
             return self.weight.float().norm(dim=1)
         chunks = [torch.arange(i, min(i + ROW_CHUNK, vocab)) for i in range(0, vocab, ROW_CHUNK)]
         return torch.cat([self._rows(rows).norm(dim=1) for rows in chunks])
+
+    def _refresh(self) -> None:
+        """Rebuild the int8 copy and the row norms after the float32 head changed in place (its version moved)."""
+        version = _version(self.weight) if self.weight is not None else -1
+        if version != self.version:
+            self.version = version
+            vocab = self.float_widths.shape[0]
+            self.int8 = Int8Rows.build(self._rows, vocab) if self.int8 is not None else None
+            self.float_widths = self._row_norms(vocab)
 
     def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Scores [R, V] of x [R, D], each token's bound per unit |x| [V], and whether that bound is float32's
@@ -85,6 +96,7 @@ class CertifiedArgmax:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D]: the LM head's input (after the final norm) -> argmax of x @ weight.T, [R]."""
         x = x.float()
+        self._refresh()
         approx, widths, tight = self._approx(x)  # [R, V], [V]
         norms = x.norm(dim=1, keepdim=True)  # [R, 1]
         if tight and approx.shape[1] > 1:
@@ -142,9 +154,26 @@ def int8_error(terms: int) -> float:
 
 
 def int8_available(width: int) -> bool:
-    """Whether torch has the int8 kernel for rows of `width`: its x86 paths load 16 (AVX-512) or 8 (AVX2)
-    activations at a time, aligned, with no tail."""
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm") and width % 16 == 0
+    """Whether torch has the int8 kernel for rows of `width` (its x86 paths load 16 (AVX-512) or 8 (AVX2)
+    activations at a time, aligned, with no tail), computing as `int8_error` assumes."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm") and width % 16 == 0 and _int8_products_exact()
+
+
+@functools.cache
+def _int8_products_exact() -> bool:
+    """Probe: the kernel multiplies each code by its scale in float32 (exact: 8 + 7 significant bits), not
+    rounded to bfloat16 first as some builds do, which int8_error does not cover. With s = 1 + 2^-7,
+    127 s - 126 s is s exactly; rounded products would give 1."""
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    x[0, :2] = torch.tensor([1.0, -1.0])
+    codes = torch.zeros(1, 16, dtype=torch.int8)
+    codes[0, :2] = torch.tensor([127, 126], dtype=torch.int8)
+    scale = torch.tensor([1 + 2.0**-7], dtype=torch.bfloat16)
+    try:
+        out = torch.ops.aten._weight_int8pack_mm(x, codes, scale)
+    except RuntimeError:
+        return False
+    return float(out[0, 0]) == 1 + 2.0**-7
 
 
 def float32_error(terms: int) -> float:

@@ -191,7 +191,10 @@ class QuantizedLinear(torch.nn.Module):
     def joint(self, members: tuple[torch.nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
         """One call for `members` (this module first) over one input, where their blocks stack: a decode
         step's K and V, or gate and up, through one kernel call instead of one each; None where they do not.
-        Built on first use and kept while the members are these modules (see `stack`)."""
+        Built on first use, eagerly (under torch.compile the members run one by one: the same outputs), and kept
+        while the members are these modules (see `stack`)."""
+        if torch.compiler.is_compiling():
+            return None
         cached = self.__dict__.get("_joint")
         if cached is None or cached[0] != members:
             stacked = QuantizedLinear.stack(members)
@@ -199,15 +202,28 @@ class QuantizedLinear(torch.nn.Module):
             self.__dict__["_joint"] = cached  # a plain attribute: no submodule, nothing saved twice
         return cached[1]
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the stack behind: a copy stacks its own members again when it runs."""
+        state = dict(super().__getstate__())
+        state.pop("_joint", None)
+        state.pop("_stacked", None)
+        return state
+
     @staticmethod
     def stack(members: tuple[torch.nn.Module, ...]) -> QuantizedLinear | None:
         """The members' weights as one [sum out, in] module, or None where they do not stack (other types,
         formats, widths or biases, or rows not whole packing blocks). Its outputs are the members' side by
         side, bit for bit: the kernel computes each output row alone. The members' packed codes and block
         scales become views of the stack's, so the weights are held once (the bfloat16 scale-and-zero
-        tables, 1/8 of the codes' bytes, twice)."""
+        tables, 1/8 of the codes' bytes, twice); a member already in a stack joins no other. The stack keeps its
+        own copy of those tables and of the biases: an in-place change to them after stacking is not seen."""
         if len(members) < 2 or not all(_stackable(m, members[0]) for m in members):
             return None
+        with torch.inference_mode(False):  # normal tensors, even when first run inside inference mode
+            return QuantizedLinear._stacked_of(members)
+
+    @staticmethod
+    def _stacked_of(members: tuple[torch.nn.Module, ...]) -> QuantizedLinear:
         parts: list[QuantizedLinear] = list(members)  # type: ignore[arg-type]  # checked by _stackable
         stack = QuantizedLinear.__new__(QuantizedLinear)  # built from the parts' tensors, not from blocks
         torch.nn.Module.__init__(stack)
@@ -225,6 +241,7 @@ class QuantizedLinear(torch.nn.Module):
             for name in ("packed", "scales", "mins"):
                 if m._buffers[name] is not None:
                     m._buffers[name] = stack._buffers[name][rows]  # type: ignore[index]
+            m.__dict__["_stacked"] = True
             start += m.out_features
         return stack
 
@@ -252,7 +269,12 @@ class QuantizedLinear(torch.nn.Module):
 
 
 def _stackable(m: torch.nn.Module, first: torch.nn.Module) -> bool:
-    if type(m) is not QuantizedLinear or type(first) is not QuantizedLinear or m.keep_codes:
+    if (
+        type(m) is not QuantizedLinear
+        or type(first) is not QuantizedLinear
+        or m.keep_codes
+        or m.__dict__.get("_stacked")
+    ):
         return False
 
     def form(q: QuantizedLinear) -> tuple:
