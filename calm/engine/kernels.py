@@ -121,11 +121,6 @@ def only_slots(keep: torch.Tensor) -> Iterator[torch.Tensor]:
         _KEPT.reset(token)
 
 
-def packing() -> bool:
-    """Whether this thread is inside packed_linears with oneDNN on: `linear` then runs packed weights."""
-    return _ACTIVE.get()
-
-
 def clear_cache() -> None:
     """Forget every packed weight. Needed only after a weight changed without its version counter
     moving (a write through `weight.data`, as peft's unsafe merge does): calm packs again on next use."""

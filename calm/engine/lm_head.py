@@ -26,7 +26,6 @@ without the candidates' bookkeeping: nearly always under float32's tight bound.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 
@@ -38,7 +37,7 @@ from calm.engine.quantized import QuantizedLinear
 REL_ERROR = 0.0125
 INT8_MAX_ROWS = 4  # rows up to which the int8 copy scores a float32 head (kernel_costs_smollm2.md: 6.7 ms certified
 # at 4 rows against 9.0 for the packed float32 head alone; at 8 rows 13.1 against 10.5)
-ROW_CHUNK = 4096  # head rows requantised at a time (a native head's are dequantised first)
+ROW_CHUNK = 4096  # head rows normed and requantised at a time (a native head's are dequantised first)
 
 
 class CertifiedArgmax:
@@ -46,10 +45,10 @@ class CertifiedArgmax:
         """weight: the LM head [V, D] (float32), or native: a QuantizedLinear head; without bias."""
         self.weight = weight.detach() if weight is not None else None
         self.native = native
-        vocab = native.out_features if native is not None else weight.shape[0]  # type: ignore[union-attr]
-        width = native.in_features if native is not None else weight.shape[1]  # type: ignore[union-attr]
-        self.int8 = Int8Rows.build(self._rows, vocab) if int8_available(width) else None
-        self.float_widths = self._row_norms(vocab)  # [V]: |w_v|, times the float scorers' relative error
+        self.shape = (native.out_features, native.in_features) if native is not None else tuple(weight.shape)  # type: ignore[union-attr]
+        self.int8: Int8Rows | None = None
+        self.float_widths = torch.empty(0)  # [V]: |w_v|, times the float scorers' relative error
+        self._build()
         self.version = _version(self.weight) if self.weight is not None else -1  # a native head's blocks do not change
 
     @classmethod
@@ -61,20 +60,25 @@ class CertifiedArgmax:
             return None
         return cls(head.weight)
 
-    def _row_norms(self, vocab: int) -> torch.Tensor:
-        if self.weight is not None:
-            return self.weight.float().norm(dim=1)
-        chunks = [torch.arange(i, min(i + ROW_CHUNK, vocab)) for i in range(0, vocab, ROW_CHUNK)]
-        return torch.cat([self._rows(rows).norm(dim=1) for rows in chunks])
+    def _build(self) -> None:
+        """The row norms and, where the int8 kernel serves this width, the int8 copy: one pass over the head's
+        rows, ROW_CHUNK at a time (a native head's dequantised once)."""
+        vocab, width = self.shape
+        with_int8 = int8_available(width)
+        norms, parts = [], []
+        for start in range(0, vocab, ROW_CHUNK):
+            rows = self._rows(torch.arange(start, min(start + ROW_CHUNK, vocab)))  # [C, D] float32
+            norms.append(rows.norm(dim=1))
+            parts += [_requantise(rows)] if with_int8 else []
+        self.float_widths = torch.cat(norms)
+        self.int8 = Int8Rows(*(torch.cat(p) for p in zip(*parts))) if with_int8 else None
 
     def _refresh(self) -> None:
         """Rebuild the int8 copy and the row norms after the float32 head changed in place (its version moved)."""
         version = _version(self.weight) if self.weight is not None else -1
         if version != self.version:
             self.version = version
-            vocab = self.float_widths.shape[0]
-            self.int8 = Int8Rows.build(self._rows, vocab) if self.int8 is not None else None
-            self.float_widths = self._row_norms(vocab)
+            self._build()
 
     def _approx(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Scores [R, V] of x [R, D], each token's bound per unit |x| [V], and whether that bound is float32's
@@ -120,13 +124,6 @@ class Int8Rows:
         self.codes = codes  # [V, D] int8
         self.scales = scales  # [V] bfloat16
         self.widths = widths  # [V] float32: |w - s q| + int8_error(D) |s q|
-
-    @classmethod
-    def build(cls, rows_of: Callable[[torch.Tensor], torch.Tensor], vocab: int) -> Int8Rows:
-        """From rows_of(cols [C]) -> float32 rows [C, D], ROW_CHUNK rows at a time."""
-        chunks = [torch.arange(i, min(i + ROW_CHUNK, vocab)) for i in range(0, vocab, ROW_CHUNK)]
-        codes, scales, widths = (torch.cat(p) for p in zip(*(_requantise(rows_of(c)) for c in chunks)))
-        return cls(codes, scales, widths)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, D] float32 -> approximate logits [R, V] float32."""
