@@ -6,18 +6,24 @@ Side by side in one run, batch 1, one torch thread, speed in tokens per CPU seco
     (EOS ends them, as for a user);
   - copy-heavy summaries: XSum test documents cut to --max-doc-tokens, --xsum-tokens new tokens with EOS
     ignored, the same setup as benchmarks/bench_speculative.py's batch-1 rows.
-Three engines per prompt, round robin after a warm-up, median of --repeats:
+Four engines per prompt, round robin after a warm-up, median of --repeats:
   - full: never-exit calm (the full model);
   - lossless: the default, the stored setting with drafting that stops per row where it does not pay
     (calm.speculative.goodput);
+  - other fallback: the same with the other draft source where the lookup finds nothing: the model's 4-bit
+    twin (calm.speculative.twin_drafts) where the stored setting drafts from layer E, and layer E where it
+    drafts with the twin;
   - always drafting: the stored setting as it ran before the goodput rule.
 Every lossless run's tokens are checked against the full model's.
+
+--store writes into the checkpoint's stored batch-1 setting whether the twin drafts: where its engine beat the
+layer-E one on the mean ratio over all prompts, with its XSum speed-up (total CPU time) and acceptance.
 
 With --served the three run inside calm serve's continuous batch instead (calm.engine.scheduler, SERVED_SLOTS
 slots, one request at a time): the drafter the server builds (calm.speculative.cycle.lossless_drafter), the same
 drafter without the goodput gate, and no drafter.
 
-    python benchmarks/bench_goodput.py --repeats 3
+    python benchmarks/bench_goodput.py --repeats 3 --store calm/assets/smollm2
     python benchmarks/bench_goodput.py --repeats 3 --served --name lossless_served
 """
 
@@ -35,6 +41,7 @@ from pathlib import Path
 import torch
 
 from calm import CalmModel
+from calm.checkpoints.checkpoint import read_config, store_extra
 from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
 from calm.engine.scheduler import Request, Scheduler
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
@@ -42,7 +49,7 @@ from calm.exits.policy import ExitPolicy
 from calm.prompts.documents import read_jsonl, summary_prompt, truncate_document
 from calm.speculative.cycle import LosslessDrafter, lossless_drafter
 from calm.speculative.loop import generate_speculative
-from calm.speculative.lossless import LOSSLESS, resolve_mode
+from calm.speculative.lossless import LOSSLESS, STORE_KEY, resolve_mode
 
 OPEN_PROMPTS = (  # the four of issue 29, then more with nothing to copy
     "Explain in two sentences why the sky is blue.",
@@ -55,7 +62,7 @@ OPEN_PROMPTS = (  # the four of issue 29, then more with nothing to copy
     "Describe a sunset over the ocean.",
     "What is the difference between weather and climate?",
 )
-FULL, LOSSLESS_NAME, ALWAYS = "full", "lossless (goodput)", "always drafting"
+FULL, LOSSLESS_NAME, ALWAYS, OTHER = "full", "lossless (goodput)", "always drafting", "other fallback"
 SERVED_SLOTS = 8  # calm serve's default --max-batch
 
 
@@ -65,6 +72,7 @@ def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
     if run is None or run.spec is None:
         raise SystemExit(f"the checkpoint runs no speculative setting at batch 1: {run.description if run else None}")
     gated, always = run.spec, replace(run.spec, goodput=False)
+    other = replace(run.spec, twin=not run.spec.twin)
 
     def engine(spec):
         def go(batch: PromptBatch, new_tokens: int, eos: tuple[int, ...]):
@@ -77,7 +85,7 @@ def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
 
         return go
 
-    engines = {FULL: engine(None), LOSSLESS_NAME: engine(gated), ALWAYS: engine(always)}
+    engines = {FULL: engine(None), LOSSLESS_NAME: engine(gated), OTHER: engine(other), ALWAYS: engine(always)}
     return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, run.description
 
 
@@ -144,15 +152,18 @@ def _stats(stats) -> dict:
 
 
 def _line(row: dict) -> str:
-    return f"{row['prompt'][:40]:40s} " + " ".join(
-        f"{k} {row[k]['vs_full']:.2f}x" for k in (LOSSLESS_NAME, ALWAYS) if k in row
-    )
+    return f"{row['prompt'][:40]:40s} " + " ".join(f"{k} {row[k]['vs_full']:.2f}x" for k in COMPARED if k in row)
+
+
+COMPARED = (LOSSLESS_NAME, OTHER, ALWAYS)
 
 
 def run(args) -> dict:
     torch.set_num_threads(1)
     model = CalmModel.from_pretrained(args.model)
     engines, description = (served_runners if args.served else runners)(model, not args.no_always)
+    stored = resolve_mode(model, LOSSLESS, batch_size=1)
+    twin = stored is not None and stored.spec is not None and stored.spec.twin
     eos = model.eos_token_ids
     open_prompts = [(p, model.encode_prompts(p, args.open_tokens)) for p in OPEN_PROMPTS[: args.open_prompts]]
     docs = read_jsonl(args.data, limit=args.docs)
@@ -170,6 +181,7 @@ def run(args) -> dict:
         "max_doc_tokens": args.max_doc_tokens,
         "repeats": args.repeats,
         "served": args.served,
+        "twin": twin,
         "open": measure(model, engines, open_prompts, args.open_tokens, eos, args.repeats),
         "xsum": measure(model, engines, xsum, args.xsum_tokens, (), args.repeats),
     }
@@ -184,7 +196,7 @@ def _summary(rows: list[dict]) -> dict:
     """Per engine: the lowest ratio to the full model, the mean of the ratios, the ratio of total CPU time."""
     full = sum(r[FULL]["cpu_s"] for r in rows)
     out = {}
-    for key in [k for k in (LOSSLESS_NAME, ALWAYS) if k in rows[0]]:
+    for key in [k for k in COMPARED if k in rows[0]]:
         ratios = [r[key]["vs_full"] for r in rows]
         out[key] = {
             "min": min(ratios),
@@ -205,13 +217,23 @@ def markdown(report: dict) -> str:
         f"{_load(report['load_average'][0])} and {_load(report['load_average'][1])} (the 2-core CPU was shared with "
         f"other jobs). Benchmark wall time {report['wall_s'] / 60:.1f} min.",
         "",
-        f"- **lossless (goodput)**: the default, {report['lossless']}. Each row drafts only what maximises its "
+        f"- **lossless (goodput)**: the default, {report['lossless']}. Twin drafts: the model's 4-bit twin "
+        "(calm.engine.twin, Q4_1 blocks of the float32 weights on torch's int4 kernel) decodes them greedily; the "
+        "goodput rule weighs them with their own acceptance and measured cost. Each row drafts only what maximises its "
         "goodput, expected tokens per step over the step's cost (calm.speculative.goodput): its own recent "
         "acceptance, and step costs measured per kind and width in the run itself (CPU time, against a plain "
         "step; until measured, a prior of 0.05 plain steps per extra verified position and E/L per layer-E "
         "draft). A row that does not draft keeps checking its lookups against the committed tokens and drafts "
         "again when they match. Layer-E drafts start off, are tried every 24 plain steps, and go on while their "
         "steps' committed tokens beat their measured cost.",
+        *(
+            [
+                f"- **other fallback**: the same, drafting where the lookup finds nothing "
+                f"{'from layer E' if report.get('twin') else 'with the model’s 4-bit twin'} instead."
+            ]
+            if OTHER in report["open"][0]
+            else []
+        ),
         *(
             ["- **always drafting**: the same stored setting without the goodput rule (lossless before issue 29)."]
             if ALWAYS in report["open"][0]
@@ -257,32 +279,37 @@ def _load(values) -> str:
 
 
 def _headline(title: str, summary: dict, tokens: int, eos: str) -> str:
-    g, a = summary[LOSSLESS_NAME], summary.get(ALWAYS)
-    always = f"; always drafting {a['min']:.2f}× at worst, {a['mean']:.2f}× on average" if a else ""
-    identical = g["identical"] and (a is None or a["identical"])
+    g = summary[LOSSLESS_NAME]
+    others = "".join(
+        f"; {key} {summary[key]['min']:.2f}× at worst, {summary[key]['mean']:.2f}× on average"
+        for key in COMPARED[1:]
+        if key in summary
+    )
+    identical = all(s["identical"] for s in summary.values())
     return (
         f"- {title}, up to {tokens} new tokens ({eos}): lossless **{g['min']:.2f}× the full model at worst, "
-        f"{g['mean']:.2f}× on average** ({g['total']:.2f}× in total CPU time){always}. Outputs identical to the "
+        f"{g['mean']:.2f}× on average** ({g['total']:.2f}× in total CPU time){others}. Outputs identical to the "
         f"full model's: {'yes' if identical else 'NO'}."
     )
 
 
 def _table(rows: list[dict]) -> list[str]:
-    always = ALWAYS in rows[0]
+    others = [key for key in COMPARED[1:] if key in rows[0]]
     head = "| prompt | tokens | full CPU s | lossless vs full | acceptance | tokens/step | off |"
     out = [
-        head + (" always drafting vs full | acceptance | tokens/step |" if always else "") + " identical |",
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if always else "") + ":---:|",
+        head + "".join(f" {key} vs full | acceptance | tokens/step |" for key in others) + " identical |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|---:|" * len(others) + ":---:|",
     ]
     for r in rows:
-        g, a = r[LOSSLESS_NAME], r.get(ALWAYS)
+        g = r[LOSSLESS_NAME]
         cells = (
             f"| {r['prompt'][:52]} | {r['tokens']} | {r[FULL]['cpu_s']:.2f} | **{g['vs_full']:.2f}×** | "
             f"{_f(g['acceptance'])} | {g['tokens_per_step']:.2f} | {g['drafting_off']} of {g['steps']} |"
         )
-        if a is not None:
+        for key in others:
+            a = r[key]
             cells += f" {a['vs_full']:.2f}× | {_f(a['acceptance'])} | {a['tokens_per_step']:.2f} |"
-        identical = g["identical"] and (a is None or a["identical"])
+        identical = all(r[key]["identical"] for key in (LOSSLESS_NAME, *others))
         out.append(cells + f" {'yes' if identical else 'NO'} |")
     return out
 
@@ -306,12 +333,43 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="lossless_open_prompts")
     parser.add_argument("--from-json", default=None, help="Rewrite the Markdown from a report's JSON, timing nothing.")
+    parser.add_argument(
+        "--store", default=None, help="Checkpoint whose stored batch-1 setting takes the twin's result."
+    )
     args = parser.parse_args()
     report = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
     text = markdown(report)
     files = write_json_markdown(args.out, args.name, _json_safe(report), text)
     print(text)
     print(f"wrote {files[0]} and {files[1]}", file=sys.stderr)
+    if args.store and not args.served:
+        setting = store(report, args.store, f"benchmarks/results/{args.name}.md")
+        print(
+            f"stored in {args.store}: twin={setting['twin']}, {setting['speedup_vs_full']:.2f}× on XSum",
+            file=sys.stderr,
+        )
+
+
+def store(report: dict, checkpoint: str, report_file: str) -> dict:
+    """The stored batch-1 setting with `twin` set where the twin engine beat the layer-E one (the mean of their
+    ratios to the full model over every prompt), and then that engine's XSum speed-up and acceptance."""
+    names = (LOSSLESS_NAME, OTHER) if report["twin"] else (OTHER, LOSSLESS_NAME)  # (twin, layer E)
+    rows = report["open"] + report["xsum"]
+    twin_wins = statistics.mean(r[names[0]]["vs_full"] for r in rows) > statistics.mean(
+        r[names[1]]["vs_full"] for r in rows
+    )
+    winner = names[0] if twin_wins else names[1]
+    xsum = report["xsum"]
+    drafted = sum(r[winner]["drafted"] for r in xsum)
+    setting = dict((read_config(checkpoint).extra or {}).get(STORE_KEY) or {})
+    setting.update(
+        twin=twin_wins,
+        speedup_vs_full=report["xsum_summary"][winner]["total"],
+        acceptance_rate=sum(r[winner]["accepted"] for r in xsum) / drafted if drafted else 0.0,
+        report=report_file,
+    )
+    store_extra(checkpoint, STORE_KEY, setting)
+    return setting
 
 
 def _json_safe(report: dict) -> dict:

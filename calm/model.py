@@ -307,6 +307,7 @@ class CalmModel:
             batch_size=rows,
             candidates=spec.candidates,
             goodput=spec.goodput,
+            twin=spec.twin,
         )
         run = native_lossless(self.weights.weights, mode, run)
         policy = generation_policy(self, policy, speed, tolerance, run, consistency, spec.mode == "calm")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -44,7 +44,9 @@ class Run:
     output: str | None
     resume: bool  # --resume: rows an interrupted run left in --output's partial file are kept, not run again
     engine: EngineOptions  # --engine
-    speculative: SpeculativeOptions  # --mode, --draft-layer, --max-draft and --lookup as given (None: not given)
+    speculative: (
+        SpeculativeOptions  # --mode, --draft-layer, --max-draft, --lookup and --twin as given (None: not given)
+    )
     lossless: bool  # --lossless
 
     @classmethod
@@ -58,6 +60,7 @@ class Run:
 
         engine = EngineOptions.from_spec(options.pop("engine"))
         speculative = SpeculativeOptions(*(options.pop(k) for k in ("mode", "draft_layer", "max_draft", "lookup")))
+        speculative = replace(speculative, twin=options.pop("twin"))
         return cls(knobs=knobs, sampling=sampling, engine=engine, speculative=speculative, **options)
 
     @property
@@ -333,7 +336,8 @@ def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str |
 def _stored_setting(run: Run) -> bool:
     """A lossless run with the checkpoint's stored setting: no mode, draft layer, length or lookup named."""
     m = run.speculative
-    return m.mode in (None, "lossless") and (m.draft_layer, m.max_draft) == (None, None) and not m.lookup
+    named = (m.draft_layer, m.max_draft, m.twin) != (None, None, None) or m.lookup
+    return m.mode in (None, "lossless") and not named
 
 
 def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
@@ -370,7 +374,16 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
 
     knobs, m = run.knobs, run.speculative
     lossless_run = resolve_mode(
-        model, run.mode, run.lossless, m.draft_layer, m.max_draft, knobs.measure, knobs.threshold, m.lookup, rows
+        model,
+        run.mode,
+        run.lossless,
+        m.draft_layer,
+        m.max_draft,
+        knobs.measure,
+        knobs.threshold,
+        m.lookup,
+        rows,
+        twin=m.twin,
     )
     weights = model.weights.weights  # a stored measurement taken on float32 weights says so on others
     if lossless_run is None:  # calm's early exit: the knobs, else calm_mode_policy's rule (as generate())
@@ -381,7 +394,7 @@ def _resolve(model: Any, run: Run, rows: int) -> Decoding:
             knob = knobs.speed is not None or knobs.tolerance is not None
             note = format_note(weights, knob=knob, stored_setting=False)
             return Decoding(False, resolved.policy, resolved.description + note, calibrated=resolved.calibrated)
-        lossless_run = resolve_mode(model, LOSSLESS, batch_size=rows)  # no certified threshold pays (one warning)
+        lossless_run = resolve_mode(model, LOSSLESS, batch_size=rows, twin=m.twin)  # no certified threshold pays
     elif knobs.speed is not None or knobs.tolerance is not None:
         raise InputError(
             "--speed and --tolerance set calm's early-exit threshold; lossless decoding never exits "

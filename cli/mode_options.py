@@ -63,6 +63,12 @@ def _speculative_options(f: F, controller: str, lossless_default: bool) -> F:
         "faster, else the full model (with a note).",
     )(f)
     if lossless_default:
+        f = click.option(
+            "--twin/--no-twin",
+            default=None,
+            help="Lossless: the model's 4-bit twin drafts where the context offers nothing to copy (default: as the "
+            "checkpoint's stored measurement). Needs about 0.75 bytes per weight more memory.",
+        )(f)
         return click.option(
             "--mode",
             type=click.Choice(["calm", "speculative", "lossless"]),

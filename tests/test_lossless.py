@@ -71,7 +71,7 @@ def test_lossless_follows_the_stored_measurement(checkpoint):
     faster = resolve_mode(model, lossless=True)
     assert faster.spec == SpeculativeConfig(2, 3, goodput=True)
     assert faster.policy == ExitPolicy(measure="softmax", threshold=0.4, decay_tau=0.0)
-    assert faster.generate_kwargs() == {"speculative": SpeculativeOptions("speculative", 2, 3, False, 1, True)}
+    assert faster.generate_kwargs() == {"speculative": SpeculativeOptions("speculative", 2, 3, False, 1, True, False)}
     # explicit switches win over the stored setting
     run = resolve_mode(model, lossless=True, max_draft=1, measure="classifier", threshold=0.9)
     assert (

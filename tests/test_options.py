@@ -41,8 +41,10 @@ def test_engine_takes_a_name_or_an_object():
 def test_speculative_options_of_a_setting():
     assert SpeculativeOptions.running(None) is None
     assert SpeculativeOptions.running(SpeculativeConfig(2, 3, lookup=True)) == SpeculativeOptions(
-        "speculative", 2, 3, True, 1
+        "speculative", 2, 3, True, 1, twin=False
     )
+    twin = SpeculativeOptions.running(SpeculativeConfig(2, 3, lookup=True, goodput=True, twin=True))
+    assert twin == SpeculativeOptions("speculative", 2, 3, True, 1, goodput=True, twin=True)  # asks for exactly it
 
 
 def test_candidate_context_drafts_through_the_options_object(llama):

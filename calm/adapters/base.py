@@ -236,6 +236,9 @@ class Adapter(ABC):
     attribute, which torch types as Tensor | Module, and their classes differ by architecture."""
 
     model_types: ClassVar[tuple[str, ...]] = ()  # the transformers config.model_type values it takes
+    # every projection of a layer is called as a module and its weight never read, so another module computing
+    # the same map (calm.engine.twin's 4-bit linears) may stand in for it
+    projections_called: ClassVar[bool] = False
     model: PreTrainedModel
     num_layers: int
     num_kv_heads: int

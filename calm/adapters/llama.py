@@ -130,6 +130,7 @@ def rope_tables(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
 
 class LlamaAdapter(Adapter):
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    projections_called: ClassVar[bool] = True
     inner_name: ClassVar[str] = "model"  # the ...ForCausalLM attribute holding the decoder stack
     final_norm_name: ClassVar[str] = "norm"
     fuse_kv_layers: ClassVar[bool] = True  # kv_layers as one batched matmul: Llama's RMSNorm and projections only

@@ -21,6 +21,7 @@ from calm.adapters.llama import LlamaAdapter, Traits
 
 class Phi3Adapter(LlamaAdapter):
     model_types = ("phi3",)
+    projections_called = False  # its fused qkv_proj's weight is read (_qkv_weights)
     fuse_kv_layers = False
 
     @classmethod

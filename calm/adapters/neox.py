@@ -19,6 +19,7 @@ from calm.adapters.llama import LlamaAdapter
 
 class GPTNeoXAdapter(LlamaAdapter):
     model_types = ("gpt_neox",)
+    projections_called = False  # its fused query_key_value weight is read
     inner_name = "gpt_neox"
     final_norm_name = "final_layer_norm"
     fuse_kv_layers = False

@@ -25,6 +25,7 @@ from calm.engine.sampling import SamplingConfig
 from calm.engine.scheduler import Cycle
 from calm.engine.slots import SlotBatch
 from calm.engine.speculative_stats import SpeculativeStats, Tally
+from calm.engine.twin import twin_of
 from calm.exits.policy import ExitPolicy
 from calm.speculative.drafting import (
     CONTEXT_DRAFT,
@@ -36,9 +37,10 @@ from calm.speculative.drafting import (
     lookup_guesses,
     tree_candidates,
 )
-from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, GoodputGate, RowPlan, gate_step, gate_verified
+from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, TWIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
 from calm.speculative.lossless import LOSSLESS, MeasuredModel, drafts_description, resolve_mode
+from calm.speculative.twin_drafts import twin_lengths, twin_limits, with_twin_drafts
 from calm.speculative.verification import Draft, accept_greedy, rollback, verify
 
 GREEDY = SamplingConfig()
@@ -59,6 +61,7 @@ class LosslessDrafter:
         # a sliding window masks by slot distance, which rejected drafts' holes would stretch: such models draft
         # alone (generate_speculative), and in a continuous batch run the full model's step
         self.windowed = getattr(net.adapter, "window", None) is not None
+        self.twin = twin_of(net) if spec.twin else None
 
     def wants(self, live_rows: int) -> bool:
         return live_rows <= self.most_rows and not self.windowed
@@ -87,7 +90,7 @@ class LosslessDrafter:
         rows = [o if o is not None else [] for o in outputs]
         cpu = time.process_time()
         looked_up, guesses, plans = self._lookups(rows, budgets, live_rows)
-        if self.gate is not None and not any(guesses) and not any(p.layer for p in plans):
+        if self.gate is not None and not any(guesses) and not any(p.layer or p.twin for p in plans):
             self._undrafted = (plans, looked_up)
             return None
         live = torch.tensor(live_rows, device=pending.device)
@@ -95,6 +98,9 @@ class LosslessDrafter:
         whole = all(live_rows) or net.adapter.is_encoder_decoder
         attending = None if whole else live.nonzero()[:, 0]
         start = time.perf_counter()
+        twin = twin_lengths([p.twin for p in plans], guesses) if self.twin is not None else []
+        if self.twin is not None and any(twin):
+            guesses = with_twin_drafts(self.twin, batch.state, pending, guesses, twin, attending)
         d = self._draft(net, batch, pending, live, guesses, plans, budgets, attending)
         drafted = time.perf_counter()
         h, kept_slots = verify(net, batch.state, d, attending)
@@ -108,10 +114,11 @@ class LosslessDrafter:
         longest = [max(map(len, g), default=0) for g in guesses]
         kept = [max(len(n) - 1, 0) for n in new]
         if self.lookup is not None and d.layer == CONTEXT_DRAFT:
-            self.lookup.verified(longest, kept)
-        self.tally.add(d.counts, acc.count, live_rows, (drafted - start, time.perf_counter() - drafted), d.layer == 0)
+            self.lookup.verified([0 if t else n for t, n in zip(twin or [0] * len(longest), longest)], kept)
+        seconds = (drafted - start, time.perf_counter() - drafted)
+        self.tally.add(d.counts, acc.count, live_rows, seconds, d.layer == 0 and not any(twin))
         if self.gate is not None:
-            kind = CONTEXT if d.layer == CONTEXT_DRAFT else LAYER
+            kind = TWIN if any(twin) else CONTEXT if d.layer == CONTEXT_DRAFT else LAYER
             self.gate.timed(kind, d.tokens.shape[1] + 1, time.process_time() - cpu)
             gate_verified(self.gate, plans, looked_up, longest, kept, [n[0] if n else None for n in new], kind)
         return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
@@ -137,9 +144,11 @@ class LosslessDrafter:
         looked_up: list[list[list[int]]] = []
         if self.lookup is not None:
             looked_up = lookup_guesses(self.spec, self.lookup, rows, live_rows, budgets, self.candidates)
+        limits = twin_limits(self.spec.max_draft, live_rows, budgets) if self.twin is not None else []
         if self.gate is None:
-            return looked_up, looked_up, [RowPlan(layer=True) for _ in rows]
-        guesses, plans = gate_step(self.gate, looked_up, live_rows, layer_source=not self.spec.from_context)
+            return looked_up, looked_up, [RowPlan(layer=True, twin=n) for n in limits or [0] * len(rows)]
+        layer_source = not self.spec.from_context and self.twin is None
+        guesses, plans = gate_step(self.gate, looked_up, live_rows, layer_source, limits)
         return looked_up, guesses, plans
 
     def _draft(
@@ -153,8 +162,9 @@ class LosslessDrafter:
         budget: list[int],
         attending: torch.Tensor | None,
     ) -> Draft:
-        """The cycle's drafts: the looked-up ones where any row drafts some (or always, E = 0), else from layer E
-        under the draft controller, for the rows whose plan says so. Each row drafts at most its budget - 1."""
+        """The cycle's drafts: the looked-up (or the twin's) ones where any row drafts some (or always, E = 0), else
+        from layer E under the draft controller, for the rows whose plan says so. Each row drafts at most its
+        budget - 1."""
         if self.spec.from_context or any(guesses):
             return context_draft(net, batch.state, pending, live, guesses or [[] for _ in budget], False)
         budgets = torch.tensor([n if p.layer else 1 for n, p in zip(budget, plans)], device=pending.device)

@@ -49,6 +49,7 @@ class SpeculativeConfig:
     adaptive: bool = False  # context drafts: each row's length follows its last verification (BatchLookup)
     candidates: int = 1  # context drafts: continuations verified at once per row, as a tree (calm.speculative.tree)
     goodput: bool = False  # each row drafts only where its goodput beats a plain step (calm.speculative.goodput)
+    twin: bool = False  # greedy: the 4-bit twin drafts where the context does not (calm.speculative.twin_drafts)
 
     @property
     def from_context(self) -> bool:

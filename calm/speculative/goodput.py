@@ -20,6 +20,11 @@ Drafts from layer E (where the lookup found nothing) have no shadow: they start 
 PROBE_EVERY plain steps, keeps the tokens per step its layer-E steps committed (moving average) and drafts
 from layer E while that beats a plain step at their measured cost.
 
+Drafts from the model's 4-bit twin (calm.speculative.twin_drafts) are chosen like looked-up ones, by goodput
+with the row's own acceptance of the twin's tokens (a separate moving average) and the measured cost of a twin
+step of that width (its d twin decodes and the wider verification). A row whose twin drafts stop paying tries
+them again after PROBE_EVERY plain steps. Where both sources offer drafts, the row takes the one of higher goodput.
+
 Cost: a simple cost model measured in the run itself, not assumed. Every step's CPU time
 (time.process_time: other processes sharing the CPU do not inflate it) is averaged per kind of step:
 plain, context drafts of width w, layer-E drafts. Costs are in units of a plain step. A kind not yet
@@ -39,7 +44,9 @@ PRIOR_WIDTH_COST = 0.05  # an extra verified position, in plain steps, until mea
 LAYER_GAIN_PRIOR = 1.0  # tokens a layer-E step commits before it is measured: off until a probe shows they pay
 PROBE_EVERY = 24  # plain steps after which a row tries layer-E drafts again
 GAIN_MARGIN = 0.02  # a draft must beat a plain step's goodput by this much: smaller gains are within timing noise
-PLAIN, CONTEXT, LAYER = "plain", "context", "layer"
+TWIN_ALPHA_PRIOR = 0.8  # a row's acceptance of twin drafts before it has verified any: the twin agrees on most tokens
+TWIN_DRAFT_PRIOR = 0.5  # a token drafted by the 4-bit twin, in plain steps, until measured (about half a float step)
+PLAIN, CONTEXT, LAYER, TWIN = "plain", "context", "layer", "twin"
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class RowPlan:
     context: int = 0
     layer: bool = False
     shadow: bool = False
+    twin: int = 0  # tokens it drafts with the model's 4-bit twin
 
 
 class GoodputGate:
@@ -59,6 +67,8 @@ class GoodputGate:
         self.alpha = [ALPHA_PRIOR] * rows
         self.layer_gain = [LAYER_GAIN_PRIOR] * rows
         self.plain_steps = [0] * rows  # plain steps since the row's last layer-E step
+        self.twin_alpha = [TWIN_ALPHA_PRIOR] * rows
+        self.twin_idle = [0] * rows  # steps since the row's last twin draft
         self.draft_fraction = draft_fraction  # E / L: a layer-E draft's share of a plain step
         self.seconds: dict[tuple[str, int], float] = {}  # (kind, width) -> moving average CPU seconds
         self.off = 0  # row-steps that drafted nothing although a draft source was there
@@ -67,11 +77,14 @@ class GoodputGate:
         """A new request took row b (a continuous batch's slot): its acceptance starts again from the priors; the
         measured step costs stay."""
         self.alpha[b], self.layer_gain[b], self.plain_steps[b] = ALPHA_PRIOR, LAYER_GAIN_PRIOR, 0
+        self.twin_alpha[b], self.twin_idle[b] = TWIN_ALPHA_PRIOR, 0
 
     # ---- costs ------------------------------------------------------------------------------
     def _prior(self, kind: str, width: int) -> float:
         if kind == LAYER:  # a layer-E step, whatever it drafted: about one draft's layers and a wider pass
             return 1.0 + self.draft_fraction + PRIOR_WIDTH_COST
+        if kind == TWIN:
+            return 1.0 + (width - 1) * (PRIOR_WIDTH_COST + TWIN_DRAFT_PRIOR)
         return 1.0 + (width - 1) * PRIOR_WIDTH_COST
 
     @staticmethod
@@ -80,7 +93,7 @@ class GoodputGate:
         while drafting)."""
         if kind == LAYER:
             return (LAYER, 0)
-        return (PLAIN, 1) if width <= 1 else (CONTEXT, width)
+        return (PLAIN, 1) if width <= 1 else (kind if kind == TWIN else CONTEXT, width)
 
     def cost(self, kind: str, width: int = 1) -> float:
         """A step of this kind and width, in plain steps: measured where this run has timed one (against the
@@ -107,19 +120,24 @@ class GoodputGate:
         self.seconds[key] = seconds if old is None else old + COST_RATE * (seconds - old)
 
     # ---- decisions ------------------------------------------------------------------------------
-    def expected_tokens(self, b: int, drafted: int) -> float:
-        """Tokens a step commits for row b with `drafted` looked-up tokens: 1 + α + … + α^drafted."""
-        a = self.alpha[b]
+    def expected_tokens(self, b: int, drafted: int, kind: str = CONTEXT) -> float:
+        """Tokens a step commits for row b with `drafted` tokens of a source (context, twin): 1 + α + … + α^d."""
+        a = self.twin_alpha[b] if kind == TWIN else self.alpha[b]
         return 1.0 + sum(a**i for i in range(1, drafted + 1))
 
     def context_length(self, b: int, found: int) -> int:
         """How many of the `found` looked-up tokens row b drafts: the goodput-maximising count (0: none)."""
+        return self.best_length(b, CONTEXT, found)[0]
+
+    def best_length(self, b: int, kind: str, found: int) -> tuple[int, float]:
+        """Row b's goodput-maximising draft from a source (context or twin) offering up to `found` tokens, and its
+        goodput; (0, break-even) where no draft beats a plain step."""
         best, best_goodput = 0, 1.0 + GAIN_MARGIN  # a plain step: one token per plain step, and the margin
         for d in range(1, found + 1):
-            goodput = self.expected_tokens(b, d) / self.cost(CONTEXT, d + 1)
+            goodput = self.expected_tokens(b, d, kind) / self.cost(kind, d + 1)
             if goodput > best_goodput:
                 best, best_goodput = d, goodput
-        return best
+        return best, best_goodput
 
     def layer_pays(self, b: int) -> bool:
         """Whether row b drafts from layer E this step: its layer-E steps beat a plain step, or it is time to
@@ -128,15 +146,18 @@ class GoodputGate:
             return True
         return self.layer_gain[b] / self.cost(LAYER) > 1.0 + GAIN_MARGIN
 
-    def plan(self, b: int, found: list[int], layer_source: bool) -> RowPlan:
-        """Row b's step, from the lengths of its looked-up candidates (found) and whether drafts from layer E
-        are the fallback."""
+    def plan(self, b: int, found: list[int], layer_source: bool, twin_limit: int = 0) -> RowPlan:
+        """Row b's step, from the lengths of its looked-up candidates (found), whether drafts from layer E are the
+        fallback, and how many tokens the twin may draft (0: no twin)."""
         longest = max(found, default=0)
-        context = self.context_length(b, longest) if longest else 0
+        context, context_goodput = self.best_length(b, CONTEXT, longest)
+        twin, twin_goodput = self.best_length(b, TWIN, twin_limit)
+        if twin and twin_goodput > context_goodput or not context and twin_limit and self.twin_idle[b] >= PROBE_EVERY:
+            return RowPlan(twin=twin or twin_limit, shadow=longest > 0)
         if context:
             return RowPlan(context=context)
         layer = layer_source and self.layer_pays(b)
-        if not layer and (longest or layer_source):
+        if not layer and (longest or layer_source or twin_limit):
             self.off += 1
         return RowPlan(layer=layer, shadow=longest > 0)
 
@@ -149,6 +170,14 @@ class GoodputGate:
         if kept < drafted:
             self._trial(b, 0.0)
 
+    def twin_verified(self, b: int, drafted: int, kept: int) -> None:
+        """Row b drafted `drafted` tokens with the twin and the full model kept `kept`."""
+        for _ in range(kept):
+            self.twin_alpha[b] += ALPHA_RATE * (1.0 - self.twin_alpha[b])
+        if kept < drafted:
+            self.twin_alpha[b] += ALPHA_RATE * (0.0 - self.twin_alpha[b])
+        self.twin_idle[b] = 0
+
     def shadow(self, b: int, matched: bool) -> None:
         """Row b did not draft; its lookup's first token was (or was not) the token the full model committed."""
         self._trial(b, 1.0 if matched else 0.0)
@@ -160,19 +189,29 @@ class GoodputGate:
 
     def plain_step(self, b: int) -> None:
         self.plain_steps[b] += 1
+        self.twin_idle[b] += 1
 
     def _trial(self, b: int, outcome: float) -> None:
         self.alpha[b] += ALPHA_RATE * (outcome - self.alpha[b])
 
 
 def gate_step(
-    gate: GoodputGate, guesses: list[list[list[int]]], live: list[bool], layer_source: bool
+    gate: GoodputGate,
+    guesses: list[list[list[int]]],
+    live: list[bool],
+    layer_source: bool,
+    twin_limits: list[int] | None = None,
 ) -> tuple[list[list[list[int]]], list[RowPlan]]:
-    """Each live row's plan for this step, and its looked-up candidates cut to what it drafts (none where
-    its goodput says a plain step or a layer-E draft pays more)."""
+    """Each live row's plan for this step, and its looked-up candidates cut to what it drafts (none where its
+    goodput says a plain step, a twin draft or a layer-E draft pays more). twin_limits: how many tokens each row's
+    twin may draft (empty: no twin)."""
     rows = len(live)
     guesses = guesses or [[] for _ in range(rows)]
-    plans = [gate.plan(b, [len(c) for c in guesses[b]], layer_source) if live[b] else RowPlan() for b in range(rows)]
+    limits = twin_limits or [0] * rows
+    plans = [
+        gate.plan(b, [len(c) for c in guesses[b]], layer_source, limits[b]) if live[b] else RowPlan()
+        for b in range(rows)
+    ]
     cut = [[c[: p.context] for c in row] if p.context else [] for row, p in zip(guesses, plans)]
     return cut, plans
 
@@ -193,6 +232,8 @@ def gate_verified(
             continue
         if plan.context:
             gate.verified(b, drafted[b], kept[b])
+        elif plan.twin:
+            gate.twin_verified(b, drafted[b], kept[b])
         elif plan.layer and kind == LAYER:
             gate.layer_step(b, kept[b] + 1)
         else:

@@ -15,6 +15,7 @@ from calm.engine.decode import NO_EXITS, DecodeState, Network, decode_one_token,
 from calm.engine.generation import GenerationConfig, GenerationResult, PromptBatch, Timings, _start, _sync
 from calm.engine.kernels import packed_linears
 from calm.engine.speculative_stats import SpeculativeStats, Tally
+from calm.engine.twin import twin_of
 from calm.exits.policy import ExitPolicy
 from calm.speculative.drafting import (
     SpeculativeConfig,
@@ -25,8 +26,9 @@ from calm.speculative.drafting import (
     lookup_guesses,
     tree_candidates,
 )
-from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, GoodputGate, RowPlan, gate_step, gate_verified
+from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, TWIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
+from calm.speculative.twin_drafts import twin_lengths, twin_limits, with_twin_drafts
 from calm.speculative.verification import Draft, accept_greedy, accept_sampled, commit, finished, rollback, verify
 
 
@@ -69,7 +71,7 @@ def _speculative_loop(
         done = loop.commit(state, step, pending, live, live_rows, out)
         drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
         if lookup is not None and step.kind != LAYER:
-            lookup.verified(drafted, done.kept)
+            lookup.verified([0 if t else n for t, n in zip(step.twin or [0] * len(drafted), drafted)], done.kept)
         context = step.kind == CONTEXT or (gate is None and step.kind == PLAIN)  # the gate's plain steps draft none
         tally.add(done.counts, done.accepted, live_rows, (tb - ta, time.perf_counter() - tb), context)
         if gate is not None:
@@ -98,7 +100,7 @@ class Committed:
 @dataclass(frozen=True)
 class Step:
     """One step's drafts (None: a greedy plain step, the full model's decode step), its kind
-    (calm.speculative.goodput: plain, context or layer), the looked-up candidates it drafts (guesses) and all it
+    (calm.speculative.goodput: plain, context, twin or layer), the looked-up candidates it drafts (guesses) and all it
     looked up (looked_up), and each row's goodput plan."""
 
     draft: Draft | None
@@ -106,6 +108,7 @@ class Step:
     guesses: list[list[list[int]]]
     looked_up: list[list[list[int]]]
     plans: list[RowPlan]
+    twin: tuple[int, ...] = ()  # the tokens each row drafted with the twin (kind TWIN)
 
 
 class _Loop:
@@ -121,6 +124,7 @@ class _Loop:
         # greedy steps without drafts run the full model's decode step, but a sliding window masks by slot distance,
         # which rejected drafts' holes stretch: only verification's positions (slot_context) see through them
         self.plain_decodes = not config.sampling.do_sample and getattr(net.adapter, "window", None) is None
+        self.twin = twin_of(net) if spec.twin and not config.sampling.do_sample else None
 
     def draft(
         self,
@@ -132,14 +136,22 @@ class _Loop:
         lookup: BatchLookup | None,
         gate: GoodputGate | None,
     ) -> Step:
-        """This step's drafts: looked up in the context where any row drafts them, else from layer E, else
-        (the goodput gate turned every row's drafting off) none."""
+        """This step's drafts: from the twin where any row drafts with it (each other row its looked-up ones), else
+        looked up in the context where any row drafts them, else from layer E, else (the goodput gate turned every
+        row's drafting off) none."""
         spec, config = self.spec, self.config
         budget_left = [config.max_new_tokens - len(r) for r in out]
         looked_up = lookup_guesses(spec, lookup, out, live_rows, budget_left, self.candidates) if lookup else []
-        guesses, plans = looked_up, [RowPlan(layer=True) for _ in out]
+        limits = twin_limits(spec.max_draft, live_rows, budget_left) if self.twin is not None else []
+        guesses, plans = looked_up, [RowPlan(layer=True, twin=n) for n in limits or [0] * len(out)]
         if gate is not None:
-            guesses, plans = gate_step(gate, looked_up, live_rows, layer_source=not spec.from_context)
+            layer_source = not spec.from_context and self.twin is None
+            guesses, plans = gate_step(gate, looked_up, live_rows, layer_source, limits)
+        lengths = twin_lengths([p.twin for p in plans], guesses)
+        if self.twin is not None and any(lengths):
+            guesses = with_twin_drafts(self.twin, state, pending, guesses, lengths)
+            d = context_draft(self.net, state, pending, live, guesses, False)
+            return Step(d, TWIN, guesses, looked_up, plans, tuple(lengths))
         if spec.from_context or any(guesses) or not any(p.layer for p in plans):
             kind = CONTEXT if any(guesses) else PLAIN
             empty = guesses if any(guesses) else [[] for _ in out]

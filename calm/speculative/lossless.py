@@ -86,6 +86,7 @@ class MeasuredSetting:
     machine: str = ""  # the CPU it was measured on
     adaptive: bool = False  # context drafts whose length adapts per row (calm.speculative.lookup.BatchLookup)
     candidates: int = 1  # candidate context drafts per row, verified as a tree (calm.speculative.tree)
+    twin: bool = False  # the model's 4-bit twin drafts where the context does not (calm.speculative.twin_drafts)
 
     @property
     def beats_full_depth(self) -> bool:
@@ -131,7 +132,7 @@ class ModeRun:
         return {} if options is None else {"speculative": options}
 
 
-def resolve_mode(
+def resolve_mode(  # long: one switch per command-line option, each documented here
     model: MeasuredModel,
     mode: str = "calm",
     lossless: bool = False,
@@ -143,13 +144,15 @@ def resolve_mode(
     batch_size: int = 1,
     candidates: int | None = None,
     goodput: bool | None = None,
+    twin: bool | None = None,
 ) -> ModeRun | None:
     """The lossless run the switches ask for; None for plain calm (mode "calm" without --lossless).
     measure and threshold set the draft controller; lookup: drafts looked up in the context first;
     batch_size picks the stored measurement (MeasuredSetting.from_extra); candidates: context drafts per
     row verified at once (None: the stored setting's where E and k are its, else 1); goodput: each row drafts only
     where its goodput beats a plain step (calm.speculative.goodput; None: in lossless mode, not in mode
-    "speculative", which always drafts). The one rule for the command line and CalmModel.generate."""
+    "speculative", which always drafts); twin: the 4-bit twin drafts where the context does not (None: as stored).
+    The one rule for the command line and CalmModel.generate."""
     lossless = lossless or pick_mode(mode, False) == LOSSLESS
     mode = "calm" if mode == LOSSLESS else mode
     if mode == "calm" and not lossless:
@@ -179,7 +182,7 @@ def resolve_mode(
             )
     spec = _spec(model, stored, draft_layer, max_draft, lookup)
     spec = spec if candidates is None else replace(spec, candidates=candidates)
-    spec = replace(spec, goodput=lossless if goodput is None else goodput)
+    spec = replace(spec, goodput=lossless if goodput is None else goodput, twin=_twin(stored, twin))
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
@@ -220,12 +223,19 @@ def _spec(
     return spec
 
 
+def _twin(stored: MeasuredSetting | None, twin: bool | None) -> bool:
+    """Whether the twin drafts: as asked, else as the stored setting."""
+    return (stored is not None and stored.twin) if twin is None else twin
+
+
 def drafts_description(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
         several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
         return f"drafts looked up in the context, up to {spec.max_draft} per step{several}"
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     first = "drafts looked up in the context where found, else " if spec.lookup else ""
+    if spec.twin:
+        return f"{first}drafts from the model's 4-bit twin, up to {spec.max_draft} per step"
     return f"{first}drafts from layer {spec.draft_layer}, up to {spec.max_draft} per step, controller {name}"
 
 

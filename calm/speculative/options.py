@@ -17,10 +17,12 @@ class SpeculativeOptions:
     lookup: bool = False  # drafts looked up in the context first, else layer E's
     candidates: int | None = None  # context drafts per row verified at once as a tree; None: stored, else 1
     goodput: bool | None = None  # drafting stops per row where it does not pay; None: in lossless mode only
+    twin: bool | None = None  # the model's 4-bit twin drafts where the context does not; None: the stored setting's
 
     @classmethod
     def running(cls, spec: SpeculativeConfig | None) -> SpeculativeOptions | None:
         """The options that ask generate() for exactly this speculative setting (None: none to run)."""
         if spec is None:
             return None
-        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates, spec.goodput or None)
+        goodput = spec.goodput or None
+        return cls("speculative", spec.draft_layer, spec.max_draft, spec.lookup, spec.candidates, goodput, spec.twin)

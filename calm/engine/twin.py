@@ -1,0 +1,117 @@
+"""A 4-bit twin of a float model, for drafting: the same modules, with each linear of the layer stack computing on
+int4 blocks through calm.engine.quantized (torch's CPU int4 kernel).
+
+Lossless decoding drafts tokens that the full model then verifies in one pass. Where the context offers nothing to
+copy, the drafts have to come from a model. At batch 1 a decode step reads every weight once, so a twin holding
+0.75 bytes per weight instead of 4 decodes a token in about half a float32 step, and it agrees with the float
+model on nearly every token (calm's native weights, the same kind of blocks, give the float32 model's tokens on
+88% of whole 48-token summaries: benchmarks/results/native_smollm2.md). Its drafts are only proposals: every
+committed token is the float model's own, so the output is the float model's exactly.
+
+The twin shares everything but those linears with its model: embeddings, norms, rotary tables, the LM head
+(and its certified argmax), and the KV cache it writes into while drafting (verification overwrites those
+columns). Each weight is quantized as GGUF's Q4_1 does, per group of 32 inputs: w ≈ d·q + m, q in 0..15. It costs
+about 0.75 bytes per quantized weight beside the float32 ones (80 MB for SmolLM2-135M's 106M linear weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+
+from calm.adapters import adapter_for
+from calm.engine.decode import Network
+from calm.engine.quantized import GROUP, QuantBlocks, QuantizedLinear, native_available
+
+LEVELS = 15  # Q4_1: codes 0..15
+
+
+def quantize_q4_1(weight: torch.Tensor) -> QuantBlocks:
+    """weight [out, in] (in a multiple of GROUP) -> Q4_1 blocks: per group of GROUP inputs, d = (max - min)/15 and
+    m = min in float16, q = round((w - m)/d). The error per weight is at most d/2 plus the float16 rounding."""
+    out, width = weight.shape
+    w = weight.detach().float().reshape(out, width // GROUP, GROUP)  # [out, in/G, G]
+    low, high = w.amin(-1), w.amax(-1)  # [out, in/G]
+    scales = ((high - low) / LEVELS).half()
+    mins = low.half()
+    d, m = scales.float()[..., None], mins.float()[..., None]
+    codes = torch.where(d > 0, ((w - m) / d.clamp_min(torch.finfo(torch.float32).tiny)).round(), 0.0)
+    return QuantBlocks("Q4_1", codes.clamp(0, LEVELS).to(torch.uint8).reshape(out, width), scales, mins)
+
+
+def quantizable(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+    """A plain float nn.Linear on the CPU whose input width splits into groups, other than the LM head (the twin
+    shares the head and its certified argmax)."""
+    if type(module) is not torch.nn.Linear or module is head:
+        return False
+    weight = module.weight
+    return weight.device.type == "cpu" and weight.is_floating_point() and weight.shape[1] % GROUP == 0
+
+
+def twin_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of `model`'s module tree sharing every parameter and buffer, whose quantizable linears are
+    QuantizedLinear over their Q4_1 blocks; None where none is quantizable or torch lacks the int4 kernel."""
+    if not native_available():
+        return None
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    names = [name for name, m in model.named_modules() if quantizable(m, head)]
+    if not names:
+        return None
+    return _skeleton(model, set(names), "")
+
+
+def _skeleton(module: torch.nn.Module, quantize: set[str], prefix: str) -> torch.nn.Module:
+    """module's tree copied: the same parameters and buffers, new module objects, linears named in `quantize`
+    as QuantizedLinear."""
+    if prefix in quantize:
+        assert isinstance(module, torch.nn.Linear)
+        with torch.no_grad():
+            return QuantizedLinear(quantize_q4_1(module.weight), module.bias)
+    twin = copy.copy(module)  # a new object over the same attributes
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    twin._modules = {
+        name: None if child is None else _skeleton(child, quantize, f"{prefix}.{name}" if prefix else name)
+        for name, child in module._modules.items()
+    }
+    return twin
+
+
+def twin_network(net: Network) -> Network | None:
+    """The 4-bit twin of `net`'s backbone as a Network (no exit heads; the same certified argmax), or None where
+    no twin can be built: an adapter that reads projection weights itself (Adapter.projections_called), no
+    quantizable linear, no int4 kernel, or a backbone off the CPU."""
+    model = net.adapter.model
+    if not net.adapter.projections_called or getattr(net.adapter, "device", torch.device("cpu")).type != "cpu":
+        return None
+    twin = twin_model(model)
+    if twin is None:
+        return None
+    return Network(adapter_for(twin), None, net.argmax)  # type: ignore[arg-type]  # a copy of a PreTrainedModel
+
+
+_TWINS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], Network]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def twin_of(net: Network) -> Network | None:
+    """`net`'s twin (twin_network), built once per model and again when one of its linear weights changed (its
+    storage or in-place version); None where it has none."""
+    model = net.adapter.model
+    stamp = _weights_stamp(model)
+    kept = _TWINS.get(model)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    twin = twin_network(net)
+    if twin is not None:
+        _TWINS[model] = (stamp, twin)
+    return twin
+
+
+def _weights_stamp(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
+    return tuple((w.data_ptr(), w._version if not w.is_inference() else -1) for w in linears)

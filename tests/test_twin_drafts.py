@@ -1,0 +1,114 @@
+"""Drafts from the 4-bit twin (calm.speculative.twin_drafts): whatever the twin proposes, every row gets the full
+model's tokens, bit for bit at batch 1, alone or in a batch, in the batch loop and in a continuous batch; the
+goodput gate weighs twin drafts against looked-up ones and stops them where they do not pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm.adapters import adapter_for
+from calm.engine.decode import Network
+from calm.engine.generation import GenerationConfig, PromptBatch, generate_tokens
+from calm.engine.quantized import native_available
+from calm.engine.scheduler import Request, Scheduler
+from calm.exits.policy import ExitPolicy
+from calm.speculative.cycle import LosslessDrafter
+from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
+from calm.speculative.goodput import PROBE_EVERY, TWIN, GoodputGate, RowPlan, gate_step
+from calm.speculative.loop import generate_speculative
+from calm.speculative.twin_drafts import twin_lengths, twin_limits
+from helpers import tiny_llama
+from test_adapters import build, gen_config, prompts, row
+from test_speculative import _layer_outputs
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not native_available(), reason="this torch has no CPU int4 kernel"),
+]
+
+TWIN_ONLY = SpeculativeConfig(draft_layer=1, max_draft=3, twin=True)
+GATED = SpeculativeConfig(draft_layer=1, max_draft=3, lookup=True, goodput=True, twin=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral-window", "smollm3-window"])
+@pytest.mark.parametrize("spec", [TWIN_ONLY, GATED], ids=["always", "gated"])
+def test_twin_drafts_give_the_full_models_tokens(kind, spec):
+    net = Network.build(adapter_for(build(kind)))
+    p = prompts()
+    full = generate_tokens(net, p, ExitPolicy.never(), gen_config(16))
+    out = generate_speculative(net, p, ExitPolicy.never(), gen_config(16), spec)
+    assert out.token_ids == full.token_ids
+    stats = out.speculative
+    assert 0 < stats.accepted < stats.drafted and stats.context_drafted <= stats.drafted
+    for b in range(2):  # each row alone gets what it gets in the batch
+        alone = generate_speculative(net, row(p, b), ExitPolicy.never(), gen_config(16), spec)
+        assert alone.token_ids[0] == out.token_ids[b]
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_a_model_without_a_twin_drafts_as_it_would_without_one(kind):
+    """T5's feed-forward reads its projections' weights, GPT-2's are Conv1D: no twin, and layer E drafts."""
+    net = Network.build(adapter_for(build(kind)))
+    p = prompts()
+    out = generate_speculative(net, p, ALWAYS_DRAFT, gen_config(12), TWIN_ONLY)
+    plain = generate_speculative(net, p, ALWAYS_DRAFT, gen_config(12), SpeculativeConfig(1, 3))
+    assert out.token_ids == plain.token_ids == generate_tokens(net, p, ExitPolicy.never(), gen_config(12)).token_ids
+    assert out.speculative.drafted == plain.speculative.drafted > 0
+
+
+def test_every_layer_output_at_batch_1_is_the_full_models_bit_for_bit():
+    """The twin writes K/V into the columns it drafts at; verification must overwrite all of them."""
+    net = Network.build(adapter_for(tiny_llama(layers=2)))
+    prompt = PromptBatch(torch.tensor([[2, 5, 6, 7, 5, 6, 7, 5]]), torch.ones(1, 8, dtype=torch.bool))
+    config = GenerationConfig(max_new_tokens=40, eos_token_ids=(), pad_token_id=0)
+    full = _layer_outputs(net, lambda: generate_tokens(net, prompt, ExitPolicy.never(), config))
+    runs = {}
+    out = _layer_outputs(
+        net, lambda: runs.setdefault("twin", generate_speculative(net, prompt, ExitPolicy.never(), config, TWIN_ONLY))
+    )
+    assert runs["twin"].speculative.drafted > 0
+    assert full.keys() <= out.keys()
+    assert all(torch.equal(full[key], out[key]) for key in full)
+
+
+def test_a_continuous_batch_drafting_with_the_twin_keeps_every_request_exact():
+    net = Network.build(adapter_for(build("llama")))
+    g = torch.Generator().manual_seed(3)
+    requests = [
+        Request(tuple(torch.randint(3, 100, (n,), generator=g).tolist()), m)
+        for n, m in ((5, 9), (9, 4), (7, 12), (3, 6))
+    ]
+    drafter = LosslessDrafter(net, GATED, ALWAYS_DRAFT, slots=2, most_rows=2)
+    scheduler = Scheduler(net, max_batch=2, eos_token_ids=(), drafter=drafter)
+    together = {f.request_id: f.token_ids for f in scheduler.run(requests)}
+    assert drafter.stats().drafted > drafter.stats().context_drafted
+    assert any(kind == TWIN for kind, _ in drafter.gate.seconds)
+    for i, r in enumerate(requests):
+        ids = PromptBatch(torch.tensor([r.ids]), torch.ones(1, len(r.ids), dtype=torch.bool))
+        config = GenerationConfig(max_new_tokens=r.max_new_tokens, eos_token_ids=(), pad_token_id=0)
+        assert together[i] == generate_tokens(net, ids, ExitPolicy.never(), config).token_ids[0], f"request {i}"
+
+
+def test_twin_limits_follow_the_budget_and_looked_up_rows_keep_their_drafts():
+    assert twin_limits(4, [True, True, False, True], [10, 3, 10, 1]) == [4, 2, 0, 0]
+    assert twin_lengths([3, 3, 0], [[[7, 8]], [], []]) == [0, 3, 0]
+    assert twin_lengths([2, 1], []) == [2, 1]
+
+
+def test_the_gate_takes_the_source_of_higher_goodput_and_stops_twin_drafts_that_do_not_pay():
+    gate = GoodputGate(2, draft_fraction=0.5)
+    gate.seconds = {("plain", 1): 1.0, ("context", 4): 1.1, (TWIN, 4): 2.2, (TWIN, 2): 1.45}
+    gate.alpha = [0.3, 0.9]
+    gate.twin_alpha = [0.95, 0.95]
+    _, plans = gate_step(gate, [[[5, 6, 7]], [[5, 6, 7]]], [True, True], False, [3, 3])
+    assert plans[0] == RowPlan(twin=3, shadow=True)  # 3.71 / 2.2 beats looked-up 1.42 / 1.1
+    assert plans[1] == RowPlan(context=3)  # 3.44 / 1.1 beats the twin's
+    for _ in range(8):
+        gate.twin_verified(0, 3, 0)  # nothing kept: the twin's acceptance falls
+    assert gate.plan(0, [], False, 3) == RowPlan() and gate.off == 1
+    for _ in range(PROBE_EVERY):
+        gate.plain_step(0)
+    assert gate.plan(0, [], False, 3) == RowPlan(twin=3)  # tried again
+    gate.twin_verified(0, 3, 3)
+    assert gate.twin_idle[0] == 0
