@@ -6,24 +6,24 @@ Side by side in one run, batch 1, one torch thread, speed in tokens per CPU seco
     (EOS ends them, as for a user);
   - copy-heavy summaries: XSum test documents cut to --max-doc-tokens, --xsum-tokens new tokens with EOS
     ignored, the same setup as benchmarks/bench_speculative.py's batch-1 rows.
-Four engines per prompt, round robin after a warm-up, median of --repeats:
+Up to four engines per prompt, round robin after a warm-up, median of --repeats:
   - full: never-exit calm (the full model);
   - lossless: the default, the stored setting with drafting that stops per row where it does not pay
-    (calm.speculative.goodput);
-  - other fallback: the same with the other draft source where the lookup finds nothing: the model's 4-bit
-    twin (calm.speculative.twin_drafts) where the stored setting drafts from layer E, and layer E where it
-    drafts with the twin;
-  - always drafting: the stored setting as it ran before the goodput rule.
+    (calm.speculative.goodput), or a candidate change of it: --twin / --no-twin (drafts from the model's 4-bit
+    twin where the lookup finds nothing, calm.speculative.twin_drafts) and --max-draft;
+  - stored setting: with a candidate, the stored setting as it is, beside it;
+  - always drafting: the lossless engine's setting without the goodput rule (lossless before issue 29).
 Every lossless run's tokens are checked against the full model's.
 
---store writes into the checkpoint's stored batch-1 setting whether the twin drafts: where its engine beat the
-layer-E one on the mean ratio over all prompts, with its XSum speed-up (total CPU time) and acceptance.
+--store CHECKPOINT writes the candidate into the checkpoint's stored batch-1 setting where it beat the stored one
+(the mean of the ratios to the full model over every prompt), with its XSum speed-up (total CPU time) and
+acceptance.
 
 With --served the three run inside calm serve's continuous batch instead (calm.engine.scheduler, SERVED_SLOTS
 slots, one request at a time): the drafter the server builds (calm.speculative.cycle.lossless_drafter), the same
 drafter without the goodput gate, and no drafter.
 
-    python benchmarks/bench_goodput.py --repeats 3 --store calm/assets/smollm2
+    python benchmarks/bench_goodput.py --repeats 3 --twin --max-draft 5 --store calm/assets/smollm2
     python benchmarks/bench_goodput.py --repeats 3 --served --name lossless_served
 """
 
@@ -62,17 +62,23 @@ OPEN_PROMPTS = (  # the four of issue 29, then more with nothing to copy
     "Describe a sunset over the ocean.",
     "What is the difference between weather and climate?",
 )
-FULL, LOSSLESS_NAME, ALWAYS, OTHER = "full", "lossless (goodput)", "always drafting", "other fallback"
+FULL, LOSSLESS_NAME, ALWAYS, OTHER = "full", "lossless (goodput)", "always drafting", "stored setting"
 SERVED_SLOTS = 8  # calm serve's default --max-batch
 
 
-def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
-    """name -> run(batch, new tokens, eos ids) -> (tokens of the row, SpeculativeStats | None)."""
-    run = resolve_mode(model, LOSSLESS, batch_size=1)
-    if run is None or run.spec is None:
-        raise SystemExit(f"the checkpoint runs no speculative setting at batch 1: {run.description if run else None}")
+def runners(model: CalmModel, with_always: bool = True, candidate: dict | None = None) -> tuple[dict, str, str]:
+    """name -> run(batch, new tokens, eos ids) -> (tokens of the row, SpeculativeStats | None); the description of
+    the lossless engine, and of the stored setting where `candidate` (twin, max_draft) changes it."""
+    stored = resolve_mode(model, LOSSLESS, batch_size=1)
+    if stored is None or stored.spec is None:
+        raise SystemExit(
+            f"the checkpoint runs no speculative setting at batch 1: {stored.description if stored else None}"
+        )
+    changes = {k: v for k, v in (candidate or {}).items() if v is not None}
+    run = resolve_mode(model, LOSSLESS, batch_size=1, **changes) if changes else stored
+    assert run is not None and run.spec is not None
     gated, always = run.spec, replace(run.spec, goodput=False)
-    other = replace(run.spec, twin=not run.spec.twin)
+    other = stored.spec if run.spec != stored.spec else None
 
     def engine(spec):
         def go(batch: PromptBatch, new_tokens: int, eos: tuple[int, ...]):
@@ -86,10 +92,11 @@ def runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
         return go
 
     engines = {FULL: engine(None), LOSSLESS_NAME: engine(gated), OTHER: engine(other), ALWAYS: engine(always)}
-    return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, run.description
+    engines = {k: v for k, v in engines.items() if (k != ALWAYS or with_always) and (k != OTHER or other)}
+    return engines, run.description, stored.description if other else ""
 
 
-def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str]:
+def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str, str]:
     """runners' three engines inside a continuous batch of SERVED_SLOTS slots, a fresh one per request."""
     served = lossless_drafter(model, SERVED_SLOTS)
     if served is None:
@@ -108,7 +115,7 @@ def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, st
         return go
 
     engines = {FULL: engine(None), LOSSLESS_NAME: engine(True), ALWAYS: engine(False)}
-    return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, f"served: {served.describe()}"
+    return {k: v for k, v in engines.items() if k != ALWAYS or with_always}, f"served: {served.describe()}", ""
 
 
 def measure(model: CalmModel, engines: dict, prompts: list[tuple[str, PromptBatch]], new_tokens: int, eos, repeats):
@@ -161,9 +168,11 @@ COMPARED = (LOSSLESS_NAME, OTHER, ALWAYS)
 def run(args) -> dict:
     torch.set_num_threads(1)
     model = CalmModel.from_pretrained(args.model)
-    engines, description = (served_runners if args.served else runners)(model, not args.no_always)
-    stored = resolve_mode(model, LOSSLESS, batch_size=1)
-    twin = stored is not None and stored.spec is not None and stored.spec.twin
+    if args.served:
+        engines, description, stored = served_runners(model, not args.no_always)
+    else:
+        candidate = {"twin": args.twin, "max_draft": args.max_draft}
+        engines, description, stored = runners(model, not args.no_always, candidate)
     eos = model.eos_token_ids
     open_prompts = [(p, model.encode_prompts(p, args.open_tokens)) for p in OPEN_PROMPTS[: args.open_prompts]]
     docs = read_jsonl(args.data, limit=args.docs)
@@ -181,7 +190,8 @@ def run(args) -> dict:
         "max_doc_tokens": args.max_doc_tokens,
         "repeats": args.repeats,
         "served": args.served,
-        "twin": twin,
+        "stored": stored,
+        "candidate": {} if args.served else {"twin": args.twin, "max_draft": args.max_draft},
         "open": measure(model, engines, open_prompts, args.open_tokens, eos, args.repeats),
         "xsum": measure(model, engines, xsum, args.xsum_tokens, (), args.repeats),
     }
@@ -227,10 +237,7 @@ def markdown(report: dict) -> str:
         "again when they match. Layer-E drafts start off, are tried every 24 plain steps, and go on while their "
         "steps' committed tokens beat their measured cost.",
         *(
-            [
-                f"- **other fallback**: the same, drafting where the lookup finds nothing "
-                f"{'from layer E' if report.get('twin') else 'with the model’s 4-bit twin'} instead."
-            ]
+            [f"- **stored setting**: the checkpoint's stored setting before this run, {report['stored']}."]
             if OTHER in report["open"][0]
             else []
         ),
@@ -333,6 +340,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="lossless_open_prompts")
     parser.add_argument("--from-json", default=None, help="Rewrite the Markdown from a report's JSON, timing nothing.")
+    parser.add_argument("--twin", action=argparse.BooleanOptionalAction, default=None, help="Candidate: twin drafts.")
+    parser.add_argument("--max-draft", type=int, default=None, help="Candidate: most tokens drafted per step.")
     parser.add_argument(
         "--store", default=None, help="Checkpoint whose stored batch-1 setting takes the twin's result."
     )
@@ -344,28 +353,26 @@ def main() -> None:
     print(f"wrote {files[0]} and {files[1]}", file=sys.stderr)
     if args.store and not args.served:
         setting = store(report, args.store, f"benchmarks/results/{args.name}.md")
-        print(
-            f"stored in {args.store}: twin={setting['twin']}, {setting['speedup_vs_full']:.2f}× on XSum",
-            file=sys.stderr,
-        )
+        said = "nothing stored: the stored setting was faster" if setting is None else f"stored: {setting}"
+        print(said, file=sys.stderr)
 
 
-def store(report: dict, checkpoint: str, report_file: str) -> dict:
-    """The stored batch-1 setting with `twin` set where the twin engine beat the layer-E one (the mean of their
-    ratios to the full model over every prompt), and then that engine's XSum speed-up and acceptance."""
-    names = (LOSSLESS_NAME, OTHER) if report["twin"] else (OTHER, LOSSLESS_NAME)  # (twin, layer E)
+def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
+    """The lossless engine's setting (the candidate's twin and draft length) as the checkpoint's stored batch-1
+    setting, with its XSum speed-up (total CPU time) and acceptance, where it beat the stored one on the mean ratio
+    to the full model over every prompt (None: it did not; nothing is written)."""
     rows = report["open"] + report["xsum"]
-    twin_wins = statistics.mean(r[names[0]]["vs_full"] for r in rows) > statistics.mean(
-        r[names[1]]["vs_full"] for r in rows
-    )
-    winner = names[0] if twin_wins else names[1]
+    if OTHER in rows[0]:
+        ours, theirs = (statistics.mean(r[key]["vs_full"] for r in rows) for key in (LOSSLESS_NAME, OTHER))
+        if ours <= theirs:
+            return None
     xsum = report["xsum"]
-    drafted = sum(r[winner]["drafted"] for r in xsum)
+    drafted = sum(r[LOSSLESS_NAME]["drafted"] for r in xsum)
     setting = dict((read_config(checkpoint).extra or {}).get(STORE_KEY) or {})
+    setting.update({k: v for k, v in report["candidate"].items() if v is not None})
     setting.update(
-        twin=twin_wins,
-        speedup_vs_full=report["xsum_summary"][winner]["total"],
-        acceptance_rate=sum(r[winner]["accepted"] for r in xsum) / drafted if drafted else 0.0,
+        speedup_vs_full=report["xsum_summary"][LOSSLESS_NAME]["total"],
+        acceptance_rate=sum(r[LOSSLESS_NAME]["accepted"] for r in xsum) / drafted if drafted else 0.0,
         report=report_file,
     )
     store_extra(checkpoint, STORE_KEY, setting)

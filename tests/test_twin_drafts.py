@@ -112,3 +112,19 @@ def test_the_gate_takes_the_source_of_higher_goodput_and_stops_twin_drafts_that_
     assert gate.plan(0, [], False, 3) == RowPlan(twin=3)  # tried again
     gate.twin_verified(0, 3, 3)
     assert gate.twin_idle[0] == 0
+
+
+@pytest.mark.slow
+def test_the_real_models_twin_drafts_are_mostly_kept_and_its_output_is_the_full_models():
+    """SmolLM2's twin on two open prompts (nothing to copy): the float model's tokens, most twin drafts kept."""
+    from calm import CalmModel
+    from calm.speculative.options import SpeculativeOptions
+
+    model = CalmModel.from_pretrained("smollm2", weights="float32")
+    for prompt in ("Why do cats purr?", "Explain in two sentences why the sky is blue."):
+        full = model.generate(prompt, max_new_tokens=24, mode="calm", policy=ExitPolicy.never())
+        out = model.generate(prompt, max_new_tokens=24, speculative=SpeculativeOptions(mode="lossless", twin=True))
+        assert out.token_ids == full.token_ids
+        stats = out.speculative
+        assert stats.drafted - stats.context_drafted >= 6 and stats.acceptance_rate > 0.7
+        assert "4-bit twin" in out.decoding
