@@ -27,9 +27,11 @@ from calm.checkpoints.checkpoint import (
 from calm.checkpoints.loading import check_model_name, load_backbone
 from calm.checkpoints.native import gguf_file, peak_rss_bytes, to_native, weight_bytes
 from calm.engine.quantized import native_available
+from calm.engine.twin import twin_bytes
 from calm.errors import CheckpointError, InputError
 from calm.eval.reporting import format_speedup
 from calm.exits.heads import HeadsConfig
+from calm.speculative.lossless import stored_setting_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,6 +57,7 @@ class ModelInfo:
     adapter: dict | None = None
     memory: tuple[tuple[str, int], ...] = ()  # (weight format, bytes resident)
     peak_rss: int = 0  # the process's peak resident memory after loading (and converting) the backbone
+    lossless: str = ""  # the stored batch-1 speculative setting, described ("": none stored)
 
 
 def describe(name_or_path: str | Path, device: str | torch.device | None = None) -> ModelInfo:
@@ -81,6 +84,9 @@ def _with_memory(info: ModelInfo, model: PreTrainedModel, source: str) -> ModelI
     """The weights' resident bytes as loaded, and for a GGUF backbone also on its native blocks (the model
     is converted in place), with the process's peak resident memory."""
     memory = [(str(model.dtype).removeprefix("torch."), weight_bytes(model))]
+    twin = twin_bytes(model) if model.device.type == "cpu" and model.dtype == torch.float32 else 0
+    if twin:
+        memory.append(("its 4-bit twin for lossless drafts, when they run", twin))
     gguf = gguf_file(source)
     if gguf is not None and native_available() and model.device.type == "cpu":
         try:
@@ -109,6 +115,7 @@ def _info(
         heads=config.heads if config else None,
         calibration=config.calibration if config else None,
         adapter=adapter_settings(checkpoint) if checkpoint is not None else None,
+        lossless=stored_setting_text(config.extra if config else None),
     )
 
 
@@ -144,6 +151,7 @@ def summary_fields(info: ModelInfo) -> list[tuple[str, str]]:
         ("exit heads", _heads_text(info.heads)),
         ("LoRA adapter", "none" if info.adapter is None else _mapping_text(info.adapter)),
         ("weights resident", _memory_text(info)),
+        ("lossless", info.lossless or "the full model (no speculative measurement stored)"),
     ]
     floor = info.heads.min_layer if info.heads is not None else max(1, info.num_layers // 2)  # exit_floor's rule
     return rows + _calibration_fields(info.calibration, floor)

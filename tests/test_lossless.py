@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from calm.errors import InputError, PolicyError
 from calm.exits.heads import ExitHeads, HeadsConfig
 from calm.exits.policy import ExitPolicy
 from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
-from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode
+from calm.speculative.lossless import LARGE_BATCH_KEY, STORE_KEY, MeasuredSetting, resolve_mode, stored_setting_text
 from calm.speculative.options import SpeculativeOptions
 from helpers import DOCS, assert_clean_error, invoke, write_jsonl
 
@@ -104,6 +105,21 @@ def test_a_stored_lookup_setting_is_followed_and_explicit_layers_drop_it(checkpo
         resolve_mode(model, lookup=True)
     with pytest.raises(InputError, match="takes no draft controller"):
         resolve_mode(model, lossless=True, draft_layer=0, threshold=0.5)
+
+
+def test_a_stored_twin_setting_is_followed_unless_told_and_described(checkpoint):
+    store_extra(checkpoint, STORE_KEY, replace(measured(1.5, lookup=True), twin=True).to_dict())
+    model = CalmModel.from_pretrained(str(checkpoint))
+    run = resolve_mode(model, lossless=True)
+    assert run.spec == SpeculativeConfig(2, 3, lookup=True, goodput=True, twin=True)
+    assert "else drafts from the model's 4-bit twin, up to 3 per step" in run.description
+    assert run.generate_kwargs()["speculative"].twin is True
+    assert resolve_mode(model, lossless=True, twin=False).spec.twin is False
+    text = stored_setting_text(model.extra)
+    assert "4-bit twin" in text and "measured 1.50× the full model at batch 1 (benchmarks/results/x.md)" in text
+    assert stored_setting_text(None) == "" and "no gain" in stored_setting_text({STORE_KEY: measured(0.9).to_dict()})
+    out = model.generate("a b c d e", max_new_tokens=6)  # the default runs it: the full model's tokens
+    assert out.token_ids == model.generate("a b c d e", max_new_tokens=6, mode="calm").token_ids
 
 
 def test_lookup_without_a_stored_measurement_is_speculative_at_half_depth(tiny_model):

@@ -10,7 +10,7 @@ import torch
 from calm.adapters import adapter_for
 from calm.engine.decode import Network
 from calm.engine.quantized import GROUP, QuantizedLinear, native_available
-from calm.engine.twin import quantize_q4_1, twin_model, twin_network, twin_of
+from calm.engine.twin import quantize_q4_1, twin_bytes, twin_model, twin_network, twin_of
 from helpers import tiny_llama
 from test_adapters import build
 
@@ -79,3 +79,28 @@ def test_one_twin_per_model_built_again_when_a_weight_changes():
 
 def test_a_model_without_quantizable_linears_has_no_twin():
     assert twin_network(Network.build(adapter_for(build("gpt2")))) is None  # Conv1D projections, the head excluded
+
+
+def test_twin_bytes_counts_what_the_twin_holds_beyond_its_model():
+    model = tiny_llama()
+    twin = twin_model(model)
+    held = sum(
+        b.untyped_storage().nbytes() for m in twin.modules() if isinstance(m, QuantizedLinear) for b in m.buffers()
+    )
+    assert twin_bytes(model) == held > 0
+    float_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is torch.nn.Linear) - 128 * 64 * 4
+    assert held < 0.35 * float_bytes  # about 0.75 bytes per weight against 4 (and whole packing blocks of 64 rows)
+    assert twin_bytes(build("gpt2")) == 0
+
+
+def test_no_twin_is_copied_from_modules_running_a_forward_of_their_own():
+    """Inside packed_linears every float linear runs an installed forward bound to the model's own module: a copy
+    would carry it (and its packed weight) away, so no twin is built there; generate_speculative builds it before."""
+    from calm.engine.kernels import onednn_available, packed_linears
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN: nothing is installed")
+    model = tiny_llama()
+    with torch.inference_mode(), packed_linears(model, "onednn"):
+        assert twin_model(model) is None
+    assert twin_model(model) is not None

@@ -52,11 +52,11 @@ def quantizable(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
 
 def twin_model(model: torch.nn.Module) -> torch.nn.Module | None:
     """A copy of `model`'s module tree sharing every parameter and buffer, whose quantizable linears are
-    QuantizedLinear over their Q4_1 blocks; None where none is quantizable or torch lacks the int4 kernel."""
-    if not native_available():
-        return None
-    output_embeddings = getattr(model, "get_output_embeddings", None)
-    head = output_embeddings() if callable(output_embeddings) else None
+    QuantizedLinear over their Q4_1 blocks; None where none is quantizable, torch lacks the int4 kernel, or a module
+    runs a forward of its own (build the twin outside calm.engine.kernels.packed_linears)."""
+    if not native_available() or any("forward" in vars(m) for m in model.modules()):
+        return None  # a module with a forward of its own (accelerate's hooks, calm's packed kernels) is not copied
+    head = _head(model)
     names = [name for name, m in model.named_modules() if quantizable(m, head)]
     if not names:
         return None
@@ -115,3 +115,23 @@ def twin_of(net: Network) -> Network | None:
 def _weights_stamp(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
     linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
     return tuple((w.data_ptr(), w._version if not w.is_inference() else -1) for w in linears)
+
+
+def twin_bytes(model: torch.nn.Module) -> int:
+    """Bytes a twin of `model` would hold beyond it (its quantized linears' buffers; all else is shared), measured
+    by quantizing one linear at a time, so the twin is never held whole (0: the model has no twin)."""
+    if not native_available():
+        return 0
+    head = _head(model)
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and quantizable(module, head):
+            with torch.no_grad():
+                linear = QuantizedLinear(quantize_q4_1(module.weight), module.bias)
+            total += sum(t.untyped_storage().nbytes() for t in linear.buffers())
+    return total
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module | None:
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    return output_embeddings() if callable(output_embeddings) else None

@@ -38,14 +38,20 @@ def generate_speculative(
 ) -> GenerationResult:
     """Generate with drafts from layer E checked by the full model: the full model's tokens (greedy:
     exactly; sampling: in distribution). policy's measure and λ (fixed, no decay) control draft length."""
+    twin = twin_of(net) if spec.twin and not config.sampling.do_sample else None  # built before kernels are packed
     with packed_linears(net.adapter.model, config.kernels):
-        return _speculative_loop(net, prompts, policy, config, spec)
+        return _speculative_loop(net, prompts, policy, config, spec, twin)
 
 
 def _speculative_loop(
-    net: Network, prompts: PromptBatch, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig
+    net: Network,
+    prompts: PromptBatch,
+    policy: ExitPolicy,
+    config: GenerationConfig,
+    spec: SpeculativeConfig,
+    twin: Network | None,
 ) -> GenerationResult:
-    loop = _Loop(net, policy, config, spec)
+    loop = _Loop(net, policy, config, spec, twin)
     t0 = time.perf_counter()
     state, first_ids = _start(net, prompts, default_cache_slots(config.max_new_tokens, spec))
     rows = torch.arange(first_ids.shape[0], device=loop.device)
@@ -115,7 +121,9 @@ class _Loop:
     """What every step of a speculative generation shares: the network, the draft controller and its plan,
     the generation settings and the tree candidates."""
 
-    def __init__(self, net: Network, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig) -> None:
+    def __init__(
+        self, net: Network, policy: ExitPolicy, config: GenerationConfig, spec: SpeculativeConfig, twin: Network | None
+    ) -> None:
         self.net, self.policy, self.config, self.spec = net, policy, config, spec
         self.plan = draft_plan(policy, net, spec)
         self.candidates = tree_candidates(net, spec, config.sampling)
@@ -124,7 +132,7 @@ class _Loop:
         # greedy steps without drafts run the full model's decode step, but a sliding window masks by slot distance,
         # which rejected drafts' holes stretch: only verification's positions (slot_context) see through them
         self.plain_decodes = not config.sampling.do_sample and getattr(net.adapter, "window", None) is None
-        self.twin = twin_of(net) if spec.twin and not config.sampling.do_sample else None
+        self.twin = twin  # the 4-bit twin that drafts where the context does not (None: none)
 
     def draft(
         self,

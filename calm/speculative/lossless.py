@@ -228,6 +228,19 @@ def _twin(stored: MeasuredSetting | None, twin: bool | None) -> bool:
     return (stored is not None and stored.twin) if twin is None else twin
 
 
+def stored_setting_text(extra: dict | None) -> str:
+    """What lossless runs at batch 1 by the stored measurement, in words, with its measured speed ("": none)."""
+    stored = MeasuredSetting.from_extra(extra)
+    if stored is None:
+        return ""
+    measured = f"measured {stored.speedup_vs_full:.2f}× the full model at batch 1 ({stored.report})"
+    if not stored.beats_full_depth:
+        return f"the full model (speculative decoding {measured}: no gain)"
+    spec = SpeculativeConfig(stored.draft_layer, stored.max_draft, stored.lookup, twin=stored.twin)
+    policy = ExitPolicy(measure=stored.measure, threshold=stored.threshold)
+    return f"speculative: {drafts_description(spec, policy)}; {measured}"
+
+
 def drafts_description(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
         several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
