@@ -227,7 +227,7 @@ def markdown(report: dict) -> str:
         f"{_load(report['load_average'][0])} and {_load(report['load_average'][1])} (the 2-core CPU was shared with "
         f"other jobs). Benchmark wall time {report['wall_s'] / 60:.1f} min.",
         "",
-        f"- **lossless (goodput)**: the default, {report['lossless']}. Twin drafts: the model's 4-bit twin "
+        f"- **lossless (goodput)**: {_role(report)}{report['lossless']}. Twin drafts: the model's 4-bit twin "
         "(calm.engine.twin, Q4_1 blocks of the float32 weights on torch's int4 kernel) decodes them greedily; the "
         "goodput rule weighs them with their own acceptance and measured cost. Each row drafts only what maximises its "
         "goodput, expected tokens per step over the step's cost (calm.speculative.goodput): its own recent "
@@ -242,7 +242,10 @@ def markdown(report: dict) -> str:
             else []
         ),
         *(
-            ["- **always drafting**: the same stored setting without the goodput rule (lossless before issue 29)."]
+            [
+                "- **always drafting**: the lossless engine's setting without the goodput rule "
+                "(lossless before issue 29)."
+            ]
             if ALWAYS in report["open"][0]
             else []
         ),
@@ -279,6 +282,15 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _role(report: dict) -> str:
+    """What the lossless engine is: a candidate beside the stored setting (stored where it wins), or the default."""
+    return (
+        "the setting under test (stored as the default where it wins: --store), "
+        if report.get("stored")
+        else ("the default, ")
+    )
 
 
 def _load(values) -> str:

@@ -365,13 +365,14 @@ def test_eval_context_drafts_are_one_point_without_a_controller():
 
 @pytest.mark.slow
 def test_the_shipped_checkpoint_runs_its_measured_setting_for_small_runs_only():
-    """calm/assets/smollm2 stores benchmarks/results/speculative_smollm2.md's best settings: speculative
-    at 1-4 rows (measured faster at batch 1), the full model from 5 rows (nothing was faster at batch 8)."""
+    """calm/assets/smollm2 stores benchmarks/results/speculative_smollm2.md's best settings, with the 4-bit twin's
+    drafts from lossless_open_prompts.md: speculative at 1-4 rows (measured faster at batch 1), the full model from 5
+    rows (nothing was faster at batch 8)."""
     model = CalmModel.from_pretrained("smollm2")
     small = resolve_mode(model, lossless=True, batch_size=1)
-    assert small.spec is not None and small.spec.lookup
+    assert small.spec is not None and small.spec.lookup and small.spec.twin
     stored = MeasuredSetting.from_extra(model.extra)
-    assert stored.beats_full_depth and stored.report == "benchmarks/results/speculative_smollm2.md"
+    assert stored.beats_full_depth and stored.report == "benchmarks/results/lossless_open_prompts.md"
     large = resolve_mode(model, lossless=True, batch_size=8)
     assert large.spec is None and "at batch 8" in large.description
 
