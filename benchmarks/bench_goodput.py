@@ -66,9 +66,10 @@ FULL, LOSSLESS_NAME, ALWAYS, OTHER = "full", "lossless (goodput)", "always draft
 SERVED_SLOTS = 8  # calm serve's default --max-batch
 
 
-def runners(model: CalmModel, with_always: bool = True, candidate: dict | None = None) -> tuple[dict, str, str]:
+def runners(model: CalmModel, with_always: bool = True, candidate: dict | None = None) -> tuple[dict, str, str, dict]:
     """name -> run(batch, new tokens, eos ids) -> (tokens of the row, SpeculativeStats | None); the description of
-    the lossless engine, and of the stored setting where `candidate` (twin, max_draft) changes it."""
+    the lossless engine, and of the stored setting where `candidate` (twin, max_draft) changes it; the lossless
+    engine's setting (what --store writes)."""
     stored = resolve_mode(model, LOSSLESS, batch_size=1)
     if stored is None or stored.spec is None:
         raise SystemExit(
@@ -87,13 +88,15 @@ def runners(model: CalmModel, with_always: bool = True, candidate: dict | None =
                 result = generate_tokens(model.network, batch, ExitPolicy.never(), config)
             else:
                 result = generate_speculative(model.network, batch, run.policy, config, spec)
-            return result.token_ids[0], result.speculative
+            t = result.timings
+            return result.token_ids[0], result.speculative, t.decode_tokens / t.decode_s if t.decode_s else None
 
         return go
 
     engines = {FULL: engine(None), LOSSLESS_NAME: engine(gated), OTHER: engine(other), ALWAYS: engine(always)}
     engines = {k: v for k, v in engines.items() if (k != ALWAYS or with_always) and (k != OTHER or other)}
-    return engines, run.description, stored.description if other else ""
+    spec = {k: getattr(run.spec, k) for k in ("draft_layer", "max_draft", "lookup", "adaptive", "candidates", "twin")}
+    return engines, run.description, stored.description if other else "", spec
 
 
 def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, str, str]:
@@ -110,7 +113,7 @@ def served_runners(model: CalmModel, with_always: bool = True) -> tuple[dict, st
                 drafter = LosslessDrafter(model.network, spec, served.policy, SERVED_SLOTS, served.most_rows)
             scheduler = Scheduler(model.network, max_batch=SERVED_SLOTS, eos_token_ids=eos, drafter=drafter)
             (done,) = scheduler.run([Request(tuple(batch.ids[0][batch.mask[0]].tolist()), new_tokens)])
-            return list(done.token_ids), None if drafter is None else drafter.stats()
+            return list(done.token_ids), None if drafter is None else drafter.stats(), None
 
         return go
 
@@ -124,13 +127,15 @@ def measure(model: CalmModel, engines: dict, prompts: list[tuple[str, PromptBatc
         for go in engines.values():  # warm-up
             go(batch, 4, eos)
         cpu: dict[str, list[float]] = {k: [] for k in engines}
+        rates: dict[str, list[float | None]] = {k: [] for k in engines}
         out: dict = {}
         for _ in range(repeats):
             for key, go in engines.items():
                 c0 = time.process_time()
-                tokens, stats = go(batch, new_tokens, eos)
+                tokens, stats, rate = go(batch, new_tokens, eos)
                 cpu[key].append(time.process_time() - c0)
                 out[key] = (tokens, stats)
+                rates[key].append(rate)
         full_tokens = out[FULL][0]
         row = {"prompt": name, "tokens": len(full_tokens), "prompt_tokens": int(batch.mask.sum())}
         for key in engines:
@@ -140,6 +145,7 @@ def measure(model: CalmModel, engines: dict, prompts: list[tuple[str, PromptBatc
                 "cpu_runs": cpu[key],
                 "identical": tokens == full_tokens,
                 "vs_full": statistics.median(cpu[FULL]) / statistics.median(cpu[key]),
+                "decode_tokens_per_s": statistics.median(r for r in rates[key] if r) if all(rates[key]) else None,
                 **({} if stats is None else _stats(stats)),
             }
         rows.append(row)
@@ -168,11 +174,12 @@ COMPARED = (LOSSLESS_NAME, OTHER, ALWAYS)
 def run(args) -> dict:
     torch.set_num_threads(1)
     model = CalmModel.from_pretrained(args.model)
+    spec: dict = {}
     if args.served:
         engines, description, stored = served_runners(model, not args.no_always)
     else:
         candidate = {"twin": args.twin, "max_draft": args.max_draft}
-        engines, description, stored = runners(model, not args.no_always, candidate)
+        engines, description, stored, spec = runners(model, not args.no_always, candidate)
     eos = model.eos_token_ids
     open_prompts = [(p, model.encode_prompts(p, args.open_tokens)) for p in OPEN_PROMPTS[: args.open_prompts]]
     docs = read_jsonl(args.data, limit=args.docs)
@@ -191,7 +198,7 @@ def run(args) -> dict:
         "repeats": args.repeats,
         "served": args.served,
         "stored": stored,
-        "candidate": {} if args.served else {"twin": args.twin, "max_draft": args.max_draft},
+        "spec": spec,
         "open": measure(model, engines, open_prompts, args.open_tokens, eos, args.repeats),
         "xsum": measure(model, engines, xsum, args.xsum_tokens, (), args.repeats),
     }
@@ -363,7 +370,7 @@ def main() -> None:
     files = write_json_markdown(args.out, args.name, _json_safe(report), text)
     print(text)
     print(f"wrote {files[0]} and {files[1]}", file=sys.stderr)
-    if args.store and not args.served:
+    if args.store and not report["served"]:
         setting = store(report, args.store, f"benchmarks/results/{args.name}.md")
         said = "nothing stored: the stored setting was faster" if setting is None else f"stored: {setting}"
         print(said, file=sys.stderr)
@@ -381,11 +388,14 @@ def store(report: dict, checkpoint: str, report_file: str) -> dict | None:
     xsum = report["xsum"]
     drafted = sum(r[LOSSLESS_NAME]["drafted"] for r in xsum)
     setting = dict((read_config(checkpoint).extra or {}).get(STORE_KEY) or {})
-    setting.update({k: v for k, v in report["candidate"].items() if v is not None})
+    full_rates = [r[FULL]["decode_tokens_per_s"] for r in xsum]
     setting.update(
+        report["spec"],
         speedup_vs_full=report["xsum_summary"][LOSSLESS_NAME]["total"],
         acceptance_rate=sum(r[LOSSLESS_NAME]["accepted"] for r in xsum) / drafted if drafted else 0.0,
         report=report_file,
+        full_decode_tokens_per_s=statistics.median(full_rates) if all(full_rates) else 0.0,  # decode wall time
+        machine=report["machine"].get("cpu") or report["machine"].get("processor") or "",
     )
     store_extra(checkpoint, STORE_KEY, setting)
     return setting

@@ -28,10 +28,16 @@ def runs_continuous(
 
 
 def continuous_scheduler(
-    model: MeasuredModel, lossless: bool, slots: int, eos_token_ids: tuple[int, ...], kernels: str = "auto"
+    model: MeasuredModel,
+    lossless: bool,
+    slots: int,
+    eos_token_ids: tuple[int, ...],
+    kernels: str = "auto",
+    twin: bool | None = None,
 ) -> tuple[Scheduler, LosslessDrafter | None]:
-    """A scheduler of `slots` rows over the model; lossless: with the drafter its stored measurement asks for."""
-    drafter = lossless_drafter(model, slots) if lossless else None
+    """A scheduler of `slots` rows over the model; lossless: with the drafter its stored measurement asks for (twin:
+    whether the 4-bit twin drafts; None: as stored)."""
+    drafter = lossless_drafter(model, slots, twin) if lossless else None
     scheduler = Scheduler(model.network, max_batch=slots, eos_token_ids=eos_token_ids, drafter=drafter, kernels=kernels)
     return scheduler, drafter
 
@@ -44,13 +50,14 @@ def continuous_generate(
     mode: str,
     max_batch: int,
     drafts: bool = True,
+    twin: bool | None = None,
 ) -> tuple[GenerationResult, str]:
     """The prompts of `batch` (its real tokens only) through a continuous batch; lossless rows never exit, and
-    speculative cycles run while the stored measurement says drafting pays (drafts=False: never). -> the result
-    and what ran."""
+    speculative cycles run while the stored measurement says drafting pays (drafts=False: never; twin: whether the
+    4-bit twin drafts, None: as stored). -> the result and what ran."""
     prompts = [ids[mask].tolist() for ids, mask in zip(batch.ids, batch.mask)]
     slots = min(max_batch, len(prompts))
-    drafter = lossless_drafter(model, slots) if mode == LOSSLESS and drafts else None
+    drafter = lossless_drafter(model, slots, twin) if mode == LOSSLESS and drafts else None
     row_policy = ExitPolicy.never() if mode == LOSSLESS else policy
     result = generate_continuous(model.network, prompts, row_policy, config, slots, drafter)
     ran = describe(mode == LOSSLESS, slots, drafter, row_policy)
@@ -70,7 +77,9 @@ def describe(lossless: bool, slots: int, drafter: LosslessDrafter | None, policy
     return f"lossless: {drafter.describe()} {rows}; {batching}"
 
 
-def continuous_description(model: MeasuredModel, lossless: bool, slots: int, policy: ExitPolicy) -> str:
+def continuous_description(
+    model: MeasuredModel, lossless: bool, slots: int, policy: ExitPolicy, twin: bool | None = None
+) -> str:
     """What a continuous batch of `slots` rows runs, for a footer (as continuous_generate's result says)."""
-    drafter = lossless_drafter(model, slots) if lossless else None
+    drafter = lossless_drafter(model, slots, twin) if lossless else None
     return describe(lossless, slots, drafter, ExitPolicy.never() if lossless else policy)

@@ -317,7 +317,7 @@ class CalmModel:
         config = GenerationConfig(max_new_tokens, self.eos_token_ids, self.pad_token_id, sampling, *engine.settings)
         if runs_continuous(self.network, rows, config, mode, spec):  # max_batch=1: one prompt at a time
             drafts = self.weights.weights != "native"  # as native_lossless
-            result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch, drafts)
+            result, decoding = continuous_generate(self, batch, policy, config, mode, max_batch, drafts, spec.twin)
             return replace(self._with_texts(result), decoding=decoding)
         if run is None or run.spec is None:
             result = generate_tokens(self.network, batch, policy, config)

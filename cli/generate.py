@@ -309,10 +309,11 @@ def _decoding(model: Any, run: Run, records: int) -> tuple[Decoding, str | None]
 
 def _footer(model: Any, run: Run, docs: list, noun: str, records: int, resolved: tuple[Decoding, str | None]) -> None:
     from calm.eval.render import measure_cost_note, run_footer
+    from calm.speculative.lossless import stored_full_rate
 
     decoding, continuous = resolved
     rows = max(1, min(run.batch_size, records))
-    reference = _stored_full_rate(model, rows) if decoding.lossless and continuous is None else None
+    reference = stored_full_rate(model.extra, rows) if decoding.lossless and continuous is None else None
     footer_policy = None if decoding.lossless else decoding.policy
     footer = run_footer(docs, footer_policy, continuous or decoding.source, run.max_new_tokens, noun, reference)
     click.echo(footer + measure_cost_note(docs, footer_policy, model), err=True)
@@ -330,25 +331,15 @@ def _continuous(model: Any, run: Run, decoding: Decoding, records: int) -> str |
     mode = LOSSLESS if decoding.lossless and _stored_setting(run) else "speculative" if decoding.lossless else "calm"
     if not runs_continuous(model.network, min(run.batch_size, records), config, mode, explicit):
         return None
-    return continuous_description(model, mode == LOSSLESS, min(run.batch_size, records), decoding.policy)
+    twin = run.speculative.twin
+    return continuous_description(model, mode == LOSSLESS, min(run.batch_size, records), decoding.policy, twin)
 
 
 def _stored_setting(run: Run) -> bool:
-    """A lossless run with the checkpoint's stored setting: no mode, draft layer, length or lookup named."""
+    """A lossless run with the checkpoint's stored setting: no mode, draft layer, length or lookup named (--twin and
+    --no-twin keep it: they choose its fallback drafts)."""
     m = run.speculative
-    named = (m.draft_layer, m.max_draft, m.twin) != (None, None, None) or m.lookup
-    return m.mode in (None, "lossless") and not named
-
-
-def _stored_full_rate(model: Any, rows: int) -> tuple[float, str] | None:
-    """The full model's decode tokens/s stored with the checkpoint's batch-1 speculative measurement, and where
-    it was measured (None: not stored, or a run of several rows: no like-for-like reference)."""
-    from calm.speculative.lossless import MeasuredSetting
-
-    stored = MeasuredSetting.from_extra(model.extra, rows) if rows == 1 else None
-    if stored is None or stored.full_decode_tokens_per_s <= 0:
-        return None
-    return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
+    return m.mode in (None, "lossless") and (m.draft_layer, m.max_draft) == (None, None) and not m.lookup
 
 
 @dataclass(frozen=True)

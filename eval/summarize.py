@@ -84,10 +84,11 @@ def _continuous(
     batch_size: int,
     chat: bool | None,
     text_field: str,
+    twin: bool | None,
 ) -> Iterator[list[DocumentSummary]]:
     ids = [model.encode_prompts([p.text], config.max_new_tokens, chat=chat).ids[0].tolist() for p in prompts]
     slots = min(batch_size, len(ids))
-    scheduler, _ = continuous_scheduler(model, lossless, slots, model.eos_token_ids, config.kernels)
+    scheduler, _ = continuous_scheduler(model, lossless, slots, model.eos_token_ids, config.kernels, twin)
     row_policy = ExitPolicy.never() if lossless else policy
     requests = [Request(tuple(i), config.max_new_tokens, row_policy, config.sampling) for i in ids]
     before, at = replace(scheduler.stats), 0
@@ -166,7 +167,8 @@ def summarize_documents(
     config = GenerationConfig(max_new_tokens, model.eos_token_ids, model.pad_token_id, sampling, *engine.settings)
     mode = LOSSLESS if lossless else "calm"
     if runs_continuous(model.network, min(batch_size, len(records)), config, mode, None if lossless else speculative):
-        yield from _continuous(model, records, prompts, policy, config, lossless, batch_size, chat, text_field)
+        twin = speculative.twin if speculative is not None else None
+        yield from _continuous(model, records, prompts, policy, config, lossless, batch_size, chat, text_field, twin)
         return
     for start in range(0, len(records), batch_size):
         batch, batch_prompts = records[start : start + batch_size], prompts[start : start + batch_size]

@@ -115,6 +115,8 @@ def test_a_stored_twin_setting_is_followed_unless_told_and_described(checkpoint)
     assert "else drafts from the model's 4-bit twin, up to 3 per step" in run.description
     assert run.generate_kwargs()["speculative"].twin is True
     assert resolve_mode(model, lossless=True, twin=False).spec.twin is False
+    assert resolve_mode(model, mode="speculative", draft_layer=1).spec.twin is False  # a named layer drafts itself
+    assert resolve_mode(model, mode="speculative").spec.twin is True  # the stored setting
     text = stored_setting_text(model.extra)
     assert "4-bit twin" in text and "measured 1.50× the full model at batch 1 (benchmarks/results/x.md)" in text
     assert stored_setting_text(None) == "" and "no gain" in stored_setting_text({STORE_KEY: measured(0.9).to_dict()})

@@ -15,7 +15,7 @@ from calm.engine.scheduler import Request, Scheduler
 from calm.exits.policy import ExitPolicy
 from calm.speculative.cycle import LosslessDrafter
 from calm.speculative.drafting import ALWAYS_DRAFT, SpeculativeConfig
-from calm.speculative.goodput import PROBE_EVERY, TWIN, GoodputGate, RowPlan, gate_step
+from calm.speculative.goodput import PLAIN_EVERY, PROBE_EVERY, TWIN, GoodputGate, RowPlan, gate_step
 from calm.speculative.loop import generate_speculative
 from calm.speculative.twin_drafts import twin_lengths, twin_limits
 from helpers import tiny_llama
@@ -128,3 +128,40 @@ def test_the_real_models_twin_drafts_are_mostly_kept_and_its_output_is_the_full_
         stats = out.speculative
         assert stats.drafted - stats.context_drafted >= 6 and stats.acceptance_rate > 0.7
         assert "4-bit twin" in out.decoding
+
+
+def test_a_twin_slower_than_it_pays_is_measured_and_stopped_without_a_plain_step_timed():
+    """The plain step is the unit of cost; while none is timed it is estimated from the twin step's verification,
+    timed as the context step of its width (loop._timed): a twin token costing 1.2 plain steps stops drafting."""
+    gate = GoodputGate(1, draft_fraction=0.5)
+    gate.twin_alpha = [0.95]
+    drafted = []
+    for _ in range(30):
+        _, (plan,) = gate_step(gate, [], [True], False, [3])
+        drafted.append(plan.twin)
+        if plan.twin:
+            width = plan.twin + 1
+            verify = 1.0 + 0.05 * plan.twin
+            gate.timed("context", width, verify)
+            gate.timed(TWIN, width, 1.2 * plan.twin + verify)
+            gate.twin_verified(0, plan.twin, plan.twin)  # every draft kept: only its cost stops it
+        else:
+            gate.timed("plain", 1, 1.0)
+            gate.plain_step(0)
+    twin_steps = [i for i, d in enumerate(drafted) if d]
+    assert twin_steps[:3] == [0, 1, 2]  # each width once, at its prior cost, then measured: too slow
+    assert twin_steps[3:] == [2 + PROBE_EVERY + 1]  # tried again once, after 24 plain steps
+
+
+def test_a_plain_step_is_timed_again_every_plain_every_steps():
+    gate = GoodputGate(2, draft_fraction=0.5)
+    gate.seconds = {("plain", 1): 1.0, (TWIN, 4): 2.0}
+    gate.twin_alpha = [1.0, 1.0]
+    for step in range(1, PLAIN_EVERY + 2):
+        guesses, plans = gate_step(gate, [[[4, 5]], []], [True, True], False, [3, 3])
+        if step != PLAIN_EVERY:
+            assert plans[1].twin == 3
+        else:
+            assert guesses == [[], []] and plans == [RowPlan(shadow=True), RowPlan()]  # everyone plain
+            gate.timed("plain", 1, 1.0)
+    assert not gate.plain_due()

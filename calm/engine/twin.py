@@ -80,12 +80,21 @@ def _skeleton(module: torch.nn.Module, quantize: set[str], prefix: str) -> torch
     return twin
 
 
+def twin_available(net: Network) -> bool:
+    """Whether twin_network can build a twin of `net` (without building it)."""
+    adapter = net.adapter
+    if not adapter.projections_called or getattr(adapter, "device", torch.device("cpu")).type != "cpu":
+        return False
+    head = _head(adapter.model)
+    return native_available() and any(quantizable(m, head) for m in adapter.model.modules())
+
+
 def twin_network(net: Network) -> Network | None:
     """The 4-bit twin of `net`'s backbone as a Network (no exit heads; the same certified argmax), or None where
     no twin can be built: an adapter that reads projection weights itself (Adapter.projections_called), no
     quantizable linear, no int4 kernel, or a backbone off the CPU."""
     model = net.adapter.model
-    if not net.adapter.projections_called or getattr(net.adapter, "device", torch.device("cpu")).type != "cpu":
+    if not twin_available(net):
         return None
     twin = twin_model(model)
     if twin is None:

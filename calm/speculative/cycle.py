@@ -102,7 +102,7 @@ class LosslessDrafter:
         if self.twin is not None and any(twin):
             guesses = with_twin_drafts(self.twin, batch.state, pending, guesses, twin, attending)
         d = self._draft(net, batch, pending, live, guesses, plans, budgets, attending)
-        drafted = time.perf_counter()
+        drafted, verify_cpu = time.perf_counter(), time.process_time()
         h, kept_slots = verify(net, batch.state, d, attending)
         acc = accept_greedy(net, d, h, kept_slots)
         keep = rollback(batch.state, d, acc, live)[:, 1:].tolist()
@@ -119,7 +119,10 @@ class LosslessDrafter:
         self.tally.add(d.counts, acc.count, live_rows, seconds, d.layer == 0 and not any(twin))
         if self.gate is not None:
             kind = TWIN if any(twin) else CONTEXT if d.layer == CONTEXT_DRAFT else LAYER
-            self.gate.timed(kind, d.tokens.shape[1] + 1, time.process_time() - cpu)
+            end = time.process_time()
+            if kind == TWIN:  # its verification is a context step of its width (loop._timed)
+                self.gate.timed(CONTEXT, d.tokens.shape[1] + 1, end - verify_cpu)
+            self.gate.timed(kind, d.tokens.shape[1] + 1, end - cpu)
             gate_verified(self.gate, plans, looked_up, longest, kept, [n[0] if n else None for n in new], kind)
         return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
 
@@ -172,11 +175,12 @@ class LosslessDrafter:
         return draft(net, self.spec, self.plan, batch.state, pending, live, budgets, threshold, GREEDY, None, attending)
 
 
-def lossless_drafter(model: MeasuredModel, slots: int) -> LosslessDrafter | None:
+def lossless_drafter(model: MeasuredModel, slots: int, twin: bool | None = None) -> LosslessDrafter | None:
     """The drafter of a continuous batch of `slots` rows that wants the full model's output: the setting
-    resolve_mode picks for one row, run while the stored measurement says drafting pays for the rows live
-    (None: it pays for no row count, and the batch runs the full model)."""
-    first = resolve_mode(model, LOSSLESS, batch_size=1)
+    resolve_mode picks for one row (twin: whether the 4-bit twin drafts; None: as stored), run while the stored
+    measurement says drafting pays for the rows live (None: it pays for no row count, and the batch runs the full
+    model)."""
+    first = resolve_mode(model, LOSSLESS, batch_size=1, twin=twin)
     if first is None or first.spec is None:
         return None
     paying = [n for n in range(1, slots + 1) if _pays(model, n)]

@@ -44,6 +44,7 @@ PRIOR_WIDTH_COST = 0.05  # an extra verified position, in plain steps, until mea
 LAYER_GAIN_PRIOR = 1.0  # tokens a layer-E step commits before it is measured: off until a probe shows they pay
 PROBE_EVERY = 24  # plain steps after which a row tries layer-E drafts again
 GAIN_MARGIN = 0.02  # a draft must beat a plain step's goodput by this much: smaller gains are within timing noise
+PLAIN_EVERY = 48  # steps after which a plain step is timed again, the unit every other cost is measured in
 TWIN_ALPHA_PRIOR = 0.8  # a row's acceptance of twin drafts before it has verified any: the twin agrees on most tokens
 TWIN_DRAFT_PRIOR = 0.5  # a token drafted by the 4-bit twin, in plain steps, until measured (about half a float step)
 PLAIN, CONTEXT, LAYER, TWIN = "plain", "context", "layer", "twin"
@@ -72,6 +73,8 @@ class GoodputGate:
         self.draft_fraction = draft_fraction  # E / L: a layer-E draft's share of a plain step
         self.seconds: dict[tuple[str, int], float] = {}  # (kind, width) -> moving average CPU seconds
         self.off = 0  # row-steps that drafted nothing although a draft source was there
+        self.steps = 0  # steps planned (gate_step)
+        self.last_plain = 0  # the step count when a plain step was last timed
 
     def reset(self, b: int) -> None:
         """A new request took row b (a continuous batch's slot): its acceptance starts again from the priors; the
@@ -118,6 +121,14 @@ class GoodputGate:
         key = self._key(kind, width)
         old = self.seconds.get(key)
         self.seconds[key] = seconds if old is None else old + COST_RATE * (seconds - old)
+        if key == (PLAIN, 1):
+            self.last_plain = self.steps
+
+    def plain_due(self) -> bool:
+        """Whether this step runs plain for every row, to time the unit of cost again: after PLAIN_EVERY steps
+        without one. (Between them, the plain step is estimated from the other kinds' timings through their
+        priors; a twin step's verification is timed as the context step of its width for that.)"""
+        return self.steps - self.last_plain >= PLAIN_EVERY
 
     # ---- decisions ------------------------------------------------------------------------------
     def expected_tokens(self, b: int, drafted: int, kind: str = CONTEXT) -> float:
@@ -207,6 +218,9 @@ def gate_step(
     twin may draft (empty: no twin)."""
     rows = len(live)
     guesses = guesses or [[] for _ in range(rows)]
+    gate.steps += 1
+    if gate.plain_due():
+        return [[] for _ in range(rows)], [RowPlan(shadow=bool(g)) if on else RowPlan() for g, on in zip(guesses, live)]
     limits = twin_limits or [0] * rows
     plans = [
         gate.plan(b, [len(c) for c in guesses[b]], layer_source, limits[b]) if live[b] else RowPlan()

@@ -72,7 +72,7 @@ def _speculative_loop(
         ta, cpu = time.perf_counter(), time.process_time()
         step = loop.draft(state, pending, live, live_rows, out, lookup, gate)
         _sync(loop.device)
-        tb = time.perf_counter()
+        tb, verify_cpu = time.perf_counter(), time.process_time()
         before = [len(r) for r in out]
         done = loop.commit(state, step, pending, live, live_rows, out)
         drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
@@ -81,7 +81,7 @@ def _speculative_loop(
         context = step.kind == CONTEXT or (gate is None and step.kind == PLAIN)  # the gate's plain steps draft none
         tally.add(done.counts, done.accepted, live_rows, (tb - ta, time.perf_counter() - tb), context)
         if gate is not None:
-            gate.timed(step.kind, done.width, time.process_time() - cpu)
+            _timed(gate, step.kind, done.width, (cpu, verify_cpu, time.process_time()))
             committed = [r[n] if len(r) > n else None for r, n in zip(out, before)]
             gate_verified(gate, step.plans, step.looked_up, drafted, done.kept, committed, step.kind)
         pending = torch.where(live, done.following, config.pad_token_id)
@@ -89,6 +89,16 @@ def _speculative_loop(
     stats = tally.stats(spec.draft_layer, spec.max_draft)
     stats = stats if gate is None else replace(stats, drafting_off=gate.off)
     return _result(net, out, t1 - t0, time.perf_counter() - t1, stats)
+
+
+def _timed(gate: GoodputGate, kind: str, width: int, marks: tuple[float, float, float]) -> None:
+    """A step's CPU seconds, from its marks (start, drafted, verified). A twin step's verification, over its slots'
+    embeddings, is also a context step of that width: the gate's plain-step estimate then rests on a measured
+    verification, not on the twin's own prior."""
+    start, drafted, verified = marks
+    if kind == TWIN:
+        gate.timed(CONTEXT, width, verified - drafted)
+    gate.timed(kind, width, verified - start)
 
 
 @dataclass(frozen=True)

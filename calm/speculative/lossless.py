@@ -163,7 +163,8 @@ def resolve_mode(  # long: one switch per command-line option, each documented h
             )
         return None
     stored = MeasuredSetting.from_extra(model.extra, batch_size)
-    explicit = mode == "speculative" or draft_layer is not None or max_draft is not None or lookup
+    named = draft_layer is not None or max_draft is not None or lookup or twin is True  # twin=True: drafts asked for
+    explicit = mode == "speculative" or named
     if not explicit:
         if stored is None:
             return ModeRun(
@@ -182,7 +183,7 @@ def resolve_mode(  # long: one switch per command-line option, each documented h
             )
     spec = _spec(model, stored, draft_layer, max_draft, lookup)
     spec = spec if candidates is None else replace(spec, candidates=candidates)
-    spec = replace(spec, goodput=lossless if goodput is None else goodput, twin=_twin(stored, twin))
+    spec = replace(spec, goodput=lossless if goodput is None else goodput, twin=_twin(model, stored, twin, draft_layer))
     spec.check(model.num_layers)
     if spec.from_context and (measure is not None or threshold is not None):
         raise InputError(NO_CONTROLLER)
@@ -223,9 +224,22 @@ def _spec(
     return spec
 
 
-def _twin(stored: MeasuredSetting | None, twin: bool | None) -> bool:
-    """Whether the twin drafts: as asked, else as the stored setting."""
-    return (stored is not None and stored.twin) if twin is None else twin
+def _twin(model: MeasuredModel, stored: MeasuredSetting | None, twin: bool | None, draft_layer: int | None) -> bool:
+    """Whether the twin drafts: as asked, else as the stored setting unless a draft layer is named (its drafts);
+    never where this model has no twin (calm.engine.twin.twin_available: its adapter, torch's int4 kernel)."""
+    from calm.engine.twin import twin_available  # torch-heavy: imported where a run is resolved
+
+    wanted = twin if twin is not None else stored is not None and stored.twin and draft_layer is None
+    return wanted and twin_available(model.network)
+
+
+def stored_full_rate(extra: dict | None, rows: int) -> tuple[float, str] | None:
+    """The full model's decode tokens/s stored with the checkpoint's batch-1 speculative measurement, and where
+    it was measured (None: not stored, or a run of several rows: no like-for-like reference)."""
+    stored = MeasuredSetting.from_extra(extra, rows) if rows == 1 else None
+    if stored is None or stored.full_decode_tokens_per_s <= 0:
+        return None
+    return stored.full_decode_tokens_per_s, stored.machine or "the benchmark machine"
 
 
 def stored_setting_text(extra: dict | None) -> str:
