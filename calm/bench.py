@@ -1,10 +1,9 @@
-"""Throughput of the early-exit engine: tokens/s and ms/token per batch size, at full depth, under
-exit policies, and for transformers' own `generate` on the same prompt ids.
+"""Throughput: tokens/s and ms/token per batch size at full depth, under exits, and for transformers' `generate`.
 
-Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs
-compare like with like. Each configuration gets one untimed warm-up run, then `repeats` timed
-runs taken round robin across the configurations; the median is reported. Times are wall clock
-for the whole call, prefill included. calm.eval.bench_report writes the report.
+Every row generates exactly `new_tokens` tokens (EOS is ignored, by both engines), so the runs compare like with
+like. Each configuration gets one untimed warm-up run, then `repeats` timed runs taken round robin across the
+configurations; the median is reported. Times are wall clock for the whole call, prefill included.
+calm.eval.bench_report writes the report.
 """
 
 from __future__ import annotations
@@ -39,14 +38,14 @@ DEFAULT_DOCUMENT = (
     "2027 on the site of a former bus depot. Opposition members welcomed the plan but warned that the "
     "cost of the project, estimated at 60 million pounds, could mean cuts to other services."
 )
-LOOKUP, ADAPTIVE, GOODPUT = "lookup", "adaptive", "goodput"  # spec suffixes, as POLICY_HELP says
+LOOKUP, ADAPTIVE, GOODPUT, TWIN = "lookup", "adaptive", "goodput", "twin"  # spec suffixes, as POLICY_HELP says
 POLICY_HELP = (
-    "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), "
-    "or spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN][:goodput] (lossless speculative decoding, drafts "
+    "full, fixed:LAYER, MEASURE:THRESHOLD with MEASURE one of softmax, state, classifier (e.g. softmax:0.9), or "
+    "spec:E:K[:MEASURE:THRESHOLD][:lookup][:adaptive][:cN][:goodput][:twin] (lossless speculative decoding, drafts "
     "from layer E, up to K per step, while the measure is confident; without one, always K; lookup: drafts looked up "
-    "in the context first; E = 0: only those; adaptive: each row's context-draft length follows its last "
-    "verification; cN: N candidate context drafts per row, verified as a tree; goodput: each row drafts only "
-    "where its goodput beats a plain step, calm.speculative.goodput)"
+    "in the context first; E = 0: only those; adaptive: each row's context-draft length follows its last verification; "
+    "cN: N candidate context drafts per row, verified as a tree; goodput: each row drafts only where its goodput "
+    "beats a plain step; twin: the model's 4-bit twin drafts where the context does not)"
 )
 SPEC = "spec"
 
@@ -106,12 +105,13 @@ def parse_run_spec(spec: str, decay_tau: float = ExitPolicy.decay_tau) -> tuple[
         return parse_policy_spec(spec, decay_tau), None
     parts = rest.split(":")
     flags = []
-    while parts and (parts[-1] in (LOOKUP, ADAPTIVE, GOODPUT) or re.fullmatch(r"c[0-9]+", parts[-1])):
+    while parts and (parts[-1] in (LOOKUP, ADAPTIVE, GOODPUT, TWIN) or re.fullmatch(r"c[0-9]+", parts[-1])):
         flags.append(parts.pop())
     candidates = next((int(f[1:]) for f in flags if f.startswith("c")), 1)
     try:
+        e, k = int(parts[0]), int(parts[1])
         config = SpeculativeConfig(
-            int(parts[0]), int(parts[1]), LOOKUP in flags, ADAPTIVE in flags, candidates, GOODPUT in flags
+            e, k, LOOKUP in flags, ADAPTIVE in flags, candidates, GOODPUT in flags, TWIN in flags
         )
     except (ValueError, IndexError) as exc:
         raise InputError(f"bad policy {spec!r}: expected {POLICY_HELP}") from exc
@@ -142,7 +142,7 @@ def speculative_specs(
     if run is None or run.spec is None:
         return tuple(policies)
     e, k = run.spec.draft_layer, run.spec.max_draft
-    suffix = f":{LOOKUP}" if run.spec.lookup else ""
+    suffix = (f":{LOOKUP}" if run.spec.lookup else "") + (f":{TWIN}" if run.spec.twin else "")
     if not policies:
         p = run.policy
         controller = "" if p.measure == "fixed" else f":{p.measure}:{p.threshold:g}"

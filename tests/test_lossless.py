@@ -181,6 +181,13 @@ def test_an_unreadable_stored_measurement_is_a_clear_error(checkpoint):
         ),
         ("spec:0:3:c2", (ExitPolicy(measure="fixed", threshold=0.0), SpeculativeConfig(0, 3, candidates=2))),
         (
+            "spec:12:5:classifier:0.7:lookup:twin",
+            (
+                ExitPolicy(measure="classifier", threshold=0.7, decay_tau=0.0),
+                SpeculativeConfig(12, 5, lookup=True, twin=True),
+            ),
+        ),
+        (
             "spec:3:2:classifier:0.7:c3:lookup",
             (
                 ExitPolicy(measure="classifier", threshold=0.7, decay_tau=0.0),

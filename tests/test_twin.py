@@ -104,3 +104,17 @@ def test_no_twin_is_copied_from_modules_running_a_forward_of_their_own():
     with torch.inference_mode(), packed_linears(model, "onednn"):
         assert twin_model(model) is None
     assert twin_model(model) is not None
+
+
+def test_the_models_hooks_stay_with_the_model():
+    model = tiny_llama()
+    calls = []
+    model.model.norm.register_forward_hook(lambda *_: calls.append("model"))
+    twin = twin_model(model)
+    with torch.inference_mode():
+        twin(torch.tensor([[3, 4, 5]]))
+    assert calls == []
+    twin.model.norm.register_forward_hook(lambda *_: calls.append("twin"))
+    with torch.inference_mode():
+        model(torch.tensor([[3, 4, 5]]))
+    assert calls == ["model"]

@@ -33,12 +33,13 @@ def quantize_q4_1(weight: torch.Tensor) -> QuantBlocks:
     m = min in float16, q = round((w - m)/d). The error per weight is at most d/2 plus the float16 rounding."""
     out, width = weight.shape
     w = weight.detach().float().reshape(out, width // GROUP, GROUP)  # [out, in/G, G]
-    low, high = w.amin(-1), w.amax(-1)  # [out, in/G]
+    low, high = torch.aminmax(w, dim=-1)  # [out, in/G]
     scales = ((high - low) / LEVELS).half()
     mins = low.half()
-    d, m = scales.float()[..., None], mins.float()[..., None]
-    codes = torch.where(d > 0, ((w - m) / d.clamp_min(torch.finfo(torch.float32).tiny)).round(), 0.0)
-    return QuantBlocks("Q4_1", codes.clamp(0, LEVELS).to(torch.uint8).reshape(out, width), scales, mins)
+    d = scales.float()
+    inverse = torch.where(d > 0, 1.0 / d, 0.0)[..., None]  # a constant group: every code 0
+    codes = (w - mins.float()[..., None]).mul_(inverse).round_().clamp_(0, LEVELS)
+    return QuantBlocks("Q4_1", codes.to(torch.uint8).reshape(out, width), scales, mins)
 
 
 def quantizable(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
@@ -73,6 +74,9 @@ def _skeleton(module: torch.nn.Module, quantize: set[str], prefix: str) -> torch
     twin = copy.copy(module)  # a new object over the same attributes
     twin._parameters = dict(module._parameters)
     twin._buffers = dict(module._buffers)
+    for name, value in vars(module).items():  # hooks stay with the model: its twin only drafts
+        if "hooks" in name and isinstance(value, dict):
+            setattr(twin, name, type(value)())
     twin._modules = {
         name: None if child is None else _skeleton(child, quantize, f"{prefix}.{name}" if prefix else name)
         for name, child in module._modules.items()

@@ -258,7 +258,8 @@ def stored_setting_text(extra: dict | None) -> str:
 def drafts_description(spec: SpeculativeConfig, policy: ExitPolicy) -> str:
     if spec.from_context:
         several = f", {spec.candidates} candidates verified as a tree" if spec.candidates > 1 else ""
-        return f"drafts looked up in the context, up to {spec.max_draft} per step{several}"
+        twin = ", else drafts from the model's 4-bit twin" if spec.twin else ""
+        return f"drafts looked up in the context{twin}, up to {spec.max_draft} per step{several}"
     name = "fixed length" if policy.measure == "fixed" else f"{policy.measure} λ={policy.threshold:g}"
     first = "drafts looked up in the context where found, else " if spec.lookup else ""
     if spec.twin:
