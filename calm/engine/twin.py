@@ -44,7 +44,7 @@ def quantize_q4_1(weight: torch.Tensor) -> QuantBlocks:
 
 def quantizable(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
     """A plain float nn.Linear on the CPU whose input width splits into groups, other than the LM head (the twin
-    shares the head and its certified argmax)."""
+    shares the head and its certified argmax): the layer stack's projections, and any other plain linear."""
     if type(module) is not torch.nn.Linear or module is head:
         return False
     weight = module.weight
@@ -53,8 +53,9 @@ def quantizable(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
 
 def twin_model(model: torch.nn.Module) -> torch.nn.Module | None:
     """A copy of `model`'s module tree sharing every parameter and buffer, whose quantizable linears are
-    QuantizedLinear over their Q4_1 blocks; None where none is quantizable, torch lacks the int4 kernel, or a module
-    runs a forward of its own (build the twin outside calm.engine.kernels.packed_linears)."""
+    QuantizedLinear over their Q4_1 blocks (and a copy of their biases); None where none is quantizable, torch
+    lacks the int4 kernel, or a module runs a forward of its own (build the twin outside
+    calm.engine.kernels.packed_linears)."""
     if not native_available() or any("forward" in vars(m) for m in model.modules()):
         return None  # a module with a forward of its own (accelerate's hooks, calm's packed kernels) is not copied
     head = _head(model)
@@ -126,14 +127,15 @@ def twin_of(net: Network) -> Network | None:
 
 
 def _weights_stamp(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    linears = [m.weight for m in model.modules() if type(m) is torch.nn.Linear]
-    return tuple((w.data_ptr(), w._version if not w.is_inference() else -1) for w in linears)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+    return tuple((t.data_ptr(), t._version if not t.is_inference() else -1) for t in tensors)
 
 
 def twin_bytes(model: torch.nn.Module) -> int:
     """Bytes a twin of `model` would hold beyond it (its quantized linears' buffers; all else is shared), measured
     by quantizing one linear at a time, so the twin is never held whole (0: the model has no twin)."""
-    if not native_available():
+    if not native_available() or not adapter_for(model).projections_called:  # type: ignore[arg-type]
         return 0
     head = _head(model)
     total = 0
