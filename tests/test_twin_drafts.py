@@ -165,3 +165,17 @@ def test_a_plain_step_is_timed_again_every_plain_every_steps():
             assert guesses == [[], []] and plans == [RowPlan(shadow=True), RowPlan()]  # everyone plain
             gate.timed("plain", 1, 1.0)
     assert not gate.plain_due()
+
+
+def test_the_command_line_asks_for_the_twin_or_leaves_it_out(tiny_model):
+    """--twin drafts with it (the tiny model stores no setting: an explicit ask), --no-twin does not; the output is
+    the full model's either way and the footer says what drafted."""
+    from helpers import invoke
+
+    runs = {flag: invoke("generate", "--model", tiny_model, "a b c a b", "--max-new-tokens", 6, flag)
+            for flag in ("--twin", "--no-twin")}  # fmt: skip
+    assert all(r.exit_code == 0 for r in runs.values()), runs
+    assert "4-bit twin" in runs["--twin"].output and "4-bit twin" not in runs["--no-twin"].output
+    full = invoke("generate", "--model", tiny_model, "a b c a b", "--max-new-tokens", 6, "--mode", "calm")
+    first = full.output.splitlines()[0]
+    assert all(r.output.splitlines()[0] == first for r in runs.values())
