@@ -132,7 +132,8 @@ def test_the_real_models_twin_drafts_are_mostly_kept_and_its_output_is_the_full_
 
 def test_a_twin_slower_than_it_pays_is_measured_and_stopped_without_a_plain_step_timed():
     """The plain step is the unit of cost; while none is timed it is estimated from the twin step's verification,
-    timed as the context step of its width (loop._timed): a twin token costing 1.2 plain steps stops drafting."""
+    timed as the context step of its width (GoodputGate.timed_step): a twin token costing 1.2 plain steps stops
+    drafting."""
     gate = GoodputGate(1, draft_fraction=0.5)
     gate.twin_alpha = [0.95]
     drafted = []
@@ -142,8 +143,7 @@ def test_a_twin_slower_than_it_pays_is_measured_and_stopped_without_a_plain_step
         if plan.twin:
             width = plan.twin + 1
             verify = 1.0 + 0.05 * plan.twin
-            gate.timed("context", width, verify)
-            gate.timed(TWIN, width, 1.2 * plan.twin + verify)
+            gate.timed_step(TWIN, width, 1.2 * plan.twin + verify, verify)
             gate.twin_verified(0, plan.twin, plan.twin)  # every draft kept: only its cost stops it
         else:
             gate.timed("plain", 1, 1.0)

@@ -23,6 +23,7 @@ import torch
 
 from calm.adapters import adapter_for
 from calm.engine.decode import Network
+from calm.engine.kernels import _version
 from calm.engine.quantized import GROUP, QuantBlocks, QuantizedLinear, native_available
 
 LEVELS = 15  # Q4_1: codes 0..15
@@ -129,7 +130,7 @@ def twin_of(net: Network) -> Network | None:
 def _weights_stamp(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     tensors = [t for m in linears for t in (m.weight, m.bias) if t is not None]
-    return tuple((t.data_ptr(), t._version if not t.is_inference() else -1) for t in tensors)
+    return tuple((t.data_ptr(), _version(t)) for t in tensors)
 
 
 def twin_bytes(model: torch.nn.Module) -> int:

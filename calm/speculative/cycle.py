@@ -40,7 +40,7 @@ from calm.speculative.drafting import (
 from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, TWIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
 from calm.speculative.lossless import LOSSLESS, MeasuredModel, drafts_description, resolve_mode
-from calm.speculative.twin_drafts import twin_lengths, twin_limits, with_twin_drafts
+from calm.speculative.twin_drafts import looked_up_lengths, twin_lengths, twin_limits, with_twin_drafts
 from calm.speculative.verification import Draft, accept_greedy, rollback, verify
 
 GREEDY = SamplingConfig()
@@ -114,15 +114,13 @@ class LosslessDrafter:
         longest = [max(map(len, g), default=0) for g in guesses]
         kept = [max(len(n) - 1, 0) for n in new]
         if self.lookup is not None and d.layer == CONTEXT_DRAFT:
-            self.lookup.verified([0 if t else n for t, n in zip(twin or [0] * len(longest), longest)], kept)
+            self.lookup.verified(looked_up_lengths(twin, longest), kept)
         seconds = (drafted - start, time.perf_counter() - drafted)
         self.tally.add(d.counts, acc.count, live_rows, seconds, d.layer == 0 and not any(twin))
         if self.gate is not None:
             kind = TWIN if any(twin) else CONTEXT if d.layer == CONTEXT_DRAFT else LAYER
             end = time.process_time()
-            if kind == TWIN:  # its verification is a context step of its width (loop._timed)
-                self.gate.timed(CONTEXT, d.tokens.shape[1] + 1, end - verify_cpu)
-            self.gate.timed(kind, d.tokens.shape[1] + 1, end - cpu)
+            self.gate.timed_step(kind, d.tokens.shape[1] + 1, end - cpu, end - verify_cpu)
             gate_verified(self.gate, plans, looked_up, longest, kept, [n[0] if n else None for n in new], kind)
         return Cycle(new, [n if on else 0 for n, on in zip(d.counts.tolist(), live_rows)])
 

@@ -124,6 +124,14 @@ class GoodputGate:
         if key == (PLAIN, 1):
             self.last_plain = self.steps
 
+    def timed_step(self, kind: str, width: int, seconds: float, verify_seconds: float) -> None:
+        """timed, for a whole step whose verification took verify_seconds of its seconds. A twin step's verification,
+        over its slots' embeddings, is also a context step of that width: the plain-step estimate then rests on a
+        measured verification, not on the twin's own prior."""
+        if kind == TWIN:
+            self.timed(CONTEXT, width, verify_seconds)
+        self.timed(kind, width, seconds)
+
     def plain_due(self) -> bool:
         """Whether this step runs plain for every row, to time the unit of cost again: after PLAIN_EVERY steps
         without one. (Between them, the plain step is estimated from the other kinds' timings through their

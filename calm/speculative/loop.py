@@ -28,7 +28,7 @@ from calm.speculative.drafting import (
 )
 from calm.speculative.goodput import CONTEXT, LAYER, PLAIN, TWIN, GoodputGate, RowPlan, gate_step, gate_verified
 from calm.speculative.lookup import BatchLookup
-from calm.speculative.twin_drafts import twin_lengths, twin_limits, with_twin_drafts
+from calm.speculative.twin_drafts import looked_up_lengths, twin_lengths, twin_limits, with_twin_drafts
 from calm.speculative.verification import Draft, accept_greedy, accept_sampled, commit, finished, rollback, verify
 
 
@@ -77,11 +77,12 @@ def _speculative_loop(
         done = loop.commit(state, step, pending, live, live_rows, out)
         drafted = [max(map(len, g), default=0) for g in step.guesses]  # the longest path, not the total
         if lookup is not None and step.kind != LAYER:
-            lookup.verified([0 if t else n for t, n in zip(step.twin or [0] * len(drafted), drafted)], done.kept)
+            lookup.verified(looked_up_lengths(step.twin, drafted), done.kept)
         context = step.kind == CONTEXT or (gate is None and step.kind == PLAIN)  # the gate's plain steps draft none
         tally.add(done.counts, done.accepted, live_rows, (tb - ta, time.perf_counter() - tb), context)
         if gate is not None:
-            _timed(gate, step.kind, done.width, (cpu, verify_cpu, time.process_time()))
+            end = time.process_time()
+            gate.timed_step(step.kind, done.width, end - cpu, end - verify_cpu)
             committed = [r[n] if len(r) > n else None for r, n in zip(out, before)]
             gate_verified(gate, step.plans, step.looked_up, drafted, done.kept, committed, step.kind)
         pending = torch.where(live, done.following, config.pad_token_id)
@@ -89,16 +90,6 @@ def _speculative_loop(
     stats = tally.stats(spec.draft_layer, spec.max_draft)
     stats = stats if gate is None else replace(stats, drafting_off=gate.off)
     return _result(net, out, t1 - t0, time.perf_counter() - t1, stats)
-
-
-def _timed(gate: GoodputGate, kind: str, width: int, marks: tuple[float, float, float]) -> None:
-    """A step's CPU seconds, from its marks (start, drafted, verified). A twin step's verification, over its slots'
-    embeddings, is also a context step of that width: the gate's plain-step estimate then rests on a measured
-    verification, not on the twin's own prior."""
-    start, drafted, verified = marks
-    if kind == TWIN:
-        gate.timed(CONTEXT, width, verified - drafted)
-    gate.timed(kind, width, verified - start)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,12 @@ def twin_lengths(twin_plans: list[int], guesses: list[list[list[int]]]) -> list[
     return [0 if row else n for n, row in zip(twin_plans, rows)]
 
 
+def looked_up_lengths(twin_lengths: tuple[int, ...] | list[int], drafted: list[int]) -> list[int]:
+    """The looked-up drafts' lengths of a step, as BatchLookup.verified adapts to them: each row's drafted length,
+    0 where the row drafted with the twin (twin_lengths; empty: none did)."""
+    return [0 if t else n for t, n in zip(twin_lengths or [0] * len(drafted), drafted)]
+
+
 def with_twin_drafts(
     twin: Network,
     state: DecodeState,
