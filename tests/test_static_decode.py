@@ -249,6 +249,20 @@ def test_compiled_step_does_not_recompile_per_token_or_threshold(models, fresh_d
     assert graphs == 1 and counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_graph_serves_every_cache_length(models, fresh_dynamo, kind):
+    """The cache's slot count is a dynamic dimension: a generation with a longer cache compiles nothing new (no
+    architecture specializes on it), and both equal the dynamic path."""
+    net, policy = network(models, kind), POLICIES["classifier"]
+    graphs = []
+    for new_tokens in (MAX_NEW, MAX_NEW + 64):  # caches of 64 and 128 slots
+        config = replace(gen_config(), max_new_tokens=new_tokens, eos_token_ids=())
+        dynamic, compiled = (generate_tokens(net, prompts(), policy, c) for c in engines(config, compile="eager"))
+        assert_same(dynamic, compiled)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1], graphs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_inductor_compiles_the_step(models, fresh_dynamo, kind):

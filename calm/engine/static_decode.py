@@ -7,7 +7,8 @@ This step never asks. Every row runs every layer; a row that has exited keeps it
 state (its attention and MLP outputs are computed and dropped by `torch.where`), and its input
 norm and K/V projection still run, which is CALM's state propagation as in the dynamic step.
 Attention reads all S slots of the cache under key_mask, so shapes do not change from one token to
-the next; the slot, the positions and the threshold are tensors, so nothing recompiles per token.
+the next; the slot, the positions and the threshold are tensors, so nothing recompiles per token, and the cache's
+slot count is a dynamic dimension, so nothing recompiles for another prompt length either.
 
 The one skip that needs no host is known when the step is traced: under the `fixed` measure every
 row leaves at the first allowed layer, so the layers above it only get their K/V filled.
@@ -49,7 +50,15 @@ class StaticState:
         cache = state.cache
         slot = torch.tensor([cache.length], dtype=torch.long, device=cache.k.device)
         k, v = (tuple(t.clone() for t in kv.unbind(0)) for kv in (cache.k, cache.v))
-        return cls(k, v, cache.key_mask, state.positions.clone(), slot, state.encoder)
+        return cls(k, v, cache.key_mask, state.positions.clone(), slot, state.encoder).any_length()
+
+    def any_length(self) -> StaticState:
+        """Marks the cache's slot count S as dynamic for torch.compile, so that one graph serves every cache
+        length (a prompt of another length compiles nothing); eager steps ignore the mark."""
+        for t in (*self.k, *self.v):
+            torch._dynamo.mark_dynamic(t, 2)
+        torch._dynamo.mark_dynamic(self.key_mask, 1)
+        return self
 
     def advance(self) -> None:
         """Move to the next slot and position, in place on the device (no host sync)."""
@@ -72,7 +81,7 @@ class StaticState:
             key_mask=self.key_mask.index_select(0, rows),
             positions=self.positions.index_select(0, rows),
             encoder=encoder,
-        )
+        ).any_length()
 
 
 def full_depth(plan: ExitPlan, num_layers: int) -> int:
@@ -122,6 +131,6 @@ def static_step(
 def compiled_step(backend: str = "inductor", mode: str | None = None) -> StepFunction:
     """static_step through torch.compile as one whole graph (fullgraph: a graph break is an error).
 
-    One wrapper per backend and mode, so calls share dynamo's cache: a new batch size, cache length,
-    model or exit plan compiles once; a new token or threshold does not."""
+    One wrapper per backend and mode, so calls share dynamo's cache: a new batch size, model or exit
+    plan compiles once (a new cache length does not: StaticState.any_length); a new token or threshold does not."""
     return torch.compile(static_step, fullgraph=True, backend=backend, mode=mode)
