@@ -8,8 +8,9 @@
 3. the LM head's greedy argmax at 1-16 rows of real final states (calm.engine.lm_head): its int8 copy and the packed
    float32 head, and the certified argmax as calm runs it (int8 up to lm_head.INT8_MAX_ROWS rows, float32 beyond);
 4. the same 210 shapes on random Q4_1 blocks: torch's int4 kernel with bfloat16 activations (calm's native
-   weights) against a float32 dequantise-and-dot that torch.compile fuses into one kernel per linear (exact to
-   float32 rounding, unlike the int4 kernel's bfloat16).
+   weights), the same kernel with float16 and float32 activations (and scale tables in that dtype: its only
+   paths that round less), and a float32 dequantise-and-dot that torch.compile fuses into one kernel per linear
+   (exact to float32 rounding, unlike the int4 kernel's bfloat16).
 
 Usage: python benchmarks/kernel_costs.py [--repeats 7] [--out benchmarks/results]
 """
@@ -138,6 +139,18 @@ def q4_1_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, low: to
     return (scale[None] * dot + low[None] * sums).sum(2).reshape(1, blocks * 16)
 
 
+def kernel_tables(q: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+    """q's scale-and-zero table for the int4 kernel in `dtype`, from its exact fp16 block scales (Q4_1)."""
+    d = q.scales.float()
+    zeros = torch.stack([d, q.mins.float() + 8 * d], dim=-1)  # [N, K/G, 2]
+    return zeros.transpose(0, 1).contiguous().to(dtype)  # [K/G, N, 2]
+
+
+def int4_in(q: QuantizedLinear, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """q's int4 kernel with activations and tables in tables' dtype -> [1, N] float32."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(tables.dtype), q.packed, 32, tables).float()
+
+
 def native(model: CalmModel, repeats: int) -> dict:
     torch._dynamo.config.recompile_limit = 64
     lins = [m for m in model.network.adapter.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -153,6 +166,7 @@ def native(model: CalmModel, repeats: int) -> dict:
         blocks = [t.float().view(n // 16, 16, k // 32).transpose(1, 2).contiguous() for t in (d, m)]
         fused.append((words.contiguous(), *blocks))
     gemv = torch.compile(q4_1_gemv, dynamic=False, fullgraph=True)
+    tables = {dt: [kernel_tables(q, dt) for q in int4] for dt in (torch.float16, torch.float32)}
     errors = {}
     for q, (w, sc, lo) in list(zip(int4, fused))[-3:]:  # the MLP's three shapes
         x = xs[q.in_features]
@@ -161,10 +175,20 @@ def native(model: CalmModel, repeats: int) -> dict:
         errors[f"{q.out_features}x{q.in_features}"] = {
             "int4 kernel": float((q.int4(x).double() - exact).abs().max() / scale),
             "fused float32": float((gemv(x, w, sc, lo).double() - exact).abs().max() / scale),
+            **{
+                f"int4 kernel, {str(dt)[6:]}": float((int4_in(q, x, kernel_tables(q, dt)) - exact).abs().max() / scale)
+                for dt in tables
+            },
         }
     costs = medians(
         {
             "int4 kernel, bfloat16 activations": lambda: [q.int4(xs[q.in_features]) for q in int4],
+            **{
+                f"int4 kernel, {str(dt)[6:]} activations": lambda t=t: [
+                    int4_in(q, xs[q.in_features], table) for q, table in zip(int4, t)
+                ]
+                for dt, t in tables.items()
+            },
             "fused float32 dequant-GEMV (compiled per linear)": lambda: [
                 gemv(xs[w.shape[1] * 8], w, s, lo) for w, s, lo in fused
             ],
@@ -193,14 +217,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "| the 210 linear shapes on random Q4_1 blocks, 1 row | ms |", "|---|---|"]
     lines += [f"| {k} | {1000 * v:.1f} |" for k, v in nat["seconds"].items()]
+    kinds = list(next(iter(nat["max_relative_error"].values())))
     lines += [
         "",
-        "| max error relative to the exact (float64) product | int4 kernel | fused float32 |",
-        "|---|---|---|",
+        f"| max error relative to the exact (float64) product | {' | '.join(kinds)} |",
+        "|---" * (1 + len(kinds)) + "|",
     ]
-    lines += [
-        f"| {k} | {e['int4 kernel']:.1e} | {e['fused float32']:.1e} |" for k, e in nat["max_relative_error"].items()
-    ]
+    lines += [f"| {k} | {' | '.join(f'{e[c]:.1e}' for c in kinds)} |" for k, e in nat["max_relative_error"].items()]
     return "\n".join(lines) + "\n"
 
 
