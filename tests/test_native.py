@@ -151,6 +151,22 @@ def test_tiny_gguf_loads_native(tiny_gguf):
             assert torch.equal(a.dequantize(), b.dequantize())
 
 
+def test_static_engine_picks_greedy_tokens_by_the_certified_argmax_on_a_native_head(tiny_gguf, monkeypatch):
+    """A native head's int4 kernel rounds logits to bfloat16; like the dynamic step, the static step picks greedy
+    tokens by the float32 argmax of the dequantised head (compiled too: the argmax runs outside the graph)."""
+    from calm.engine.lm_head import CertifiedArgmax
+
+    model = CalmModel.from_pretrained(tiny_gguf, weights="native")
+    calls = []
+    real = CertifiedArgmax.__call__
+    monkeypatch.setattr(CertifiedArgmax, "__call__", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+    for engine in ({"engine": "static"}, {"engine": "static", "compile": "eager"}):
+        calls.clear()
+        model.generate(PROMPT, max_new_tokens=6, mode="calm", **engine)
+        assert calls == [1] * 6, (engine, calls)  # every token of the one row, the first one included
+    assert model.network.argmax is not None and model.network.argmax.native is not None
+
+
 def test_native_generates_on_every_engine(tiny_gguf):
     model = CalmModel.from_pretrained(tiny_gguf, weights="native")
     full = model.generate(PROMPT, max_new_tokens=10, mode="calm", engine="dynamic").token_ids

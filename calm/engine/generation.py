@@ -14,8 +14,8 @@ import torch
 from calm.engine.decode import DecodeState, ExitPlan, Network, decode_one_token, prefill
 from calm.engine.kernels import check_kernels, packed_linears
 from calm.engine.kv_cache import KVCache
-from calm.engine.sampling import SamplingConfig, next_token
-from calm.engine.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step
+from calm.engine.sampling import SamplingConfig
+from calm.engine.static_decode import SLOT_MULTIPLE, StaticState, compiled_step, static_step, static_tokens
 from calm.errors import InputError
 from calm.exits.policy import ExitPolicy
 
@@ -237,7 +237,7 @@ def _decode_static(
     batch = first_ids.shape[0]
     tokens_out, exits_out, eos = _outputs(batch, config, device)
     first = prefill(net, first_ids, state)
-    tokens = next_token(net.token_logits(first.hidden, first.exit_layers), config.sampling, generator)
+    tokens = static_tokens(net, net.head_input(first.hidden, first.exit_layers), config.sampling, generator)
     tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
     finished = torch.isin(tokens, eos)
     static = StaticState.after_prefill(state)
@@ -257,8 +257,9 @@ def _decode_static(
     while steps < config.max_new_tokens:
         threshold.copy_(thresholds[steps])
         with compiling.step(finished):
-            logits, exit_layers = step(net, plan, tokens, static, threshold)
-        tokens = torch.where(finished, config.pad_token_id, next_token(logits, config.sampling, generator))
+            head_input, exit_layers = step(net, plan, tokens, static, threshold)
+        chosen = static_tokens(net, head_input, config.sampling, generator)
+        tokens = torch.where(finished, config.pad_token_id, chosen)
         tokens_out[rows, steps] = tokens
         exits_out[rows, steps] = torch.where(finished, 0, exit_layers)
         finished = finished | torch.isin(tokens, eos)

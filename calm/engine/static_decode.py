@@ -26,6 +26,7 @@ import torch
 
 from calm.adapters.base import EncoderMemory
 from calm.engine.decode import DecodeState, ExitPlan, Network, exit_decision
+from calm.engine.sampling import SamplingConfig, next_token
 
 SLOT_MULTIPLE = 64  # cache slots are allocated in multiples of this, so prompts of similar length share a shape
 
@@ -95,8 +96,9 @@ def full_depth(plan: ExitPlan, num_layers: int) -> int:
 def static_step(
     net: Network, plan: ExitPlan, tokens: torch.Tensor, state: StaticState, threshold: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token for every row: tokens [B] -> next-token logits [B, V] (float of the head) and exit
-    layers [B] (1..L). Writes the token's K/V at state.slot of every layer; threshold is a 0-d tensor."""
+    """One token for every row: tokens [B] -> the LM head's input [B, D] (each row's exit state through its exit
+    head and the final norm) and exit layers [B] (1..L); `static_tokens` picks the tokens from it. Writes the
+    token's K/V at state.slot of every layer; threshold is a 0-d tensor."""
     a = net.adapter
     batch = tokens.shape[0]
     state.key_mask[:, state.slot] = True
@@ -124,7 +126,19 @@ def static_step(
         for j in range(k.shape[0]):
             state.k[depth + j][:, :, state.slot] = k[j]
             state.v[depth + j][:, :, state.slot] = v[j]
-    return net.token_logits(h[:, 0], exit_layers), exit_layers
+    return net.head_input(h[:, 0], exit_layers), exit_layers
+
+
+def static_tokens(
+    net: Network, x: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next tokens [B] from the LM head's input x [B, D]: from the LM head's logits, with no host read; greedy
+    on a native head (calm.engine.quantized, CPU only), from its certified argmax as the dynamic step picks them:
+    the float32 argmax of the dequantised head, where the head's own int4 kernel rounds the logits to bfloat16
+    (its candidate search reads the host, which costs a CPU nothing)."""
+    if not sampling.do_sample and net.argmax is not None and net.argmax.native is not None:
+        return net.argmax(x)
+    return next_token(net.adapter.lm_head(x), sampling, generator)
 
 
 @cache
