@@ -71,8 +71,9 @@ F32, NATIVE, NATIVE_LL, F32_LL, LLAMA = (
 
 
 def calm_runner(model: CalmModel, lossless: bool, compiled: bool = False):
-    """(prompt ids) -> (tokens, prefill s, decode s): the full model, or the lossless run `auto` picks;
-    compiled: the static engine's step through torch.compile (the full model)."""
+    """(prompt ids) -> (tokens, prefill s, decode s, compile s): the full model, or the lossless run `auto` picks;
+    compiled: the static engine's step through torch.compile (the full model; compile s: its steps that compiled,
+    apart from decode s)."""
     run = resolve_mode(model, "lossless") if lossless else None
     spec = run.spec if run is not None else None
 

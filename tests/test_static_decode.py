@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from calm import CalmModel
 from calm.adapters import adapter_for
 from calm.engine.decode import ExitPlan, Network, prefill
-from calm.engine.generation import GenerationConfig, _start, generate_tokens, resolve_engine
+from calm.engine.generation import GenerationConfig, PromptBatch, _start, generate_tokens, resolve_engine
 from calm.engine.static_decode import StaticState, full_depth, static_step
 from calm.engine.syncs import SyncCounter
 from calm.errors import InputError
@@ -251,13 +251,15 @@ def test_compiled_step_does_not_recompile_per_token_or_threshold(models, fresh_d
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_graph_serves_every_cache_length(models, fresh_dynamo, kind):
-    """The cache's slot count is a dynamic dimension: a generation with a longer cache compiles nothing new (no
-    architecture specializes on it), and both equal the dynamic path."""
+    """The cache's slot count (and T5's encoder length) is a dynamic dimension: a shorter prompt with a longer
+    cache compiles nothing new (no architecture specializes on them), and both equal the dynamic path."""
     net, policy = network(models, kind), POLICIES["classifier"]
     graphs = []
-    for new_tokens in (MAX_NEW, MAX_NEW + 64):  # caches of 64 and 128 slots
+    for new_tokens, cut in ((MAX_NEW, 0), (MAX_NEW + 64, 2)):  # caches of 64 and 128 slots, prompts 2 shorter
+        batch = prompts()
+        batch = PromptBatch(batch.ids[:, cut:].contiguous(), batch.mask[:, cut:].contiguous())
         config = replace(gen_config(), max_new_tokens=new_tokens, eos_token_ids=())
-        dynamic, compiled = (generate_tokens(net, prompts(), policy, c) for c in engines(config, compile="eager"))
+        dynamic, compiled = (generate_tokens(net, batch, policy, c) for c in engines(config, compile="eager"))
         assert_same(dynamic, compiled)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1], graphs

@@ -240,7 +240,7 @@ def _decode_static(
     tokens = static_tokens(net, net.head_input(first.hidden, first.exit_layers), config.sampling, generator)
     tokens_out[:, 0], exits_out[:, 0] = tokens, a.num_layers
     finished = torch.isin(tokens, eos)
-    static = StaticState.after_prefill(state)
+    static = StaticState.after_prefill(state, compiled=bool(config.compile))
     thresholds = torch.tensor(
         [policy.threshold_at(t, config.max_new_tokens) for t in range(config.max_new_tokens)],
         dtype=torch.float32,

@@ -45,20 +45,30 @@ class StaticState:
     positions: torch.Tensor  # [B] long, position id of the next token
     slot: torch.Tensor  # [1] long, the cache slot of the next token (same for every row)
     encoder: EncoderMemory | None = None
+    compiled: bool = False  # the step runs through torch.compile: lengths are marked dynamic (any_length)
 
     @classmethod
-    def after_prefill(cls, state: DecodeState) -> StaticState:
+    def after_prefill(cls, state: DecodeState, compiled: bool = False) -> StaticState:
         cache = state.cache
         slot = torch.tensor([cache.length], dtype=torch.long, device=cache.k.device)
         k, v = (tuple(t.clone() for t in kv.unbind(0)) for kv in (cache.k, cache.v))
-        return cls(k, v, cache.key_mask, state.positions.clone(), slot, state.encoder).any_length()
+        return cls(k, v, cache.key_mask, state.positions.clone(), slot, state.encoder, compiled).any_length()
 
     def any_length(self) -> StaticState:
-        """Marks the cache's slot count S as dynamic for torch.compile, so that one graph serves every cache
-        length (a prompt of another length compiles nothing); eager steps ignore the mark."""
+        """For a compiled step: marks the cache's slot count S (and an encoder-decoder's encoder length) as
+        dynamic, so that one graph serves every prompt length. Eager steps leave the tensors unmarked."""
+        if not self.compiled:
+            return self
+        from torch._dynamo import maybe_mark_dynamic  # loaded only where the step compiles
+
         for t in (*self.k, *self.v):
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(self.key_mask, 1)
+            maybe_mark_dynamic(t, 2)
+        maybe_mark_dynamic(self.key_mask, 1)
+        encoder = self.encoder
+        if encoder is not None and encoder.mask.shape[1] > 1:  # a length of 1 is specialised, not marked
+            for t in (*encoder.cross_k, *encoder.cross_v):
+                maybe_mark_dynamic(t, 2)
+            maybe_mark_dynamic(encoder.mask, 1)
         return self
 
     def advance(self) -> None:
@@ -133,9 +143,9 @@ def static_tokens(
     net: Network, x: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
 ) -> torch.Tensor:
     """The next tokens [B] from the LM head's input x [B, D]: from the LM head's logits, with no host read; greedy
-    on a native head (calm.engine.quantized, CPU only), from its certified argmax as the dynamic step picks them:
-    the float32 argmax of the dequantised head, where the head's own int4 kernel rounds the logits to bfloat16
-    (its candidate search reads the host, which costs a CPU nothing)."""
+    on a native head (calm.engine.quantized, CPU only), from its certified argmax, as the dynamic step picks a
+    token at full depth: the float32 argmax of the dequantised head, where the head's own int4 kernel rounds the
+    logits to bfloat16 (its candidate search reads the host, which costs a CPU nothing)."""
     if not sampling.do_sample and net.argmax is not None and net.argmax.native is not None:
         return net.argmax(x)
     return next_token(net.adapter.lm_head(x), sampling, generator)
