@@ -32,7 +32,7 @@ from calm import CalmModel
 from calm.engine.decode import NO_EXITS, decode_one_token, forward_layers, prefill
 from calm.engine.generation import PromptBatch, _start
 from calm.engine.kernels import linear, only_slots, packed_linears
-from calm.engine.quantized import QuantBlocks, QuantizedLinear
+from calm.engine.quantized import QuantBlocks, QuantizedLinear, kernel_table
 from calm.eval.reporting import machine_info, machine_markdown, write_json_markdown
 from calm.speculative.verification import slot_context
 
@@ -139,14 +139,6 @@ def q4_1_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, low: to
     return (scale[None] * dot + low[None] * sums).sum(2).reshape(1, blocks * 16)
 
 
-def kernel_tables(q: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
-    """q's scale-and-zero table for the int4 kernel in `dtype`, from its exact fp16 block scales (Q4_1)."""
-    d = q.scales.float()
-    zeros = torch.stack([d, q.mins.float() + 8 * d], dim=-1)  # [N, K/G, 2]
-    zeros = torch.nn.functional.pad(zeros, (0, 0, 0, 0, 0, q.packed.shape[0] - q.out_features))  # the packing's rows
-    return zeros.transpose(0, 1).contiguous().to(dtype)  # [K/G, N', 2]
-
-
 def int4_in(q: QuantizedLinear, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """q's int4 kernel with activations and tables in tables' dtype -> [1, N] float32."""
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(tables.dtype), q.packed, 32, tables)  # [1, N']
@@ -158,17 +150,18 @@ def native(model: CalmModel, repeats: int) -> dict:
     lins = [m for m in model.network.adapter.model.modules() if isinstance(m, torch.nn.Linear)]
     shapes = [tuple(m.weight.shape) for m in lins if m.out_features < 10_000]
     g = torch.Generator().manual_seed(0)
-    int4, fused, xs = [], [], {k: torch.randn(1, k, generator=g) for _, k in shapes}
+    int4, quants, fused, xs = [], [], [], {k: torch.randn(1, k, generator=g) for _, k in shapes}
     for n, k in shapes:
         codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
         d, m = (torch.rand(n, k // 32, generator=g) * 0.01).half(), (-torch.rand(n, k // 32, generator=g) * 0.05).half()
-        int4.append(QuantizedLinear(QuantBlocks("Q4_1", codes, d, m)))
+        quants.append(QuantBlocks("Q4_1", codes, d, m))
+        int4.append(QuantizedLinear(quants[-1]))
         words = sum(codes.view(n, k // 8, 8)[:, :, i].long() << (4 * i) for i in range(8))
         words = torch.where(words >= 2**31, words - 2**32, words).int().view(n // 16, 16, k // 8).transpose(1, 2)
         blocks = [t.float().view(n // 16, 16, k // 32).transpose(1, 2).contiguous() for t in (d, m)]
         fused.append((words.contiguous(), *blocks))
     gemv = torch.compile(q4_1_gemv, dynamic=False, fullgraph=True)
-    tables = {dt: [kernel_tables(q, dt) for q in int4] for dt in (torch.float16, torch.float32)}
+    tables = {dt: [kernel_table(b, dt) for b in quants] for dt in (torch.float16, torch.float32)}
     errors = {}
     for i, (q, (w, sc, lo)) in list(enumerate(zip(int4, fused)))[-3:]:  # the MLP's three shapes
         x = xs[q.in_features]

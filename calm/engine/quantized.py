@@ -153,9 +153,7 @@ class QuantizedLinear(torch.nn.Module):
         codes, scale, zero = _kernel_form(blocks)  # [N, planes*K] 0..15, [N, planes*K/G] each (float32)
         codes = F.pad(codes, (0, 0, 0, padded))
         self.register_buffer("packed", _pack(codes))  # [N', planes*K/2] uint8
-        zeros = torch.stack([scale, zero], dim=-1)  # [N, planes*K/G, 2]
-        zeros = F.pad(zeros, (0, 0, 0, 0, 0, padded)).transpose(0, 1).contiguous()  # [planes*K/G, N', 2]
-        self.register_buffer("scales_zeros", zeros.to(torch.bfloat16))
+        self.register_buffer("scales_zeros", _table(scale, zero).to(torch.bfloat16))
         self.register_buffer("scales", blocks.scales.clone())  # [N, K/G] float16, for exact dequantisation
         self.register_buffer("mins", None if blocks.mins is None else blocks.mins.clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -304,6 +302,20 @@ def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, width: int) -> torch.
     slot = rows % PACK_N
     picked = blocks[rows // PACK_N, :, slot % (PACK_N // 2)]  # [R, W]: the bytes holding each row
     return torch.where((slot >= PACK_N // 2)[:, None], picked >> 4, picked & 15)
+
+
+def kernel_table(blocks: QuantBlocks, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 kernel's scale-and-zero table of `blocks` in `dtype` (QuantizedLinear keeps it in bfloat16, the
+    kernel's fast path): [P*K/G, N', 2], rows padded to the packing's multiple of PACK_N."""
+    _, scale, zero = _kernel_form(blocks)
+    return _table(scale, zero).to(dtype)
+
+
+def _table(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """scale and zero [N, P*K/G] (float32) -> the kernel's table layout [P*K/G, N', 2], zero rows up to N'."""
+    zeros = torch.stack([scale, zero], dim=-1)  # [N, P*K/G, 2]
+    padded = -zeros.shape[0] % PACK_N
+    return F.pad(zeros, (0, 0, 0, 0, 0, padded)).transpose(0, 1).contiguous()
 
 
 def _kernel_form(blocks: QuantBlocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
